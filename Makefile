@@ -1,0 +1,30 @@
+# `make demo` and `make test` set everything up on a fresh machine (offline except for package registries).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.14.1 torchvision==0.29.1
+DEMO   := --dataset digits --epochs 15 --runs-dir runs --overwrite
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# Torch first and pinned, so the ranges in pyproject.toml are already satisfied and pip fetches nothing big.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/bnprobe train resnet20 --name demo-full $(DEMO)
+	$(BIN)/bnprobe train resnet20 --name demo-bn-only --freeze non-bn --lr 0.2 $(DEMO)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

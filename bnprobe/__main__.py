@@ -1,0 +1,3 @@
+from bnprobe.cli import main
+
+main()

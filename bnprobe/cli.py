@@ -1,0 +1,131 @@
+"""The `bnprobe` command: a thin shell over the library. Bad input ends in one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+try:  # typer >= 0.23 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
+
+app = typer.Typer(
+    help="Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _config_parameters(cls: type, positional: tuple[str, ...]) -> list[inspect.Parameter]:
+    """Turn dataclass fields into typer parameters: `--snake-case` flags, help text from the field."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        help_text = f.metadata.get("help", "").replace("[", "\\[")  # not rich markup
+        if f.name in positional:
+            info = typer.Argument(..., help=help_text, show_default=False)
+        else:
+            flag = "--" + f.name.replace("_", "-")
+            if annotation in (bool, Optional[bool]):
+                flag = f"{flag}/--no-{flag[2:]}"
+            info = typer.Option(f.default, flag, help=help_text, show_default=f.default is not None)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
+    return params
+
+
+def command_with_config(cls: type, positional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Give `func(config, **options)` the dataclass's fields as flags, in front of its own options."""
+
+    def wrap(func: Callable) -> Callable:
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for name, p in inspect.signature(func, eval_str=True).parameters.items()
+            if name != "config"
+        ]
+        names = {f.name for f in dataclasses.fields(cls)}
+
+        def command(**kwargs: Any) -> Any:
+            config = cls(**{k: v for k, v in kwargs.items() if k in names})
+            return func(config, **{k: v for k, v in kwargs.items() if k not in names})
+
+        command.__signature__ = inspect.Signature(_config_parameters(cls, positional) + own)
+        command.__doc__ = func.__doc__
+        command.__name__ = func.__name__
+        return command
+
+    return wrap
+
+
+@app.command()
+@command_with_config(TrainConfig, positional=("model",))
+def train(
+    config: TrainConfig,
+    name: Optional[str] = typer.Option(None, "--name", help="Run directory name [default: model-data-freeze-seed-hash]."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories live."),
+    resume: bool = typer.Option(False, "--resume", is_flag=True, help="Continue the run from its last checkpoint (or start it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", is_flag=True, help="Replace an existing run directory."),
+) -> None:
+    """Train MODEL (or only some of its tensors, see --freeze) and checkpoint it every epoch."""
+    from bnprobe.train import train as run_training
+
+    if resume and overwrite:
+        raise BnprobeError("--resume and --overwrite contradict each other; pass one")
+    config = config.resolved()
+    run_dir = runs_dir / (name or config.run_name())
+    run_training(config, run_dir, resume=resume, overwrite=overwrite, console=console)
+
+
+@app.command()
+def models() -> None:
+    """List the registered models with their parameter counts (CIFAR-10 shape)."""
+    import torch
+
+    from bnprobe.freeze import bn_parameter_names
+    from bnprobe.models import create_model, describe_model, list_models
+
+    table = Table(title="Registered models")
+    for column in ("name", "parameters", "BN parameters", "description"):
+        table.add_column(column, justify="right" if "param" in column else "left")
+    with torch.device("meta"):  # count without allocating: resnet200 alone is 62M parameters
+        for model_name in list_models():
+            model = create_model(model_name)
+            bn = bn_parameter_names(model)
+            params = dict(model.named_parameters())
+            table.add_row(
+                model_name,
+                f"{sum(p.numel() for p in params.values()):,}",
+                f"{sum(params[n].numel() for n in bn):,}",
+                describe_model(model_name),
+            )
+    console.print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="bnprobe", standalone_mode=False)
+    except ClickException as exc:
+        print(f"bnprobe: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except BnprobeError as exc:
+        print(f"bnprobe: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        print("bnprobe: interrupted; finished epochs are kept in the run's checkpoint", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

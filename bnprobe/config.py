@@ -1,0 +1,151 @@
+"""One config dataclass that flows from the CLI to `config.json`, into every checkpoint, and back.
+
+Each field is a command-line flag of `bnprobe train` (the help text sits next to the field, as in
+open_lth). Fields marked `identity=False` only say *how* to run (device, paths); the others decide
+*what* is computed, and a hash of them names the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from bnprobe.errors import BnprobeError
+
+FREEZE_MODES = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
+GAMMA_INITS = ("uniform", "ones", "normal")
+NORMALIZATIONS = ("per-pixel", "per-channel")
+SHORTCUTS = ("A", "B")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
+    return {"help": help, "identity": identity, **extra}
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default="resnet20", metadata=_flag("Model name from the registry (`bnprobe models`)."))
+    dataset: str = field(default="cifar10", metadata=_flag("mnist | cifar10 | cifar100 | digits."))
+    subset: int = field(default=0, metadata=_flag("Train on the first N images of a fixed shuffle (0 = all)."))
+    test_subset: int = field(default=0, metadata=_flag("Evaluate on the first N test images (0 = all)."))
+    width: int = field(default=1, metadata=_flag("Width multiplier of every layer."))
+    shortcut: str = field(default="B", metadata=_flag("CIFAR ResNet shortcut: A (zero-pad) or B (1x1 conv + BN)."))
+    gamma_init: str = field(
+        default="uniform", metadata=_flag("BN gamma init: uniform (U[0,1], Frankle), ones, normal (N(1, 0.1)).")
+    )
+    freeze: str = field(
+        default="none",
+        metadata=_flag("What stays at init: none, non-bn (train only BN), non-bn-output, all-but-output, bn."),
+    )
+    epochs: int = field(default=160, metadata=_flag("Training epochs."))
+    batch_size: int = field(default=128, metadata=_flag("Training batch size."))
+    lr: float = field(default=0.1, metadata=_flag("Initial learning rate (SGD)."))
+    momentum: float = field(default=0.9, metadata=_flag("SGD momentum."))
+    weight_decay: float = field(default=1e-4, metadata=_flag("Weight decay on every trainable tensor, BN included."))
+    milestones: str = field(default="80,120", metadata=_flag("Epochs at which lr is multiplied by --lr-drop."))
+    lr_drop: float = field(default=0.1, metadata=_flag("Factor applied to lr at each milestone."))
+    flip: Optional[bool] = field(default=None, metadata=_flag("Random horizontal flip [default: per data set]."))
+    translate: Optional[int] = field(
+        default=None, metadata=_flag("Random translation up to N px, pad + crop [default: per data set].")
+    )
+    normalize: Optional[str] = field(
+        default=None, metadata=_flag("per-pixel (Frankle) or per-channel [default: per data set].")
+    )
+    seed: int = field(default=0, metadata=_flag("Seed of init, data order and augmentation."))
+    device: str = field(default="auto", metadata=_flag("auto | cpu | cuda.", identity=False))
+    amp: bool = field(default=False, metadata=_flag("bfloat16 autocast (mixed precision).", identity=False))
+    channels_last: Optional[bool] = field(
+        default=None, metadata=_flag("channels_last memory format [default: on for CUDA].", identity=False)
+    )
+    eval_batch_size: int = field(default=1000, metadata=_flag("Batch size for evaluation.", identity=False))
+    data_dir: str = field(
+        default="", metadata=_flag("Data folder [default: $BNPROBE_DATA_DIR or ./data].", identity=False)
+    )
+    download: bool = field(default=True, metadata=_flag("Download missing data sets.", identity=False))
+    verify: bool = field(default=True, metadata=_flag("Check md5 sums of data files.", identity=False))
+
+    # ---- derived views -------------------------------------------------------------------------
+    @property
+    def milestone_epochs(self) -> tuple[int, ...]:
+        text = self.milestones.strip()
+        if not text:
+            return ()
+        try:
+            epochs = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise BnprobeError(f"--milestones must be comma-separated epochs like 80,120, got {self.milestones!r}")
+        return epochs
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate for 0-based `epoch`: multiplied by lr_drop at every milestone reached."""
+        return self.lr * self.lr_drop ** sum(epoch >= m for m in self.milestone_epochs)
+
+    def identity(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
+
+    def run_name(self) -> str:
+        """Readable prefix plus a hash of every identity field, so equal configs share a directory."""
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.model}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BnprobeError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    # ---- validation ------------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
+        from bnprobe.data import get_dataset_spec
+        from bnprobe.models import check_model_name
+
+        check_model_name(self.model)
+        spec = get_dataset_spec(self.dataset)
+        _choice("freeze", self.freeze, FREEZE_MODES)
+        _choice("gamma-init", self.gamma_init, GAMMA_INITS)
+        _choice("shortcut", self.shortcut, SHORTCUTS)
+        _choice("device", self.device, DEVICES)
+        for name in ("epochs", "batch_size", "width", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("subset", "test_subset"):
+            if getattr(self, name) < 0:
+                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise BnprobeError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise BnprobeError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise BnprobeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not self.lr_drop > 0:
+            raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
+        if any(m < 1 for m in self.milestone_epochs):
+            raise BnprobeError(f"--milestones must be positive epochs, got {self.milestones!r}")
+        normalize = spec.normalize if self.normalize is None else self.normalize
+        _choice("normalize", normalize, NORMALIZATIONS)
+        translate = spec.translate if self.translate is None else self.translate
+        if not 0 <= translate < spec.size:
+            raise BnprobeError(f"--translate must be in [0, {spec.size}) for {spec.name}, got {translate}")
+        return dataclasses.replace(
+            self,
+            flip=spec.flip if self.flip is None else self.flip,
+            translate=translate,
+            normalize=normalize,
+            milestones=",".join(str(m) for m in self.milestone_epochs),
+        )
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {value!r}")

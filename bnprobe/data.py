@@ -1,0 +1,326 @@
+"""Data sets held on the device as one uint8 tensor, with batched augmentation (airbench's data path).
+
+Files are read in their official on-disk formats (MNIST IDX, CIFAR python pickles); missing ones are
+downloaded with torchvision's utilities. Augmentation (random translation by pad + crop, horizontal
+flip) and normalisation are a few tensor ops per batch, with random numbers drawn on the device.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from bnprobe.errors import BnprobeError
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train x, train y, test x, test y
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    channels: int
+    size: int
+    num_classes: int
+    flip: bool  # default augmentation: flipping digits changes their meaning, so it is off for them
+    translate: int
+    normalize: str
+    load: Callable[[Path, bool, bool], Arrays]  # (data_dir, download, verify) -> arrays
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("BNPROBE_DATA_DIR", "data"))
+
+
+# ---- readers of the official formats -----------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise BnprobeError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise BnprobeError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data, found {data.size}")
+    return data.reshape(tuple(int(d) for d in dims))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only what numpy arrays need, so a data file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise BnprobeError(f"refusing to load {module}.{name} from a data pickle")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise BnprobeError(f"{path} is not a CIFAR python batch ({exc})")
+    if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+        raise BnprobeError(f"{path} lacks the 'data' and '{label_key}' entries of a CIFAR batch")
+    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return images, np.asarray(batch[label_key], dtype=np.int64)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(what: str, fetch: Callable[[], None], where: Path) -> None:
+    """Run torchvision's downloader; any network failure becomes one clear line."""
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fetch()
+    except Exception as exc:  # urllib, http and file errors all mean the same to the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BnprobeError(
+            f"{what} is not in {where} and downloading it failed ({reason}); "
+            f"put the files there or pass --data-dir"
+        )
+
+
+def _missing(what: str, where: Path) -> BnprobeError:
+    return BnprobeError(f"{what} is not in {where} and --no-download was given; put the files there or pass --data-dir")
+
+
+def load_mnist(root: Path, download: bool, verify: bool) -> Arrays:
+    raw = root / "MNIST" / "raw"
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+    def find(stem: str) -> Optional[Path]:
+        for candidate in (raw / stem, raw / f"{stem}.gz"):
+            if candidate.exists():
+                return candidate
+        return None
+
+    if any(find(stem) is None for stem in stems):
+        if not download:
+            raise _missing("MNIST", raw)
+        import torchvision
+
+        # torchvision's MNIST downloader knows the mirrors and checks the md5 sums.
+        _download("MNIST", lambda: torchvision.datasets.MNIST(str(root), train=True, download=True), raw)
+    train_x, train_y, test_x, test_y = (_read_idx(find(stem)) for stem in stems)
+    return train_x[:, None], train_y.astype(np.int64), test_x[:, None], test_y.astype(np.int64)
+
+
+def _load_cifar(cls_name: str, label_key: str) -> Callable[[Path, bool, bool], Arrays]:
+    def load(root: Path, download: bool, verify: bool) -> Arrays:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, cls_name)  # its class attributes list files, url and md5 sums
+        folder = root / cls.base_folder
+        if not (folder / cls.test_list[0][0]).exists():
+            if not download:
+                raise _missing(cls_name, folder)
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            _download(
+                cls_name,
+                lambda: download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5),
+                folder,
+            )
+        present = [(name, md5) for name, md5 in cls.train_list if (folder / name).exists()]
+        if not present:
+            raise BnprobeError(f"{cls_name}: no training batch in {folder}")
+        if len(present) < len(cls.train_list):
+            import warnings
+
+            warnings.warn(f"{cls_name}: only {len(present)} of {len(cls.train_list)} training batches in {folder}")
+        if verify:
+            for name, md5 in present + list(cls.test_list):
+                if _md5(folder / name) != md5:
+                    raise BnprobeError(
+                        f"{folder / name} fails its md5 check (not the official file); pass --no-verify to use it"
+                    )
+        train = [_read_cifar_batch(folder / name, label_key) for name, _ in present]
+        test_x, test_y = _read_cifar_batch(folder / cls.test_list[0][0], label_key)
+        return np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), test_x, test_y
+
+    return load
+
+
+def load_digits(root: Path, download: bool, verify: bool) -> Arrays:
+    """scikit-learn's bundled 8x8 digits: works offline. A fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = np.clip(bunch.images * 16, 0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    labels = bunch.target.astype(np.int64)
+    order = np.random.RandomState(0).permutation(len(labels))
+    test = np.zeros(len(labels), dtype=bool)
+    for digit in range(10):
+        members = order[labels[order] == digit]
+        test[members[: len(members) // 5]] = True
+    return images[~test], labels[~test], images[test], labels[test]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("mnist", 1, 28, 10, flip=False, translate=2, normalize="per-channel", load=load_mnist),
+        DatasetSpec("cifar10", 3, 32, 10, flip=True, translate=4, normalize="per-pixel",
+                    load=_load_cifar("CIFAR10", "labels")),
+        DatasetSpec("cifar100", 3, 32, 100, flip=True, translate=4, normalize="per-pixel",
+                    load=_load_cifar("CIFAR100", "fine_labels")),
+        DatasetSpec("digits", 1, 8, 10, flip=False, translate=1, normalize="per-channel", load=load_digits),
+    )
+}
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise BnprobeError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# ---- the data set on the device ----------------------------------------------------------------
+
+
+@dataclass
+class DeviceDataset:
+    """Train and test images as uint8 tensors on one device, plus the normalisation statistics."""
+
+    spec: DatasetSpec
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor  # float32, broadcastable to (C, H, W), in pixel units 0..255
+    std: torch.Tensor
+
+
+def normalization_stats(images: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std over the training images, per pixel (C, H, W) or per channel (C, 1, 1)."""
+    x = images.double()
+    dims = (0,) if mode == "per-pixel" else (0, 2, 3)
+    mean, std = x.mean(dim=dims), x.std(dim=dims)
+    if mode == "per-channel":
+        mean, std = mean[:, None, None], std[:, None, None]
+    # A pixel that never varies (a digit's border) would be divided by ~0: floor its std.
+    std = std.clamp_min(0.1 * std.mean().item() + 1e-6)
+    return mean.float(), std.float()
+
+
+def load_dataset(
+    name: str,
+    data_dir: Optional[Path] = None,
+    *,
+    device: torch.device | str = "cpu",
+    normalize: str = "per-pixel",
+    subset: int = 0,
+    test_subset: int = 0,
+    download: bool = True,
+    verify: bool = True,
+) -> DeviceDataset:
+    spec = get_dataset_spec(name)
+    root = Path(data_dir) if data_dir else default_data_dir()
+    train_x, train_y, test_x, test_y = spec.load(root, download, verify)
+    if subset:
+        # A fixed shuffle (seed 0), so every run with --subset N sees the same images.
+        keep = np.random.RandomState(0).permutation(len(train_y))[:subset]
+        train_x, train_y = train_x[keep], train_y[keep]
+    if test_subset:
+        test_x, test_y = test_x[:test_subset], test_y[:test_subset]
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    train_x_t = to(train_x)
+    mean, std = normalization_stats(train_x_t, normalize)
+    return DeviceDataset(spec, train_x_t, to(train_y), to(test_x), to(test_y), mean.to(device), std.to(device))
+
+
+def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by its own random (dy, dx) in [-max_shift, max_shift]: zero-pad, then crop.
+
+    The same as torchvision's RandomCrop(size, padding=max_shift) applied image by image, done as one gather.
+    """
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, n), device=images.device, generator=generator)
+    rows = offsets[0][:, None] + torch.arange(h, device=images.device)  # (n, h)
+    cols = offsets[1][:, None] + torch.arange(w, device=images.device)  # (n, w)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (n, h, w, c) -> (n, c, h, w)
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class DeviceLoader:
+    """Batches of normalised float images from uint8 tensors already on the device.
+
+    No worker processes and no per-image Python: one permutation per epoch, one gather per batch.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        flip: bool = False,
+        translate: int = 0,
+        generator: Optional[torch.Generator] = None,
+        channels_last: bool = False,
+    ):
+        if (shuffle or flip or translate) and generator is None:
+            raise ValueError("random batches need a generator on the data's device")
+        self.images, self.labels = images, labels
+        self.mean, self.inv_std = mean, 1.0 / std
+        self.batch_size, self.shuffle, self.flip, self.translate = batch_size, shuffle, flip, translate
+        self.generator = generator
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        device = self.images.device
+        if self.shuffle:
+            order = torch.randperm(n, device=device, generator=self.generator)
+        for start in range(0, n, self.batch_size):
+            if self.shuffle:
+                index = order[start : start + self.batch_size]
+                x, y = self.images[index], self.labels[index]
+            else:
+                x, y = self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            if self.translate:
+                x = random_translate(x, self.translate, self.generator)
+            if self.flip:
+                x = random_flip(x, self.generator)
+            x = ((x.float() - self.mean) * self.inv_std).contiguous(memory_format=self.memory_format)
+            yield x, y

@@ -1,0 +1,73 @@
+"""CIFAR ResNets of depth 6n+2 (He et al. 2016, section 4.2), from torchvision's BasicBlock.
+
+Three stages of n basic blocks at widths 16w, 32w, 64w; a 3x3 stem; global average pooling; one linear
+layer. Shortcuts that change shape are option A (subsample + zero-pad channels, no parameters) or
+option B (1x1 conv + BN, as in open_lth: ResNet-20 then has 272,474 parameters).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
+
+from bnprobe.errors import BnprobeError
+from bnprobe.models import register_model
+
+DEPTHS = (8, 14, 20, 32, 44, 56, 110, 218, 434, 866)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: take every stride-th pixel and append zero channels."""
+
+    def __init__(self, extra_channels: int, stride: int):
+        super().__init__()
+        self.extra_channels, self.stride = extra_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.extra_channels))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, *, in_channels: int, num_classes: int, width: int = 1, shortcut: str = "B"):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise BnprobeError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        if shortcut not in ("A", "B"):
+            raise BnprobeError(f"shortcut must be A or B, got {shortcut!r}")
+        blocks = (depth - 2) // 6
+        widths = [16 * width, 32 * width, 64 * width]
+        self.conv1 = conv3x3(in_channels, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, channels = [], widths[0]
+        for i, planes in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stage = []
+            for b in range(blocks):
+                downsample = None
+                if b == 0 and (stride != 1 or channels != planes):
+                    if shortcut == "A":
+                        downsample = ZeroPadShortcut(planes - channels, stride)
+                    else:
+                        downsample = nn.Sequential(conv1x1(channels, planes, stride), nn.BatchNorm2d(planes))
+                stage.append(BasicBlock(channels, planes, stride if b == 0 else 1, downsample))
+                channels = planes
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+for _depth in DEPTHS:
+    register_model(
+        f"resnet{_depth}", f"CIFAR ResNet-{_depth}: 3 stages of {(_depth - 2) // 6} basic blocks, widths 16/32/64 x width"
+    )(partial(CifarResNet, _depth))

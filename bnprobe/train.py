@@ -1,0 +1,281 @@
+"""Training: SGD with momentum and step decay on a device-resident data set, checkpointed each epoch.
+
+Per-step statistics stay on the device (running sums), so the only host syncs are once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bnprobe import runs
+from bnprobe.config import TrainConfig
+from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
+from bnprobe.errors import BnprobeError
+from bnprobe.freeze import apply_freeze
+from bnprobe.models import create_model, init_weights
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BnprobeError("--device cuda was given but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The model exactly as `config` initialises it: the same seed gives the same tensors."""
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width, shortcut=config.shortcut
+    )
+    return init_weights(model, config.gamma_init)
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DeviceLoader, amp: bool = False) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over `loader`, in eval mode (BN uses running statistics)."""
+    was_training = model.training
+    model.eval()
+    device = loader.labels.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for x, y in loader:
+        with autocast(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(loader.labels)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DeviceLoader,
+    optimizer: torch.optim.Optimizer,
+    amp: bool = False,
+    on_step: Optional[callable] = None,
+) -> tuple[float, float]:
+    """One pass over `loader`; returns the running (train-mode, augmented) loss and accuracy."""
+    model.train()
+    device = loader.labels.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for x, y in loader:
+        with autocast(device, amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        if on_step is not None:
+            on_step()
+    n = len(loader.labels)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
+    """Decide from what is on disk whether to start, resume or refuse; return the checkpoint to resume."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if not exists or overwrite:
+        return None
+    if not resume:
+        raise BnprobeError(f"run {run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+    if not runs.checkpoint_path(run_dir).exists():
+        return None  # it died before its first checkpoint: start again
+    state = runs.load_checkpoint(runs.checkpoint_path(run_dir))
+    stored = TrainConfig.from_dict(state["config"])
+    differing = [k for k, v in config.identity().items() if stored.identity()[k] != v]
+    if differing:
+        diffs = ", ".join(f"{k}: stored {stored.identity()[k]!r} vs given {config.identity()[k]!r}" for k in differing)
+        raise BnprobeError(f"cannot resume {run_dir}: settings differ ({diffs})")
+    return state
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise BnprobeError(f"cannot write run directory {run_dir} ({exc.strerror or exc})")
+
+
+def train(
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Optional[Console] = None,
+    dataset: Optional[DeviceDataset] = None,
+) -> list[dict[str, Any]]:
+    """Train `config` into `run_dir`; return the per-epoch history. The CLI is a thin shell over this."""
+    console = console or Console()
+    config = config.resolved()
+    state = _check_resumable(run_dir, config, resume, overwrite)
+    if state is not None and state["epoch"] >= config.epochs:
+        console.print(f"[green]{run_dir} already finished {config.epochs} epochs; nothing to do.")
+        return state["history"]
+
+    device = resolve_device(config.device)
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if dataset is None:
+        dataset = load_dataset(
+            config.dataset,
+            Path(config.data_dir) if config.data_dir else None,
+            device=device,
+            normalize=config.normalize,
+            subset=config.subset,
+            test_subset=config.test_subset,
+            download=config.download,
+            verify=config.verify,
+        )
+    spec = dataset.spec
+
+    model = build_model(config, spec.channels, spec.num_classes)
+    trainable, total = apply_freeze(model, config.freeze)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+
+    if overwrite and state is None and run_dir.exists():
+        shutil.rmtree(run_dir)  # only now: every check above passed and the data loaded
+    prepare_run_dir(run_dir)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["rng"]["data"].cpu() if device.type == "cpu" else state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+        console.print(f"Resuming {run_dir} after epoch {start_epoch}.")
+    runs.write_json(runs.config_path(run_dir), config.to_dict())
+
+    train_loader = DeviceLoader(
+        dataset.train_x, dataset.train_y, dataset.mean, dataset.std, config.batch_size,
+        shuffle=True, flip=config.flip, translate=config.translate, generator=generator, channels_last=channels_last,
+    )
+    test_loader = DeviceLoader(
+        dataset.test_x, dataset.test_y, dataset.mean, dataset.std, config.eval_batch_size, channels_last=channels_last
+    )
+    console.print(
+        f"[bold]{config.model}[/] on {config.dataset} ({len(dataset.train_y)} train / {len(dataset.test_y)} test), "
+        f"freeze={config.freeze}: [bold]{trainable:,}[/] of {total:,} parameters trainable "
+        f"({100 * trainable / total:.2f}%), device={device}{', bf16 autocast' if config.amp else ''}"
+    )
+
+    progress = Progress(
+        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        console=console, transient=True,
+    )
+    with progress:
+        epochs_task = progress.add_task("epochs", total=config.epochs, completed=start_epoch, status="")
+        steps_task = progress.add_task("steps", total=len(train_loader), status="")
+        for epoch in range(start_epoch, config.epochs):
+            lr = config.lr_at(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            progress.reset(steps_task, total=len(train_loader))
+            started = time.perf_counter()
+            train_loss, train_acc = train_one_epoch(
+                model, train_loader, optimizer, config.amp, on_step=lambda: progress.advance(steps_task)
+            )
+            seconds = time.perf_counter() - started
+            if not math.isfinite(train_loss):
+                raise BnprobeError(
+                    f"training loss became {train_loss} in epoch {epoch + 1}; stopped. "
+                    f"The last good checkpoint (epoch {epoch}) is kept in {run_dir}"
+                )
+            test_loss, test_acc = evaluate(model, test_loader, config.amp)
+            record = {
+                "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                "test_loss": test_loss, "test_acc": test_acc, "seconds": seconds,
+                "images_per_s": len(dataset.train_y) / seconds,
+            }
+            history.append(record)
+            runs.save_checkpoint(
+                runs.checkpoint_path(run_dir),
+                {
+                    "config": config.to_dict(), "epoch": epoch + 1, "finished": epoch + 1 == config.epochs,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(generator, device), "history": history,
+                    "normalization": {"mean": dataset.mean.cpu(), "std": dataset.std.cpu()},
+                    "trainable": trainable, "total": total,
+                },
+            )
+            runs.write_json(runs.metrics_path(run_dir), history)
+            progress.advance(epochs_task)
+            status = f"test acc {test_acc:.2%}"
+            progress.update(epochs_task, status=status)
+            console.print(
+                f"epoch {epoch + 1}/{config.epochs} lr {lr:.3g} | train {train_loss:.3f} {train_acc:.1%} | "
+                f"test {test_loss:.3f} {test_acc:.1%} | {record['images_per_s']:,.0f} img/s"
+            )
+    console.print(summary_table(config, run_dir, history, trainable, total))
+    return history
+
+
+def summary_table(
+    config: TrainConfig, run_dir: Path, history: list[dict[str, Any]], trainable: int, total: int
+) -> Table:
+    last = history[-1]
+    best = max(history, key=lambda r: r["test_acc"])
+    table = Table(title=f"Run {run_dir}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("model", f"{config.model} (width {config.width}, shortcut {config.shortcut})"),
+        ("data set", config.dataset),
+        ("freeze", config.freeze),
+        ("trainable / total", f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"),
+        ("epochs", str(last["epoch"])),
+        ("train acc (running, augmented)", f"{last['train_acc']:.2%}"),
+        ("test acc (final)", f"{last['test_acc']:.2%}"),
+        ("test acc (best)", f"{best['test_acc']:.2%} at epoch {best['epoch']}"),
+        ("train - test acc", f"{last['train_acc'] - last['test_acc']:+.2%}"),
+        ("train time", f"{sum(r['seconds'] for r in history):.1f} s"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
