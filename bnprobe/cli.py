@@ -77,8 +77,8 @@ def train(
     config: TrainConfig,
     name: Optional[str] = typer.Option(None, "--name", help="Run directory name [default: model-data-freeze-seed-hash]."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories live."),
-    resume: bool = typer.Option(False, "--resume", is_flag=True, help="Continue the run from its last checkpoint (or start it)."),
-    overwrite: bool = typer.Option(False, "--overwrite", is_flag=True, help="Replace an existing run directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint (or start it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
     """Train MODEL (or only some of its tensors, see --freeze) and checkpoint it every epoch."""
     from bnprobe.train import train as run_training

@@ -107,10 +107,11 @@ class TrainConfig:
     # ---- validation ------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
         """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
-        from bnprobe.data import get_dataset_spec
-        from bnprobe.models import check_model_name
+        import torch
 
-        check_model_name(self.model)
+        from bnprobe.data import get_dataset_spec
+        from bnprobe.models import create_model
+
         spec = get_dataset_spec(self.dataset)
         _choice("freeze", self.freeze, FREEZE_MODES)
         _choice("gamma-init", self.gamma_init, GAMMA_INITS)
@@ -132,6 +133,9 @@ class TrainConfig:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
         if any(m < 1 for m in self.milestone_epochs):
             raise BnprobeError(f"--milestones must be positive epochs, got {self.milestones!r}")
+        with torch.device("meta"):  # checks every model option without allocating or loading data
+            create_model(self.model, in_channels=spec.channels, num_classes=spec.num_classes,
+                         width=self.width, shortcut=self.shortcut)
         normalize = spec.normalize if self.normalize is None else self.normalize
         _choice("normalize", normalize, NORMALIZATIONS)
         translate = spec.translate if self.translate is None else self.translate

@@ -63,6 +63,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
@@ -250,7 +252,7 @@ def load_dataset(
         train_x, train_y = train_x[keep], train_y[keep]
     if test_subset:
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]
-    to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    to = lambda a: torch.from_numpy(np.require(a, requirements=['C', 'W'])).to(device)  # noqa: E731
     train_x_t = to(train_x)
     mean, std = normalization_stats(train_x_t, normalize)
     return DeviceDataset(spec, train_x_t, to(train_y), to(test_x), to(test_y), mean.to(device), std.to(device))

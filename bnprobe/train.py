@@ -200,7 +200,8 @@ def train(
     console.print(
         f"[bold]{config.model}[/] on {config.dataset} ({len(dataset.train_y)} train / {len(dataset.test_y)} test), "
         f"freeze={config.freeze}: [bold]{trainable:,}[/] of {total:,} parameters trainable "
-        f"({100 * trainable / total:.2f}%), device={device}{', bf16 autocast' if config.amp else ''}"
+        f"({100 * trainable / total:.2f}%), device={device}{', bf16 autocast' if config.amp else ''}",
+        soft_wrap=True,
     )
 
     progress = Progress(
@@ -222,10 +223,8 @@ def train(
             )
             seconds = time.perf_counter() - started
             if not math.isfinite(train_loss):
-                raise BnprobeError(
-                    f"training loss became {train_loss} in epoch {epoch + 1}; stopped. "
-                    f"The last good checkpoint (epoch {epoch}) is kept in {run_dir}"
-                )
+                kept = f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if epoch else "no checkpoint was written"
+                raise BnprobeError(f"training loss became {train_loss} in epoch {epoch + 1}; stopped, {kept}")
             test_loss, test_acc = evaluate(model, test_loader, config.amp)
             record = {
                 "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
@@ -249,7 +248,8 @@ def train(
             progress.update(epochs_task, status=status)
             console.print(
                 f"epoch {epoch + 1}/{config.epochs} lr {lr:.3g} | train {train_loss:.3f} {train_acc:.1%} | "
-                f"test {test_loss:.3f} {test_acc:.1%} | {record['images_per_s']:,.0f} img/s"
+                f"test {test_loss:.3f} {test_acc:.1%} | {record['images_per_s']:,.0f} img/s",
+                soft_wrap=True,
             )
     console.print(summary_table(config, run_dir, history, trainable, total))
     return history

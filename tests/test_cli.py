@@ -1,0 +1,123 @@
+"""The CLI as a user meets it: bad input gives one line on stderr and a non-zero exit, never a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bnprobe import runs
+from bnprobe.cli import main
+
+TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subset", "100", "--device", "cpu"]
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bnprobe: error: ") and pattern in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["train", "resnet21"], "unknown model 'resnet21'"),
+    (["train", "resnet8", "--dataset", "svhn"], "unknown data set 'svhn'"),
+    (["train", "resnet8", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "resnet8", "--lr", "fast"], "Invalid value for '--lr'"),
+    (["train", "resnet8", "--epochs", "0"], "--epochs must be >= 1"),
+    (["train", "resnet8", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["train", "resnet8", "--freeze", "conv"], "--freeze must be one of"),
+    (["train", "resnet8", "--milestones", "80;120"], "--milestones"),
+    (["train", "resnet8", "--gamma-init", "zeros"], "--gamma-init must be one of"),
+    (["train", "resnet50", "--shortcut", "A"], "shortcut"),
+    (["train", "resnet8", "--resume", "--overwrite"], "contradict"),
+    (["train"], "Missing argument"),
+    (["train", "resnet8", "--no-such-flag"], "No such option"),
+    (["frobnicate"], "No such command"),
+])
+def test_bad_input_is_one_line(capsys, tmp_path, argv, pattern):
+    code, _, err = run_cli(capsys, *argv, "--runs-dir", str(tmp_path)) if argv[0] == "train" and len(argv) > 1 else run_cli(capsys, *argv)
+    assert_one_line_error(code, err, pattern)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_data_offline(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "resnet8", "--dataset", "mnist", "--data-dir", str(tmp_path / "empty"),
+                           "--no-download", "--runs-dir", str(tmp_path / "runs"))
+    assert_one_line_error(code, err, "MNIST is not in")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cuda_requested_without_one(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY[:-2], "--device", "cuda", "--runs-dir", str(tmp_path))
+    assert_one_line_error(code, err, "no CUDA device")
+
+
+def test_unwritable_runs_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(blocker / "runs"))
+    assert_one_line_error(code, err, "cannot write run directory")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_train_then_refuse_to_overwrite_then_resume_and_overwrite(capsys, tmp_path):
+    argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    assert "77,754 of 77,754 parameters trainable" in out
+    checkpoint = runs.checkpoint_path(tmp_path / "r").read_bytes()
+
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "already exists; pass --resume")
+    assert runs.checkpoint_path(tmp_path / "r").read_bytes() == checkpoint  # nothing lost
+
+    code, _, err = run_cli(capsys, *argv, "--resume", "--lr", "0.3")
+    assert_one_line_error(code, err, "settings differ (lr: stored 0.1 vs given 0.3)")
+
+    code, out, _ = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "already finished" in out
+
+    code, out, _ = run_cli(capsys, *argv, "--overwrite", "--freeze", "non-bn")
+    assert code == 0 and "672 of 77,754 parameters trainable" in out
+    assert runs.read_config(tmp_path / "r").freeze == "non-bn"
+
+
+def test_default_run_name_is_stable(capsys, tmp_path):
+    code, _, _ = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path))
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("resnet8-digits-none-s0-")
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path))
+    assert_one_line_error(code, err, "already exists")
+
+
+def test_installed_command_end_to_end(tmp_path):
+    """The real console script in a fresh process: help, a run, and an error without traceback."""
+    env = {**os.environ, "BNPROBE_DATA_DIR": str(tmp_path / "no-data")}
+    bnprobe = [sys.executable, "-m", "bnprobe"]
+    assert "train" in subprocess.run([*bnprobe, "--help"], capture_output=True, text=True, env=env).stdout
+    done = subprocess.run([*bnprobe, "train", "resnet8", *TINY, "--freeze", "non-bn", "--runs-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "trainable" in done.stdout and "test acc" in done.stdout
+    bad = subprocess.run([*bnprobe, "train", "resnet8", "--dataset", "cifar10", "--no-download",
+                          "--runs-dir", str(tmp_path / "x")], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
+
+
+def test_models_lists_the_registry(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "resnet152" in out and "272,474" in out

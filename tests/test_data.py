@@ -1,0 +1,149 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnprobe import data
+from bnprobe.data import DeviceLoader, load_dataset, normalization_stats, random_flip, random_translate
+from bnprobe.errors import BnprobeError
+
+
+def test_random_translate_equals_per_image_pad_and_crop():
+    images = torch.randint(0, 256, (64, 3, 12, 10), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(3)
+    replay = torch.Generator().manual_seed(3)
+    shifted = random_translate(images, 4, generator)
+    offsets = torch.randint(0, 9, (2, 64), generator=replay)  # the same draws, replayed
+    padded = F.pad(images, (4, 4, 4, 4))
+    for i in range(64):
+        dy, dx = offsets[:, i].tolist()
+        assert torch.equal(shifted[i], padded[i, :, dy : dy + 12, dx : dx + 10])
+    assert len({tuple(o) for o in offsets.T.tolist()}) > 20  # offsets vary per image
+
+
+def test_random_flip_mirrors_about_half_of_the_images():
+    images = torch.randint(0, 256, (400, 1, 5, 5), dtype=torch.uint8)
+    flipped = random_flip(images, torch.Generator().manual_seed(0))
+    same = [torch.equal(a, b) for a, b in zip(flipped, images)]
+    mirrored = [torch.equal(a, b.flip(2)) for a, b in zip(flipped, images)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 150 < sum(mirrored) < 250
+
+
+def test_loader_visits_every_example_once_per_epoch_with_its_label():
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 2, 2).contiguous()
+    labels = torch.arange(50)
+    loader = DeviceLoader(images, labels, torch.zeros(1, 1, 1), torch.ones(1, 1, 1), 16,
+                          shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(loader) == 4
+    seen = []
+    for x, y in loader:
+        assert x.dtype == torch.float32
+        assert torch.equal(x[:, 0, 0, 0].long(), y)  # pixel value encodes the label
+        seen += y.tolist()
+    assert sorted(seen) == list(range(50)) and seen != list(range(50))
+
+
+def test_per_pixel_normalisation_standardises_every_pixel():
+    images = (torch.rand(500, 3, 4, 4) * torch.linspace(20, 200, 16).view(1, 1, 4, 4)).to(torch.uint8)
+    mean, std = normalization_stats(images, "per-pixel")
+    assert mean.shape == (3, 4, 4)
+    z = (images.float() - mean) / std
+    assert torch.allclose(z.mean(0), torch.zeros(3, 4, 4), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones(3, 4, 4), atol=1e-3)
+    mean_c, _ = normalization_stats(images, "per-channel")
+    assert mean_c.shape == (3, 1, 1)
+
+
+def test_constant_pixels_do_not_divide_by_zero():
+    images = torch.zeros(10, 1, 3, 3, dtype=torch.uint8)
+    images[:, 0, 1, 1] = torch.arange(10, dtype=torch.uint8) * 20
+    _, std = normalization_stats(images, "per-pixel")
+    assert (std > 0).all()
+
+
+def test_mnist_from_official_files(shared_data):
+    ds = load_dataset("mnist", shared_data, download=False)
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert ds.train_x.dtype == torch.uint8
+    pixels = ds.train_x.double() / 255
+    assert abs(pixels.mean().item() - 0.1307) < 1e-4 and abs(pixels.std().item() - 0.3081) < 1e-4
+    assert sorted(ds.train_y.unique().tolist()) == list(range(10))
+
+
+def test_cifar10_layout_and_md5_check(shared_data):
+    with pytest.raises(BnprobeError, match="md5"):
+        load_dataset("cifar10", shared_data, download=False, verify=True)
+    with pytest.warns(UserWarning, match="only 1 of 5 training batches"):
+        ds = load_dataset("cifar10", shared_data, download=False, verify=False, subset=1000)
+    assert ds.train_x.shape == (1000, 3, 32, 32) and ds.test_x.shape == (10000, 3, 32, 32)
+    assert torch.bincount(ds.test_y).tolist() == [1000] * 10
+    assert ds.mean.shape == (3, 32, 32)
+
+
+def _write_cifar100(folder, n_train=20, n_test=10):
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        batch = {"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8), "fine_labels": list(rng.randint(0, 100, n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def test_cifar100_reader(tmp_path):
+    _write_cifar100(tmp_path / "cifar-100-python")
+    ds = load_dataset("cifar100", tmp_path, download=False, verify=False)
+    assert ds.train_x.shape == (20, 3, 32, 32) and ds.test_y.shape == (10,)
+    assert ds.spec.num_classes == 100
+
+
+def test_data_pickles_cannot_run_code(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    _write_cifar100(folder)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    with open(folder / "train", "wb") as f:
+        pickle.dump({"data": Exploit(), "fine_labels": []}, f, protocol=2)
+    with pytest.raises(BnprobeError, match="refusing"):
+        load_dataset("cifar100", tmp_path, download=False, verify=False)
+    assert not marker.exists()
+
+
+def test_missing_data_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(BnprobeError, match="--no-download"):
+        load_dataset("mnist", tmp_path, download=False)
+    with pytest.raises(BnprobeError, match="not in"):
+        load_dataset("cifar10", tmp_path, download=True)  # the fixture makes every download fail
+
+
+def test_failed_download_names_the_reason(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real _download, with a downloader that fails like an offline machine
+
+    def offline():
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    with pytest.raises(BnprobeError, match="downloading it failed .*name resolution"):
+        data._download("MNIST", offline, tmp_path)
+
+
+def test_digits_split_is_fixed_and_stratified():
+    ds = load_dataset("digits")
+    assert len(ds.train_y) + len(ds.test_y) == 1797
+    per_class = torch.bincount(torch.cat([ds.train_y, ds.test_y]), minlength=10)
+    assert torch.equal(torch.bincount(ds.test_y, minlength=10), per_class // 5)  # 20% of every class
+    again = load_dataset("digits")
+    assert torch.equal(ds.test_x, again.test_x)
+    assert ds.train_x.max() > 200  # 0..16 scaled to 0..255
+
+
+def test_unknown_dataset():
+    with pytest.raises(BnprobeError, match="unknown data set 'svhn'"):
+        load_dataset("svhn")

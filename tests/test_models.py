@@ -1,0 +1,90 @@
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnprobe.errors import BnprobeError
+from bnprobe.models import check_model_name, create_model, init_weights, list_models
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_classifies_small_images(name):
+    model = create_model(name, in_channels=1, num_classes=7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_resnet20_parameter_counts_match_published_numbers():
+    # open_lth's cifar_resnet_20 (1x1 shortcuts) and He et al.'s 0.27M (zero-pad shortcuts)
+    assert n_params(create_model("resnet20", shortcut="B")) == 272_474
+    assert n_params(create_model("resnet20", shortcut="A")) == 269_722
+
+
+@pytest.mark.parametrize("depth,expected_blocks", [(20, 3), (56, 9), (110, 18)])
+def test_cifar_resnet_depth_counts_weight_layers(depth, expected_blocks):
+    model = create_model(f"resnet{depth}", shortcut="A")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) + len(linears) == depth
+    assert len(model.layer1) == expected_blocks
+
+
+def test_width_multiplier_scales_channels():
+    model = create_model("resnet20", width=4)
+    assert model.conv1.out_channels == 64 and model.fc.in_features == 256
+
+
+@pytest.mark.parametrize("depth", [50, 152])
+def test_bottleneck_resnets_are_torchvisions_with_a_cifar_stem(depth):
+    reference = getattr(torchvision.models, f"resnet{depth}")(num_classes=10)
+    ours = create_model(f"resnet{depth}")
+    stem_difference = 64 * 3 * 7 * 7 - 64 * 3 * 3 * 3
+    assert n_params(ours) == n_params(reference) - stem_difference
+    assert isinstance(ours, torchvision.models.ResNet)
+    assert isinstance(ours.maxpool, nn.Identity)
+    out = ours.eval()(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 10)
+
+
+def test_vgg38_has_38_weight_layers_each_conv_followed_by_bn():
+    model = create_model("vgg38")
+    modules = list(model.modules())
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
+    linears = [m for m in modules if isinstance(m, nn.Linear)]
+    assert (len(convs), len(linears)) == (37, 1)
+    assert len(bns) == len(convs)
+
+
+def test_frankle_init():
+    torch.manual_seed(0)
+    model = init_weights(create_model("resnet56", width=2), "uniform")
+    gammas = torch.cat([m.weight for m in model.modules() if isinstance(m, _BatchNorm)])
+    betas = torch.cat([m.bias for m in model.modules() if isinstance(m, _BatchNorm)])
+    assert gammas.min() >= 0 and gammas.max() <= 1
+    assert abs(gammas.mean().item() - 0.5) < 0.02  # U[0,1] over ~8,500 channels
+    assert torch.count_nonzero(betas) == 0
+    conv = model.layer2[3].conv2.weight  # 64 x 64 x 3 x 3: He normal std = sqrt(2 / fan_in)
+    expected_std = (2 / (conv.shape[1] * 9)) ** 0.5
+    assert abs(conv.std().item() / expected_std - 1) < 0.02
+    assert abs(conv.mean().item()) < 0.05 * expected_std
+
+
+@pytest.mark.parametrize("gamma_init,check", [("ones", lambda g: bool((g == 1).all())), ("normal", lambda g: abs(g.mean().item() - 1) < 0.02)])
+def test_other_gamma_inits(gamma_init, check):
+    model = init_weights(create_model("resnet20"), gamma_init)
+    assert check(torch.cat([m.weight for m in model.modules() if isinstance(m, _BatchNorm)]))
+
+
+def test_unknown_model_and_bad_options_are_clear_errors():
+    with pytest.raises(BnprobeError, match="unknown model 'resnet21'"):
+        check_model_name("resnet21")
+    with pytest.raises(BnprobeError, match="shortcut"):
+        create_model("resnet50", shortcut="A")

@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+
+from bnprobe import runs, train as train_module
+from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
+from bnprobe.freeze import trainable_parameter_names
+from bnprobe.train import build_model, train
+
+
+def tiny(**changes) -> TrainConfig:
+    base = dict(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=400, test_subset=200,
+                milestones="1", device="cpu", eval_batch_size=200)
+    return TrainConfig(**{**base, **changes})
+
+
+def strip(history):
+    """The history without wall-clock timings, which differ between equal runs."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
+
+
+def final_state(run_dir):
+    return runs.load_checkpoint(runs.checkpoint_path(run_dir))
+
+
+def test_same_seed_gives_identical_runs(tmp_path):
+    history_a = train(tiny(), tmp_path / "a")
+    history_b = train(tiny(), tmp_path / "b")
+    assert strip(history_a) == strip(history_b)
+    a, b = final_state(tmp_path / "a")["model"], final_state(tmp_path / "b")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = train(tiny(seed=1), tmp_path / "c")
+    assert strip(other) != strip(history_a)
+
+
+def test_bn_only_training_leaves_every_frozen_tensor_bit_identical(tmp_path):
+    config = tiny(freeze="non-bn").resolved()
+    initial = build_model(config, 1, 10).state_dict()
+    train(config, tmp_path / "run")
+    trained = final_state(tmp_path / "run")["model"]
+    bn = trainable_parameter_names(build_model(config, 1, 10), "non-bn")
+    params = {n for n, _ in build_model(config, 1, 10).named_parameters()}
+    for name in params:
+        if name in bn:
+            assert not torch.equal(trained[name], initial[name]), name
+        else:
+            assert torch.equal(trained[name], initial[name]), f"frozen {name} changed"
+
+
+def test_run_directory_holds_config_checkpoint_and_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    history = train(tiny(), run_dir)
+    config = runs.read_config(run_dir)
+    assert config == tiny().resolved()
+    state = final_state(run_dir)  # loads with weights_only=True
+    assert state["format"] == "bnprobe-checkpoint" and state["finished"] and state["epoch"] == 2
+    model = build_model(TrainConfig.from_dict(state["config"]), 1, 10)
+    model.load_state_dict(state["model"])  # the config alone rebuilds the architecture
+    assert json.loads(runs.metrics_path(run_dir).read_text()) == history
+    assert [r["lr"] for r in history] == [0.1, pytest.approx(0.01)]
+    assert {"train_loss", "train_acc", "test_loss", "test_acc"} <= set(history[0])
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*tmp"))
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = train(tiny(), tmp_path / "straight")
+    real_evaluate, calls = train_module.evaluate, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), tmp_path / "crashed")
+    assert final_state(tmp_path / "crashed")["epoch"] == 1
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    with pytest.raises(BnprobeError, match="already exists"):
+        train(tiny(), tmp_path / "crashed")
+    resumed = train(tiny(), tmp_path / "crashed", resume=True)
+    assert strip(resumed) == strip(straight)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "crashed")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_refuses_other_settings_and_skips_finished_runs(tmp_path):
+    train(tiny(epochs=1), tmp_path / "run")
+    with pytest.raises(BnprobeError, match="settings differ .*lr"):
+        train(tiny(epochs=1, lr=0.5), tmp_path / "run", resume=True)
+    before = runs.checkpoint_path(tmp_path / "run").read_bytes()
+    train(tiny(epochs=1), tmp_path / "run", resume=True)  # finished: nothing to do
+    assert runs.checkpoint_path(tmp_path / "run").read_bytes() == before
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    # lr 0.1 in epoch 1, then 1e6: the loss diverges in epoch 2
+    with pytest.raises(BnprobeError, match=r"loss became (nan|inf) in epoch 2.*checkpoint \(epoch 1\)"):
+        train(tiny(epochs=3, milestones="1", lr_drop=1e7), tmp_path / "run")
+    state = final_state(tmp_path / "run")
+    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_lr_schedule():
+    config = TrainConfig()
+    assert [config.lr_at(e) for e in (0, 79, 80, 119, 120, 159)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(epochs=0), "--epochs must be >= 1"),
+    (dict(lr=-1.0), "--lr must be > 0"),
+    (dict(milestones="80,x"), "--milestones"),
+    (dict(freeze="all"), "--freeze must be one of"),
+    (dict(translate=8), "--translate must be in"),
+    (dict(dataset="imagenet"), "unknown data set"),
+    (dict(model="resnet21"), "unknown model"),
+    (dict(momentum=1.5), "--momentum"),
+])
+def test_config_validation(changes, message):
+    with pytest.raises(BnprobeError, match=message):
+        tiny(**changes).resolved()
