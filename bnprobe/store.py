@@ -1,0 +1,84 @@
+"""HDF5 storage: every file is changed on a temporary copy and renamed into place, so a crash at any
+moment leaves the previous complete file. The schemas themselves are documented in docs/hdf5-schema.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import h5py
+import numpy as np
+
+from bnprobe.errors import BnprobeError
+
+COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+
+
+@contextmanager
+def atomic_h5(path: Path, *, update: bool = False) -> Iterator[h5py.File]:
+    """Open a temporary HDF5 file (a copy of `path` when `update`), rename it over `path` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if update and path.exists():
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a" if update else "w") as f:
+            yield f
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Open for reading, with a one-line error for a missing or damaged file."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise BnprobeError(f"no such file: {path}")
+    except OSError as exc:
+        raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})")
+
+
+def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
+    """Store plain values as HDF5 attributes; None becomes the string 'none' (HDF5 has no null)."""
+    for key, value in attrs.items():
+        obj.attrs[key] = "none" if value is None else value
+
+
+def append_rows(group: h5py.Group, name: str, rows: np.ndarray, **attrs: Any) -> h5py.Dataset:
+    """Append along axis 0 to a chunked, compressed, resizable dataset (created on first use)."""
+    rows = np.asarray(rows)
+    if name not in group:
+        chunk_rows = max(1, min(1024, (1 << 16) // max(1, rows[0].nbytes if len(rows) else 1)))
+        dataset = group.create_dataset(
+            name, data=rows, maxshape=(None, *rows.shape[1:]), chunks=(chunk_rows, *rows.shape[1:]), **COMPRESSION
+        )
+        set_attrs(dataset, attrs)
+        return dataset
+    dataset = group[name]
+    start = dataset.shape[0]
+    dataset.resize(start + len(rows), axis=0)
+    dataset[start:] = rows
+    return dataset
+
+
+def write_array(group: h5py.Group, name: str, data: np.ndarray, **attrs: Any) -> h5py.Dataset:
+    """Write a whole array (replacing any dataset of that name), compressed when it is worth it."""
+    if name in group:
+        del group[name]
+    data = np.asarray(data)
+    options = COMPRESSION if data.size >= 256 else {}
+    dataset = group.create_dataset(name, data=data, **options)
+    set_attrs(dataset, attrs)
+    return dataset
