@@ -90,6 +90,17 @@ def train(
     run_training(config, run_dir, resume=resume, overwrite=overwrite, console=console)
 
 
+@app.command("inspect")
+def inspect_command(
+    run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>)."),
+    top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list."),
+) -> None:
+    """Summarise a run: config, final accuracies, generalisation gap, gradient magnitudes."""
+    from bnprobe.summary import inspect_run
+
+    console.print(inspect_run(run_dir, top))
+
+
 @app.command()
 def models() -> None:
     """List the registered models with their parameter counts (CIFAR-10 shape)."""

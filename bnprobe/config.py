@@ -56,6 +56,13 @@ class TrainConfig:
         default=None, metadata=_flag("per-pixel (Frankle) or per-channel [default: per data set].")
     )
     seed: int = field(default=0, metadata=_flag("Seed of init, data order and augmentation."))
+    telemetry_every: int = field(
+        default=1, metadata=_flag("Record gradient magnitudes every N steps in telemetry.h5 (0 = never).", identity=False)
+    )
+    train_eval_subset: int = field(
+        default=10000,
+        metadata=_flag("Measure eval-mode train accuracy on N fixed training images (0 = all).", identity=False),
+    )
     device: str = field(default="auto", metadata=_flag("auto | cpu | cuda.", identity=False))
     amp: bool = field(default=False, metadata=_flag("bfloat16 autocast (mixed precision).", identity=False))
     channels_last: Optional[bool] = field(
@@ -120,7 +127,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "width", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("subset", "test_subset"):
+        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset"):
             if getattr(self, name) < 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

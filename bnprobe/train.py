@@ -10,7 +10,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
 from bnprobe.errors import BnprobeError
 from bnprobe.freeze import apply_freeze
 from bnprobe.models import create_model, init_weights
+from bnprobe.telemetry import GradientRecorder, TelemetryWriter
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,7 +72,8 @@ def train_one_epoch(
     loader: DeviceLoader,
     optimizer: torch.optim.Optimizer,
     amp: bool = False,
-    on_step: Optional[callable] = None,
+    on_step: Optional[Callable[[], None]] = None,
+    recorder: Optional[GradientRecorder] = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns the running (train-mode, augmented) loss and accuracy."""
     model.train()
@@ -84,6 +86,8 @@ def train_one_epoch(
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if recorder is not None:
+            recorder.after_backward()
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
@@ -91,6 +95,13 @@ def train_one_epoch(
             on_step()
     n = len(loader.labels)
     return loss_sum.item() / n, correct.item() / n
+
+
+def fixed_subset(n: int, size: int, device: torch.device) -> torch.Tensor:
+    """Indices of `size` of `n` items (all when size is 0), the same for every run."""
+    if not size or size >= n:
+        return torch.arange(n, device=device)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].sort().values.to(device)
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -197,6 +208,16 @@ def train(
     test_loader = DeviceLoader(
         dataset.test_x, dataset.test_y, dataset.mean, dataset.std, config.eval_batch_size, channels_last=channels_last
     )
+    # Eval-mode accuracy on a fixed set of training images: the honest side of the generalisation gap.
+    train_eval_index = fixed_subset(len(dataset.train_y), config.train_eval_subset, dataset.train_y.device)
+    train_eval_loader = DeviceLoader(
+        dataset.train_x[train_eval_index], dataset.train_y[train_eval_index], dataset.mean, dataset.std,
+        config.eval_batch_size, channels_last=channels_last,
+    )
+    recorder = GradientRecorder(model, config.telemetry_every, len(train_loader))
+    recorder.step = start_epoch * len(train_loader)
+    telemetry = TelemetryWriter(run_dir, model, config, recorder)
+    telemetry.start(start_epoch)
     console.print(
         f"[bold]{config.model}[/] on {config.dataset} ({len(dataset.train_y)} train / {len(dataset.test_y)} test), "
         f"freeze={config.freeze}: [bold]{trainable:,}[/] of {total:,} parameters trainable "
@@ -219,19 +240,23 @@ def train(
             progress.reset(steps_task, total=len(train_loader))
             started = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
-                model, train_loader, optimizer, config.amp, on_step=lambda: progress.advance(steps_task)
+                model, train_loader, optimizer, config.amp,
+                on_step=lambda: progress.advance(steps_task), recorder=recorder,
             )
             seconds = time.perf_counter() - started
             if not math.isfinite(train_loss):
                 kept = f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if epoch else "no checkpoint was written"
                 raise BnprobeError(f"training loss became {train_loss} in epoch {epoch + 1}; stopped, {kept}")
             test_loss, test_acc = evaluate(model, test_loader, config.amp)
+            train_eval_loss, train_eval_acc = evaluate(model, train_eval_loader, config.amp)
             record = {
                 "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                "test_loss": test_loss, "test_acc": test_acc, "seconds": seconds,
-                "images_per_s": len(dataset.train_y) / seconds,
+                "train_eval_loss": train_eval_loss, "train_eval_acc": train_eval_acc,
+                "test_loss": test_loss, "test_acc": test_acc, "gap": train_eval_acc - test_acc,
+                "seconds": seconds, "images_per_s": len(dataset.train_y) / seconds,
             }
             history.append(record)
+            telemetry.write_epoch(record)  # before the checkpoint: a resume trims rows past the checkpoint
             runs.save_checkpoint(
                 runs.checkpoint_path(run_dir),
                 {
@@ -248,7 +273,7 @@ def train(
             progress.update(epochs_task, status=status)
             console.print(
                 f"epoch {epoch + 1}/{config.epochs} lr {lr:.3g} | train {train_loss:.3f} {train_acc:.1%} | "
-                f"test {test_loss:.3f} {test_acc:.1%} | {record['images_per_s']:,.0f} img/s",
+                f"test {test_loss:.3f} {test_acc:.1%} | gap {record['gap']:+.1%} | {record['images_per_s']:,.0f} img/s",
                 soft_wrap=True,
             )
     console.print(summary_table(config, run_dir, history, trainable, total))
@@ -270,9 +295,10 @@ def summary_table(
         ("trainable / total", f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"),
         ("epochs", str(last["epoch"])),
         ("train acc (running, augmented)", f"{last['train_acc']:.2%}"),
+        ("train acc (eval mode)", f"{last['train_eval_acc']:.2%}"),
         ("test acc (final)", f"{last['test_acc']:.2%}"),
         ("test acc (best)", f"{best['test_acc']:.2%} at epoch {best['epoch']}"),
-        ("train - test acc", f"{last['train_acc'] - last['test_acc']:+.2%}"),
+        ("generalisation gap", f"{last['gap']:+.2%} (eval-mode train acc - test acc)"),
         ("train time", f"{sum(r['seconds'] for r in history):.1f} s"),
     ]
     for key, value in rows:

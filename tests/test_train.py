@@ -1,9 +1,11 @@
 import json
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
-from bnprobe import runs, train as train_module
+from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 from bnprobe.freeze import trainable_parameter_names
@@ -66,25 +68,31 @@ def test_run_directory_holds_config_checkpoint_and_metrics(tmp_path):
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = train(tiny(), tmp_path / "straight")
-    real_evaluate, calls = train_module.evaluate, []
+    real_save, saves = runs.save_checkpoint, []
 
-    def crash_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def crash_before_second_checkpoint(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # epoch 2's telemetry is on disk, its checkpoint is not
             raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
+        return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", crash_in_second_epoch)
+    monkeypatch.setattr(runs, "save_checkpoint", crash_before_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(), tmp_path / "crashed")
     assert final_state(tmp_path / "crashed")["epoch"] == 1
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
     with pytest.raises(BnprobeError, match="already exists"):
         train(tiny(), tmp_path / "crashed")
     resumed = train(tiny(), tmp_path / "crashed", resume=True)
     assert strip(resumed) == strip(straight)
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "crashed")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the telemetry of the resumed run has each step and epoch once, equal to the straight run's
+    with h5py.File(tmp_path / "straight" / "telemetry.h5") as f, h5py.File(tmp_path / "crashed" / "telemetry.h5") as g:
+        assert np.array_equal(f["steps/step"][:], g["steps/step"][:])
+        assert np.array_equal(f["steps/grad_l2"][:], g["steps/grad_l2"][:], equal_nan=True)
+        assert np.array_equal(f["epochs/test_acc"][:], g["epochs/test_acc"][:])
+        assert np.array_equal(f["bn/layer1.0.bn1/gamma"][:], g["bn/layer1.0.bn1/gamma"][:])
 
 
 def test_resume_refuses_other_settings_and_skips_finished_runs(tmp_path):

@@ -1,0 +1,80 @@
+"""`bnprobe inspect RUN`: a run's config, accuracies, gap and gradient magnitudes as rich tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Group
+from rich.table import Table
+
+from bnprobe import runs
+from bnprobe.errors import BnprobeError
+from bnprobe.store import open_h5
+from bnprobe.telemetry import FORMAT, telemetry_path
+
+
+def _table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    return table
+
+
+def inspect_run(run_dir: Path, top: int = 5) -> Group:
+    if not run_dir.is_dir():
+        raise BnprobeError(f"no run directory at {run_dir}")
+    config = runs.read_config(run_dir)
+    path = telemetry_path(run_dir)
+    if not path.exists():
+        raise BnprobeError(f"{run_dir} has no telemetry.h5 (it did not finish an epoch)")
+    parts = []
+    with open_h5(path) as f:
+        if f.attrs.get("format") != FORMAT:
+            raise BnprobeError(f"{path} is not a bnprobe telemetry file")
+        epochs = {k: v[:] for k, v in f["epochs"].items()}
+        if not len(epochs.get("epoch", [])):
+            raise BnprobeError(f"{run_dir} has not finished an epoch yet")
+
+        settings = _table(f"Run {run_dir.name}", "setting", "value")
+        for key, value in config.to_dict().items():
+            settings.add_row(key, str(value))
+        parts.append(settings)
+
+        last, best = -1, int(np.argmax(epochs["test_acc"]))
+        results = _table(f"After {int(epochs['epoch'][last])} of {config.epochs} epochs", "measure", "value")
+        results.add_row("train acc (eval mode)", f"{epochs['train_eval_acc'][last]:.2%}")
+        results.add_row("train acc (running, augmented)", f"{epochs['train_acc'][last]:.2%}")
+        results.add_row("test acc", f"{epochs['test_acc'][last]:.2%}")
+        results.add_row("best test acc", f"{epochs['test_acc'][best]:.2%} (epoch {int(epochs['epoch'][best])})")
+        results.add_row("generalisation gap", f"{epochs['gap'][last]:+.2%}")
+        results.add_row("train / test loss", f"{epochs['train_eval_loss'][last]:.4f} / {epochs['test_loss'][last]:.4f}")
+        results.add_row("largest gap", f"{epochs['gap'].max():+.2%} (epoch {int(epochs['epoch'][np.argmax(epochs['gap'])])})")
+        parts.append(results)
+
+        steps = f["steps"]
+        if "grad_abs_mean" in steps:
+            in_last = steps["epoch"][:] == steps["epoch"][-1]
+            groups = _table("Mean |grad| per parameter group (last epoch's recorded steps)",
+                            "group", "tensors", "elements", "mean |grad|", "grad L2")
+            for name, g in steps["groups"].items():
+                frozen = bool(g.attrs["frozen"])
+                groups.add_row(name, str(g.attrs["tensors"]), f"{g.attrs['numel']:,}",
+                               "frozen" if frozen else f"{np.mean(g['grad_abs_mean'][in_last]):.3e}",
+                               "frozen" if frozen else f"{np.mean(g['grad_l2'][in_last]):.3e}")
+            parts.append(groups)
+
+            names = [n.decode() if isinstance(n, bytes) else n for n in f["params/name"][:]]
+            trainable = f["params/trainable"][:]
+            if trainable.any():
+                per_tensor = np.full(len(names), np.nan)
+                per_tensor[trainable] = steps["grad_abs_mean"][in_last, :][:, trainable].mean(axis=0)
+                order = [i for i in np.argsort(per_tensor) if trainable[i]]
+                extremes = _table(f"Largest and smallest mean |grad| per tensor (top {top})", "tensor", "mean |grad|")
+                for i in order[::-1][:top]:
+                    extremes.add_row(names[i], f"{per_tensor[i]:.3e}")
+                extremes.add_section()
+                for i in order[:top]:
+                    extremes.add_row(names[i], f"{per_tensor[i]:.3e}")
+                parts.append(extremes)
+    return Group(*parts)

@@ -1,0 +1,167 @@
+"""telemetry.h5: read with plain h5py by docs/hdf5-schema.md, numbers checked against independent computations."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnprobe import runs
+from bnprobe.cli import main
+from bnprobe.config import TrainConfig
+from bnprobe.data import DeviceLoader, load_dataset
+from bnprobe.train import build_model, evaluate, fixed_subset, train
+
+GROUPS = {"bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias"}
+
+
+def tiny(**changes) -> TrainConfig:
+    base = dict(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=300, test_subset=150,
+                milestones="", device="cpu", train_eval_subset=200)
+    return TrainConfig(**{**base, **changes}).resolved()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    train(tiny(), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def bn_only_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "bn-only"
+    train(tiny(freeze="non-bn", telemetry_every=3), run_dir)
+    return run_dir
+
+
+def test_schema_as_documented(full_run):
+    with h5py.File(full_run / "telemetry.h5", "r") as f:
+        assert f.attrs["format"] == "bnprobe-telemetry" and f.attrs["version"] == 1
+        assert TrainConfig.from_dict(__import__("json").loads(f.attrs["config_json"])) == tiny()
+        assert f.attrs["config.model"] == "resnet8"
+        names = list(f["params/name"].asstr()[:])
+        model = build_model(tiny(), 1, 10)
+        assert names == [n for n, _ in model.named_parameters()]
+        assert set(f["params/group"].asstr()[:]) == GROUPS
+        assert f["params/numel"][:].sum() == sum(p.numel() for p in model.parameters())
+        assert f["params/trainable"][:].all()
+        steps_per_epoch = -(-300 // 64)
+        s = f["steps"]
+        assert s["step"][:].tolist() == list(range(2 * steps_per_epoch))
+        assert s["epoch"][:].tolist() == [1] * steps_per_epoch + [2] * steps_per_epoch
+        assert s["grad_abs_mean"].shape == s["grad_l2"].shape == (2 * steps_per_epoch, len(names))
+        assert s["grad_abs_mean"].compression == "gzip" and s["grad_abs_mean"].chunks
+        assert "units" in s["grad_abs_mean"].attrs
+        assert set(s["groups"]) == GROUPS
+        e = f["epochs"]
+        assert e["epoch"][:].tolist() == [1, 2]
+        assert np.allclose(e["gap"][:], e["train_eval_acc"][:] - e["test_acc"][:])
+        assert f["bn/epoch"][:].tolist() == [0, 1, 2]
+        assert f["bn/layer2.0.downsample.1/gamma"].shape == (3, 32)
+
+
+def test_grad_norms_equal_an_independent_backward_pass(full_run):
+    """Step 0 recomputed by hand: same init, same first batch, one backward."""
+    config = tiny()
+    model = build_model(config, 1, 10)
+    data = load_dataset("digits", subset=300, test_subset=150, normalize=config.normalize)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DeviceLoader(data.train_x, data.train_y, data.mean, data.std, 64, shuffle=True,
+                          flip=config.flip, translate=config.translate, generator=generator)
+    x, y = next(iter(loader))
+    F.cross_entropy(model(x), y).backward()
+    expected_l2 = np.array([p.grad.norm().item() for p in model.parameters()])
+    expected_abs = np.array([p.grad.abs().mean().item() for p in model.parameters()])
+    with h5py.File(full_run / "telemetry.h5", "r") as f:
+        np.testing.assert_allclose(f["steps/grad_l2"][0], expected_l2, rtol=1e-4)
+        np.testing.assert_allclose(f["steps/grad_abs_mean"][0], expected_abs, rtol=1e-4)
+        groups = f["params/group"].asstr()[:]
+        numel = f["params/numel"][:]
+        bn = groups == "bn_gamma"
+        group_mean = (expected_abs[bn] * numel[bn]).sum() / numel[bn].sum()
+        assert f["steps/groups/bn_gamma/grad_abs_mean"][0] == pytest.approx(group_mean, rel=1e-4)
+        assert f["steps/groups/conv_weight/grad_l2"][0] == pytest.approx(
+            np.sqrt((expected_l2[groups == "conv_weight"] ** 2).sum()), rel=1e-4)
+
+
+def test_bn_snapshots_match_init_and_final_checkpoint(full_run):
+    initial = build_model(tiny(), 1, 10).state_dict()
+    final = runs.load_checkpoint(runs.checkpoint_path(full_run))["model"]
+    with h5py.File(full_run / "telemetry.h5", "r") as f:
+        for layer, key in (("bn1", "weight"), ("layer3.0.bn2", "bias"), ("layer1.0.bn1", "running_var")):
+            name = {"weight": "gamma", "bias": "beta"}.get(key, key)
+            np.testing.assert_array_equal(f[f"bn/{layer}/{name}"][0], initial[f"{layer}.{key}"].numpy())
+            np.testing.assert_array_equal(f[f"bn/{layer}/{name}"][-1], final[f"{layer}.{key}"].numpy())
+
+
+def test_train_accuracy_in_eval_mode_is_recomputable(full_run):
+    config = tiny()
+    model = build_model(config, 1, 10)
+    model.load_state_dict(runs.load_checkpoint(runs.checkpoint_path(full_run))["model"])
+    data = load_dataset("digits", subset=300, test_subset=150, normalize=config.normalize)
+    index = fixed_subset(300, 200, torch.device("cpu"))
+    _, acc = evaluate(model, DeviceLoader(data.train_x[index], data.train_y[index], data.mean, data.std, 1000))
+    with h5py.File(full_run / "telemetry.h5", "r") as f:
+        assert f["epochs/train_eval_acc"][-1] == pytest.approx(acc)
+
+
+def test_frozen_tensors_are_recorded_as_frozen_not_zero(bn_only_run):
+    with h5py.File(bn_only_run / "telemetry.h5", "r") as f:
+        groups = f["params/group"].asstr()[:]
+        trainable = f["params/trainable"][:]
+        assert np.array_equal(trainable, np.isin(groups, ["bn_gamma", "bn_beta"]))
+        grads = f["steps/grad_abs_mean"][:]
+        assert np.isnan(grads[:, ~trainable]).all()
+        assert np.isfinite(grads[:, trainable]).all() and (grads[:, trainable] > 0).all()
+        assert f["steps/groups/conv_weight"].attrs["frozen"]
+        assert np.isnan(f["steps/groups/conv_weight/grad_abs_mean"][:]).all()
+        assert not f["steps/groups/bn_gamma"].attrs["frozen"]
+        assert f["steps/step"][:].tolist() == list(range(0, 10, 3))  # every 3rd of 2 x 5 steps
+
+
+def test_recording_does_not_change_training(full_run, tmp_path):
+    train(tiny(telemetry_every=0), tmp_path / "quiet")
+    a = runs.load_checkpoint(runs.checkpoint_path(full_run))["model"]
+    b = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "quiet"))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with h5py.File(tmp_path / "quiet" / "telemetry.h5", "r") as f:
+        assert "grad_l2" not in f["steps"] and f["epochs/epoch"].shape == (2,)
+
+
+def test_bn_parameters_get_larger_gradients_than_convs(full_run):
+    """The seed's Figure 2 at CPU scale: it holds on digits for resnet8, so assert it."""
+    with h5py.File(full_run / "telemetry.h5", "r") as f:
+        mean = {g: np.mean(f[f"steps/groups/{g}/grad_abs_mean"][:]) for g in GROUPS}
+    assert mean["bn_gamma"] > 2 * mean["conv_weight"]
+    assert mean["bn_beta"] > 2 * mean["conv_weight"]
+
+
+def test_inspect_prints_a_summary(full_run, bn_only_run, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["inspect", str(full_run)])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    for text in ("generalisation gap", "bn_gamma", "conv_weight", "test acc"):
+        assert text in out
+    with h5py.File(full_run / "telemetry.h5", "r") as f:  # the extremes it lists, found independently
+        last = f["steps/epoch"][:] == 2
+        per_tensor = f["steps/grad_abs_mean"][:][last].mean(0)
+        names = f["params/name"].asstr()[:]
+    assert names[per_tensor.argmax()] in out and names[per_tensor.argmin()] in out
+    with pytest.raises(SystemExit):
+        main(["inspect", str(bn_only_run)])
+    out = capsys.readouterr().out
+    assert "frozen" in out
+
+
+@pytest.mark.parametrize("make,pattern", [
+    (lambda p: p, "no run directory"),
+    (lambda p: (p.mkdir(), p)[1], "not a run directory"),
+])
+def test_inspect_errors(tmp_path, capsys, make, pattern):
+    target = make(tmp_path / "x")
+    with pytest.raises(SystemExit) as done:
+        main(["inspect", str(target)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and pattern in err and len(err.strip().splitlines()) == 1
