@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
-DEMO   := --dataset digits --epochs 15 --runs-dir runs --overwrite
+DEMO   := --dataset digits --epochs 20 --milestones 15 --runs-dir runs --overwrite
 
 .PHONY: install demo test bench clean
 
@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/bnprobe train resnet20 --name demo-full $(DEMO)
 	$(BIN)/bnprobe train resnet20 --name demo-bn-only --freeze non-bn --lr 0.2 $(DEMO)
+	$(BIN)/bnprobe inspect runs/demo-full
+	$(BIN)/bnprobe inspect runs/demo-bn-only
 
 test: install
 	$(BIN)/python -m pytest -q
