@@ -62,7 +62,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_one_epoch(model, loader, optimizer, args.amp, recorder=recorder if use_recorder else None)
+        train_one_epoch(model, loader, optimizer, args.amp, after_backward=[recorder.after_backward] if use_recorder else ())
         if use_recorder:
             recorder.drain()
         if device.type == "cuda":

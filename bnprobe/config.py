@@ -20,6 +20,7 @@ GAMMA_INITS = ("uniform", "ones", "normal")
 NORMALIZATIONS = ("per-pixel", "per-channel")
 SHORTCUTS = ("A", "B")
 DEVICES = ("auto", "cpu", "cuda")
+BN_PLACEMENTS = ("full", "none", "every-k")
 
 
 def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
@@ -40,6 +41,22 @@ class TrainConfig:
     freeze: str = field(
         default="none",
         metadata=_flag("What stays at init: none, non-bn (train only BN), non-bn-output, all-but-output, bn."),
+    )
+    bn: str = field(
+        default="full", metadata=_flag("BN placement: full (after every conv), none, every-k (after every --bn-every convs).")
+    )
+    bn_every: int = field(default=2, metadata=_flag("With --bn every-k: a BN after every K-th conv."))
+    bn_affine_off: str = field(
+        default="", metadata=_flag("BN layers without gamma/beta: comma-separated names or globs, e.g. 'layer3.*'.")
+    )
+    gamma_l1: float = field(default=0.0, metadata=_flag("L1 penalty S * sum|gamma| on BN gammas (Network Slimming)."))
+    bn_l2: float = field(
+        default=0.0, metadata=_flag("Extra L2 on BN gamma/beta: adds S * param to their gradient, beside --weight-decay.")
+    )
+    random_features: int = field(
+        default=0,
+        metadata=_flag("Also train K random weights per output channel of every conv (element-wise mask), "
+                       "Frankle's random-features baseline."),
     )
     epochs: int = field(default=160, metadata=_flag("Training epochs."))
     batch_size: int = field(default=128, metadata=_flag("Training batch size."))
@@ -97,7 +114,8 @@ class TrainConfig:
     def run_name(self) -> str:
         """Readable prefix plus a hash of every identity field, so equal configs share a directory."""
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.model}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
+        variant = {"full": "", "none": "-nobn", "every-k": f"-bn-every{self.bn_every}"}.get(self.bn, "")
+        return f"{self.model}{variant}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -117,17 +135,18 @@ class TrainConfig:
         import torch
 
         from bnprobe.data import get_dataset_spec
-        from bnprobe.models import create_model
+        from bnprobe.models import create_model, remove_bn_affine
 
         spec = get_dataset_spec(self.dataset)
         _choice("freeze", self.freeze, FREEZE_MODES)
         _choice("gamma-init", self.gamma_init, GAMMA_INITS)
         _choice("shortcut", self.shortcut, SHORTCUTS)
         _choice("device", self.device, DEVICES)
-        for name in ("epochs", "batch_size", "width", "eval_batch_size"):
+        _choice("bn", self.bn, BN_PLACEMENTS)
+        for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every"):
             if getattr(self, name) < 1:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset"):
+        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features"):
             if getattr(self, name) < 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -136,13 +155,21 @@ class TrainConfig:
             raise BnprobeError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not self.weight_decay >= 0:
             raise BnprobeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("gamma_l1", "bn_l2"):
+            if not getattr(self, name) >= 0:
+                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr_drop > 0:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
         if any(m < 1 for m in self.milestone_epochs):
             raise BnprobeError(f"--milestones must be positive epochs, got {self.milestones!r}")
         with torch.device("meta"):  # checks every model option without allocating or loading data
-            create_model(self.model, in_channels=spec.channels, num_classes=spec.num_classes,
-                         width=self.width, shortcut=self.shortcut)
+            model = create_model(self.model, in_channels=spec.channels, num_classes=spec.num_classes,
+                                 width=self.width, shortcut=self.shortcut, bn=self.bn, bn_every=self.bn_every)
+            remove_bn_affine(model, self.bn_affine_off)
+            if self.random_features:
+                from bnprobe.freeze import random_feature_masks
+
+                random_feature_masks(model, self.random_features, torch.Generator())
         normalize = spec.normalize if self.normalize is None else self.normalize
         _choice("normalize", normalize, NORMALIZATIONS)
         translate = spec.translate if self.translate is None else self.translate

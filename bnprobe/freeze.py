@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -54,3 +55,34 @@ def apply_freeze(model: nn.Module, mode: str) -> tuple[int, int]:
         counts[0] += param.numel() if name in trainable else 0
         counts[1] += param.numel()
     return counts[0], counts[1]
+
+
+def random_feature_masks(model: nn.Module, per_channel: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """For every conv weight, a bool mask with `per_channel` random elements per output channel."""
+    masks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            out_channels, fan_in = module.weight.shape[0], module.weight[0].numel()
+            if per_channel > fan_in:
+                raise BnprobeError(f"--random-features {per_channel} exceeds the {fan_in} weights per channel of {name}")
+            chosen = torch.rand(out_channels, fan_in, generator=generator).topk(per_channel, dim=1).indices
+            mask = torch.zeros(out_channels, fan_in, dtype=torch.bool).scatter_(1, chosen, True)
+            masks[f"{name}.weight"] = mask.view(module.weight.shape)
+    return masks
+
+
+def apply_random_features(model: nn.Module, masks: dict[str, torch.Tensor], weight_decay: float) -> int:
+    """Make the masked elements trainable; return how many. The rest of each tensor stays bit-identical:
+    its gradient is zeroed by a hook, and weight decay is applied inside the hook (the optimizer group of
+    these tensors has none), since SGD's own decay would move the masked-out elements too."""
+    params = dict(model.named_parameters())
+    count = 0
+    for name, mask in masks.items():
+        param = params[name]
+        if param.requires_grad:
+            raise BnprobeError(f"--random-features: {name} already trains whole; choose a --freeze that freezes convs")
+        mask = mask.to(param.device)
+        param.requires_grad_(True)
+        param.register_hook(lambda grad, p=param, m=mask: (grad + weight_decay * p.detach()) * m)
+        count += int(mask.sum())
+    return count

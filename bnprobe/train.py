@@ -10,7 +10,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,9 @@ from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
 from bnprobe.errors import BnprobeError
-from bnprobe.freeze import apply_freeze
-from bnprobe.models import create_model, init_weights
+from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
+from bnprobe.models import create_model, init_weights, remove_bn_affine
+from bnprobe.regularize import gamma_l1_step, make_optimizer
 from bnprobe.telemetry import GradientRecorder, TelemetryWriter
 
 
@@ -40,8 +41,10 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.M
     """The model exactly as `config` initialises it: the same seed gives the same tensors."""
     torch.manual_seed(config.seed)
     model = create_model(
-        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width, shortcut=config.shortcut
+        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width,
+        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every,
     )
+    remove_bn_affine(model, config.bn_affine_off)
     return init_weights(model, config.gamma_init)
 
 
@@ -73,9 +76,11 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     amp: bool = False,
     on_step: Optional[Callable[[], None]] = None,
-    recorder: Optional[GradientRecorder] = None,
+    after_backward: Sequence[Callable[[], None]] = (),
 ) -> tuple[float, float]:
-    """One pass over `loader`; returns the running (train-mode, augmented) loss and accuracy."""
+    """One pass over `loader`; returns the running (train-mode, augmented) loss and accuracy.
+
+    `after_backward` callables run between backward() and the optimizer step, in order."""
     model.train()
     device = loader.labels.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -86,8 +91,8 @@ def train_one_epoch(
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if recorder is not None:
-            recorder.after_backward()
+        for hook in after_backward:  # telemetry first: it records the loss gradient alone
+            hook()
         optimizer.step()
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
@@ -176,12 +181,13 @@ def train(
     model = build_model(config, spec.channels, spec.num_classes)
     trainable, total = apply_freeze(model, config.freeze)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    masks = {}
+    if config.random_features:
+        masks = random_feature_masks(model, config.random_features, torch.Generator().manual_seed(config.seed + 1))
+        trainable += apply_random_features(model, masks, config.weight_decay)
+    if not trainable:
+        raise BnprobeError(f"nothing to train: --freeze {config.freeze} with --bn {config.bn} leaves no trainable tensor")
+    optimizer = make_optimizer(model, config, frozenset(masks))
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed)
     history: list[dict[str, Any]] = []
@@ -218,6 +224,7 @@ def train(
     recorder.step = start_epoch * len(train_loader)
     telemetry = TelemetryWriter(run_dir, model, config, recorder)
     telemetry.start(start_epoch)
+    after_backward = [recorder.after_backward] + [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]
     console.print(
         f"[bold]{config.model}[/] on {config.dataset} ({len(dataset.train_y)} train / {len(dataset.test_y)} test), "
         f"freeze={config.freeze}: [bold]{trainable:,}[/] of {total:,} parameters trainable "
@@ -241,7 +248,7 @@ def train(
             started = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
                 model, train_loader, optimizer, config.amp,
-                on_step=lambda: progress.advance(steps_task), recorder=recorder,
+                on_step=lambda: progress.advance(steps_task), after_backward=after_backward,
             )
             seconds = time.perf_counter() - started
             if not math.isfinite(train_loss):
@@ -265,6 +272,7 @@ def train(
                     "rng": _rng_state(generator, device), "history": history,
                     "normalization": {"mean": dataset.mean.cpu(), "std": dataset.std.cpu()},
                     "trainable": trainable, "total": total,
+                    "random_feature_masks": {name: mask.cpu() for name, mask in masks.items()},
                 },
             )
             runs.write_json(runs.metrics_path(run_dir), history)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from bnprobe.errors import BnprobeError
 
 ModelBuilder = Callable[..., nn.Module]
+NormLayer = Callable[[int], nn.Module]  # channels -> a BatchNorm (or what stands in its place)
 _REGISTRY: dict[str, ModelBuilder] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
@@ -44,11 +45,70 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(
-    name: str, *, in_channels: int = 3, num_classes: int = 10, width: int = 1, shortcut: str = "B"
+    name: str,
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    width: int = 1,
+    shortcut: str = "B",
+    bn: str = "full",
+    bn_every: int = 1,
 ) -> nn.Module:
-    """Build a registered model with PyTorch's default init; `init_weights` applies Frankle's."""
+    """Build a registered model with PyTorch's default init; `init_weights` applies Frankle's.
+
+    `bn` places the BatchNorm layers: `full` after every conv, `none` nowhere, `every-k` after every
+    `bn_every`-th conv (counted in construction order); the others become nn.Identity.
+    """
     check_model_name(name)
-    return _REGISTRY[name](in_channels=in_channels, num_classes=num_classes, width=width, shortcut=shortcut)
+    return _REGISTRY[name](
+        in_channels=in_channels, num_classes=num_classes, width=width, shortcut=shortcut,
+        norm_layer=norm_layer_for(bn, bn_every),
+    )
+
+
+class EveryKthNorm:
+    """A norm_layer factory that returns BatchNorm2d on every k-th call and nn.Identity otherwise."""
+
+    def __init__(self, k: int):
+        self.k, self.calls = k, 0
+
+    def __call__(self, channels: int) -> nn.Module:
+        self.calls += 1
+        return nn.BatchNorm2d(channels) if self.calls % self.k == 0 else nn.Identity()
+
+
+def norm_layer_for(bn: str, every: int = 1) -> NormLayer:
+    if bn == "full":
+        return nn.BatchNorm2d
+    if bn == "none":
+        return lambda channels: nn.Identity()
+    if bn == "every-k":
+        if every < 1:
+            raise BnprobeError(f"--bn-every must be >= 1, got {every}")
+        return EveryKthNorm(every)
+    raise BnprobeError(f"--bn must be one of full, none, every-k; got {bn!r}")
+
+
+def remove_bn_affine(model: nn.Module, patterns: str) -> list[str]:
+    """Drop gamma and beta from the BN layers whose names match any comma-separated glob in `patterns`."""
+    from fnmatch import fnmatchcase
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    globs = [p.strip() for p in patterns.split(",") if p.strip()]
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    removed = []
+    for glob in globs:
+        matched = [name for name in layers if fnmatchcase(name, glob)]
+        if not matched:
+            raise BnprobeError(f"--bn-affine-off: {glob!r} matches no BN layer (e.g. {', '.join(list(layers)[:3])})")
+        removed += matched
+    for name in dict.fromkeys(removed):
+        layer = layers[name]
+        layer.affine = False
+        layer.register_parameter("weight", None)
+        layer.register_parameter("bias", None)
+    return list(dict.fromkeys(removed))
 
 
 # Importing the families registers their builders.

@@ -8,6 +8,7 @@ option B (1x1 conv + BN, as in open_lth: ResNet-20 then has 272,474 parameters).
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 
 from bnprobe.errors import BnprobeError
-from bnprobe.models import register_model
+from bnprobe.models import NormLayer, register_model
 
 DEPTHS = (8, 14, 20, 32, 44, 56, 110, 218, 434, 866)
 
@@ -32,8 +33,18 @@ class ZeroPadShortcut(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, *, in_channels: int, num_classes: int, width: int = 1, shortcut: str = "B"):
+    def __init__(
+        self,
+        depth: int,
+        *,
+        in_channels: int,
+        num_classes: int,
+        width: int = 1,
+        shortcut: str = "B",
+        norm_layer: Optional[NormLayer] = None,
+    ):
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         if depth < 8 or (depth - 2) % 6:
             raise BnprobeError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         if shortcut not in ("A", "B"):
@@ -41,7 +52,7 @@ class CifarResNet(nn.Module):
         blocks = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]
         self.conv1 = conv3x3(in_channels, widths[0])
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = norm_layer(widths[0])
         self.relu = nn.ReLU(inplace=True)
         stages, channels = [], widths[0]
         for i, planes in enumerate(widths):
@@ -53,8 +64,8 @@ class CifarResNet(nn.Module):
                     if shortcut == "A":
                         downsample = ZeroPadShortcut(planes - channels, stride)
                     else:
-                        downsample = nn.Sequential(conv1x1(channels, planes, stride), nn.BatchNorm2d(planes))
-                stage.append(BasicBlock(channels, planes, stride if b == 0 else 1, downsample))
+                        downsample = nn.Sequential(conv1x1(channels, planes, stride), norm_layer(planes))
+                stage.append(BasicBlock(channels, planes, stride if b == 0 else 1, downsample, norm_layer=norm_layer))
                 channels = planes
             stages.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3 = stages

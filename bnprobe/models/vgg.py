@@ -10,18 +10,19 @@ Every conv is followed by BN, so BN and conv gradients can be compared layer by 
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from bnprobe.errors import BnprobeError
-from bnprobe.models import register_model
+from bnprobe.models import NormLayer, register_model
 
 
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, norm_layer: NormLayer) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        norm_layer(out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -29,12 +30,12 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 class ResidualPair(nn.Module):
     """conv-BN-ReLU, conv-BN, plus the input, then ReLU (a basic block without a shortcut conv)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_layer: NormLayer):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn1 = norm_layer(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = norm_layer(channels)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,16 +44,30 @@ class ResidualPair(nn.Module):
 
 
 class ResidualVGG(nn.Module):
-    def __init__(self, blocks: int, *, in_channels: int, num_classes: int, width: int = 1, shortcut: str = "B"):
+    def __init__(
+        self,
+        blocks: int,
+        *,
+        in_channels: int,
+        num_classes: int,
+        width: int = 1,
+        shortcut: str = "B",
+        norm_layer: Optional[NormLayer] = None,
+    ):
         super().__init__()
+        norm_layer = norm_layer or nn.BatchNorm2d
         if shortcut != "B":
             raise BnprobeError("VGG models have identity skips only; --shortcut does not apply")
         widths = [64 * width, 128 * width, 256 * width, 512 * width]
-        self.stem = conv_bn_relu(in_channels, widths[0])
+        self.stem = conv_bn_relu(in_channels, widths[0], norm_layer)
         stages, channels = [], widths[0]
         for i, planes in enumerate(widths):
             pool = [nn.MaxPool2d(2)] if i else []
-            stages.append(nn.Sequential(*pool, conv_bn_relu(channels, planes), *(ResidualPair(planes) for _ in range(blocks))))
+            stages.append(
+                nn.Sequential(
+                    *pool, conv_bn_relu(channels, planes, norm_layer), *(ResidualPair(planes, norm_layer) for _ in range(blocks))
+                )
+            )
             channels = planes
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
