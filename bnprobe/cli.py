@@ -90,6 +90,31 @@ def train(
     run_training(config, run_dir, resume=resume, overwrite=overwrite, console=console)
 
 
+@app.command()
+def sweep(
+    plan: Path = typer.Argument(..., help="A plan file (TOML): [defaults] and [[grid]] tables of train settings."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories live."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the grid with cost estimates and status; train nothing."),
+    devices: str = typer.Option(
+        "", "--devices", help="Comma-separated devices to run on in parallel, one run each (e.g. cuda:0,cuda:1)."
+    ),
+    tflops: float = typer.Option(50.0, "--tflops", help="Sustained TFLOP/s assumed for the cost estimate."),
+) -> None:
+    """Train a grid of runs from PLAN; finished runs are skipped, interrupted ones resumed."""
+    from bnprobe.sweep import plan_table, read_plan, run_sweep
+
+    if tflops <= 0:
+        raise BnprobeError(f"--tflops must be > 0, got {tflops}")
+    planned = read_plan(plan, runs_dir)
+    console.print(plan_table(planned, tflops))
+    if dry_run:
+        return
+    outcome = run_sweep(planned, console, [d.strip() for d in devices.split(",") if d.strip()] or None)
+    failed = {name: why for name, why in outcome.items() if why != "done"}
+    if failed:
+        raise BnprobeError(f"{len(failed)} of {len(outcome)} runs failed: {', '.join(failed)}")
+
+
 @app.command("inspect")
 def inspect_command(
     run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>)."),

@@ -18,7 +18,7 @@ from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 from bnprobe.errors import BnprobeError
 from bnprobe.models import NormLayer, register_model
 
-DEPTHS = (8, 14, 20, 32, 44, 56, 110, 218, 434, 866)
+DEPTHS = (8, 14, 20, 26, 32, 44, 56, 74, 98, 110, 218, 434, 866)  # 26/74/98: ~25/75/100 convs
 
 
 class ZeroPadShortcut(nn.Module):

@@ -1,0 +1,208 @@
+"""`bnprobe sweep PLAN.toml`: a grid of training runs, resumable, finished runs skipped.
+
+A plan is TOML. `[defaults]` holds TrainConfig fields shared by every run; each `[[grid]]` table maps
+fields to a value or a list of values, and adds every combination of its lists (merged over the
+defaults). Runs are named by `TrainConfig.run_name()`, so a rerun of the same plan finds its runs:
+finished ones are skipped, interrupted ones resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+
+from bnprobe import runs
+from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass
+class PlannedRun:
+    config: TrainConfig
+    run_dir: Path
+
+    def status(self) -> str:
+        """new, done, or `partial (k/N)` from what is on disk."""
+        path = runs.checkpoint_path(self.run_dir)
+        if not path.exists():
+            return "new"
+        try:
+            epoch = int(runs.load_checkpoint(path)["epoch"])
+        except (BnprobeError, KeyError):
+            return "unreadable"
+        return "done" if epoch >= self.config.epochs else f"partial ({epoch}/{self.config.epochs})"
+
+
+def read_plan(path: Path, runs_dir: Path) -> list[PlannedRun]:
+    try:
+        plan = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BnprobeError(f"no plan file at {path}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BnprobeError(f"{path} is not valid TOML ({exc})")
+    unknown_tables = sorted(set(plan) - {"defaults", "grid"})
+    if unknown_tables:
+        raise BnprobeError(f"{path}: unknown tables {', '.join(unknown_tables)} (a plan has [defaults] and [[grid]])")
+    defaults = plan.get("defaults", {})
+    grids = plan.get("grid", [])
+    if isinstance(grids, dict):
+        grids = [grids]
+    if not grids:
+        raise BnprobeError(f"{path} has no [[grid]] table, so no runs")
+    planned: dict[Path, PlannedRun] = {}
+    for i, grid in enumerate(grids, 1):
+        for table, name in ((defaults, "[defaults]"), (grid, f"grid {i}")):
+            bad = sorted(set(table) - FIELDS)
+            if bad:
+                raise BnprobeError(f"{path} {name}: unknown settings {', '.join(bad)}; see `bnprobe train --help`")
+        axes = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+        for values in itertools.product(*axes.values()):
+            settings = {**defaults, **dict(zip(axes, values))}
+            try:
+                config = TrainConfig(**settings).resolved()
+            except TypeError as exc:
+                raise BnprobeError(f"{path} grid {i}: {exc}")
+            run = PlannedRun(config, runs_dir / config.run_name())
+            planned.setdefault(run.run_dir, run)  # grids may overlap: each run once
+    return list(planned.values())
+
+
+def forward_flops(config: TrainConfig) -> float:
+    """Multiply-adds x 2 of one forward pass of one image, counted on the meta device (no memory, no data)."""
+    from bnprobe.data import get_dataset_spec
+    from bnprobe.models import create_model
+
+    spec = get_dataset_spec(config.dataset)
+    total = 0.0
+
+    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2.0 * output.numel() * per_output
+        elif isinstance(module, nn.Linear):
+            total += 2.0 * output.numel() * module.in_features
+
+    with torch.device("meta"):
+        model = create_model(config.model, in_channels=spec.channels, num_classes=spec.num_classes,
+                             width=config.width, shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every)
+        for module in model.modules():
+            module.register_forward_hook(count)
+        model(torch.zeros(1, spec.channels, spec.size, spec.size))
+    return total
+
+
+TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000, "digits": 1_437}
+
+
+def training_flops(config: TrainConfig) -> float:
+    """Forward + backward over every epoch. Backward costs ~2x forward, ~1x when conv weights are frozen
+    (no weight gradients): a first-order estimate, not a measurement."""
+    images = config.subset or TRAIN_IMAGES[config.dataset]
+    backward = 1.0 if config.freeze in ("non-bn", "non-bn-output", "all-but-output") else 2.0
+    return forward_flops(config) * (1 + backward) * images * config.epochs
+
+
+SHOWN = ("model", "dataset", "freeze", "bn", "bn_every", "seed", "epochs")
+
+
+def other_settings(config: TrainConfig) -> str:
+    """Identity settings that differ from the defaults, beyond the columns shown."""
+    default = TrainConfig(model=config.model, dataset=config.dataset).resolved().identity()
+    return " ".join(f"{k}={v}" for k, v in config.identity().items() if k not in SHOWN and v != default[k])
+
+
+def plan_table(planned: list[PlannedRun], tflops: float) -> Table:
+    table = Table(title=f"{len(planned)} runs; cost at an assumed {tflops:g} TFLOP/s sustained")
+    for column in ("#", "model", "data", "freeze", "bn", "other", "seed", "epochs", "PFLOP", "hours", "status"):
+        table.add_column(column, justify="right" if column in ("#", "seed", "epochs", "PFLOP", "hours") else "left")
+    total = 0.0
+    for i, run in enumerate(planned, 1):
+        c = run.config
+        flops = training_flops(c)
+        total += flops
+        bn = c.bn if c.bn != "every-k" else f"every {c.bn_every}"
+        table.add_row(str(i), c.model, c.dataset, c.freeze, bn, other_settings(c), str(c.seed), str(c.epochs),
+                      f"{flops / 1e15:,.1f}", f"{flops / (tflops * 1e12) / 3600:,.2f}", run.status())
+    table.add_section()
+    table.add_row("", "total", "", "", "", "", "", "", f"{total / 1e15:,.0f}", f"{total / (tflops * 1e12) / 3600:,.1f}", "")
+    return table
+
+
+def run_sweep(
+    planned: list[PlannedRun], console: Console, devices: Optional[list[str]] = None
+) -> dict[str, str]:
+    """Train every run that is not done, one at a time in this process, or one per device in parallel."""
+    from bnprobe.train import train
+
+    todo = [run for run in planned if run.status() != "done"]
+    console.print(f"{len(planned) - len(todo)} of {len(planned)} runs already done; {len(todo)} to train.")
+    outcome = {run.run_dir.name: "done" for run in planned if run not in todo}
+    if not devices or len(devices) == 1:
+        for i, run in enumerate(todo, 1):
+            config = dataclasses.replace(run.config, device=devices[0]) if devices else run.config
+            console.rule(f"run {i}/{len(todo)}: {run.run_dir.name}")
+            try:
+                train(config, run.run_dir, resume=True, console=console)
+                outcome[run.run_dir.name] = "done"
+            except BnprobeError as exc:  # one failed run does not stop the sweep
+                console.print(f"[red]{run.run_dir.name} failed: {exc}")
+                outcome[run.run_dir.name] = f"failed: {exc}"
+        return outcome
+    # One worker process per device, each pinned with CUDA_VISIBLE_DEVICES, pulling runs as they free up.
+    queue, active = list(todo), {}
+    while queue or active:
+        for device in devices:
+            if device not in active and queue:
+                run = queue.pop(0)
+                env = dict(os.environ)
+                if device.startswith("cuda:"):
+                    env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+                config = dataclasses.replace(run.config, device="cuda" if device.startswith("cuda") else device)
+                run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "w")
+                command = [sys.executable, "-m", "bnprobe.sweep", json.dumps(config.to_dict()), str(run.run_dir)]
+                active[device] = (run, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+                console.print(f"started {run.run_dir.name} on {device}")
+        for device, (run, process, log) in list(active.items()):
+            if process.poll() is not None:
+                log.close()
+                outcome[run.run_dir.name] = "done" if process.returncode == 0 else f"failed (exit {process.returncode})"
+                console.print(f"{run.run_dir.name} on {device}: {outcome[run.run_dir.name]}")
+                del active[device]
+        if active:
+            time.sleep(0.5)
+    return outcome
+
+
+def _worker(config_json: str, run_dir: str) -> None:
+    """Entry point of one parallel sweep worker: train one run, resuming it if it exists."""
+    from bnprobe.train import train
+
+    runs_dir = Path(run_dir)
+    runs_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        train(TrainConfig.from_dict(json.loads(config_json)), runs_dir, resume=True)
+    except BnprobeError as exc:
+        print(f"bnprobe: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])
