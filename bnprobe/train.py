@@ -196,6 +196,8 @@ def train(
     if overwrite and state is None and run_dir.exists():
         shutil.rmtree(run_dir)  # only now: every check above passed and the data loaded
     prepare_run_dir(run_dir)
+    for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed process
+        leftover.unlink()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
