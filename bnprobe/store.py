@@ -79,8 +79,8 @@ def write_array(group: h5py.Group, name: str, data: np.ndarray, **attrs: Any) ->
         del group[name]
     data = np.asarray(data)
     options = COMPRESSION if data.size >= 256 else {}
-    if data.dtype.kind in "UO":  # text: variable-length UTF-8, readable by any HDF5 tool
-        options["dtype"] = h5py.string_dtype()
+    if data.dtype.kind in "UO":  # text: variable-length UTF-8, readable by any HDF5 tool (no filters on vlen)
+        options = {"dtype": h5py.string_dtype()}
         data = data.astype(object)
     dataset = group.create_dataset(name, data=data, **options)
     set_attrs(dataset, attrs)

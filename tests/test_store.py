@@ -38,3 +38,12 @@ def test_open_h5_errors(tmp_path):
     (tmp_path / "bad.h5").write_text("not hdf5")
     with pytest.raises(BnprobeError, match="not a readable HDF5 file"):
         open_h5(tmp_path / "bad.h5")
+
+
+def test_many_strings_are_stored_uncompressed(tmp_path):
+    # variable-length strings take no filters: a deep model's 465 parameter names once crashed h5py's writer
+    names = [f"layer3.{i}.bn3.bias" for i in range(465)]
+    with atomic_h5(tmp_path / "n.h5") as f:
+        write_array(f, "name", names)
+    with h5py.File(tmp_path / "n.h5", "r") as f:
+        assert list(f["name"].asstr()[:]) == names
