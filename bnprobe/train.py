@@ -48,6 +48,11 @@ def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.M
     return init_weights(model, config.gamma_init)
 
 
+def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile; on CUDA with CUDA graphs, since small CIFAR models are bound by kernel launches."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
@@ -162,7 +167,9 @@ def train(
         return state["history"]
 
     device = resolve_device(config.device)
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    channels_last = config.channels_last
+    if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        console.print("[yellow]warning: this CPU has no native bfloat16; --amp will be several times slower here")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if dataset is None:
@@ -188,6 +195,8 @@ def train(
     if not trainable:
         raise BnprobeError(f"nothing to train: --freeze {config.freeze} with --bn {config.bn} leaves no trainable tensor")
     optimizer = make_optimizer(model, config, frozenset(masks))
+    # The compiled module shares its parameters with `model`, whose state_dict (no _orig_mod. prefix) is saved.
+    step_model = compile_model(model, device) if config.compile else model
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed)
     history: list[dict[str, Any]] = []
@@ -249,15 +258,15 @@ def train(
             progress.reset(steps_task, total=len(train_loader))
             started = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
-                model, train_loader, optimizer, config.amp,
+                step_model, train_loader, optimizer, config.amp,
                 on_step=lambda: progress.advance(steps_task), after_backward=after_backward,
             )
             seconds = time.perf_counter() - started
             if not math.isfinite(train_loss):
                 kept = f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if epoch else "no checkpoint was written"
                 raise BnprobeError(f"training loss became {train_loss} in epoch {epoch + 1}; stopped, {kept}")
-            test_loss, test_acc = evaluate(model, test_loader, config.amp)
-            train_eval_loss, train_eval_acc = evaluate(model, train_eval_loader, config.amp)
+            test_loss, test_acc = evaluate(step_model, test_loader, config.amp)
+            train_eval_loss, train_eval_acc = evaluate(step_model, train_eval_loader, config.amp)
             record = {
                 "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                 "train_eval_loss": train_eval_loss, "train_eval_acc": train_eval_acc,

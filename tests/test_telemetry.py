@@ -17,7 +17,7 @@ GROUPS = {"bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias"}
 
 def tiny(**changes) -> TrainConfig:
     base = dict(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=300, test_subset=150,
-                milestones="", device="cpu", train_eval_subset=200)
+                milestones="", device="cpu", train_eval_subset=200, telemetry_every=1)
     return TrainConfig(**{**base, **changes}).resolved()
 
 

@@ -130,3 +130,25 @@ def test_lr_schedule():
 def test_config_validation(changes, message):
     with pytest.raises(BnprobeError, match=message):
         tiny(**changes).resolved()
+
+
+def test_compiled_step_model_saves_the_plain_state_dict(tmp_path, monkeypatch):
+    """--compile trains through a wrapper module; the checkpoint must hold the model's own keys."""
+    import torch.nn as nn
+
+    from bnprobe import train as train_module
+
+    class Wrapper(nn.Module):  # what torch.compile returns: an OptimizedModule holding _orig_mod
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            return self._orig_mod(x)
+
+    used = []
+    monkeypatch.setattr(train_module, "compile_model", lambda model, device: used.append(1) or Wrapper(model))
+    history = train(tiny(compile=True), tmp_path / "c")
+    state = final_state(tmp_path / "c")
+    assert used and not any(k.startswith("_orig_mod") for k in state["model"])
+    assert strip(history) == strip(train(tiny(), tmp_path / "plain"))
