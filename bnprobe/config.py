@@ -90,6 +90,11 @@ class TrainConfig:
         metadata=_flag("torch.compile the model (CUDA graphs on CUDA): ~2x on small models, slow to start.",
                        identity=False),
     )
+    ddp: bool = field(
+        default=False,
+        metadata=_flag("Data-parallel over the processes of torchrun (--batch-size is the global batch).", identity=False),
+    )
+    sync_bn: bool = field(default=False, metadata=_flag("With --ddp: BN statistics over the global batch (CUDA)."))
     eval_batch_size: int = field(default=1000, metadata=_flag("Batch size for evaluation.", identity=False))
     data_dir: str = field(
         default="", metadata=_flag("Data folder [default: $BNPROBE_DATA_DIR or ./data].", identity=False)

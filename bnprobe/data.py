@@ -296,33 +296,46 @@ class DeviceLoader:
         flip: bool = False,
         translate: int = 0,
         generator: Optional[torch.Generator] = None,
+        augment_generator: Optional[torch.Generator] = None,
+        shard: tuple[int, int] = (0, 1),
         channels_last: bool = False,
     ):
         if (shuffle or flip or translate) and generator is None:
             raise ValueError("random batches need a generator on the data's device")
+        if shard[1] > 1 and not shuffle:
+            raise ValueError("sharding splits the shuffled order; evaluation loaders are not sharded")
         self.images, self.labels = images, labels
         self.mean, self.inv_std = mean, 1.0 / std
         self.batch_size, self.shuffle, self.flip, self.translate = batch_size, shuffle, flip, translate
-        self.generator = generator
+        # The order comes from `generator` (the same on every rank); augmentation may use its own.
+        self.generator, self.augment_generator = generator, augment_generator or generator
+        self.rank, self.world = shard
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+    @property
+    def examples(self) -> int:
+        """Examples this loader yields per epoch: its shard of the data, equal on every rank."""
+        return len(self.labels) // self.world
+
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self.examples // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         device = self.images.device
         if self.shuffle:
             order = torch.randperm(n, device=device, generator=self.generator)
-        for start in range(0, n, self.batch_size):
+            if self.world > 1:  # equal shards, or ranks would run different numbers of steps and hang
+                order = order[: self.examples * self.world][self.rank :: self.world]
+        for start in range(0, self.examples, self.batch_size):
             if self.shuffle:
                 index = order[start : start + self.batch_size]
                 x, y = self.images[index], self.labels[index]
             else:
                 x, y = self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
             if self.translate:
-                x = random_translate(x, self.translate, self.generator)
+                x = random_translate(x, self.translate, self.augment_generator)
             if self.flip:
-                x = random_flip(x, self.generator)
+                x = random_flip(x, self.augment_generator)
             x = ((x.float() - self.mean) * self.inv_std).contiguous(memory_format=self.memory_format)
             yield x, y

@@ -22,6 +22,7 @@ from rich.table import Table
 from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
+from bnprobe.distributed import Process, sum_over_processes
 from bnprobe.errors import BnprobeError
 from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
 from bnprobe.models import create_model, init_weights, remove_bn_affine
@@ -159,14 +160,36 @@ def train(
     dataset: Optional[DeviceDataset] = None,
 ) -> list[dict[str, Any]]:
     """Train `config` into `run_dir`; return the per-epoch history. The CLI is a thin shell over this."""
-    console = console or Console()
     config = config.resolved()
+    device = resolve_device(config.device)
+    process = Process.start(device) if config.ddp else Process()
+    device = process.device(device)
+    console = (console or Console()) if process.main else Console(quiet=True)  # rank 0 speaks and writes
+    try:
+        return _train(config, run_dir, process, device, console, resume, overwrite, dataset)
+    finally:
+        process.stop()
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: Path,
+    process: Process,
+    device: torch.device,
+    console: Console,
+    resume: bool,
+    overwrite: bool,
+    dataset: Optional[DeviceDataset],
+) -> list[dict[str, Any]]:
+    if config.batch_size % process.world:
+        raise BnprobeError(f"--batch-size {config.batch_size} does not split over {process.world} processes")
+    if config.sync_bn and device.type != "cuda":
+        raise BnprobeError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
     state = _check_resumable(run_dir, config, resume, overwrite)
     if state is not None and state["epoch"] >= config.epochs:
         console.print(f"[green]{run_dir} already finished {config.epochs} epochs; nothing to do.")
         return state["history"]
 
-    device = resolve_device(config.device)
     channels_last = config.channels_last
     if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         console.print("[yellow]warning: this CPU has no native bfloat16; --amp will be several times slower here")
@@ -186,6 +209,8 @@ def train(
     spec = dataset.spec
 
     model = build_model(config, spec.channels, spec.num_classes)
+    if config.sync_bn:  # BN statistics over the global batch; the parameters stay the same objects
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     trainable, total = apply_freeze(model, config.freeze)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     masks = {}
@@ -195,18 +220,24 @@ def train(
     if not trainable:
         raise BnprobeError(f"nothing to train: --freeze {config.freeze} with --bn {config.bn} leaves no trainable tensor")
     optimizer = make_optimizer(model, config, frozenset(masks))
-    # The compiled module shares its parameters with `model`, whose state_dict (no _orig_mod. prefix) is saved.
-    step_model = compile_model(model, device) if config.compile else model
+    # The wrapped modules share their parameters with `model`, whose plain state_dict is saved.
+    step_model = model
+    if process.world > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        step_model = compile_model(step_model, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed)
+    augment_generator = generator  # rank 0 (and a single process) draws order and augmentation from one stream
     history: list[dict[str, Any]] = []
     start_epoch = 0
 
-    if overwrite and state is None and run_dir.exists():
-        shutil.rmtree(run_dir)  # only now: every check above passed and the data loaded
-    prepare_run_dir(run_dir)
-    for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed process
-        leftover.unlink()
+    if process.main:
+        if overwrite and state is None and run_dir.exists():
+            shutil.rmtree(run_dir)  # only now: every check above passed and the data loaded
+        prepare_run_dir(run_dir)
+        for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed process
+            leftover.unlink()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -216,11 +247,15 @@ def train(
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         history, start_epoch = list(state["history"]), int(state["epoch"])
         console.print(f"Resuming {run_dir} after epoch {start_epoch}.")
-    runs.write_json(runs.config_path(run_dir), config.to_dict())
+    if process.rank:  # other ranks augment from their own stream, reseeded per start (exact resume is rank 0's)
+        augment_generator = torch.Generator(device=device).manual_seed(config.seed + 1000 * process.rank + start_epoch)
+    if process.main:
+        runs.write_json(runs.config_path(run_dir), config.to_dict())
 
     train_loader = DeviceLoader(
-        dataset.train_x, dataset.train_y, dataset.mean, dataset.std, config.batch_size,
-        shuffle=True, flip=config.flip, translate=config.translate, generator=generator, channels_last=channels_last,
+        dataset.train_x, dataset.train_y, dataset.mean, dataset.std, config.batch_size // process.world,
+        shuffle=True, flip=config.flip, translate=config.translate, generator=generator,
+        augment_generator=augment_generator, shard=(process.rank, process.world), channels_last=channels_last,
     )
     test_loader = DeviceLoader(
         dataset.test_x, dataset.test_y, dataset.mean, dataset.std, config.eval_batch_size, channels_last=channels_last
@@ -234,12 +269,15 @@ def train(
     recorder = GradientRecorder(model, config.telemetry_every, len(train_loader))
     recorder.step = start_epoch * len(train_loader)
     telemetry = TelemetryWriter(run_dir, model, config, recorder)
-    telemetry.start(start_epoch)
-    after_backward = [recorder.after_backward] + [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]
+    if process.main:
+        telemetry.start(start_epoch)
+    after_backward = [recorder.after_backward] if process.main else []
+    after_backward += [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]
     console.print(
         f"[bold]{config.model}[/] on {config.dataset} ({len(dataset.train_y)} train / {len(dataset.test_y)} test), "
         f"freeze={config.freeze}: [bold]{trainable:,}[/] of {total:,} parameters trainable "
-        f"({100 * trainable / total:.2f}%), device={device}{', bf16 autocast' if config.amp else ''}",
+        f"({100 * trainable / total:.2f}%), device={device}{', bf16 autocast' if config.amp else ''}"
+        f"{f', {process.world} processes' if process.world > 1 else ''}",
         soft_wrap=True,
     )
 
@@ -271,22 +309,23 @@ def train(
                 "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                 "train_eval_loss": train_eval_loss, "train_eval_acc": train_eval_acc,
                 "test_loss": test_loss, "test_acc": test_acc, "gap": train_eval_acc - test_acc,
-                "seconds": seconds, "images_per_s": len(dataset.train_y) / seconds,
+                "seconds": seconds, "images_per_s": train_loader.examples * process.world / seconds,
             }
             history.append(record)
-            telemetry.write_epoch(record)  # before the checkpoint: a resume trims rows past the checkpoint
-            runs.save_checkpoint(
-                runs.checkpoint_path(run_dir),
-                {
-                    "config": config.to_dict(), "epoch": epoch + 1, "finished": epoch + 1 == config.epochs,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "rng": _rng_state(generator, device), "history": history,
-                    "normalization": {"mean": dataset.mean.cpu(), "std": dataset.std.cpu()},
-                    "trainable": trainable, "total": total,
-                    "random_feature_masks": {name: mask.cpu() for name, mask in masks.items()},
-                },
-            )
-            runs.write_json(runs.metrics_path(run_dir), history)
+            if process.main:
+                telemetry.write_epoch(record)  # before the checkpoint: a resume trims rows past the checkpoint
+                runs.save_checkpoint(
+                    runs.checkpoint_path(run_dir),
+                    {
+                        "config": config.to_dict(), "epoch": epoch + 1, "finished": epoch + 1 == config.epochs,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "rng": _rng_state(generator, device), "history": history,
+                        "normalization": {"mean": dataset.mean.cpu(), "std": dataset.std.cpu()},
+                        "trainable": trainable, "total": total, "processes": process.world,
+                        "random_feature_masks": {name: mask.cpu() for name, mask in masks.items()},
+                    },
+                )
+                runs.write_json(runs.metrics_path(run_dir), history)
             progress.advance(epochs_task)
             status = f"test acc {test_acc:.2%}"
             progress.update(epochs_task, status=status)
