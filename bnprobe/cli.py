@@ -99,15 +99,29 @@ def sweep(
         "", "--devices", help="Comma-separated devices to run on in parallel, one run each (e.g. cuda:0,cuda:1)."
     ),
     tflops: float = typer.Option(50.0, "--tflops", help="Sustained TFLOP/s assumed for the cost estimate."),
+    launcher: str = typer.Option("local", "--launcher", help="local (this machine) or slurm (a submitit job array)."),
+    slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition."),
+    slurm_hours: float = typer.Option(24.0, "--slurm-hours", help="Time limit of each job, in hours."),
+    slurm_gpus: int = typer.Option(1, "--slurm-gpus", help="GPUs per job."),
+    slurm_parallel: int = typer.Option(32, "--slurm-parallel", help="At most this many jobs of the array run at once."),
 ) -> None:
     """Train a grid of runs from PLAN; finished runs are skipped, interrupted ones resumed."""
-    from bnprobe.sweep import plan_table, read_plan, run_sweep
+    from bnprobe.sweep import plan_table, read_plan, run_sweep, submit_sweep
 
     if tflops <= 0:
         raise BnprobeError(f"--tflops must be > 0, got {tflops}")
+    if launcher not in ("local", "slurm"):
+        raise BnprobeError(f"--launcher must be local or slurm, got {launcher!r}")
     planned = read_plan(plan, runs_dir)
     console.print(plan_table(planned, tflops))
     if dry_run:
+        return
+    if launcher == "slurm":
+        jobs = submit_sweep(
+            planned, runs_dir / "slurm", "slurm", timeout_min=int(slurm_hours * 60), gpus_per_node=slurm_gpus,
+            slurm_partition=slurm_partition, slurm_array_parallelism=slurm_parallel,
+        )
+        console.print(f"submitted {len(jobs)} jobs" + (f" (array {jobs[0].job_id.split('_')[0]})" if jobs else ""))
         return
     outcome = run_sweep(planned, console, [d.strip() for d in devices.split(",") if d.strip()] or None)
     failed = {name: why for name, why in outcome.items() if why != "done"}

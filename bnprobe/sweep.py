@@ -191,6 +191,33 @@ def run_sweep(
     return outcome
 
 
+def train_job(config_dict: dict[str, Any], run_dir: str) -> str:
+    """One run as a job of a cluster array (pickled by submitit): resumes what a previous job left."""
+    from bnprobe.train import train
+
+    train(TrainConfig.from_dict(config_dict), Path(run_dir), resume=True, console=Console(quiet=True))
+    return run_dir
+
+
+def submit_sweep(
+    planned: list[PlannedRun], folder: Path, cluster: Optional[str] = None, **parameters: Any
+) -> list[Any]:
+    """Submit every run that is not done as one job array through submitit (Slurm, or `cluster="local"`)."""
+    try:
+        import submitit
+    except ImportError:
+        raise BnprobeError("--launcher slurm needs submitit: pip install 'bnprobe[slurm]'")
+    todo = [run for run in planned if run.status() != "done"]
+    if not todo:
+        return []
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+        return executor.map_array(train_job, [r.config.to_dict() for r in todo], [str(r.run_dir) for r in todo])
+    except Exception as exc:  # sbatch missing or refusing: say it in one line
+        raise BnprobeError(f"submitting {len(todo)} jobs failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+
+
 def _worker(config_json: str, run_dir: str) -> None:
     """Entry point of one parallel sweep worker: train one run, resuming it if it exists."""
     from bnprobe.train import train

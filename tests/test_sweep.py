@@ -91,3 +91,29 @@ def test_seed_plan_example_is_valid(tmp_path):
     assert {p.config.bn for p in planned} == {"full", "none", "every-k"}
     with pytest.raises(BnprobeError):
         read_plan(tmp_path / "missing.toml", tmp_path)
+
+
+def test_job_array_through_submitit(tmp_path):
+    """The Slurm path, with submitit's local cluster standing in for sbatch."""
+    submitit = pytest.importorskip("submitit")
+    from bnprobe.sweep import submit_sweep
+
+    (tmp_path / "plan.toml").write_text(PLAN)
+    planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+    jobs = submit_sweep(planned, tmp_path / "jobs", "local", timeout_min=5)
+    assert len(jobs) == 2 and isinstance(jobs[0], submitit.Job)
+    assert sorted(job.result() for job in jobs) == sorted(str(p.run_dir) for p in planned)
+    assert all(p.status() == "done" for p in planned)
+    assert submit_sweep(planned, tmp_path / "jobs", "local") == []  # nothing left to do
+
+
+def test_slurm_launcher_without_slurm_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    import shutil
+
+    if shutil.which("sbatch"):
+        pytest.skip("this machine has Slurm")
+    (tmp_path / "plan.toml").write_text(PLAN)
+    code, _, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "runs"),
+                           "--launcher", "slurm")
+    assert code == 2 and "submitting 2 jobs failed" in err and len(err.strip().splitlines()) == 1
