@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -80,7 +81,7 @@ class TrainConfig:
         default=10000,
         metadata=_flag("Measure eval-mode train accuracy on N fixed training images (0 = all).", identity=False),
     )
-    device: str = field(default="auto", metadata=_flag("auto | cpu | cuda.", identity=False))
+    device: str = field(default="auto", metadata=_flag("auto | cpu | cuda | cuda:N.", identity=False))
     amp: bool = field(default=False, metadata=_flag("bfloat16 autocast (mixed precision).", identity=False))
     channels_last: bool = field(
         default=True, metadata=_flag("channels_last memory format (faster with cuDNN and oneDNN).", identity=False)
@@ -151,7 +152,8 @@ class TrainConfig:
         _choice("freeze", self.freeze, FREEZE_MODES)
         _choice("gamma-init", self.gamma_init, GAMMA_INITS)
         _choice("shortcut", self.shortcut, SHORTCUTS)
-        _choice("device", self.device, DEVICES)
+        if not re.fullmatch(r"cuda:\d+", self.device):
+            _choice("device", self.device, DEVICES)
         _choice("bn", self.bn, BN_PLACEMENTS)
         for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every"):
             if getattr(self, name) < 1:

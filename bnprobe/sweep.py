@@ -195,7 +195,8 @@ def train_job(config_dict: dict[str, Any], run_dir: str) -> str:
     """One run as a job of a cluster array (pickled by submitit): resumes what a previous job left."""
     from bnprobe.train import train
 
-    train(TrainConfig.from_dict(config_dict), Path(run_dir), resume=True, console=Console(quiet=True))
+    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    train(TrainConfig.from_dict(config_dict), Path(run_dir), resume=True)
     return run_dir
 
 
@@ -219,13 +220,9 @@ def submit_sweep(
 
 
 def _worker(config_json: str, run_dir: str) -> None:
-    """Entry point of one parallel sweep worker: train one run, resuming it if it exists."""
-    from bnprobe.train import train
-
-    runs_dir = Path(run_dir)
-    runs_dir.parent.mkdir(parents=True, exist_ok=True)
+    """Entry point of one parallel local worker (`python -m bnprobe.sweep CONFIG_JSON RUN_DIR`)."""
     try:
-        train(TrainConfig.from_dict(json.loads(config_json)), runs_dir, resume=True)
+        train_job(json.loads(config_json), run_dir)
     except BnprobeError as exc:
         print(f"bnprobe: error: {exc}", file=sys.stderr)
         sys.exit(2)
