@@ -165,6 +165,80 @@ def models() -> None:
     console.print(table)
 
 
+# ---- probe / ablate (issue 4) ----
+from bnprobe.options import DEFAULT_TAUS, SWEEP_SYNTAX, LoadOptions, parse_sweep  # noqa: E402  (no torch: --help stays fast)
+
+
+@app.command()
+@command_with_config(LoadOptions)
+def probe(
+    config: LoadOptions,
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="Checkpoint files (or run directories); give several to compare them, e.g. BN-only vs full.",
+        show_default=False),
+    taus: str = typer.Option(DEFAULT_TAUS, "--taus", help=f"Thresholds τ for the fraction of |γ| < τ. {SWEEP_SYNTAX}"),
+    off_threshold: float = typer.Option(
+        0.01, "--off-threshold", help="A channel counts as turned off when |γ| is below this."),
+    bins: int = typer.Option(40, "--bins", help="Histogram bins for γ and β in probe.h5 (edges shared by all layers)."),
+    images: int = typer.Option(1000, "--images", help="Test images to measure ReLU sparsity on (0 = all)."),
+    batch_size: int = typer.Option(500, "--batch-size", help="Batch size of the forward passes."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Where to write probe.h5 \\[default: the run directory for one run, else ./probe.h5]."),
+    brief: bool = typer.Option(False, "--brief", help="Print only the summary table, not the per-layer ones."),
+) -> None:
+    """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity."""
+    from bnprobe.probe import run_probe
+
+    if off_threshold < 0:
+        raise BnprobeError(f"--off-threshold must be >= 0, got {off_threshold:g}")
+    run_probe(checkpoints, config, taus=parse_sweep(taus, "--taus"), off_threshold=off_threshold, bins=bins,
+              images=images, batch_size=batch_size, out=out, brief=brief, console=console)
+
+
+@app.command()
+@command_with_config(LoadOptions)
+def ablate(
+    config: LoadOptions,
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run directory.", show_default=False),
+    clamp_gamma: Optional[str] = typer.Option(
+        None, "--clamp-gamma", metavar="TAUS",
+        help=f"Set γ to 0 wherever |γ| < τ, and re-measure. {SWEEP_SYNTAX} Each τ must be >= 0."),
+    clamp_fraction: Optional[str] = typer.Option(
+        None, "--clamp-fraction", metavar="PS",
+        help="Set γ to 0 for the globally smallest fraction p of |γ| (Network Slimming style); p in [0, 1], "
+             "same list/range syntax as --clamp-gamma."),
+    per_layer: bool = typer.Option(
+        False, "--per-layer",
+        help="Apply within each layer: --clamp-fraction zeroes the smallest p of each layer; --clamp-gamma "
+             "clamps |γ| < τ times the layer's largest |γ|."),
+    zero_beta: bool = typer.Option(
+        False, "--zero-beta", help="Also set β of clamped channels to 0 \\[default: keep β, so they output β]."),
+    test_subset: int = typer.Option(0, "--test-subset", help="Evaluate on the first N test images (0 = all)."),
+    train_subset: int = typer.Option(
+        10000, "--train-subset", help="Train images to re-measure on, a fixed shuffle (0 = all; a run trained on "
+                                      "a subset uses its own images)."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Also re-measure train accuracy and loss."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Evaluation batch size \\[default: 4000 on CUDA, 256 on CPU]."),
+    fold: bool = typer.Option(
+        True, "--fold/--no-fold", help="Fold BN into the preceding convs once (fast) or mask γ on the BN modules."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Where to write ablation.h5 \\[default: the run directory for a run, else ./ablation.h5]."),
+) -> None:
+    """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
+    from bnprobe.ablate import run_ablation
+
+    if (clamp_gamma is None) == (clamp_fraction is None):
+        raise BnprobeError("pass exactly one of --clamp-gamma TAUS and --clamp-fraction PS")
+    if clamp_gamma is not None:
+        mode, values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
+    else:
+        mode, values = "fraction", parse_sweep(clamp_fraction, "--clamp-fraction", upper=1.0)
+    run_ablation(checkpoint, config, mode=mode, values=values, per_layer=per_layer, zero_beta=zero_beta,
+                 test_subset=test_subset, train_subset=train_subset, measure_train=train, batch_size=batch_size,
+                 fold=fold, out=out, console=console)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     command = typer.main.get_command(app)
     try:

@@ -1,0 +1,438 @@
+"""Load any checkpoint for probing: bnprobe's own runs, or a model the user builds with a factory.
+
+bnprobe checkpoints rebuild their model from the stored TrainConfig and carry their normalisation.
+Foreign checkpoints need `--model file.py:factory` (or `pkg.module:factory`) plus factory keyword
+arguments; their state dict may sit under a common key (`state_dict`, `model`, `net`, ...) or be bare,
+and may carry `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) prefixes. Every file is read
+with `torch.load(weights_only=True)`: a checkpoint holding pickled code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bnprobe import runs
+from bnprobe.config import TrainConfig
+from bnprobe.data import DeviceDataset, get_dataset_spec, load_dataset
+from bnprobe.errors import BnprobeError
+from bnprobe.options import NORM_UNITS, LoadOptions  # noqa: F401 - LoadOptions is part of this API
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    label: str  # short name for tables: the run directory's name or the file's stem
+    model: nn.Module  # in eval mode, on the device
+    source: str  # "bnprobe" or "factory"
+    dataset: str
+    data_dir: Optional[Path]
+    download: bool
+    verify: bool
+    mean: Optional[torch.Tensor]  # pixel units (0..255), broadcastable to (C, H, W); None: training-set stats
+    std: Optional[torch.Tensor]
+    norm_source: str
+    config: Optional[TrainConfig] = None
+    meta: dict[str, Any] = field(default_factory=dict)  # epoch, freeze, stored accuracy, ...
+
+
+# ---- reading the file ------------------------------------------------------------------------------
+
+
+def checkpoint_file(path: Path | str) -> Path:
+    """A checkpoint file, or a run directory holding checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        inner = runs.checkpoint_path(path)
+        if not inner.is_file():
+            raise BnprobeError(f"{path} is a directory without {inner.name}; pass a checkpoint file or a run directory")
+        return inner
+    if not path.exists():
+        raise BnprobeError(f"no such checkpoint: {path}")
+    if not path.is_file():
+        raise BnprobeError(f"{path} is not a regular file")
+    return path
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
+    # torch.save writes a zip archive (or, in the legacy format, a pickle starting with PROTO 0x80).
+    # Anything else is not a checkpoint, and is not handed to an unpickler at all.
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise BnprobeError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes about pickle protocols are not the user's concern
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same kind of answer
+        message = str(exc)
+        if "Weights only load failed" in message or "WeightsUnpickler" in message:
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+            what = f"it references {refused.group(1)}" if refused else _weights_only_reason(message)
+            raise BnprobeError(
+                f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
+                f"bnprobe reads checkpoints with weights_only=True and never runs code from them"
+            )
+        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+        raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})")
+
+
+def _weights_only_reason(message: str) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+    if match:
+        return match.group(1).strip().splitlines()[0][:200]
+    return "content outside the allowed tensor types"
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict inside a checkpoint: bare, or under a common key (searched two levels deep)."""
+    if _is_tensor_dict(obj):
+        return dict(obj), "(top level)"
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                return dict(obj[key]), key
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                for key2 in STATE_DICT_KEYS:
+                    if _is_tensor_dict(inner.get(key2)):
+                        return dict(inner[key2]), f"{key}.{key2}"
+        keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+        raise BnprobeError(
+            f"{path} holds no state dict (looked at the top level and under {', '.join(STATE_DICT_KEYS)}; "
+            f"its keys: {keys})"
+        )
+    raise BnprobeError(f"{path} holds a {type(obj).__name__}, not a state dict")
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) when every key has one."""
+    stripped = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIPPED_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped.append(prefix)
+                changed = True
+    return state, stripped
+
+
+def _listing(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load with strict key and shape matching; on any difference, one line naming the differences."""
+    expected = model.state_dict()
+    # Old checkpoints lack BN's num_batches_tracked; it does not change what the model computes.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} of other shape (checkpoint vs model): {_listing(shapes, 3)}")
+        raise BnprobeError(f"{path} does not fit {what} (wrong architecture?): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=False)  # strictness was checked above, num_batches_tracked aside
+
+
+# ---- user factories ----------------------------------------------------------------------------------
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs; a value is parsed as JSON when it is valid JSON (10, 0.5, true, [1,2]), else a string."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise BnprobeError(f"--model-arg must be key=value with a Python identifier as key, got {item!r}")
+        try:
+            kwargs[key] = json.loads(text)
+        except json.JSONDecodeError:
+            kwargs[key] = text
+    return kwargs
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """`path/to/file.py:name` or `package.module:name` -> the callable. Imports the user's own code."""
+    location, sep, name = spec.rpartition(":")
+    if not sep or not location or not name:
+        raise BnprobeError(f"--model must be path/to/file.py:factory or package.module:factory, got {spec!r}")
+    try:
+        if location.endswith(".py") or "/" in location or "\\" in location:
+            file = Path(location)
+            if not file.is_file():
+                raise BnprobeError(f"--model: no such file {file}")
+            module_name = f"bnprobe_user_model_{abs(hash(str(file.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(module_name, file)
+            if module_spec is None or module_spec.loader is None:
+                raise BnprobeError(f"--model: cannot import {file}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+            sys.path.insert(0, str(file.resolve().parent))  # so the file can import its neighbours
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(file.resolve().parent))
+        else:
+            module = importlib.import_module(location)
+    except BnprobeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's module failed to import: say so in one line
+        raise BnprobeError(f"--model: importing {location} failed: {type(exc).__name__}: {_first_line(exc)}")
+    factory = getattr(module, name, None)
+    if factory is None or not callable(factory):
+        raise BnprobeError(f"--model: {location} has no callable {name!r}")
+    return factory
+
+
+def build_from_factory(spec: str, model_args: Sequence[str]) -> nn.Module:
+    factory = load_factory(spec)
+    kwargs = parse_model_args(model_args)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed: one line, no traceback
+        raise BnprobeError(f"--model: {spec}({_kwargs_text(kwargs)}) raised {type(exc).__name__}: {_first_line(exc)}")
+    if not isinstance(model, nn.Module):
+        raise BnprobeError(f"--model: {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+# ---- normalisation -------------------------------------------------------------------------------
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise BnprobeError(f"{flag} must be comma-separated numbers like 0.4914,0.4822,0.4465, got {text!r}")
+    if not values or not all(np.isfinite(values)):
+        raise BnprobeError(f"{flag} must be finite numbers, got {text!r}")
+    return values
+
+
+def resolve_normalization(
+    mean_text: Optional[str], std_text: Optional[str], units: str, channels: int
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """--mean/--std to (C, 1, 1) tensors in pixel units (0..255), the unit bnprobe's loader works in.
+
+    torchvision users write 0..1 statistics (Normalize after ToTensor); `auto` takes the values as 0..1
+    when every mean and std is <= 1, since a std of at most one grey level is implausible for images.
+    """
+    if (mean_text is None) != (std_text is None):
+        raise BnprobeError("--mean and --std go together; pass both")
+    if units not in NORM_UNITS:
+        raise BnprobeError(f"--norm-units must be one of {', '.join(NORM_UNITS)}; got {units!r}")
+    mean, std = parse_floats(mean_text, "--mean"), parse_floats(std_text, "--std")
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if len(values) not in (1, channels):
+            wanted = "1 value" if channels == 1 else f"1 or {channels} values (one per channel)"
+            raise BnprobeError(f"{flag} needs {wanted} for images with {channels} channel(s), got {len(values)}")
+    if any(s <= 0 for s in std):
+        raise BnprobeError(f"--std must be > 0, got {std_text}")
+    unit = units == "unit" or (units == "auto" and max(mean + std) <= 1.0)
+    scale = 255.0 if unit else 1.0
+    as_tensor = lambda v: (torch.tensor(v, dtype=torch.float32) * scale).expand(channels).reshape(channels, 1, 1)  # noqa: E731
+    source = f"--mean/--std ({'0..1 units, x255' if unit else 'pixel units 0..255'})"
+    return as_tensor(mean).clone(), as_tensor(std).clone(), source
+
+
+# ---- the whole load --------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    from bnprobe.config import DEVICES
+    from bnprobe.train import resolve_device as resolve
+
+    if name not in DEVICES:
+        raise BnprobeError(f"--device must be one of {', '.join(DEVICES)}; got {name!r}")
+    return resolve(name)
+
+
+def check_options(options: LoadOptions) -> None:
+    """Flags that only make sense together, checked before anything is loaded."""
+    if options.model_arg and not options.model:
+        raise BnprobeError("--model-arg passes arguments to a --model factory; pass --model too")
+    if options.norm_units not in NORM_UNITS:
+        raise BnprobeError(f"--norm-units must be one of {', '.join(NORM_UNITS)}; got {options.norm_units!r}")
+    if options.norm_units != "auto" and options.mean is None:
+        raise BnprobeError("--norm-units says how to read --mean/--std; pass them too")
+    if (options.mean is None) != (options.std is None):
+        raise BnprobeError("--mean and --std go together; pass both")
+
+
+def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.device] = None) -> LoadedModel:
+    """Rebuild the model of one checkpoint, with its weights, in eval mode on `device`."""
+    check_options(options)
+    device = device or resolve_device(options.device)
+    file = checkpoint_file(path)
+    obj = read_checkpoint(file)
+    is_bnprobe = isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT and "config" in obj
+    label = file.parent.name if file.name == runs.checkpoint_path(Path()).name else file.stem
+    meta: dict[str, Any] = {}
+    config: Optional[TrainConfig] = None
+
+    if is_bnprobe:
+        config = TrainConfig.from_dict(obj["config"])
+        meta = {
+            "model": config.model, "freeze": config.freeze, "epoch": int(obj.get("epoch", 0)),
+            "trained_dataset": config.dataset,
+        }
+        history = obj.get("history") or []
+        if history and isinstance(history[-1], dict) and "test_acc" in history[-1]:
+            meta["stored_test_acc"] = float(history[-1]["test_acc"])
+    if options.model:
+        model = build_from_factory(options.model, options.model_arg or ())
+        source, what = "factory", f"the model built by {options.model}"
+        meta.setdefault("model", options.model)
+    elif is_bnprobe:
+        from bnprobe.train import build_model
+
+        spec = get_dataset_spec(config.dataset)
+        # The trainer's own builder (BN placement, affine-off layers, ...), so the two never drift apart;
+        # it seeds torch's global RNG for its init, which the checkpoint's weights then replace.
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(config, spec.channels, spec.num_classes)
+        source, what = "bnprobe", f"{config.model} as its config describes it"
+    else:
+        raise BnprobeError(
+            f"{file} is not a bnprobe checkpoint; say how to build its model with --model file.py:factory "
+            f"(plus --model-arg key=value) and which data to use with --dataset"
+        )
+
+    state, _ = extract_state_dict(obj["model"] if is_bnprobe else obj, file)
+    state, _ = strip_prefixes(state)
+    load_state_strict(model, state, file, what)
+    model.to(device).eval()
+
+    dataset = options.dataset or (config.dataset if config else None)
+    if dataset is None:
+        raise BnprobeError(f"{file} is not a bnprobe checkpoint: pass --dataset to say which data to evaluate it on")
+    spec = get_dataset_spec(dataset)
+    if options.mean is not None or options.std is not None:
+        mean, std, norm_source = resolve_normalization(options.mean, options.std, options.norm_units, spec.channels)
+    elif is_bnprobe and isinstance(obj.get("normalization"), dict) and dataset == config.dataset:
+        mean = obj["normalization"]["mean"].float().cpu()
+        std = obj["normalization"]["std"].float().cpu()
+        norm_source = "checkpoint"
+    else:
+        mean = std = None
+        norm_source = "per-channel statistics of the training set (pass --mean/--std to match the checkpoint's)"
+    data_dir = options.data_dir or (Path(config.data_dir) if config and config.data_dir else None)
+    download = options.download if options.download is not None else (config.download if config else True)
+    verify = options.verify if options.verify is not None else (config.verify if config else True)
+    return LoadedModel(file.resolve(), label, model, source, dataset, data_dir, download, verify, mean, std,
+                       norm_source, config, meta)
+
+
+@dataclass
+class EvalData:
+    """Images resident on the device (uint8) and the statistics that normalise them for one model."""
+
+    dataset: DeviceDataset
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def load_eval_data(
+    loaded: LoadedModel,
+    device: torch.device,
+    *,
+    test_subset: int = 0,
+    train_subset: int = 0,
+    cache: Optional[dict] = None,
+) -> EvalData:
+    """The data set a model is evaluated on, on `device`: the first `test_subset` test images (0 = all) and
+    `train_subset` training images of the fixed shuffle `--subset` uses (0 = all; a run trained on a
+    subset is measured on the images it trained on)."""
+    key = (loaded.dataset, str(loaded.data_dir), test_subset, str(device))
+    if cache is not None and key in cache:
+        data = cache[key]
+    else:
+        data = load_dataset(
+            loaded.dataset, loaded.data_dir, device=device, normalize="per-channel", subset=0,
+            test_subset=test_subset, download=loaded.download, verify=loaded.verify,
+        )
+        if cache is not None:
+            cache[key] = data
+    n = len(data.train_y)
+    trained_on = loaded.config.subset if loaded.config and loaded.config.dataset == loaded.dataset else 0
+    keep = min(k for k in (train_subset, trained_on, n) if k)
+    if keep < n:
+        # The same fixed shuffle as load_dataset's --subset: its first N are the images a run trained on.
+        index = torch.from_numpy(np.random.RandomState(0).permutation(n)[:keep]).to(device)
+        train_x, train_y = data.train_x[index], data.train_y[index]
+    else:
+        train_x, train_y = data.train_x, data.train_y
+    mean = (loaded.mean if loaded.mean is not None else data.mean).to(device)
+    std = (loaded.std if loaded.std is not None else data.std).to(device)
+    if mean.shape[0] != data.spec.channels:
+        raise BnprobeError(
+            f"the normalisation has {mean.shape[0]} channels but {data.spec.name} images have {data.spec.channels}"
+        )
+    return EvalData(data, data.test_x, data.test_y, train_x, train_y, mean, std)
+
+
+def check_forward(model: nn.Module, x: torch.Tensor, label: str, dataset: str) -> torch.Tensor:
+    """Run one batch; a model that does not fit the data's shape gets a one-line error, not a traceback."""
+    try:
+        with torch.inference_mode():
+            out = model(x)
+    except Exception as exc:  # noqa: BLE001
+        raise BnprobeError(
+            f"{label} fails on {dataset} images of shape {tuple(x.shape[1:])}: {type(exc).__name__}: {_first_line(exc)}"
+        )
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise BnprobeError(f"{label} must return class scores of shape (batch, classes); got {getattr(out, 'shape', type(out))}")
+    return out

@@ -1,0 +1,90 @@
+"""Flags shared by `bnprobe probe` and `bnprobe ablate`, and the syntax of their value lists.
+
+Kept free of torch (and numpy), because the CLI builds its commands from these at import time and
+`bnprobe --help` should not wait for torch to load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from bnprobe.errors import BnprobeError
+
+NORM_UNITS = ("auto", "unit", "pixel")
+DEFAULT_TAUS = "0.001,0.01,0.05,0.1"
+SWEEP_SYNTAX = (
+    "One value (0.05), a comma-separated list (0.01,0.05,0.1), or START:STOP:COUNT for COUNT evenly spaced "
+    "values from START to STOP inclusive (0:0.2:20 is 20 values 0, 0.0105, ..., 0.2); items can be mixed "
+    "(0,0.001,0.01:0.2:10). Values are sorted and de-duplicated."
+)
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text, "identity": False}
+
+
+@dataclass
+class LoadOptions:
+    """How to turn a checkpoint file into a model and its evaluation data (see bnprobe.loading)."""
+
+    model: Optional[str] = field(default=None, metadata=_help(
+        "Build the model with a factory of your own: path/to/file.py:factory or package.module:factory "
+        "[default: rebuild a bnprobe checkpoint's model from its config]."))
+    model_arg: Optional[list[str]] = field(default=None, metadata=_help(
+        "key=value keyword argument of the --model factory, repeatable; values are parsed as JSON when they "
+        "are JSON (10, 0.5, true, \"text\"), else taken as strings."))
+    dataset: Optional[str] = field(default=None, metadata=_help(
+        "Data set to evaluate on: mnist | cifar10 | cifar100 | digits "
+        "[default: the run's; required for other checkpoints]."))
+    data_dir: Optional[Path] = field(default=None, metadata=_help(
+        "Data folder [default: the run's, else $BNPROBE_DATA_DIR or ./data]."))
+    mean: Optional[str] = field(default=None, metadata=_help(
+        "Input normalisation mean, one value or one per channel, e.g. 0.4914,0.4822,0.4465 "
+        "[default: a bnprobe checkpoint's stored statistics, else the training set's per-channel mean]."))
+    std: Optional[str] = field(default=None, metadata=_help(
+        "Input normalisation std, as --mean (e.g. 0.247,0.243,0.261)."))
+    norm_units: str = field(default="auto", metadata=_help(
+        "Units of --mean/--std: unit (0..1, as torchvision's Normalize after ToTensor), pixel (0..255), or auto "
+        "(unit when every value is <= 1)."))
+    download: Optional[bool] = field(default=None, metadata=_help(
+        "Download missing data [default: the run's, else yes]."))
+    verify: Optional[bool] = field(default=None, metadata=_help(
+        "Check md5 sums of data files [default: the run's, else yes]; --no-verify for modified copies."))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda."))
+
+
+def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[float]:
+    """`0.05`, `0.01,0.05,0.1`, `0:0.2:20` (20 values, both ends included), or a mix, as sorted floats."""
+    values: list[float] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        parts = item.split(":")
+        try:
+            if len(parts) == 1:
+                values.append(float(parts[0]))
+            elif len(parts) == 3:
+                start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
+                if count < 1:
+                    raise BnprobeError(f"{flag}: the COUNT of {item!r} must be >= 1")
+                if stop < start:
+                    raise BnprobeError(f"{flag}: STOP must be >= START in {item!r}")
+                step = (stop - start) / (count - 1) if count > 1 else 0.0
+                values.extend([start + i * step for i in range(count - 1)] + [stop if count > 1 else start])
+            else:
+                raise ValueError
+        except ValueError:
+            raise BnprobeError(
+                f"{flag} must be a number, a list like 0.01,0.05,0.1 or a range START:STOP:COUNT; got {text!r}"
+            )
+    if not values:
+        raise BnprobeError(f"{flag} needs at least one value; got {text!r}")
+    for v in values:
+        if math.isnan(v) or v < 0:
+            raise BnprobeError(f"{flag} values must be >= 0; got {v:g}")
+        if upper is not None and v > upper:
+            raise BnprobeError(f"{flag} values must be in [0, {upper:g}]; got {v:g}")
+    return sorted(set(values))

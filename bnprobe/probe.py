@@ -1,0 +1,509 @@
+"""Probes of a trained model's BatchNorm: γ/β per layer, small-γ fractions, channels turned off, and the
+sparsity of every ReLU's output on real images.
+
+γ/β come straight from the BN modules (affine ones, in module order = depth). Activation sparsity uses
+forward hooks on nn.ReLU modules. torchvision's BasicBlock/Bottleneck call ONE `relu` module two or
+three times per block, so the hooks count invocations within each forward pass and every invocation is
+its own "site": `layer1.0.relu#1` (after bn1), `layer1.0.relu#2` (after the residual add). Where
+torch.fx can trace the model, each site also names what feeds it. ReLUs called as functions (F.relu)
+have no module to hook and are not seen.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bnprobe.data import DeviceLoader
+from bnprobe.fold import bn_layers
+from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
+from bnprobe.store import atomic_h5, set_attrs, write_array
+
+if TYPE_CHECKING:
+    from bnprobe.options import LoadOptions
+
+FORMAT = "bnprobe-probe"
+VERSION = 1
+
+
+# ---- γ and β ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BNStats:
+    names: list[str]
+    gamma: list[np.ndarray]  # per layer, float64
+    beta: list[np.ndarray]
+    running_mean: list[np.ndarray]
+    running_var: list[np.ndarray]
+
+    @property
+    def channels(self) -> np.ndarray:
+        return np.array([g.size for g in self.gamma], dtype=np.int64)
+
+    def frac_below(self, taus: Sequence[float]) -> np.ndarray:
+        """(L, T): fraction of each layer's channels with |γ| < τ."""
+        return np.array([[np.mean(np.abs(g) < t) if g.size else 0.0 for t in taus] for g in self.gamma]).reshape(
+            len(self.gamma), len(taus)
+        )
+
+    def frac_below_all(self, taus: Sequence[float]) -> np.ndarray:
+        flat = np.abs(np.concatenate(self.gamma)) if self.gamma else np.zeros(0)
+        return np.array([np.mean(flat < t) if flat.size else 0.0 for t in taus])
+
+    def off(self, threshold: float) -> np.ndarray:
+        """Channels turned off per layer: |γ| < threshold, so the BN output is (almost) the constant β."""
+        return np.array([int(np.sum(np.abs(g) < threshold)) for g in self.gamma], dtype=np.int64)
+
+    def off_dead(self, threshold: float) -> np.ndarray:
+        """Of those, channels with β <= 0: a ReLU right after outputs (almost) 0 for every input."""
+        return np.array(
+            [int(np.sum((np.abs(g) < threshold) & (b <= 0))) for g, b in zip(self.gamma, self.beta)], dtype=np.int64
+        )
+
+
+def bn_statistics(model: nn.Module) -> BNStats:
+    layers = bn_layers(model)
+    get = lambda t: t.detach().double().cpu().numpy().copy() if t is not None else np.zeros(0)  # noqa: E731
+    return BNStats(
+        names=[name for name, _ in layers],
+        gamma=[get(bn.weight) for _, bn in layers],
+        beta=[get(bn.bias) for _, bn in layers],
+        running_mean=[get(bn.running_mean) for _, bn in layers],
+        running_var=[get(bn.running_var) for _, bn in layers],
+    )
+
+
+def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
+    """Edges shared by every layer and checkpoint, so histograms compare bin by bin."""
+    values = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
+def histograms(arrays: Sequence[np.ndarray], edges: np.ndarray) -> np.ndarray:
+    return np.stack([np.histogram(a, bins=edges)[0] for a in arrays]).astype(np.int64) if arrays else np.zeros(
+        (0, len(edges) - 1), dtype=np.int64
+    )
+
+
+# ---- ReLU sparsity -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReluSite:
+    name: str  # "layer1.0.relu#2", or the module name when it runs once per forward
+    module: str
+    call: int  # 1-based invocation within one forward pass
+    input: str  # what feeds it, from torch.fx ("layer1.0.bn1", "add(layer1.0.bn2, layer1.0.downsample.1)"), or ""
+    channels: int
+    zeros: int  # zero outputs over every probed image, channel and position
+    total: int
+    dead: int  # channels that were zero for every probed image at every position
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zeros / self.total if self.total else float("nan")
+
+
+def _describe(arg: Any) -> str:
+    if not isinstance(arg, torch.fx.Node):
+        return repr(arg)
+    if arg.op == "call_module":
+        return str(arg.target)
+    if arg.op == "placeholder":
+        return "input"
+    return arg.name
+
+
+def relu_inputs(model: nn.Module) -> dict[str, list[str]]:
+    """For each nn.ReLU, what feeds each of its calls in one forward pass, in order (empty if fx fails)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models still get sparsity, only without input names
+        return {}
+    modules = dict(model.named_modules())
+    inputs: dict[str, list[str]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.ReLU) and node.args:
+            source = node.args[0]
+            if isinstance(source, torch.fx.Node) and source.op in ("call_function", "call_method"):
+                fn = source.target
+                name = {operator.add: "add", operator.iadd: "add", torch.add: "add"}.get(fn, getattr(fn, "__name__", str(fn)))
+                text = f"{name}({', '.join(_describe(a) for a in source.args)})"
+            else:
+                text = _describe(source)
+            inputs[str(node.target)].append(text)
+    return dict(inputs)
+
+
+class ReluRecorder:
+    """Forward hooks on every nn.ReLU; counts zeros per (module, invocation within the forward pass)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.relus = {m: name for name, m in model.named_modules() if isinstance(m, nn.ReLU)}
+        self.calls: dict[nn.Module, int] = {}
+        self.zeros: dict[tuple[str, int], torch.Tensor] = {}
+        self.total: dict[tuple[str, int], int] = defaultdict(int)
+        self.alive: dict[tuple[str, int], torch.Tensor] = {}
+        self.order: list[tuple[str, int]] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> "ReluRecorder":
+        self.handles.append(self.model.register_forward_pre_hook(self._reset))
+        self.handles += [m.register_forward_hook(self._record) for m in self.relus]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _reset(self, module: nn.Module, args: Any) -> None:
+        self.calls.clear()  # a new forward pass: invocation counts start again
+
+    def _record(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        call = self.calls.get(module, 0) + 1
+        self.calls[module] = call
+        key = (self.relus[module], call)
+        out = output.detach()
+        zero = out == 0
+        if out.dim() >= 2:
+            alive = (~zero).transpose(0, 1).reshape(out.shape[1], -1).any(dim=1)
+        else:
+            alive = (~zero).any().reshape(1)
+        if key not in self.zeros:
+            self.order.append(key)
+            self.zeros[key] = torch.zeros((), dtype=torch.int64, device=out.device)
+            self.alive[key] = torch.zeros_like(alive)
+        self.zeros[key] += zero.sum()
+        self.total[key] += out.numel()
+        self.alive[key] |= alive
+
+    def sites(self, inputs: Optional[dict[str, list[str]]] = None) -> list[ReluSite]:
+        inputs = inputs or {}
+        calls_per_module: dict[str, int] = defaultdict(int)
+        for module, call in self.order:
+            calls_per_module[module] = max(calls_per_module[module], call)
+        sites = []
+        for module, call in self.order:
+            many = calls_per_module[module] > 1
+            feeds = inputs.get(module, [])
+            alive = self.alive[(module, call)]
+            sites.append(ReluSite(
+                name=f"{module}#{call}" if many else module, module=module, call=call,
+                input=feeds[call - 1] if call <= len(feeds) else "",
+                channels=int(alive.numel()), zeros=int(self.zeros[(module, call)].item()),
+                total=int(self.total[(module, call)]), dead=int((~alive).sum().item()),
+            ))
+        return sites
+
+
+@torch.inference_mode()
+def relu_sparsity(model: nn.Module, loader: DeviceLoader) -> tuple[list[ReluSite], float, float, int]:
+    """(sites, loss, accuracy, images) over `loader` in eval mode."""
+    was = model.training
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=loader.labels.device)
+    correct = torch.zeros((), dtype=torch.int64, device=loader.labels.device)
+    with ReluRecorder(model) as recorder:
+        for x, y in loader:
+            logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    model.train(was)
+    n = len(loader.labels)
+    return recorder.sites(relu_inputs(model)), loss.item() / max(1, n), correct.item() / max(1, n), n
+
+
+# ---- one checkpoint's probe ------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeResult:
+    label: str
+    path: str
+    attrs: dict[str, Any]  # source, model, freeze, dataset, normalisation, ...
+    bn: BNStats
+    sites: list[ReluSite]
+    loss: float
+    accuracy: float
+    images: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, taus: Sequence[float], off_threshold: float) -> dict[str, Any]:
+        gamma = np.abs(np.concatenate(self.bn.gamma)) if self.bn.gamma else np.zeros(0)
+        zeros = sum(s.zeros for s in self.sites)
+        total = sum(s.total for s in self.sites)
+        return {
+            "bn_layers": len(self.bn.names),
+            "bn_channels": int(gamma.size),
+            "mean_abs_gamma": float(gamma.mean()) if gamma.size else float("nan"),
+            "median_abs_gamma": float(np.median(gamma)) if gamma.size else float("nan"),
+            "frac_below": self.bn.frac_below_all(taus),
+            "off": int(self.bn.off(off_threshold).sum()),
+            "off_dead": int(self.bn.off_dead(off_threshold).sum()),
+            "relu_sites": len(self.sites),
+            "zero_fraction": zeros / total if total else float("nan"),
+            "dead_channels": sum(s.dead for s in self.sites),
+            "relu_channels": sum(s.channels for s in self.sites),
+        }
+
+
+def probe_model(model: nn.Module, loader: DeviceLoader, label: str, path: str, attrs: dict[str, Any]) -> ProbeResult:
+    sites, loss, accuracy, images = relu_sparsity(model, loader)
+    return ProbeResult(label, path, attrs, bn_statistics(model), sites, loss, accuracy, images)
+
+
+# ---- probe.h5 ----------------------------------------------------------------------------------------
+
+
+def write_probe_h5(
+    path: Path, results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, bins: int,
+    attrs: Optional[dict[str, Any]] = None,
+) -> None:
+    """probe.h5 (schema: docs/probe-schema.md), written to a temporary file and renamed into place."""
+    import h5py
+
+    strings = lambda items: np.array(list(items), dtype=h5py.string_dtype())  # noqa: E731
+    taus = np.asarray(taus, dtype=np.float64)
+    gamma_edges = histogram_edges([g for r in results for g in r.bn.gamma], bins)
+    beta_edges = histogram_edges([b for r in results for b in r.bn.beta], bins)
+    with atomic_h5(path) as f:
+        set_attrs(f, {"format": FORMAT, "version": VERSION, "checkpoints": len(results),
+                      "off_threshold": off_threshold, "bins": bins, **(attrs or {})})
+        write_array(f, "taus", taus, description="thresholds τ of the frac_below columns")
+        write_array(f, "gamma_edges", gamma_edges, description="bin edges of every gamma_hist")
+        write_array(f, "beta_edges", beta_edges, description="bin edges of every beta_hist")
+        write_array(f, "labels", strings(r.label for r in results))
+        group = f.create_group("checkpoints")
+        for index, result in enumerate(results):
+            g = group.create_group(f"{index:03d}")
+            summary = result.summary(taus, off_threshold)
+            set_attrs(g, {"label": result.label, "path": result.path, "accuracy": result.accuracy,
+                          "loss": result.loss, "images": result.images,
+                          **{k: v for k, v in summary.items() if k != "frac_below"}, **result.attrs})
+            write_array(g, "frac_below_all", summary["frac_below"], description="(T,) whole network")
+            bn = g.create_group("bn")
+            write_array(bn, "names", strings(result.bn.names))
+            write_array(bn, "depth", np.arange(len(result.bn.names), dtype=np.int64))
+            write_array(bn, "channels", result.bn.channels)
+            write_array(bn, "offsets", np.concatenate([[0], np.cumsum(result.bn.channels)]).astype(np.int64),
+                        description="layer l's channels are [offsets[l], offsets[l+1]) of gamma, beta, ...")
+            for name in ("gamma", "beta", "running_mean", "running_var"):
+                arrays = getattr(result.bn, name)
+                write_array(bn, name, np.concatenate(arrays) if arrays else np.zeros(0))
+            write_array(bn, "frac_below", result.bn.frac_below(taus), description="(L, T): fraction |γ| < τ")
+            write_array(bn, "off", result.bn.off(off_threshold), description="channels with |γ| < off_threshold")
+            write_array(bn, "off_dead", result.bn.off_dead(off_threshold), description="of those, β <= 0")
+            write_array(bn, "mean_abs_gamma", np.array([np.abs(x).mean() if x.size else np.nan for x in result.bn.gamma]))
+            write_array(bn, "gamma_hist", histograms(result.bn.gamma, gamma_edges), description="(L, bins)")
+            write_array(bn, "beta_hist", histograms(result.bn.beta, beta_edges), description="(L, bins)")
+            relu = g.create_group("relu")
+            sites = result.sites
+            write_array(relu, "sites", strings(s.name for s in sites))
+            write_array(relu, "module", strings(s.module for s in sites))
+            write_array(relu, "call", np.array([s.call for s in sites], dtype=np.int64))
+            write_array(relu, "input", strings(s.input for s in sites))
+            write_array(relu, "channels", np.array([s.channels for s in sites], dtype=np.int64))
+            write_array(relu, "zeros", np.array([s.zeros for s in sites], dtype=np.int64))
+            write_array(relu, "total", np.array([s.total for s in sites], dtype=np.int64))
+            write_array(relu, "zero_fraction", np.array([s.zero_fraction for s in sites], dtype=np.float64))
+            write_array(relu, "dead_channels", np.array([s.dead for s in sites], dtype=np.int64))
+
+
+def sparkline(counts: np.ndarray) -> str:
+    """A histogram as one line of block characters, for the terminal table."""
+    blocks = " ▁▂▃▄▅▆▇█"
+    top = counts.max() if counts.size else 0
+    if not top:
+        return " " * len(counts)
+    return "".join(blocks[int(np.ceil(c / top * (len(blocks) - 1)))] for c in counts)
+
+
+# ---- the command: load, probe, write, show ---------------------------------------------------------
+
+
+def default_output(paths: Sequence[Path], name: str) -> Path:
+    """<run dir>/<name> for one run directory's checkpoint, else ./<name>."""
+    from bnprobe import runs
+    from bnprobe.loading import checkpoint_file
+
+    if len(paths) == 1:
+        file = checkpoint_file(paths[0])
+        if file.name == runs.checkpoint_path(Path()).name and runs.config_path(file.parent).exists():
+            return file.parent / name
+    return Path(name)
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = defaultdict(int)
+    for label in labels:
+        seen[label] += 1
+    counter: dict[str, int] = defaultdict(int)
+    out = []
+    for label in labels:
+        counter[label] += 1
+        out.append(f"{label} ({counter[label]})" if seen[label] > 1 else label)
+    return out
+
+
+def run_probe(
+    paths: Sequence[Path],
+    options: "LoadOptions",
+    *,
+    taus: Sequence[float],
+    off_threshold: float = 0.01,
+    bins: int = 40,
+    images: int = 1000,
+    batch_size: int = 500,
+    out: Optional[Path] = None,
+    brief: bool = False,
+    console: Optional[Any] = None,
+) -> tuple[list[ProbeResult], Path]:
+    """Probe every checkpoint in `paths`, write probe.h5 and print the tables; the CLI is a shell over this."""
+    from rich.console import Console
+
+    from bnprobe.errors import BnprobeError
+    from bnprobe.loading import check_forward, load_eval_data, load_model, resolve_device
+
+    console = console or Console()
+    if off_threshold < 0 or any(t < 0 for t in taus):
+        raise BnprobeError("thresholds τ must be >= 0")
+    if bins < 1 or images < 0 or batch_size < 1:
+        raise BnprobeError("--bins and --batch-size must be >= 1 and --images >= 0")
+    device = resolve_device(options.device)
+    out = out if out is not None else default_output(paths, "probe.h5")
+    cache: dict = {}
+    results = []
+    for path in paths:
+        loaded = load_model(path, options, device)
+        data = load_eval_data(loaded, device, test_subset=images, cache=cache)
+        channels_last = device.type == "cuda"
+        if channels_last:
+            loaded.model.to(memory_format=torch.channels_last)
+        loader = DeviceLoader(data.test_x, data.test_y, data.mean, data.std, batch_size, channels_last=channels_last)
+        check_forward(loaded.model, next(iter(loader))[0], loaded.label, loaded.dataset)
+        attrs = {"source": loaded.source, "dataset": loaded.dataset, "normalization": loaded.norm_source,
+                 **{k: v for k, v in loaded.meta.items() if v is not None}}
+        result = probe_model(loaded.model, loader, loaded.label, str(loaded.path), attrs)
+        if not result.bn.names:
+            console.print(f"[yellow]{loaded.label}: no BatchNorm layer with a γ; only ReLU sparsity is reported")
+        results.append(result)
+        del loaded
+    for result, label in zip(results, unique_labels([r.label for r in results])):
+        result.label = label
+    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device)})
+
+    for table in probe_tables(results, taus, off_threshold, brief):
+        console.print(table)
+    console.print(
+        f"off: |γ| < {off_threshold:g}, so the BN output is ≈ its constant β; off, β≤0: a ReLU right after it "
+        f"outputs ≈ 0. Sparsity: zero outputs of each ReLU call on {results[0].images} test images (eval mode); "
+        f"dead: channels zero on every image and position.", soft_wrap=True,
+    )
+    console.print(f"Wrote [bold]{out}[/]")
+    return results, out
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.1f}%"
+
+
+def _num(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"
+
+
+def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, brief: bool) -> list:
+    from rich import box
+    from rich.table import Table
+
+    tables = []
+    # Summary: one column per checkpoint, so BN-only and full models sit side by side.
+    summary = Table(title="BatchNorm probe" + (" — comparison" if len(results) > 1 else ""), box=box.SIMPLE_HEAD)
+    summary.add_column("", style="bold", no_wrap=True)
+    for r in results:
+        summary.add_column(r.label, justify="right", overflow="fold")
+    stats = [r.summary(taus, off_threshold) for r in results]
+    rows = [
+        ("model", [str(r.attrs.get("model", "")) for r in results]),
+        ("freeze", [str(r.attrs.get("freeze", "-")) for r in results]),
+        (f"accuracy ({results[0].images if results else 0} test images)", [_pct(r.accuracy) for r in results]),
+        ("BN layers / channels", [f"{s['bn_layers']} / {s['bn_channels']:,}" for s in stats]),
+        ("mean |γ|  (median)", [f"{_num(s['mean_abs_gamma'])}  ({_num(s['median_abs_gamma'])})" for s in stats]),
+        *((f"|γ| < {t:g}", [_pct(s["frac_below"][k]) for s in stats]) for k, t in enumerate(taus)),
+        (f"off: |γ| < {off_threshold:g}", [f"{s['off']:,}" for s in stats]),
+        ("off and β ≤ 0", [f"{s['off_dead']:,}" for s in stats]),
+        ("ReLU outputs = 0", [_pct(s["zero_fraction"]) for s in stats]),
+        ("dead ReLU channels", [f"{s['dead_channels']:,} of {s['relu_channels']:,}" for s in stats]),
+    ]
+    for name, cells in rows:
+        summary.add_row(name, *cells)
+    tables.append(summary)
+    if brief or not results:
+        return tables
+
+    same_layers = all(r.bn.names == results[0].bn.names for r in results)
+    same_sites = all([s.name for s in r.sites] == [s.name for s in results[0].sites] for r in results)
+    edges = histogram_edges([g for r in results for g in r.bn.gamma], 12)
+    if len(results) == 1 or not same_layers:
+        for r in (r for r in results if r.bn.names):
+            table = Table(title=f"γ and β by depth — {r.label}", box=box.SIMPLE_HEAD,
+                          caption=f"γ histogram: 12 bins over [{edges[0]:.2f}, {edges[-1]:.2f}], shared by all layers")
+            for column in ("#", "BN layer", "C", "mean|γ|", "γ histogram", *(f"<{t:g}" for t in taus),
+                           "off", "β≤0", "mean β"):
+                left = column in ("BN layer", "γ histogram")
+                table.add_column(column, justify="left" if left else "right", no_wrap=True)
+            below, off, dead = r.bn.frac_below(taus), r.bn.off(off_threshold), r.bn.off_dead(off_threshold)
+            hists = histograms(r.bn.gamma, edges)
+            for i, name in enumerate(r.bn.names):
+                g, b = r.bn.gamma[i], r.bn.beta[i]
+                table.add_row(str(i), name, str(g.size), f"{np.abs(g).mean():.3f}", sparkline(hists[i]),
+                              *(_pct(v) for v in below[i]), str(off[i]), str(dead[i]), f"{b.mean():+.3f}")
+            table.caption += f"; <τ: fraction |γ| < τ; off: |γ| < {off_threshold:g}; β≤0: off with β ≤ 0"
+            tables.append(table)
+    else:
+        table = Table(title=f"γ by depth: mean |γ| / channels off (|γ| < {off_threshold:g})", box=box.SIMPLE_HEAD)
+        table.add_column("#", justify="right")
+        table.add_column("BN layer", no_wrap=True)
+        table.add_column("C", justify="right")
+        for r in results:
+            table.add_column(r.label, justify="right", overflow="fold")
+        offs = [r.bn.off(off_threshold) for r in results]
+        for i, name in enumerate(results[0].bn.names):
+            cells = [f"{np.abs(r.bn.gamma[i]).mean():.3f} / {off[i]}" for r, off in zip(results, offs)]
+            table.add_row(str(i), name, str(results[0].bn.gamma[i].size), *cells)
+        tables.append(table)
+
+    if len(results) == 1 or not same_sites:
+        for r in results:
+            table = Table(title=f"ReLU output sparsity — {r.label} ({r.images} test images)", box=box.SIMPLE_HEAD)
+            for column in ("ReLU call", "input", "C", "zeros", "dead"):
+                table.add_column(column, justify="left" if column in ("ReLU call", "input") else "right",
+                                 no_wrap=column != "input")
+            for s in r.sites:
+                table.add_row(s.name, s.input, str(s.channels), _pct(s.zero_fraction), str(s.dead))
+            tables.append(table)
+    else:
+        table = Table(title=f"ReLU output sparsity per call ({results[0].images} test images): zeros / dead channels",
+                      box=box.SIMPLE_HEAD)
+        table.add_column("ReLU call", no_wrap=True)
+        table.add_column("input")
+        for r in results:
+            table.add_column(r.label, justify="right", overflow="fold")
+        for i, site in enumerate(results[0].sites):
+            table.add_row(site.name, site.input,
+                          *(f"{_pct(r.sites[i].zero_fraction)} / {r.sites[i].dead}" for r in results))
+        tables.append(table)
+    return tables
