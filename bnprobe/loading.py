@@ -12,9 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -27,6 +25,7 @@ from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceDataset, get_dataset_spec, load_dataset
 from bnprobe.errors import BnprobeError
+from bnprobe.runs import read_checkpoint  # noqa: F401  (re-exported: one reader for every checkpoint)
 from bnprobe.options import NORM_UNITS, LoadOptions  # noqa: F401 - LoadOptions is part of this API
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
@@ -66,41 +65,6 @@ def checkpoint_file(path: Path | str) -> Path:
     if not path.is_file():
         raise BnprobeError(f"{path} is not a regular file")
     return path
-
-
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
-    # torch.save writes a zip archive (or, in the legacy format, a pickle starting with PROTO 0x80).
-    # Anything else is not a checkpoint, and is not handed to an unpickler at all.
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise BnprobeError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes about pickle protocols are not the user's concern
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same kind of answer
-        message = str(exc)
-        if "Weights only load failed" in message or "WeightsUnpickler" in message:
-            refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
-            what = f"it references {refused.group(1)}" if refused else _weights_only_reason(message)
-            raise BnprobeError(
-                f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
-                f"bnprobe reads checkpoints with weights_only=True and never runs code from them"
-            )
-        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
-        raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})")
-
-
-def _weights_only_reason(message: str) -> str:
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-    if match:
-        return match.group(1).strip().splitlines()[0][:200]
-    return "content outside the allowed tensor types"
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,17 +67,46 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f))
 
 
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
+    # torch.save writes a zip archive (or, in the legacy format, a pickle starting with PROTO 0x80).
+    # Anything else is not a checkpoint, and is not handed to an unpickler at all.
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise BnprobeError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes about pickle protocols are not the user's concern
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same kind of answer
+        message = str(exc)
+        if "Weights only load failed" in message or "WeightsUnpickler" in message:
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+            what = f"it references {refused.group(1)}" if refused else _weights_only_reason(message)
+            raise BnprobeError(
+                f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
+                f"bnprobe reads checkpoints with weights_only=True and never runs code from them"
+            )
+        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+        raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})")
+
+
+def _weights_only_reason(message: str) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+    if match:
+        return match.group(1).strip().splitlines()[0][:200]
+    return "content outside the allowed tensor types"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with weights_only=True: tensors and plain containers only, never code."""
+    """A bnprobe checkpoint (a dict), read with weights_only=True: tensors and plain containers only."""
     if not path.is_file():
         raise BnprobeError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
-        raise BnprobeError(f"{path} holds more than weights and was refused ({first})")
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise BnprobeError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    state = read_checkpoint(path, map_location)
     if not isinstance(state, dict):
         raise BnprobeError(f"{path} is not a bnprobe checkpoint")
     return state

@@ -152,3 +152,14 @@ def test_compiled_step_model_saves_the_plain_state_dict(tmp_path, monkeypatch):
     state = final_state(tmp_path / "c")
     assert used and not any(k.startswith("_orig_mod") for k in state["model"])
     assert strip(history) == strip(train(tiny(), tmp_path / "plain"))
+
+
+def test_load_checkpoint_refuses_non_checkpoints(tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(BnprobeError, match="is not a PyTorch checkpoint"):
+        runs.load_checkpoint(tmp_path / "notes.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(BnprobeError, match="is not a bnprobe checkpoint"):
+        runs.load_checkpoint(tmp_path / "list.pt")
+    with pytest.raises(BnprobeError, match="no checkpoint at"):
+        runs.load_checkpoint(tmp_path / "missing.pt")
