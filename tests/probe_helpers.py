@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnprobe.cli import main
 from bnprobe.config import TrainConfig
+from cli_helpers import assert_one_line_error, run_cli  # noqa: F401 (probe tests import them from here)
 
 _RUNS: dict[str, dict[str, Path]] = {}
 
@@ -94,16 +94,3 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2, (code, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("bnprobe: error: ") and pattern in lines[0], lines[0]
-    assert "Traceback" not in err

@@ -7,24 +7,9 @@ import sys
 import pytest
 
 from bnprobe import runs
-from bnprobe.cli import main
+from cli_helpers import assert_one_line_error, run_cli
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subset", "100", "--device", "cpu"]
-
-
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("bnprobe: error: ") and pattern in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,pattern", [

@@ -1,10 +1,10 @@
 import pytest
 
 from bnprobe import runs
-from bnprobe.cli import main
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 from bnprobe.sweep import forward_flops, read_plan
+from cli_helpers import assert_one_line_error, run_cli
 
 PLAN = """
 [defaults]
@@ -23,13 +23,6 @@ freeze = ["none", "non-bn"]
 model = ["resnet8"]
 freeze = ["non-bn"]   # overlaps the first grid: planned once
 """
-
-
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as done:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return done.value.code, out, err
 
 
 def test_plan_expands_grids_once(tmp_path):
@@ -80,7 +73,7 @@ def test_bad_plans_are_one_line_errors(tmp_path, capsys, text, message):
     if text is not None:
         (tmp_path / "plan.toml").write_text(text)
     code, _, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "runs"))
-    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert_one_line_error(code, err, message)
 
 
 def test_seed_plan_example_is_valid(tmp_path):
@@ -116,4 +109,4 @@ def test_slurm_launcher_without_slurm_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "plan.toml").write_text(PLAN)
     code, _, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "runs"),
                            "--launcher", "slurm")
-    assert code == 2 and "submitting 2 jobs failed" in err and len(err.strip().splitlines()) == 1
+    assert_one_line_error(code, err, "submitting 2 jobs failed")
