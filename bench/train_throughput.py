@@ -261,7 +261,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help=f"DataLoader workers of the reference [this machine's cores, max 8: {min(cores, 8)}]")
     p.add_argument("--data-dir", default=None, help="read CIFAR-10 from here instead of synthetic data")
     p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
-                   help="memory format of both paths [auto: on for CUDA, as bnprobe's trainer]")
+                   help="memory format of both paths [auto: as `bnprobe train` (on)]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers here as JSON")
     args = p.parse_args(argv)
@@ -288,7 +288,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     cuda = device.type == "cuda"
     steps = args.steps if args.steps is not None else (100 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    channels_last = cuda if args.channels_last == "auto" else args.channels_last == "on"
+    # auto: what `bnprobe train` does by default (TrainConfig.channels_last)
+    channels_last = TrainConfig.channels_last if args.channels_last == "auto" else args.channels_last == "on"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if cuda:
         torch.backends.cudnn.benchmark = True  # as bnprobe's trainer does
