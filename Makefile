@@ -21,6 +21,9 @@ demo: install
 	$(BIN)/bnprobe train resnet20 --name demo-bn-only --freeze non-bn --lr 0.2 $(DEMO)
 	$(BIN)/bnprobe inspect runs/demo-full
 	$(BIN)/bnprobe inspect runs/demo-bn-only
+	$(BIN)/bnprobe probe runs/demo-full runs/demo-bn-only --brief --out runs/probe.h5
+	$(BIN)/bnprobe ablate runs/demo-bn-only --clamp-gamma 0:0.3:7
+	$(BIN)/bnprobe report runs -o runs/report.pdf
 
 test: install
 	$(BIN)/python -m pytest -q

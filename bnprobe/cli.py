@@ -239,6 +239,44 @@ def ablate(
                  fold=fold, out=out, console=console)
 
 
+# ---- report (issue 5) ----
+@app.command()
+def report(
+    runs_dirs: list[Path] = typer.Argument(
+        ..., metavar="RUNS_DIRS...", show_default=False,
+        help="Directories of runs (searched recursively for runs and probe/ablation results), or run directories."),
+    output: Path = typer.Option(
+        Path("report.html"), "-o", "--output",
+        help="Where to write the report: .html, or .pdf (rendered with WeasyPrint)."),
+    taus: str = typer.Option("0.01,0.05,0.1", "--taus", help="Thresholds τ of the fraction |γ| < τ per BN layer."),
+    include_unfinished: bool = typer.Option(
+        False, "--include-unfinished", help="Also show runs that stopped before their last epoch (else skipped)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Report title \\[default: bnprobe report: DIR name]."),
+    templates: Optional[Path] = typer.Option(
+        None, "--templates", help="Folder with report.html.j2 and report.css \\[default: the repository's templates]."),
+    jobs: int = typer.Option(0, "--jobs", help="Processes that draw the figures (0 = one per CPU core)."),
+) -> None:
+    """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
+    from rich.markup import escape
+
+    from bnprobe.report import TEMPLATES_DIR, parse_taus, write_report
+
+    if jobs < 0:
+        raise BnprobeError(f"--jobs must be >= 0, got {jobs}")
+    summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
+                           title=title, templates=templates or TEMPLATES_DIR, jobs=jobs or None)
+    for item in summary.skipped:
+        console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
+
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'' if n == 1 else 's'}"
+
+    pages = f", {count(summary.pages, 'page')}" if summary.pages else ""
+    console.print(f"Wrote [bold]{escape(str(output))}[/] ({count(summary.runs, 'run')}, {len(summary.skipped)} "
+                  f"skipped, {count(summary.ablations, 'ablation')}, {count(summary.probes, 'probed checkpoint')}"
+                  f"{pages}) in {summary.seconds:.1f} s", soft_wrap=True, highlight=False)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     command = typer.main.get_command(app)
     try:

@@ -1,0 +1,782 @@
+"""`bnprobe report RUNS -o report.html|.pdf`: every run under a directory, plus its probe and ablation
+results, in one document.
+
+Reading is defensive: a run that is partial (no finished epoch, no checkpoint, unfinished) or damaged
+(unreadable JSON or HDF5) becomes a `Skipped(name, reason)` line of the report, which still renders.
+Figures come from bnprobe.figures as SVG text. The Jinja2 template and its CSS live in the repository's
+top-level `templates/` folder, found next to the package (a source checkout or an editable install).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+import bnprobe
+from bnprobe.errors import BnprobeError
+from bnprobe.figures import MAX_CURVE_POINTS, window_means
+
+TEMPLATES_DIR = Path(bnprobe.__file__).resolve().parents[1] / "templates"
+TEMPLATE = "report.html.j2"
+STYLESHEET = "report.css"
+OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
+DEFAULT_TAUS = "0.01,0.05,0.1"
+TELEMETRY_FORMAT = "bnprobe-telemetry"  # bnprobe.telemetry.FORMAT, not imported: that module loads torch
+ABLATION_FORMAT = "bnprobe-ablation"
+PROBE_FORMAT = "bnprobe-probe"
+BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resnet.py
+FREEZE_ORDER = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
+# torch.save writes a zip archive; the legacy format starts with a pickle protocol byte.
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+# ---- what the report shows ----------------------------------------------------------------------------
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class Run:
+    name: str  # path relative to the reported directory
+    path: Path
+    config: dict[str, Any]
+    history: dict[str, np.ndarray]  # per-epoch columns: epoch, test_acc, train_acc, train_eval_acc, gap, ...
+    trainable: Optional[int] = None
+    total: Optional[int] = None
+    gamma_layers: list[str] = field(default_factory=list)
+    gamma_final: list[np.ndarray] = field(default_factory=list)  # per BN layer, input -> output order
+    gamma_init: list[np.ndarray] = field(default_factory=list)  # empty when only the checkpoint had γ
+    gamma_epoch: int = 0
+    grad_steps: Optional[np.ndarray] = None  # None: no gradient telemetry; window means, see grad_window
+    grad_window: int = 1  # recorded steps averaged into each point of the curves
+    grad_groups: dict[str, np.ndarray] = field(default_factory=dict)  # trainable groups only
+    frozen_groups: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    family: str = ""
+    figure: Any = None  # its page's SvgFigure, drawn by the process that read it
+
+    @property
+    def model(self) -> str:
+        return str(self.config.get("model", "?"))
+
+    @property
+    def depth(self) -> Optional[int]:
+        return model_depth(self.model)
+
+    @property
+    def dataset(self) -> str:
+        return str(self.config.get("dataset", "?"))
+
+    @property
+    def freeze(self) -> str:
+        return str(self.config.get("freeze", "none"))
+
+    @property
+    def bn(self) -> str:
+        """BN variant; runs made before the `bn` setting existed had BN after every conv."""
+        variant = str(self.config.get("bn") or "full")
+        if variant == "every-k" and self.config.get("bn_every"):
+            return f"every-{self.config['bn_every']}"
+        return variant
+
+    @property
+    def width(self) -> int:
+        return int(self.config.get("width", 1) or 1)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0) or 0)
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.history["epoch"][-1])
+
+    @property
+    def epochs_planned(self) -> Optional[int]:
+        value = self.config.get("epochs")
+        return int(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def test_acc(self) -> float:
+        return float(self.history["test_acc"][-1])
+
+    @property
+    def train_acc_is_running(self) -> bool:
+        """True for runs that predate eval-mode train accuracy: the running, augmented one stands in."""
+        return "train_eval_acc" not in self.history
+
+    @property
+    def train_acc(self) -> float:
+        column = "train_acc" if self.train_acc_is_running else "train_eval_acc"
+        return float(self.history[column][-1]) if column in self.history else float("nan")
+
+    @property
+    def gap(self) -> float:
+        if "gap" in self.history:
+            return float(self.history["gap"][-1])
+        return self.train_acc - self.test_acc
+
+    @property
+    def gamma_channels(self) -> int:
+        return int(sum(g.size for g in self.gamma_final))
+
+    def fraction_below(self, tau: float) -> float:
+        """Fraction of all BN channels (every layer) with |γ| < τ after the last epoch."""
+        return float(np.mean(np.abs(np.concatenate(self.gamma_final)) < tau)) if self.gamma_channels else float("nan")
+
+
+@dataclass
+class Ablation:
+    name: str  # file path relative to the reported directory
+    label: str
+    mode: str
+    per_layer: bool
+    zero_beta: bool
+    values: np.ndarray
+    clamped_fraction: np.ndarray
+    test_acc: np.ndarray
+    train_acc: Optional[np.ndarray]
+    baseline_test_acc: Optional[float]
+    checkpoint: str
+    freeze: str  # of the ablated checkpoint, when it was a bnprobe run
+    run: Optional[Run] = None
+
+
+@dataclass
+class ProbeRow:
+    name: str  # file path relative to the reported directory
+    label: str
+    accuracy: Optional[float]
+    mean_abs_gamma: Optional[float]
+    frac_below: list[tuple[float, float]]
+    off: Optional[int]
+    bn_channels: Optional[int]
+    zero_fraction: Optional[float]
+
+
+@dataclass
+class Collection:
+    roots: list[Path]
+    runs: list[Run]
+    skipped: list[Skipped]
+    ablations: list[Ablation]
+    probes: list[ProbeRow]
+
+
+# ---- small parsers ---------------------------------------------------------------------------------------
+
+
+def model_depth(model: str) -> Optional[int]:
+    """Depth from the model name: resnet110 -> 110, vgg38 -> 38; None when the name has no number."""
+    match = re.match(r"^[A-Za-z_-]*?(\d+)", model)
+    return int(match.group(1)) if match else None
+
+
+def model_family(model: str) -> str:
+    """'CIFAR ResNet', 'Bottleneck ResNet', 'VGG', else the name's letters.
+
+    The name alone is ambiguous (resnet56 is a CIFAR ResNet, resnet50 a bottleneck one, and they must not
+    share a line in accuracy vs depth); the registry's descriptions say which, but importing it loads
+    torch and torchvision (seconds), so the registry's bottleneck depths are mirrored here.
+    """
+    prefix = re.match(r"^[A-Za-z_-]*", model).group(0).rstrip("_-").lower()
+    depth = model_depth(model)
+    if prefix == "resnet":
+        return "Bottleneck ResNet" if depth in BOTTLENECK_RESNET_DEPTHS else "CIFAR ResNet"
+    if prefix == "vgg":
+        return "VGG"
+    return prefix or model
+
+
+def parse_taus(text: str) -> list[float]:
+    values = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise BnprobeError(f"--taus must be comma-separated numbers like {DEFAULT_TAUS}; got {text!r}")
+        if not math.isfinite(value) or value < 0:
+            raise BnprobeError(f"--taus values must be finite and >= 0; got {item}")
+        values.append(value)
+    if not values:
+        raise BnprobeError(f"--taus needs at least one value, e.g. {DEFAULT_TAUS}")
+    return sorted(set(values))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---- reading one run --------------------------------------------------------------------------------------
+
+
+class RunSkipped(Exception):
+    """Why one run (or result file) is left out of the report."""
+
+
+def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
+    """Everything the report shows of one run; raises RunSkipped with the reason when it cannot."""
+    config = _read_config(run_dir)
+    history = _read_metrics(run_dir)
+    telemetry = run_dir / "telemetry.h5"
+    run = Run(name=name, path=run_dir, config=config, history=history or {})
+    if telemetry.exists():
+        _read_telemetry(run, telemetry, use_epochs=history is None)
+    else:
+        run.notes.append("no telemetry.h5 (the run predates telemetry): γ from the checkpoint, no gradient curves")
+    if not run.history or "epoch" not in run.history or not len(run.history["epoch"]):
+        raise RunSkipped("no finished epoch (neither metrics.json nor telemetry.h5 holds one)")
+    if "test_acc" not in run.history:
+        raise RunSkipped("metrics.json has no test_acc")
+    _check_checkpoint(run_dir)
+    planned = run.epochs_planned
+    if planned is not None and run.epochs_done < planned:
+        if not include_unfinished:
+            raise RunSkipped(f"unfinished: {run.epochs_done} of {planned} epochs (--include-unfinished shows it)")
+        run.notes.append(f"unfinished: {run.epochs_done} of {planned} epochs")
+    if not telemetry.exists():
+        _read_checkpoint_fallback(run)
+    if run.train_acc_is_running:
+        run.notes.append("no eval-mode train accuracy recorded: the table's train accuracy and gap use the running "
+                         "(augmented) train accuracy")
+    run.family = model_family(run.model)
+    return run
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    # Plain JSON, not TrainConfig.from_dict: a run written by a newer or older bnprobe (a field added or
+    # removed) is still reported.
+    path = run_dir / "config.json"
+    if not path.exists():
+        raise RunSkipped("no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunSkipped(f"config.json is not readable JSON ({_first_line(exc)})")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        raise RunSkipped("config.json does not name a model")
+    return config
+
+
+def _read_metrics(run_dir: Path) -> Optional[dict[str, np.ndarray]]:
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunSkipped(f"metrics.json is not readable JSON ({_first_line(exc)})")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "epoch" in r for r in rows):
+        raise RunSkipped("metrics.json is not a list of per-epoch records")
+    if not rows:
+        return None
+    keys = [k for k in rows[0] if all(isinstance(r.get(k), (int, float)) for r in rows)]
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
+
+
+def _read_telemetry(run: Run, path: Path, use_epochs: bool) -> None:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise RunSkipped(f"telemetry.h5 is not a readable HDF5 file ({_first_line(exc)})")
+    try:
+        with f:
+            if _text(f.attrs.get("format", "")) != TELEMETRY_FORMAT:
+                raise RunSkipped("telemetry.h5 is not a bnprobe telemetry file")
+            if use_epochs and "epochs" in f:
+                run.history = {k: v[:].astype(np.float64) for k, v in f["epochs"].items()}
+            epochs_done = int(run.history["epoch"][-1]) if run.history.get("epoch") is not None and len(
+                run.history["epoch"]) else 0
+
+            names = f["params/name"].asstr()[:]
+            groups = f["params/group"].asstr()[:]
+            numel = f["params/numel"][:]
+            trainable = f["params/trainable"][:].astype(bool)
+            run.trainable, run.total = int(numel[trainable].sum()), int(numel.sum())
+
+            # γ in network order: params/name follows named_parameters(), h5py lists groups alphabetically.
+            layers = [n[: -len(".weight")] for n, g in zip(names, groups) if g == "bn_gamma" and n.endswith(".weight")]
+            bn = f.get("bn")
+            if bn is not None and layers:
+                snapshot_epochs = bn["epoch"][:]
+                # A run killed between the telemetry and checkpoint writes has one snapshot more than metrics.json.
+                later = np.nonzero(snapshot_epochs <= epochs_done)[0] if epochs_done else []
+                row = int(later[-1]) if len(later) else len(snapshot_epochs) - 1
+                run.gamma_epoch = int(snapshot_epochs[row])
+                for layer in layers:
+                    if f"{layer}/gamma" in bn:
+                        gamma = bn[f"{layer}/gamma"][:]  # one read: the rows share a compressed chunk
+                        run.gamma_layers.append(layer)
+                        run.gamma_final.append(gamma[row].astype(np.float64))
+                        run.gamma_init.append(gamma[0].astype(np.float64))
+
+            steps = f.get("steps")
+            if steps is not None and "step" in steps and "groups" in steps and len(steps["step"]):
+                keep = steps["epoch"][:] <= epochs_done if epochs_done else slice(None)
+                step = steps["step"][:][keep]
+                run.grad_window = max(1, math.ceil(len(step) / MAX_CURVE_POINTS))
+                for group, g in steps["groups"].items():
+                    if bool(g.attrs.get("frozen", False)):
+                        run.frozen_groups.append(group)
+                    else:
+                        # window means right away: a run keeps MAX_CURVE_POINTS per curve, not 60k steps
+                        run.grad_steps, run.grad_groups[group] = window_means(step, g["grad_abs_mean"][:][keep])
+                if run.grad_steps is None:
+                    run.grad_steps = step[:0]
+            else:
+                run.notes.append("no gradient telemetry (--telemetry-every 0)")
+    except RunSkipped:
+        raise
+    except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
+        raise RunSkipped(f"telemetry.h5 is damaged ({_first_line(exc)})")
+
+
+def _check_checkpoint(run_dir: Path) -> None:
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise RunSkipped("no checkpoint.pt")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise RunSkipped(f"checkpoint.pt is not readable ({exc.strerror or exc})")
+    if not head.startswith(CHECKPOINT_MAGIC):
+        raise RunSkipped("checkpoint.pt is empty" if not head else "checkpoint.pt is not a PyTorch checkpoint")
+
+
+def _read_checkpoint_fallback(run: Run) -> None:
+    """γ and parameter counts of a run without telemetry.h5, from its checkpoint (weights only)."""
+    from bnprobe import runs
+
+    try:
+        state = runs.load_checkpoint(run.path / "checkpoint.pt")
+    except BnprobeError as exc:
+        raise RunSkipped(str(exc).replace(str(run.path / "checkpoint.pt"), "checkpoint.pt"))
+    if isinstance(state.get("trainable"), int) and isinstance(state.get("total"), int):
+        run.trainable, run.total = state["trainable"], state["total"]
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise RunSkipped("checkpoint.pt holds no model weights")
+    run.gamma_epoch = int(state.get("epoch", run.epochs_done))
+    for key in weights:
+        # A BN layer is a module with running statistics; its `weight` is γ.
+        if key.endswith(".running_mean") and key[: -len("running_mean")] + "weight" in weights:
+            layer = key[: -len(".running_mean")]
+            run.gamma_layers.append(layer)
+            run.gamma_final.append(weights[f"{layer}.weight"].detach().double().cpu().numpy())
+
+
+# ---- probe and ablation result files ----------------------------------------------------------------------
+
+
+def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow]]:
+    """An ablation.h5 or probe.h5 (found by its `format` attribute, whatever its name); None for others."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise RunSkipped(f"not a readable HDF5 file ({_first_line(exc)})")
+    kind = ""
+    try:
+        with f:
+            kind = _text(f.attrs.get("format", ""))
+            if kind == ABLATION_FORMAT:
+                return _read_ablation(f, name)
+            if kind == PROBE_FORMAT:
+                return _read_probe(f, name)
+            return None
+    except RunSkipped:
+        raise
+    except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
+        raise RunSkipped(f"damaged {kind or 'HDF5'} file ({_first_line(exc)})")
+
+
+def _read_ablation(f, name: str) -> Ablation:
+    # Format `bnprobe-ablation` v1 as written by bnprobe.ablate.write_ablation_h5 (docs/probe-schema.md).
+    values = f["values"][:].astype(np.float64)
+    if "clamped_fraction" in f:
+        fraction = f["clamped_fraction"][:].astype(np.float64)
+    else:
+        fraction = f["clamped"][:] / max(1, int(f.attrs["total_channels"]))
+    train = f["train_acc"][:].astype(np.float64) if "train_acc" in f else None
+    baseline = f.attrs.get("baseline_test_acc")
+    if not len(values) or len(f["test_acc"]) != len(values) or len(fraction) != len(values):
+        raise RunSkipped("ablation file with no values, or columns of different lengths")
+    return Ablation(
+        name=name, label=_text(f.attrs.get("label", name)), mode=_text(f.attrs.get("mode", "threshold")),
+        per_layer=bool(f.attrs.get("per_layer", False)), zero_beta=bool(f.attrs.get("zero_beta", False)),
+        values=values, clamped_fraction=fraction, test_acc=f["test_acc"][:].astype(np.float64), train_acc=train,
+        baseline_test_acc=float(baseline) if baseline is not None else None,
+        checkpoint=_text(f.attrs.get("checkpoint", "")), freeze=_text(f.attrs.get("freeze", "?")),
+    )
+
+
+def _read_probe(f, name: str) -> list[ProbeRow]:
+    # Format `bnprobe-probe` v1 as written by bnprobe.probe.write_probe_h5 (docs/probe-schema.md).
+    taus = f["taus"][:].tolist() if "taus" in f else []
+    rows = []
+    for key in sorted(f["checkpoints"]):
+        g = f["checkpoints"][key]
+        get = lambda attr, kind: kind(g.attrs[attr]) if attr in g.attrs else None  # noqa: E731
+        below = g["frac_below_all"][:].tolist() if "frac_below_all" in g else []
+        rows.append(ProbeRow(
+            name=name, label=_text(g.attrs.get("label", key)), accuracy=get("accuracy", float),
+            mean_abs_gamma=get("mean_abs_gamma", float), frac_below=list(zip(taus, below)),
+            off=get("off", int), bn_channels=get("bn_channels", int), zero_fraction=get("zero_fraction", float),
+        ))
+    return rows
+
+
+# ---- walking a directory ----------------------------------------------------------------------------------
+
+
+def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Optional[Sequence[float]] = None,
+            jobs: int = 1) -> Collection:
+    """Every run directory under each of `roots` (or the root itself) and every probe/ablation file there,
+    read defensively. Names are paths relative to their root, prefixed by the root's name when there are several.
+
+    With `taus`, each run's figure is drawn right after reading it, in the same one of `jobs` processes:
+    reading and drawing are most of a report's time, and the arrays never travel between processes.
+    """
+    roots = [Path(r) for r in roots]
+    for root in roots:
+        if not root.exists():
+            raise BnprobeError(f"no runs directory at {root}")
+        if not root.is_dir():
+            raise BnprobeError(f"{root} is not a directory")
+    run_dirs: dict[Path, str] = {}  # resolved path -> name: a run named twice (runs/ and runs/a) is read once
+    result_files: dict[Path, tuple[Path, str]] = {}
+    for root in roots:
+        prefix = f"{root.resolve().name}/" if len(roots) > 1 else ""
+
+        def display(path: Path) -> str:
+            relative = path.relative_to(root).as_posix()
+            return path.name if relative == "." else prefix + relative
+
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .foo: temporary or hidden
+            files = {f for f in filenames if not f.startswith(".")}
+            here = Path(dirpath)
+            if files.intersection(RUN_FILES):
+                run_dirs.setdefault(here.resolve(), display(here))
+            for f in sorted(files):
+                if f.endswith(".h5") and f != "telemetry.h5":
+                    result_files.setdefault((here / f).resolve(), (here / f, display(here / f)))
+
+    collection = Collection(roots, [], [], [], [])
+    tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
+    for outcome in _map(_read_and_draw, tasks, jobs):
+        (collection.runs if isinstance(outcome, Run) else collection.skipped).append(outcome)
+    for path, name in result_files.values():
+        try:
+            result = read_result_file(path, name)
+        except RunSkipped as reason:
+            collection.skipped.append(Skipped(name, str(reason)))
+            continue
+        if isinstance(result, Ablation):
+            result.run = _owner(path, result.checkpoint, collection.runs)
+            if result.run is not None and path.parent.resolve() == result.run.path.resolve():
+                result.name = path.name  # its run is named in the next column
+            collection.ablations.append(result)
+        elif isinstance(result, list):
+            collection.probes += result
+    collection.runs.sort(key=_run_order)
+    collection.ablations.sort(key=lambda a: (_run_order(a.run) if a.run else (1,), a.name))
+    if not collection.runs and not collection.skipped and not collection.ablations and not collection.probes:
+        where = ", ".join(str(r) for r in roots)
+        raise BnprobeError(f"no runs under {where} (a run directory holds config.json, metrics.json, checkpoint.pt)")
+    return collection
+
+
+def _read_and_draw(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> Run | Skipped:
+    run_dir, name, include_unfinished, taus = task
+    try:
+        run = read_run(run_dir, name, include_unfinished)
+        if taus is not None:
+            from bnprobe.figures import run_figure
+
+            run.figure = run_figure(run, taus, f"run:{name}")
+    except RunSkipped as reason:
+        return Skipped(name, str(reason))
+    except Exception as exc:  # noqa: BLE001 -- data no reader foresaw must cost one run, not the report
+        return Skipped(name, f"could not be read or drawn ({type(exc).__name__}: {_first_line(exc)})")
+    return run
+
+
+def _map(function: Callable, tasks: list, jobs: int) -> list:
+    """`map` in `jobs` processes when that pays off, in order; plain `map` otherwise."""
+    if jobs <= 1 or len(tasks) < 4:
+        return [function(task) for task in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork on Linux: the workers start at once with everything imported. Elsewhere the platform's default
+    # (macOS system libraries are not fork-safe).
+    method = "fork" if sys.platform.startswith("linux") else None
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context(method)) as pool:
+        return list(pool.map(function, tasks))  # one task at a time: runs differ in size, workers stay busy
+
+
+def _run_order(run: Run) -> tuple:
+    freeze = FREEZE_ORDER.index(run.freeze) if run.freeze in FREEZE_ORDER else len(FREEZE_ORDER)
+    depth = run.depth if run.depth is not None else 10**9
+    return (0, run.dataset, run.family, run.width, depth, freeze, run.freeze, run.bn, run.seed, run.name)
+
+
+def _owner(path: Path, checkpoint: str, runs: Sequence[Run]) -> Optional[Run]:
+    """The run an ablation belongs to: the one it sits in, else the one whose checkpoint it read."""
+    candidates = [path.parent]
+    if checkpoint:  # stored as given on the command line: relative to wherever `bnprobe ablate` ran
+        for source in (Path(checkpoint), path.parent / checkpoint):
+            candidates.append(source if source.is_dir() else source.parent)
+    for candidate in candidates:
+        try:
+            resolved = candidate.resolve()
+        except OSError:
+            continue
+        for run in runs:
+            if run.path.resolve() == resolved:
+                return run
+    return None
+
+
+# ---- figures and the document -----------------------------------------------------------------------------
+
+
+def depth_panels(runs: Sequence[Run]) -> list:
+    from bnprobe.figures import DepthPanel
+
+    panels: dict[tuple, Any] = {}
+    for run in runs:
+        if run.depth is None:
+            continue
+        width = f", width ×{run.width}" if run.width != 1 else ""
+        key = (run.dataset, run.family, run.width)
+        panel = panels.setdefault(key, DepthPanel(f"{run.family}{width} on {run.dataset}", {}))
+        label = run.freeze if run.bn == "full" else f"{run.freeze}, bn={run.bn}"
+        panel.lines.setdefault((label, run.freeze), {}).setdefault(run.depth, []).append(run.test_acc)
+    for panel in panels.values():  # legend in the canonical freeze-mode order
+        panel.lines = dict(sorted(panel.lines.items(), key=lambda item: (
+            FREEZE_ORDER.index(item[0][1]) if item[0][1] in FREEZE_ORDER else 99, item[0][0])))
+    return list(panels.values())
+
+
+def ablation_curves(ablations: Sequence[Ablation]) -> list:
+    from bnprobe.figures import AblationCurve
+
+    curves = []
+    for a in ablations:
+        owner = a.run.name if a.run else a.label
+        what = ("τ×layer max" if a.per_layer else "τ") if a.mode == "threshold" else (
+            "p per layer" if a.per_layer else "p")
+        curves.append(AblationCurve(
+            label=f"{owner} ({what}{', β:=0' if a.zero_beta else ''})", freeze=a.run.freeze if a.run else a.freeze,
+            mode="threshold" if a.mode == "threshold" and not a.per_layer else "fraction",
+            values=a.values, clamped_fraction=a.clamped_fraction, test_acc=a.test_acc, train_acc=a.train_acc,
+            baseline_test_acc=a.baseline_test_acc,
+        ))
+    return curves
+
+
+def build_figures(collection: Collection, taus: Sequence[float]) -> dict[str, Any]:
+    """The figures across runs, and each run's own unless `collect` drew it already."""
+    from bnprobe import figures
+
+    for run in collection.runs:
+        if run.figure is None:
+            run.figure = figures.run_figure(run, taus, f"run:{run.name}")
+    return {
+        "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth"),
+        "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation"),
+    }
+
+
+def default_jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def template_environment(templates: Path):
+    import jinja2
+
+    if not (templates / TEMPLATE).is_file() or not (templates / STYLESHEET).is_file():
+        raise BnprobeError(
+            f"report templates not found in {templates} (expected {TEMPLATE} and {STYLESHEET}); run bnprobe from a "
+            f"source checkout or an editable install (pip install -e .), or pass --templates DIR"
+        )
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)), autoescape=True, undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters.update(pct=_pct, signed_pct=_signed_pct, count=_count, number=_number)
+    return env
+
+
+def _pct(value: Optional[float], digits: int = 1) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.{digits}f}%"
+
+
+def _signed_pct(value: Optional[float], digits: int = 1) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:+.{digits}f}%"
+
+
+def _count(value: Optional[int]) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
+def _number(value: Optional[float]) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "inline", title: Optional[str] = None,
+                templates: Path = TEMPLATES_DIR, figures: Optional[dict[str, Any]] = None) -> str:
+    """The report as one self-contained HTML page. `embed`: "inline" <svg> elements, or "img" data URIs
+    (what the PDF uses: WeasyPrint parses an SVG image with a fast XML parser, inline SVG with its slow
+    HTML one and styles every node)."""
+    env = template_environment(templates)
+    figures = figures if figures is not None else build_figures(collection, taus)
+    runs_with_depth = [r for r in collection.runs if r.depth is not None]
+    return env.get_template(TEMPLATE).render(
+        title=title or "bnprobe report: " + ", ".join(r.resolve().name or str(r) for r in collection.roots),
+        source=", ".join(str(r) for r in collection.roots),
+        version=bnprobe.__version__,
+        css=(templates / STYLESHEET).read_text(encoding="utf-8"),
+        embed=embed,
+        taus=list(taus),
+        runs=collection.runs,
+        skipped=collection.skipped,
+        ablations=collection.ablations,
+        probes=collection.probes,
+        depth_figure=figures["depth"],
+        depth_missing=[r.name for r in collection.runs if r.depth is None],
+        depth_points=len(runs_with_depth),
+        ablation_figure=figures["ablation"],
+        any_running_train_acc=any(r.train_acc_is_running for r in collection.runs),
+    )
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write to a temporary file beside `path`, then rename: a failed write leaves the old report, not half a
+    new one. (bnprobe.runs.atomic_write does the same but imports torch, seconds for nothing here.)"""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class ReportSummary:
+    output: Path
+    runs: int
+    skipped: list[Skipped]
+    ablations: int
+    probes: int
+    pages: Optional[int]
+    seconds: float
+
+
+def check_output(output: Path) -> str:
+    """The output format, after making sure the file can be written (before any slow work)."""
+    kind = OUTPUT_FORMATS.get(output.suffix.lower())
+    if kind is None:
+        shown = f"'{output.suffix}'" if output.suffix else "none"
+        raise BnprobeError(f"unknown output extension {shown} for {output}: use .html or .pdf")
+    if output.is_dir():
+        raise BnprobeError(f"cannot write {output}: it is a directory")
+    parent = output.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise BnprobeError(f"cannot write {output}: {existing} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+    if not os.access(parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise BnprobeError(f"cannot write {output} (permission denied)")
+    if kind == "pdf":
+        _weasyprint()
+    return kind
+
+
+def _weasyprint():
+    try:
+        import weasyprint
+    except ImportError:
+        raise BnprobeError("PDF output needs WeasyPrint (a bnprobe dependency): pip install weasyprint, or write .html")
+    except OSError as exc:  # the Python package is there, its system libraries (Pango) are not
+        raise BnprobeError(f"WeasyPrint cannot load its system libraries ({_first_line(exc)}); install Pango, "
+                           f"or write .html")
+    return weasyprint
+
+
+def write_report(
+    runs_dirs: Path | Sequence[Path],
+    output: Path,
+    *,
+    taus: Sequence[float] = tuple(parse_taus(DEFAULT_TAUS)),
+    include_unfinished: bool = False,
+    title: Optional[str] = None,
+    templates: Path = TEMPLATES_DIR,
+    jobs: Optional[int] = None,
+    on_progress: Optional[Callable[[str], None]] = None,
+) -> ReportSummary:
+    """Walk `runs_dirs` (a directory of runs, a run directory, or several), render the report, write `output`
+    (.html or .pdf) atomically."""
+    started = time.perf_counter()
+    kind = check_output(output)
+    template_environment(templates)  # fail on missing templates before reading anything
+    say = on_progress or (lambda message: None)
+    roots = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(r) for r in runs_dirs]
+    collection = collect(roots, include_unfinished, taus=taus, jobs=jobs or default_jobs())
+    say(f"read {len(collection.runs)} runs, {len(collection.ablations)} ablations and {len(collection.probes)} "
+        f"probes, and drew each run's figure")
+    figures = build_figures(collection, taus)
+    say("drew the figures across runs")
+    html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
+                       templates=templates, figures=figures)
+    pages = None
+    try:
+        if kind == "html":
+            _atomic_write(output, lambda f: f.write(html.encode("utf-8")))
+        else:
+            document = _weasyprint().HTML(string=html, base_url=str(templates)).render()
+            pages = len(document.pages)
+            _atomic_write(output, lambda f: document.write_pdf(target=f))
+    except OSError as exc:
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+    return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
+                         len(collection.probes), pages, time.perf_counter() - started)

@@ -1,0 +1,301 @@
+"""bnprobe report: two tiny real runs plus broken copies -> PDF and HTML, checked as a reader meets them
+(text per PDF page, the HTML drawn by headless Chromium), and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+import bnprobe
+from bnprobe.cli import main
+from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
+from bnprobe.report import (TEMPLATES_DIR, Run, collect, model_depth, model_family, parse_taus, render_html,
+                            template_environment, write_report)
+from cli_helpers import assert_one_line_error, run_cli
+
+TINY = dict(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=300, test_subset=150,
+            train_eval_subset=200, device="cpu", milestones="")
+DEFAULT_TAUS = parse_taus("0.01,0.05,0.1")  # the command's default
+BROKEN = {  # run directory -> what the report must say about it
+    "broken/garbage-telemetry": "telemetry.h5 is not a readable HDF5 file",
+    "broken/no-checkpoint": "no checkpoint.pt",
+    "broken/bad-config": "config.json is not readable JSON",
+    "broken/unfinished": "unfinished: 2 of 5 epochs",
+    "broken/died-before-epoch-1": "no finished epoch",
+    "broken/stray.h5": "not a readable HDF5 file",
+}
+
+
+def write_ablation(path: Path, run_dir: Path, mode: str = "threshold") -> None:
+    """ablation.h5 as docs/probe-schema.md describes it (what `bnprobe ablate` writes)."""
+    values = np.array([0.0, 0.1, 0.2, 0.4])
+    clamped = np.array([0, 30, 120, 300])
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"format": "bnprobe-ablation", "version": 1, "mode": mode, "per_layer": False,
+                        "zero_beta": False, "total_channels": 336, "checkpoint": str(run_dir / "checkpoint.pt"),
+                        "label": run_dir.name, "freeze": "none", "baseline_test_acc": 0.5, "baseline_train_acc": 0.6})
+        f["values"] = values
+        f["clamped"] = clamped
+        f["clamped_fraction"] = clamped / 336
+        f["test_acc"] = np.array([0.5, 0.45, 0.3, 0.1])
+        f["train_acc"] = np.array([0.6, 0.55, 0.35, 0.1])
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    from bnprobe.train import train
+
+    root = tmp_path_factory.mktemp("report") / "runs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is faster, and far faster on a busy machine
+    try:
+        quiet = Console(file=io.StringIO())
+        train(TrainConfig(**TINY), root / "full", console=quiet)
+        train(TrainConfig(**{**TINY, "freeze": "non-bn", "lr": 0.2}), root / "bn-only", console=quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+    def broken_copy(name: str) -> Path:
+        return Path(shutil.copytree(root / "full", root / "broken" / name))
+
+    (broken_copy("garbage-telemetry") / "telemetry.h5").write_bytes(b"not an HDF5 file\n" * 64)
+    (broken_copy("no-checkpoint") / "checkpoint.pt").unlink()
+    (broken_copy("bad-config") / "config.json").write_text("{ not json")
+    unfinished = broken_copy("unfinished") / "config.json"
+    unfinished.write_text(json.dumps({**json.loads(unfinished.read_text()), "epochs": 5}))
+    died = root / "broken" / "died-before-epoch-1"
+    died.mkdir()
+    shutil.copy(root / "full" / "config.json", died)
+    (root / "broken" / "stray.h5").write_bytes(b"\0" * 100)
+    write_ablation(root / "full" / "ablation.h5", root / "full")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report_pdf(runs_root, tmp_path_factory):
+    pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint: pip install weasyprint")
+    output = tmp_path_factory.mktemp("pdf") / "report.pdf"
+    summary = write_report(runs_root, output, jobs=1)
+    return output, summary
+
+
+@pytest.fixture(scope="module")
+def report_html(runs_root, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("html") / "report.html"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(runs_root), "-o", str(output)])
+    assert exit_info.value.code == 0
+    return output
+
+
+def pdf_page_texts(path: Path) -> list[str]:
+    try:
+        from pypdf import PdfReader
+    except ImportError:
+        if not shutil.which("pdftotext"):
+            pytest.skip("reading PDF text needs pypdf (dev extra) or pdftotext (poppler-utils)")
+        pages = subprocess.run(["pdftotext", str(path), "-"], capture_output=True, text=True,
+                               check=True).stdout.split("\f")
+        return [" ".join(page.split()) for page in (pages[:-1] if pages and not pages[-1].strip() else pages)]
+    return [" ".join(page.extract_text().split()) for page in PdfReader(path).pages]
+
+
+# ---- reading runs ------------------------------------------------------------------------------------------
+
+
+def test_reads_runs_and_skips_broken_ones_with_the_reason(runs_root):
+    collection = collect([runs_root])
+    assert [run.name for run in collection.runs] == ["full", "bn-only"]  # freeze order: none, then non-bn
+    assert {s.name: s.reason for s in collection.skipped}.keys() == BROKEN.keys()
+    for skipped in collection.skipped:
+        assert BROKEN[skipped.name] in skipped.reason, skipped
+    full, bn_only = collection.runs
+    assert (full.model, full.depth, full.dataset, full.freeze, full.bn) == ("resnet8", 8, "digits", "none", "full")
+    assert full.trainable == full.total == 77_754
+    assert bn_only.freeze == "non-bn" and bn_only.trainable == sum(g.size for g in bn_only.gamma_final) * 2
+    assert full.epochs_done == 2 and full.history["test_acc"].shape == (2,)
+    assert full.gap == pytest.approx(full.history["train_eval_acc"][-1] - full.history["test_acc"][-1])
+    with h5py.File(runs_root / "full" / "telemetry.h5") as f:  # γ of the last epoch, in network order
+        assert full.gamma_layers[0] == "bn1"
+        np.testing.assert_array_equal(full.gamma_final[0], f["bn/bn1/gamma"][-1])
+        np.testing.assert_array_equal(full.gamma_init[0], f["bn/bn1/gamma"][0])
+    assert set(full.grad_groups) == {"bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias"}
+    assert set(bn_only.grad_groups) == {"bn_gamma", "bn_beta"}  # frozen groups have no curve, not zeros
+    assert set(bn_only.frozen_groups) == {"conv_weight", "linear_weight", "bias"}
+    [ablation] = collection.ablations
+    assert ablation.run is full and ablation.mode == "threshold" and len(ablation.values) == 4
+
+
+def test_run_without_telemetry_takes_gamma_from_its_checkpoint(runs_root, tmp_path):
+    # Runs made before telemetry.h5 existed have config.json, metrics.json and checkpoint.pt only.
+    old = Path(shutil.copytree(runs_root / "full", tmp_path / "old", ignore=shutil.ignore_patterns("*.h5")))
+    [run] = collect([old]).runs
+    [full] = collect([runs_root / "full"]).runs
+    assert run.gamma_layers == full.gamma_layers and not run.gamma_init and run.grad_steps is None
+    np.testing.assert_array_equal(run.gamma_final[-1], full.gamma_final[-1].astype(np.float32))
+    assert (run.trainable, run.total) == (full.trainable, full.total)
+    assert any("no telemetry.h5" in note for note in run.notes)
+
+
+def test_an_unforeseen_error_costs_one_run_not_the_report(runs_root, monkeypatch):
+    def draw_badly(run, taus, key):
+        raise FloatingPointError("something no reader foresaw")
+
+    monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)
+    collection = collect([runs_root / "full"], taus=DEFAULT_TAUS)
+    assert not collection.runs
+    [skipped] = collection.skipped
+    assert skipped.reason == "could not be read or drawn (FloatingPointError: something no reader foresaw)"
+
+
+def test_one_run_directory_and_unfinished_runs(runs_root):
+    [run] = collect([runs_root / "full"]).runs
+    assert run.name == "full"
+    collection = collect([runs_root / "broken"], include_unfinished=True)
+    unfinished = [r for r in collection.runs if r.name == "unfinished"]
+    assert unfinished and "unfinished: 2 of 5 epochs" in unfinished[0].notes
+
+
+def test_depth_family_and_bn_variant():
+    assert (model_depth("resnet110"), model_depth("vgg38"), model_depth("resnet20"), model_depth("mlp")) == (
+        110, 38, 20, None)
+    assert model_family("resnet56") == "CIFAR ResNet" and model_family("resnet50") == "Bottleneck ResNet"
+    assert model_family("vgg14") == "VGG"
+    history = {"epoch": np.array([1.0]), "test_acc": np.array([0.5])}
+    assert Run("r", Path("r"), {"model": "resnet8"}, history).bn == "full"  # config from before the `bn` field
+    assert Run("r", Path("r"), {"model": "resnet8", "bn": "every-k", "bn_every": 2}, history).bn == "every-2"
+
+
+# ---- the documents -----------------------------------------------------------------------------------------
+
+
+def test_pdf_pages_and_text(report_pdf):
+    path, summary = report_pdf
+    pages = pdf_page_texts(path)
+    # overview | accuracy vs depth + ablations | one page per run
+    assert summary.pages == len(pages) == 4, [p[:80] for p in pages]
+    overview, across, *run_pages = pages
+    for text in ("Runs", "full", "bn-only", "resnet8", "digits", "non-bn", "77,754", "Skipped"):
+        assert text in overview, text
+    for name, reason in BROKEN.items():
+        assert name in overview and reason.split(":")[0] in overview, name
+    assert "Accuracy vs depth" in across and "CIFAR ResNet on digits" in across  # the figure's own text
+    assert "Clamp-to-zero ablations" in across and "ablation.h5 full" in across  # file, then its run
+    for name, page in zip(("full", "bn-only"), run_pages):
+        assert page.lstrip().startswith(name), page[:80]
+        for text in ("Accuracy per epoch", "Mean |dL/dw| per parameter group", "BN γ, all layers", "τ = 0.05",
+                     "|γ| < τ for"):
+            assert text in page, (name, text)
+    assert "frozen, so without gradient: bias, conv_weight, linear_weight" in run_pages[1]  # the BN-only run
+    assert summary.runs == 2 and len(summary.skipped) == len(BROKEN) and summary.ablations == 1
+
+
+def test_html_is_self_contained_with_inline_svg(report_html):
+    html = report_html.read_text(encoding="utf-8")
+    assert html.count("<svg ") == 4  # two runs, accuracy vs depth, ablations
+    assert "&lt;svg" not in html and "<?xml" not in html
+    assert "<link" not in html and "src=\"http" not in html  # nothing to fetch: one file to share
+    for name, reason in BROKEN.items():
+        assert name in html and reason.split(":")[0] in html
+
+
+def test_html_is_deterministic_and_ids_unique(runs_root, report_html):
+    # Drawn in two worker processes here, in-process by the command: the same bytes.
+    collection = collect([runs_root], taus=DEFAULT_TAUS, jobs=2)
+    assert render_html(collection, DEFAULT_TAUS) == report_html.read_text(encoding="utf-8")
+    ids = re.findall(r' id="([^"]+)"', report_html.read_text(encoding="utf-8"))
+    assert len(ids) == len(set(ids)) and len(ids) > 10  # many inline SVGs, one id space
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed with apt when missing (root and apt needed, else skip with the reason)."""
+    found = shutil.which("chromium") or (os.path.exists("/usr/bin/chromium") and "/usr/bin/chromium")
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if not apt or os.geteuid() != 0:
+        pytest.skip("chromium is not installed and apt-get is not usable here (needs root): apt-get install chromium")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [apt, "install", "-y", "--no-install-recommends", "chromium"]
+    result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1200)
+    if result.returncode != 0:  # a fresh machine has no package lists yet
+        subprocess.run([apt, "update"], capture_output=True, text=True, env=env, timeout=600)
+        result = subprocess.run(install, capture_output=True, text=True, env=env, timeout=1200)
+    found = shutil.which("chromium")
+    if result.returncode != 0 or not found:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        pytest.skip(f"chromium could not be installed with apt-get: {last[0]}")
+    return found
+
+
+def test_html_renders_in_headless_chromium(report_html, chromium, tmp_path):
+    from PIL import Image
+
+    screenshot = tmp_path / "report.png"
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}", "--window-size=1200,1600",
+         report_html.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert screenshot.exists(), result.stderr[-2000:]
+    image = Image.open(screenshot).convert("RGB")
+    assert image.size == (1200, 1600)
+    pixels = np.asarray(image)
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 200, len(colours)  # text, table stripes, coloured chips and the first figures
+    assert (pixels < 200).any(axis=2).mean() > 0.02  # more than a blank page with a title
+
+
+# ---- bad input: one line, no traceback ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("missing runs dir", "no runs directory at"),
+    ("no runs in it", "no runs under"),
+    ("output under a file", "is not a directory"),
+    ("output is a directory", "is a directory"),
+    ("unknown extension", "unknown output extension '.docx'"),
+    ("no extension", "unknown output extension none"),
+    ("bad taus", "--taus must be comma-separated numbers"),
+    ("missing templates", "report templates not found"),
+])
+def test_bad_input_is_one_line(capsys, tmp_path, runs_root, case, pattern):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dir.html").mkdir()
+    argv = {
+        "missing runs dir": [tmp_path / "nope", "-o", tmp_path / "r.html"],
+        "no runs in it": [tmp_path / "empty", "-o", tmp_path / "r.html"],
+        "output under a file": [runs_root, "-o", blocker / "r.html"],
+        "output is a directory": [runs_root, "-o", tmp_path / "dir.html"],
+        "unknown extension": [runs_root, "-o", tmp_path / "r.docx"],
+        "no extension": [runs_root, "-o", tmp_path / "report"],
+        "bad taus": [runs_root, "-o", tmp_path / "r.html", "--taus", "small"],
+        "missing templates": [runs_root, "-o", tmp_path / "r.html", "--templates", tmp_path / "empty"],
+    }[case]
+    code, _, err = run_cli(capsys, "report", *argv)
+    assert_one_line_error(code, err, pattern)
+    assert not (tmp_path / "r.html").exists() and blocker.read_text() == "not a directory"
+
+
+def test_templates_sit_next_to_the_package():
+    assert TEMPLATES_DIR == Path(bnprobe.__file__).resolve().parents[1] / "templates"
+    assert (TEMPLATES_DIR / "report.html.j2").is_file() and (TEMPLATES_DIR / "report.css").is_file()
+    with pytest.raises(BnprobeError, match="report templates not found"):
+        template_environment(TEMPLATES_DIR / "missing")
