@@ -88,3 +88,22 @@ def test_unknown_model_and_bad_options_are_clear_errors():
         check_model_name("resnet21")
     with pytest.raises(BnprobeError, match="shortcut"):
         create_model("resnet50", shortcut="A")
+
+
+@pytest.mark.parametrize("convs", [25, 76, 100])
+def test_models_by_number_of_conv_layers(convs):
+    with torch.device("meta"):
+        model = create_model(f"convs{convs}")
+    main_path = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "downsample" not in n]
+    assert len(main_path) == convs
+    if convs == 100:  # ResNet-101's main path
+        with torch.device("meta"):
+            assert n_params(model) == n_params(create_model("resnet101"))
+
+
+def test_conv_count_must_fit_bottleneck_blocks():
+    from bnprobe.models.bottleneck_resnet import stages_for_convs
+
+    assert stages_for_convs(25) == [2, 2, 2, 2] and stages_for_convs(49) == [3, 4, 6, 3]
+    with pytest.raises(BnprobeError, match="1 \\+ 3k convs"):
+        stages_for_convs(26)
