@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
+
+from common import ArrayImageDataset, cpu_seconds, device_name, report_disturbance, sync  # noqa: E402
 
 from bnprobe import runs  # noqa: E402
 from bnprobe.ablate import default_batch_size, sweep  # noqa: E402
@@ -59,23 +61,6 @@ TARGET_SPEEDUP = 3.0  # naive seconds / bnprobe seconds for the whole sweep, fro
 
 
 # ---- data and checkpoint -----------------------------------------------------------------------------
-
-
-class ArrayImageDataset(torch.utils.data.Dataset):
-    """What torchvision.datasets.CIFAR10 does: HWC uint8 arrays in memory, a PIL image per item."""
-
-    def __init__(self, images_nchw: np.ndarray, labels: np.ndarray, transform: Callable):
-        self.data = np.ascontiguousarray(images_nchw.transpose(0, 2, 3, 1))
-        self.targets = [int(t) for t in labels]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
 class PixelNormalize:
@@ -107,11 +92,6 @@ def make_checkpoint(path: Path, model_name: str, train_x: torch.Tensor, mean: to
 
 
 # ---- the two paths -------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bnprobe_sweep(checkpoint: Path, taus: list[float], device: torch.device, images: int, batch_size: int,
@@ -179,34 +159,6 @@ def naive_sweep(checkpoint: Path, taus: list[float], device: torch.device, image
 
 
 # ---- main ----------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_seconds() -> Optional[tuple[float, float]]:
-    """(busy CPU-seconds of the whole machine, CPU-seconds of this process and its reaped children)."""
-    try:
-        import resource
-
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-        own = sum(getattr(resource.getrusage(who), attr)
-                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for attr in ("ru_utime", "ru_stime"))
-        return busy, own
-    except (OSError, ImportError, ValueError, IndexError):
-        return None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -334,11 +286,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         table.add_row(*row)
     console.print(table)
     console.print(f"ratio naive/bnprobe = {ratio:.2f}x")
-    if others is not None:
-        line = f"other processes kept {others:.2f} of {os.cpu_count()} cores busy meanwhile"
-        if others > 0.25:
-            line = f"[yellow]warning: {line}; these numbers are disturbed, rerun on a quiet machine"
-        console.print(line)
+    report_disturbance(console, others)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {args.json}")

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
+from common import ArrayImageDataset, cpu_seconds, device_name, report_disturbance, sync  # noqa: E402
+
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
@@ -67,23 +69,6 @@ TARGET_BN_ONLY = 0.76  # BN-only / full step time, from the issue
 def synthetic_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int64)
-
-
-class ArrayImageDataset(torch.utils.data.Dataset):
-    """What torchvision.datasets.CIFAR10 does: HWC uint8 arrays in memory, a PIL image per item."""
-
-    def __init__(self, images_nchw: np.ndarray, labels: np.ndarray, transform: Callable):
-        self.data = np.ascontiguousarray(images_nchw.transpose(0, 2, 3, 1))
-        self.targets = [int(t) for t in labels]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
 class StepLoader(DeviceLoader):
@@ -104,11 +89,6 @@ class StepLoader(DeviceLoader):
 
 
 # ---- timing ----------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
@@ -190,24 +170,6 @@ def images_per_s(rounds: list[tuple[int, float]]) -> float:
     return float(np.median([n / s for n, s in rounds]))
 
 
-def cpu_seconds() -> Optional[tuple[float, float]]:
-    """(busy CPU-seconds of the whole machine, CPU-seconds of this process and its reaped children)."""
-    try:
-        import resource
-
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-        own = sum(
-            getattr(resource.getrusage(who), attr)
-            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-            for attr in ("ru_utime", "ru_stime")
-        )
-        return busy, own
-    except (OSError, ImportError, ValueError, IndexError):
-        return None
-
-
 def time_loader_only(batches: Callable[[], Any], device: torch.device, skip: int, steps: int) -> float:
     """images/s of a loader alone: `skip` batches untimed (worker start-up), then `steps` batches."""
     iterator = batches()
@@ -230,19 +192,6 @@ def cycle(make: Callable[[], Any]):
 
 
 # ---- main ------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -436,11 +385,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         table.add_row(*row)
     console.print(table)
     console.print(f"({total_seconds:.0f} s of timing and warm-up)")
-    if others_cores is not None:
-        line = f"other processes kept {others_cores:.2f} of {os.cpu_count()} cores busy meanwhile"
-        if others_cores > 0.25:
-            line = f"[yellow]warning: {line}; these numbers are disturbed, rerun on a quiet machine"
-        console.print(line)
+    report_disturbance(console, others_cores)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {args.json}")
