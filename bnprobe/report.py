@@ -188,7 +188,7 @@ def model_depth(model: str) -> Optional[int]:
 
 
 def model_family(model: str) -> str:
-    """'CIFAR ResNet', 'Bottleneck ResNet', 'VGG', else the name's letters.
+    """'CIFAR ResNet', 'Bottleneck ResNet', 'Bottleneck ResNet by convs', 'VGG', else the name's letters.
 
     The name alone is ambiguous (resnet56 is a CIFAR ResNet, resnet50 a bottleneck one, and they must not
     share a line in accuracy vs depth); the registry's descriptions say which, but importing it loads
@@ -198,6 +198,8 @@ def model_family(model: str) -> str:
     depth = model_depth(model)
     if prefix == "resnet":
         return "Bottleneck ResNet" if depth in BOTTLENECK_RESNET_DEPTHS else "CIFAR ResNet"
+    if prefix == "convs":  # bottleneck ResNets named by main-path conv count: a depth of another kind
+        return "Bottleneck ResNet by convs"
     if prefix == "vgg":
         return "VGG"
     return prefix or model

@@ -172,7 +172,8 @@ def test_depth_family_and_bn_variant():
     assert (model_depth("resnet110"), model_depth("vgg38"), model_depth("resnet20"), model_depth("mlp")) == (
         110, 38, 20, None)
     assert model_family("resnet56") == "CIFAR ResNet" and model_family("resnet50") == "Bottleneck ResNet"
-    assert model_family("vgg14") == "VGG"
+    assert model_family("vgg14") == "VGG" and model_family("convs76") == "Bottleneck ResNet by convs"
+    assert model_depth("convs76") == 76
     history = {"epoch": np.array([1.0]), "test_acc": np.array([0.5])}
     assert Run("r", Path("r"), {"model": "resnet8"}, history).bn == "full"  # config from before the `bn` field
     assert Run("r", Path("r"), {"model": "resnet8", "bn": "every-k", "bn_every": 2}, history).bn == "every-2"
