@@ -30,6 +30,9 @@ test: install
 
 bench: install
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/telemetry_overhead.py
+	$(BIN)/python bench/ablate_sweep.py
+	$(BIN)/python bench/report_speed.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
