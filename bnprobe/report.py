@@ -14,7 +14,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 import bnprobe
+from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
 
@@ -684,22 +684,6 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
     )
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: a failed write leaves the old report, not half a
-    new one. (bnprobe.runs.atomic_write does the same but imports torch, seconds for nothing here.)"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class ReportSummary:
     output: Path
@@ -773,11 +757,11 @@ def write_report(
     pages = None
     try:
         if kind == "html":
-            _atomic_write(output, lambda f: f.write(html.encode("utf-8")))
+            atomic_write(output, lambda f: f.write(html.encode("utf-8")))
         else:
             document = _weasyprint().HTML(string=html, base_url=str(templates)).render()
             pages = len(document.pages)
-            _atomic_write(output, lambda f: document.write_pdf(target=f))
+            atomic_write(output, lambda f: document.write_pdf(target=f))
     except OSError as exc:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
     return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),

@@ -4,9 +4,7 @@ moment leaves the previous complete file. The schemas themselves are documented 
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -14,6 +12,7 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
+from bnprobe.atomic import replacing
 from bnprobe.errors import BnprobeError
 
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
@@ -22,22 +21,11 @@ COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 @contextmanager
 def atomic_h5(path: Path, *, update: bool = False) -> Iterator[h5py.File]:
     """Open a temporary HDF5 file (a copy of `path` when `update`), rename it over `path` on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if update and path.exists():
+    with replacing(path) as tmp:
+        if update and Path(path).exists():
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "a" if update else "w") as f:
             yield f
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def open_h5(path: Path) -> h5py.File:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import h5py
 import numpy as np
@@ -182,25 +182,3 @@ def _truncate_to_epoch(f, epochs_done: int) -> None:
         if isinstance(group, h5py.Group):
             for dataset in group.values():
                 cut(dataset, epochs_done + 1)
-
-
-def read_epochs(path: Path) -> dict[str, np.ndarray]:
-    from bnprobe.store import open_h5
-
-    with open_h5(path) as f:
-        return {k: v[:] for k, v in f["epochs"].items()}
-
-
-def group_means(path: Path, last_epoch_only: bool = True) -> dict[str, Optional[float]]:
-    """Mean over recorded steps of each group's mean |grad| (None for frozen or absent groups)."""
-    from bnprobe.store import open_h5
-
-    out: dict[str, Optional[float]] = {}
-    with open_h5(path) as f:
-        if "groups" not in f["steps"]:
-            return out
-        epochs = f["steps/epoch"][:]
-        rows = epochs == epochs.max() if last_epoch_only else slice(None)
-        for group, g in f["steps/groups"].items():
-            out[group] = None if g.attrs["frozen"] else float(np.mean(g["grad_abs_mean"][rows]))
-    return out
