@@ -4,6 +4,9 @@ of how much of the machine other processes took while timing (a disturbed run sa
 from __future__ import annotations
 
 import os
+import platform
+import statistics
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -72,3 +75,33 @@ def report_disturbance(console: Console, others: Optional[float]) -> None:
     if others > 0.25:
         line = f"[yellow]warning: {line}; these numbers are disturbed, rerun on a quiet machine"
     console.print(line)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large matrix product on this device: the best dense throughput the model's
+    convolutions (GEMMs underneath) could reach here, measured rather than taken from a data sheet."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    sync(device)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        sync(device)
+        rates.append(2 * n**3 / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def training_step_flops(model: torch.nn.Module, example: torch.Tensor) -> float:
+    """FLOPs of one forward + backward pass per image, as autograd runs it (frozen weights get no
+    weight-gradient convolution), counted by torch's FlopCounterMode (convolutions and matmuls)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    labels = torch.zeros(example.shape[0], dtype=torch.long, device=example.device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(example), labels).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / example.shape[0]

@@ -15,6 +15,14 @@ Two ratios, both measured in this one process on the same device:
 2. step time with only BatchNorm's gamma/beta trainable (`apply_freeze(model, "non-bn")`) / step time of
    full training (`apply_freeze(model, "none")`), both on bnprobe's path.
 
+3. the compute ceiling: FLOPs of one training step per image (torch's FlopCounterMode) against the
+   FLOP/s of a large matrix product measured on the same device. images/s at that ceiling is what a
+   path with a free data path and convolutions at GEMM peak would reach, so ceiling / reference bounds
+   the ratio any implementation of the same computation can show here.
+
+With --compile, a fourth path times bnprobe's step under `torch.compile` (as `bnprobe train --compile`);
+compilation happens in its first warm-up and is not timed (about a minute on a 2-core CPU).
+
 Each path is warmed up (a few untimed steps; for the reference that includes starting its workers) and
 then a fixed number of steps is timed; this is repeated for --rounds rounds, alternating the order of the
 paths, and each path's images/s is the median over rounds, so that a slow patch of a shared machine
@@ -51,13 +59,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from common import ArrayImageDataset, cpu_seconds, device_name, report_disturbance, sync  # noqa: E402
+from common import (  # noqa: E402
+    ArrayImageDataset, cpu_seconds, device_name, matmul_peak_flops, report_disturbance, sync, training_step_flops,
+)
 
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
 from bnprobe.freeze import apply_freeze  # noqa: E402
-from bnprobe.train import build_model, resolve_device, train_one_epoch  # noqa: E402
+from bnprobe.train import build_model, compile_model, resolve_device, train_one_epoch  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # bnprobe / reference images/s, from the issue
 TARGET_BN_ONLY = 0.76  # BN-only / full step time, from the issue
@@ -211,6 +221,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="read CIFAR-10 from here instead of synthetic data")
     p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
                    help="memory format of both paths [auto: as `bnprobe train` (on)]")
+    p.add_argument("--compile", action="store_true", help="also time bnprobe's step under torch.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers here as JSON")
     args = p.parse_args(argv)
@@ -304,12 +315,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     reference = ReferencePath(fresh_model("none"), reference_loader, args.amp, device)
     bn_only = BnprobePath("bnprobe BN-only", fresh_model("non-bn"), bnprobe_loader(args.seed), args.amp, device)
     paths = [full, reference, bn_only]
+    if args.compile:
+        compiled = BnprobePath(
+            "bnprobe --compile", compile_model(fresh_model("none"), device), bnprobe_loader(args.seed), args.amp, device
+        )
+        paths.append(compiled)
     tail = len(labels_np) % args.batch_size
-    if cuda and tail:
-        # cudnn.benchmark tunes each new input shape once: let it tune the short last batch of an epoch
-        # here, not inside whichever path's timed round first reaches the end of an epoch.
+    if tail:
+        # cudnn.benchmark tunes, and torch.compile compiles, each new input shape once: let them see the
+        # short last batch of an epoch here, not inside whichever timed round first reaches an epoch's end.
         for path in paths:
-            prime_shape(path.model, tail, memory_format, args.amp, device)
+            if cuda or path.name == "bnprobe --compile":
+                prime_shape(path.model, tail, memory_format, args.amp, device)
 
     console.print(
         f"{args.model}, batch {args.batch_size}, {data_desc}, {'bf16 autocast' if args.amp else 'fp32'}, "
@@ -332,6 +349,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     total_seconds = time.perf_counter() - started
     cpu_after = cpu_seconds()
+
+    # The compute ceiling (not part of the disturbance window: it is short and uses every core).
+    example = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
+        flops_full = training_step_flops(fresh_model("none"), example)
+        flops_bn_only = training_step_flops(fresh_model("non-bn"), example)
+    peak = matmul_peak_flops(device, torch.bfloat16 if args.amp else torch.float32)
     # CPU time that other processes took while this ran: on a small machine it slows every path down
     # (more so with several threads per step), so it is reported next to the numbers.
     others_cores = None
@@ -349,6 +373,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "seconds_total": total_seconds,
         "other_processes_busy_cores": others_cores,
         "cores": os.cpu_count(),
+    }
+    ceiling_full = peak / flops_full
+    result["compute"] = {
+        "matmul_peak_flops": peak, "train_step_flops_per_image": flops_full,
+        "bn_only_step_flops_per_image": flops_bn_only, "ceiling_images_per_s": ceiling_full,
+        "ceiling_over_reference": ceiling_full / result["images_per_s"]["reference"],
+        "bnprobe_fraction_of_ceiling": result["images_per_s"]["bnprobe"] / ceiling_full,
     }
     speedup = result["images_per_s"]["bnprobe"] / result["images_per_s"]["reference"]
     bn_ratio = result["images_per_s"]["bnprobe"] / result["images_per_s"]["bnprobe BN-only"]  # = time ratio
@@ -378,9 +409,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
          f"apply_freeze(model, 'non-bn'); {spread(bn_only)}"),
         ("BN-only / full step time", f"{bn_ratio:.2f}x",
          f"target <= {TARGET_BN_ONLY:g}x: {verdict(bn_ratio <= TARGET_BN_ONLY)}"),
+        ("compute ceiling images/s", f"{ceiling_full:,.0f}",
+         f"{peak / 1e9:,.0f} GFLOP/s matmul peak / {flops_full / 1e6:,.0f} MFLOP per image "
+         f"(BN-only: {flops_bn_only / 1e6:,.0f}); bnprobe runs at {result['compute']['bnprobe_fraction_of_ceiling']:.0%} of it"),
+        ("ceiling / reference", f"{result['compute']['ceiling_over_reference']:.2f}x",
+         "the most any data path + kernels could show here for this computation"),
         ("data only: bnprobe", f"{data_bnprobe:,.0f}", "images/s of DeviceLoader alone"),
         ("data only: reference", f"{data_reference:,.0f}", "images/s of DataLoader + .to(device) alone"),
     ]
+    if args.compile:
+        rate = result["images_per_s"]["bnprobe --compile"]
+        result["compiled_over_reference"] = rate / result["images_per_s"]["reference"]
+        rows.insert(6, ("bnprobe --compile images/s", f"{rate:,.1f}",
+                        f"{result['compiled_over_reference']:.2f}x the reference; {spread(compiled)}"))
     for row in rows:
         table.add_row(*row)
     console.print(table)
