@@ -8,6 +8,7 @@ open_lth). Fields marked `identity=False` only say *how* to run (device, paths);
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -143,10 +144,7 @@ class TrainConfig:
     # ---- validation ------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
         """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
-        import torch
-
         from bnprobe.data import get_dataset_spec
-        from bnprobe.models import create_model, remove_bn_affine
 
         spec = get_dataset_spec(self.dataset)
         _choice("freeze", self.freeze, FREEZE_MODES)
@@ -174,14 +172,8 @@ class TrainConfig:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
         if any(m < 1 for m in self.milestone_epochs):
             raise BnprobeError(f"--milestones must be positive epochs, got {self.milestones!r}")
-        with torch.device("meta"):  # checks every model option without allocating or loading data
-            model = create_model(self.model, in_channels=spec.channels, num_classes=spec.num_classes,
-                                 width=self.width, shortcut=self.shortcut, bn=self.bn, bn_every=self.bn_every)
-            remove_bn_affine(model, self.bn_affine_off)
-            if self.random_features:
-                from bnprobe.freeze import random_feature_masks
-
-                random_feature_masks(model, self.random_features, torch.Generator())
+        _check_model(self.model, spec.channels, spec.num_classes, self.width, self.shortcut, self.bn,
+                     self.bn_every, self.bn_affine_off, self.random_features)
         normalize = spec.normalize if self.normalize is None else self.normalize
         _choice("normalize", normalize, NORMALIZATIONS)
         translate = spec.translate if self.translate is None else self.translate
@@ -194,6 +186,25 @@ class TrainConfig:
             normalize=normalize,
             milestones=",".join(str(m) for m in self.milestone_epochs),
         )
+
+
+@functools.lru_cache(maxsize=32)
+def _check_model(model_name: str, channels: int, classes: int, width: int, shortcut: str, bn: str, bn_every: int,
+                 bn_affine_off: str, random_features: int) -> None:
+    """Build the model on the meta device: checks every model option without allocating or loading data.
+    Cached, because the CLI and train() both resolve the same config (deep models take seconds)."""
+    import torch
+
+    from bnprobe.models import create_model, remove_bn_affine
+
+    with torch.device("meta"):
+        model = create_model(model_name, in_channels=channels, num_classes=classes,
+                             width=width, shortcut=shortcut, bn=bn, bn_every=bn_every)
+        remove_bn_affine(model, bn_affine_off)
+        if random_features:
+            from bnprobe.freeze import random_feature_masks
+
+            random_feature_masks(model, random_features, torch.Generator())
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
