@@ -29,7 +29,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from common import ArrayImageDataset, cpu_seconds, device_name, report_disturbance, sync  # noqa: E402
+from common import ArrayImageDataset, cpu_seconds, device_name, print_result, sync, verdict  # noqa: E402
 
 from bnprobe import runs  # noqa: E402
 from bnprobe.ablate import default_batch_size, sweep  # noqa: E402
@@ -182,7 +181,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from rich.console import Console
-    from rich.table import Table
 
     args = parse_args(argv)
     console = Console()
@@ -265,13 +263,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "accuracy": accuracy, "other_processes_busy_cores": others, "cores": os.cpu_count(),
     }
 
-    def verdict(ok: bool) -> str:
-        return "[green]met[/]" if ok else "[red]not met[/]"
 
-    table = Table(title=header, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_column()
     n = len(taus)
     rows = [
         ("device", str(device), device_name(device)),
@@ -282,14 +274,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ("naive / bnprobe", f"{ratio:.2f}x", f"target >= {TARGET_SPEEDUP:g}x: {verdict(ratio >= TARGET_SPEEDUP)}"),
         ("max |Δ accuracy|", f"{max_diff:.4f}", "between the paths, over all τ (float rounding only)"),
     ]
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    console.print(f"ratio naive/bnprobe = {ratio:.2f}x")
-    report_disturbance(console, others)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+    print_result(console, header, rows, others, result, args.json)
     return result
 
 

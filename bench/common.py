@@ -3,11 +3,13 @@ of how much of the machine other processes took while timing (a disturbed run sa
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -105,3 +107,28 @@ def training_step_flops(model: torch.nn.Module, example: torch.Tensor) -> float:
         F.cross_entropy(model(example), labels).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / example.shape[0]
+
+
+def verdict(ok: bool) -> str:
+    return "[green]met[/]" if ok else "[red]not met[/]"
+
+
+def print_result(
+    console: Console, header: str, rows: list[tuple[str, str, str]], others: Optional[float],
+    result: dict[str, Any], json_path: Optional[str],
+) -> None:
+    """The closing table every benchmark prints (name, number, how it was measured), the disturbance
+    line, and the numbers as JSON when asked."""
+    from rich.table import Table
+
+    table = Table(title=header, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_column()
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    report_disturbance(console, others)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")

@@ -44,7 +44,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
 from common import (  # noqa: E402
-    ArrayImageDataset, cpu_seconds, device_name, matmul_peak_flops, report_disturbance, sync, training_step_flops,
+    ArrayImageDataset, cpu_seconds, device_name, matmul_peak_flops, print_result, sync, training_step_flops, verdict,
 )
 
 from bnprobe.config import TrainConfig  # noqa: E402
@@ -235,7 +234,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from rich.console import Console
-    from rich.table import Table
     from torchvision import transforms
 
     args = parse_args(argv)
@@ -390,13 +388,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rates = [n / s for n, s in path.rounds]
         return f"median of {len(rates)} rounds ({min(rates):,.1f} - {max(rates):,.1f})"
 
-    def verdict(ok: bool) -> str:
-        return "[green]met[/]" if ok else "[red]not met[/]"
 
-    table = Table(title=header, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_column()
     rows = [
         ("device", str(device), device_name(device)),
         ("model", args.model, f"{'bf16 autocast' if args.amp else 'fp32'}, channels_last {'on' if channels_last else 'off'}"),
@@ -422,14 +414,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         result["compiled_over_reference"] = rate / result["images_per_s"]["reference"]
         rows.insert(6, ("bnprobe --compile images/s", f"{rate:,.1f}",
                         f"{result['compiled_over_reference']:.2f}x the reference; {spread(compiled)}"))
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
     console.print(f"({total_seconds:.0f} s of timing and warm-up)")
-    report_disturbance(console, others_cores)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {args.json}")
+    print_result(console, header, rows, others_cores, result, args.json)
     return result
 
 
