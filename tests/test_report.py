@@ -222,6 +222,49 @@ def test_html_is_deterministic_and_ids_unique(runs_root, report_html):
     assert len(ids) == len(set(ids)) and len(ids) > 10  # many inline SVGs, one id space
 
 
+def test_report_of_an_ablation_written_by_bnprobe_ablate(capsys, runs_root, tmp_path, monkeypatch):
+    # write_ablation above follows docs/probe-schema.md; this file comes from `bnprobe ablate` itself, so a
+    # change in what the command writes that the report does not follow fails here.
+    import bnprobe.ablate
+
+    run = Path(shutil.copytree(runs_root / "bn-only", tmp_path / "runs" / "bn-only"))
+    results = []  # what the sweep measured, in memory: the numbers the report must show
+    measure = bnprobe.ablate.run_ablation
+
+    def recorded(*args, **kwargs):
+        results.append(measure(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(bnprobe.ablate, "run_ablation", recorded)
+    code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0,0.05,0.5,5", "--test-subset", "100",
+                           "--train-subset", "100", "--device", "cpu")
+    assert code == 0, err
+    [(result, path)] = results
+    assert path == run / "ablation.h5" and result.clamped[-1] == result.total_channels  # τ = 5 clamps every γ
+
+    collection = collect([tmp_path / "runs"])
+    assert not collection.skipped, collection.skipped  # e.g. "damaged bnprobe-ablation file (...)"
+    [ablation] = collection.ablations
+    assert ablation.run is not None and ablation.run.name == "bn-only" and ablation.mode == "threshold"
+    np.testing.assert_array_equal(ablation.values, [0, 0.05, 0.5, 5])
+    np.testing.assert_array_equal(ablation.test_acc, result.metrics["test_acc"])
+    np.testing.assert_array_equal(ablation.train_acc, result.metrics["train_acc"])
+    np.testing.assert_array_equal(ablation.clamped_fraction, result.clamped / result.total_channels)
+    assert ablation.baseline_test_acc == result.baseline["test_acc"]
+
+    code, _, err = run_cli(capsys, "report", tmp_path / "runs", "-o", tmp_path / "report.html", "--jobs", "1")
+    assert code == 0, err
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    section = html[html.index('<section class="ablation" id="ablations">'):]
+    section = section[:section.index("</section>")]
+    assert "No ablation results" not in section and "<svg " in section and "bn-only (τ)" in section  # the figure
+    [row] = re.findall(r"<tr>\s*<td class=\"text name\"><code>ablation.h5</code>.*?</tr>", section, re.S)
+    cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    pct = lambda value: f"{100 * value:.1f}%"  # noqa: E731
+    assert cells == ["ablation.h5", "bn-only non-bn", "|γ| &lt; τ", "4: 0 … 5", pct(result.baseline["test_acc"]),
+                     pct(result.metrics["test_acc"][-1]), "100.0%"], cells
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, installed with apt when missing (root and apt needed, else skip with the reason)."""
