@@ -253,18 +253,19 @@ def report(
         False, "--include-unfinished", help="Also show runs that stopped before their last epoch (else skipped)."),
     title: Optional[str] = typer.Option(None, "--title", help="Report title \\[default: bnprobe report: DIR name]."),
     templates: Optional[Path] = typer.Option(
-        None, "--templates", help="Folder with report.html.j2 and report.css \\[default: the repository's templates]."),
+        None, "--templates",
+        help="Folder with report.html.j2 and report.css \\[default: the checkout's templates/, else the installed copy]."),
     jobs: int = typer.Option(0, "--jobs", help="Processes that draw the figures (0 = one per CPU core)."),
 ) -> None:
     """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
     from rich.markup import escape
 
-    from bnprobe.report import TEMPLATES_DIR, parse_taus, write_report
+    from bnprobe.report import parse_taus, write_report
 
     if jobs < 0:
         raise BnprobeError(f"--jobs must be >= 0, got {jobs}")
     summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
-                           title=title, templates=templates or TEMPLATES_DIR, jobs=jobs or None)
+                           title=title, templates=templates, jobs=jobs or None)
     for item in summary.skipped:
         console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
 

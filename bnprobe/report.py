@@ -4,7 +4,8 @@ results, in one document.
 Reading is defensive: a run that is partial (no finished epoch, no checkpoint, unfinished) or damaged
 (unreadable JSON or HDF5) becomes a `Skipped(name, reason)` line of the report, which still renders.
 Figures come from bnprobe.figures as SVG text. The Jinja2 template and its CSS live in the repository's
-top-level `templates/` folder, found next to the package (a source checkout or an editable install).
+top-level `templates/` folder; a wheel ships them as data files under PREFIX/share/bnprobe/templates
+(see find_templates).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import math
 import os
 import re
+import site
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,8 @@ from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
 
-TEMPLATES_DIR = Path(bnprobe.__file__).resolve().parents[1] / "templates"
+SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # a checkout or an editable install
+INSTALLED_TEMPLATES = Path("share", "bnprobe", "templates")  # under an install prefix: pyproject.toml's data-files
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
@@ -625,14 +629,43 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def install_prefixes() -> list[Path]:
+    """Where an installer may have put bnprobe's data files: this environment's prefix (a virtualenv, conda,
+    a plain install), the platform scheme's data folder where it differs (Debian's /usr/local for pip with
+    the system Python), and the user base when user site-packages are importable (pip install --user)."""
+    prefixes = [sys.prefix, sysconfig.get_path("data")]
+    if site.ENABLE_USER_SITE and site.USER_BASE:
+        prefixes.append(site.USER_BASE)
+    return list(dict.fromkeys(Path(p) for p in prefixes if p))
+
+
+def find_templates(explicit: Optional[Path] = None, *, source: Optional[Path] = None,
+                   prefixes: Optional[Sequence[Path]] = None) -> Path:
+    """The folder with the report's template and stylesheet: `explicit` (--templates) as given, else the
+    repository's templates/ next to the package, else the copy a wheel installed under a prefix.
+
+    The checkout comes first: templates being edited win over a copy left by an earlier `pip install .`.
+    """
+    if explicit is not None:
+        return Path(explicit)  # template_environment names it if it lacks a file
+    candidates = [SOURCE_TEMPLATES if source is None else source] + [
+        Path(p) / INSTALLED_TEMPLATES for p in (install_prefixes() if prefixes is None else prefixes)]
+    for candidate in candidates:
+        if _has_templates(candidate):
+            return candidate
+    raise BnprobeError(f"report templates not found (looked in {', '.join(str(c) for c in candidates)}); "
+                       f"reinstall bnprobe or pass --templates DIR")
+
+
+def _has_templates(folder: Path) -> bool:
+    return (folder / TEMPLATE).is_file() and (folder / STYLESHEET).is_file()
+
+
 def template_environment(templates: Path):
     import jinja2
 
-    if not (templates / TEMPLATE).is_file() or not (templates / STYLESHEET).is_file():
-        raise BnprobeError(
-            f"report templates not found in {templates} (expected {TEMPLATE} and {STYLESHEET}); run bnprobe from a "
-            f"source checkout or an editable install (pip install -e .), or pass --templates DIR"
-        )
+    if not _has_templates(templates):
+        raise BnprobeError(f"report templates not found in {templates} (expected {TEMPLATE} and {STYLESHEET})")
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates)), autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
@@ -658,10 +691,11 @@ def _number(value: Optional[float]) -> str:
 
 
 def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "inline", title: Optional[str] = None,
-                templates: Path = TEMPLATES_DIR, figures: Optional[dict[str, Any]] = None) -> str:
+                templates: Optional[Path] = None, figures: Optional[dict[str, Any]] = None) -> str:
     """The report as one self-contained HTML page. `embed`: "inline" <svg> elements, or "img" data URIs
     (what the PDF uses: WeasyPrint parses an SVG image with a fast XML parser, inline SVG with its slow
-    HTML one and styles every node)."""
+    HTML one and styles every node). `templates`: see find_templates."""
+    templates = find_templates(templates)
     env = template_environment(templates)
     figures = figures if figures is not None else build_figures(collection, taus)
     runs_with_depth = [r for r in collection.runs if r.depth is not None]
@@ -736,7 +770,7 @@ def write_report(
     taus: Sequence[float] = tuple(parse_taus(DEFAULT_TAUS)),
     include_unfinished: bool = False,
     title: Optional[str] = None,
-    templates: Path = TEMPLATES_DIR,
+    templates: Optional[Path] = None,
     jobs: Optional[int] = None,
     on_progress: Optional[Callable[[str], None]] = None,
 ) -> ReportSummary:
@@ -744,6 +778,7 @@ def write_report(
     (.html or .pdf) atomically."""
     started = time.perf_counter()
     kind = check_output(output)
+    templates = find_templates(templates)
     template_environment(templates)  # fail on missing templates before reading anything
     say = on_progress or (lambda message: None)
     roots = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(r) for r in runs_dirs]

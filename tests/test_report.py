@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -21,8 +22,9 @@ import bnprobe
 from bnprobe.cli import main
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
-from bnprobe.report import (TEMPLATES_DIR, Run, collect, model_depth, model_family, parse_taus, render_html,
-                            template_environment, write_report)
+from bnprobe.report import (INSTALLED_TEMPLATES, SOURCE_TEMPLATES, STYLESHEET, TEMPLATE, Run, collect, find_templates,
+                            install_prefixes, model_depth, model_family, parse_taus, render_html, template_environment,
+                            write_report)
 from cli_helpers import assert_one_line_error, run_cli
 
 TINY = dict(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=300, test_subset=150,
@@ -220,6 +222,49 @@ def test_html_is_deterministic_and_ids_unique(runs_root, report_html):
     assert len(ids) == len(set(ids)) and len(ids) > 10  # many inline SVGs, one id space
 
 
+def test_report_of_an_ablation_written_by_bnprobe_ablate(capsys, runs_root, tmp_path, monkeypatch):
+    # write_ablation above follows docs/probe-schema.md; this file comes from `bnprobe ablate` itself, so a
+    # change in what the command writes that the report does not follow fails here.
+    import bnprobe.ablate
+
+    run = Path(shutil.copytree(runs_root / "bn-only", tmp_path / "runs" / "bn-only"))
+    results = []  # what the sweep measured, in memory: the numbers the report must show
+    measure = bnprobe.ablate.run_ablation
+
+    def recorded(*args, **kwargs):
+        results.append(measure(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(bnprobe.ablate, "run_ablation", recorded)
+    code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0,0.05,0.5,5", "--test-subset", "100",
+                           "--train-subset", "100", "--device", "cpu")
+    assert code == 0, err
+    [(result, path)] = results
+    assert path == run / "ablation.h5" and result.clamped[-1] == result.total_channels  # τ = 5 clamps every γ
+
+    collection = collect([tmp_path / "runs"])
+    assert not collection.skipped, collection.skipped  # e.g. "damaged bnprobe-ablation file (...)"
+    [ablation] = collection.ablations
+    assert ablation.run is not None and ablation.run.name == "bn-only" and ablation.mode == "threshold"
+    np.testing.assert_array_equal(ablation.values, [0, 0.05, 0.5, 5])
+    np.testing.assert_array_equal(ablation.test_acc, result.metrics["test_acc"])
+    np.testing.assert_array_equal(ablation.train_acc, result.metrics["train_acc"])
+    np.testing.assert_array_equal(ablation.clamped_fraction, result.clamped / result.total_channels)
+    assert ablation.baseline_test_acc == result.baseline["test_acc"]
+
+    code, _, err = run_cli(capsys, "report", tmp_path / "runs", "-o", tmp_path / "report.html", "--jobs", "1")
+    assert code == 0, err
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    section = html[html.index('<section class="ablation" id="ablations">'):]
+    section = section[:section.index("</section>")]
+    assert "No ablation results" not in section and "<svg " in section and "bn-only (τ)" in section  # the figure
+    [row] = re.findall(r"<tr>\s*<td class=\"text name\"><code>ablation.h5</code>.*?</tr>", section, re.S)
+    cells = [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    pct = lambda value: f"{100 * value:.1f}%"  # noqa: E731
+    assert cells == ["ablation.h5", "bn-only non-bn", "|γ| &lt; τ", "4: 0 … 5", pct(result.baseline["test_acc"]),
+                     pct(result.metrics["test_acc"][-1]), "100.0%"], cells
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, installed with apt when missing (root and apt needed, else skip with the reason)."""
@@ -296,7 +341,45 @@ def test_bad_input_is_one_line(capsys, tmp_path, runs_root, case, pattern):
 
 
 def test_templates_sit_next_to_the_package():
-    assert TEMPLATES_DIR == Path(bnprobe.__file__).resolve().parents[1] / "templates"
-    assert (TEMPLATES_DIR / "report.html.j2").is_file() and (TEMPLATES_DIR / "report.css").is_file()
+    assert SOURCE_TEMPLATES == Path(bnprobe.__file__).resolve().parents[1] / "templates"
+    assert find_templates() == SOURCE_TEMPLATES  # a checkout: its own templates, whatever is installed
     with pytest.raises(BnprobeError, match="report templates not found"):
-        template_environment(TEMPLATES_DIR / "missing")
+        template_environment(SOURCE_TEMPLATES / "missing")
+
+
+def copy_templates(folder: Path, names=(TEMPLATE, STYLESHEET)) -> Path:
+    folder.mkdir(parents=True)
+    for name in names:
+        shutil.copy(SOURCE_TEMPLATES / name, folder)
+    return folder
+
+
+def test_templates_lookup_order_with_an_installed_copy(tmp_path, monkeypatch):
+    # A wheel install: no templates/ next to the package, the data files under sys.prefix.
+    prefix = tmp_path / "prefix"
+    installed = copy_templates(prefix / INSTALLED_TEMPLATES)
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    assert install_prefixes()[0] == prefix
+    no_checkout = tmp_path / "site-packages" / "templates"
+    assert find_templates(source=no_checkout) == installed
+    checkout = copy_templates(tmp_path / "checkout" / "templates")
+    assert find_templates(source=checkout) == checkout  # edited templates win over a stale installed copy
+    assert find_templates(tmp_path / "mine", source=checkout) == tmp_path / "mine"  # --templates, as given
+    copy_templates(tmp_path / "half" / INSTALLED_TEMPLATES, names=(TEMPLATE,))  # no stylesheet: not a candidate
+    with pytest.raises(BnprobeError, match=r"report templates not found \(looked in .*site-packages/templates, "
+                                           r".*half/share/bnprobe/templates\); reinstall bnprobe or pass --templates"):
+        find_templates(source=no_checkout, prefixes=[tmp_path / "half"])
+
+
+def test_report_command_finds_installed_templates(capsys, runs_root, tmp_path, monkeypatch):
+    prefix = tmp_path / "prefix"
+    copy_templates(prefix / INSTALLED_TEMPLATES)
+    monkeypatch.setattr("bnprobe.report.SOURCE_TEMPLATES", tmp_path / "site-packages" / "templates")
+    monkeypatch.setattr("bnprobe.report.install_prefixes", lambda: [prefix])
+    code, out, err = run_cli(capsys, "report", runs_root / "full", "-o", tmp_path / "r.html", "--jobs", "1")
+    assert code == 0 and "Wrote" in out, err
+    assert "Clamp-to-zero ablations" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    shutil.rmtree(prefix)
+    code, _, err = run_cli(capsys, "report", runs_root / "full", "-o", tmp_path / "r2.html")
+    assert_one_line_error(code, err, "pass --templates DIR")
+    assert not (tmp_path / "r2.html").exists()
