@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,12 +27,20 @@ def test_shards_split_each_epoch_into_equal_disjoint_parts():
     assert len(everything) == 102 and len(everything.unique()) == 102  # one image of 103 dropped, none twice
 
 
+def torchrun(*args: str, processes: int = 2, script: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m bnprobe ARGS` (or SCRIPT ARGS) on CPU, which picks gloo.
+
+    The workers inherit this process's environment, PYTHONPATH included, so they import this checkout."""
+    target = [str(script)] if script else ["-m", "bnprobe"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *target, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "bnprobe", "train", "resnet8", "--ddp", "--device", "cpu", "--dataset", "digits",
-               "--epochs", "2", "--subset", "400", "--test-subset", "100", "--batch-size", "64", "--freeze", "non-bn",
-               "--milestones", "", "--runs-dir", str(tmp_path), "--name", "ddp"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = torchrun("train", "resnet8", "--ddp", "--device", "cpu", "--dataset", "digits",
+                    "--epochs", "2", "--subset", "400", "--test-subset", "100", "--batch-size", "64", "--freeze", "non-bn",
+                    "--milestones", "", "--runs-dir", str(tmp_path), "--name", "ddp")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("2 processes") == 1  # rank 0 alone speaks
     state = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "ddp"))
