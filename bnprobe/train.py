@@ -140,6 +140,13 @@ def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite
     return state
 
 
+def _other_process_count(run_dir: Path, stored: int, given: int) -> str:
+    """Each rank's batch (so its BN statistics) and shard depend on the process count: no exact resume across it."""
+    how = f"under torchrun --nproc_per_node {stored} with --ddp" if stored > 1 else "in a single process"
+    return (f"cannot resume {run_dir}: it was trained by {stored} process{'es' if stored > 1 else ''}, not {given}; "
+            f"resume it {how}, or pass --overwrite to start again")
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +196,8 @@ def _train(
     if state is not None and state["epoch"] >= config.epochs:
         console.print(f"[green]{run_dir} already finished {config.epochs} epochs; nothing to do.")
         return state["history"]
+    if state is not None and int(state.get("processes", 1)) != process.world:
+        raise BnprobeError(_other_process_count(run_dir, int(state.get("processes", 1)), process.world))
 
     channels_last = config.channels_last
     if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():

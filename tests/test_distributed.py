@@ -1,5 +1,6 @@
 """Data-parallel training: sharding, and a real 2-process torchrun run with the gloo backend on CPU."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,8 @@ def test_interrupted_ddp_run_resumes_bit_identical_on_every_rank(tmp_path):
     assert stopped.returncode != 0 and "interrupted" in stopped.stderr
     stored = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "resumed"))
     assert stored["epoch"] == 1 and stored["processes"] == 2
+    with pytest.raises(BnprobeError, match="trained by 2 processes, not 1; resume it under torchrun --nproc_per_node 2"):
+        train(dataclasses.replace(TrainConfig.from_dict(stored["config"]), ddp=False), tmp_path / "resumed", resume=True)
 
     resumed = torchrun(*args, "--name", "resumed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
