@@ -1,11 +1,13 @@
 """Data-parallel training across processes started by torchrun (`bnprobe train ... --ddp`).
 
 Each process trains on its own shard of every epoch's permutation (the permutation itself is the same
-on every rank); gradients are averaged by DistributedDataParallel; rank 0 alone writes the run directory.
+on every rank) and augments it from its own stream, seeded per epoch by `augmentation_seed`; gradients
+are averaged by DistributedDataParallel; rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -50,3 +52,12 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's augmentation stream in one epoch (0-based) of a multi-process run.
+
+    Derived from (seed, epoch, rank), never carried over from the previous epoch, so a resumed run reseeds
+    every rank exactly as the uninterrupted run did and no rank's generator state needs saving."""
+    digest = hashlib.sha256(f"bnprobe-augment/{seed}/{epoch}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")

@@ -22,7 +22,7 @@ from rich.table import Table
 from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
-from bnprobe.distributed import Process, sum_over_processes
+from bnprobe.distributed import Process, augmentation_seed, sum_over_processes
 from bnprobe.errors import BnprobeError
 from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
 from bnprobe.models import create_model, init_weights, remove_bn_affine
@@ -140,6 +140,13 @@ def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite
     return state
 
 
+def _other_process_count(run_dir: Path, stored: int, given: int) -> str:
+    """Each rank's batch (so its BN statistics) and shard depend on the process count: no exact resume across it."""
+    how = f"under torchrun --nproc_per_node {stored} with --ddp" if stored > 1 else "in a single process"
+    return (f"cannot resume {run_dir}: it was trained by {stored} process{'es' if stored > 1 else ''}, not {given}; "
+            f"resume it {how}, or pass --overwrite to start again")
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +196,8 @@ def _train(
     if state is not None and state["epoch"] >= config.epochs:
         console.print(f"[green]{run_dir} already finished {config.epochs} epochs; nothing to do.")
         return state["history"]
+    if state is not None and int(state.get("processes", 1)) != process.world:
+        raise BnprobeError(_other_process_count(run_dir, int(state.get("processes", 1)), process.world))
 
     channels_last = config.channels_last
     if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
@@ -228,7 +237,10 @@ def _train(
         step_model = compile_model(step_model, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed)
-    augment_generator = generator  # rank 0 (and a single process) draws order and augmentation from one stream
+    # One process draws order and augmentation from one stream, whose state the checkpoint keeps. Under DDP
+    # that stream draws the order alone, so it stays the same on every rank (rank 0's saved state is every
+    # rank's), and each rank augments from its own stream, reseeded each epoch from (seed, epoch, rank).
+    augment_generator = torch.Generator(device=device) if process.world > 1 else generator
     history: list[dict[str, Any]] = []
     start_epoch = 0
 
@@ -247,8 +259,6 @@ def _train(
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         history, start_epoch = list(state["history"]), int(state["epoch"])
         console.print(f"Resuming {run_dir} after epoch {start_epoch}.")
-    if process.rank:  # other ranks augment from their own stream, reseeded per start (exact resume is rank 0's)
-        augment_generator = torch.Generator(device=device).manual_seed(config.seed + 1000 * process.rank + start_epoch)
     if process.main:
         runs.write_json(runs.config_path(run_dir), config.to_dict())
 
@@ -293,6 +303,8 @@ def _train(
             lr = config.lr_at(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if process.world > 1:
+                augment_generator.manual_seed(augmentation_seed(config.seed, epoch, process.rank))
             progress.reset(steps_task, total=len(train_loader))
             started = time.perf_counter()
             train_loss, train_acc = train_one_epoch(
