@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bnprobe import runs
@@ -169,7 +170,7 @@ def run_sweep(
                 train(config, run.run_dir, resume=True, console=console)
                 outcome[run.run_dir.name] = "done"
             except BnprobeError as exc:  # one failed run does not stop the sweep
-                console.print(f"[red]{run.run_dir.name} failed: {exc}")
+                console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(str(exc))}", soft_wrap=True)
                 outcome[run.run_dir.name] = f"failed: {exc}"
         return outcome
     # One worker process per device, each pinned with CUDA_VISIBLE_DEVICES, pulling runs as they free up.
@@ -186,12 +187,12 @@ def run_sweep(
                 log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "w")
                 command = [sys.executable, "-m", "bnprobe.sweep", json.dumps(config.to_dict()), str(run.run_dir)]
                 active[device] = (run, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-                console.print(f"started {run.run_dir.name} on {device}")
+                console.print(f"started {escape(run.run_dir.name)} on {device}", soft_wrap=True)
         for device, (run, process, log) in list(active.items()):
             if process.poll() is not None:
                 log.close()
                 outcome[run.run_dir.name] = "done" if process.returncode == 0 else f"failed (exit {process.returncode})"
-                console.print(f"{run.run_dir.name} on {device}: {outcome[run.run_dir.name]}")
+                console.print(f"{escape(run.run_dir.name)} on {device}: {escape(str(outcome[run.run_dir.name]))}", soft_wrap=True)
                 del active[device]
         if active:
             time.sleep(0.5)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -194,7 +195,7 @@ def _train(
         raise BnprobeError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
     state = _check_resumable(run_dir, config, resume, overwrite)
     if state is not None and state["epoch"] >= config.epochs:
-        console.print(f"[green]{run_dir} already finished {config.epochs} epochs; nothing to do.")
+        console.print(f"[green]{escape(str(run_dir))} already finished {config.epochs} epochs; nothing to do.", soft_wrap=True)
         return state["history"]
     if state is not None and int(state.get("processes", 1)) != process.world:
         raise BnprobeError(_other_process_count(run_dir, int(state.get("processes", 1)), process.world))
@@ -258,7 +259,7 @@ def _train(
         if "cuda" in state["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         history, start_epoch = list(state["history"]), int(state["epoch"])
-        console.print(f"Resuming {run_dir} after epoch {start_epoch}.")
+        console.print(f"Resuming {escape(str(run_dir))} after epoch {start_epoch}.", soft_wrap=True)
     if process.main:
         runs.write_json(runs.config_path(run_dir), config.to_dict())
 
@@ -355,7 +356,7 @@ def summary_table(
 ) -> Table:
     last = history[-1]
     best = max(history, key=lambda r: r["test_acc"])
-    table = Table(title=f"Run {run_dir}", show_header=False)
+    table = Table(title=f"Run {escape(str(run_dir))}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     rows = [

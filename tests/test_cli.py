@@ -59,25 +59,27 @@ def test_unwritable_runs_dir(capsys, tmp_path):
 
 
 def test_train_then_refuse_to_overwrite_then_resume_and_overwrite(capsys, tmp_path):
-    argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    # A long path and rich markup in the name: messages must neither wrap nor swallow "[b]".
+    tmp_path = tmp_path / ("long-folder-name-" * 8)
+    argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r[b]"]
     code, out, _ = run_cli(capsys, *argv)
     assert code == 0
     assert "77,754 of 77,754 parameters trainable" in out
-    checkpoint = runs.checkpoint_path(tmp_path / "r").read_bytes()
+    checkpoint = runs.checkpoint_path(tmp_path / "r[b]").read_bytes()
 
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, "already exists; pass --resume")
-    assert runs.checkpoint_path(tmp_path / "r").read_bytes() == checkpoint  # nothing lost
+    assert runs.checkpoint_path(tmp_path / "r[b]").read_bytes() == checkpoint  # nothing lost
 
     code, _, err = run_cli(capsys, *argv, "--resume", "--lr", "0.3")
     assert_one_line_error(code, err, "settings differ (lr: stored 0.1 vs given 0.3)")
 
     code, out, _ = run_cli(capsys, *argv, "--resume")
-    assert code == 0 and "already finished" in out
+    assert code == 0 and f"{tmp_path / 'r[b]'} already finished" in out
 
     code, out, _ = run_cli(capsys, *argv, "--overwrite", "--freeze", "non-bn")
     assert code == 0 and "672 of 77,754 parameters trainable" in out
-    assert runs.read_config(tmp_path / "r").freeze == "non-bn"
+    assert runs.read_config(tmp_path / "r[b]").freeze == "non-bn"
 
 
 def test_default_run_name_is_stable(capsys, tmp_path):
