@@ -14,9 +14,13 @@ from rich.console import Console
 from rich.table import Table
 
 try:  # typer >= 0.23 vendors click
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException
+    import click.exceptions
+
+    ClickException = click.exceptions.ClickException
+    # click < 8.2 prints the help itself when no command is given
+    NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
@@ -26,8 +30,24 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: "[default: ...]" and TOML's "[[grid]]" print as written
 )
 console = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from bnprobe import __version__
+
+        print(f"bnprobe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report."""
 
 
 def _config_parameters(cls: type, positional: tuple[str, ...]) -> list[inspect.Parameter]:
@@ -36,9 +56,9 @@ def _config_parameters(cls: type, positional: tuple[str, ...]) -> list[inspect.P
     params = []
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
-        help_text = f.metadata.get("help", "").replace("[", "\\[")  # not rich markup
+        help_text = f.metadata.get("help", "")
         if f.name in positional:
-            info = typer.Argument(..., help=help_text, show_default=False)
+            info = typer.Argument(..., help=help_text, show_default=False, metavar=f.name.upper())
         else:
             flag = "--" + f.name.replace("_", "-")
             if annotation in (bool, Optional[bool]):
@@ -81,12 +101,13 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
     """Train MODEL (or only some of its tensors, see --freeze) and checkpoint it every epoch."""
+    from bnprobe.runs import check_run_name
     from bnprobe.train import train as run_training
 
     if resume and overwrite:
         raise BnprobeError("--resume and --overwrite contradict each other; pass one")
     config = config.resolved()
-    run_dir = runs_dir / (name or config.run_name())
+    run_dir = runs_dir / (check_run_name(name) if name is not None else config.run_name())
     run_training(config, run_dir, resume=resume, overwrite=overwrite, console=console)
 
 
@@ -183,7 +204,7 @@ def probe(
     images: int = typer.Option(1000, "--images", help="Test images to measure ReLU sparsity on (0 = all)."),
     batch_size: int = typer.Option(500, "--batch-size", help="Batch size of the forward passes."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Where to write probe.h5 \\[default: the run directory for one run, else ./probe.h5]."),
+        None, "--out", help="Where to write probe.h5 [default: the run directory for one run, else ./probe.h5]."),
     brief: bool = typer.Option(False, "--brief", help="Print only the summary table, not the per-layer ones."),
 ) -> None:
     """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity."""
@@ -212,18 +233,18 @@ def ablate(
         help="Apply within each layer: --clamp-fraction zeroes the smallest p of each layer; --clamp-gamma "
              "clamps |γ| < τ times the layer's largest |γ|."),
     zero_beta: bool = typer.Option(
-        False, "--zero-beta", help="Also set β of clamped channels to 0 \\[default: keep β, so they output β]."),
+        False, "--zero-beta", help="Also set β of clamped channels to 0 [default: keep β, so they output β]."),
     test_subset: int = typer.Option(0, "--test-subset", help="Evaluate on the first N test images (0 = all)."),
     train_subset: int = typer.Option(
         10000, "--train-subset", help="Train images to re-measure on, a fixed shuffle (0 = all; a run trained on "
                                       "a subset uses its own images)."),
     train: bool = typer.Option(True, "--train/--no-train", help="Also re-measure train accuracy and loss."),
     batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help="Evaluation batch size \\[default: 4000 on CUDA, 256 on CPU]."),
+        None, "--batch-size", help="Evaluation batch size [default: 4000 on CUDA, 256 on CPU]."),
     fold: bool = typer.Option(
         True, "--fold/--no-fold", help="Fold BN into the preceding convs once (fast) or mask γ on the BN modules."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Where to write ablation.h5 \\[default: the run directory for a run, else ./ablation.h5]."),
+        None, "--out", help="Where to write ablation.h5 [default: the run directory for a run, else ./ablation.h5]."),
 ) -> None:
     """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
     from bnprobe.ablate import run_ablation
@@ -251,10 +272,10 @@ def report(
     taus: str = typer.Option("0.01,0.05,0.1", "--taus", help="Thresholds τ of the fraction |γ| < τ per BN layer."),
     include_unfinished: bool = typer.Option(
         False, "--include-unfinished", help="Also show runs that stopped before their last epoch (else skipped)."),
-    title: Optional[str] = typer.Option(None, "--title", help="Report title \\[default: bnprobe report: DIR name]."),
+    title: Optional[str] = typer.Option(None, "--title", help="Report title [default: bnprobe report: DIR name]."),
     templates: Optional[Path] = typer.Option(
         None, "--templates",
-        help="Folder with report.html.j2 and report.css \\[default: the checkout's templates/, else the installed copy]."),
+        help="Folder with report.html.j2 and report.css [default: the checkout's templates/, else the installed copy]."),
     jobs: int = typer.Option(0, "--jobs", help="Processes that draw the figures (0 = one per CPU core)."),
 ) -> None:
     """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
@@ -278,10 +299,16 @@ def report(
                   f"{pages}) in {summary.seconds:.1f} s", soft_wrap=True, highlight=False)
 
 
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="bnprobe", standalone_mode=False)
+    except NoArgsIsHelpError as exc:  # `bnprobe` alone: the help is the answer, not an error line
+        print(exc.format_message())
+        sys.exit(exc.exit_code)
     except ClickException as exc:
         print(f"bnprobe: error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -289,6 +316,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"bnprobe: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        print("bnprobe: interrupted; finished epochs are kept in the run's checkpoint", file=sys.stderr)
-        sys.exit(130)
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # typer turns Ctrl-C into this exit code
+        print("bnprobe: interrupted; every file written so far is complete (a training run continues with --resume)",
+              file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)

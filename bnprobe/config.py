@@ -11,8 +11,11 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from bnprobe.errors import BnprobeError
@@ -144,7 +147,7 @@ class TrainConfig:
     # ---- validation ------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
         """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
-        from bnprobe.data import get_dataset_spec
+        from bnprobe.data import default_data_dir, get_dataset_spec
 
         spec = get_dataset_spec(self.dataset)
         _choice("freeze", self.freeze, FREEZE_MODES)
@@ -159,6 +162,9 @@ class TrainConfig:
         for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features"):
             if getattr(self, name) < 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):
+            if not math.isfinite(getattr(self, name)):
+                raise BnprobeError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise BnprobeError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -170,8 +176,9 @@ class TrainConfig:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr_drop > 0:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
-        if any(m < 1 for m in self.milestone_epochs):
-            raise BnprobeError(f"--milestones must be positive epochs, got {self.milestones!r}")
+        milestones = self.milestone_epochs
+        if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
+            raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {self.milestones!r}")
         _check_model(self.model, spec.channels, spec.num_classes, self.width, self.shortcut, self.bn,
                      self.bn_every, self.bn_affine_off, self.random_features)
         normalize = spec.normalize if self.normalize is None else self.normalize
@@ -179,8 +186,11 @@ class TrainConfig:
         translate = spec.translate if self.translate is None else self.translate
         if not 0 <= translate < spec.size:
             raise BnprobeError(f"--translate must be in [0, {spec.size}) for {spec.name}, got {translate}")
+        # Absolute, so that probes and ablations run from another folder find the same data.
+        data_dir = Path(self.data_dir) if self.data_dir else default_data_dir()
         return dataclasses.replace(
             self,
+            data_dir=os.path.abspath(data_dir.expanduser()),
             flip=spec.flip if self.flip is None else self.flip,
             translate=translate,
             normalize=normalize,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,57 @@ def checkpoint_path(run_dir: Path) -> Path:
 
 def metrics_path(run_dir: Path) -> Path:
     return run_dir / "metrics.json"
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one folder inside --runs-dir: never a path that could point at (and, with --overwrite,
+    replace) some other folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise BnprobeError(f"--name must be a single folder name (no '/', not '.' or '..'), got {name!r}")
+    return name
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether a folder holds a bnprobe run: only those may be replaced by --overwrite."""
+    return config_path(run_dir).is_file() or checkpoint_path(run_dir).is_file()
+
+
+class Replacement:
+    """--overwrite without losing the old run before the new one is worth more: the old folder is renamed to
+    a hidden sibling, deleted once the new run has saved its first checkpoint, and put back if the new run
+    fails or is interrupted before that. `recover` finishes or undoes one that a killed process left."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.aside = run_dir.with_name(f".{run_dir.name}.replaced")
+        self.pending = False
+
+    def recover(self) -> None:
+        if not self.aside.is_dir():
+            return
+        if checkpoint_path(self.run_dir).is_file():  # the new run got its checkpoint: the old one can go
+            shutil.rmtree(self.aside, ignore_errors=True)
+        else:
+            self._restore()
+
+    def set_aside(self) -> None:
+        self.run_dir.rename(self.aside)
+        self.pending = True
+
+    def commit(self) -> None:
+        if self.pending:
+            self.pending = False
+            shutil.rmtree(self.aside, ignore_errors=True)
+
+    def undo(self) -> None:
+        if self.pending:
+            self.pending = False
+            self._restore()
+
+    def _restore(self) -> None:
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        self.aside.rename(self.run_dir)
 
 
 def write_json(path: Path, data: Any) -> None:

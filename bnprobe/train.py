@@ -6,7 +6,6 @@ Per-step statistics stay on the device (running sums), so the only host syncs ar
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,9 +33,13 @@ from bnprobe.telemetry import GradientRecorder, TelemetryWriter
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BnprobeError("--device cuda was given but no CUDA device is available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BnprobeError(f"--device {name} was given but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BnprobeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
@@ -126,6 +129,8 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
     """Decide from what is on disk whether to start, resume or refuse; return the checkpoint to resume."""
     exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and overwrite and not runs.is_run(run_dir):
+        raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json or checkpoint.pt)")
     if not exists or overwrite:
         return None
     if not resume:
@@ -173,8 +178,14 @@ def train(
     process = Process.start(device) if config.ddp else Process()
     device = process.device(device)
     console = (console or Console()) if process.main else Console(quiet=True)  # rank 0 speaks and writes
+    replacement = runs.Replacement(run_dir)
     try:
-        return _train(config, run_dir, process, device, console, resume, overwrite, dataset)
+        if process.main:
+            replacement.recover()
+        return _train(config, run_dir, process, device, console, resume, overwrite, dataset, replacement)
+    except BaseException:
+        replacement.undo()  # an --overwrite that failed before its first checkpoint gives the old run back
+        raise
     finally:
         process.stop()
 
@@ -188,6 +199,7 @@ def _train(
     resume: bool,
     overwrite: bool,
     dataset: Optional[DeviceDataset],
+    replacement: runs.Replacement,
 ) -> list[dict[str, Any]]:
     if config.batch_size % process.world:
         raise BnprobeError(f"--batch-size {config.batch_size} does not split over {process.world} processes")
@@ -247,7 +259,7 @@ def _train(
 
     if process.main:
         if overwrite and state is None and run_dir.exists():
-            shutil.rmtree(run_dir)  # only now: every check above passed and the data loaded
+            replacement.set_aside()  # only now: every check above passed and the data loaded
         prepare_run_dir(run_dir)
         for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed process
             leftover.unlink()
@@ -339,6 +351,7 @@ def _train(
                     },
                 )
                 runs.write_json(runs.metrics_path(run_dir), history)
+                replacement.commit()
             progress.advance(epochs_task)
             status = f"test acc {test_acc:.2%}"
             progress.update(epochs_task, status=status)

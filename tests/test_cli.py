@@ -21,6 +21,13 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subse
     (["train", "resnet8", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["train", "resnet8", "--freeze", "conv"], "--freeze must be one of"),
     (["train", "resnet8", "--milestones", "80;120"], "--milestones"),
+    (["train", "resnet8", "--milestones", "120,80"], "--milestones must be increasing"),
+    (["train", "resnet8", "--lr", "inf"], "--lr must be a finite number"),
+    (["train", "resnet8", "--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["train", "resnet8", "--name", "../elsewhere"], "--name must be a single folder name"),
+    (["train", "resnet8", "--name", "."], "--name must be a single folder name"),
+    (["train", "resnet8", "--name", "a/b"], "--name must be a single folder name"),
+    (["train", "resnet8", "--name", ""], "--name must be a single folder name"),
     (["train", "resnet8", "--gamma-init", "zeros"], "--gamma-init must be one of"),
     (["train", "resnet50", "--shortcut", "A"], "shortcut"),
     (["train", "resnet8", "--resume", "--overwrite"], "contradict"),
@@ -41,13 +48,78 @@ def test_missing_data_offline(capsys, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_cuda_requested_without_one(capsys, tmp_path):
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:5"])
+def test_cuda_requested_without_one(capsys, tmp_path, device):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, _, err = run_cli(capsys, "train", "resnet8", *TINY[:-2], "--device", "cuda", "--runs-dir", str(tmp_path))
-    assert_one_line_error(code, err, "no CUDA device")
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY[:-2], "--device", device, "--runs-dir", str(tmp_path))
+    assert_one_line_error(code, err, f"--device {device} was given but no CUDA device")
+
+
+def test_no_arguments_prints_help_without_an_empty_error(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 2 and "Commands:" in out + err and "bnprobe: error" not in err
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.startswith("bnprobe 0.")
+
+
+def test_help_keeps_square_brackets(capsys):
+    code, out, _ = run_cli(capsys, "sweep", "--help")
+    assert code == 0 and "[defaults] and [[grid]]" in " ".join(out.split())
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0 and "U[0,1]" in out and "\\[" not in out
+
+
+def test_overwrite_only_replaces_a_run(capsys, tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "thesis",
+                           "--overwrite")
+    assert_one_line_error(code, err, "is not a bnprobe run")
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+
+
+def test_interrupted_overwrite_gives_the_old_run_back(capsys, tmp_path, monkeypatch):
+    import bnprobe.train
+
+    argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    assert run_cli(capsys, *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the new run's first epoch
+
+    monkeypatch.setattr(bnprobe.train, "train_one_epoch", interrupted)
+    code, _, err = run_cli(capsys, *argv, "--overwrite", "--freeze", "non-bn")
+    assert code == 130 and err.strip().startswith("bnprobe: interrupted;") and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # nothing set aside is left behind
+
+
+@pytest.mark.parametrize("new_run_saved", [False, True])
+def test_overwrite_killed_midway_is_finished_or_undone_next_time(capsys, tmp_path, new_run_saved):
+    """A SIGKILL between setting the old run aside and the new run's first checkpoint loses nothing."""
+    argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    assert run_cli(capsys, *argv)[0] == 0
+    old_checkpoint = runs.checkpoint_path(tmp_path / "r").read_bytes()
+    replacement = runs.Replacement(tmp_path / "r")
+    replacement.set_aside()  # what the killed `--overwrite` had done ...
+    (tmp_path / "r").mkdir()
+    runs.write_json(runs.config_path(tmp_path / "r"), {"half": "written"})
+    if new_run_saved:  # ... and maybe its first checkpoint too
+        runs.save_checkpoint(runs.checkpoint_path(tmp_path / "r"), {"new": 1})
+    runs.Replacement(tmp_path / "r").recover()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert (runs.checkpoint_path(tmp_path / "r").read_bytes() == old_checkpoint) is not new_run_saved
+
+
+def test_config_json_stores_an_absolute_data_dir(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--data-dir", "somewhere/../data", "--name", "r")[0] == 0
+    assert runs.read_config(tmp_path / "runs" / "r").data_dir == str(tmp_path / "data")
 
 
 def test_unwritable_runs_dir(capsys, tmp_path):
