@@ -356,12 +356,17 @@ def _train(
             status = f"test acc {test_acc:.2%}"
             progress.update(epochs_task, status=status)
             console.print(
-                f"epoch {epoch + 1}/{config.epochs} lr {lr:.3g} | train {train_loss:.3f} {train_acc:.1%} | "
-                f"test {test_loss:.3f} {test_acc:.1%} | gap {record['gap']:+.1%} | {record['images_per_s']:,.0f} img/s",
+                f"epoch {epoch + 1}/{config.epochs} lr {lr:.3g} | train {_loss(train_loss)} {train_acc:.1%} | "
+                f"test {_loss(test_loss)} {test_acc:.1%} | gap {record['gap']:+.1%} | {record['images_per_s']:,.0f} img/s",
                 soft_wrap=True,
             )
     console.print(summary_table(config, run_dir, history, trainable, total))
     return history
+
+
+def _loss(value: float) -> str:
+    """3 decimals, or 3 significant digits when huge (deep BN-only nets at epoch 1 in eval mode)."""
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.3g}"
 
 
 def summary_table(
