@@ -101,12 +101,12 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
     """Train MODEL (or only some of its tensors, see --freeze) and checkpoint it every epoch."""
-    from bnprobe.runs import check_run_name
-    from bnprobe.train import train as run_training
-
     if resume and overwrite:
         raise BnprobeError("--resume and --overwrite contradict each other; pass one")
     config = config.resolved()
+    from bnprobe.runs import check_run_name
+    from bnprobe.train import train as run_training
+
     run_dir = runs_dir / (check_run_name(name) if name is not None else config.run_name())
     run_training(config, run_dir, resume=resume, overwrite=overwrite, console=console)
 

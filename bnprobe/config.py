@@ -147,9 +147,7 @@ class TrainConfig:
     # ---- validation ------------------------------------------------------------------------------
     def resolved(self) -> "TrainConfig":
         """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
-        from bnprobe.data import default_data_dir, get_dataset_spec
-
-        spec = get_dataset_spec(self.dataset)
+        # Plain-value checks first: they answer before torch is imported (seconds on a laptop).
         _choice("freeze", self.freeze, FREEZE_MODES)
         _choice("gamma-init", self.gamma_init, GAMMA_INITS)
         _choice("shortcut", self.shortcut, SHORTCUTS)
@@ -179,6 +177,10 @@ class TrainConfig:
         milestones = self.milestone_epochs
         if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {self.milestones!r}")
+
+        from bnprobe.data import default_data_dir, get_dataset_spec
+
+        spec = get_dataset_spec(self.dataset)
         _check_model(self.model, spec.channels, spec.num_classes, self.width, self.shortcut, self.bn,
                      self.bn_every, self.bn_affine_off, self.random_features)
         normalize = spec.normalize if self.normalize is None else self.normalize
