@@ -109,6 +109,23 @@ def _download(what: str, fetch: Callable[[], None], where: Path) -> None:
         )
 
 
+_warned: set[str] = set()  # messages given in this process
+
+
+def _warn_once(message: str) -> None:
+    """A one-line UserWarning, given once per process and by rank 0 only: a sweep, a probe of several
+    checkpoints or a DDP run loads the same data many times, and Python's own once-per-location filter is
+    reset by every `warnings.catch_warnings` (torch.load has some)."""
+    import torch.distributed as dist
+
+    if message in _warned or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _warned.add(message)
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=2)
+
+
 def _missing(what: str, where: Path) -> BnprobeError:
     return BnprobeError(f"{what} is not in {where} and --no-download was given; put the files there or pass --data-dir")
 
@@ -153,10 +170,6 @@ def _load_cifar(cls_name: str, label_key: str) -> Callable[[Path, bool, bool], A
         present = [(name, md5) for name, md5 in cls.train_list if (folder / name).exists()]
         if not present:
             raise BnprobeError(f"{cls_name}: no training batch in {folder}")
-        if len(present) < len(cls.train_list):
-            import warnings
-
-            warnings.warn(f"{cls_name}: only {len(present)} of {len(cls.train_list)} training batches in {folder}")
         if verify:
             for name, md5 in present + list(cls.test_list):
                 if _md5(folder / name) != md5:
@@ -165,6 +178,8 @@ def _load_cifar(cls_name: str, label_key: str) -> Callable[[Path, bool, bool], A
                     )
         train = [_read_cifar_batch(folder / name, label_key) for name, _ in present]
         test_x, test_y = _read_cifar_batch(folder / cls.test_list[0][0], label_key)
+        if len(present) < len(cls.train_list):  # only once the data loaded: a failure is then its error alone
+            _warn_once(f"{cls_name}: only {len(present)} of {len(cls.train_list)} training batches in {folder}")
         return np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), test_x, test_y
 
     return load

@@ -1,4 +1,5 @@
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -147,3 +148,60 @@ def test_digits_split_is_fixed_and_stratified():
 def test_unknown_dataset():
     with pytest.raises(BnprobeError, match="unknown data set 'svhn'"):
         load_dataset("svhn")
+
+
+def _write_partial_cifar10(root, n=20):
+    """A CIFAR-10 folder with 1 of the 5 training batches (like the shared copy), whose md5 sums are not official."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for name in ("data_batch_1", "test_batch"):
+        batch = {"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8), "labels": list(rng.randint(0, 10, n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return folder
+
+
+def test_failed_md5_check_is_the_only_message(tmp_path):
+    _write_partial_cifar10(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(BnprobeError, match="md5"):
+            load_dataset("cifar10", tmp_path, download=False, verify=True)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_failed_md5_check_is_one_line_from_the_cli(capsys, tmp_path):
+    from cli_helpers import assert_one_line_error, run_cli
+
+    _write_partial_cifar10(tmp_path / "data")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "train", "resnet8", "--dataset", "cifar10", "--data-dir", tmp_path / "data",
+                               "--no-download", "--device", "cpu", "--runs-dir", tmp_path / "runs")
+    assert_one_line_error(code, err, "fails its md5 check")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_partial_cifar_warning_is_one_line_and_given_once(tmp_path):
+    folder = _write_partial_cifar10(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # as after any catch_warnings (torch.load has them): Python's own dedup is reset
+        for _ in range(3):  # e.g. a sweep, or probe on several checkpoints, in one process
+            ds = load_dataset("cifar10", tmp_path, download=False, verify=False)
+    assert len(ds.train_y) == 20
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (UserWarning, f"CIFAR10: only 1 of 5 training batches in {folder}")
+    ]
+
+
+def test_partial_cifar_warning_comes_from_rank_0_only(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    _write_partial_cifar10(tmp_path)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_dataset("cifar10", tmp_path, download=False, verify=False)
+    assert caught == []
