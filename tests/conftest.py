@@ -20,7 +20,7 @@ def _offline_and_deterministic(monkeypatch):
     torch.manual_seed(0)
 
 
-def _no_network(what, fetch, where):
+def _no_network(what, fetch, where, also=()):
     from bnprobe.errors import BnprobeError
 
     raise BnprobeError(f"{what} is not in {where} (tests never download)")

@@ -1,5 +1,7 @@
+import os
 import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +207,90 @@ def test_partial_cifar_warning_comes_from_rank_0_only(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         load_dataset("cifar10", tmp_path, download=False, verify=False)
     assert caught == []
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _offline_cifar_downloader(monkeypatch):
+    """torchvision's archive downloader as it fails offline, after creating its folder and a partial archive."""
+    import torchvision.datasets.utils
+    from urllib.error import URLError
+
+    def fail(url, download_root, filename=None, md5=None, **kwargs):
+        os.makedirs(download_root, exist_ok=True)
+        (Path(download_root) / filename).write_bytes(b"partial")
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fail)
+
+
+@pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_failed_cifar_download_removes_what_it_created(tmp_path, monkeypatch, name, folder):
+    monkeypatch.undo()  # the real _download
+    _offline_cifar_downloader(monkeypatch)
+    with pytest.raises(BnprobeError, match="downloading it failed .*name resolution"):
+        load_dataset(name, tmp_path / "new" / "data", download=True)
+    assert _listing(tmp_path) == []  # not even the data dir, which the attempt created
+
+    root = tmp_path / "data"  # a data dir that holds other things already
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    (root / "MNIST" / "raw" / "keep").write_text("mine")
+    (root / "notes.txt").write_text("mine")
+    before = _listing(root)
+    with pytest.raises(BnprobeError, match="downloading it failed"):
+        load_dataset(name, root, download=True)
+    assert _listing(root) == before and (root / "notes.txt").read_text() == "mine"
+    assert not (root / folder).exists()
+
+
+def test_failed_download_into_a_partial_cifar_folder_keeps_its_files(tmp_path, monkeypatch):
+    monkeypatch.undo()
+    _offline_cifar_downloader(monkeypatch)
+    folder = _write_partial_cifar10(tmp_path)
+    (folder / "test_batch").unlink()  # no test batch: loading downloads
+    with pytest.raises(BnprobeError, match="downloading it failed"):
+        load_dataset("cifar10", tmp_path, download=True)
+    assert _listing(tmp_path) == ["cifar-10-batches-py", "cifar-10-batches-py/data_batch_1"]
+
+
+def test_failed_mnist_download_removes_what_it_created(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.undo()
+
+    def offline_mnist(root, train=True, download=False):
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://...")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline_mnist)
+    root = tmp_path / "data"
+    _write_cifar100(root / "cifar-100-python")
+    before = _listing(root)
+    with pytest.raises(BnprobeError, match="MNIST is not in .*downloading it failed"):
+        load_dataset("mnist", root, download=True)
+    assert _listing(root) == before
+
+    raw = root / "MNIST" / "raw"  # a raw folder with some of the files: they stay, the attempt's go
+    raw.mkdir(parents=True)
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"mine")
+    before = _listing(root)
+    with pytest.raises(BnprobeError, match="downloading it failed"):
+        load_dataset("mnist", root, download=True)
+    assert _listing(root) == before
+
+
+def test_interrupted_download_is_cleaned_up_and_still_an_interrupt(tmp_path, monkeypatch):
+    monkeypatch.undo()
+    where = tmp_path / "data" / "cifar-10-batches-py"
+
+    def interrupted():
+        (where / "part").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        data._download("CIFAR10", interrupted, where, also=[tmp_path / "data" / "cifar-10-python.tar.gz"])
+    assert _listing(tmp_path) == []
