@@ -11,9 +11,10 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -96,17 +97,63 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download(what: str, fetch: Callable[[], None], where: Path) -> None:
-    """Run torchvision's downloader; any network failure becomes one clear line."""
+def _download(what: str, fetch: Callable[[], None], where: Path, also: Sequence[Path] = ()) -> None:
+    """Run torchvision's downloader, which fills the folder `where` (and writes the files `also` outside it);
+    any network failure becomes one clear line.
+
+    A failed attempt removes what it created, and nothing that was there before: the folders it made on the
+    way to `where`, new entries in a `where` that existed, and those of the files `also` that did not exist.
+    """
+    created = next((p for p in reversed((where, *where.parents)) if not os.path.lexists(p)), None)
+    entries = set(os.listdir(where)) if created is None and where.is_dir() else None
+    new_files = [p for p in also if not os.path.lexists(p)]
     try:
         where.mkdir(parents=True, exist_ok=True)
         fetch()
-    except Exception as exc:  # urllib, http and file errors all mean the same to the user
+    except BaseException as exc:
+        if created is not None:
+            _remove(created)
+        elif entries is not None:
+            for name in set(os.listdir(where) if where.is_dir() else ()) - entries:
+                _remove(where / name)
+        for path in new_files:
+            _remove(path)
+        if not isinstance(exc, Exception):  # Ctrl-C: cleaned up too, but still an interrupt
+            raise
+        # urllib, http and file errors all mean the same to the user
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BnprobeError(
             f"{what} is not in {where} and downloading it failed ({reason}); "
             f"put the files there or pass --data-dir"
         )
+
+
+_warned: set[str] = set()  # messages given in this process
+
+
+def _warn_once(message: str) -> None:
+    """A one-line UserWarning, given once per process and by rank 0 only: a sweep, a probe of several
+    checkpoints or a DDP run loads the same data many times, and Python's own once-per-location filter is
+    reset by every `warnings.catch_warnings` (torch.load has some)."""
+    import torch.distributed as dist
+
+    if message in _warned or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _warned.add(message)
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def _remove(path: Path) -> None:
+    """Best effort: a failed clean-up must not hide the download's own error."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+    except OSError:
+        pass
 
 
 def _missing(what: str, where: Path) -> BnprobeError:
@@ -149,14 +196,11 @@ def _load_cifar(cls_name: str, label_key: str) -> Callable[[Path, bool, bool], A
                 cls_name,
                 lambda: download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5),
                 folder,
+                also=[root / cls.filename],  # the archive, next to the folder it unpacks
             )
         present = [(name, md5) for name, md5 in cls.train_list if (folder / name).exists()]
         if not present:
             raise BnprobeError(f"{cls_name}: no training batch in {folder}")
-        if len(present) < len(cls.train_list):
-            import warnings
-
-            warnings.warn(f"{cls_name}: only {len(present)} of {len(cls.train_list)} training batches in {folder}")
         if verify:
             for name, md5 in present + list(cls.test_list):
                 if _md5(folder / name) != md5:
@@ -165,6 +209,8 @@ def _load_cifar(cls_name: str, label_key: str) -> Callable[[Path, bool, bool], A
                     )
         train = [_read_cifar_batch(folder / name, label_key) for name, _ in present]
         test_x, test_y = _read_cifar_batch(folder / cls.test_list[0][0], label_key)
+        if len(present) < len(cls.train_list):  # only once the data loaded: a failure is then its error alone
+            _warn_once(f"{cls_name}: only {len(present)} of {len(cls.train_list)} training batches in {folder}")
         return np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), test_x, test_y
 
     return load

@@ -1,4 +1,7 @@
+import os
 import pickle
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +150,147 @@ def test_digits_split_is_fixed_and_stratified():
 def test_unknown_dataset():
     with pytest.raises(BnprobeError, match="unknown data set 'svhn'"):
         load_dataset("svhn")
+
+
+def _write_partial_cifar10(root, n=20):
+    """A CIFAR-10 folder with 1 of the 5 training batches (like the shared copy), whose md5 sums are not official."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for name in ("data_batch_1", "test_batch"):
+        batch = {"data": rng.randint(0, 256, (n, 3072)).astype(np.uint8), "labels": list(rng.randint(0, 10, n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return folder
+
+
+def test_failed_md5_check_is_the_only_message(tmp_path):
+    _write_partial_cifar10(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(BnprobeError, match="md5"):
+            load_dataset("cifar10", tmp_path, download=False, verify=True)
+    assert [str(w.message) for w in caught] == []
+
+
+def test_failed_md5_check_is_one_line_from_the_cli(capsys, tmp_path):
+    from cli_helpers import assert_one_line_error, run_cli
+
+    _write_partial_cifar10(tmp_path / "data")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "train", "resnet8", "--dataset", "cifar10", "--data-dir", tmp_path / "data",
+                               "--no-download", "--device", "cpu", "--runs-dir", tmp_path / "runs")
+    assert_one_line_error(code, err, "fails its md5 check")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_partial_cifar_warning_is_one_line_and_given_once(tmp_path):
+    folder = _write_partial_cifar10(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # as after any catch_warnings (torch.load has them): Python's own dedup is reset
+        for _ in range(3):  # e.g. a sweep, or probe on several checkpoints, in one process
+            ds = load_dataset("cifar10", tmp_path, download=False, verify=False)
+    assert len(ds.train_y) == 20
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (UserWarning, f"CIFAR10: only 1 of 5 training batches in {folder}")
+    ]
+
+
+def test_partial_cifar_warning_comes_from_rank_0_only(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    _write_partial_cifar10(tmp_path)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_dataset("cifar10", tmp_path, download=False, verify=False)
+    assert caught == []
+
+
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _offline_cifar_downloader(monkeypatch):
+    """torchvision's archive downloader as it fails offline, after creating its folder and a partial archive."""
+    import torchvision.datasets.utils
+    from urllib.error import URLError
+
+    def fail(url, download_root, filename=None, md5=None, **kwargs):
+        os.makedirs(download_root, exist_ok=True)
+        (Path(download_root) / filename).write_bytes(b"partial")
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fail)
+
+
+@pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_failed_cifar_download_removes_what_it_created(tmp_path, monkeypatch, name, folder):
+    monkeypatch.undo()  # the real _download
+    _offline_cifar_downloader(monkeypatch)
+    with pytest.raises(BnprobeError, match="downloading it failed .*name resolution"):
+        load_dataset(name, tmp_path / "new" / "data", download=True)
+    assert _listing(tmp_path) == []  # not even the data dir, which the attempt created
+
+    root = tmp_path / "data"  # a data dir that holds other things already
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    (root / "MNIST" / "raw" / "keep").write_text("mine")
+    (root / "notes.txt").write_text("mine")
+    before = _listing(root)
+    with pytest.raises(BnprobeError, match="downloading it failed"):
+        load_dataset(name, root, download=True)
+    assert _listing(root) == before and (root / "notes.txt").read_text() == "mine"
+    assert not (root / folder).exists()
+
+
+def test_failed_download_into_a_partial_cifar_folder_keeps_its_files(tmp_path, monkeypatch):
+    monkeypatch.undo()
+    _offline_cifar_downloader(monkeypatch)
+    folder = _write_partial_cifar10(tmp_path)
+    (folder / "test_batch").unlink()  # no test batch: loading downloads
+    with pytest.raises(BnprobeError, match="downloading it failed"):
+        load_dataset("cifar10", tmp_path, download=True)
+    assert _listing(tmp_path) == ["cifar-10-batches-py", "cifar-10-batches-py/data_batch_1"]
+
+
+def test_failed_mnist_download_removes_what_it_created(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.undo()
+
+    def offline_mnist(root, train=True, download=False):
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://...")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline_mnist)
+    root = tmp_path / "data"
+    _write_cifar100(root / "cifar-100-python")
+    before = _listing(root)
+    with pytest.raises(BnprobeError, match="MNIST is not in .*downloading it failed"):
+        load_dataset("mnist", root, download=True)
+    assert _listing(root) == before
+
+    raw = root / "MNIST" / "raw"  # a raw folder with some of the files: they stay, the attempt's go
+    raw.mkdir(parents=True)
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"mine")
+    before = _listing(root)
+    with pytest.raises(BnprobeError, match="downloading it failed"):
+        load_dataset("mnist", root, download=True)
+    assert _listing(root) == before
+
+
+def test_interrupted_download_is_cleaned_up_and_still_an_interrupt(tmp_path, monkeypatch):
+    monkeypatch.undo()
+    where = tmp_path / "data" / "cifar-10-batches-py"
+
+    def interrupted():
+        (where / "part").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        data._download("CIFAR10", interrupted, where, also=[tmp_path / "data" / "cifar-10-python.tar.gz"])
+    assert _listing(tmp_path) == []

@@ -5,7 +5,10 @@ import torchvision
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.errors import BnprobeError
-from bnprobe.models import check_model_name, create_model, init_weights, list_models
+from bnprobe.models import (
+    check_model_name, create_model, describe_model, init_weights, list_models, model_name_patterns,
+    model_name_patterns_note,
+)
 
 
 def n_params(model: nn.Module) -> int:
@@ -107,3 +110,57 @@ def test_conv_count_must_fit_bottleneck_blocks():
     assert stages_for_convs(25) == [2, 2, 2, 2] and stages_for_convs(49) == [3, 4, 6, 3]
     with pytest.raises(BnprobeError, match="1 \\+ 3k convs"):
         stages_for_convs(26)
+
+
+@pytest.mark.parametrize("depth", [38, 62, 8, 1202])
+def test_any_depth_6n_plus_2_builds_a_cifar_resnet(depth):
+    from bnprobe.models.cifar_resnet import CifarResNet
+
+    with torch.device("meta"):
+        model = create_model(f"resnet{depth}", shortcut="A")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert isinstance(model, CifarResNet) and len(convs) + len(linears) == depth
+    assert len(model.layer1) == (depth - 2) // 6
+    assert "CIFAR ResNet" in describe_model(f"resnet{depth}")
+
+
+@pytest.mark.parametrize("depth", [50, 152, 200])  # also 6n+2: the registered bottleneck ResNets keep the name
+def test_registered_names_take_precedence_over_the_depth_pattern(depth):
+    with torch.device("meta"):
+        assert isinstance(create_model(f"resnet{depth}"), torchvision.models.ResNet)
+    assert "Bottleneck" in describe_model(f"resnet{depth}")
+
+
+@pytest.mark.parametrize("name", ["resnet21", "resnet2", "resnet0", "resnet038", "resnet-38", "resnet", "Resnet38"])
+def test_names_outside_the_pattern_are_unknown_and_the_error_names_the_pattern(name):
+    with pytest.raises(BnprobeError, match=f"unknown model '{name}'.*resnet<6n\\+2>"):
+        check_model_name(name)
+
+
+def test_the_pattern_is_listed_for_bnprobe_models():
+    patterns = dict(model_name_patterns())
+    assert "resnet<6n+2>" in patterns and "6n+2" in patterns["resnet<6n+2>"]
+    note = model_name_patterns_note()
+    assert "\n" not in note and "resnet<6n+2>" in note
+    assert all(f"resnet{d}" in note for d in (50, 152, 200))  # the registered names it does not override
+    assert "resnet38" not in list_models()  # the listing holds concrete models only; every one is built
+
+
+def test_config_and_sweep_accept_a_pattern_name():
+    from bnprobe.config import TrainConfig
+    from bnprobe.sweep import forward_flops
+
+    config = TrainConfig(model="resnet38", dataset="cifar10").resolved()
+    flops = {d: forward_flops(TrainConfig(model=f"resnet{d}", dataset="cifar10")) for d in (32, 38, 44)}
+    assert flops[32] < flops[38] < flops[44]
+    assert config.model == "resnet38"
+
+
+def test_train_a_pattern_name_from_the_cli(capsys, tmp_path):
+    from cli_helpers import run_cli
+
+    code, out, err = run_cli(capsys, "train", "resnet38", "--dataset", "digits", "--epochs", "1", "--subset", "64",
+                             "--test-subset", "32", "--device", "cpu", "--runs-dir", tmp_path)
+    assert code == 0, err
+    assert "test acc" in out

@@ -7,6 +7,7 @@ option B (1x1 conv + BN, as in open_lth: ResNet-20 then has 272,474 parameters).
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Optional
 
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 
 from bnprobe.errors import BnprobeError
-from bnprobe.models import NormLayer, register_model
+from bnprobe.models import NormLayer, register_model, register_model_pattern
 
+# Listed by `bnprobe models`; any other depth 6n+2 builds too, as resnet<6n+2> (below).
 DEPTHS = (8, 14, 20, 26, 32, 44, 56, 74, 98, 110, 218, 434, 866)  # 26/74/98: ~25/75/100 convs
 
 
@@ -78,7 +80,19 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def _description(depth: int) -> str:
+    return f"CIFAR ResNet-{depth}: 3 stages of {(depth - 2) // 6} basic blocks, widths 16/32/64 x width"
+
+
 for _depth in DEPTHS:
-    register_model(
-        f"resnet{_depth}", f"CIFAR ResNet-{_depth}: 3 stages of {(_depth - 2) // 6} basic blocks, widths 16/32/64 x width"
-    )(partial(CifarResNet, _depth))
+    register_model(f"resnet{_depth}", _description(_depth))(partial(CifarResNet, _depth))
+
+
+@register_model_pattern(
+    "resnet<6n+2>", r"resnet([1-9][0-9]*)", "CIFAR ResNet of any depth 6n+2 with n >= 1, e.g. resnet38"
+)
+def _any_depth(match: re.Match):
+    depth = int(match.group(1))
+    if depth < 8 or (depth - 2) % 6:
+        return None
+    return partial(CifarResNet, depth), _description(depth)
