@@ -167,7 +167,7 @@ def models() -> None:
     import torch
 
     from bnprobe.freeze import bn_parameter_names
-    from bnprobe.models import create_model, describe_model, list_models
+    from bnprobe.models import create_model, describe_model, list_models, model_name_patterns_note
 
     table = Table(title="Registered models")
     for column in ("name", "parameters", "BN parameters", "description"):
@@ -184,6 +184,7 @@ def models() -> None:
                 describe_model(model_name),
             )
     console.print(table)
+    console.print(model_name_patterns_note(), soft_wrap=True, markup=False)
 
 
 # ---- probe / ablate (issue 4) ----

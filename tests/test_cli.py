@@ -180,3 +180,4 @@ def test_installed_command_end_to_end(tmp_path):
 def test_models_lists_the_registry(capsys):
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "resnet152" in out and "272,474" in out
+    assert "resnet<6n+2>" in out  # the names that build without being listed
