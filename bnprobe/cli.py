@@ -303,7 +303,21 @@ def report(
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings read like the errors: one line, no source location."""
+    text = " ".join(str(message).split())
+    print(f"bnprobe: warning: {text}", file=file or sys.stderr)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import warnings
+
+    with warnings.catch_warnings():  # restores the default display after an in-process call (tests)
+        warnings.showwarning = _one_line_warning
+        _main(argv)
+
+
+def _main(argv: Optional[list[str]]) -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="bnprobe", standalone_mode=False)

@@ -294,3 +294,14 @@ def test_interrupted_download_is_cleaned_up_and_still_an_interrupt(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         data._download("CIFAR10", interrupted, where, also=[tmp_path / "data" / "cifar-10-python.tar.gz"])
     assert _listing(tmp_path) == []
+
+
+def test_partial_cifar_warning_is_one_line_from_the_cli(capsys, tmp_path):
+    from cli_helpers import run_cli
+
+    folder = _write_partial_cifar10(tmp_path / "data")
+    code, _, err = run_cli(capsys, "train", "resnet8", "--dataset", "cifar10", "--data-dir", tmp_path / "data",
+                           "--no-download", "--no-verify", "--epochs", "1", "--device", "cpu",
+                           "--runs-dir", tmp_path / "runs")
+    assert code == 0
+    assert err.strip().splitlines() == [f"bnprobe: warning: CIFAR10: only 1 of 5 training batches in {folder}"]
