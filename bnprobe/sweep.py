@@ -23,9 +23,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
@@ -136,20 +138,67 @@ def other_settings(config: TrainConfig) -> str:
     return " ".join(f"{k}={v}" for k, v in config.identity().items() if k not in SHOWN and v != default[k])
 
 
+def si_number(value: float) -> str:
+    """3 significant digits with an SI prefix: 178P, 62.3P, 2.97E, 0 (never wider than 5 characters)."""
+    for prefix in ("", "k", "M", "G", "T", "P", "E", "Z"):
+        if abs(value) < 999.5 or prefix == "Z":
+            return f"{value:.3g}{prefix}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def duration(seconds: float) -> str:
+    """Compact and never rounded to nothing: <1s, 45s, 21m, 1.3h, 16.6h, 1,663h."""
+    if seconds < 1:
+        return "<1s"
+    if seconds < 59.5:
+        return f"{seconds:.0f}s"
+    if seconds < 59.5 * 60:
+        return f"{seconds / 60:.0f}m"
+    hours = seconds / 3600
+    return f"{hours:.1f}h" if hours < 99.95 else f"{hours:,.0f}h"
+
+
 def plan_table(planned: list[PlannedRun], tflops: float) -> Table:
-    table = Table(title=f"{len(planned)} runs; cost at an assumed {tflops:g} TFLOP/s sustained")
-    for column in ("#", "model", "data", "freeze", "bn", "other", "seed", "epochs", "PFLOP", "hours", "status"):
-        table.add_column(column, justify="right" if column in ("#", "seed", "epochs", "PFLOP", "hours") else "left")
+    """The plan, readable at 80 columns (rich's width when piped): numbers never wrap nor are cut,
+    text folds; data set, seed and epochs shared by every run go in the title instead of a column each."""
+    shared = {}  # the settings of these columns that every run has alike
+    for field in ("dataset", "epochs", "seed"):
+        values = {getattr(run.config, field) for run in planned}
+        if len(values) == 1:
+            shared[field] = values.pop()
+    labels = {"dataset": "{}", "epochs": "{} epochs", "seed": "seed {}"}
+    said = [labels[field].format(value) for field, value in shared.items()]
+    runs_text = f"{len(planned)} runs" + (f" ({', '.join(said)})" if said else "")
+    table = Table(
+        title=escape(f"{runs_text}; cost at an assumed {tflops:g} TFLOP/s sustained"),
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+    )
+    columns = [("#", None), ("model", "model"), ("data", "dataset"), ("freeze", "freeze"), ("bn", "bn"),
+               ("other", None), ("seed", "seed"), ("epochs", "epochs"), ("FLOP", None), ("time", None),
+               ("status", None)]
+    columns = [(header, field) for header, field in columns if field not in shared]
+    numeric = {"#", "seed", "epochs", "FLOP", "time"}
+    for header, _ in columns:
+        if header in numeric:
+            table.add_column(header, justify="right", no_wrap=True)
+        else:
+            table.add_column(header, justify="left", overflow="fold")
     total = 0.0
     for i, run in enumerate(planned, 1):
         c = run.config
         flops = training_flops(c)
         total += flops
-        bn = c.bn if c.bn != "every-k" else f"every {c.bn_every}"
-        table.add_row(str(i), c.model, c.dataset, c.freeze, bn, other_settings(c), str(c.seed), str(c.epochs),
-                      f"{flops / 1e15:,.1f}", f"{flops / (tflops * 1e12) / 3600:,.2f}", run.status())
+        cells = {
+            "#": str(i), "model": c.model, "data": c.dataset, "freeze": c.freeze,
+            "bn": c.bn if c.bn != "every-k" else f"every {c.bn_every}", "other": other_settings(c).replace(" ", "\n"),
+            "seed": str(c.seed), "epochs": str(c.epochs), "FLOP": si_number(flops),
+            "time": duration(flops / (tflops * 1e12)), "status": run.status(),
+        }
+        table.add_row(*(Text(cells[header]) for header, _ in columns))
     table.add_section()
-    table.add_row("", "total", "", "", "", "", "", "", f"{total / 1e15:,.0f}", f"{total / (tflops * 1e12) / 3600:,.1f}", "")
+    totals = {"model": "total", "FLOP": si_number(total), "time": duration(total / (tflops * 1e12))}
+    table.add_row(*(Text(totals.get(header, "")) for header, _ in columns))
     return table
 
 

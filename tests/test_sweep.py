@@ -1,9 +1,12 @@
+import io
+
 import pytest
+from rich.console import Console
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
-from bnprobe.sweep import forward_flops, read_plan
+from bnprobe.sweep import duration, forward_flops, plan_table, read_plan, si_number, training_flops
 from cli_helpers import assert_one_line_error, run_cli
 
 PLAN = """
@@ -54,6 +57,83 @@ def test_sweep_in_parallel_worker_processes(tmp_path, capsys):
     assert code == 0, err
     assert len([d for d in (tmp_path / "runs").iterdir() if d.is_dir()]) == 2
     assert all(p.status() == "done" for p in read_plan(tmp_path / "plan.toml", tmp_path / "runs"))
+
+
+WIDE_PLAN = """
+[defaults]
+epochs = 160
+
+[[grid]]
+model = ["resnet8", "resnet20"]
+dataset = ["digits", "cifar100"]
+freeze = ["all-but-output"]
+seed = [0, 12345]
+gamma_l1 = [0.0001]
+bn_l2 = [0.001]
+
+[[grid]]
+model = "resnet8"
+dataset = "digits"
+epochs = 3
+bn = "every-k"
+bn_every = 2
+"""
+
+
+def render(renderable, width=80):
+    """What `bnprobe ... | cat` shows: rich falls back to 80 columns when stdout is not a terminal."""
+    out = io.StringIO()
+    Console(width=width, file=out, force_terminal=False).print(renderable)
+    return out.getvalue()
+
+
+def test_plan_table_is_readable_at_80_columns(tmp_path):
+    (tmp_path / "plan.toml").write_text(WIDE_PLAN)
+    planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+    assert len(planned) == 9
+    partial = planned[1]
+    partial.run_dir.mkdir(parents=True)
+    runs.save_checkpoint(runs.checkpoint_path(partial.run_dir), {"epoch": 7})
+    text = render(plan_table(planned, 50.0))
+    assert "\u2026" not in text and "..." not in text, text  # nothing is cut with an ellipsis
+    assert max(len(line) for line in text.splitlines()) <= 80
+    total = 0.0
+    for i, run in enumerate(planned, 1):
+        flops = training_flops(run.config)
+        total += flops
+        row = next(line for line in text.splitlines() if line[:1] == str(i))  # not a folded line's "8" of resnet8
+        # every number of the row, whole, on the row's first line
+        assert f" {si_number(flops)} " in row and f" {duration(flops / 50e12)} " in row, row
+        assert f" {run.config.seed} " in row and f" {run.config.epochs} " in row, row
+    total_row = next(line for line in text.splitlines() if "total" in line)
+    assert si_number(total) in total_row and duration(total / 50e12) in total_row, total_row
+    assert "partial" in text  # text columns fold (here, with everything varying, even within words)
+
+
+def test_plan_table_moves_what_every_run_shares_into_the_title(tmp_path):
+    (tmp_path / "plan.toml").write_text(PLAN)
+    text = render(plan_table(read_plan(tmp_path / "plan.toml", tmp_path / "runs"), 50.0))
+    assert "2 runs (digits, 1 epochs, seed 0)" in text
+    header = next(line for line in text.splitlines() if line.startswith("#"))
+    assert header.split() == ["#", "model", "freeze", "bn", "other", "FLOP", "time", "status"], text
+    rows = [line.split()[:4] for line in text.splitlines() if line[:1].isdigit()]
+    assert rows == [["1", "resnet8", "none", "full"], ["2", "resnet8", "non-bn", "full"]], text
+
+
+@pytest.mark.parametrize("value,text", [
+    (0.0, "0"), (950.0, "950"), (1_234.0, "1.23k"), (999_600.0, "1M"), (1.782e17, "178P"), (6.23e16, "62.3P"),
+    (2.966e18, "2.97E"), (4.2e24, "4.2e+03Z"),
+])
+def test_si_number(value, text):
+    assert si_number(value) == text
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (0.2, "<1s"), (45.0, "45s"), (59.6, "1m"), (21 * 60.0, "21m"), (3590.0, "1.0h"), (16.6 * 3600, "16.6h"),
+    (1663 * 3600.0, "1,663h"),
+])
+def test_duration(seconds, text):
+    assert duration(seconds) == text
 
 
 def test_flop_count_of_resnet20_matches_hand_count():
