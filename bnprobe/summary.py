@@ -14,10 +14,12 @@ from bnprobe.store import open_h5
 from bnprobe.telemetry import FORMAT, telemetry_path
 
 
-def _table(title: str, *columns: str) -> Table:
+def _table(title: str, *columns: str, numbers: bool = True) -> Table:
+    """A name column, then value columns. Nothing is ever cut with an ellipsis (rich uses 80 columns when
+    piped): text folds, and numbers (`numbers=True`) neither wrap nor are cut while text can fold instead."""
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=numbers and i > 0, overflow="fold")
     return table
 
 
@@ -36,7 +38,7 @@ def inspect_run(run_dir: Path, top: int = 5) -> Group:
         if not len(epochs.get("epoch", [])):
             raise BnprobeError(f"{run_dir} has not finished an epoch yet")
 
-        settings = _table(f"Run {run_dir.name}", "setting", "value")
+        settings = _table(f"Run {run_dir.name}", "setting", "value", numbers=False)  # values: paths too
         for key, value in config.to_dict().items():
             settings.add_row(key, str(value))
         parts.append(settings)

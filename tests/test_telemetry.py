@@ -1,15 +1,21 @@
 """telemetry.h5: read with plain h5py by docs/hdf5-schema.md, numbers checked against independent computations."""
 
+import io
+import json
+import shutil
+
 import h5py
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
 from bnprobe import runs
 from bnprobe.cli import main
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceLoader, load_dataset
+from bnprobe.summary import inspect_run
 from bnprobe.train import build_model, evaluate, fixed_subset, train
 
 GROUPS = {"bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias"}
@@ -153,6 +159,24 @@ def test_inspect_prints_a_summary(full_run, bn_only_run, capsys):
         main(["inspect", str(bn_only_run)])
     out = capsys.readouterr().out
     assert "frozen" in out
+
+
+def test_inspect_is_readable_at_80_columns(full_run, tmp_path):
+    """Piped (`bnprobe inspect RUN | cat`) rich uses 80 columns: long values fold, nothing is cut with an ellipsis."""
+    run_dir = tmp_path / "a-long-run-name-resnet8-digits-freeze-none-bn-full-seed-0-width-1-shortcut-B"
+    shutil.copytree(full_run, run_dir)
+    config = json.loads(runs.config_path(run_dir).read_text())
+    config["data_dir"] = "/scratch/group/shared/datasets/torchvision-cache/cifar10-and-cifar100/version-2-final"
+    runs.config_path(run_dir).write_text(json.dumps(config))
+    out = io.StringIO()
+    Console(width=80, file=out, force_terminal=False).print(inspect_run(run_dir, top=3))
+    text = out.getvalue()
+    assert "\u2026" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "version-2-final" in text and "/scratch/group/shared" in text  # folded, not cut
+    with h5py.File(run_dir / "telemetry.h5", "r") as f:
+        numels = [f"{f[f'steps/groups/{g}'].attrs['numel']:,}" for g in f["steps/groups"]]
+    assert all(f" {numel} " in text for numel in numels), text
 
 
 @pytest.mark.parametrize("make,pattern", [
