@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from bnprobe import runs
@@ -38,9 +39,9 @@ def inspect_run(run_dir: Path, top: int = 5) -> Group:
         if not len(epochs.get("epoch", [])):
             raise BnprobeError(f"{run_dir} has not finished an epoch yet")
 
-        settings = _table(f"Run {run_dir.name}", "setting", "value", numbers=False)  # values: paths too
+        settings = _table(f"Run {escape(run_dir.name)}", "setting", "value", numbers=False)  # values: paths too
         for key, value in config.to_dict().items():
-            settings.add_row(key, str(value))
+            settings.add_row(key, escape(str(value)))
         parts.append(settings)
 
         last, best = -1, int(np.argmax(epochs["test_acc"]))
@@ -74,9 +75,9 @@ def inspect_run(run_dir: Path, top: int = 5) -> Group:
                 order = [i for i in np.argsort(per_tensor) if trainable[i]]
                 extremes = _table(f"Largest and smallest mean |grad| per tensor (top {top})", "tensor", "mean |grad|")
                 for i in order[::-1][:top]:
-                    extremes.add_row(names[i], f"{per_tensor[i]:.3e}")
+                    extremes.add_row(escape(names[i]), f"{per_tensor[i]:.3e}")
                 extremes.add_section()
                 for i in order[:top]:
-                    extremes.add_row(names[i], f"{per_tensor[i]:.3e}")
+                    extremes.add_row(escape(names[i]), f"{per_tensor[i]:.3e}")
                 parts.append(extremes)
     return Group(*parts)

@@ -179,6 +179,17 @@ def test_inspect_is_readable_at_80_columns(full_run, tmp_path):
     assert all(f" {numel} " in text for numel in numels), text
 
 
+def test_inspect_shows_brackets_in_names_and_values_as_they_are(full_run, tmp_path):
+    run_dir = tmp_path / "r[bold]x"
+    shutil.copytree(full_run, run_dir)
+    config = json.loads(runs.config_path(run_dir).read_text())
+    config["data_dir"] = "/data/[old]"
+    runs.config_path(run_dir).write_text(json.dumps(config))
+    out = io.StringIO()
+    Console(width=120, file=out, force_terminal=False).print(inspect_run(run_dir))
+    assert "Run r[bold]x" in out.getvalue() and "/data/[old]" in out.getvalue(), out.getvalue()
+
+
 @pytest.mark.parametrize("make,pattern", [
     (lambda p: p, "no run directory"),
     (lambda p: (p.mkdir(), p)[1], "not a run directory"),
