@@ -25,6 +25,9 @@ def _table(title: str, *columns: str, numbers: bool = True) -> Table:
 
 
 def inspect_run(run_dir: Path, top: int = 5) -> Group:
+    """The summary tables of a run; `top` largest and smallest per-tensor gradients (0: no such table)."""
+    if top < 0:
+        raise BnprobeError(f"--top must be >= 0 (how many of the largest and smallest gradients to list; 0: none), got {top}")
     if not run_dir.is_dir():
         raise BnprobeError(f"no run directory at {run_dir}")
     config = runs.read_config(run_dir)
@@ -69,7 +72,7 @@ def inspect_run(run_dir: Path, top: int = 5) -> Group:
 
             names = [n.decode() if isinstance(n, bytes) else n for n in f["params/name"][:]]
             trainable = f["params/trainable"][:]
-            if trainable.any():
+            if trainable.any() and top > 0:
                 per_tensor = np.full(len(names), np.nan)
                 per_tensor[trainable] = steps["grad_abs_mean"][in_last, :][:, trainable].mean(axis=0)
                 order = [i for i in np.argsort(per_tensor) if trainable[i]]

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 
 import h5py
@@ -15,8 +16,10 @@ from bnprobe import runs
 from bnprobe.cli import main
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceLoader, load_dataset
+from bnprobe.errors import BnprobeError
 from bnprobe.summary import inspect_run
 from bnprobe.train import build_model, evaluate, fixed_subset, train
+from cli_helpers import assert_one_line_error, run_cli
 
 GROUPS = {"bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias"}
 
@@ -188,6 +191,22 @@ def test_inspect_shows_brackets_in_names_and_values_as_they_are(full_run, tmp_pa
     out = io.StringIO()
     Console(width=120, file=out, force_terminal=False).print(inspect_run(run_dir))
     assert "Run r[bold]x" in out.getvalue() and "/data/[old]" in out.getvalue(), out.getvalue()
+
+
+def test_inspect_top(full_run, capsys):
+    def tensor_rows(top):
+        out = io.StringIO()
+        Console(width=120, file=out, force_terminal=False).print(inspect_run(full_run, top=top))
+        return [line for line in out.getvalue().splitlines() if re.match(r"│ \S+\.(weight|bias) ", line)], out.getvalue()
+
+    assert len(tensor_rows(2)[0]) == 4  # the 2 largest and the 2 smallest
+    rows, text = tensor_rows(0)
+    assert rows == [] and "per tensor" not in text  # 0 lists none: no table at all
+    for top in (-1, -5):  # -1 used to list every tensor but one, twice
+        with pytest.raises(BnprobeError, match=f"--top must be >= 0 .*got {top}"):
+            inspect_run(full_run, top=top)
+    code, _, err = run_cli(capsys, "inspect", full_run, "--top", "-1")
+    assert_one_line_error(code, err, "--top must be >= 0")
 
 
 @pytest.mark.parametrize("make,pattern", [
