@@ -9,9 +9,11 @@ Layout of `runs/<name>/`:
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +105,10 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Any
             head = f.read(4)
     except OSError as exc:
         raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
-    # torch.save writes a zip archive (or, in the legacy format, a pickle starting with PROTO 0x80).
-    # Anything else is not a checkpoint, and is not handed to an unpickler at all.
-    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+    # torch.save writes a zip archive (or, in the legacy format, a pickle starting with PROTO 0x80 and a
+    # protocol number). Anything else is not a checkpoint, and is not handed to an unpickler at all.
+    is_zip = head[:4] == b"PK\x03\x04"
+    if not is_zip and not (head[:1] == b"\x80" and len(head) > 1 and head[1] <= pickle.HIGHEST_PROTOCOL):
         raise BnprobeError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():
@@ -120,15 +123,36 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Any
                 f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
                 f"bnprobe reads checkpoints with weights_only=True and never runs code from them"
             )
-        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
-        raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({first[:200]})")
+        reason = _first_sentence(message) or {EOFError: "the file ends early"}.get(type(exc), type(exc).__name__)
+        if is_zip and not zipfile.is_zipfile(path):  # no intact central directory: cut short or overwritten
+            reason = f"truncated or damaged: {reason}"
+        raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({reason})")
+
+
+def _first_sentence(message: str, limit: int = 160) -> str:
+    """The first sentence of an error message's first line, for a one-line answer. A longer one is cut
+    at a word boundary before any bracket it leaves open, and ends in "...": never mid-word or mid-parenthesis."""
+    line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    sentence = re.split(r"(?<=[^\s.])\.(?=\s+[A-Z]|$)", line, maxsplit=1)[0].strip()
+    if len(sentence) <= limit:
+        return sentence
+    cut = sentence[: limit + 1].rsplit(" ", 1)[0] if " " in sentence[:limit] else sentence[:limit]
+    opened: list[int] = []
+    for i, char in enumerate(cut):
+        if char in "([{":
+            opened.append(i)
+        elif char in ")]}" and opened:
+            opened.pop()
+    if opened and opened[0] >= limit // 2:  # end before the first bracket left open
+        cut = cut[: opened[0]]
+    elif opened:  # or, when that keeps too little, drop the brackets left open
+        cut = "".join(char for i, char in enumerate(cut) if i not in opened)
+    return cut.rstrip(" ,;:-") + "..."
 
 
 def _weights_only_reason(message: str) -> str:
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-    if match:
-        return match.group(1).strip().splitlines()[0][:200]
-    return "content outside the allowed tensor types"
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", message, re.DOTALL)
+    return (_first_sentence(match.group(1)) if match else "") or "content outside the allowed tensor types"
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -2,6 +2,8 @@
 normalisation flags, and refusing checkpoints that carry code."""
 
 import pickle
+import random
+import re
 
 import pytest
 import torch
@@ -265,6 +267,74 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "rundir").mkdir()
     with pytest.raises(BnprobeError, match="directory without checkpoint.pt"):
         load_model(tmp_path / "rundir", CPU)
+
+
+def _corrupt_files(tmp_path):
+    torch.save({"model": {"w": torch.randn(64, 64)}, "epoch": 3}, tmp_path / "ok.pt")
+    torch.save({"model": {"w": torch.randn(64, 64)}}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    zipped, legacy = (tmp_path / "ok.pt").read_bytes(), (tmp_path / "legacy.pt").read_bytes()
+    rng = random.Random(0)
+    noise = bytes(rng.randrange(256) for _ in range(4096))
+    return {
+        "truncated-half.pt": zipped[: len(zipped) // 2],  # a copy or a save cut short
+        "truncated-300.pt": zipped[:300],
+        "zip-magic-then-noise.pt": b"PK\x03\x04" + noise,
+        "legacy-truncated.pt": legacy[:10],
+        "random.pt": noise,
+        "pickle-proto-then-noise.pt": b"\x80\x11" + noise,  # 0x80 and no pickle protocol number
+    }
+
+
+def _balanced(text):
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def test_corrupt_checkpoint_is_one_clean_complete_line(tmp_path):
+    for name, content in _corrupt_files(tmp_path).items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(BnprobeError) as info:
+            runs.load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        # torch's advice ("...there is a high likelihood that your checkpoint file is") used to be cut mid-sentence
+        assert "\n" not in message and "likelihood" not in message and "miniz" not in message, message
+        assert re.fullmatch(rf"{re.escape(str(tmp_path / name))} is not a (readable )?PyTorch checkpoint \(.+\)", message)
+        assert _balanced(message) and len(message) < len(str(tmp_path)) + 180, message
+        if name.startswith(("truncated", "zip-magic")):
+            assert "is not a readable PyTorch checkpoint (truncated or damaged: " in message, message
+        elif name == "legacy-truncated.pt":
+            assert message.endswith("(the file ends early)"), message
+        else:  # not a zip archive, not a pickle: never handed to an unpickler
+            assert message.endswith("is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+
+
+def test_corrupt_checkpoint_through_the_cli(capsys, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(_corrupt_files(tmp_path)["truncated-300.pt"])
+    code, _, err = run_cli(capsys, "probe", tmp_path / "ckpt.pt", "--device", "cpu")
+    assert_one_line_error(code, err, "is not a readable PyTorch checkpoint (truncated or damaged: ")
+    assert err.rstrip().endswith(")") and _balanced(err)
+
+
+def test_long_load_error_is_cut_at_a_word_before_an_open_bracket(tmp_path, monkeypatch):
+    torch.save({"a": torch.ones(1)}, tmp_path / "ok.pt")
+    words = " ".join(["word"] * 25)
+    long = f"failed to map storage: {words} (hint: {' '.join(['more'] * 40)}) and then some. Second sentence."
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(torch, "load", fail)
+    message = long
+    with pytest.raises(BnprobeError) as info:
+        read_checkpoint(tmp_path / "ok.pt")
+    assert str(info.value) == f"{tmp_path / 'ok.pt'} is not a readable PyTorch checkpoint (failed to map storage: {words}...)"
+    message = "short. Second sentence."
+    with pytest.raises(BnprobeError, match=r"checkpoint \(short\)$"):
+        read_checkpoint(tmp_path / "ok.pt")
 
 
 def test_flags_that_need_each_other(runs_dirs):
