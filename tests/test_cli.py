@@ -181,3 +181,16 @@ def test_models_lists_the_registry(capsys):
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "resnet152" in out and "272,474" in out
     assert "resnet<6n+2>" in out  # the names that build without being listed
+
+
+@pytest.mark.parametrize("command", ["probe", "ablate"])
+def test_results_to_a_folder_or_an_unwritable_place_are_one_line(capsys, tmp_path, command):
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r")[0] == 0
+    extra = ["--clamp-gamma", "0.1", "--test-subset", "50", "--train-subset", "50"] if command == "ablate" else []
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    for out, pattern in [(tmp_path, "it is a directory"), (blocker / "x.h5", "cannot write")]:
+        code, _, err = run_cli(capsys, command, str(tmp_path / "r"), *extra, "--out", str(out))
+        assert_one_line_error(code, err, pattern)
+    assert blocker.read_text() == "keep"
+    assert not list(tmp_path.glob("**/.*.tmp"))
