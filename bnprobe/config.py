@@ -172,6 +172,8 @@ class TrainConfig:
         for name in ("gamma_l1", "bn_l2"):
             if not getattr(self, name) >= 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.bn == "none" and (self.gamma_l1 or self.bn_l2):
+            raise BnprobeError("--gamma-l1 and --bn-l2 act on BN's γ and β, but --bn none leaves no BN layer")
         if not self.lr_drop > 0:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
         milestones = self.milestone_epochs

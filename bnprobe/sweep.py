@@ -84,6 +84,8 @@ def read_plan(path: Path, runs_dir: Path) -> list[PlannedRun]:
                 raise BnprobeError(f"{path} grid {i}: {exc}")
             run = PlannedRun(config, runs_dir / config.run_name())
             planned.setdefault(run.run_dir, run)  # grids may overlap: each run once
+    if not planned:
+        raise BnprobeError(f"{path} plans no runs (is a list in [[grid]] empty?)")
     return list(planned.values())
 
 

@@ -28,6 +28,7 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subse
     (["train", "resnet8", "--name", "."], "--name must be a single folder name"),
     (["train", "resnet8", "--name", "a/b"], "--name must be a single folder name"),
     (["train", "resnet8", "--name", ""], "--name must be a single folder name"),
+    (["train", "resnet8", "--bn", "none", "--gamma-l1", "0.1"], "--bn none leaves no BN layer"),
     (["train", "resnet8", "--gamma-init", "zeros"], "--gamma-init must be one of"),
     (["train", "resnet50", "--shortcut", "A"], "shortcut"),
     (["train", "resnet8", "--resume", "--overwrite"], "contradict"),

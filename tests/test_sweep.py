@@ -148,6 +148,7 @@ def test_flop_count_of_resnet20_matches_hand_count():
     ("[[grid]]\nmodle = 'resnet8'\n", "unknown settings modle"),
     ("[runs]\nx = 1\n[[grid]]\nmodel = 'resnet8'\n", "unknown tables runs"),
     ("[[grid]]\nmodel = 'resnet8'\nlr = -1.0\n", "--lr must be > 0"),
+    ("[[grid]]\nmodel = 'resnet8'\nseed = []\n", "plans no runs"),
 ])
 def test_bad_plans_are_one_line_errors(tmp_path, capsys, text, message):
     if text is not None:
