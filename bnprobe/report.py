@@ -18,6 +18,7 @@ import site
 import sys
 import sysconfig
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -372,6 +373,14 @@ def _check_checkpoint(run_dir: Path) -> None:
         raise RunSkipped(f"checkpoint.pt is not readable ({exc.strerror or exc})")
     if not head.startswith(CHECKPOINT_MAGIC):
         raise RunSkipped("checkpoint.pt is empty" if not head else "checkpoint.pt is not a PyTorch checkpoint")
+    if head.startswith(CHECKPOINT_MAGIC[0]):
+        # A zip archive keeps its central directory at the end: opening it (no tensor is read) catches a copy
+        # cut short. A legacy pickle checkpoint has no such cheap check and is taken as it is.
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise RunSkipped(f"checkpoint.pt is truncated or damaged (not a complete zip archive: {_first_line(exc)})")
 
 
 def _read_checkpoint_fallback(run: Run) -> None:

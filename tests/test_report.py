@@ -383,3 +383,27 @@ def test_report_command_finds_installed_templates(capsys, runs_root, tmp_path, m
     code, _, err = run_cli(capsys, "report", runs_root / "full", "-o", tmp_path / "r2.html")
     assert_one_line_error(code, err, "pass --templates DIR")
     assert not (tmp_path / "r2.html").exists()
+
+
+# ---- checkpoints cut short, and results inside skipped runs ------------------------------------------------
+
+
+def test_truncated_checkpoint_is_skipped_with_the_reason(runs_root, tmp_path):
+    # A copy cut short (a full disk, an interrupted rsync) loses the zip's central directory at the end.
+    cut = Path(shutil.copytree(runs_root / "full", tmp_path / "runs" / "cut", ignore=shutil.ignore_patterns("*.h5")))
+    shutil.copy(runs_root / "full" / "telemetry.h5", cut)  # with telemetry: the checkpoint's tensors are never read
+    checkpoint = cut / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:50_000])
+    collection = collect([tmp_path / "runs"])
+    assert not collection.runs
+    [skipped] = collection.skipped
+    assert skipped.name == "cut" and "checkpoint.pt is truncated or damaged" in skipped.reason, skipped
+
+
+def test_legacy_pickle_checkpoint_is_accepted_without_loading(runs_root, tmp_path):
+    legacy = Path(shutil.copytree(runs_root / "full", tmp_path / "legacy"))
+    state = torch.load(legacy / "checkpoint.pt", weights_only=True)
+    torch.save(state, legacy / "checkpoint.pt", _use_new_zipfile_serialization=False)
+    assert (legacy / "checkpoint.pt").read_bytes()[:1] == b"\x80"
+    [run] = collect([legacy]).runs
+    assert run.name == "legacy"
