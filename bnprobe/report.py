@@ -505,8 +505,23 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
 
     collection = Collection(roots, [], [], [], [])
     tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
-    for outcome in _map(_read_and_draw, tasks, jobs):
-        (collection.runs if isinstance(outcome, Run) else collection.skipped).append(outcome)
+    skipped_runs: dict[Path, Skipped] = {}
+    for (run_dir, *_), outcome in zip(tasks, _map(_read_and_draw, tasks, jobs)):
+        if isinstance(outcome, Run):
+            collection.runs.append(outcome)
+        else:
+            collection.skipped.append(outcome)
+            skipped_runs[run_dir] = outcome
+    left_out: dict[Path, list[str]] = {}
+    for resolved, (path, name) in list(result_files.items()):
+        # A result file inside a skipped run is left out with it (it would still label a curve and a table
+        # row with that run's name); the nearest run directory above the file is the one it belongs to.
+        owner = next((d for d in resolved.parents if d in run_dirs), None)
+        if owner in skipped_runs:
+            del result_files[resolved]
+            left_out.setdefault(owner, []).append(resolved.relative_to(owner).as_posix())
+    for owner, files in left_out.items():
+        skipped_runs[owner].reason += f"; left out with it: {', '.join(sorted(files))}"
     for path, name in result_files.values():
         try:
             result = read_result_file(path, name)

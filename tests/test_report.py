@@ -159,7 +159,9 @@ def test_an_unforeseen_error_costs_one_run_not_the_report(runs_root, monkeypatch
     collection = collect([runs_root / "full"], taus=DEFAULT_TAUS)
     assert not collection.runs
     [skipped] = collection.skipped
-    assert skipped.reason == "could not be read or drawn (FloatingPointError: something no reader foresaw)"
+    assert skipped.reason == ("could not be read or drawn (FloatingPointError: something no reader foresaw); "
+                              "left out with it: ablation.h5")
+    assert not collection.ablations  # its ablation.h5 goes with it
 
 
 def test_one_run_directory_and_unfinished_runs(runs_root):
@@ -407,3 +409,26 @@ def test_legacy_pickle_checkpoint_is_accepted_without_loading(runs_root, tmp_pat
     assert (legacy / "checkpoint.pt").read_bytes()[:1] == b"\x80"
     [run] = collect([legacy]).runs
     assert run.name == "legacy"
+
+
+def test_results_inside_a_skipped_run_are_left_out_with_it(runs_root, tmp_path):
+    root = tmp_path / "runs"
+    broken = Path(shutil.copytree(runs_root / "full", root / "broken", ignore=shutil.ignore_patterns("*.h5")))
+    (broken / "telemetry.h5").write_bytes(b"not an HDF5 file\n" * 64)
+    write_ablation(broken / "ablation.h5", broken)
+    with h5py.File(broken / "probe.h5", "w") as f:  # docs/probe-schema.md, one checkpoint
+        f.attrs.update({"format": "bnprobe-probe", "version": 1})
+        f["taus"] = np.array([0.01])
+        g = f.create_group("checkpoints/0")
+        g.attrs.update({"label": "broken", "accuracy": 0.5, "mean_abs_gamma": 0.3})
+        g["frac_below_all"] = np.array([0.1])
+    write_ablation(root / "ablation.h5", broken)  # outside any run directory (ablate on a bare checkpoint): kept
+    collection = collect([root])
+    assert not collection.runs and not collection.probes
+    [skipped] = collection.skipped
+    assert skipped.name == "broken" and "telemetry.h5 is not a readable HDF5 file" in skipped.reason
+    assert skipped.reason.endswith("; left out with it: ablation.h5, probe.h5"), skipped
+    [kept] = collection.ablations
+    assert kept.name == "ablation.h5" and kept.run is None
+    html = render_html(collection, DEFAULT_TAUS)
+    assert html.count("ablation.h5") == 2  # the kept file's table row, and the skipped run's reason
