@@ -18,6 +18,7 @@ import site
 import sys
 import sysconfig
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -372,6 +373,14 @@ def _check_checkpoint(run_dir: Path) -> None:
         raise RunSkipped(f"checkpoint.pt is not readable ({exc.strerror or exc})")
     if not head.startswith(CHECKPOINT_MAGIC):
         raise RunSkipped("checkpoint.pt is empty" if not head else "checkpoint.pt is not a PyTorch checkpoint")
+    if head.startswith(CHECKPOINT_MAGIC[0]):
+        # A zip archive keeps its central directory at the end: opening it (no tensor is read) catches a copy
+        # cut short. A legacy pickle checkpoint has no such cheap check and is taken as it is.
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise RunSkipped(f"checkpoint.pt is truncated or damaged (not a complete zip archive: {_first_line(exc)})")
 
 
 def _read_checkpoint_fallback(run: Run) -> None:
@@ -496,8 +505,23 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
 
     collection = Collection(roots, [], [], [], [])
     tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
-    for outcome in _map(_read_and_draw, tasks, jobs):
-        (collection.runs if isinstance(outcome, Run) else collection.skipped).append(outcome)
+    skipped_runs: dict[Path, Skipped] = {}
+    for (run_dir, *_), outcome in zip(tasks, _map(_read_and_draw, tasks, jobs)):
+        if isinstance(outcome, Run):
+            collection.runs.append(outcome)
+        else:
+            collection.skipped.append(outcome)
+            skipped_runs[run_dir] = outcome
+    left_out: dict[Path, list[str]] = {}
+    for resolved, (path, name) in list(result_files.items()):
+        # A result file inside a skipped run is left out with it (it would still label a curve and a table
+        # row with that run's name); the nearest run directory above the file is the one it belongs to.
+        owner = next((d for d in resolved.parents if d in run_dirs), None)
+        if owner in skipped_runs:
+            del result_files[resolved]
+            left_out.setdefault(owner, []).append(resolved.relative_to(owner).as_posix())
+    for owner, files in left_out.items():
+        skipped_runs[owner].reason += f"; left out with it: {', '.join(sorted(files))}"
     for path, name in result_files.values():
         try:
             result = read_result_file(path, name)

@@ -159,7 +159,9 @@ def test_an_unforeseen_error_costs_one_run_not_the_report(runs_root, monkeypatch
     collection = collect([runs_root / "full"], taus=DEFAULT_TAUS)
     assert not collection.runs
     [skipped] = collection.skipped
-    assert skipped.reason == "could not be read or drawn (FloatingPointError: something no reader foresaw)"
+    assert skipped.reason == ("could not be read or drawn (FloatingPointError: something no reader foresaw); "
+                              "left out with it: ablation.h5")
+    assert not collection.ablations  # its ablation.h5 goes with it
 
 
 def test_one_run_directory_and_unfinished_runs(runs_root):
@@ -383,3 +385,50 @@ def test_report_command_finds_installed_templates(capsys, runs_root, tmp_path, m
     code, _, err = run_cli(capsys, "report", runs_root / "full", "-o", tmp_path / "r2.html")
     assert_one_line_error(code, err, "pass --templates DIR")
     assert not (tmp_path / "r2.html").exists()
+
+
+# ---- checkpoints cut short, and results inside skipped runs ------------------------------------------------
+
+
+def test_truncated_checkpoint_is_skipped_with_the_reason(runs_root, tmp_path):
+    # A copy cut short (a full disk, an interrupted rsync) loses the zip's central directory at the end.
+    cut = Path(shutil.copytree(runs_root / "full", tmp_path / "runs" / "cut", ignore=shutil.ignore_patterns("*.h5")))
+    shutil.copy(runs_root / "full" / "telemetry.h5", cut)  # with telemetry: the checkpoint's tensors are never read
+    checkpoint = cut / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:50_000])
+    collection = collect([tmp_path / "runs"])
+    assert not collection.runs
+    [skipped] = collection.skipped
+    assert skipped.name == "cut" and "checkpoint.pt is truncated or damaged" in skipped.reason, skipped
+
+
+def test_legacy_pickle_checkpoint_is_accepted_without_loading(runs_root, tmp_path):
+    legacy = Path(shutil.copytree(runs_root / "full", tmp_path / "legacy"))
+    state = torch.load(legacy / "checkpoint.pt", weights_only=True)
+    torch.save(state, legacy / "checkpoint.pt", _use_new_zipfile_serialization=False)
+    assert (legacy / "checkpoint.pt").read_bytes()[:1] == b"\x80"
+    [run] = collect([legacy]).runs
+    assert run.name == "legacy"
+
+
+def test_results_inside_a_skipped_run_are_left_out_with_it(runs_root, tmp_path):
+    root = tmp_path / "runs"
+    broken = Path(shutil.copytree(runs_root / "full", root / "broken", ignore=shutil.ignore_patterns("*.h5")))
+    (broken / "telemetry.h5").write_bytes(b"not an HDF5 file\n" * 64)
+    write_ablation(broken / "ablation.h5", broken)
+    with h5py.File(broken / "probe.h5", "w") as f:  # docs/probe-schema.md, one checkpoint
+        f.attrs.update({"format": "bnprobe-probe", "version": 1})
+        f["taus"] = np.array([0.01])
+        g = f.create_group("checkpoints/0")
+        g.attrs.update({"label": "broken", "accuracy": 0.5, "mean_abs_gamma": 0.3})
+        g["frac_below_all"] = np.array([0.1])
+    write_ablation(root / "ablation.h5", broken)  # outside any run directory (ablate on a bare checkpoint): kept
+    collection = collect([root])
+    assert not collection.runs and not collection.probes
+    [skipped] = collection.skipped
+    assert skipped.name == "broken" and "telemetry.h5 is not a readable HDF5 file" in skipped.reason
+    assert skipped.reason.endswith("; left out with it: ablation.h5, probe.h5"), skipped
+    [kept] = collection.ablations
+    assert kept.name == "ablation.h5" and kept.run is None
+    html = render_html(collection, DEFAULT_TAUS)
+    assert html.count("ablation.h5") == 2  # the kept file's table row, and the skipped run's reason
