@@ -57,34 +57,43 @@ class LoadOptions:
 
 
 def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[float]:
-    """`0.05`, `0.01,0.05,0.1`, `0:0.2:20` (20 values, both ends included), or a mix, as sorted floats."""
+    """`0.05`, `0.01,0.05,0.1`, `0:0.2:20` (20 values, both ends included), or a mix, as sorted floats.
+
+    Every error is one line naming `flag` and the offending item: an empty item (`0.1,,0.2`, a trailing
+    comma), a non-number, a non-finite value (inf, nan), a value < 0 or above `upper`, a bad range."""
+    if not text.strip():
+        raise BnprobeError(f"{flag} needs at least one value; got {text!r}")
     values: list[float] = []
     for item in text.replace(" ", "").split(","):
         if not item:
-            continue
+            raise BnprobeError(f"{flag} has an empty item in {text!r} (two commas in a row, or a comma at an end)")
         parts = item.split(":")
+        if len(parts) not in (1, 3):
+            raise BnprobeError(
+                f"{flag} must be a number, a list like 0.01,0.05,0.1 or a range START:STOP:COUNT; got {item!r}")
         try:
-            if len(parts) == 1:
-                values.append(float(parts[0]))
-            elif len(parts) == 3:
-                start, stop, count = float(parts[0]), float(parts[1]), int(parts[2])
-                if count < 1:
-                    raise BnprobeError(f"{flag}: the COUNT of {item!r} must be >= 1")
-                if stop < start:
-                    raise BnprobeError(f"{flag}: STOP must be >= START in {item!r}")
-                step = (stop - start) / (count - 1) if count > 1 else 0.0
-                values.extend([start + i * step for i in range(count - 1)] + [stop if count > 1 else start])
-            else:
-                raise ValueError
+            ends = [float(p) for p in parts[:2]]
         except ValueError:
             raise BnprobeError(
-                f"{flag} must be a number, a list like 0.01,0.05,0.1 or a range START:STOP:COUNT; got {text!r}"
-            )
-    if not values:
-        raise BnprobeError(f"{flag} needs at least one value; got {text!r}")
-    for v in values:
-        if math.isnan(v) or v < 0:
-            raise BnprobeError(f"{flag} values must be >= 0; got {v:g}")
-        if upper is not None and v > upper:
-            raise BnprobeError(f"{flag} values must be in [0, {upper:g}]; got {v:g}")
+                f"{flag} must be a number, a list like 0.01,0.05,0.1 or a range START:STOP:COUNT; got {item!r}")
+        if not all(math.isfinite(end) for end in ends):
+            raise BnprobeError(f"{flag} values must be finite and >= 0; got {item!r}")
+        if len(parts) == 3 and ends[1] < ends[0]:
+            raise BnprobeError(f"{flag}: STOP must be >= START in {item!r}")
+        if min(ends) < 0:
+            raise BnprobeError(f"{flag} values must be finite and >= 0; got {item!r}")
+        if upper is not None and max(ends) > upper:
+            raise BnprobeError(f"{flag} values must be in [0, {upper:g}]; got {item!r}")
+        if len(parts) == 1:
+            values.append(ends[0])
+            continue
+        start, stop = ends
+        try:
+            count = int(parts[2])
+        except ValueError:
+            raise BnprobeError(f"{flag}: the COUNT of {item!r} must be a whole number >= 1")
+        if count < 1:
+            raise BnprobeError(f"{flag}: the COUNT of {item!r} must be >= 1")
+        step = (stop - start) / (count - 1) if count > 1 else 0.0
+        values.extend([start + i * step for i in range(count - 1)] + [stop if count > 1 else start])
     return sorted(set(values))

@@ -48,6 +48,48 @@ def test_sweep_syntax():
         parse_sweep("0.5,1.5", "--clamp-fraction", upper=1.0)
 
 
+@pytest.mark.parametrize("text, item", [
+    ("inf", "'inf'"), ("nan", "'nan'"), ("0.1,-inf", "'-inf'"), ("Infinity", "'Infinity'"),
+    ("0:inf:3", "'0:inf:3'"), ("nan:0.2:3", "'nan:0.2:3'"), ("0:0.2:inf", "'0:0.2:inf'"),
+])
+def test_sweep_rejects_non_finite_values_naming_the_flag_and_item(text, item):
+    with pytest.raises(BnprobeError) as caught:
+        parse_sweep(text, "--clamp-gamma")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("--clamp-gamma") and item in message, message
+    with pytest.raises(BnprobeError, match="--clamp-fraction"):
+        parse_sweep(text, "--clamp-fraction", upper=1.0)
+
+
+@pytest.mark.parametrize("text", ["0.1,,0.2", "0.1,", ",0.1", "0.1, ,0.2", ",", "0:0.2:3,,0.5"])
+def test_sweep_rejects_empty_items(text):
+    with pytest.raises(BnprobeError, match="--clamp-gamma has an empty item") as caught:
+        parse_sweep(text, "--clamp-gamma")
+    assert "\n" not in str(caught.value) and repr(text) in str(caught.value)
+
+
+def test_sweep_errors_name_the_bad_item_not_just_the_text():
+    for text, item in [("0.1,abc,0.2", "'abc'"), ("0.1,0:1,0.2", "'0:1'"), ("0.1,0:1:x", "'0:1:x'"),
+                       ("0.1,-0.5", "'-0.5'"), ("0.1,0:2:3", "'0:2:3'")]:
+        with pytest.raises(BnprobeError) as caught:
+            parse_sweep(text, "--clamp-fraction", upper=1.0)
+        assert item in str(caught.value), (text, str(caught.value))
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["ablate", "--clamp-gamma", "inf"], "--clamp-gamma values must be finite and >= 0; got 'inf'"),
+    (["ablate", "--clamp-gamma", "nan"], "--clamp-gamma values must be finite and >= 0; got 'nan'"),
+    (["ablate", "--clamp-gamma", "0.1,,0.2"], "--clamp-gamma has an empty item in '0.1,,0.2'"),
+    (["ablate", "--clamp-fraction", "0:inf:4"], "--clamp-fraction values must be finite and >= 0; got '0:inf:4'"),
+    (["probe", "--taus", "0.01,inf"], "--taus values must be finite and >= 0; got 'inf'"),
+    (["probe", "--taus", "0.01,,0.1"], "--taus has an empty item"),
+])
+def test_cli_rejects_non_finite_and_empty_values_in_one_line(capsys, tmp_path, argv, pattern):
+    (tmp_path / "model.pt").write_bytes(b"")  # never read: the values are checked first
+    code, _, err = run_cli(capsys, argv[0], tmp_path / "model.pt", *argv[1:], "--device", "cpu")
+    assert_one_line_error(code, err, pattern)
+
+
 def test_clamp_masks_threshold_and_fraction():
     gammas = [torch.tensor([0.5, -0.02, 0.2, 0.01]), torch.tensor([-1.0, 0.03, 0.3])]
     as_lists = lambda masks: [m.tolist() for m in masks]  # noqa: E731
@@ -331,8 +373,8 @@ def test_cifar_copy_with_torchvision_statistics(capsys, tmp_path, shared_data):
 @pytest.mark.parametrize("argv,pattern", [
     (["ablate", "{tmp}/missing.pt", "--clamp-gamma", "0.1"], "no such checkpoint"),
     (["ablate", "{tmp}/notes.txt", "--clamp-gamma", "0.1"], "is not a PyTorch checkpoint"),
-    (["ablate", "{full}", "--clamp-gamma", "-0.1"], "--clamp-gamma values must be >= 0"),
-    (["ablate", "{full}", "--clamp-gamma=0.1,-1"], "--clamp-gamma values must be >= 0"),
+    (["ablate", "{full}", "--clamp-gamma", "-0.1"], "--clamp-gamma values must be finite and >= 0; got '-0.1'"),
+    (["ablate", "{full}", "--clamp-gamma=0.1,-1"], "--clamp-gamma values must be finite and >= 0; got '-1'"),
     (["ablate", "{full}", "--clamp-fraction", "1.5"], "--clamp-fraction values must be in [0, 1]"),
     (["ablate", "{full}"], "pass exactly one of --clamp-gamma"),
     (["ablate", "{full}", "--clamp-gamma", "0.1", "--clamp-fraction", "0.1"], "pass exactly one"),

@@ -212,7 +212,7 @@ def test_foreign_checkpoint_through_the_cli(capsys, tmp_path):
 @pytest.mark.parametrize("argv,pattern", [
     (["probe", "{tmp}/missing.pt"], "no such checkpoint"),
     (["probe", "{tmp}/notes.txt"], "is not a PyTorch checkpoint"),
-    (["probe", "{full}", "--taus", "-0.1"], "--taus values must be >= 0"),
+    (["probe", "{full}", "--taus", "-0.1"], "--taus values must be finite and >= 0; got '-0.1'"),
     (["probe", "{full}", "--taus", "0:1"], "START:STOP:COUNT"),
     (["probe", "{full}", "--off-threshold", "-1"], "--off-threshold must be >= 0"),
     (["probe", "{full}", "--model", "{tmp}/user_models.py:small_net"], "wrong architecture"),
