@@ -406,7 +406,7 @@ def run_probe(
         result.label = label
     write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device)})
 
-    for table in probe_tables(results, taus, off_threshold, brief):
+    for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
         console.print(table)
     console.print(
         f"off: |γ| < {off_threshold:g}, so the BN output is ≈ its constant β; off, β≤0: a ReLU right after it "
@@ -425,7 +425,82 @@ def _num(x: float) -> str:
     return "-" if x != x else f"{x:.3f}"
 
 
-def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, brief: bool) -> list:
+def _pct_short(x: float) -> str:
+    """A fraction as a whole percentage, at most 4 characters; never rounds a non-zero fraction to 0% or a
+    fraction short of 1 to 100%."""
+    if x != x:
+        return "-"
+    if 0 < x < 0.005:
+        return "<1%"
+    if 0.995 <= x < 1:
+        return ">99%"
+    return f"{100 * x:.0f}%"
+
+
+def _table_width(table: Any) -> int:
+    """Columns `table` takes when nothing has to be wrapped or cut."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    return Console(file=StringIO(), width=100_000).measure(table).maximum
+
+
+def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, edges: np.ndarray,
+                 width: Optional[int] = None) -> list:
+    """One checkpoint's per-layer tables: "γ and β by depth", with a column per τ when that fits in `width`
+    columns (None: no limit), else the τ columns in tables of their own ("|γ| < τ by depth"), as many as it
+    takes. Numbers are never wrapped; only the layer names fold, and only when a name alone is too wide."""
+    from rich import box
+    from rich.table import Table
+
+    below, off, dead = r.bn.frac_below(taus), r.bn.off(off_threshold), r.bn.off_dead(off_threshold)
+    hists = histograms(r.bn.gamma, edges)
+    caption = (f"|γ|, β: means over the layer's channels; γ histogram: 12 bins over [{edges[0]:.2f}, {edges[-1]:.2f}], shared by all layers; "
+               f"<τ: fraction |γ| < τ; off: |γ| < {off_threshold:g}; β≤0: off with β ≤ 0")
+
+    def table(title: str, tau_columns: Sequence[int], main: bool) -> Table:
+        t = Table(title=title, box=box.SIMPLE_HEAD, caption=caption if main else None, collapse_padding=True,
+                  show_edge=False, pad_edge=False)
+        t.add_column("#", justify="right", no_wrap=True)
+        t.add_column("BN layer", justify="left", overflow="fold")
+        if main:
+            for column in ("C", "|γ|", "γ histogram"):
+                t.add_column(column, justify="left" if column == "γ histogram" else "right", no_wrap=True)
+        for k in tau_columns:
+            t.add_column(f"<{taus[k]:g}", justify="right", no_wrap=True)
+        if main:
+            for column in ("off", "β≤0", "β"):
+                t.add_column(column, justify="right", no_wrap=True)
+        for i, name in enumerate(r.bn.names):
+            g, b = r.bn.gamma[i], r.bn.beta[i]
+            taus_cells = [_pct_short(below[i][k]) for k in tau_columns]
+            if main:
+                t.add_row(str(i), name, str(g.size), f"{np.abs(g).mean():.3f}", sparkline(hists[i]), *taus_cells,
+                          str(off[i]), str(dead[i]), f"{b.mean():+.3f}")
+            else:
+                t.add_row(str(i), name, *taus_cells)
+        return t
+
+    title = f"γ and β by depth — {r.label}"
+    every = table(title, range(len(taus)), main=True)
+    if width is None or _table_width(every) <= width or not taus:
+        return [every]
+    tables = [table(title, [], main=True)]
+    chunk: list[int] = []
+    for k in range(len(taus)):
+        # Greedy: as many τ columns per table as fit (at least one, however narrow the console).
+        if chunk and _table_width(table("", chunk + [k], main=False)) > width:
+            tables.append(chunk)
+            chunk = []
+        chunk.append(k)
+    tables.append(chunk)
+    return [tables[0]] + [table(f"|γ| < τ by depth — {r.label}", c, main=False) for c in tables[1:]]
+
+
+def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, brief: bool,
+                 width: Optional[int] = None) -> list:
+    """The terminal tables; per-layer ones are laid out to fit `width` columns (None: no limit)."""
     from rich import box
     from rich.table import Table
 
@@ -459,20 +534,7 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
     edges = histogram_edges([g for r in results for g in r.bn.gamma], 12)
     if len(results) == 1 or not same_layers:
         for r in (r for r in results if r.bn.names):
-            table = Table(title=f"γ and β by depth — {r.label}", box=box.SIMPLE_HEAD,
-                          caption=f"γ histogram: 12 bins over [{edges[0]:.2f}, {edges[-1]:.2f}], shared by all layers")
-            for column in ("#", "BN layer", "C", "mean|γ|", "γ histogram", *(f"<{t:g}" for t in taus),
-                           "off", "β≤0", "mean β"):
-                left = column in ("BN layer", "γ histogram")
-                table.add_column(column, justify="left" if left else "right", no_wrap=True)
-            below, off, dead = r.bn.frac_below(taus), r.bn.off(off_threshold), r.bn.off_dead(off_threshold)
-            hists = histograms(r.bn.gamma, edges)
-            for i, name in enumerate(r.bn.names):
-                g, b = r.bn.gamma[i], r.bn.beta[i]
-                table.add_row(str(i), name, str(g.size), f"{np.abs(g).mean():.3f}", sparkline(hists[i]),
-                              *(_pct(v) for v in below[i]), str(off[i]), str(dead[i]), f"{b.mean():+.3f}")
-            table.caption += f"; <τ: fraction |γ| < τ; off: |γ| < {off_threshold:g}; β≤0: off with β ≤ 0"
-            tables.append(table)
+            tables.extend(layer_tables(r, taus, off_threshold, edges, width))
     else:
         table = Table(title=f"γ by depth: mean |γ| / channels off (|γ| < {off_threshold:g})", box=box.SIMPLE_HEAD)
         table.add_column("#", justify="right")

@@ -233,3 +233,81 @@ def test_probe_errors_are_one_line(capsys, tmp_path, tmp_path_factory, argv, pat
 def test_probe_refuses_bad_numbers_in_the_library(tmp_path_factory):
     with pytest.raises(BnprobeError, match="must be >= 0"):
         run_probe([trained_runs(tmp_path_factory)["full"]], LoadOptions(device="cpu"), taus=[-1.0])
+
+
+# ---- per-layer tables at 80 columns (piped output) ------------------------------------------------------
+
+
+def _synthetic_result(label="resnet8-bn-only"):
+    from bnprobe.probe import BNStats, ProbeResult
+
+    rng = np.random.default_rng(0)
+    names = ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn1", "layer2.0.bn2", "layer2.0.downsample.1",
+             "layer3.0.bn1", "layer3.0.bn2", "layer3.0.downsample.1"]
+    gamma = [rng.uniform(-0.4, 0.4, size=c) for c in (16, 16, 16, 32, 32, 32, 64, 64, 64)]
+    beta = [rng.normal(0, 0.2, size=g.size) for g in gamma]
+    bn = BNStats(names, gamma, beta, [np.zeros(g.size) for g in gamma], [np.ones(g.size) for g in gamma])
+    return ProbeResult(label, "x.pt", {"model": "resnet8"}, bn, [], 0.5, 0.9, 100)
+
+
+def _render(tables, width):
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(width=width, file=StringIO(), color_system=None)
+    for table in tables:
+        console.print(table)
+    return console.file.getvalue()
+
+
+def _assert_every_layer_number_shows(text, result, taus):
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    for tau in taus:
+        assert f"<{tau:g}" in text, (tau, text)
+    rows = [line.split() for line in text.splitlines()]
+    for i, (name, g, b) in enumerate(zip(result.bn.names, result.bn.gamma, result.bn.beta)):
+        mine = [row for row in rows if len(row) > 1 and row[0] == str(i) and row[1] == name]
+        assert mine, (name, text)
+        cells = {cell for row in mine for cell in row}
+        assert {str(g.size), f"{np.abs(g).mean():.3f}", f"{b.mean():+.3f}"} <= cells, (name, mine)
+        percents = [cell for row in mine for cell in row if cell.endswith("%")]
+        assert len(percents) == len(taus), (name, mine)
+        for tau, cell in zip(taus, percents):
+            fraction = np.mean(np.abs(g) < tau)
+            assert cell == ("<1%" if 0 < fraction < 0.005 else ">99%" if 0.995 <= fraction < 1
+                            else f"{100 * fraction:.0f}%"), (name, tau, cell)
+
+
+@pytest.mark.parametrize("taus", [list(np.linspace(0, 0.3, 7)), list(np.linspace(0, 0.3, 13)), [0.01, 0.1]])
+def test_per_layer_tables_fit_80_columns_without_cutting_numbers(taus):
+    from bnprobe.probe import histogram_edges, layer_tables
+
+    result = _synthetic_result()
+    edges = histogram_edges(result.bn.gamma, 12)
+    tables = layer_tables(result, taus, 0.01, edges, width=80)
+    text = _render(tables, 80)
+    _assert_every_layer_number_shows(text, result, taus)
+    assert "γ and β by depth — resnet8-bn-only" in text
+    if len(taus) == 2:
+        assert len(tables) == 1  # fits: one table, as before
+    # With no width limit it stays one table.
+    assert len(layer_tables(result, taus, 0.01, edges, width=None)) == 1
+
+
+def test_probe_piped_at_80_columns_prints_full_numbers(capsys, tmp_path_factory, tmp_path):
+    """`bnprobe probe RUN --taus 0:0.3:7 | less`: rich falls back to 80 columns; nothing may be cut to '…'."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    run = trained_runs(tmp_path_factory)["full"]
+    console = Console(width=80, file=StringIO(), color_system=None)
+    taus = list(np.linspace(0, 0.3, 7))
+    results, _ = run_probe([run], LoadOptions(device="cpu"), taus=taus, images=50, batch_size=50,
+                           out=tmp_path / "probe.h5", console=console)
+    text = console.file.getvalue()
+    start = text.index("γ and β by depth")
+    end = text.index("ReLU output sparsity")
+    _assert_every_layer_number_shows(text[start:end], results[0], taus)
