@@ -270,7 +270,8 @@ def report(
     output: Path = typer.Option(
         Path("report.html"), "-o", "--output",
         help="Where to write the report: .html, or .pdf (rendered with WeasyPrint)."),
-    taus: str = typer.Option("0.01,0.05,0.1", "--taus", help="Thresholds τ of the fraction |γ| < τ per BN layer."),
+    taus: str = typer.Option(
+        "0.01,0.05,0.1", "--taus", help=f"Thresholds τ of the fraction |γ| < τ per BN layer. {SWEEP_SYNTAX}"),
     include_unfinished: bool = typer.Option(
         False, "--include-unfinished", help="Also show runs that stopped before their last epoch (else skipped)."),
     title: Optional[str] = typer.Option(None, "--title", help="Report title [default: bnprobe report: DIR name]."),

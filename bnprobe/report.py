@@ -211,20 +211,10 @@ def model_family(model: str) -> str:
 
 
 def parse_taus(text: str) -> list[float]:
-    values = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise BnprobeError(f"--taus must be comma-separated numbers like {DEFAULT_TAUS}; got {text!r}")
-        if not math.isfinite(value) or value < 0:
-            raise BnprobeError(f"--taus values must be finite and >= 0; got {item}")
-        values.append(value)
-    if not values:
-        raise BnprobeError(f"--taus needs at least one value, e.g. {DEFAULT_TAUS}")
-    return sorted(set(values))
+    """The same syntax as `bnprobe probe --taus` (a list or START:STOP:COUNT), sorted and de-duplicated."""
+    from bnprobe.options import parse_sweep  # no torch
+
+    return parse_sweep(text, "--taus")
 
 
 def _first_line(exc: BaseException) -> str:

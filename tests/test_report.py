@@ -319,7 +319,7 @@ def test_html_renders_in_headless_chromium(report_html, chromium, tmp_path):
     ("output is a directory", "is a directory"),
     ("unknown extension", "unknown output extension '.docx'"),
     ("no extension", "unknown output extension none"),
-    ("bad taus", "--taus must be comma-separated numbers"),
+    ("bad taus", "--taus must be a number"),
     ("missing templates", "report templates not found"),
 ])
 def test_bad_input_is_one_line(capsys, tmp_path, runs_root, case, pattern):
