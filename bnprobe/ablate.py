@@ -190,6 +190,9 @@ def write_ablation_h5(path: Path, result: SweepResult, attrs: dict[str, Any]) ->
 
 # ---- the command: load once, fold once, sweep, write, show -----------------------------------------
 
+# One file per kind of sweep, so a τ sweep and a fraction sweep of the same run both reach the report.
+DEFAULT_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5"}
+
 
 def run_ablation(
     path: Path,
@@ -225,7 +228,7 @@ def run_ablation(
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = out if out is not None else default_output([path], "ablation.h5")
+    out = out if out is not None else default_output([path], DEFAULT_FILES[mode])
     loaded = load_model(path, options, device)
     if not bn_layers(loaded.model):
         raise BnprobeError(f"{loaded.path} has no BatchNorm layer with a γ to clamp")

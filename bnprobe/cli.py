@@ -245,7 +245,8 @@ def ablate(
     fold: bool = typer.Option(
         True, "--fold/--no-fold", help="Fold BN into the preceding convs once (fast) or mask γ on the BN modules."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Where to write ablation.h5 [default: the run directory for a run, else ./ablation.h5]."),
+        None, "--out", help="Where to write the results [default: ablation.h5 (--clamp-gamma) or ablation-fraction.h5 "
+                            "(--clamp-fraction), in the run directory for a run, else in ./]."),
 ) -> None:
     """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
     from bnprobe.ablate import run_ablation

@@ -340,6 +340,17 @@ def test_ablate_cli_sweep_writes_the_run_directory(capsys, runs_dirs):
     with h5py.File(run / "ablation.h5") as f:
         assert len(f["values"]) == 4 and f.attrs["test_images"] == 100 and f.attrs["train_images"] == 100
 
+    # A fraction sweep of the same run is kept beside the τ sweep, and the report finds both.
+    code, _, err = run_cli(capsys, "ablate", run, "--clamp-fraction", "0,0.5", "--test-subset", "100",
+                           "--train-subset", "100", "--device", "cpu")
+    assert code == 0, err
+    with h5py.File(run / "ablation.h5") as f, h5py.File(run / "ablation-fraction.h5") as g:
+        assert f.attrs["mode"] == "threshold" and len(f["values"]) == 4
+        assert g.attrs["mode"] == "fraction" and len(g["values"]) == 2
+    from bnprobe.report import collect
+
+    assert sorted(a.mode for a in collect([run.parent]).ablations) == ["fraction", "threshold"]
+
 
 def test_foreign_checkpoint_ablation(capsys, tmp_path):
     model_file = write_model_file(tmp_path)
