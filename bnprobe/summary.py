@@ -28,6 +28,8 @@ def inspect_run(run_dir: Path, top: int = 5) -> Group:
     """The summary tables of a run; `top` largest and smallest per-tensor gradients (0: no such table)."""
     if top < 0:
         raise BnprobeError(f"--top must be >= 0 (how many of the largest and smallest gradients to list; 0: none), got {top}")
+    if run_dir.is_file():
+        raise BnprobeError(f"{run_dir} is a file; inspect takes a run directory (runs/<name>)")
     if not run_dir.is_dir():
         raise BnprobeError(f"no run directory at {run_dir}")
     config = runs.read_config(run_dir)
@@ -60,8 +62,11 @@ def inspect_run(run_dir: Path, top: int = 5) -> Group:
 
         steps = f["steps"]
         if "grad_abs_mean" in steps:
-            in_last = steps["epoch"][:] == steps["epoch"][-1]
-            groups = _table("Mean |grad| per parameter group (last epoch's recorded steps)",
+            recorded_epoch = int(steps["epoch"][-1])
+            in_last = steps["epoch"][:] == recorded_epoch
+            # With few steps per epoch and --telemetry-every > 1, the last epoch may have no recorded step.
+            title = f"epoch {recorded_epoch}'s {int(in_last.sum())} recorded step(s)"
+            groups = _table(f"Mean |grad| per parameter group ({title})",
                             "group", "tensors", "elements", "mean |grad|", "grad L2")
             for name, g in steps["groups"].items():
                 frozen = bool(g.attrs["frozen"])

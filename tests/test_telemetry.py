@@ -153,6 +153,9 @@ def test_inspect_prints_a_summary(full_run, bn_only_run, capsys):
     assert done.value.code == 0
     for text in ("generalisation gap", "bn_gamma", "conv_weight", "test acc"):
         assert text in out
+    with h5py.File(full_run / "telemetry.h5", "r") as f:  # the table names the epoch its steps come from
+        epochs = f["steps/epoch"][:]
+    assert f"epoch {epochs[-1]}'s {(epochs == epochs[-1]).sum()} recorded step" in " ".join(out.split())
     with h5py.File(full_run / "telemetry.h5", "r") as f:  # the extremes it lists, found independently
         last = f["steps/epoch"][:] == 2
         per_tensor = f["steps/grad_abs_mean"][:][last].mean(0)
@@ -212,6 +215,7 @@ def test_inspect_top(full_run, capsys):
 @pytest.mark.parametrize("make,pattern", [
     (lambda p: p, "no run directory"),
     (lambda p: (p.mkdir(), p)[1], "not a run directory"),
+    (lambda p: (p.write_text("x"), p)[1], "is a file; inspect takes a run directory"),
 ])
 def test_inspect_errors(tmp_path, capsys, make, pattern):
     target = make(tmp_path / "x")
