@@ -188,7 +188,7 @@ def models() -> None:
 
 
 # ---- probe / ablate (issue 4) ----
-from bnprobe.options import DEFAULT_TAUS, SWEEP_SYNTAX, LoadOptions, parse_sweep  # noqa: E402  (no torch: --help stays fast)
+from bnprobe.options import DEFAULT_TAUS, REPORT_TAUS, SWEEP_SYNTAX, LoadOptions, parse_sweep  # noqa: E402  (no torch: --help stays fast)
 
 
 @app.command()
@@ -272,7 +272,7 @@ def report(
         Path("report.html"), "-o", "--output",
         help="Where to write the report: .html, or .pdf (rendered with WeasyPrint)."),
     taus: str = typer.Option(
-        "0.01,0.05,0.1", "--taus", help=f"Thresholds τ of the fraction |γ| < τ per BN layer. {SWEEP_SYNTAX}"),
+        REPORT_TAUS, "--taus", help=f"Thresholds τ of the fraction |γ| < τ per BN layer. {SWEEP_SYNTAX}"),
     include_unfinished: bool = typer.Option(
         False, "--include-unfinished", help="Also show runs that stopped before their last epoch (else skipped)."),
     title: Optional[str] = typer.Option(None, "--title", help="Report title [default: bnprobe report: DIR name]."),

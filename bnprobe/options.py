@@ -15,6 +15,7 @@ from bnprobe.errors import BnprobeError
 
 NORM_UNITS = ("auto", "unit", "pixel")
 DEFAULT_TAUS = "0.001,0.01,0.05,0.1"
+REPORT_TAUS = "0.01,0.05,0.1"  # the report's figures and tables: fewer columns
 SWEEP_SYNTAX = (
     "One value (0.05), a comma-separated list (0.01,0.05,0.1), or START:STOP:COUNT for COUNT evenly spaced "
     "values from START to STOP inclusive (0:0.2:20 is 20 values 0, 0.0105, ..., 0.2); items can be mixed "

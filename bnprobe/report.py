@@ -29,6 +29,7 @@ import bnprobe
 from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
+from bnprobe.options import REPORT_TAUS, parse_sweep
 
 SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # a checkout or an editable install
 INSTALLED_TEMPLATES = Path("share", "bnprobe", "templates")  # under an install prefix: pyproject.toml's data-files
@@ -36,7 +37,6 @@ TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
-DEFAULT_TAUS = "0.01,0.05,0.1"
 TELEMETRY_FORMAT = "bnprobe-telemetry"  # bnprobe.telemetry.FORMAT, not imported: that module loads torch
 ABLATION_FORMAT = "bnprobe-ablation"
 PROBE_FORMAT = "bnprobe-probe"
@@ -212,8 +212,6 @@ def model_family(model: str) -> str:
 
 def parse_taus(text: str) -> list[float]:
     """The same syntax as `bnprobe probe --taus` (a list or START:STOP:COUNT), sorted and de-duplicated."""
-    from bnprobe.options import parse_sweep  # no torch
-
     return parse_sweep(text, "--taus")
 
 
@@ -781,7 +779,7 @@ def write_report(
     runs_dirs: Path | Sequence[Path],
     output: Path,
     *,
-    taus: Sequence[float] = tuple(parse_taus(DEFAULT_TAUS)),
+    taus: Sequence[float] = tuple(parse_taus(REPORT_TAUS)),
     include_unfinished: bool = False,
     title: Optional[str] = None,
     templates: Optional[Path] = None,

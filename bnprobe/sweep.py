@@ -9,7 +9,6 @@ finished ones are skipped, interrupted ones resume from their last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -128,15 +127,9 @@ def training_flops(config: TrainConfig) -> float:
 SHOWN = ("model", "dataset", "freeze", "bn", "bn_every", "seed", "epochs")
 
 
-@functools.lru_cache(maxsize=None)
-def _default_identity(model: str, dataset: str) -> dict[str, Any]:
-    """The default settings of a model on a data set (resolving builds the model once per pair, not per run)."""
-    return TrainConfig(model=model, dataset=dataset).resolved().identity()
-
-
 def other_settings(config: TrainConfig) -> str:
     """Identity settings that differ from the defaults, beyond the columns shown."""
-    default = _default_identity(config.model, config.dataset)
+    default = TrainConfig(model=config.model, dataset=config.dataset).resolved().identity()  # model check: cached
     return " ".join(f"{k}={v}" for k, v in config.identity().items() if k not in SHOWN and v != default[k])
 
 

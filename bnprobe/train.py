@@ -209,8 +209,9 @@ def _train(
     if state is not None and state["epoch"] >= config.epochs:
         console.print(f"[green]{escape(str(run_dir))} already finished {config.epochs} epochs; nothing to do.", soft_wrap=True)
         return state["history"]
-    if state is not None and int(state.get("processes", 1)) != process.world:
-        raise BnprobeError(_other_process_count(run_dir, int(state.get("processes", 1)), process.world))
+    trained_by = int(state.get("processes", 1)) if state is not None else process.world
+    if trained_by != process.world:
+        raise BnprobeError(_other_process_count(run_dir, trained_by, process.world))
 
     channels_last = config.channels_last
     if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():

@@ -167,16 +167,22 @@ def test_inspect_prints_a_summary(full_run, bn_only_run, capsys):
     assert "frozen" in out
 
 
+def _inspect_copy(full_run, run_dir, data_dir, width, **kwargs) -> str:
+    """`bnprobe inspect` of a copy of `full_run` named `run_dir` whose config says `data_dir`, at `width` columns."""
+    shutil.copytree(full_run, run_dir)
+    config = json.loads(runs.config_path(run_dir).read_text())
+    config["data_dir"] = data_dir
+    runs.config_path(run_dir).write_text(json.dumps(config))
+    out = io.StringIO()
+    Console(width=width, file=out, force_terminal=False).print(inspect_run(run_dir, **kwargs))
+    return out.getvalue()
+
+
 def test_inspect_is_readable_at_80_columns(full_run, tmp_path):
     """Piped (`bnprobe inspect RUN | cat`) rich uses 80 columns: long values fold, nothing is cut with an ellipsis."""
     run_dir = tmp_path / "a-long-run-name-resnet8-digits-freeze-none-bn-full-seed-0-width-1-shortcut-B"
-    shutil.copytree(full_run, run_dir)
-    config = json.loads(runs.config_path(run_dir).read_text())
-    config["data_dir"] = "/scratch/group/shared/datasets/torchvision-cache/cifar10-and-cifar100/version-2-final"
-    runs.config_path(run_dir).write_text(json.dumps(config))
-    out = io.StringIO()
-    Console(width=80, file=out, force_terminal=False).print(inspect_run(run_dir, top=3))
-    text = out.getvalue()
+    text = _inspect_copy(full_run, run_dir, "/scratch/group/shared/datasets/torchvision-cache/cifar10-and-cifar100/"
+                         "version-2-final", 80, top=3)
     assert "\u2026" not in text, text
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "version-2-final" in text and "/scratch/group/shared" in text  # folded, not cut
@@ -186,14 +192,8 @@ def test_inspect_is_readable_at_80_columns(full_run, tmp_path):
 
 
 def test_inspect_shows_brackets_in_names_and_values_as_they_are(full_run, tmp_path):
-    run_dir = tmp_path / "r[bold]x"
-    shutil.copytree(full_run, run_dir)
-    config = json.loads(runs.config_path(run_dir).read_text())
-    config["data_dir"] = "/data/[old]"
-    runs.config_path(run_dir).write_text(json.dumps(config))
-    out = io.StringIO()
-    Console(width=120, file=out, force_terminal=False).print(inspect_run(run_dir))
-    assert "Run r[bold]x" in out.getvalue() and "/data/[old]" in out.getvalue(), out.getvalue()
+    text = _inspect_copy(full_run, tmp_path / "r[bold]x", "/data/[old]", 120)
+    assert "Run r[bold]x" in text and "/data/[old]" in text, text
 
 
 def test_inspect_top(full_run, capsys):

@@ -89,24 +89,23 @@ def model_name_patterns_note() -> str:
     return "Also: " + "; ".join(parts) + "." if parts else ""
 
 
-def _lookup(name: str) -> Optional[tuple[ModelBuilder, str]]:
+def _lookup(name: str) -> tuple[ModelBuilder, str]:
+    """(builder, description) of a registered name, else of the first pattern that takes it; else one line."""
     if name in _REGISTRY:
         return _REGISTRY[name], _DESCRIPTIONS[name]
     for pattern in _PATTERNS:
         if found := _from_pattern(pattern, name):
             return found
-    return None
+    patterns = "".join(f", and {label} names a {summary}" for label, summary in model_name_patterns())
+    raise BnprobeError(f"unknown model {name!r}; `bnprobe models` lists the {len(_REGISTRY)} registered ones{patterns}")
 
 
 def describe_model(name: str) -> str:
-    check_model_name(name)
     return _lookup(name)[1]
 
 
 def check_model_name(name: str) -> None:
-    if _lookup(name) is None:
-        patterns = "".join(f", and {label} names a {summary}" for label, summary in model_name_patterns())
-        raise BnprobeError(f"unknown model {name!r}; `bnprobe models` lists the {len(_REGISTRY)} registered ones{patterns}")
+    _lookup(name)
 
 
 def create_model(
@@ -124,7 +123,6 @@ def create_model(
     `bn` places the BatchNorm layers: `full` after every conv, `none` nowhere, `every-k` after every
     `bn_every`-th conv (counted in construction order); the others become nn.Identity.
     """
-    check_model_name(name)
     return _lookup(name)[0](
         in_channels=in_channels, num_classes=num_classes, width=width, shortcut=shortcut,
         norm_layer=norm_layer_for(bn, bn_every),
