@@ -108,7 +108,10 @@ def train_one_epoch(
         correct += (logits.detach().argmax(1) == y).sum()
         if on_step is not None:
             on_step()
-    n = len(loader.labels)
+    # Under DDP each rank saw its own shard: the epoch's numbers are over all of them.
+    sum_over_processes(loss_sum)
+    sum_over_processes(correct)
+    n = loader.examples * loader.world
     return loss_sum.item() / n, correct.item() / n
 
 

@@ -163,3 +163,29 @@ def test_load_checkpoint_refuses_non_checkpoints(tmp_path):
         runs.load_checkpoint(tmp_path / "list.pt")
     with pytest.raises(BnprobeError, match="no checkpoint at"):
         runs.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_running_metrics_of_a_sharded_epoch_are_over_every_rank(monkeypatch):
+    """Under DDP each rank sums its shard; the epoch's loss and accuracy are over all ranks' images, not a
+    rank's sum divided by the whole data set (which read as 1/world of the truth)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import bnprobe.train
+    from bnprobe.data import DeviceLoader
+
+    torch.manual_seed(0)
+    images, labels = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (100,))
+    mean, std = torch.full((1, 8, 8), 128.0), torch.full((1, 8, 8), 64.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    generator = torch.Generator().manual_seed(1)
+    loader = DeviceLoader(images, labels, mean, std, 16, shuffle=True, generator=generator, shard=(0, 2))
+    batches = list(loader)  # what this rank sees; the stand-in other rank sees the same sums
+    generator.manual_seed(1)
+    with torch.no_grad():
+        expected_loss = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches) / 50
+        expected_acc = sum((model(x).argmax(1) == y).sum().item() for x, y in batches) / 50
+    monkeypatch.setattr(bnprobe.train, "sum_over_processes", lambda t: t.mul_(2))  # two identical ranks
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss, acc = bnprobe.train.train_one_epoch(model, loader, frozen)
+    assert loss == pytest.approx(expected_loss) and acc == pytest.approx(expected_acc)
