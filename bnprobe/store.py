@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import h5py
 import numpy as np
@@ -36,6 +36,18 @@ def open_h5(path: Path) -> h5py.File:
         raise BnprobeError(f"no such file: {path}")
     except OSError as exc:
         raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})")
+
+
+def h5_format(path: Path) -> Optional[str]:
+    """The `format` attribute of an HDF5 file (e.g. "bnprobe-probe"); None for anything else."""
+    if not Path(path).is_file():  # never open a FIFO or device: that could block
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("format")
+    except (OSError, ValueError):
+        return None
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
 
 
 def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:

@@ -132,8 +132,14 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
     """Decide from what is on disk whether to start, resume or refuse; return the checkpoint to resume."""
     exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and overwrite and not runs.is_run(run_dir):
-        raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json or checkpoint.pt)")
+    if exists and overwrite:
+        if not runs.is_run(run_dir):
+            raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json written by bnprobe)")
+        foreign = runs.foreign_files(run_dir)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BnprobeError(f"will not overwrite {run_dir}: it holds files bnprobe did not write ({shown}); "
+                               f"move them elsewhere first")
     if not exists or overwrite:
         return None
     if not resume:
@@ -159,7 +165,7 @@ def _other_process_count(run_dir: Path, stored: int, given: int) -> str:
 def prepare_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / ".write-test.tmp"
         probe.touch()
         probe.unlink()
     except OSError as exc:

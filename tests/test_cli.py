@@ -28,6 +28,8 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subse
     (["train", "resnet8", "--name", "."], "--name must be a single folder name"),
     (["train", "resnet8", "--name", "a/b"], "--name must be a single folder name"),
     (["train", "resnet8", "--name", ""], "--name must be a single folder name"),
+    (["train", "resnet8", "--name", "a\nb"], "--name must not contain control characters"),
+    (["train", "resnet8", "--name", "a\tb"], "--name must not contain control characters"),
     (["train", "resnet8", "--bn", "none", "--gamma-l1", "0.1"], "--bn none leaves no BN layer"),
     (["train", "resnet8", "--gamma-init", "zeros"], "--gamma-init must be one of"),
     (["train", "resnet50", "--shortcut", "A"], "shortcut"),
@@ -81,6 +83,37 @@ def test_overwrite_only_replaces_a_run(capsys, tmp_path):
                            "--overwrite")
     assert_one_line_error(code, err, "is not a bnprobe run")
     assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+
+
+def test_overwrite_ignores_a_config_json_that_bnprobe_did_not_write(capsys, tmp_path):
+    app = tmp_path / "app"
+    (app / "src").mkdir(parents=True)
+    (app / "config.json").write_text("{}")  # any program's config file: not a run
+    (app / "src" / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "app",
+                           "--overwrite")
+    assert_one_line_error(code, err, "is not a bnprobe run")
+    assert (app / "src" / "thesis.tex").read_text() == "years of work" and (app / "config.json").read_text() == "{}"
+
+
+def test_overwrite_never_deletes_files_bnprobe_did_not_write(capsys, tmp_path):
+    import h5py
+
+    argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    assert run_cli(capsys, *argv)[0] == 0
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    (tmp_path / "r" / "data.h5").write_bytes(b"not HDF5")
+    code, _, err = run_cli(capsys, *argv, "--overwrite")
+    assert_one_line_error(code, err, "holds files bnprobe did not write (data.h5, notes.txt)")
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine" and runs.checkpoint_path(tmp_path / "r").exists()
+
+    (tmp_path / "r" / "notes.txt").unlink()
+    (tmp_path / "r" / "data.h5").unlink()
+    with h5py.File(tmp_path / "r" / "my-probe.h5", "w") as f:  # bnprobe's own kinds of result go with the run
+        f.attrs["format"] = "bnprobe-probe"
+    (tmp_path / "r" / ".probe.h5.lock").touch()
+    assert run_cli(capsys, *argv, "--overwrite", "--freeze", "non-bn")[0] == 0
+    assert runs.read_config(tmp_path / "r").freeze == "non-bn" and not (tmp_path / "r" / "my-probe.h5").exists()
 
 
 def test_interrupted_overwrite_gives_the_old_run_back(capsys, tmp_path, monkeypatch):
