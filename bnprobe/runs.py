@@ -24,6 +24,7 @@ from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
 CHECKPOINT_FORMAT = "bnprobe-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -73,7 +74,7 @@ def foreign_files(run_dir: Path) -> list[str]:
             return True
         if path.suffix == ".h5":
             return (h5_format(path) or "").startswith("bnprobe-")
-        return path.name in (config_path(Path()).name, checkpoint_path(Path()).name, metrics_path(Path()).name)
+        return path.name in RUN_FILES
 
     return sorted(path.name for path in run_dir.iterdir() if not ours(path))
 
