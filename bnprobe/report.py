@@ -749,6 +749,9 @@ def check_output(output: Path) -> str:
         raise BnprobeError(f"unknown output extension {shown} for {output}: use .html or .pdf")
     if output.is_dir():
         raise BnprobeError(f"cannot write {output}: it is a directory")
+    if os.path.lexists(output) and not _is_report(output, kind):
+        raise BnprobeError(f"will not replace {output}: it is not a report bnprobe wrote; "
+                           f"name another output file")
     parent = output.parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
@@ -762,6 +765,19 @@ def check_output(output: Path) -> str:
     if kind == "pdf":
         _weasyprint()
     return kind
+
+
+def _is_report(path: Path, kind: str) -> bool:
+    """Whether `report -o` may replace this file: an HTML page with bnprobe's generator tag, or a PDF (whose
+    metadata naming bnprobe WeasyPrint compresses). A FIFO or device is never opened."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"%PDF-") if kind == "pdf" else b'<meta name="generator" content="bnprobe' in head
 
 
 def _weasyprint():

@@ -4,6 +4,7 @@ moment leaves the previous complete file. The schemas themselves are documented 
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,19 @@ def h5_format(path: Path) -> Optional[str]:
     except (OSError, ValueError):
         return None
     return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+
+def check_replaceable(path: Path, kind: str) -> None:
+    """Before any slow work: an existing `path` is replaced only by a file of its own kind (its `format`
+    attribute is `kind`), so an --out naming a run's checkpoint.pt or telemetry.h5 destroys nothing."""
+    path = Path(path)
+    if not os.path.lexists(path) or path.is_dir():  # nothing to lose; replacing() answers a folder
+        return
+    found = h5_format(path)
+    if found != kind:
+        what = f"a {found} file" if found else "not a file bnprobe wrote"
+        raise BnprobeError(f"will not replace {path}: it is {what}, and only a {kind} file is replaced by this "
+                           f"command; name another output file")
 
 
 def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:

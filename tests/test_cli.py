@@ -228,3 +228,28 @@ def test_results_to_a_folder_or_an_unwritable_place_are_one_line(capsys, tmp_pat
         assert_one_line_error(code, err, pattern)
     assert blocker.read_text() == "keep"
     assert not list(tmp_path.glob("**/.*.tmp"))
+
+
+@pytest.mark.parametrize("command,victim,pattern", [
+    ("probe", "checkpoint.pt", "it is not a file bnprobe wrote"),
+    ("ablate", "telemetry.h5", "it is a bnprobe-telemetry file"),
+    ("ablate", "config.json", "it is not a file bnprobe wrote"),
+    ("report", "metrics.html", "it is not a report bnprobe wrote"),
+    ("report", "metrics.pdf", "it is not a report bnprobe wrote"),
+])
+def test_an_output_never_replaces_a_file_of_another_kind(capsys, tmp_path, command, victim, pattern):
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r")[0] == 0
+    if victim.startswith("metrics."):  # the user's own page or paper beside the run
+        (run / victim).write_text("<html><body>my notes</body></html>")
+    argv = {"probe": ["probe", run, "--images", "50"],
+            "ablate": ["ablate", run, "--clamp-gamma", "0.1", "--test-subset", "50", "--no-train"],
+            "report": ["report", run, "--jobs", "1"]}[command]
+    before = (run / victim).read_bytes()
+    code, _, err = run_cli(capsys, *argv, "--output" if command == "report" else "--out", run / victim)
+    assert_one_line_error(code, err, f"will not replace {run / victim}: {pattern}")
+    assert (run / victim).read_bytes() == before
+    if not victim.endswith(".pdf"):  # an earlier result of the same kind is replaced
+        same = tmp_path / ("again.html" if command == "report" else "again.h5")
+        for _ in range(2):
+            assert run_cli(capsys, *argv, "--output" if command == "report" else "--out", same)[0] == 0
