@@ -1,11 +1,12 @@
-"""HDF5 storage: every file is changed on a temporary copy and renamed into place, so a crash at any
-moment leaves the previous complete file. The schemas themselves are documented in docs/hdf5-schema.md.
+"""HDF5 storage: every file is built in memory and its bytes written to a temporary file renamed into place,
+so a crash at any moment leaves the previous complete file, and HDF5 itself never meets a full disk (it
+crashes on one). The schemas themselves are documented in docs/hdf5-schema.md.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -13,7 +14,7 @@ from typing import Any, Iterator, Mapping, Optional
 import h5py
 import numpy as np
 
-from bnprobe.atomic import replacing
+from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
@@ -21,12 +22,13 @@ COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 
 @contextmanager
 def atomic_h5(path: Path, *, update: bool = False) -> Iterator[h5py.File]:
-    """Open a temporary HDF5 file (a copy of `path` when `update`), rename it over `path` on success."""
-    with replacing(path) as tmp:
-        if update and Path(path).exists():
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if update else "w") as f:
-            yield f
+    """An HDF5 file in memory (a copy of `path` when `update`), written over `path` in one atomic write on success."""
+    path = Path(path)
+    existing = update and path.exists()
+    buffer = io.BytesIO(path.read_bytes() if existing else b"")
+    with h5py.File(buffer, "r+" if existing else "w") as f:
+        yield f
+    atomic_write(path, lambda out: out.write(buffer.getbuffer()))
 
 
 def open_h5(path: Path) -> h5py.File:
