@@ -150,6 +150,20 @@ def test_overwrite_killed_midway_is_finished_or_undone_next_time(capsys, tmp_pat
     assert (runs.checkpoint_path(tmp_path / "r").read_bytes() == old_checkpoint) is not new_run_saved
 
 
+def test_an_old_run_set_aside_by_a_killed_overwrite_is_shown(capsys, tmp_path):
+    import shutil
+
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r")[0] == 0
+    runs.Replacement(tmp_path / "r").set_aside()  # what an `--overwrite` killed with -9 leaves
+    code, out, _ = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "report.html", "--jobs", "1")
+    assert code == 0 and "skipped .r.replaced: the old run r, set aside by an --overwrite that was interrupted" in out
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "r")
+    assert_one_line_error(code, err, f"no run directory at {tmp_path / 'r'}; {tmp_path / '.r.replaced'} holds the old run r")
+    shutil.copytree(tmp_path / ".r.replaced", tmp_path / "r")  # and with the new run there
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "r")
+    assert code == 0 and "After 1 of 1 epochs" in out and "set aside by an --overwrite" in " ".join(out.split())
+
+
 def test_config_json_stores_an_absolute_data_dir(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run_cli(capsys, "train", "resnet8", *TINY, "--data-dir", "somewhere/../data", "--name", "r")[0] == 0
