@@ -23,6 +23,7 @@ import torch
 from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
+from bnprobe.store import h5_format
 
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
 CHECKPOINT_FORMAT = "bnprobe-checkpoint"
@@ -57,7 +58,7 @@ def is_run(run_dir: Path) -> bool:
     try:
         data = json.loads(config_path(run_dir).read_text())
         TrainConfig.from_dict(data)
-    except (BnprobeError, OSError, TypeError, ValueError, AttributeError):
+    except (BnprobeError, OSError, TypeError, ValueError):
         return False
     return "model" in data and "dataset" in data
 
@@ -65,7 +66,6 @@ def is_run(run_dir: Path) -> bool:
 def foreign_files(run_dir: Path) -> list[str]:
     """The entries of a run directory that bnprobe did not write, which --overwrite must never delete: all but
     the run files, bnprobe's HDF5 results (by their format attribute) and its hidden temporary and lock files."""
-    from bnprobe.store import h5_format
 
     def ours(path: Path) -> bool:
         if not path.is_file() or path.is_symlink():

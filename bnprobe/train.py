@@ -135,7 +135,7 @@ def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite
     exists = run_dir.exists() and any(run_dir.iterdir())
     if exists and overwrite:
         if not runs.is_run(run_dir):
-            raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json written by bnprobe)")
+            raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json bnprobe wrote)")
         foreign = runs.foreign_files(run_dir)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

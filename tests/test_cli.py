@@ -158,7 +158,7 @@ def test_an_old_run_set_aside_by_a_killed_overwrite_is_shown(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "report.html", "--jobs", "1")
     assert code == 0 and "skipped .r.replaced: the old run r, set aside by an --overwrite that was interrupted" in out
     code, _, err = run_cli(capsys, "inspect", tmp_path / "r")
-    assert_one_line_error(code, err, f"no run directory at {tmp_path / 'r'}; {tmp_path / '.r.replaced'} holds the old run r")
+    assert_one_line_error(code, err, f"no run directory at {tmp_path / 'r'}; {tmp_path / '.r.replaced'} holds the old")
     shutil.copytree(tmp_path / ".r.replaced", tmp_path / "r")  # and with the new run there
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "r")
     assert code == 0 and "After 1 of 1 epochs" in out and "set aside by an --overwrite" in " ".join(out.split())
