@@ -26,7 +26,7 @@ from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
 from bnprobe.fold import ClampableModel, bn_layers
 from bnprobe.options import SWEEP_SYNTAX, parse_sweep  # noqa: F401 - part of this API
-from bnprobe.store import atomic_h5, set_attrs, write_array
+from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
@@ -229,6 +229,7 @@ def run_ablation(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     out = out if out is not None else default_output([path], DEFAULT_FILES[mode])
+    check_replaceable(out, FORMAT)
     loaded = load_model(path, options, device)
     if not bn_layers(loaded.model):
         raise BnprobeError(f"{loaded.path} has no BatchNorm layer with a γ to clamp")

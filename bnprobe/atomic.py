@@ -3,11 +3,12 @@ crash at any moment leaves the previous complete file. No torch import: the repo
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from bnprobe.errors import BnprobeError
 
@@ -25,7 +26,12 @@ def replacing(path: Path) -> Iterator[Path]:
         raise BnprobeError(f"cannot write {path} ({exc.strerror or exc})") from None
     os.close(fd)
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except Exception as exc:
+            if _disk_full(exc):  # the old file stays; this temporary one is removed below
+                raise BnprobeError(f"cannot write {path}: no space left on device") from None
+            raise
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual permissions
@@ -36,6 +42,17 @@ def replacing(path: Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _disk_full(exc: Optional[BaseException]) -> bool:
+    """Whether a full disk (or quota) caused `exc`: torch.save, for one, raises its own error on top of it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:

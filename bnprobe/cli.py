@@ -209,12 +209,15 @@ def probe(
     brief: bool = typer.Option(False, "--brief", help="Print only the summary table, not the per-layer ones."),
 ) -> None:
     """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity."""
-    from bnprobe.probe import run_probe
+    from bnprobe.lock import locked
+    from bnprobe.probe import default_output, run_probe
 
     if off_threshold < 0:
         raise BnprobeError(f"--off-threshold must be >= 0, got {off_threshold:g}")
-    run_probe(checkpoints, config, taus=parse_sweep(taus, "--taus"), off_threshold=off_threshold, bins=bins,
-              images=images, batch_size=batch_size, out=out, brief=brief, console=console)
+    out = out if out is not None else default_output(checkpoints, "probe.h5")
+    with locked(out, str(out)):
+        run_probe(checkpoints, config, taus=parse_sweep(taus, "--taus"), off_threshold=off_threshold, bins=bins,
+                  images=images, batch_size=batch_size, out=out, brief=brief, console=console)
 
 
 @app.command()
@@ -249,7 +252,9 @@ def ablate(
                             "(--clamp-fraction), in the run directory for a run, else in ./]."),
 ) -> None:
     """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
-    from bnprobe.ablate import run_ablation
+    from bnprobe.ablate import DEFAULT_FILES, run_ablation
+    from bnprobe.lock import locked
+    from bnprobe.probe import default_output
 
     if (clamp_gamma is None) == (clamp_fraction is None):
         raise BnprobeError("pass exactly one of --clamp-gamma TAUS and --clamp-fraction PS")
@@ -257,9 +262,11 @@ def ablate(
         mode, values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
     else:
         mode, values = "fraction", parse_sweep(clamp_fraction, "--clamp-fraction", upper=1.0)
-    run_ablation(checkpoint, config, mode=mode, values=values, per_layer=per_layer, zero_beta=zero_beta,
-                 test_subset=test_subset, train_subset=train_subset, measure_train=train, batch_size=batch_size,
-                 fold=fold, out=out, console=console)
+    out = out if out is not None else default_output([checkpoint], DEFAULT_FILES[mode])
+    with locked(out, str(out)):
+        run_ablation(checkpoint, config, mode=mode, values=values, per_layer=per_layer, zero_beta=zero_beta,
+                     test_subset=test_subset, train_subset=train_subset, measure_train=train,
+                     batch_size=batch_size, fold=fold, out=out, console=console)
 
 
 # ---- report (issue 5) ----
@@ -284,12 +291,15 @@ def report(
     """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
     from rich.markup import escape
 
-    from bnprobe.report import parse_taus, write_report
+    from bnprobe.lock import locked
+    from bnprobe.report import check_output, parse_taus, write_report
 
     if jobs < 0:
         raise BnprobeError(f"--jobs must be >= 0, got {jobs}")
-    summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
-                           title=title, templates=templates, jobs=jobs or None)
+    check_output(output)  # a bad name or place is answered as such, before the lock beside it is taken
+    with locked(output, str(output)):
+        summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
+                               title=title, templates=templates, jobs=jobs or None)
     for item in summary.skipped:
         console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
 

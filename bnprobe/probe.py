@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bnprobe.data import DeviceLoader
 from bnprobe.fold import bn_layers
 from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
-from bnprobe.store import atomic_h5, set_attrs, write_array
+from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
@@ -385,6 +385,7 @@ def run_probe(
         raise BnprobeError("--bins and --batch-size must be >= 1 and --images >= 0")
     device = resolve_device(options.device)
     out = out if out is not None else default_output(paths, "probe.h5")
+    check_replaceable(out, FORMAT)
     cache: dict = {}
     results = []
     for path in paths:

@@ -40,6 +40,7 @@ RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
 TELEMETRY_FORMAT = "bnprobe-telemetry"  # bnprobe.telemetry.FORMAT, not imported: that module loads torch
 ABLATION_FORMAT = "bnprobe-ablation"
 PROBE_FORMAT = "bnprobe-probe"
+SET_ASIDE = ".replaced"  # .NAME.replaced: the old run an --overwrite killed midway left (bnprobe.runs.Replacement)
 BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resnet.py
 FREEZE_ORDER = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
 # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte.
@@ -473,6 +474,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         if not root.is_dir():
             raise BnprobeError(f"{root} is not a directory")
     run_dirs: dict[Path, str] = {}  # resolved path -> name: a run named twice (runs/ and runs/a) is read once
+    set_aside: list[Skipped] = []
     result_files: dict[Path, tuple[Path, str]] = {}
     for root in roots:
         prefix = f"{root.resolve().name}/" if len(roots) > 1 else ""
@@ -482,6 +484,8 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
             return path.name if relative == "." else prefix + relative
 
         for dirpath, dirnames, filenames in os.walk(root):
+            set_aside += [Skipped(display(Path(dirpath, d)), _set_aside_reason(d[1:-len(SET_ASIDE)]))
+                          for d in sorted(dirnames) if d.startswith(".") and d.endswith(SET_ASIDE)]
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .foo: temporary or hidden
             files = {f for f in filenames if not f.startswith(".")}
             here = Path(dirpath)
@@ -500,6 +504,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         else:
             collection.skipped.append(outcome)
             skipped_runs[run_dir] = outcome
+    collection.skipped += set_aside
     left_out: dict[Path, list[str]] = {}
     for resolved, (path, name) in list(result_files.items()):
         # A result file inside a skipped run is left out with it (it would still label a curve and a table
@@ -529,6 +534,11 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         where = ", ".join(str(r) for r in roots)
         raise BnprobeError(f"no runs under {where} (a run directory holds config.json, metrics.json, checkpoint.pt)")
     return collection
+
+
+def _set_aside_reason(name: str) -> str:
+    return (f"the old run {name}, set aside by an --overwrite that was interrupted; the next `bnprobe train` "
+            f"of {name} puts it back, or removes it if the new run has saved a checkpoint")
 
 
 def _read_and_draw(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> Run | Skipped:
@@ -749,6 +759,9 @@ def check_output(output: Path) -> str:
         raise BnprobeError(f"unknown output extension {shown} for {output}: use .html or .pdf")
     if output.is_dir():
         raise BnprobeError(f"cannot write {output}: it is a directory")
+    if os.path.lexists(output) and not _is_report(output, kind):
+        raise BnprobeError(f"will not replace {output}: it is not a report bnprobe wrote; "
+                           f"name another output file")
     parent = output.parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
@@ -762,6 +775,19 @@ def check_output(output: Path) -> str:
     if kind == "pdf":
         _weasyprint()
     return kind
+
+
+def _is_report(path: Path, kind: str) -> bool:
+    """Whether `report -o` may replace this file: an HTML page with bnprobe's generator tag, or a PDF (whose
+    metadata naming bnprobe WeasyPrint compresses). A FIFO or device is never opened."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"%PDF-") if kind == "pdf" else b'<meta name="generator" content="bnprobe' in head
 
 
 def _weasyprint():

@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import shutil
+import unicodedata
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,7 +23,9 @@ import torch
 from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
+from bnprobe.store import h5_format
 
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
 CHECKPOINT_FORMAT = "bnprobe-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -44,12 +47,36 @@ def check_run_name(name: str) -> str:
     replace) some other folder."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise BnprobeError(f"--name must be a single folder name (no '/', not '.' or '..'), got {name!r}")
+    if any(unicodedata.category(char) == "Cc" for char in name):  # a newline would split every later message
+        raise BnprobeError(f"--name must not contain control characters (newline, tab, ...), got {name!r}")
     return name
 
 
 def is_run(run_dir: Path) -> bool:
-    """Whether a folder holds a bnprobe run: only those may be replaced by --overwrite."""
-    return config_path(run_dir).is_file() or checkpoint_path(run_dir).is_file()
+    """Whether a folder holds a bnprobe run: a config.json that reads as a TrainConfig naming its model and
+    data set, as bnprobe writes it (not merely a file of that name: `{}` is some other program's)."""
+    try:
+        data = json.loads(config_path(run_dir).read_text())
+        TrainConfig.from_dict(data)
+    except (BnprobeError, OSError, TypeError, ValueError):
+        return False
+    return "model" in data and "dataset" in data
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """The entries of a run directory that bnprobe did not write, which --overwrite must never delete: all but
+    the run files, bnprobe's HDF5 results (by their format attribute) and its hidden temporary and lock files."""
+
+    def ours(path: Path) -> bool:
+        if not path.is_file() or path.is_symlink():
+            return False
+        if path.name.startswith(".") and path.name.endswith((".tmp", ".lock")):
+            return True
+        if path.suffix == ".h5":
+            return (h5_format(path) or "").startswith("bnprobe-")
+        return path.name in RUN_FILES
+
+    return sorted(path.name for path in run_dir.iterdir() if not ours(path))
 
 
 class Replacement:

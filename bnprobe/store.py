@@ -1,18 +1,20 @@
-"""HDF5 storage: every file is changed on a temporary copy and renamed into place, so a crash at any
-moment leaves the previous complete file. The schemas themselves are documented in docs/hdf5-schema.md.
+"""HDF5 storage: every file is built in memory and its bytes written to a temporary file renamed into place,
+so a crash at any moment leaves the previous complete file, and HDF5 itself never meets a full disk (it
+crashes on one). The schemas themselves are documented in docs/hdf5-schema.md.
 """
 
 from __future__ import annotations
 
-import shutil
+import io
+import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import h5py
 import numpy as np
 
-from bnprobe.atomic import replacing
+from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
@@ -20,12 +22,13 @@ COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 
 @contextmanager
 def atomic_h5(path: Path, *, update: bool = False) -> Iterator[h5py.File]:
-    """Open a temporary HDF5 file (a copy of `path` when `update`), rename it over `path` on success."""
-    with replacing(path) as tmp:
-        if update and Path(path).exists():
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if update else "w") as f:
-            yield f
+    """An HDF5 file in memory (a copy of `path` when `update`), written over `path` in one atomic write on success."""
+    path = Path(path)
+    existing = update and path.exists()
+    buffer = io.BytesIO(path.read_bytes() if existing else b"")
+    with h5py.File(buffer, "r+" if existing else "w") as f:
+        yield f
+    atomic_write(path, lambda out: out.write(buffer.getbuffer()))
 
 
 def open_h5(path: Path) -> h5py.File:
@@ -36,6 +39,31 @@ def open_h5(path: Path) -> h5py.File:
         raise BnprobeError(f"no such file: {path}")
     except OSError as exc:
         raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})")
+
+
+def h5_format(path: Path) -> Optional[str]:
+    """The `format` attribute of an HDF5 file (e.g. "bnprobe-probe"); None for anything else."""
+    if not Path(path).is_file():  # never open a FIFO or device: that could block
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("format")
+    except (OSError, ValueError):
+        return None
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+
+def check_replaceable(path: Path, kind: str) -> None:
+    """Before any slow work: an existing `path` is replaced only by a file of its own kind (its `format`
+    attribute is `kind`), so an --out naming a run's checkpoint.pt or telemetry.h5 destroys nothing."""
+    path = Path(path)
+    if not os.path.lexists(path) or path.is_dir():  # nothing to lose; replacing() answers a folder
+        return
+    found = h5_format(path)
+    if found != kind:
+        what = f"a {found} file" if found else "not a file bnprobe wrote"
+        raise BnprobeError(f"will not replace {path}: it is {what}, and only a {kind} file is replaced by this "
+                           f"command; name another output file")
 
 
 def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:

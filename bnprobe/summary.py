@@ -25,7 +25,20 @@ def _table(title: str, *columns: str, numbers: bool = True) -> Table:
 
 
 def inspect_run(run_dir: Path, top: int = 5) -> Group:
-    """The summary tables of a run; `top` largest and smallest per-tensor gradients (0: no such table)."""
+    """The summary tables of a run; `top` largest and smallest per-tensor gradients (0: no such table).
+    An old run that an interrupted --overwrite set aside beside it is mentioned, with or without the run."""
+    aside = runs.Replacement(run_dir).aside
+    note = (f"{aside} holds the old run {run_dir.name}, set aside by an --overwrite that was interrupted; the "
+            f"next `bnprobe train` of {run_dir.name} puts it back, or removes it if the new run has saved a "
+            f"checkpoint") if aside.is_dir() else ""
+    try:
+        tables = _inspect_run(run_dir, top)
+    except BnprobeError as exc:
+        raise BnprobeError(f"{exc}; {note}" if note else str(exc)) from None
+    return Group(tables, f"[yellow]note:[/] {escape(note)}") if note else tables
+
+
+def _inspect_run(run_dir: Path, top: int) -> Group:
     if top < 0:
         raise BnprobeError(f"--top must be >= 0 (how many of the largest and smallest gradients to list; 0: none), got {top}")
     if run_dir.is_file():

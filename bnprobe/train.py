@@ -25,6 +25,7 @@ from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
 from bnprobe.distributed import Process, augmentation_seed, sum_over_processes
 from bnprobe.errors import BnprobeError
 from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
+from bnprobe.lock import locked
 from bnprobe.models import create_model, init_weights, remove_bn_affine
 from bnprobe.regularize import gamma_l1_step, make_optimizer
 from bnprobe.telemetry import GradientRecorder, TelemetryWriter
@@ -132,8 +133,14 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
     """Decide from what is on disk whether to start, resume or refuse; return the checkpoint to resume."""
     exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and overwrite and not runs.is_run(run_dir):
-        raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json or checkpoint.pt)")
+    if exists and overwrite:
+        if not runs.is_run(run_dir):
+            raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json bnprobe wrote)")
+        foreign = runs.foreign_files(run_dir)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BnprobeError(f"will not overwrite {run_dir}: it holds files bnprobe did not write ({shown}); "
+                               f"move them elsewhere first")
     if not exists or overwrite:
         return None
     if not resume:
@@ -183,12 +190,15 @@ def train(
     console = (console or Console()) if process.main else Console(quiet=True)  # rank 0 speaks and writes
     replacement = runs.Replacement(run_dir)
     try:
-        if process.main:
-            replacement.recover()
-        return _train(config, run_dir, process, device, console, resume, overwrite, dataset, replacement)
-    except BaseException:
-        replacement.undo()  # an --overwrite that failed before its first checkpoint gives the old run back
-        raise
+        # Rank 0 holds the run's lock from before it looks at the folder until it is done writing it.
+        with locked(run_dir, f"run directory {run_dir}") if process.main else nullcontext():
+            try:
+                if process.main:
+                    replacement.recover()
+                return _train(config, run_dir, process, device, console, resume, overwrite, dataset, replacement)
+            except BaseException:
+                replacement.undo()  # an --overwrite that failed before its first checkpoint gives the old run back
+                raise
     finally:
         process.stop()
 
@@ -265,8 +275,9 @@ def _train(
         if overwrite and state is None and run_dir.exists():
             replacement.set_aside()  # only now: every check above passed and the data loaded
         prepare_run_dir(run_dir)
-        for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed process
-            leftover.unlink()
+        for leftover in run_dir.glob(".*.tmp"):  # the run's half-written files of a killed process (not a probe's)
+            if leftover.name.startswith(tuple(f".{name}." for name in runs.RUN_FILES)):
+                leftover.unlink()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

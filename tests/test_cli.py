@@ -28,6 +28,8 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subse
     (["train", "resnet8", "--name", "."], "--name must be a single folder name"),
     (["train", "resnet8", "--name", "a/b"], "--name must be a single folder name"),
     (["train", "resnet8", "--name", ""], "--name must be a single folder name"),
+    (["train", "resnet8", "--name", "a\nb"], "--name must not contain control characters"),
+    (["train", "resnet8", "--name", "a\tb"], "--name must not contain control characters"),
     (["train", "resnet8", "--bn", "none", "--gamma-l1", "0.1"], "--bn none leaves no BN layer"),
     (["train", "resnet8", "--gamma-init", "zeros"], "--gamma-init must be one of"),
     (["train", "resnet50", "--shortcut", "A"], "shortcut"),
@@ -83,6 +85,37 @@ def test_overwrite_only_replaces_a_run(capsys, tmp_path):
     assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
 
 
+def test_overwrite_ignores_a_config_json_that_bnprobe_did_not_write(capsys, tmp_path):
+    app = tmp_path / "app"
+    (app / "src").mkdir(parents=True)
+    (app / "config.json").write_text("{}")  # any program's config file: not a run
+    (app / "src" / "thesis.tex").write_text("years of work")
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "app",
+                           "--overwrite")
+    assert_one_line_error(code, err, "is not a bnprobe run")
+    assert (app / "src" / "thesis.tex").read_text() == "years of work" and (app / "config.json").read_text() == "{}"
+
+
+def test_overwrite_never_deletes_files_bnprobe_did_not_write(capsys, tmp_path):
+    import h5py
+
+    argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
+    assert run_cli(capsys, *argv)[0] == 0
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    (tmp_path / "r" / "data.h5").write_bytes(b"not HDF5")
+    code, _, err = run_cli(capsys, *argv, "--overwrite")
+    assert_one_line_error(code, err, "holds files bnprobe did not write (data.h5, notes.txt)")
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine" and runs.checkpoint_path(tmp_path / "r").exists()
+
+    (tmp_path / "r" / "notes.txt").unlink()
+    (tmp_path / "r" / "data.h5").unlink()
+    with h5py.File(tmp_path / "r" / "my-probe.h5", "w") as f:  # bnprobe's own kinds of result go with the run
+        f.attrs["format"] = "bnprobe-probe"
+    (tmp_path / "r" / ".probe.h5.lock").touch()
+    assert run_cli(capsys, *argv, "--overwrite", "--freeze", "non-bn")[0] == 0
+    assert runs.read_config(tmp_path / "r").freeze == "non-bn" and not (tmp_path / "r" / "my-probe.h5").exists()
+
+
 def test_interrupted_overwrite_gives_the_old_run_back(capsys, tmp_path, monkeypatch):
     import bnprobe.train
 
@@ -115,6 +148,20 @@ def test_overwrite_killed_midway_is_finished_or_undone_next_time(capsys, tmp_pat
     runs.Replacement(tmp_path / "r").recover()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
     assert (runs.checkpoint_path(tmp_path / "r").read_bytes() == old_checkpoint) is not new_run_saved
+
+
+def test_an_old_run_set_aside_by_a_killed_overwrite_is_shown(capsys, tmp_path):
+    import shutil
+
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r")[0] == 0
+    runs.Replacement(tmp_path / "r").set_aside()  # what an `--overwrite` killed with -9 leaves
+    code, out, _ = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "report.html", "--jobs", "1")
+    assert code == 0 and "skipped .r.replaced: the old run r, set aside by an --overwrite that was interrupted" in out
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "r")
+    assert_one_line_error(code, err, f"no run directory at {tmp_path / 'r'}; {tmp_path / '.r.replaced'} holds the old")
+    shutil.copytree(tmp_path / ".r.replaced", tmp_path / "r")  # and with the new run there
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "r")
+    assert code == 0 and "After 1 of 1 epochs" in out and "set aside by an --overwrite" in " ".join(out.split())
 
 
 def test_config_json_stores_an_absolute_data_dir(capsys, tmp_path, monkeypatch):
@@ -195,3 +242,28 @@ def test_results_to_a_folder_or_an_unwritable_place_are_one_line(capsys, tmp_pat
         assert_one_line_error(code, err, pattern)
     assert blocker.read_text() == "keep"
     assert not list(tmp_path.glob("**/.*.tmp"))
+
+
+@pytest.mark.parametrize("command,victim,pattern", [
+    ("probe", "checkpoint.pt", "it is not a file bnprobe wrote"),
+    ("ablate", "telemetry.h5", "it is a bnprobe-telemetry file"),
+    ("ablate", "config.json", "it is not a file bnprobe wrote"),
+    ("report", "metrics.html", "it is not a report bnprobe wrote"),
+    ("report", "metrics.pdf", "it is not a report bnprobe wrote"),
+])
+def test_an_output_never_replaces_a_file_of_another_kind(capsys, tmp_path, command, victim, pattern):
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r")[0] == 0
+    if victim.startswith("metrics."):  # the user's own page or paper beside the run
+        (run / victim).write_text("<html><body>my notes</body></html>")
+    argv = {"probe": ["probe", run, "--images", "50"],
+            "ablate": ["ablate", run, "--clamp-gamma", "0.1", "--test-subset", "50", "--no-train"],
+            "report": ["report", run, "--jobs", "1"]}[command]
+    before = (run / victim).read_bytes()
+    code, _, err = run_cli(capsys, *argv, "--output" if command == "report" else "--out", run / victim)
+    assert_one_line_error(code, err, f"will not replace {run / victim}: {pattern}")
+    assert (run / victim).read_bytes() == before
+    if not victim.endswith(".pdf"):  # an earlier result of the same kind is replaced
+        same = tmp_path / ("again.html" if command == "report" else "again.h5")
+        for _ in range(2):
+            assert run_cli(capsys, *argv, "--output" if command == "report" else "--out", same)[0] == 0

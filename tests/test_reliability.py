@@ -1,5 +1,6 @@
 """kill -9 in the middle of training, then --resume: the result equals an uninterrupted run."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -8,14 +9,17 @@ import time
 
 import h5py
 import numpy as np
+import pytest
 import torch
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.train import train
+from cli_helpers import assert_one_line_error, run_cli
 
 ARGS = dict(model="resnet8", dataset="digits", epochs=3, subset=600, test_subset=200, batch_size=50,
             milestones="2", device="cpu")
+TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subset", "100", "--device", "cpu"]
 
 
 def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
@@ -48,3 +52,58 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
         assert np.array_equal(f["steps/grad_abs_mean"][:], g["steps/grad_abs_mean"][:])
         assert np.array_equal(f["epochs/test_loss"][:], g["epochs/test_loss"][:])
     assert not list(run_dir.glob(".*.tmp"))  # leftovers of the killed writes are cleaned on resume
+
+
+# ---- a full disk: one line naming it, the previous file intact, no temporary file left -----------------------
+
+
+class FullDisk:
+    """bnprobe.atomic's `open` on a disk that fills up once `full` is set: writes raise ENOSPC, as the OS does."""
+
+    def __init__(self, monkeypatch, full=False):
+        self.full = full
+        monkeypatch.setattr("bnprobe.atomic.open", self.open, raising=False)
+
+    def open(self, path, mode="r", **kwargs):
+        file = open(path, mode, **kwargs)
+        if self.full:
+            def write(data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            file.write = write
+        return file
+
+
+def test_a_full_disk_during_training_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    import bnprobe.train
+
+    disk = FullDisk(monkeypatch)
+    epochs = []
+
+    def one_epoch(*args, **kwargs):
+        epochs.append(1)
+        disk.full = len(epochs) == 2  # the disk fills during the second epoch
+        return train_one_epoch(*args, **kwargs)
+
+    train_one_epoch = bnprobe.train.train_one_epoch
+    monkeypatch.setattr(bnprobe.train, "train_one_epoch", one_epoch)
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--epochs", "3", "--runs-dir", tmp_path, "--name", "r")
+    assert_one_line_error(code, err, "no space left on device")
+    assert runs.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["epoch"] == 1
+    assert not list(tmp_path.glob("**/.*.tmp")) and not list(tmp_path.glob(".*.lock"))
+
+
+@pytest.mark.parametrize("command", ["probe", "ablate", "report"])
+def test_a_full_disk_keeps_the_previous_result(capsys, tmp_path, monkeypatch, command):
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", tmp_path, "--name", "r")[0] == 0
+    out = tmp_path / ("report.html" if command == "report" else "result.h5")
+    argv = {"probe": ["probe", run, "--images", "50", "--out", out],
+            "ablate": ["ablate", run, "--clamp-gamma", "0.1", "--test-subset", "50", "--no-train", "--out", out],
+            "report": ["report", run, "-o", out, "--jobs", "1"]}[command]
+    assert run_cli(capsys, *argv)[0] == 0
+    before = out.read_bytes()
+    FullDisk(monkeypatch, full=True)
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, f"cannot write {out}: no space left on device")
+    assert out.read_bytes() == before
+    assert not list(tmp_path.glob("**/.*.tmp")) and not list(tmp_path.glob(".*.lock"))
