@@ -332,7 +332,13 @@ def _main(argv: Optional[list[str]]) -> None:
     except BnprobeError as exc:
         print(f"bnprobe: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, typer.Abort):
+    except typer.Abort as exc:
+        if not isinstance(exc.__cause__, EOFError):
+            code = INTERRUPTED
+        else:  # click turns every EOFError into Abort; bnprobe reads no stdin, so a file ended early, not Ctrl-C
+            print(f"bnprobe: error: a file ended early ({str(exc.__cause__).strip() or 'EOFError'})", file=sys.stderr)
+            sys.exit(2)
+    except KeyboardInterrupt:
         code = INTERRUPTED
     if code == INTERRUPTED:  # typer turns Ctrl-C into this exit code
         print("bnprobe: interrupted; every file written so far is complete (a training run continues with --resume)",

@@ -30,3 +30,63 @@ def test_a_model_factory_calling_sys_exit_is_an_error_not_a_silent_success(tmp_p
         code, _, err = run_cli(capsys, "probe", tmp_path / "foreign.pt", "--model", f"{tmp_path}/{spec}",
                                "--dataset", "digits", "--out", tmp_path / "p.h5")
         assert_one_line_error(code, err, message)
+
+
+def _mnist_copy(shared_data, tmp_path):
+    import shutil
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    shutil.copytree(shared_data / "MNIST" / "raw", raw)
+    return raw
+
+
+def _train_mnist(capsys, tmp_path):
+    return run_cli(capsys, "train", "resnet8", "--dataset", "mnist", "--data-dir", tmp_path / "data",
+                   "--no-download", "--epochs", "1", "--subset", "100", "--test-subset", "50", "--device", "cpu",
+                   "--runs-dir", tmp_path / "runs", "--name", "m")
+
+
+def test_a_truncated_mnist_gz_is_named_not_taken_for_ctrl_c(shared_data, tmp_path, capsys):
+    raw = _mnist_copy(shared_data, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-100])
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, f"{labels} is truncated")
+    assert "interrupted" not in err
+    labels.write_bytes(b"\x1f\x8b garbage")
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, f"cannot read {labels}")
+
+
+def test_an_mnist_label_of_99_is_refused_before_training(shared_data, tmp_path, capsys):
+    import gzip
+
+    raw = _mnist_copy(shared_data, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[8 + 5] = 99
+    labels.write_bytes(gzip.compress(bytes(content)))
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, "t10k-labels-idx1-ubyte.gz: label 99 is outside 0..9")
+    assert not (tmp_path / "runs" / "m").exists()
+
+
+def test_a_cifar_batch_of_the_wrong_size_is_one_line(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    good = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}
+    for name, batch in (("data_batch_1", {"data": np.zeros((4, 3000), np.uint8), "labels": [0, 1, 2, 3]}),
+                        ("test_batch", good)):
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    args = ("train", "resnet8", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--no-download",
+            "--no-verify", "--epochs", "1", "--device", "cpu", "--runs-dir", tmp_path / "runs")
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "data_batch_1: 'data' must be uint8 rows of 3072 pixels")
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1]},
+                                                       protocol=2))
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "data_batch_1: 4 images but 2 labels")
