@@ -90,3 +90,35 @@ def test_a_cifar_batch_of_the_wrong_size_is_one_line(tmp_path, capsys):
                                                        protocol=2))
     code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "data_batch_1: 4 images but 2 labels")
+
+
+def _tiny_run(tmp_path, name="r", **changes):
+    from rich.console import Console
+
+    from bnprobe.train import train
+    from probe_helpers import tiny_config
+
+    run = tmp_path / name
+    train(tiny_config(epochs=1, **changes), run, console=Console(quiet=True))
+    return run
+
+
+def test_nan_gamma_in_ablate_names_the_layers_and_never_suggests_no_fold(tmp_path, capsys):
+    import torch
+
+    from bnprobe import runs
+
+    run = _tiny_run(tmp_path)
+    state = runs.load_checkpoint(runs.checkpoint_path(run))
+    state["model"]["layer1.0.bn1.weight"][2] = float("nan")
+    runs.save_checkpoint(runs.checkpoint_path(run), state)
+    for fold in ("--fold", "--no-fold"):
+        code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu", fold)
+        assert_one_line_error(code, err, "holds NaN or infinite γ in 1 BN layer(s) (layer1.0.bn1)")
+        assert "--no-fold" not in err
+    state["model"]["layer1.0.bn1.weight"][2] = 1.0
+    state["model"]["layer1.0.bn1.bias"][:] = float("nan")  # finite γ, yet no finite output: still not the fold's fault
+    runs.save_checkpoint(runs.checkpoint_path(run), state)
+    code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu", "--no-fold")
+    assert_one_line_error(code, err, "the model's own output holds NaN or inf")
+    assert not (run / "ablation.h5").exists() and torch.isnan(state["model"]["layer1.0.bn1.bias"]).all()
