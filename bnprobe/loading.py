@@ -282,20 +282,18 @@ def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.de
     device = device or resolve_device(options.device)
     file = checkpoint_file(path)
     obj = read_checkpoint(file)
-    is_bnprobe = isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT and "config" in obj
+    is_bnprobe = isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT
     label = file.parent.name if file.name == runs.checkpoint_path(Path()).name else file.stem
     meta: dict[str, Any] = {}
     config: Optional[TrainConfig] = None
 
     if is_bnprobe:
-        config = TrainConfig.from_dict(obj["config"])
+        config = runs.check_checkpoint(obj, file)
         meta = {
-            "model": config.model, "freeze": config.freeze, "epoch": int(obj.get("epoch", 0)),
-            "trained_dataset": config.dataset,
+            "model": config.model, "freeze": config.freeze, "epoch": obj["epoch"], "trained_dataset": config.dataset,
         }
-        history = obj.get("history") or []
-        if history and isinstance(history[-1], dict) and "test_acc" in history[-1]:
-            meta["stored_test_acc"] = float(history[-1]["test_acc"])
+        if obj["history"] and isinstance(obj["history"][-1].get("test_acc"), (int, float)):
+            meta["stored_test_acc"] = float(obj["history"][-1]["test_acc"])
     if options.model:
         model = build_from_factory(options.model, options.model_arg or ())
         source, what = "factory", f"the model built by {options.model}"

@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
 from bnprobe.store import append_rows, atomic_h5, set_attrs, write_array
 
 FORMAT = "bnprobe-telemetry"
@@ -103,8 +104,11 @@ class TelemetryWriter:
     def start(self, epochs_done: int) -> None:
         """A new file with the schema and the epoch-0 BN snapshot, or drop rows past a resumed checkpoint."""
         if epochs_done and self.path.exists():
-            with atomic_h5(self.path, update=True) as f:
-                _truncate_to_epoch(f, epochs_done)
+            try:
+                with atomic_h5(self.path, update=True) as f:
+                    _truncate_to_epoch(f, epochs_done)
+            except (OSError, KeyError, TypeError) as exc:  # h5py's answers for a cut-short or foreign file
+                self._refuse(f"is damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
             return
         with atomic_h5(self.path) as f:
             set_attrs(f, {"format": FORMAT, "version": VERSION, "config_json": json.dumps(self.config.to_dict())})
@@ -117,6 +121,10 @@ class TelemetryWriter:
             f.create_group("steps")
             f.create_group("epochs")
             self._append_bn_snapshot(f, 0)
+
+    def _refuse(self, why: str) -> None:
+        raise BnprobeError(f"cannot resume: {self.path} {why}; move it aside to resume without the telemetry "
+                           f"recorded so far")
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         steps, abs_mean, l2 = self.recorder.drain()

@@ -131,6 +131,8 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 
 def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
     """Decide from what is on disk whether to start, resume or refuse; return the checkpoint to resume."""
+    if run_dir.exists() and not run_dir.is_dir():  # never replaced, not even with --overwrite: not ours
+        raise BnprobeError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")
     exists = run_dir.exists() and any(run_dir.iterdir())
     if exists and overwrite and not runs.is_run(run_dir):
         raise BnprobeError(f"will not overwrite {run_dir}: it is not a bnprobe run (no config.json or checkpoint.pt)")
@@ -141,12 +143,41 @@ def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite
     if not runs.checkpoint_path(run_dir).exists():
         return None  # it died before its first checkpoint: start again
     state = runs.load_checkpoint(runs.checkpoint_path(run_dir))
-    stored = TrainConfig.from_dict(state["config"])
+    stored = runs.check_checkpoint(state, runs.checkpoint_path(run_dir), resume=True)
     differing = [k for k, v in config.identity().items() if stored.identity()[k] != v]
     if differing:
         diffs = ", ".join(f"{k}: stored {stored.identity()[k]!r} vs given {config.identity()[k]!r}" for k in differing)
         raise BnprobeError(f"cannot resume {run_dir}: settings differ ({diffs})")
     return state
+
+
+def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator, device: torch.device) -> None:
+    """Load a checkpoint that runs.check_checkpoint passed into this run's model, optimizer and RNGs: every
+    tensor's shape is compared with what it goes into first, so a state that does not fit is one line."""
+    from bnprobe.loading import _first_line, load_state_strict
+
+    load_state_strict(model, state["model"], path, "this run's model")
+    misfit = BnprobeError(f"{path}: its optimizer state does not fit this run's trainable tensors")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_groups = state["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in optimizer.param_groups] != [len(g.get("params", ())) if isinstance(g, dict) else -1
+                                                              for g in saved_groups]:
+        raise misfit
+    for index, entry in state["optimizer"]["state"].items():
+        buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else entry
+        if not (isinstance(index, int) and 0 <= index < len(params)) or not (
+                buffer is None or isinstance(buffer, torch.Tensor) and buffer.shape == params[index].shape):
+            raise misfit
+    rng = state["rng"]
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(rng["data"].cpu() if device.type == "cpu" else rng["data"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # torch's own checks of these states
+        raise BnprobeError(f"{path}: its optimizer or RNG state cannot be restored ({_first_line(exc)})")
 
 
 def _other_process_count(run_dir: Path, stored: int, given: int) -> str:
@@ -268,12 +299,7 @@ def _train(
         for leftover in run_dir.glob(".*.tmp"):  # half-written files of a killed process
             leftover.unlink()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"]["data"].cpu() if device.type == "cpu" else state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _restore(state, runs.checkpoint_path(run_dir), model, optimizer, generator, device)
         history, start_epoch = list(state["history"]), int(state["epoch"])
         console.print(f"Resuming {escape(str(run_dir))} after epoch {start_epoch}.", soft_wrap=True)
     if process.main:
