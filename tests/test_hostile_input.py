@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import time
 
+import pytest
+import torch
+
 from cli_helpers import assert_one_line_error, run_cli
 
 
@@ -122,3 +125,140 @@ def test_nan_gamma_in_ablate_names_the_layers_and_never_suggests_no_fold(tmp_pat
     code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu", "--no-fold")
     assert_one_line_error(code, err, "the model's own output holds NaN or inf")
     assert not (run / "ablation.h5").exists() and torch.isnan(state["model"]["layer1.0.bn1.bias"]).all()
+
+
+# ---- sweep plans -----------------------------------------------------------------------------------------
+
+
+def test_a_million_run_grid_is_refused_at_once_unless_max_runs_allows_it(tmp_path, capsys):
+    # 1000 x 1000 values printed nothing in 240 s under --dry-run and grew to 3 GB.
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[defaults]\ndataset = "digits"\nmodel = "resnet8"\n[[grid]]\n'
+                    f"seed = {list(range(1000))}\nlr = {[0.001 * (i + 1) for i in range(1000)]}\n")
+    started = time.perf_counter()
+    code, out, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run")
+    assert_one_line_error(code, err, "plans 1,000,000 runs, more than the limit of 10,000; pass --max-runs 1000000")
+    assert time.perf_counter() - started < 5 and not out
+    plan.write_text('[defaults]\ndataset = "digits"\nmodel = "resnet8"\n[[grid]]\nseed = [0, 1, 2]\n')
+    code, _, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "2")
+    assert_one_line_error(code, err, "plans 3 runs, more than the limit of 2")
+    from bnprobe.sweep import _forward_flops
+
+    _forward_flops.cache_clear()
+    code, out, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "3")
+    assert code == 0 and "3 runs" in out, err
+    assert _forward_flops.cache_info().misses == 1  # one model shape: its cost is counted once
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plans_of_the_wrong_shape_are_one_line(tmp_path, capsys):
+    for text, message in [
+        ('defaults = 5\n[[grid]]\nseed = 1\n', "must be tables of settings"),
+        ('grid = [1, 2]\n', "must be tables of settings"),
+        ('[[grid]]\nmodel = "resnet8"\ndataset = "digits"\nmilestones = {a = 1}\n', 'milestones must be text, not {"a": 1}'),
+        ('[[grid]]\nmodel = "resnet8"\ndataset = "digits"\nepochs = 1.5\n', "grid 1: epochs must be a whole number, not 1.5"),
+        ('[[grid]]\nmodel = "resnet8"\ndataset = "digits"\nseed = 99999999999999999999\n', "--seed must be in [0, 2**32)"),
+    ]:
+        (tmp_path / "plan.toml").write_text(text)
+        code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs", "--dry-run")
+        assert_one_line_error(code, err, message)
+
+
+# ---- train: run paths and seeds -----------------------------------------------------------------------
+
+TRAIN = ("train", "resnet8", "--dataset", "digits", "--epochs", "2", "--subset", "150", "--test-subset", "60",
+         "--milestones", "", "--device", "cpu", "--batch-size", "64")
+
+
+def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, *TRAIN, "--runs-dir", tmp_path, "--seed", "99999999999999999999")
+    assert_one_line_error(code, err, "--seed must be in [0, 2**32), got 99999999999999999999")
+
+
+def test_a_run_path_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("mine")
+    for extra in ((), ("--resume",), ("--overwrite",)):
+        code, _, err = run_cli(capsys, *TRAIN, "--runs-dir", tmp_path, "--name", "thesis.tex", *extra)
+        assert_one_line_error(code, err, "thesis.tex is a file, not a run directory")
+        assert (tmp_path / "thesis.tex").read_text() == "mine"
+
+
+def test_an_output_name_too_long_for_the_file_system_is_one_line(tmp_path, capsys):
+    long_name = "x" * 300
+    code, _, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / f"{long_name}.html")
+    assert_one_line_error(code, err, "File name too long")
+    run = _tiny_run(tmp_path)
+    code, _, err = run_cli(capsys, "probe", run, "--device", "cpu", "--images", "20", "--out", tmp_path / f"{long_name}.h5")
+    assert_one_line_error(code, err, "File name too long")
+
+
+# ---- checkpoints read back: train --resume and probe ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-epoch run; each test edits a copy of it."""
+    root = tmp_path_factory.mktemp("hostile")
+    with pytest.MonkeyPatch.context():
+        from bnprobe.cli import main
+
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in (*TRAIN, "--runs-dir", root, "--name", "r")])
+    assert exit_info.value.code == 0
+    return root / "r"
+
+
+def _copy_with(finished_run, tmp_path, edit):
+    """A copy of the run whose checkpoint (epoch 1 of 2, so --resume has work to do) `edit` changes."""
+    import shutil
+
+    from bnprobe import runs
+
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    state = runs.load_checkpoint(runs.checkpoint_path(run))
+    state["epoch"], state["history"] = 1, state["history"][:1]
+    edit(state)
+    runs.save_checkpoint(runs.checkpoint_path(run), state)
+    return run, runs.checkpoint_path(run).read_bytes()
+
+
+def _resume(capsys, run):
+    return run_cli(capsys, *TRAIN, "--runs-dir", run.parent, "--name", run.name, "--resume")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("optimizer"), "'optimizer' must be an optimizer state, not missing"),
+    (lambda s: s.pop("config"), "config must be a table of settings, not null"),
+    (lambda s: s["rng"].update(data=torch.zeros(3, dtype=torch.uint8)), "its optimizer or RNG state cannot be restored"),
+    (lambda s: s["rng"].update(torch="seed"), "'rng.torch' must be a tensor, not str"),
+    (lambda s: s["model"].update({"fc.weight": torch.zeros(3, 3)}), "does not fit this run's model"),
+    (lambda s: s["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(2)), "optimizer state does not fit"),
+])
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_keeps_it(finished_run, tmp_path, capsys, edit, message):
+    run, before = _copy_with(finished_run, tmp_path, edit)
+    code, _, err = _resume(capsys, run)
+    assert_one_line_error(code, err, message)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_with_a_cut_short_telemetry_file_is_one_line(finished_run, tmp_path, capsys):
+    run, before = _copy_with(finished_run, tmp_path, lambda s: None)
+    telemetry = run / "telemetry.h5"
+    telemetry.write_bytes(telemetry.read_bytes()[: telemetry.stat().st_size // 2])
+    half = telemetry.read_bytes()
+    code, _, err = _resume(capsys, run)
+    assert_one_line_error(code, err, f"cannot resume: {telemetry} is damaged")
+    assert (run / "checkpoint.pt").read_bytes() == before and telemetry.read_bytes() == half
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(config=[]), "config must be a table of settings, not []"),
+    (lambda s: s.update(epoch="two"), "'epoch' must be a whole number, not str 'two'"),
+    (lambda s: s.update(normalization="per-pixel"), "'normalization' must be a table of mean and std, not str"),
+    (lambda s: s["config"].update(width="x"), "config: width must be a whole number, not \"x\""),
+])
+def test_probe_of_a_checkpoint_with_a_damaged_structure_is_one_line(finished_run, tmp_path, capsys, edit, message):
+    run, _ = _copy_with(finished_run, tmp_path, edit)
+    code, _, err = run_cli(capsys, "probe", run, "--device", "cpu", "--images", "20", "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, message)
