@@ -77,7 +77,7 @@ class TrainConfig:
     normalize: Optional[str] = field(
         default=None, metadata=_flag("per-pixel (Frankle) or per-channel [default: per data set].")
     )
-    seed: int = field(default=0, metadata=_flag("Seed of init, data order and augmentation."))
+    seed: int = field(default=0, metadata=_flag("Seed of init, data order and augmentation (0 to 2**32 - 1)."))
     telemetry_every: int = field(
         default=10, metadata=_flag("Record gradient magnitudes every N steps in telemetry.h5 (0 = never).", identity=False)
     )
@@ -242,20 +242,6 @@ def _check_model(model_name: str, channels: int, classes: int, width: int, short
             random_feature_masks(model, random_features, torch.Generator())
 
 
-# A field's annotation -> the Python types a stored value may have (an int is a float too), and their name.
-_KINDS = {"str": (str, "text"), "int": (int, "a whole number"), "float": ((int, float), "a number"),
-          "bool": (bool, "true or false")}
-
-
-def _field_types() -> dict[str, tuple[str, bool]]:
-    """Each field's kind and whether None is allowed, from the annotations: str, int, float, bool, Optional[...]."""
-    types = {}
-    for f in dataclasses.fields(TrainConfig):
-        kind = f.type.removeprefix("Optional[").removesuffix("]")
-        types[f.name] = (kind, kind != f.type)
-    return types
-
-
 def _shown(value: Any, limit: int = 40) -> str:
     text = json.dumps(value, default=repr)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -266,4 +252,9 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
 
 
-_FIELD_TYPES = _field_types()
+# Each field's kind (its annotation without Optional[...]) and whether it may be None; the Python types a
+# value of each kind may have (an int is a float too), and how an error names them.
+_FIELD_TYPES = {f.name: (f.type.removeprefix("Optional[").removesuffix("]"), f.type.startswith("Optional["))
+                for f in dataclasses.fields(TrainConfig)}
+_KINDS = {"str": (str, "text"), "int": (int, "a whole number"), "float": ((int, float), "a number"),
+          "bool": (bool, "true or false")}

@@ -108,7 +108,9 @@ class TelemetryWriter:
                 with atomic_h5(self.path, update=True) as f:
                     _truncate_to_epoch(f, epochs_done)
             except (OSError, KeyError, TypeError) as exc:  # h5py's answers for a cut-short or foreign file
-                self._refuse(f"is damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})")
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BnprobeError(f"cannot resume: {self.path} is damaged ({reason}); move it aside to resume "
+                                   f"without the telemetry recorded so far")
             return
         with atomic_h5(self.path) as f:
             set_attrs(f, {"format": FORMAT, "version": VERSION, "config_json": json.dumps(self.config.to_dict())})
@@ -121,10 +123,6 @@ class TelemetryWriter:
             f.create_group("steps")
             f.create_group("epochs")
             self._append_bn_snapshot(f, 0)
-
-    def _refuse(self, why: str) -> None:
-        raise BnprobeError(f"cannot resume: {self.path} {why}; move it aside to resume without the telemetry "
-                           f"recorded so far")
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         steps, abs_mean, l2 = self.recorder.drain()

@@ -164,10 +164,10 @@ def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: tor
     if [len(g["params"]) for g in optimizer.param_groups] != [len(g.get("params", ())) if isinstance(g, dict) else -1
                                                               for g in saved_groups]:
         raise misfit
-    for index, entry in state["optimizer"]["state"].items():
-        buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else entry
-        if not (isinstance(index, int) and 0 <= index < len(params)) or not (
-                buffer is None or isinstance(buffer, torch.Tensor) and buffer.shape == params[index].shape):
+    for index, entry in state["optimizer"]["state"].items():  # SGD's momentum buffer of parameter `index`
+        fits = isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict) and (
+            entry.get("momentum_buffer") is None or getattr(entry["momentum_buffer"], "shape", None) == params[index].shape)
+        if not fits:
             raise misfit
     rng = state["rng"]
     try:
