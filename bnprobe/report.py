@@ -749,7 +749,7 @@ def check_output(output: Path) -> str:
         raise BnprobeError(f"unknown output extension {shown} for {output}: use .html or .pdf")
     try:
         os.stat(output)  # a name too long for the file system, or a symlink loop, is an OSError here
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # told apart below
         pass
     except OSError as exc:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")

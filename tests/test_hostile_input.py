@@ -61,6 +61,16 @@ def test_a_truncated_mnist_gz_is_named_not_taken_for_ctrl_c(shared_data, tmp_pat
     assert_one_line_error(code, err, f"cannot read {labels}")
 
 
+def test_any_eof_error_is_an_error_not_an_interrupt(tmp_path, capsys, monkeypatch):
+    # click turns every EOFError into Abort, which read as Ctrl-C: "interrupted", rc 130.
+    def ends_early(*args, **kwargs):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr("bnprobe.sweep.read_plan", ends_early)
+    code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml")
+    assert_one_line_error(code, err, "a file ended early (Compressed file ended")
+
+
 def test_an_mnist_label_of_99_is_refused_before_training(shared_data, tmp_path, capsys):
     import gzip
 
