@@ -165,8 +165,9 @@ def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: tor
                                                               for g in saved_groups]:
         raise misfit
     for index, entry in state["optimizer"]["state"].items():  # SGD's momentum buffer of parameter `index`
-        fits = isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict) and (
-            entry.get("momentum_buffer") is None or getattr(entry["momentum_buffer"], "shape", None) == params[index].shape)
+        buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else ()
+        fits = isinstance(index, int) and 0 <= index < len(params) and (
+            buffer is None or getattr(buffer, "shape", None) == params[index].shape)
         if not fits:
             raise misfit
     rng = state["rng"]

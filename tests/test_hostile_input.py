@@ -162,12 +162,13 @@ def test_a_million_run_grid_is_refused_at_once_unless_max_runs_allows_it(tmp_pat
 
 
 def test_plans_of_the_wrong_shape_are_one_line(tmp_path, capsys):
+    grid = '[[grid]]\nmodel = "resnet8"\ndataset = "digits"\n'
     for text, message in [
         ('defaults = 5\n[[grid]]\nseed = 1\n', "must be tables of settings"),
         ('grid = [1, 2]\n', "must be tables of settings"),
-        ('[[grid]]\nmodel = "resnet8"\ndataset = "digits"\nmilestones = {a = 1}\n', 'milestones must be text, not {"a": 1}'),
-        ('[[grid]]\nmodel = "resnet8"\ndataset = "digits"\nepochs = 1.5\n', "grid 1: epochs must be a whole number, not 1.5"),
-        ('[[grid]]\nmodel = "resnet8"\ndataset = "digits"\nseed = 99999999999999999999\n', "--seed must be in [0, 2**32)"),
+        (grid + "milestones = {a = 1}", 'milestones must be text, not {"a": 1}'),
+        (grid + "epochs = 1.5", "grid 1: epochs must be a whole number, not 1.5"),
+        (grid + "seed = 99999999999999999999", "--seed must be in [0, 2**32)"),
     ]:
         (tmp_path / "plan.toml").write_text(text)
         code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs", "--dry-run")
@@ -198,7 +199,8 @@ def test_an_output_name_too_long_for_the_file_system_is_one_line(tmp_path, capsy
     code, _, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / f"{long_name}.html")
     assert_one_line_error(code, err, "File name too long")
     run = _tiny_run(tmp_path)
-    code, _, err = run_cli(capsys, "probe", run, "--device", "cpu", "--images", "20", "--out", tmp_path / f"{long_name}.h5")
+    code, _, err = run_cli(capsys, "probe", run, "--device", "cpu", "--images", "20",
+                           "--out", tmp_path / f"{long_name}.h5")
     assert_one_line_error(code, err, "File name too long")
 
 
@@ -240,7 +242,7 @@ def _resume(capsys, run):
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.pop("optimizer"), "'optimizer' must be an optimizer state, not missing"),
     (lambda s: s.pop("config"), "config must be a table of settings, not null"),
-    (lambda s: s["rng"].update(data=torch.zeros(3, dtype=torch.uint8)), "its optimizer or RNG state cannot be restored"),
+    (lambda s: s["rng"].update(data=torch.zeros(3, dtype=torch.uint8)), "optimizer or RNG state cannot be restored"),
     (lambda s: s["rng"].update(torch="seed"), "'rng.torch' must be a tensor, not str"),
     (lambda s: s["model"].update({"fc.weight": torch.zeros(3, 3)}), "does not fit this run's model"),
     (lambda s: s["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(2)), "optimizer state does not fit"),
