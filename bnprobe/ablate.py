@@ -215,7 +215,7 @@ def run_ablation(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from bnprobe.fold import check_fold
-    from bnprobe.loading import check_forward, load_eval_data, load_model, resolve_device
+    from bnprobe.loading import _listing, check_forward, load_eval_data, load_model, resolve_device
     from bnprobe.probe import default_output
 
     console = console or Console()
@@ -233,6 +233,11 @@ def run_ablation(
     loaded = load_model(path, options, device)
     if not bn_layers(loaded.model):
         raise BnprobeError(f"{loaded.path} has no BatchNorm layer with a γ to clamp")
+    # |NaN| < τ is never true, and a NaN channel makes every later output NaN: no clamp can be measured.
+    broken = [name for name, bn in bn_layers(loaded.model) if not torch.isfinite(bn.weight).all()]
+    if broken:
+        raise BnprobeError(f"{loaded.path} holds NaN or infinite γ in {len(broken)} BN layer(s) ({_listing(broken)}); "
+                           f"its outputs are not numbers whatever is clamped, so there is nothing to ablate")
     data = load_eval_data(loaded, device, test_subset=test_subset, train_subset=train_subset)
     # channels_last: cuDNN's and oneDNN's fast layout (on a 2-core CPU it also beat NCHW for resnet20 by ~1.2x)
     channels_last = True

@@ -17,9 +17,9 @@ from bnprobe.errors import BnprobeError
 def replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`, on failure removed."""
     path = Path(path)
-    if path.is_dir():
-        raise BnprobeError(f"cannot write {path}: it is a directory (name a file)")
     try:
+        if path.is_dir():  # is_dir raises for a name too long for the file system, or a symlink loop
+            raise BnprobeError(f"cannot write {path}: it is a directory (name a file)")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:

@@ -120,6 +120,8 @@ def sweep(
         "", "--devices", help="Comma-separated devices to run on in parallel, one run each (e.g. cuda:0,cuda:1)."
     ),
     tflops: float = typer.Option(50.0, "--tflops", help="Sustained TFLOP/s assumed for the cost estimate."),
+    max_runs: Optional[int] = typer.Option(
+        None, "--max-runs", help="Allow a plan of up to N runs [default: 10,000; a grid is a product, it grows fast]."),
     launcher: str = typer.Option("local", "--launcher", help="local (this machine) or slurm (a submitit job array)."),
     slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition."),
     slurm_hours: float = typer.Option(24.0, "--slurm-hours", help="Time limit of each job, in hours."),
@@ -133,7 +135,9 @@ def sweep(
         raise BnprobeError(f"--tflops must be > 0, got {tflops}")
     if launcher not in ("local", "slurm"):
         raise BnprobeError(f"--launcher must be local or slurm, got {launcher!r}")
-    planned = read_plan(plan, runs_dir)
+    if max_runs is not None and max_runs < 1:
+        raise BnprobeError(f"--max-runs must be >= 1, got {max_runs}")
+    planned = read_plan(plan, runs_dir, **({"max_runs": max_runs} if max_runs else {}))
     console.print(plan_table(planned, tflops))
     if dry_run:
         return
@@ -342,7 +346,13 @@ def _main(argv: Optional[list[str]]) -> None:
     except BnprobeError as exc:
         print(f"bnprobe: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, typer.Abort):
+    except typer.Abort as exc:
+        if not isinstance(exc.__cause__, EOFError):
+            code = INTERRUPTED
+        else:  # click turns every EOFError into Abort; bnprobe reads no stdin, so a file ended early, not Ctrl-C
+            print(f"bnprobe: error: a file ended early ({str(exc.__cause__).strip() or 'EOFError'})", file=sys.stderr)
+            sys.exit(2)
+    except KeyboardInterrupt:
         code = INTERRUPTED
     if code == INTERRUPTED:  # typer turns Ctrl-C into this exit code
         print("bnprobe: interrupted; every file written so far is complete (a training run continues with --resume)",

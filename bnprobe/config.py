@@ -77,7 +77,7 @@ class TrainConfig:
     normalize: Optional[str] = field(
         default=None, metadata=_flag("per-pixel (Frankle) or per-channel [default: per data set].")
     )
-    seed: int = field(default=0, metadata=_flag("Seed of init, data order and augmentation."))
+    seed: int = field(default=0, metadata=_flag("Seed of init, data order and augmentation (0 to 2**32 - 1)."))
     telemetry_every: int = field(
         default=10, metadata=_flag("Record gradient magnitudes every N steps in telemetry.h5 (0 = never).", identity=False)
     )
@@ -137,29 +137,47 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Any, where: str = "config") -> "TrainConfig":
+        """The one way back from what was stored or written (config.json, a checkpoint's config, a sweep plan):
+        every field of the right type and in range, else one line naming `where`."""
+        if not isinstance(data, dict):
+            raise BnprobeError(f"{where} must be a table of settings, not {_shown(data)}")
+        unknown = sorted(set(data) - set(_FIELD_TYPES))
         if unknown:
-            raise BnprobeError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**data)
+            raise BnprobeError(f"{where}: unknown config keys: {', '.join(unknown)}")
+        for name, value in data.items():
+            kind, optional = _FIELD_TYPES[name]
+            types, expected = _KINDS[kind]
+            if not (value is None and optional) and (not isinstance(value, types) or
+                                                      (kind != "bool" and isinstance(value, bool))):
+                raise BnprobeError(f"{where}: {name} must be {expected}{' or null' if optional else ''}, "
+                                   f"not {_shown(value)}")
+        config = cls(**data)
+        try:
+            config.check()
+        except BnprobeError as exc:
+            raise BnprobeError(f"{where}: {exc}") from None
+        return config
 
     # ---- validation ------------------------------------------------------------------------------
-    def resolved(self) -> "TrainConfig":
-        """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
-        # Plain-value checks first: they answer before torch is imported (seconds on a laptop).
+    def check(self) -> None:
+        """The ranges of every field that needs no data set or model: answered before torch is imported."""
         _choice("freeze", self.freeze, FREEZE_MODES)
         _choice("gamma-init", self.gamma_init, GAMMA_INITS)
         _choice("shortcut", self.shortcut, SHORTCUTS)
         if not re.fullmatch(r"cuda:\d+", self.device):
             _choice("device", self.device, DEVICES)
         _choice("bn", self.bn, BN_PLACEMENTS)
+        if self.normalize is not None:
+            _choice("normalize", self.normalize, NORMALIZATIONS)
         for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every"):
             if getattr(self, name) < 1:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features"):
-            if getattr(self, name) < 0:
+        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features", "translate"):
+            if (getattr(self, name) or 0) < 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit; numpy's and most tools' are 32
+            raise BnprobeError(f"--seed must be in [0, 2**32), got {self.seed}")
         for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):
             if not math.isfinite(getattr(self, name)):
                 raise BnprobeError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
@@ -180,13 +198,16 @@ class TrainConfig:
         if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {self.milestones!r}")
 
+    def resolved(self) -> "TrainConfig":
+        """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
+        self.check()  # plain-value checks first: they answer before torch is imported (seconds on a laptop)
+
         from bnprobe.data import default_data_dir, get_dataset_spec
 
         spec = get_dataset_spec(self.dataset)
         _check_model(self.model, spec.channels, spec.num_classes, self.width, self.shortcut, self.bn,
                      self.bn_every, self.bn_affine_off, self.random_features)
         normalize = spec.normalize if self.normalize is None else self.normalize
-        _choice("normalize", normalize, NORMALIZATIONS)
         translate = spec.translate if self.translate is None else self.translate
         if not 0 <= translate < spec.size:
             raise BnprobeError(f"--translate must be in [0, {spec.size}) for {spec.name}, got {translate}")
@@ -221,6 +242,19 @@ def _check_model(model_name: str, channels: int, classes: int, width: int, short
             random_feature_masks(model, random_features, torch.Generator())
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+# Each field's kind (its annotation without Optional[...]) and whether it may be None; the Python types a
+# value of each kind may have (an int is a float too), and how an error names them.
+_FIELD_TYPES = {f.name: (f.type.removeprefix("Optional[").removesuffix("]"), f.type.startswith("Optional["))
+                for f in dataclasses.fields(TrainConfig)}
+_KINDS = {"str": (str, "text"), "int": (int, "a whole number"), "float": ((int, float), "a number"),
+          "bool": (bool, "true or false")}

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import pickle
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -46,16 +48,36 @@ def default_data_dir() -> Path:
 def _read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (MNIST's format), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    # A cut-short .gz raises EOFError, which click would take for Ctrl-C: name the file instead.
+    except EOFError:
+        raise BnprobeError(f"{path} is truncated (its gzip stream ends early); replace it with a complete copy")
+    except (OSError, zlib.error) as exc:
+        raise BnprobeError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})")
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
         raise BnprobeError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise BnprobeError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data, found {data.size}")
-    return data.reshape(tuple(int(d) for d in dims))
+    if data.size != math.prod(dims):
+        raise BnprobeError(f"{path} is truncated: expected {math.prod(dims)} bytes of data, found {data.size}")
+    return data.reshape(dims)
+
+
+def _check_split(images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...], classes: int, where: str) -> None:
+    """Every reader's output, checked before any of it reaches a model: a wrong file is one line naming it,
+    never a reshape error, an index error on the device, or a model trained on labels it cannot predict."""
+    if images.ndim != len(shape) + 1 or images.shape[1:] != shape:
+        raise BnprobeError(f"{where}: images of shape {images.shape[1:]}, not {shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise BnprobeError(f"{where}: {len(images)} images but {labels.size} labels")
+    if not len(labels):
+        raise BnprobeError(f"{where}: no images")
+    if labels.min() < 0 or labels.max() >= classes:
+        bad = labels[(labels < 0) | (labels >= classes)][0]
+        raise BnprobeError(f"{where}: label {bad} is outside 0..{classes - 1}")
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -77,16 +99,27 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise BnprobeError(f"{path} is not a CIFAR python batch ({exc})")
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
     if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
         raise BnprobeError(f"{path} lacks the 'data' and '{label_key}' entries of a CIFAR batch")
-    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return images, np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        images, labels = np.asarray(batch["data"]), np.asarray(batch[label_key])
+    except ValueError as exc:  # ragged lists
+        raise BnprobeError(f"{path} is not a CIFAR python batch ({exc})")
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+        raise BnprobeError(f"{path}: 'data' must be uint8 rows of 3072 pixels, got {images.dtype} {images.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise BnprobeError(f"{path}: '{label_key}' must be whole numbers, got {labels.dtype}")
+    images, labels = images.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    _check_split(images, labels, (3, 32, 32), classes, str(path))
+    return images, labels
 
 
 def _md5(path: Path) -> str:
@@ -177,11 +210,14 @@ def load_mnist(root: Path, download: bool, verify: bool) -> Arrays:
 
         # torchvision's MNIST downloader knows the mirrors and checks the md5 sums.
         _download("MNIST", lambda: torchvision.datasets.MNIST(str(root), train=True, download=True), raw)
-    train_x, train_y, test_x, test_y = (_read_idx(find(stem)) for stem in stems)
+    files = [find(stem) for stem in stems]
+    train_x, train_y, test_x, test_y = (_read_idx(file) for file in files)
+    for images, labels, image_file, label_file in ((train_x, train_y, *files[:2]), (test_x, test_y, *files[2:])):
+        _check_split(images, labels, (28, 28), 10, f"{image_file} with {label_file.name}")
     return train_x[:, None], train_y.astype(np.int64), test_x[:, None], test_y.astype(np.int64)
 
 
-def _load_cifar(cls_name: str, label_key: str) -> Callable[[Path, bool, bool], Arrays]:
+def _load_cifar(cls_name: str, label_key: str, classes: int) -> Callable[[Path, bool, bool], Arrays]:
     def load(root: Path, download: bool, verify: bool) -> Arrays:
         import torchvision
 
@@ -207,8 +243,8 @@ def _load_cifar(cls_name: str, label_key: str) -> Callable[[Path, bool, bool], A
                     raise BnprobeError(
                         f"{folder / name} fails its md5 check (not the official file); pass --no-verify to use it"
                     )
-        train = [_read_cifar_batch(folder / name, label_key) for name, _ in present]
-        test_x, test_y = _read_cifar_batch(folder / cls.test_list[0][0], label_key)
+        train = [_read_cifar_batch(folder / name, label_key, classes) for name, _ in present]
+        test_x, test_y = _read_cifar_batch(folder / cls.test_list[0][0], label_key, classes)
         if len(present) < len(cls.train_list):  # only once the data loaded: a failure is then its error alone
             _warn_once(f"{cls_name}: only {len(present)} of {len(cls.train_list)} training batches in {folder}")
         return np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), test_x, test_y
@@ -236,9 +272,9 @@ DATASETS: dict[str, DatasetSpec] = {
     for spec in (
         DatasetSpec("mnist", 1, 28, 10, flip=False, translate=2, normalize="per-channel", load=load_mnist),
         DatasetSpec("cifar10", 3, 32, 10, flip=True, translate=4, normalize="per-pixel",
-                    load=_load_cifar("CIFAR10", "labels")),
+                    load=_load_cifar("CIFAR10", "labels", 10)),
         DatasetSpec("cifar100", 3, 32, 100, flip=True, translate=4, normalize="per-pixel",
-                    load=_load_cifar("CIFAR100", "fine_labels")),
+                    load=_load_cifar("CIFAR100", "fine_labels", 100)),
         DatasetSpec("digits", 1, 8, 10, flip=False, translate=1, normalize="per-channel", load=load_digits),
     )
 }

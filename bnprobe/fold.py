@@ -242,6 +242,9 @@ def check_fold(original: nn.Module, clampable: ClampableModel, x: torch.Tensor, 
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         original.train(was)
+    if not torch.isfinite(reference).all():  # not the folding's fault: --no-fold would not help
+        raise BnprobeError("the model's own output holds NaN or inf on the first test images (its weights or BN "
+                           "statistics are not finite numbers): there is nothing to ablate")
     error = ((reference - folded).abs().max() / reference.abs().max().clamp_min(1e-6)).item()
     if not error <= rtol:  # NaN included
         raise BnprobeError(

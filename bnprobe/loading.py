@@ -30,6 +30,10 @@ from bnprobe.options import NORM_UNITS, LoadOptions  # noqa: F401 - LoadOptions 
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+# What the user's code (a --model file, its factory, its forward) may raise that is its failure: sys.exit()
+# included, which would otherwise end bnprobe silently with the user's exit status (0 for sys.exit()).
+# Ctrl-C stays an interrupt.
+USER_CODE_FAILURES = (Exception, SystemExit)
 
 
 @dataclass
@@ -180,7 +184,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
             module = importlib.import_module(location)
     except BnprobeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the user's module failed to import: say so in one line
+    except USER_CODE_FAILURES as exc:  # the user's module failed to import: say so in one line
         raise BnprobeError(f"--model: importing {location} failed: {type(exc).__name__}: {_first_line(exc)}")
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
@@ -193,7 +197,7 @@ def build_from_factory(spec: str, model_args: Sequence[str]) -> nn.Module:
     kwargs = parse_model_args(model_args)
     try:
         model = factory(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - the user's factory failed: one line, no traceback
+    except USER_CODE_FAILURES as exc:  # the user's factory failed: one line, no traceback
         raise BnprobeError(f"--model: {spec}({_kwargs_text(kwargs)}) raised {type(exc).__name__}: {_first_line(exc)}")
     if not isinstance(model, nn.Module):
         raise BnprobeError(f"--model: {spec} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -278,20 +282,18 @@ def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.de
     device = device or resolve_device(options.device)
     file = checkpoint_file(path)
     obj = read_checkpoint(file)
-    is_bnprobe = isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT and "config" in obj
+    is_bnprobe = isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT
     label = file.parent.name if file.name == runs.checkpoint_path(Path()).name else file.stem
     meta: dict[str, Any] = {}
     config: Optional[TrainConfig] = None
 
     if is_bnprobe:
-        config = TrainConfig.from_dict(obj["config"])
+        config = runs.check_checkpoint(obj, file)
         meta = {
-            "model": config.model, "freeze": config.freeze, "epoch": int(obj.get("epoch", 0)),
-            "trained_dataset": config.dataset,
+            "model": config.model, "freeze": config.freeze, "epoch": obj["epoch"], "trained_dataset": config.dataset,
         }
-        history = obj.get("history") or []
-        if history and isinstance(history[-1], dict) and "test_acc" in history[-1]:
-            meta["stored_test_acc"] = float(history[-1]["test_acc"])
+        if obj["history"] and isinstance(obj["history"][-1].get("test_acc"), (int, float)):
+            meta["stored_test_acc"] = float(obj["history"][-1]["test_acc"])
     if options.model:
         model = build_from_factory(options.model, options.model_arg or ())
         source, what = "factory", f"the model built by {options.model}"
@@ -393,7 +395,7 @@ def check_forward(model: nn.Module, x: torch.Tensor, label: str, dataset: str) -
     try:
         with torch.inference_mode():
             out = model(x)
-    except Exception as exc:  # noqa: BLE001
+    except USER_CODE_FAILURES as exc:
         raise BnprobeError(
             f"{label} fails on {dataset} images of shape {tuple(x.shape[1:])}: {type(exc).__name__}: {_first_line(exc)}"
         )

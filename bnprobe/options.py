@@ -16,10 +16,13 @@ from bnprobe.errors import BnprobeError
 NORM_UNITS = ("auto", "unit", "pixel")
 DEFAULT_TAUS = "0.001,0.01,0.05,0.1"
 REPORT_TAUS = "0.01,0.05,0.1"  # the report's figures and tables: fewer columns
+# Each value is at least one evaluation (ablate) or a column (probe, report): more than this is a typo, and
+# would otherwise spend minutes and gigabytes before saying anything.
+MAX_SWEEP_VALUES = 10_000
 SWEEP_SYNTAX = (
     "One value (0.05), a comma-separated list (0.01,0.05,0.1), or START:STOP:COUNT for COUNT evenly spaced "
     "values from START to STOP inclusive (0:0.2:20 is 20 values 0, 0.0105, ..., 0.2); items can be mixed "
-    "(0,0.001,0.01:0.2:10). Values are sorted and de-duplicated."
+    "(0,0.001,0.01:0.2:10). Values are sorted and de-duplicated; at most 10,000 in all."
 )
 
 
@@ -86,6 +89,8 @@ def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[flo
         if upper is not None and max(ends) > upper:
             raise BnprobeError(f"{flag} values must be in [0, {upper:g}]; got {item!r}")
         if len(parts) == 1:
+            if len(values) == MAX_SWEEP_VALUES:
+                raise BnprobeError(f"{flag} has more than {MAX_SWEEP_VALUES:,} values in {_short(text)}")
             values.append(ends[0])
             continue
         start, stop = ends
@@ -93,8 +98,14 @@ def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[flo
             count = int(parts[2])
         except ValueError:
             raise BnprobeError(f"{flag}: the COUNT of {item!r} must be a whole number >= 1")
-        if count < 1:
-            raise BnprobeError(f"{flag}: the COUNT of {item!r} must be >= 1")
+        if not 1 <= count <= MAX_SWEEP_VALUES:
+            raise BnprobeError(f"{flag}: the COUNT of {item!r} must be in [1, {MAX_SWEEP_VALUES:,}]")
+        if len(values) + count > MAX_SWEEP_VALUES:
+            raise BnprobeError(f"{flag} has more than {MAX_SWEEP_VALUES:,} values in {_short(text)}")
         step = (stop - start) / (count - 1) if count > 1 else 0.0
         values.extend([start + i * step for i in range(count - 1)] + [stop if count > 1 else start])
     return sorted(set(values))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")

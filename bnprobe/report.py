@@ -757,6 +757,12 @@ def check_output(output: Path) -> str:
     if kind is None:
         shown = f"'{output.suffix}'" if output.suffix else "none"
         raise BnprobeError(f"unknown output extension {shown} for {output}: use .html or .pdf")
+    try:
+        os.stat(output)  # a name too long for the file system, or a symlink loop, is an OSError here
+    except (FileNotFoundError, NotADirectoryError):  # told apart below
+        pass
+    except OSError as exc:
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
     if output.is_dir():
         raise BnprobeError(f"cannot write {output}: it is a directory")
     if os.path.lexists(output) and not _is_report(output, kind):

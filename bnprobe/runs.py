@@ -192,6 +192,52 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainConfig:
+    """The one check of a bnprobe checkpoint's structure, before anything uses it: its keys, their types, and
+    its config as TrainConfig.from_dict validates it (tensor shapes are checked against the model it builds,
+    by loading.load_state_strict). `resume` also asks for the optimizer and RNG states that training needs.
+    Returns the config; a fault is one line naming the file and the key."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise BnprobeError(f"{path} is not a bnprobe checkpoint")
+    config = TrainConfig.from_dict(state.get("config"), f"{path}: config")
+
+    def need(key: str, kinds: Any, what: str, container: dict = state, where: str = "") -> Any:
+        value = container.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise BnprobeError(f"{path}: '{where}{key}' must be {what}, not {_describe(value)}")
+        return value
+
+    if need("epoch", int, "a whole number") < 0:
+        raise BnprobeError(f"{path}: 'epoch' must be >= 0, not {state['epoch']}")
+    model = need("model", dict, "a state dict")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise BnprobeError(f"{path}: 'model' must map parameter names to tensors")
+    history = need("history", list, "a list of epochs")
+    if not all(isinstance(row, dict) for row in history):
+        raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables")
+    if "processes" in state and need("processes", int, "a whole number") < 1:
+        raise BnprobeError(f"{path}: 'processes' must be >= 1, not {state['processes']}")
+    if "normalization" in state:
+        norm = need("normalization", dict, "a table of mean and std")
+        for key in ("mean", "std"):
+            need(key, torch.Tensor, "a tensor", norm, "normalization.")
+    if resume:
+        optimizer = need("optimizer", dict, "an optimizer state")
+        need("state", dict, "a table", optimizer, "optimizer.")
+        need("param_groups", list, "a list", optimizer, "optimizer.")
+        rng = need("rng", dict, "a table of RNG states")
+        for key in ("torch", "data"):
+            if need(key, torch.Tensor, "a tensor", rng, "rng.").dtype != torch.uint8:
+                raise BnprobeError(f"{path}: 'rng.{key}' must be a byte tensor, not {rng[key].dtype}")
+    return config
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor"
+    return "missing" if value is None else f"{type(value).__name__} {_first_sentence(repr(value), 40)}"
+
+
 def read_config(run_dir: Path) -> TrainConfig:
     try:
         return TrainConfig.from_dict(json.loads(config_path(run_dir).read_text()))

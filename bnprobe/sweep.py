@@ -9,8 +9,10 @@ finished ones are skipped, interrupted ones resume from their last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,19 +48,28 @@ class PlannedRun:
         if not path.exists():
             return "new"
         try:
-            epoch = int(runs.load_checkpoint(path)["epoch"])
-        except (BnprobeError, KeyError):
+            epoch = runs.load_checkpoint(path).get("epoch")
+        except BnprobeError:
+            return "unreadable"
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
             return "unreadable"
         return "done" if epoch >= self.config.epochs else f"partial ({epoch}/{self.config.epochs})"
 
 
-def read_plan(path: Path, runs_dir: Path) -> list[PlannedRun]:
+# A grid is a product: two lists of 1,000 make a million runs, which takes hours to even plan. Beyond this
+# many, --max-runs must say that it is meant.
+MAX_RUNS = 10_000
+
+
+def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[PlannedRun]:
     try:
         plan = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise BnprobeError(f"no plan file at {path}")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BnprobeError(f"{path} is not valid TOML ({exc})")
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
     unknown_tables = sorted(set(plan) - {"defaults", "grid"})
     if unknown_tables:
         raise BnprobeError(f"{path}: unknown tables {', '.join(unknown_tables)} (a plan has [defaults] and [[grid]])")
@@ -66,21 +77,24 @@ def read_plan(path: Path, runs_dir: Path) -> list[PlannedRun]:
     grids = plan.get("grid", [])
     if isinstance(grids, dict):
         grids = [grids]
+    if not isinstance(defaults, dict) or not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        raise BnprobeError(f"{path}: [defaults] and each [[grid]] must be tables of settings (name = value)")
     if not grids:
         raise BnprobeError(f"{path} has no [[grid]] table, so no runs")
-    planned: dict[Path, PlannedRun] = {}
     for i, grid in enumerate(grids, 1):
         for table, name in ((defaults, "[defaults]"), (grid, f"grid {i}")):
             bad = sorted(set(table) - FIELDS)
             if bad:
                 raise BnprobeError(f"{path} {name}: unknown settings {', '.join(bad)}; see `bnprobe train --help`")
-        axes = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
-        for values in itertools.product(*axes.values()):
-            settings = {**defaults, **dict(zip(axes, values))}
-            try:
-                config = TrainConfig(**settings).resolved()
-            except TypeError as exc:
-                raise BnprobeError(f"{path} grid {i}: {exc}")
+    axes = [{k: v if isinstance(v, list) else [v] for k, v in grid.items()} for grid in grids]
+    combinations = sum(math.prod(len(values) for values in grid.values()) for grid in axes)
+    if combinations > max_runs:
+        raise BnprobeError(f"{path} plans {combinations:,} runs, more than the limit of {max_runs:,}; "
+                           f"pass --max-runs {combinations} if that many is meant")
+    planned: dict[Path, PlannedRun] = {}
+    for i, grid in enumerate(axes, 1):
+        for values in itertools.product(*grid.values()):
+            config = TrainConfig.from_dict({**defaults, **dict(zip(grid, values))}, f"{path} grid {i}").resolved()
             run = PlannedRun(config, runs_dir / config.run_name())
             planned.setdefault(run.run_dir, run)  # grids may overlap: each run once
     if not planned:
@@ -90,10 +104,16 @@ def read_plan(path: Path, runs_dir: Path) -> list[PlannedRun]:
 
 def forward_flops(config: TrainConfig) -> float:
     """Multiply-adds x 2 of one forward pass of one image, counted on the meta device (no memory, no data)."""
+    return _forward_flops(config.model, config.dataset, config.width, config.shortcut, config.bn, config.bn_every)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_flops(model_name: str, dataset: str, width: int, shortcut: str, bn: str, bn_every: int) -> float:
+    """Counted once per model shape: a grid over seeds, learning rates or epochs has only a few."""
     from bnprobe.data import get_dataset_spec
     from bnprobe.models import create_model
 
-    spec = get_dataset_spec(config.dataset)
+    spec = get_dataset_spec(dataset)
     total = 0.0
 
     def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
@@ -105,8 +125,8 @@ def forward_flops(config: TrainConfig) -> float:
             total += 2.0 * output.numel() * module.in_features
 
     with torch.device("meta"):
-        model = create_model(config.model, in_channels=spec.channels, num_classes=spec.num_classes,
-                             width=config.width, shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every)
+        model = create_model(model_name, in_channels=spec.channels, num_classes=spec.num_classes,
+                             width=width, shortcut=shortcut, bn=bn, bn_every=bn_every)
         for module in model.modules():
             module.register_forward_hook(count)
         model(torch.zeros(1, spec.channels, spec.size, spec.size))
@@ -248,7 +268,7 @@ def train_job(config_dict: dict[str, Any], run_dir: str) -> str:
     from bnprobe.train import train
 
     Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
-    train(TrainConfig.from_dict(config_dict), Path(run_dir), resume=True)
+    train(TrainConfig.from_dict(config_dict, "the run's settings"), Path(run_dir), resume=True)
     return run_dir
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
 from bnprobe.store import append_rows, atomic_h5, set_attrs, write_array
 
 FORMAT = "bnprobe-telemetry"
@@ -103,8 +104,13 @@ class TelemetryWriter:
     def start(self, epochs_done: int) -> None:
         """A new file with the schema and the epoch-0 BN snapshot, or drop rows past a resumed checkpoint."""
         if epochs_done and self.path.exists():
-            with atomic_h5(self.path, update=True) as f:
-                _truncate_to_epoch(f, epochs_done)
+            try:
+                with atomic_h5(self.path, update=True) as f:
+                    _truncate_to_epoch(f, epochs_done)
+            except (OSError, KeyError, TypeError) as exc:  # h5py's answers for a cut-short or foreign file
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BnprobeError(f"cannot resume: {self.path} is damaged ({reason}); move it aside to resume "
+                                   f"without the telemetry recorded so far")
             return
         with atomic_h5(self.path) as f:
             set_attrs(f, {"format": FORMAT, "version": VERSION, "config_json": json.dumps(self.config.to_dict())})

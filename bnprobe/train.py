@@ -132,6 +132,8 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, to
 
 def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> Optional[dict[str, Any]]:
     """Decide from what is on disk whether to start, resume or refuse; return the checkpoint to resume."""
+    if run_dir.exists() and not run_dir.is_dir():  # never replaced, not even with --overwrite: not ours
+        raise BnprobeError(f"{run_dir} is a file, not a run directory; choose another --name or --runs-dir")
     exists = run_dir.exists() and any(run_dir.iterdir())
     if exists and overwrite:
         if not runs.is_run(run_dir):
@@ -148,12 +150,42 @@ def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite
     if not runs.checkpoint_path(run_dir).exists():
         return None  # it died before its first checkpoint: start again
     state = runs.load_checkpoint(runs.checkpoint_path(run_dir))
-    stored = TrainConfig.from_dict(state["config"])
+    stored = runs.check_checkpoint(state, runs.checkpoint_path(run_dir), resume=True)
     differing = [k for k, v in config.identity().items() if stored.identity()[k] != v]
     if differing:
         diffs = ", ".join(f"{k}: stored {stored.identity()[k]!r} vs given {config.identity()[k]!r}" for k in differing)
         raise BnprobeError(f"cannot resume {run_dir}: settings differ ({diffs})")
     return state
+
+
+def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator, device: torch.device) -> None:
+    """Load a checkpoint that runs.check_checkpoint passed into this run's model, optimizer and RNGs: every
+    tensor's shape is compared with what it goes into first, so a state that does not fit is one line."""
+    from bnprobe.loading import _first_line, load_state_strict
+
+    load_state_strict(model, state["model"], path, "this run's model")
+    misfit = BnprobeError(f"{path}: its optimizer state does not fit this run's trainable tensors")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_groups = state["optimizer"]["param_groups"]
+    if [len(g["params"]) for g in optimizer.param_groups] != [len(g.get("params", ())) if isinstance(g, dict) else -1
+                                                              for g in saved_groups]:
+        raise misfit
+    for index, entry in state["optimizer"]["state"].items():  # SGD's momentum buffer of parameter `index`
+        buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else ()
+        fits = isinstance(index, int) and 0 <= index < len(params) and (
+            buffer is None or getattr(buffer, "shape", None) == params[index].shape)
+        if not fits:
+            raise misfit
+    rng = state["rng"]
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(rng["data"].cpu() if device.type == "cpu" else rng["data"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # torch's own checks of these states
+        raise BnprobeError(f"{path}: its optimizer or RNG state cannot be restored ({_first_line(exc)})")
 
 
 def _other_process_count(run_dir: Path, stored: int, given: int) -> str:
@@ -279,12 +311,7 @@ def _train(
             if leftover.name.startswith(tuple(f".{name}." for name in runs.RUN_FILES)):
                 leftover.unlink()
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["rng"]["data"].cpu() if device.type == "cpu" else state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _restore(state, runs.checkpoint_path(run_dir), model, optimizer, generator, device)
         history, start_epoch = list(state["history"]), int(state["epoch"])
         console.print(f"Resuming {escape(str(run_dir))} after epoch {start_epoch}.", soft_wrap=True)
     if process.main:

@@ -1,0 +1,276 @@
+"""Hostile input from issue 11 (items 6, 9, 11-15): each answer is one line and exit 2, never a hang, a
+traceback or a silent exit, and nothing on disk is lost."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from cli_helpers import assert_one_line_error, run_cli
+
+
+def test_a_range_of_thirty_million_values_is_refused_at_once(tmp_path, capsys):
+    # It ran 120 s to 3.7 GB with no output.
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "r.html", "--taus", "0:1:30000000")
+    assert_one_line_error(code, err, "COUNT of '0:1:30000000' must be in [1, 10,000]")
+    code, _, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "r.html", "--taus", "0:1:6000,1:2:6000")
+    assert_one_line_error(code, err, "more than 10,000 values")
+    assert time.perf_counter() - started < 2
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_model_factory_calling_sys_exit_is_an_error_not_a_silent_success(tmp_path, capsys):
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(10, 64)}, tmp_path / "foreign.pt")
+    (tmp_path / "factory.py").write_text("import sys\ndef make():\n    sys.exit(0)\n")
+    (tmp_path / "at_import.py").write_text("import sys\nsys.exit(0)\ndef make():\n    pass\n")
+    for spec, message in [("factory.py:make", "make() raised SystemExit: 0"),
+                          ("at_import.py:make", "failed: SystemExit: 0")]:
+        code, _, err = run_cli(capsys, "probe", tmp_path / "foreign.pt", "--model", f"{tmp_path}/{spec}",
+                               "--dataset", "digits", "--out", tmp_path / "p.h5")
+        assert_one_line_error(code, err, message)
+
+
+def _mnist_copy(shared_data, tmp_path):
+    import shutil
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    shutil.copytree(shared_data / "MNIST" / "raw", raw)
+    return raw
+
+
+def _train_mnist(capsys, tmp_path):
+    return run_cli(capsys, "train", "resnet8", "--dataset", "mnist", "--data-dir", tmp_path / "data",
+                   "--no-download", "--epochs", "1", "--subset", "100", "--test-subset", "50", "--device", "cpu",
+                   "--runs-dir", tmp_path / "runs", "--name", "m")
+
+
+def test_a_truncated_mnist_gz_is_named_not_taken_for_ctrl_c(shared_data, tmp_path, capsys):
+    raw = _mnist_copy(shared_data, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-100])
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, f"{labels} is truncated")
+    assert "interrupted" not in err
+    labels.write_bytes(b"\x1f\x8b garbage")
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, f"cannot read {labels}")
+
+
+def test_any_eof_error_is_an_error_not_an_interrupt(tmp_path, capsys, monkeypatch):
+    # click turns every EOFError into Abort, which read as Ctrl-C: "interrupted", rc 130.
+    def ends_early(*args, **kwargs):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr("bnprobe.sweep.read_plan", ends_early)
+    code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml")
+    assert_one_line_error(code, err, "a file ended early (Compressed file ended")
+
+
+def test_an_mnist_label_of_99_is_refused_before_training(shared_data, tmp_path, capsys):
+    import gzip
+
+    raw = _mnist_copy(shared_data, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[8 + 5] = 99
+    labels.write_bytes(gzip.compress(bytes(content)))
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, "t10k-labels-idx1-ubyte.gz: label 99 is outside 0..9")
+    assert not (tmp_path / "runs" / "m").exists()
+
+
+def test_a_cifar_batch_of_the_wrong_size_is_one_line(tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    good = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3]}
+    for name, batch in (("data_batch_1", {"data": np.zeros((4, 3000), np.uint8), "labels": [0, 1, 2, 3]}),
+                        ("test_batch", good)):
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    args = ("train", "resnet8", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--no-download",
+            "--no-verify", "--epochs", "1", "--device", "cpu", "--runs-dir", tmp_path / "runs")
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "data_batch_1: 'data' must be uint8 rows of 3072 pixels")
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1]},
+                                                       protocol=2))
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "data_batch_1: 4 images but 2 labels")
+
+
+def _tiny_run(tmp_path, name="r", **changes):
+    from rich.console import Console
+
+    from bnprobe.train import train
+    from probe_helpers import tiny_config
+
+    run = tmp_path / name
+    train(tiny_config(epochs=1, **changes), run, console=Console(quiet=True))
+    return run
+
+
+def test_nan_gamma_in_ablate_names_the_layers_and_never_suggests_no_fold(tmp_path, capsys):
+    import torch
+
+    from bnprobe import runs
+
+    run = _tiny_run(tmp_path)
+    state = runs.load_checkpoint(runs.checkpoint_path(run))
+    state["model"]["layer1.0.bn1.weight"][2] = float("nan")
+    runs.save_checkpoint(runs.checkpoint_path(run), state)
+    for fold in ("--fold", "--no-fold"):
+        code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu", fold)
+        assert_one_line_error(code, err, "holds NaN or infinite γ in 1 BN layer(s) (layer1.0.bn1)")
+        assert "--no-fold" not in err
+    state["model"]["layer1.0.bn1.weight"][2] = 1.0
+    state["model"]["layer1.0.bn1.bias"][:] = float("nan")  # finite γ, yet no finite output: still not the fold's fault
+    runs.save_checkpoint(runs.checkpoint_path(run), state)
+    code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu", "--no-fold")
+    assert_one_line_error(code, err, "the model's own output holds NaN or inf")
+    assert not (run / "ablation.h5").exists() and torch.isnan(state["model"]["layer1.0.bn1.bias"]).all()
+
+
+# ---- sweep plans -----------------------------------------------------------------------------------------
+
+
+def test_a_million_run_grid_is_refused_at_once_unless_max_runs_allows_it(tmp_path, capsys):
+    # 1000 x 1000 values printed nothing in 240 s under --dry-run and grew to 3 GB.
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[defaults]\ndataset = "digits"\nmodel = "resnet8"\n[[grid]]\n'
+                    f"seed = {list(range(1000))}\nlr = {[0.001 * (i + 1) for i in range(1000)]}\n")
+    started = time.perf_counter()
+    code, out, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run")
+    assert_one_line_error(code, err, "plans 1,000,000 runs, more than the limit of 10,000; pass --max-runs 1000000")
+    assert time.perf_counter() - started < 5 and not out
+    plan.write_text('[defaults]\ndataset = "digits"\nmodel = "resnet8"\n[[grid]]\nseed = [0, 1, 2]\n')
+    code, _, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "2")
+    assert_one_line_error(code, err, "plans 3 runs, more than the limit of 2")
+    from bnprobe.sweep import _forward_flops
+
+    _forward_flops.cache_clear()
+    code, out, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "3")
+    assert code == 0 and "3 runs" in out, err
+    assert _forward_flops.cache_info().misses == 1  # one model shape: its cost is counted once
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plans_of_the_wrong_shape_are_one_line(tmp_path, capsys):
+    grid = '[[grid]]\nmodel = "resnet8"\ndataset = "digits"\n'
+    for text, message in [
+        ('defaults = 5\n[[grid]]\nseed = 1\n', "must be tables of settings"),
+        ('grid = [1, 2]\n', "must be tables of settings"),
+        (grid + "milestones = {a = 1}", 'milestones must be text, not {"a": 1}'),
+        (grid + "epochs = 1.5", "grid 1: epochs must be a whole number, not 1.5"),
+        (grid + "seed = 99999999999999999999", "--seed must be in [0, 2**32)"),
+    ]:
+        (tmp_path / "plan.toml").write_text(text)
+        code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs", "--dry-run")
+        assert_one_line_error(code, err, message)
+
+
+# ---- train: run paths and seeds -----------------------------------------------------------------------
+
+TRAIN = ("train", "resnet8", "--dataset", "digits", "--epochs", "2", "--subset", "150", "--test-subset", "60",
+         "--milestones", "", "--device", "cpu", "--batch-size", "64")
+
+
+def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, *TRAIN, "--runs-dir", tmp_path, "--seed", "99999999999999999999")
+    assert_one_line_error(code, err, "--seed must be in [0, 2**32), got 99999999999999999999")
+
+
+def test_a_run_path_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("mine")
+    for extra in ((), ("--resume",), ("--overwrite",)):
+        code, _, err = run_cli(capsys, *TRAIN, "--runs-dir", tmp_path, "--name", "thesis.tex", *extra)
+        assert_one_line_error(code, err, "thesis.tex is a file, not a run directory")
+        assert (tmp_path / "thesis.tex").read_text() == "mine"
+
+
+def test_an_output_name_too_long_for_the_file_system_is_one_line(tmp_path, capsys):
+    long_name = "x" * 300
+    code, _, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / f"{long_name}.html")
+    assert_one_line_error(code, err, "File name too long")
+    run = _tiny_run(tmp_path)
+    code, _, err = run_cli(capsys, "probe", run, "--device", "cpu", "--images", "20",
+                           "--out", tmp_path / f"{long_name}.h5")
+    assert_one_line_error(code, err, "File name too long")
+
+
+# ---- checkpoints read back: train --resume and probe ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-epoch run; each test edits a copy of it."""
+    root = tmp_path_factory.mktemp("hostile")
+    with pytest.MonkeyPatch.context():
+        from bnprobe.cli import main
+
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in (*TRAIN, "--runs-dir", root, "--name", "r")])
+    assert exit_info.value.code == 0
+    return root / "r"
+
+
+def _copy_with(finished_run, tmp_path, edit):
+    """A copy of the run whose checkpoint (epoch 1 of 2, so --resume has work to do) `edit` changes."""
+    import shutil
+
+    from bnprobe import runs
+
+    run = tmp_path / "r"
+    shutil.copytree(finished_run, run)
+    state = runs.load_checkpoint(runs.checkpoint_path(run))
+    state["epoch"], state["history"] = 1, state["history"][:1]
+    edit(state)
+    runs.save_checkpoint(runs.checkpoint_path(run), state)
+    return run, runs.checkpoint_path(run).read_bytes()
+
+
+def _resume(capsys, run):
+    return run_cli(capsys, *TRAIN, "--runs-dir", run.parent, "--name", run.name, "--resume")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("optimizer"), "'optimizer' must be an optimizer state, not missing"),
+    (lambda s: s.pop("config"), "config must be a table of settings, not null"),
+    (lambda s: s["rng"].update(data=torch.zeros(3, dtype=torch.uint8)), "optimizer or RNG state cannot be restored"),
+    (lambda s: s["rng"].update(torch="seed"), "'rng.torch' must be a tensor, not str"),
+    (lambda s: s["model"].update({"fc.weight": torch.zeros(3, 3)}), "does not fit this run's model"),
+    (lambda s: s["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(2)), "optimizer state does not fit"),
+])
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_keeps_it(finished_run, tmp_path, capsys, edit, message):
+    run, before = _copy_with(finished_run, tmp_path, edit)
+    code, _, err = _resume(capsys, run)
+    assert_one_line_error(code, err, message)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_with_a_cut_short_telemetry_file_is_one_line(finished_run, tmp_path, capsys):
+    run, before = _copy_with(finished_run, tmp_path, lambda s: None)
+    telemetry = run / "telemetry.h5"
+    telemetry.write_bytes(telemetry.read_bytes()[: telemetry.stat().st_size // 2])
+    half = telemetry.read_bytes()
+    code, _, err = _resume(capsys, run)
+    assert_one_line_error(code, err, f"cannot resume: {telemetry} is damaged")
+    assert (run / "checkpoint.pt").read_bytes() == before and telemetry.read_bytes() == half
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(config=[]), "config must be a table of settings, not []"),
+    (lambda s: s.update(epoch="two"), "'epoch' must be a whole number, not str 'two'"),
+    (lambda s: s.update(normalization="per-pixel"), "'normalization' must be a table of mean and std, not str"),
+    (lambda s: s["config"].update(width="x"), "config: width must be a whole number, not \"x\""),
+])
+def test_probe_of_a_checkpoint_with_a_damaged_structure_is_one_line(finished_run, tmp_path, capsys, edit, message):
+    run, _ = _copy_with(finished_run, tmp_path, edit)
+    code, _, err = run_cli(capsys, "probe", run, "--device", "cpu", "--images", "20", "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, message)
