@@ -403,7 +403,7 @@ def run_probe(
         raise BnprobeError("thresholds τ must be >= 0")
     if bins < 1 or images < 0 or batch_size < 1:
         raise BnprobeError("--bins and --batch-size must be >= 1 and --images >= 0")
-    device = resolve_device(options.device)
+    device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
     out = out if out is not None else default_output(paths, "probe.h5")
     check_replaceable(out, FORMAT)
     check_options(options)
@@ -415,6 +415,7 @@ def run_probe(
         if result is not None:
             results.append(result)
             continue
+        device = device or resolve_device(options.device)
         loaded = load_model(path, options, device)
         data = load_eval_data(loaded, device, test_subset=images, cache=cache)
         channels_last = device.type == "cuda"
@@ -431,7 +432,7 @@ def run_probe(
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
         result.label = label
-    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device)})
+    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device or "none")})
 
     for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
         console.print(table)

@@ -213,3 +213,25 @@ def test_bad_files_are_one_line(capsys, tmp_path, make, pattern):
     code, out, err = run_cli(capsys, "probe", path, "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "ran").exists() and not (tmp_path / "probe.h5").exists()
+
+
+def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    model = resnet(18)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "theirs.pth")
+    probe(capsys, tmp_path, tmp_path / "theirs.pth")
+    (tmp_path / "probe.h5").rename(results / "probe.h5")
+    code, out, err = run_cli(capsys, "report", results, "-o", tmp_path / "report.html")
+    assert code == 0, err
+    assert "1 probed checkpoint" in out
+    html = (tmp_path / "report.html").read_text()
+    section = html[html.index("<h2>Checkpoints that are not runs</h2>"):]
+    section = section[: section.index("</section>")]
+    layers = expected(model.state_dict()).values()
+    gammas = np.abs(np.concatenate([g for g, _ in layers]))
+    off_dead = sum(np.sum((np.abs(g) < OFF) & (b <= 0)) for g, b in layers)
+    assert "theirs" in section and "torch zip" in section and "<td>20</td>" in section  # resnet18: 20 BN layers
+    assert f"{np.sum(gammas < OFF):,} of {gammas.size:,}" in section
+    assert f"τ=0.05: {100 * np.mean(gammas < 0.05):.1f}%" in section and f"<td>{off_dead}</td>" in section
+    assert "<h2>Probes</h2>" not in html  # nothing was measured on data
