@@ -3,8 +3,9 @@ full `torch.load`: time and peak memory (resource.getrusage's ru_maxrss), each i
 
 The checkpoint is synthetic, ~100M parameters by default (a 400 MB float32 file): a stack of 3x3 convs of
 512 channels, each followed by a BatchNorm, under `state_dict` with DataParallel's `module.` prefix, saved
-as a torch zip archive and as .safetensors in a temporary folder. The files have just been written, so
-they are read from the page cache: the numbers are the CPU and memory cost, not the disk's speed.
+as a torch zip archive and as .safetensors in a temporary folder. Each is measured cold (the file's pages
+first dropped from the page cache with posix_fadvise(DONTNEED): read from the disk) and warm (read again,
+from the page cache: the CPU and memory cost alone).
 
     .venv/bin/python bench/static_probe.py                      # ~100M parameters
     .venv/bin/python bench/static_probe.py --params 20e6         # smaller
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -58,7 +60,7 @@ print(json.dumps({{"seconds": seconds, "maxrss_kb": resource.getrusage(resource.
 """
 
 
-def make_checkpoint(folder: Path, params: float) -> tuple[Path, Path, int]:
+def make_checkpoint(folder: Path, params: float) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -76,10 +78,14 @@ def make_checkpoint(folder: Path, params: float) -> tuple[Path, Path, int]:
     total = sum(t.numel() for t in state.values())
     torch.save({"state_dict": state, "epoch": 90}, folder / "big.pt")
     save_file(state, str(folder / "big.safetensors"))
-    return folder / "big.pt", folder / "big.safetensors", total
+    print(f"{total / 1e6:.1f}M parameters; torch {torch.__version__}")
 
 
-def measure(how: str, path: Path) -> dict:
+def measure(how: str, path: Path, cold: bool) -> dict:
+    if cold:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # written pages must be on disk before they can be dropped
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     code = CHILD.format(repo=str(REPO), how=how, path=str(path))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -88,19 +94,28 @@ def measure(how: str, path: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=100e6, help="parameters in the synthetic checkpoint")
+    parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: the child that writes the files
     args = parser.parse_args()
-    import torch
+    if args.write:
+        make_checkpoint(args.write, args.params)
+        return
 
+    # Nothing large (not even torch) lives in this process: a child inherits its parent's peak RSS as its
+    # own ru_maxrss (fork copies it, exec keeps it), which would hide what the measured child itself used.
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        pt, st, total = make_checkpoint(Path(folder), args.params)
-        print(f"{total / 1e6:.1f}M parameters: {pt.stat().st_size / 2**20:.0f} MiB (.pt), "
-              f"{st.stat().st_size / 2**20:.0f} MiB (.safetensors), written in {time.perf_counter() - started:.1f} s; "
-              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, Python {platform.python_version()}")
-        base = measure("imports only", pt)
-        rows = [("full torch.load (.pt)", measure("full torch.load", pt)),
-                ("bnprobe probe FILE (.pt, memory-mapped)", measure("static", pt)),
-                ("bnprobe probe FILE (.safetensors)", measure("static", st))]
+        wrote = subprocess.run([sys.executable, __file__, "--write", folder, "--params", str(args.params)],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        pt, st = Path(folder, "big.pt"), Path(folder, "big.safetensors")
+        print(f"{wrote}: {pt.stat().st_size / 2**20:.0f} MiB (.pt), {st.stat().st_size / 2**20:.0f} MiB "
+              f"(.safetensors), written in {time.perf_counter() - started:.1f} s; "
+              f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
+        base = measure("imports only", pt, cold=False)
+        rows = [(f"{name} ({state})", measure(how, path, cold=state == "cold"))
+                for state in ("cold", "warm")
+                for name, how, path in (("full torch.load, .pt", "full torch.load", pt),
+                                        ("bnprobe probe FILE, .pt", "static", pt),
+                                        ("bnprobe probe FILE, .safetensors", "static", st))]
     print(f"\n{'':42} {'seconds':>8} {'maxrss':>10} {'peak growth':>12}")
     for name, row in [("imports only (torch, bnprobe)", base), *rows]:
         print(f"{name:42} {row['seconds']:>8.2f} {row['maxrss_kb'] / 1024:>6.0f} MiB {row['grew_kb'] / 1024:>8.0f} MiB")

@@ -196,7 +196,8 @@ from bnprobe.options import DEFAULT_TAUS, REPORT_TAUS, SWEEP_SYNTAX, LoadOptions
 def probe(
     config: LoadOptions,
     checkpoints: list[Path] = typer.Argument(
-        ..., help="Checkpoint files (or run directories); give several to compare them, e.g. BN-only vs full.",
+        ..., help="Checkpoint files (.pt .pth .th .bin .ckpt .safetensors) or run directories; give several to "
+                  "compare them, e.g. BN-only vs full.",
         show_default=False),
     taus: str = typer.Option(DEFAULT_TAUS, "--taus", help=f"Thresholds τ for the fraction of |γ| < τ. {SWEEP_SYNTAX}"),
     off_threshold: float = typer.Option(
@@ -208,7 +209,10 @@ def probe(
         None, "--out", help="Where to write probe.h5 [default: the run directory for one run, else ./probe.h5]."),
     brief: bool = typer.Option(False, "--brief", help="Print only the summary table, not the per-layer ones."),
 ) -> None:
-    """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity."""
+    """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity.
+
+    A checkpoint bnprobe did not train needs no other argument: without --model and --dataset, γ and β are read
+    from the file alone (no forward pass: no accuracy or ReLU sparsity)."""
     from bnprobe.lock import locked
     from bnprobe.probe import default_output, run_probe
 

@@ -2,8 +2,8 @@
 sparsity of every ReLU's output on real images.
 
 γ/β come straight from the BN modules (affine ones, in module order = depth), or, for a checkpoint file
-probed alone (no --model, no --dataset), from its tensors (bnprobe.static): then there is no forward pass. Activation sparsity uses
-forward hooks on nn.ReLU modules. torchvision's BasicBlock/Bottleneck call ONE `relu` module two or
+probed alone (no --model, no --dataset), from its tensors (bnprobe.static), with no forward pass.
+Activation sparsity uses forward hooks on nn.ReLU modules. torchvision's BasicBlock/Bottleneck call ONE `relu` module two or
 three times per block, so the hooks count invocations within each forward pass and every invocation is
 its own "site": `layer1.0.relu#1` (after bn1), `layer1.0.relu#2` (after the residual add). Where
 torch.fx can trace the model, each site also names what feeds it. ReLUs called as functions (F.relu)
