@@ -153,16 +153,26 @@ def test_bn_without_affine_is_reported_as_statistics_only(capsys, tmp_path):
     assert "1 BN layer(s) without affine (running statistics only" in stdout
 
 
-def test_a_bnprobe_run_beside_a_foreign_file_keeps_its_forward_pass(capsys, tmp_path, tmp_path_factory):
+def test_a_bnprobe_run_beside_foreign_files_keeps_its_forward_pass_and_the_same_numbers(capsys, tmp_path,
+                                                                                       tmp_path_factory):
+    from bnprobe import runs
+
     run = trained_runs(tmp_path_factory)["full"]
     model = resnet(18)
     torch.save(model.state_dict(), tmp_path / "theirs.pt")
-    out, stdout = probe(capsys, tmp_path, run, tmp_path / "theirs.pt", extra=["--images", "50"])
+    # The run's own weights as a foreign file: what needs no forward pass must come out the same.
+    torch.save(runs.load_checkpoint(runs.checkpoint_path(run))["model"], tmp_path / "copy.pt")
+    out, stdout = probe(capsys, tmp_path, run, tmp_path / "theirs.pt", tmp_path / "copy.pt", extra=["--images", "50"])
     with h5py.File(out) as f:
-        ours, theirs = f["checkpoints/000"], f["checkpoints/001"]
+        ours, theirs, copy = f["checkpoints/000"], f["checkpoints/001"], f["checkpoints/002"]
         assert ours.attrs["source"] == "bnprobe" and ours.attrs["forward_pass"] and "relu" in ours
         assert 0 <= ours.attrs["accuracy"] <= 1 and ours.attrs["images"] == 50
         check_against(theirs, f, expected(model.state_dict()))
+        for name in ours["bn"]:
+            np.testing.assert_array_equal(copy["bn"][name][:], ours["bn"][name][:], err_msg=name)
+        np.testing.assert_array_equal(copy["frac_below_all"][:], ours["frac_below_all"][:])
+        for attr in ("bn_layers", "bn_channels", "mean_abs_gamma", "median_abs_gamma", "off", "off_dead"):
+            assert copy.attrs[attr] == ours.attrs[attr], attr
     assert "ReLU output sparsity — full" in stdout and "theirs: read from the file alone" in stdout
 
 
@@ -235,3 +245,18 @@ def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys
     assert f"{np.sum(gammas < OFF):,} of {gammas.size:,}" in section
     assert f"τ=0.05: {100 * np.mean(gammas < 0.05):.1f}%" in section and f"<td>{off_dead}</td>" in section
     assert "<h2>Probes</h2>" not in html  # nothing was measured on data
+
+
+@pytest.mark.parametrize("name", ["big.pt", "big.safetensors"])
+def test_large_files_are_memory_mapped_not_read_whole(tmp_path, name):
+    from bnprobe.static import open_tensors
+
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs Linux's /proc/self/maps")
+    state = resnet(18).state_dict()
+    path = tmp_path / name
+    save_safetensors(state, path) if name.endswith(".safetensors") else torch.save(state, path)
+    with open_tensors(path) as file:
+        assert str(path.resolve()) in maps.read_text()  # the tensors are views of the mapped file
+        assert set(file.tensors) == set(state)
