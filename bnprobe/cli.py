@@ -273,6 +273,26 @@ def ablate(
                      batch_size=batch_size, fold=fold, out=out, console=console)
 
 
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory (or its checkpoint.pt).", show_default=False),
+    output: Path = typer.Option(..., "-o", "--output", help="The .safetensors file to write.", show_default=False),
+    compact: bool = typer.Option(
+        False, "--compact", help="Only what training changed (trainable tensors, BN running statistics), plus the "
+                                 "seed that regenerates the rest; every command reads it back bit-exactly."),
+) -> None:
+    """Export a run's model as .safetensors: the full state dict, or with --compact the seed plus what trained."""
+    from rich.markup import escape
+
+    from bnprobe.export import describe, export_run
+    from bnprobe.lock import locked
+
+    with locked(output, str(output)):
+        size, full = export_run(run, output, compact)
+    console.print(f"Wrote [bold]{escape(str(output))}[/]: {describe(size, full, compact)}", soft_wrap=True,
+                  highlight=False)
+
+
 # ---- report (issue 5) ----
 @app.command()
 def report(

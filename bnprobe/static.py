@@ -69,12 +69,29 @@ def _open_safetensors(path: Path) -> Iterator[Any]:
         yield f
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (a bnprobe export names its format there)."""
+    with _open_safetensors(path) as f:
+        return f.metadata() or {}
+
+
+def _is_export(metadata: dict[str, str]) -> bool:
+    from bnprobe.export import COMPACT_FORMAT, FULL_FORMAT
+
+    return metadata.get("format") in (COMPACT_FORMAT, FULL_FORMAT)
+
+
 def read_weights(path: Path) -> Any:
-    """A checkpoint's whole content for building a model: a safetensors file as a dict of tensors, any other
-    file through read_checkpoint (weights_only=True)."""
+    """A checkpoint's whole content for building a model: a safetensors file as a dict of tensors (a run bnprobe
+    exported as the run's checkpoint), any other file through read_checkpoint (weights_only=True)."""
     if not is_safetensors(path):
         return read_checkpoint(path)
     with _open_safetensors(path) as f:
+        metadata = f.metadata() or {}
+        if _is_export(metadata):
+            from bnprobe.export import read_export
+
+            return read_export(path, f, metadata)
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
@@ -99,10 +116,13 @@ class FileTensors:
 
 @contextmanager
 def open_tensors(path: Path) -> Iterator[Optional[FileTensors]]:
-    """The tensors of a checkpoint file, open for reading; None for a bnprobe run's checkpoint (it is probed
-    with its model and data as always)."""
+    """The tensors of a checkpoint file, open for reading; None for a bnprobe run's checkpoint or export (it is
+    probed with its model and data as always)."""
     if is_safetensors(path):
         with _open_safetensors(path) as f:
+            if _is_export(f.metadata() or {}):
+                yield None  # a run bnprobe exported: probed as the run
+                return
             names = sorted(f.keys(), key=_natural_key)
             tensors, stripped = strip_prefixes({name: f.get_slice(name) for name in names}, STATIC_PREFIXES)
             yield FileTensors(tensors, "safetensors", "(top level)", stripped, "names")
