@@ -61,7 +61,8 @@ def _exported(path: Path) -> bool:
     from bnprobe.static import is_safetensors, read_metadata
 
     try:
-        return path.is_file() and is_safetensors(path) and read_metadata(path).get("format") in (COMPACT_FORMAT, FULL_FORMAT)
+        return (path.is_file() and is_safetensors(path)
+                and read_metadata(path).get("format") in (COMPACT_FORMAT, FULL_FORMAT))
     except BnprobeError:
         return False
 
@@ -81,7 +82,8 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
     file = checkpoint_file(run)
     obj = runs.read_checkpoint(file)
     if not is_bnprobe_checkpoint(obj):
-        raise BnprobeError(f"{file} is not a bnprobe run's checkpoint; export takes a run directory or its checkpoint.pt")
+        raise BnprobeError(f"{file} is not a bnprobe run's checkpoint; export takes a run directory or its "
+                           f"checkpoint.pt")
     config = TrainConfig.from_dict(obj["config"])
     state = {k: v.detach().cpu().contiguous() for k, v in obj["model"].items()}
     metadata = {"format": FULL_FORMAT, "version": VERSION, "config": json.dumps(obj["config"], sort_keys=True),
@@ -97,8 +99,8 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
         for name in sorted(set(initial) - stored):
             frozen = ~masks[name] if name in masks else torch.ones_like(state[name], dtype=torch.bool)
             if not torch.equal(state[name][frozen], initial[name][frozen]):
-                raise BnprobeError(f"{file}: {name} is frozen but differs from its initialisation by seed {config.seed} "
-                                   f"(another torch version?); export it without --compact")
+                raise BnprobeError(f"{file}: {name} is frozen but differs from its initialisation by seed "
+                                   f"{config.seed} (another torch version?); export it without --compact")
         tensors = {name: state[name] for name in sorted(stored - set(masks))}
         tensors.update({name + MASKED: state[name][masks[name]].contiguous() for name in sorted(masks)})
         metadata = {**metadata, "format": COMPACT_FORMAT, "frozen_sha256": frozen_digest(initial, stored, masks)}

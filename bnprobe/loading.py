@@ -108,7 +108,8 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], s
 
 
 def strip_prefixes(state: dict[str, Any], prefixes: Sequence[str] = STRIPPED_PREFIXES) -> tuple[dict[str, Any], list[str]]:
-    """Remove `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) when every key has one."""
+    """Remove `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile), or other `prefixes`, when every key
+    has one."""
     stripped = []
     changed = True
     while changed:

@@ -3,8 +3,8 @@ sparsity of every ReLU's output on real images.
 
 γ/β come straight from the BN modules (affine ones, in module order = depth), or, for a checkpoint file
 probed alone (no --model, no --dataset), from its tensors (bnprobe.static), with no forward pass.
-Activation sparsity uses forward hooks on nn.ReLU modules. torchvision's BasicBlock/Bottleneck call ONE `relu` module two or
-three times per block, so the hooks count invocations within each forward pass and every invocation is
+Activation sparsity uses forward hooks on nn.ReLU modules. torchvision's BasicBlock/Bottleneck call ONE
+`relu` module two or three times per block, so the hooks count invocations within each forward pass and every invocation is
 its own "site": `layer1.0.relu#1` (after bn1), `layer1.0.relu#2` (after the residual add). Where
 torch.fx can trace the model, each site also names what feeds it. ReLUs called as functions (F.relu)
 have no module to hook and are not seen.
@@ -83,7 +83,8 @@ class BNStats:
 
 
 def bn_statistics(model: nn.Module) -> BNStats:
-    stats_only = [(name, m.num_features) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and not m.affine]
+    stats_only = [(name, m.num_features) for name, m in model.named_modules()
+                  if isinstance(m, _BatchNorm) and not m.affine]
     return BNStats.from_tensors([(name, (bn.weight, bn.bias, bn.running_mean, bn.running_var))
                                  for name, bn in bn_layers(model)], stats_only)
 
@@ -445,7 +446,8 @@ def run_probe(
     )
     for r in results:
         if not r.forward_pass:
-            stripped = "" if r.attrs["stripped_prefixes"] == "none" else f", prefix {r.attrs['stripped_prefixes']} stripped"
+            prefixes = r.attrs["stripped_prefixes"]
+            stripped = "" if prefixes == "none" else f", prefix {prefixes} stripped"
             console.print(escape(
                 f"{r.label}: read from the file alone ({r.attrs['file_format']}, state dict at "
                 f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
