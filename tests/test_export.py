@@ -128,3 +128,21 @@ def test_export_errors_are_one_line_and_keep_files(capsys, tmp_path, tmp_path_fa
         code, _, err = run_cli(capsys, *argv)
         assert_one_line_error(code, err, pattern)
     assert (tmp_path / "notes.safetensors").read_text() == "mine" and not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
+    from bnprobe.export import frozen_digest, regenerate
+
+    config = tiny_config(model="resnet20", freeze="non-bn", random_features=3)
+    digests = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 4):
+            torch.set_num_threads(count)
+            initial, masks, stored = regenerate(config)
+            digests.append(frozen_digest(initial, stored, masks))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(set(digests)) == 1
+    initial, masks, stored = regenerate(dataclasses.replace(config, seed=1))
+    assert frozen_digest(initial, stored, masks) != digests[0]  # and the seed is what decides them
