@@ -152,12 +152,17 @@ def sweep(
 
 @app.command("inspect")
 def inspect_command(
-    run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>)."),
+    run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>), or a run's `bnprobe export` file."),
     top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list."),
 ) -> None:
     """Summarise a run: config, final accuracies, generalisation gap, gradient magnitudes."""
     from bnprobe.summary import inspect_run
 
+    if run_dir.is_file() and run_dir.suffix == ".safetensors":
+        from bnprobe.export import inspect_export
+
+        console.print(inspect_export(run_dir))
+        return
     console.print(inspect_run(run_dir, top))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +151,38 @@ def describe(size: int, full: int, compact: bool) -> str:
     if not compact:
         return f"{size:,} bytes (the full state dict)"
     return f"{size:,} bytes instead of {full:,} for the full state dict ({full / max(1, size):.0f}x smaller)"
+
+
+def inspect_export(path: Path) -> Any:
+    """`bnprobe inspect model.safetensors`: what an exported run holds, its frozen tensors regenerated and checked."""
+    from rich import box
+    from rich.table import Table
+    from safetensors import safe_open
+
+    from bnprobe.config import TrainConfig
+    from bnprobe.static import read_metadata, read_weights
+
+    metadata = read_metadata(path)
+    if metadata.get("format") not in (COMPACT_FORMAT, FULL_FORMAT):
+        raise BnprobeError(f"{path} is not a model bnprobe exported; inspect takes a run directory or an export")
+    compact = metadata.get("format") == COMPACT_FORMAT
+    checkpoint = read_weights(path)  # a compact file's frozen tensors: regenerated, and the hash checked
+    config = TrainConfig.from_dict(checkpoint["config"])
+    with safe_open(str(path), framework="pt") as f:
+        stored = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    total = sum(t.numel() for t in checkpoint["model"].values())
+    table = Table(title=f"{path.name}: a bnprobe run, exported", box=box.SIMPLE_HEAD, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in (
+        ("kind", "compact: the seed plus what trained" if compact else "the full state dict"),
+        ("model / data / freeze", f"{config.model} / {config.dataset} / {config.freeze}"
+                                  + (f" + {config.random_features} random features" if config.random_features else "")),
+        ("seed, epoch", f"{config.seed}, {checkpoint['epoch']}"),
+        ("exported with", f"torch {metadata.get('torch', '?')} (this is torch {torch.__version__})"),
+        ("numbers stored", f"{stored:,} of {total:,}"),
+        ("file", f"{path.stat().st_size:,} bytes"),
+        ("frozen tensors", f"regenerated from seed {config.seed}; SHA-256 matches" if compact else "stored"),
+    ):
+        table.add_row(name, value)
+    return table

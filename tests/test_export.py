@@ -102,6 +102,22 @@ def test_a_changed_random_stream_is_one_line_never_other_weights(capsys, tmp_pat
                            "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, "do not match the file's hash")
     assert not (tmp_path / "probe.h5").exists()
+    for argv in (["inspect", tmp_path / "compact.safetensors"],
+                 ["ablate", tmp_path / "compact.safetensors", "--clamp-gamma", "0.1", "--device", "cpu",
+                  "--out", tmp_path / "ablation.h5"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "do not match the file's hash")
+
+
+def test_inspect_an_export(capsys, tmp_path, tmp_path_factory):
+    run = random_features_run(tmp_path_factory)
+    export(capsys, run, tmp_path / "compact.safetensors", "--compact")
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "compact.safetensors")
+    assert code == 0, err
+    stored = sum(t.numel() for t in load_file(str(tmp_path / "compact.safetensors")).values())
+    total = sum(t.numel() for t in load_model(run, LoadOptions(device="cpu")).model.state_dict().values())
+    assert "compact: the seed plus what trained" in out and "non-bn + 2 random features" in out
+    assert f"{stored:,} of {total:,}" in out and "regenerated from seed 0; SHA-256 matches" in out
 
 
 def test_a_full_export_loads_in_plain_pytorch(capsys, tmp_path, tmp_path_factory):
