@@ -156,12 +156,17 @@ def sweep(
 
 @app.command("inspect")
 def inspect_command(
-    run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>)."),
+    run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>), or a run's `bnprobe export` file."),
     top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list."),
 ) -> None:
     """Summarise a run: config, final accuracies, generalisation gap, gradient magnitudes."""
     from bnprobe.summary import inspect_run
 
+    if run_dir.is_file() and run_dir.suffix == ".safetensors":
+        from bnprobe.export import inspect_export
+
+        console.print(inspect_export(run_dir))
+        return
     console.print(inspect_run(run_dir, top))
 
 
@@ -200,7 +205,8 @@ from bnprobe.options import DEFAULT_TAUS, REPORT_TAUS, SWEEP_SYNTAX, LoadOptions
 def probe(
     config: LoadOptions,
     checkpoints: list[Path] = typer.Argument(
-        ..., help="Checkpoint files (or run directories); give several to compare them, e.g. BN-only vs full.",
+        ..., help="Checkpoint files (.pt .pth .th .bin .ckpt .safetensors) or run directories; give several to "
+                  "compare them, e.g. BN-only vs full.",
         show_default=False),
     taus: str = typer.Option(DEFAULT_TAUS, "--taus", help=f"Thresholds τ for the fraction of |γ| < τ. {SWEEP_SYNTAX}"),
     off_threshold: float = typer.Option(
@@ -212,7 +218,10 @@ def probe(
         None, "--out", help="Where to write probe.h5 [default: the run directory for one run, else ./probe.h5]."),
     brief: bool = typer.Option(False, "--brief", help="Print only the summary table, not the per-layer ones."),
 ) -> None:
-    """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity."""
+    """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity.
+
+    A checkpoint bnprobe did not train needs no other argument: without --model and --dataset, γ and β are read
+    from the file alone (no forward pass: no accuracy or ReLU sparsity)."""
     from bnprobe.lock import locked
     from bnprobe.probe import default_output, run_probe
 
@@ -271,6 +280,26 @@ def ablate(
         run_ablation(checkpoint, config, mode=mode, values=values, per_layer=per_layer, zero_beta=zero_beta,
                      test_subset=test_subset, train_subset=train_subset, measure_train=train,
                      batch_size=batch_size, fold=fold, out=out, console=console)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory (or its checkpoint.pt).", show_default=False),
+    output: Path = typer.Option(..., "-o", "--output", help="The .safetensors file to write.", show_default=False),
+    compact: bool = typer.Option(
+        False, "--compact", help="Only what training changed (trainable tensors, BN running statistics), plus the "
+                                 "seed that regenerates the rest; every command reads it back bit-exactly."),
+) -> None:
+    """Export a run's model as .safetensors: the full state dict, or with --compact the seed plus what trained."""
+    from rich.markup import escape
+
+    from bnprobe.export import describe, export_run
+    from bnprobe.lock import locked
+
+    with locked(output, str(output)):
+        size, full = export_run(run, output, compact)
+    console.print(f"Wrote [bold]{escape(str(output))}[/]: {describe(size, full, compact)}", soft_wrap=True,
+                  highlight=False)
 
 
 # ---- report (issue 5) ----

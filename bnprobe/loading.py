@@ -3,8 +3,9 @@
 bnprobe checkpoints rebuild their model from the stored TrainConfig and carry their normalisation.
 Foreign checkpoints need `--model file.py:factory` (or `pkg.module:factory`) plus factory keyword
 arguments; their state dict may sit under a common key (`state_dict`, `model`, `net`, ...) or be bare,
-and may carry `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) prefixes. Every file is read
-with `torch.load(weights_only=True)`: a checkpoint holding pickled code is refused, never executed.
+and may carry `module.` (DataParallel/DDP) or `_orig_mod.` (torch.compile) prefixes. Every torch file is read
+with `torch.load(weights_only=True)`: a checkpoint holding pickled code is refused, never executed;
+`.safetensors` files hold tensors only (bnprobe.static.read_weights).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from bnprobe.errors import BnprobeError
 from bnprobe.runs import read_checkpoint  # noqa: F401  (re-exported: one reader for every checkpoint)
 from bnprobe.options import NORM_UNITS, LoadOptions  # noqa: F401 - LoadOptions is part of this API
 
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params")
+# In order of preference: a file with both a model and its EMA copy (timm's state_dict_ema) gives the model.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params",
+                   "ema", "model_ema", "state_dict_ema")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 # What the user's code (a --model file, its factory, its forward) may raise that is its failure: sys.exit()
 # included, which would otherwise end bnprobe silently with the user's exit status (0 for sys.exit()).
@@ -71,6 +74,15 @@ def checkpoint_file(path: Path | str) -> Path:
     return path
 
 
+def checkpoint_label(file: Path) -> str:
+    """The short name tables use: a run's checkpoint.pt by its run directory's name, any other file by its stem."""
+    return file.parent.name if file.name == runs.checkpoint_path(Path()).name else file.stem
+
+
+def is_bnprobe_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT and "config" in obj
+
+
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -99,13 +111,14 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], s
     raise BnprobeError(f"{path} holds a {type(obj).__name__}, not a state dict")
 
 
-def strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Remove `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) when every key has one."""
+def strip_prefixes(state: dict[str, Any], prefixes: Sequence[str] = STRIPPED_PREFIXES) -> tuple[dict[str, Any], list[str]]:
+    """Remove `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile), or other `prefixes`, when every key
+    has one."""
     stripped = []
     changed = True
     while changed:
         changed = False
-        for prefix in STRIPPED_PREFIXES:
+        for prefix in prefixes:
             if state and all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 stripped.append(prefix)
@@ -280,10 +293,12 @@ def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.de
     """Rebuild the model of one checkpoint, with its weights, in eval mode on `device`."""
     check_options(options)
     device = device or resolve_device(options.device)
+    from bnprobe.static import read_weights
+
     file = checkpoint_file(path)
-    obj = read_checkpoint(file)
-    is_bnprobe = isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT
-    label = file.parent.name if file.name == runs.checkpoint_path(Path()).name else file.stem
+    obj = read_weights(file)
+    is_bnprobe = is_bnprobe_checkpoint(obj)
+    label = checkpoint_label(file)
     meta: dict[str, Any] = {}
     config: Optional[TrainConfig] = None
 

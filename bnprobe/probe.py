@@ -1,9 +1,10 @@
 """Probes of a trained model's BatchNorm: γ/β per layer, small-γ fractions, channels turned off, and the
 sparsity of every ReLU's output on real images.
 
-γ/β come straight from the BN modules (affine ones, in module order = depth). Activation sparsity uses
-forward hooks on nn.ReLU modules. torchvision's BasicBlock/Bottleneck call ONE `relu` module two or
-three times per block, so the hooks count invocations within each forward pass and every invocation is
+γ/β come straight from the BN modules (affine ones, in module order = depth), or, for a checkpoint file
+probed alone (no --model, no --dataset), from its tensors (bnprobe.static), with no forward pass.
+Activation sparsity uses forward hooks on nn.ReLU modules. torchvision's BasicBlock/Bottleneck call ONE
+`relu` module two or three times per block, so the hooks count invocations within each forward pass and every invocation is
 its own "site": `layer1.0.relu#1` (after bn1), `layer1.0.relu#2` (after the residual add). Where
 torch.fx can trace the model, each site also names what feeds it. ReLUs called as functions (F.relu)
 have no module to hook and are not seen.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.data import DeviceLoader
 from bnprobe.fold import bn_layers
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
 FORMAT = "bnprobe-probe"
-VERSION = 1
+VERSION = 2  # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order
+FORWARD_ATTRS = ("accuracy", "loss", "images", "relu_sites", "relu_channels", "zero_fraction", "dead_channels")
 
 
 # ---- γ and β ---------------------------------------------------------------------------------------
@@ -44,6 +47,15 @@ class BNStats:
     beta: list[np.ndarray]
     running_mean: list[np.ndarray]
     running_var: list[np.ndarray]
+    stats_only: list[tuple[str, int]] = field(default_factory=list)  # BN without affine: (name, channels)
+
+    @classmethod
+    def from_tensors(cls, layers: Sequence[tuple[str, Sequence[Optional[torch.Tensor]]]],
+                     stats_only: Sequence[tuple[str, int]] = ()) -> "BNStats":
+        """layers: (name, (weight, bias, running_mean, running_var)) in depth order; copied to float64."""
+        get = lambda t: t.detach().double().cpu().numpy().copy() if t is not None else np.zeros(0)  # noqa: E731
+        columns = list(zip(*[[get(t) for t in tensors] for _, tensors in layers])) or [(), (), (), ()]
+        return cls([name for name, _ in layers], *(list(column) for column in columns), stats_only=list(stats_only))
 
     @property
     def channels(self) -> np.ndarray:
@@ -71,15 +83,10 @@ class BNStats:
 
 
 def bn_statistics(model: nn.Module) -> BNStats:
-    layers = bn_layers(model)
-    get = lambda t: t.detach().double().cpu().numpy().copy() if t is not None else np.zeros(0)  # noqa: E731
-    return BNStats(
-        names=[name for name, _ in layers],
-        gamma=[get(bn.weight) for _, bn in layers],
-        beta=[get(bn.bias) for _, bn in layers],
-        running_mean=[get(bn.running_mean) for _, bn in layers],
-        running_var=[get(bn.running_var) for _, bn in layers],
-    )
+    stats_only = [(name, m.num_features) for name, m in model.named_modules()
+                  if isinstance(m, _BatchNorm) and not m.affine]
+    return BNStats.from_tensors([(name, (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+                                 for name, bn in bn_layers(model)], stats_only)
 
 
 def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
@@ -241,6 +248,7 @@ class ProbeResult:
     accuracy: float
     images: int
     extra: dict[str, Any] = field(default_factory=dict)
+    forward_pass: bool = True  # False: probed from the file alone; accuracy, loss and ReLU sparsity absent
 
     def summary(self, taus: Sequence[float], off_threshold: float) -> dict[str, Any]:
         gamma = np.abs(np.concatenate(self.bn.gamma)) if self.bn.gamma else np.zeros(0)
@@ -291,9 +299,12 @@ def write_probe_h5(
         for index, result in enumerate(results):
             g = group.create_group(f"{index:03d}")
             summary = result.summary(taus, off_threshold)
-            set_attrs(g, {"label": result.label, "path": result.path, "accuracy": result.accuracy,
-                          "loss": result.loss, "images": result.images,
-                          **{k: v for k, v in summary.items() if k != "frac_below"}, **result.attrs})
+            attrs = {"label": result.label, "path": result.path, "forward_pass": result.forward_pass,
+                     "accuracy": result.accuracy, "loss": result.loss, "images": result.images,
+                     "layer_order": "module", "bn_stats_only_layers": len(result.bn.stats_only),
+                     **{k: v for k, v in summary.items() if k != "frac_below"}, **result.attrs}
+            # What was not measured is absent, not a made-up 0 (forward_pass = False says why).
+            set_attrs(g, {k: v for k, v in attrs.items() if result.forward_pass or k not in FORWARD_ATTRS})
             write_array(g, "frac_below_all", summary["frac_below"], description="(T,) whole network")
             bn = g.create_group("bn")
             write_array(bn, "names", strings(result.bn.names))
@@ -310,6 +321,11 @@ def write_probe_h5(
             write_array(bn, "mean_abs_gamma", np.array([np.abs(x).mean() if x.size else np.nan for x in result.bn.gamma]))
             write_array(bn, "gamma_hist", histograms(result.bn.gamma, gamma_edges), description="(L, bins)")
             write_array(bn, "beta_hist", histograms(result.bn.beta, beta_edges), description="(L, bins)")
+            write_array(bn, "stats_only_names", strings(name for name, _ in result.bn.stats_only),
+                        description="BN layers without affine (running statistics only, no γ/β)")
+            write_array(bn, "stats_only_channels", np.array([c for _, c in result.bn.stats_only], dtype=np.int64))
+            if not result.forward_pass:
+                continue  # no forward pass: no relu/ group (forward_pass = False says why)
             relu = g.create_group("relu")
             sites = result.sites
             write_array(relu, "sites", strings(s.name for s in sites))
@@ -372,23 +388,35 @@ def run_probe(
     brief: bool = False,
     console: Optional[Any] = None,
 ) -> tuple[list[ProbeResult], Path]:
-    """Probe every checkpoint in `paths`, write probe.h5 and print the tables; the CLI is a shell over this."""
+    """Probe every checkpoint in `paths`, write probe.h5 and print the tables; the CLI is a shell over this.
+
+    With neither --model nor --dataset, a checkpoint bnprobe did not train is probed from its file alone
+    (bnprobe.static): everything that needs no forward pass. A bnprobe run is probed with its data as always."""
     from rich.console import Console
+    from rich.markup import escape
 
     from bnprobe.errors import BnprobeError
-    from bnprobe.loading import check_forward, load_eval_data, load_model, resolve_device
+    from bnprobe.loading import check_forward, check_options, load_eval_data, load_model, resolve_device
+    from bnprobe.static import ORDER_NOTES, static_probe
 
     console = console or Console()
     if off_threshold < 0 or any(t < 0 for t in taus):
         raise BnprobeError("thresholds τ must be >= 0")
     if bins < 1 or images < 0 or batch_size < 1:
         raise BnprobeError("--bins and --batch-size must be >= 1 and --images >= 0")
-    device = resolve_device(options.device)
+    device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
     out = out if out is not None else default_output(paths, "probe.h5")
     check_replaceable(out, FORMAT)
+    check_options(options)
+    static = options.model is None and options.dataset is None
     cache: dict = {}
     results = []
     for path in paths:
+        result = static_probe(path) if static else None
+        if result is not None:
+            results.append(result)
+            continue
+        device = device or resolve_device(options.device)
         loaded = load_model(path, options, device)
         data = load_eval_data(loaded, device, test_subset=images, cache=cache)
         channels_last = device.type == "cuda"
@@ -405,15 +433,30 @@ def run_probe(
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
         result.label = label
-    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device)})
+    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device or "none")})
 
     for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
         console.print(table)
+    measured = [r for r in results if r.forward_pass]
     console.print(
         f"off: |γ| < {off_threshold:g}, so the BN output is ≈ its constant β; off, β≤0: a ReLU right after it "
-        f"outputs ≈ 0. Sparsity: zero outputs of each ReLU call on {results[0].images} test images (eval mode); "
-        f"dead: channels zero on every image and position.", soft_wrap=True,
+        f"outputs ≈ 0." + (f" Sparsity: zero outputs of each ReLU call on {measured[0].images} test images (eval "
+                            f"mode); dead: channels zero on every image and position." if measured else ""),
+        soft_wrap=True,
     )
+    for r in results:
+        if not r.forward_pass:
+            prefixes = r.attrs["stripped_prefixes"]
+            stripped = "" if prefixes == "none" else f", prefix {prefixes} stripped"
+            console.print(escape(
+                f"{r.label}: read from the file alone ({r.attrs['file_format']}, state dict at "
+                f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
+                f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
+                f"{ORDER_NOTES[r.attrs['layer_order']]}."), soft_wrap=True, highlight=False)
+        if r.bn.stats_only:
+            names = ", ".join(name for name, _ in r.bn.stats_only)
+            console.print(escape(f"{r.label}: {len(r.bn.stats_only)} BN layer(s) without affine (running statistics "
+                                 f"only, no γ/β, not in the tables): {names}"), soft_wrap=True, highlight=False)
     console.print(f"Wrote [bold]{out}[/]")
     return results, out
 
@@ -512,17 +555,21 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
     for r in results:
         summary.add_column(r.label, justify="right", overflow="fold")
     stats = [r.summary(taus, off_threshold) for r in results]
+    measured = [r for r in results if r.forward_pass]  # a file probed alone has no ReLU sparsity
+    images = measured[0].images if measured else 0
     rows = [
-        ("model", [str(r.attrs.get("model", "")) for r in results]),
+        ("model", [str(r.attrs.get("model", "" if r.forward_pass else "(file only)")) for r in results]),
         ("freeze", [str(r.attrs.get("freeze", "-")) for r in results]),
-        (f"accuracy ({results[0].images if results else 0} test images)", [_pct(r.accuracy) for r in results]),
+        (f"accuracy ({images} test images)" if measured else "accuracy (no forward pass)",
+         [_pct(r.accuracy) for r in results]),
         ("BN layers / channels", [f"{s['bn_layers']} / {s['bn_channels']:,}" for s in stats]),
         ("mean |γ|  (median)", [f"{_num(s['mean_abs_gamma'])}  ({_num(s['median_abs_gamma'])})" for s in stats]),
         *((f"|γ| < {t:g}", [_pct(s["frac_below"][k]) for s in stats]) for k, t in enumerate(taus)),
         (f"off: |γ| < {off_threshold:g}", [f"{s['off']:,}" for s in stats]),
         ("off and β ≤ 0", [f"{s['off_dead']:,}" for s in stats]),
         ("ReLU outputs = 0", [_pct(s["zero_fraction"]) for s in stats]),
-        ("dead ReLU channels", [f"{s['dead_channels']:,} of {s['relu_channels']:,}" for s in stats]),
+        ("dead ReLU channels", [f"{s['dead_channels']:,} of {s['relu_channels']:,}" if r.forward_pass else "-"
+                                for r, s in zip(results, stats)]),
     ]
     for name, cells in rows:
         summary.add_row(name, *cells)
@@ -531,7 +578,7 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         return tables
 
     same_layers = all(r.bn.names == results[0].bn.names for r in results)
-    same_sites = all([s.name for s in r.sites] == [s.name for s in results[0].sites] for r in results)
+    same_sites = all([s.name for s in r.sites] == [s.name for s in measured[0].sites] for r in measured)
     edges = histogram_edges([g for r in results for g in r.bn.gamma], 12)
     if len(results) == 1 or not same_layers:
         for r in (r for r in results if r.bn.names):
@@ -549,8 +596,8 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
             table.add_row(str(i), name, str(results[0].bn.gamma[i].size), *cells)
         tables.append(table)
 
-    if len(results) == 1 or not same_sites:
-        for r in results:
+    if len(measured) == 1 or (measured and not same_sites):
+        for r in measured:
             table = Table(title=f"ReLU output sparsity — {r.label} ({r.images} test images)", box=box.SIMPLE_HEAD)
             for column in ("ReLU call", "input", "C", "zeros", "dead"):
                 table.add_column(column, justify="left" if column in ("ReLU call", "input") else "right",
@@ -558,15 +605,15 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
             for s in r.sites:
                 table.add_row(s.name, s.input, str(s.channels), _pct(s.zero_fraction), str(s.dead))
             tables.append(table)
-    else:
-        table = Table(title=f"ReLU output sparsity per call ({results[0].images} test images): zeros / dead channels",
+    elif measured:
+        table = Table(title=f"ReLU output sparsity per call ({images} test images): zeros / dead channels",
                       box=box.SIMPLE_HEAD)
         table.add_column("ReLU call", no_wrap=True)
         table.add_column("input")
-        for r in results:
+        for r in measured:
             table.add_column(r.label, justify="right", overflow="fold")
-        for i, site in enumerate(results[0].sites):
+        for i, site in enumerate(measured[0].sites):
             table.add_row(site.name, site.input,
-                          *(f"{_pct(r.sites[i].zero_fraction)} / {r.sites[i].dead}" for r in results))
+                          *(f"{_pct(r.sites[i].zero_fraction)} / {r.sites[i].dead}" for r in measured))
         tables.append(table)
     return tables

@@ -173,6 +173,10 @@ class ProbeRow:
     off: Optional[int]
     bn_channels: Optional[int]
     zero_fraction: Optional[float]
+    forward_pass: bool = True  # False: a checkpoint file probed alone (`bnprobe probe FILE`), not a run
+    bn_layers: Optional[int] = None
+    off_dead: Optional[int] = None
+    file_format: str = ""
 
 
 @dataclass
@@ -441,7 +445,7 @@ def _read_ablation(f, name: str) -> Ablation:
 
 
 def _read_probe(f, name: str) -> list[ProbeRow]:
-    # Format `bnprobe-probe` v1 as written by bnprobe.probe.write_probe_h5 (docs/probe-schema.md).
+    # Format `bnprobe-probe` v1 or v2 as written by bnprobe.probe.write_probe_h5 (docs/probe-schema.md).
     taus = f["taus"][:].tolist() if "taus" in f else []
     rows = []
     for key in sorted(f["checkpoints"]):
@@ -452,6 +456,8 @@ def _read_probe(f, name: str) -> list[ProbeRow]:
             name=name, label=_text(g.attrs.get("label", key)), accuracy=get("accuracy", float),
             mean_abs_gamma=get("mean_abs_gamma", float), frac_below=list(zip(taus, below)),
             off=get("off", int), bn_channels=get("bn_channels", int), zero_fraction=get("zero_fraction", float),
+            forward_pass=bool(g.attrs.get("forward_pass", True)), bn_layers=get("bn_layers", int),
+            off_dead=get("off_dead", int), file_format=_text(g.attrs.get("file_format", "")),
         ))
     return rows
 

@@ -125,8 +125,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f))
 
 
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code."""
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: bool = False) -> Any:
+    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code.
+
+    lazy: memory-map a zip archive's tensors (torch.load(mmap=True)), so only the bytes of the tensors
+    used are ever read; the legacy format cannot be mapped and is read whole."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -140,7 +143,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Any
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes about pickle protocols are not the user's concern
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=lazy and is_zip)
     except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same kind of answer
         message = str(exc)
         if "Weights only load failed" in message or "WeightsUnpickler" in message:

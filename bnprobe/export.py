@@ -1,0 +1,188 @@
+"""`bnprobe export RUN -o model.safetensors [--compact]`: a run's model as a safetensors file.
+
+A BN-only network is fully described by its seed and its trained BN parameters (Frankle's point): the
+frozen tensors are the initialisation `build_model` draws from `config.seed`. `--compact` writes only what
+training changed (the trainable tensors, the masked elements of random-features tensors, and the buffers:
+BN running statistics), plus the run's config, seed, torch version and a SHA-256 of the frozen tensors as
+regenerated from the seed. Reading a compact file regenerates those tensors on the CPU (fork_rng, a seeded
+init: independent of the device and of threads) and checks the hash: if another torch version drew other
+numbers, that is a one-line error, never silently different weights. Without `--compact` the file is the
+plain full state dict (loadable by any tool), with the same metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnprobe import runs
+from bnprobe.errors import BnprobeError
+
+COMPACT_FORMAT = "bnprobe-compact"
+FULL_FORMAT = "bnprobe-export"
+VERSION = "1"
+MASKED = "#masked"  # key suffix: the trained elements of a random-features tensor, in mask order
+
+
+def regenerate(config: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
+    """(initial state dict, random-feature masks, names a compact file stores whole: the trainable parameters
+    and the buffers) as `config` draws them."""
+    from bnprobe.data import get_dataset_spec
+    from bnprobe.freeze import random_feature_masks, trainable_parameter_names
+    from bnprobe.train import build_model
+
+    spec = get_dataset_spec(config.dataset)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was
+        model = build_model(config, spec.channels, spec.num_classes)
+    masks = {}
+    if config.random_features:  # the trainer's own draw (bnprobe.train), on the CPU
+        masks = random_feature_masks(model, config.random_features, torch.Generator().manual_seed(config.seed + 1))
+    stored = trainable_parameter_names(model, config.freeze) | {name for name, _ in model.named_buffers()}
+    return {k: v.detach() for k, v in model.state_dict().items()}, masks, stored
+
+
+def frozen_digest(initial: dict[str, torch.Tensor], stored: set[str], masks: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every frozen tensor (the frozen elements of random-features tensors), names sorted."""
+    digest = hashlib.sha256()
+    for name in sorted(set(initial) - stored):
+        tensor = initial[name][~masks[name]] if name in masks else initial[name]
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(initial[name].shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _exported(path: Path) -> bool:
+    """Whether `export -o` may replace this file: one bnprobe exported (by its metadata)."""
+    from bnprobe.static import is_safetensors, read_metadata
+
+    try:
+        return (path.is_file() and is_safetensors(path)
+                and read_metadata(path).get("format") in (COMPACT_FORMAT, FULL_FORMAT))
+    except BnprobeError:
+        return False
+
+
+def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
+    """Write the export; return (its bytes, the bytes of the full state dict as safetensors)."""
+    from safetensors.torch import save
+
+    from bnprobe.atomic import atomic_write
+    from bnprobe.config import TrainConfig
+    from bnprobe.loading import checkpoint_file, is_bnprobe_checkpoint
+
+    if out.suffix != ".safetensors":
+        raise BnprobeError(f"-o must name a .safetensors file, got {out}")
+    if out.exists() and not _exported(out):
+        raise BnprobeError(f"will not replace {out}: it is not a model bnprobe exported")
+    file = checkpoint_file(run)
+    obj = runs.read_checkpoint(file)
+    if not is_bnprobe_checkpoint(obj):
+        raise BnprobeError(f"{file} is not a bnprobe run's checkpoint; export takes a run directory or its "
+                           f"checkpoint.pt")
+    config = TrainConfig.from_dict(obj["config"])
+    state = {k: v.detach().cpu().contiguous() for k, v in obj["model"].items()}
+    metadata = {"format": FULL_FORMAT, "version": VERSION, "config": json.dumps(obj["config"], sort_keys=True),
+                "seed": str(config.seed), "torch": torch.__version__, "epoch": str(obj.get("epoch", 0))}
+    if isinstance(obj.get("normalization"), dict):
+        metadata["normalization"] = json.dumps({k: v.tolist() for k, v in obj["normalization"].items()})
+    full = save(state, metadata=metadata)
+    tensors = state
+    if compact:
+        initial, masks, stored = regenerate(config)
+        if set(initial) != set(state):
+            raise BnprobeError(f"{file}: its tensors do not match {config.model} as its config builds it")
+        for name in sorted(set(initial) - stored):
+            frozen = ~masks[name] if name in masks else torch.ones_like(state[name], dtype=torch.bool)
+            if not torch.equal(state[name][frozen], initial[name][frozen]):
+                raise BnprobeError(f"{file}: {name} is frozen but differs from its initialisation by seed "
+                                   f"{config.seed} (another torch version?); export it without --compact")
+        tensors = {name: state[name] for name in sorted(stored - set(masks))}
+        tensors.update({name + MASKED: state[name][masks[name]].contiguous() for name in sorted(masks)})
+        metadata = {**metadata, "format": COMPACT_FORMAT, "frozen_sha256": frozen_digest(initial, stored, masks)}
+    data = full if not compact else save(tensors, metadata=metadata)
+    atomic_write(out, lambda f: f.write(data))
+    return len(data), len(full)
+
+
+def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
+    """An exported run (open safetensors handle `f`) as the bnprobe checkpoint it came from: the frozen tensors
+    of a compact file regenerated from the seed and checked against the stored hash."""
+    from bnprobe.config import TrainConfig
+
+    try:
+        config_dict = json.loads(metadata["config"])
+        config = TrainConfig.from_dict(config_dict)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BnprobeError(f"{path}: damaged bnprobe export metadata ({exc})")
+    tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if metadata["format"] == COMPACT_FORMAT:
+        initial, masks, stored = regenerate(config)
+        if frozen_digest(initial, stored, masks) != metadata.get("frozen_sha256"):
+            raise BnprobeError(
+                f"{path}: the frozen tensors regenerated from seed {config.seed} do not match the file's hash "
+                f"(exported with torch {metadata.get('torch', '?')}, this is torch {torch.__version__}: the random "
+                f"stream changed); refusing to run with different weights")
+        state = {}
+        for name, initial_tensor in initial.items():
+            if name in masks:
+                tensor = initial_tensor.clone()
+                tensor[masks[name]] = tensors[name + MASKED]
+                state[name] = tensor
+            elif name in stored:
+                state[name] = tensors[name]
+            else:
+                state[name] = initial_tensor
+        tensors = state
+    checkpoint: dict[str, Any] = {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION,
+                                  "config": config_dict, "model": tensors, "epoch": int(metadata.get("epoch", 0))}
+    if "normalization" in metadata:
+        checkpoint["normalization"] = {k: torch.tensor(v, dtype=torch.float32)
+                                       for k, v in json.loads(metadata["normalization"]).items()}
+    return checkpoint
+
+
+def describe(size: int, full: int, compact: bool) -> str:
+    if not compact:
+        return f"{size:,} bytes (the full state dict)"
+    return f"{size:,} bytes instead of {full:,} for the full state dict ({full / max(1, size):.0f}x smaller)"
+
+
+def inspect_export(path: Path) -> Any:
+    """`bnprobe inspect model.safetensors`: what an exported run holds, its frozen tensors regenerated and checked."""
+    from rich import box
+    from rich.table import Table
+    from safetensors import safe_open
+
+    from bnprobe.config import TrainConfig
+    from bnprobe.static import read_metadata, read_weights
+
+    metadata = read_metadata(path)
+    if metadata.get("format") not in (COMPACT_FORMAT, FULL_FORMAT):
+        raise BnprobeError(f"{path} is not a model bnprobe exported; inspect takes a run directory or an export")
+    compact = metadata.get("format") == COMPACT_FORMAT
+    checkpoint = read_weights(path)  # a compact file's frozen tensors: regenerated, and the hash checked
+    config = TrainConfig.from_dict(checkpoint["config"])
+    with safe_open(str(path), framework="pt") as f:
+        stored = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    total = sum(t.numel() for t in checkpoint["model"].values())
+    table = Table(title=f"{path.name}: a bnprobe run, exported", box=box.SIMPLE_HEAD, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in (
+        ("kind", "compact: the seed plus what trained" if compact else "the full state dict"),
+        ("model / data / freeze", f"{config.model} / {config.dataset} / {config.freeze}"
+                                  + (f" + {config.random_features} random features" if config.random_features else "")),
+        ("seed, epoch", f"{config.seed}, {checkpoint['epoch']}"),
+        ("exported with", f"torch {metadata.get('torch', '?')} (this is torch {torch.__version__})"),
+        ("numbers stored", f"{stored:,} of {total:,}"),
+        ("file", f"{path.stat().st_size:,} bytes"),
+        ("frozen tensors", f"regenerated from seed {config.seed}; SHA-256 matches" if compact else "stored"),
+    ):
+        table.add_row(name, value)
+    return table

@@ -1,0 +1,164 @@
+"""`bnprobe export RUN -o model.safetensors [--compact]`: the seed plus what trained, read back bit-exactly by
+every command that loads a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bnprobe.loading import LoadOptions, load_model
+from probe_helpers import assert_one_line_error, run_cli, tiny_config, trained_runs
+from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
+
+_RF: dict = {}
+
+
+def random_features_run(tmp_path_factory):
+    """A BN-only run whose convs also train 2 random weights per channel (masks drawn from the seed)."""
+    from rich.console import Console
+
+    from bnprobe.train import train
+
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _RF:
+        _RF[key] = tmp_path_factory.mktemp("rf") / "rf"
+        train(tiny_config(freeze="non-bn", lr=0.2, random_features=2), _RF[key], console=Console(quiet=True))
+    return _RF[key]
+
+
+def export(capsys, run, out, *flags):
+    code, stdout, err = run_cli(capsys, "export", run, "-o", out, *flags)
+    assert code == 0, err
+    return stdout
+
+
+def same_model(a, b):
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 60 + 100
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+    with torch.inference_mode():
+        assert torch.equal(a.model(x), b.model(x))  # identical logits, bit for bit
+
+
+@pytest.mark.parametrize("which", ["bn-only", "random-features"])
+def test_compact_export_is_small_and_reads_back_bit_exactly(capsys, tmp_path, tmp_path_factory, which):
+    run = trained_runs(tmp_path_factory)["bn-only"] if which == "bn-only" else random_features_run(tmp_path_factory)
+    out = export(capsys, run, tmp_path / "compact.safetensors", "--compact")
+    export(capsys, run, tmp_path / "full.safetensors")
+    compact, full = (tmp_path / "compact.safetensors").stat().st_size, (tmp_path / "full.safetensors").stat().st_size
+    assert compact * 15 < full
+    assert f"{compact:,} bytes instead of {full:,}" in out and f"({full / compact:.0f}x smaller)" in out
+    stored = load_file(str(tmp_path / "compact.safetensors"))
+    assert not any(name.endswith("conv1.weight") for name in stored)  # frozen convs are not in the file
+    if which == "random-features":  # 2 trained weights per output channel, the rest regenerated
+        whole = load_file(str(tmp_path / "full.safetensors"))
+        masked = [name for name in stored if name.endswith("#masked")]
+        assert masked and all(stored[n].shape == (2 * whole[n.removesuffix("#masked")].shape[0],) for n in masked)
+    original = load_model(run, LoadOptions(device="cpu"))
+    for name in ("compact", "full"):
+        same_model(original, load_model(tmp_path / f"{name}.safetensors", LoadOptions(device="cpu")))
+
+
+def test_ablate_and_probe_give_identical_results_on_a_compact_file(capsys, tmp_path, tmp_path_factory):
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    compact = tmp_path / "compact.safetensors"
+    export(capsys, run, compact, "--compact")
+    for source, name in ((run, "run"), (compact, "compact")):
+        code, _, err = run_cli(capsys, "ablate", source, "--clamp-gamma", "0.05,0.3", "--test-subset", "100",
+                               "--train-subset", "100", "--device", "cpu", "--out", tmp_path / f"{name}-ablation.h5")
+        assert code == 0, err
+        code, _, err = run_cli(capsys, "probe", source, "--images", "60", "--device", "cpu",
+                               "--out", tmp_path / f"{name}-probe.h5")
+        assert code == 0, err
+    with h5py.File(tmp_path / "run-ablation.h5") as a, h5py.File(tmp_path / "compact-ablation.h5") as b:
+        for name in ("test_acc", "test_loss", "train_acc", "train_loss", "clamped", "masks"):
+            np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+    with h5py.File(tmp_path / "run-probe.h5") as a, h5py.File(tmp_path / "compact-probe.h5") as b:
+        ga, gb = a["checkpoints/000"], b["checkpoints/000"]
+        assert gb.attrs["source"] == "bnprobe" and gb.attrs["forward_pass"]  # probed as the run, with its data
+        for group in ("bn", "relu"):
+            for name in ga[group]:
+                np.testing.assert_array_equal(ga[group][name][:], gb[group][name][:], err_msg=name)
+        assert ga.attrs["accuracy"] == gb.attrs["accuracy"] and ga.attrs["loss"] == gb.attrs["loss"]
+
+
+def test_a_changed_random_stream_is_one_line_never_other_weights(capsys, tmp_path, tmp_path_factory, monkeypatch):
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    export(capsys, run, tmp_path / "compact.safetensors", "--compact")
+    import bnprobe.train
+
+    build = bnprobe.train.build_model
+    # Another torch version drawing other numbers for the same seed: the frozen convs come out different.
+    monkeypatch.setattr(bnprobe.train, "build_model",
+                        lambda config, *args: build(dataclasses.replace(config, seed=config.seed + 7), *args))
+    code, _, err = run_cli(capsys, "probe", tmp_path / "compact.safetensors", "--device", "cpu",
+                           "--out", tmp_path / "probe.h5")
+    assert_one_line_error(code, err, "do not match the file's hash")
+    assert not (tmp_path / "probe.h5").exists()
+    for argv in (["inspect", tmp_path / "compact.safetensors"],
+                 ["ablate", tmp_path / "compact.safetensors", "--clamp-gamma", "0.1", "--device", "cpu",
+                  "--out", tmp_path / "ablation.h5"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "do not match the file's hash")
+
+
+def test_inspect_an_export(capsys, tmp_path, tmp_path_factory):
+    run = random_features_run(tmp_path_factory)
+    export(capsys, run, tmp_path / "compact.safetensors", "--compact")
+    code, out, err = run_cli(capsys, "inspect", tmp_path / "compact.safetensors")
+    assert code == 0, err
+    stored = sum(t.numel() for t in load_file(str(tmp_path / "compact.safetensors")).values())
+    total = sum(t.numel() for t in load_model(run, LoadOptions(device="cpu")).model.state_dict().values())
+    assert "compact: the seed plus what trained" in out and "non-bn + 2 random features" in out
+    assert f"{stored:,} of {total:,}" in out and "regenerated from seed 0; SHA-256 matches" in out
+
+
+def test_a_full_export_loads_in_plain_pytorch(capsys, tmp_path, tmp_path_factory):
+    from bnprobe.models import create_model
+
+    run = trained_runs(tmp_path_factory)["full"]
+    export(capsys, run, tmp_path / "full.safetensors")
+    model = create_model("resnet8", in_channels=1, num_classes=10)
+    model.load_state_dict(load_file(str(tmp_path / "full.safetensors")))  # strict: every key, every shape
+    original = load_model(run, LoadOptions(device="cpu")).model
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_export_errors_are_one_line_and_keep_files(capsys, tmp_path, tmp_path_factory):
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "theirs.pt")
+    (tmp_path / "notes.safetensors").write_text("mine")
+    for argv, pattern in (
+        (["export", tmp_path / "theirs.pt", "-o", tmp_path / "x.safetensors"], "is not a bnprobe run's checkpoint"),
+        (["export", run, "-o", tmp_path / "x.pt"], "-o must name a .safetensors file"),
+        (["export", run, "-o", tmp_path / "notes.safetensors", "--compact"], "will not replace"),
+    ):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, pattern)
+    assert (tmp_path / "notes.safetensors").read_text() == "mine" and not (tmp_path / "x.safetensors").exists()
+
+
+def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
+    from bnprobe.export import frozen_digest, regenerate
+
+    config = tiny_config(model="resnet20", freeze="non-bn", random_features=3)
+    digests = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 4):
+            torch.set_num_threads(count)
+            initial, masks, stored = regenerate(config)
+            digests.append(frozen_digest(initial, stored, masks))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(set(digests)) == 1
+    initial, masks, stored = regenerate(dataclasses.replace(config, seed=1))
+    assert frozen_digest(initial, stored, masks) != digests[0]  # and the seed is what decides them
