@@ -140,7 +140,8 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
                 state[name] = initial_tensor
         tensors = state
     checkpoint: dict[str, Any] = {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION,
-                                  "config": config_dict, "model": tensors, "epoch": int(metadata.get("epoch", 0))}
+                                  "config": config_dict, "model": tensors, "epoch": int(metadata.get("epoch", 0)),
+                                  "history": []}  # an export keeps the weights, not the training history
     if "normalization" in metadata:
         checkpoint["normalization"] = {k: torch.tensor(v, dtype=torch.float32)
                                        for k, v in json.loads(metadata["normalization"]).items()}
