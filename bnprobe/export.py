@@ -117,7 +117,8 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
 
     try:
         config_dict = json.loads(metadata["config"])
-        config = TrainConfig.from_dict(config_dict)
+        config = TrainConfig.from_dict(config_dict, f"{path}: config")
+        epoch = int(metadata.get("epoch", 0))
     except (KeyError, ValueError, TypeError) as exc:
         raise BnprobeError(f"{path}: damaged bnprobe export metadata ({exc})")
     tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -140,7 +141,7 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
                 state[name] = initial_tensor
         tensors = state
     checkpoint: dict[str, Any] = {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION,
-                                  "config": config_dict, "model": tensors, "epoch": int(metadata.get("epoch", 0)),
+                                  "config": config_dict, "model": tensors, "epoch": epoch,
                                   "history": []}  # an export keeps the weights, not the training history
     if "normalization" in metadata:
         checkpoint["normalization"] = {k: torch.tensor(v, dtype=torch.float32)

@@ -162,3 +162,17 @@ def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
     assert len(set(digests)) == 1
     initial, masks, stored = regenerate(dataclasses.replace(config, seed=1))
     assert frozen_digest(initial, stored, masks) != digests[0]  # and the seed is what decides them
+
+
+@pytest.mark.parametrize("key, value", [("epoch", "two"), ("config", "[1, 2]"), ("config", "{not json")])
+def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_factory, key, value):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    export(capsys, run, tmp_path / "good.safetensors", "--compact")
+    with safe_open(tmp_path / "good.safetensors", "pt") as f:
+        metadata = {**f.metadata(), key: value}
+    save_file(load_file(tmp_path / "good.safetensors"), tmp_path / "bad.safetensors", metadata=metadata)
+    code, _, err = run_cli(capsys, "probe", tmp_path / "bad.safetensors", "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, "bad.safetensors")
