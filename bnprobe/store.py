@@ -1,5 +1,6 @@
 """HDF5 storage: every file is changed on a temporary copy and renamed into place, so a crash at any
-moment leaves the previous complete file. The schemas themselves are documented in docs/hdf5-schema.md.
+moment leaves the previous complete file. The schemas themselves are documented in docs/hdf5-schema.md;
+reading them back goes through bnprobe.schema.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import h5py
 import numpy as np
 
 from bnprobe.atomic import replacing
-from bnprobe.errors import BnprobeError
 
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 
@@ -26,16 +26,6 @@ def atomic_h5(path: Path, *, update: bool = False) -> Iterator[h5py.File]:
             shutil.copyfile(path, tmp)
         with h5py.File(tmp, "a" if update else "w") as f:
             yield f
-
-
-def open_h5(path: Path) -> h5py.File:
-    """Open for reading, with a one-line error for a missing or damaged file."""
-    try:
-        return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise BnprobeError(f"no such file: {path}")
-    except OSError as exc:
-        raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})")
 
 
 def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
