@@ -13,14 +13,17 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import site
 import sys
 import sysconfig
+import threading
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -585,8 +588,51 @@ def _map(function: Callable, tasks: list, jobs: int) -> list:
     # fork on Linux: the workers start at once with everything imported. Elsewhere the platform's default
     # (macOS system libraries are not fork-safe).
     method = "fork" if sys.platform.startswith("linux") else None
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context(method)) as pool:
-        return list(pool.map(function, tasks))  # one task at a time: runs differ in size, workers stay busy
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context(method),
+                             initializer=_worker_start, initargs=(os.getpid(),)) as pool:
+        try:
+            return list(pool.map(function, tasks))  # one task at a time: runs differ in size, workers stay busy
+        except BaseException:  # interrupted (Ctrl-C, TERM): the workers stop now, not after the queued tasks
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list((pool._processes or {}).values()):
+                process.terminate()
+            raise
+
+
+def _worker_start(parent: int) -> None:
+    """In each pool worker: end with the report's process, however that ends (kill -9 too), instead of staying
+    behind blocked on a pipe. Ctrl-C and TERM are the parent's to handle: it stops its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits _stop_on_sigterm's handler
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed when the parent ends
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os._exit(1)
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """TERM (`kill`, a scheduler's time limit) ends the report as Ctrl-C does: by unwinding, so the temporary
+    output file is removed and the pool's workers are stopped, instead of dying on the spot."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:  # raised where Python ignores exceptions (an at-fork hook, a __del__): stop here instead
+        raise KeyboardInterrupt
 
 
 def _run_order(run: Run) -> tuple:
@@ -806,6 +852,7 @@ def _weasyprint():
     return weasyprint
 
 
+@_stop_on_sigterm()
 def write_report(
     runs_dirs: Path | Sequence[Path],
     output: Path,

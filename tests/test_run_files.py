@@ -282,3 +282,74 @@ def test_hidden_and_unreadable_run_folders_are_listed_as_skipped(good_run, tmp_p
         ".hidden": "hidden: its name starts with '.' (rename it to include it)",
         "group/locked": "cannot be read (Permission denied)",
     }
+
+
+# ---- 8: TERM stops the report, its workers and its temporary file ------------------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended, waiting only for whoever adopted it to reap it
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from Linux's /proc")
+def test_term_stops_the_report_and_its_workers(good_run, tmp_path):
+    root = tmp_path / "runs"
+    for i in range(16):
+        copy_run(good_run, root / f"run{i:02}")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "bnprobe", "report", str(root), "-o", str(out / "report.html"),
+                                "--jobs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    workers: set[int] = set()
+    started = time.time()
+    while not workers and process.poll() is None and time.time() - started < 120:
+        workers = _children(process.pid)
+        time.sleep(0.01)
+    assert workers, "the report never started its workers"
+    time.sleep(0.2)  # past the fork
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    assert "interrupted" in process.stderr.read().decode()
+    ends = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < ends:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)], "workers outlived the report"
+    assert list(out.iterdir()) == []
+
+
+def test_term_while_writing_removes_the_temporary_file(good_run, tmp_path, monkeypatch):
+    received = []
+
+    def handler(signum, frame):
+        received.append("TERM reached the caller's handler")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    fsync = os.fsync
+
+    def terminated(fd):  # TERM arrives while the output is being written
+        os.kill(os.getpid(), signal.SIGTERM)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", terminated)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_report(good_run, tmp_path / "out" / "report.html", jobs=1)
+        assert signal.getsignal(signal.SIGTERM) is handler and not received  # the caller's, restored afterwards
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list((tmp_path / "out").iterdir()) == []
