@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from bnprobe.data import DeviceLoader
 from bnprobe.fold import bn_layers
 from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
+from bnprobe.schema import PROBE_FORMAT
 from bnprobe.store import atomic_h5, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
-FORMAT = "bnprobe-probe"
+FORMAT = PROBE_FORMAT  # defined beside its reader, in bnprobe.schema
 VERSION = 1
 
 
