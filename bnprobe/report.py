@@ -1,8 +1,10 @@
 """`bnprobe report RUNS -o report.html|.pdf`: every run under a directory, plus its probe and ablation
 results, in one document.
 
-Reading is defensive: a run that is partial (no finished epoch, no checkpoint, unfinished) or damaged
-(unreadable JSON or HDF5) becomes a `Skipped(name, reason)` line of the report, which still renders.
+Reading is defensive: every file goes through bnprobe.schema (regular files only, JSON and HDF5 layouts
+checked before use), and a run that is partial (no finished epoch, no checkpoint, unfinished), damaged,
+unreadable, hidden (`.name`) or named in bytes that are not UTF-8 becomes a `Skipped(name, reason)` line of
+the report, which still renders: one bad run never costs the whole report.
 Figures come from bnprobe.figures as SVG text. The Jinja2 template and its CSS live in the repository's
 top-level `templates/` folder; a wheel ships them as data files under PREFIX/share/bnprobe/templates
 (see find_templates).
