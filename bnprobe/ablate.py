@@ -26,13 +26,14 @@ from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
 from bnprobe.fold import ClampableModel, bn_layers
 from bnprobe.options import SWEEP_SYNTAX, parse_sweep  # noqa: F401 - part of this API
+from bnprobe.schema import ABLATION_FORMAT
 from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
 MODES = ("threshold", "fraction")
-FORMAT = "bnprobe-ablation"
+FORMAT = ABLATION_FORMAT  # defined beside its reader, in bnprobe.schema
 VERSION = 1
 
 def clamp_masks(gammas: Sequence[torch.Tensor], value: float, mode: str, per_layer: bool) -> list[torch.Tensor]:

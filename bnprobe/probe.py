@@ -27,12 +27,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnprobe.data import DeviceLoader
 from bnprobe.fold import bn_layers
 from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
+from bnprobe.schema import PROBE_FORMAT
 from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
-FORMAT = "bnprobe-probe"
+FORMAT = PROBE_FORMAT  # defined beside its reader, in bnprobe.schema
 VERSION = 2  # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order
 FORWARD_ATTRS = ("accuracy", "loss", "images", "relu_sites", "relu_channels", "zero_fraction", "dead_channels")
 

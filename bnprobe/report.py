@@ -1,8 +1,10 @@
 """`bnprobe report RUNS -o report.html|.pdf`: every run under a directory, plus its probe and ablation
 results, in one document.
 
-Reading is defensive: a run that is partial (no finished epoch, no checkpoint, unfinished) or damaged
-(unreadable JSON or HDF5) becomes a `Skipped(name, reason)` line of the report, which still renders.
+Reading is defensive: every file goes through bnprobe.schema (regular files only, JSON and HDF5 layouts
+checked before use), and a run that is partial (no finished epoch, no checkpoint, unfinished), damaged,
+unreadable, hidden (`.name`) or named in bytes that are not UTF-8 becomes a `Skipped(name, reason)` line of
+the report, which still renders: one bad run never costs the whole report.
 Figures come from bnprobe.figures as SVG text. The Jinja2 template and its CSS live in the repository's
 top-level `templates/` folder; a wheel ships them as data files under PREFIX/share/bnprobe/templates
 (see find_templates).
@@ -10,22 +12,25 @@ top-level `templates/` folder; a wheel ships them as data files under PREFIX/sha
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+import signal
 import site
 import sys
 import sysconfig
+import threading
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 import bnprobe
+from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
@@ -37,9 +42,6 @@ TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
-TELEMETRY_FORMAT = "bnprobe-telemetry"  # bnprobe.telemetry.FORMAT, not imported: that module loads torch
-ABLATION_FORMAT = "bnprobe-ablation"
-PROBE_FORMAT = "bnprobe-probe"
 SET_ASIDE = ".replaced"  # .NAME.replaced: the old run an --overwrite killed midway left (bnprobe.runs.Replacement)
 BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resnet.py
 FREEZE_ORDER = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
@@ -229,11 +231,28 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _printable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (os gives them as surrogates) shown as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _holds_run_files(folder: Path) -> bool:
+    try:
+        return any(name in RUN_FILES for name in os.listdir(folder))
+    except OSError:
+        return False
+
+
 # ---- reading one run --------------------------------------------------------------------------------------
 
 
 class RunSkipped(Exception):
     """Why one run (or result file) is left out of the report."""
+
+    @classmethod
+    def from_error(cls, exc: BnprobeError, path: Path) -> "RunSkipped":
+        """bnprobe.schema's one line about `path`, naming the file without its folder (the run is named)."""
+        return cls(str(exc).replace(str(path), path.name))
 
 
 def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
@@ -269,25 +288,25 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     # Plain JSON, not TrainConfig.from_dict: a run written by a newer or older bnprobe (a field added or
     # removed) is still reported.
     path = run_dir / "config.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise RunSkipped("no config.json")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunSkipped(f"config.json is not readable JSON ({_first_line(exc)})")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        config = schema.read_config(path)
+    except BnprobeError as exc:
+        raise RunSkipped.from_error(exc, path)
+    if not isinstance(config.get("model"), str):
         raise RunSkipped("config.json does not name a model")
     return config
 
 
 def _read_metrics(run_dir: Path) -> Optional[dict[str, np.ndarray]]:
     path = run_dir / "metrics.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        rows = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunSkipped(f"metrics.json is not readable JSON ({_first_line(exc)})")
+        rows = schema.read_json(path)
+    except BnprobeError as exc:
+        raise RunSkipped.from_error(exc, path)
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "epoch" in r for r in rows):
         raise RunSkipped("metrics.json is not a list of per-epoch records")
     if not rows:
@@ -297,68 +316,71 @@ def _read_metrics(run_dir: Path) -> Optional[dict[str, np.ndarray]]:
 
 
 def _read_telemetry(run: Run, path: Path, use_epochs: bool) -> None:
-    import h5py
-
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise RunSkipped(f"telemetry.h5 is not a readable HDF5 file ({_first_line(exc)})")
-    try:
+        f = schema.open_h5(path, schema.TELEMETRY_FORMAT)
         with f:
-            if _text(f.attrs.get("format", "")) != TELEMETRY_FORMAT:
-                raise RunSkipped("telemetry.h5 is not a bnprobe telemetry file")
-            if use_epochs and "epochs" in f:
-                run.history = {k: v[:].astype(np.float64) for k, v in f["epochs"].items()}
-            epochs_done = int(run.history["epoch"][-1]) if run.history.get("epoch") is not None and len(
-                run.history["epoch"]) else 0
-
-            names = f["params/name"].asstr()[:]
-            groups = f["params/group"].asstr()[:]
-            numel = f["params/numel"][:]
-            trainable = f["params/trainable"][:].astype(bool)
-            run.trainable, run.total = int(numel[trainable].sum()), int(numel.sum())
-
-            # γ in network order: params/name follows named_parameters(), h5py lists groups alphabetically.
-            layers = [n[: -len(".weight")] for n, g in zip(names, groups) if g == "bn_gamma" and n.endswith(".weight")]
-            bn = f.get("bn")
-            if bn is not None and layers:
-                snapshot_epochs = bn["epoch"][:]
-                # A run killed between the telemetry and checkpoint writes has one snapshot more than metrics.json.
-                later = np.nonzero(snapshot_epochs <= epochs_done)[0] if epochs_done else []
-                row = int(later[-1]) if len(later) else len(snapshot_epochs) - 1
-                run.gamma_epoch = int(snapshot_epochs[row])
-                for layer in layers:
-                    if f"{layer}/gamma" in bn:
-                        gamma = bn[f"{layer}/gamma"][:]  # one read: the rows share a compressed chunk
-                        run.gamma_layers.append(layer)
-                        run.gamma_final.append(gamma[row].astype(np.float64))
-                        run.gamma_init.append(gamma[0].astype(np.float64))
-
-            steps = f.get("steps")
-            if steps is not None and "step" in steps and "groups" in steps and len(steps["step"]):
-                keep = steps["epoch"][:] <= epochs_done if epochs_done else slice(None)
-                step = steps["step"][:][keep]
-                run.grad_window = max(1, math.ceil(len(step) / MAX_CURVE_POINTS))
-                for group, g in steps["groups"].items():
-                    if bool(g.attrs.get("frozen", False)):
-                        run.frozen_groups.append(group)
-                    else:
-                        # window means right away: a run keeps MAX_CURVE_POINTS per curve, not 60k steps
-                        run.grad_steps, run.grad_groups[group] = window_means(step, g["grad_abs_mean"][:][keep])
-                if run.grad_steps is None:
-                    run.grad_steps = step[:0]
-            else:
-                run.notes.append("no gradient telemetry (--telemetry-every 0)")
-    except RunSkipped:
-        raise
+            schema.check_telemetry(f)  # every shape and type, before anything is read
+            _read_telemetry_data(run, f, use_epochs)
+    except BnprobeError as exc:
+        raise RunSkipped.from_error(exc, path)
     except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
         raise RunSkipped(f"telemetry.h5 is damaged ({_first_line(exc)})")
 
 
+def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
+    if use_epochs and "epochs" in f:
+        run.history = {k: v[:].astype(np.float64) for k, v in f["epochs"].items()}
+    epochs_done = int(run.history["epoch"][-1]) if run.history.get("epoch") is not None and len(
+        run.history["epoch"]) else 0
+
+    names = f["params/name"].asstr()[:]
+    groups = f["params/group"].asstr()[:]
+    numel = f["params/numel"][:]
+    trainable = f["params/trainable"][:].astype(bool)
+    run.trainable, run.total = int(numel[trainable].sum()), int(numel.sum())
+
+    # γ in network order: params/name follows named_parameters(), h5py lists groups alphabetically.
+    layers = [n[: -len(".weight")] for n, g in zip(names, groups) if g == "bn_gamma" and n.endswith(".weight")]
+    bn = f.get("bn")
+    if bn is not None and layers:
+        snapshot_epochs = bn["epoch"][:]
+        # A run killed between the telemetry and checkpoint writes has one snapshot more than metrics.json.
+        later = np.nonzero(snapshot_epochs <= epochs_done)[0] if epochs_done else []
+        row = int(later[-1]) if len(later) else len(snapshot_epochs) - 1
+        run.gamma_epoch = int(snapshot_epochs[row])
+        stored = set(bn)  # a name from params/name is looked up only among the groups checked
+        for layer in layers:
+            if layer in stored and "gamma" in bn[layer]:
+                gamma = bn[layer]["gamma"][:]  # one read: the rows share a compressed chunk
+                run.gamma_layers.append(layer)
+                run.gamma_final.append(gamma[row].astype(np.float64))
+                run.gamma_init.append(gamma[0].astype(np.float64))
+
+    steps = f.get("steps")
+    if steps is not None and "step" in steps and "groups" in steps and len(steps["step"]):
+        keep = steps["epoch"][:] <= epochs_done if epochs_done else slice(None)
+        step = steps["step"][:][keep]
+        run.grad_window = max(1, math.ceil(len(step) / MAX_CURVE_POINTS))
+        for group, g in steps["groups"].items():
+            if bool(g.attrs.get("frozen", False)):
+                run.frozen_groups.append(group)
+            else:
+                # window means right away: a run keeps MAX_CURVE_POINTS per curve, not 60k steps
+                run.grad_steps, run.grad_groups[group] = window_means(step, g["grad_abs_mean"][:][keep])
+        if run.grad_steps is None:
+            run.grad_steps = step[:0]
+    else:
+        run.notes.append("no gradient telemetry (--telemetry-every 0)")
+
+
 def _check_checkpoint(run_dir: Path) -> None:
     path = run_dir / "checkpoint.pt"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise RunSkipped("no checkpoint.pt")
+    try:
+        schema.regular_file(path)
+    except BnprobeError as exc:
+        raise RunSkipped.from_error(exc, path)
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -403,23 +425,19 @@ def _read_checkpoint_fallback(run: Run) -> None:
 
 def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow]]:
     """An ablation.h5 or probe.h5 (found by its `format` attribute, whatever its name); None for others."""
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise RunSkipped(f"not a readable HDF5 file ({_first_line(exc)})")
     kind = ""
     try:
-        with f:
-            kind = _text(f.attrs.get("format", ""))
-            if kind == ABLATION_FORMAT:
+        with schema.open_h5(path) as f:
+            kind = schema.file_format(f)
+            if kind == schema.ABLATION_FORMAT:
+                schema.check_ablation(f)
                 return _read_ablation(f, name)
-            if kind == PROBE_FORMAT:
+            if kind == schema.PROBE_FORMAT:
+                schema.check_probe(f)
                 return _read_probe(f, name)
             return None
-    except RunSkipped:
-        raise
+    except BnprobeError as exc:
+        raise RunSkipped.from_error(exc, path)
     except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
         raise RunSkipped(f"damaged {kind or 'HDF5'} file ({_first_line(exc)})")
 
@@ -433,8 +451,6 @@ def _read_ablation(f, name: str) -> Ablation:
         fraction = f["clamped"][:] / max(1, int(f.attrs["total_channels"]))
     train = f["train_acc"][:].astype(np.float64) if "train_acc" in f else None
     baseline = f.attrs.get("baseline_test_acc")
-    if not len(values) or len(f["test_acc"]) != len(values) or len(fraction) != len(values):
-        raise RunSkipped("ablation file with no values, or columns of different lengths")
     return Ablation(
         name=name, label=_text(f.attrs.get("label", name)), mode=_text(f.attrs.get("mode", "threshold")),
         per_layer=bool(f.attrs.get("per_layer", False)), zero_beta=bool(f.attrs.get("zero_beta", False)),
@@ -482,26 +498,41 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
     run_dirs: dict[Path, str] = {}  # resolved path -> name: a run named twice (runs/ and runs/a) is read once
     set_aside: list[Skipped] = []
     result_files: dict[Path, tuple[Path, str]] = {}
+    passed_over: list[Skipped] = []  # what the walk itself cannot take: unreadable, hidden, not UTF-8
     for root in roots:
         prefix = f"{root.resolve().name}/" if len(roots) > 1 else ""
 
         def display(path: Path) -> str:
             relative = path.relative_to(root).as_posix()
-            return path.name if relative == "." else prefix + relative
+            return _printable(path.name if relative == "." else prefix + relative)
 
-        for dirpath, dirnames, filenames in os.walk(root):
+        def unreadable(exc: OSError) -> None:
+            passed_over.append(Skipped(display(Path(exc.filename)), f"cannot be read ({exc.strerror or exc})"))
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
             set_aside += [Skipped(display(Path(dirpath, d)), _set_aside_reason(d[1:-len(SET_ASIDE)]))
                           for d in sorted(dirnames) if d.startswith(".") and d.endswith(SET_ASIDE)]
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .foo: temporary or hidden
-            files = {f for f in filenames if not f.startswith(".")}
             here = Path(dirpath)
+            for d in sorted(dirnames):  # .foo: hidden; named when it holds a run (.NAME.replaced: see Replacement)
+                if d.startswith(".") and not d.endswith(SET_ASIDE) and _holds_run_files(here / d):
+                    passed_over.append(Skipped(display(here / d), "hidden: its name starts with '.' (rename it to "
+                                                                  "include it)"))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files = {f for f in filenames if not f.startswith(".")}
             if files.intersection(RUN_FILES):
-                run_dirs.setdefault(here.resolve(), display(here))
+                if _printable(dirpath) != dirpath:
+                    passed_over.append(Skipped(display(here), "its name is not valid UTF-8 (rename it to include it)"))
+                    files = set()  # its result files go with it
+                else:
+                    run_dirs.setdefault(_real(here), display(here))
             for f in sorted(files):
                 if f.endswith(".h5") and f != "telemetry.h5":
-                    result_files.setdefault((here / f).resolve(), (here / f, display(here / f)))
+                    if _printable(str(here / f)) != str(here / f):
+                        passed_over.append(Skipped(display(here / f), "its name is not valid UTF-8 (rename it)"))
+                    else:
+                        result_files.setdefault(_real(here / f), (here / f, display(here / f)))
 
-    collection = Collection(roots, [], [], [], [])
+    collection = Collection(roots, [], passed_over, [], [])
     tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
     skipped_runs: dict[Path, Skipped] = {}
     for (run_dir, *_), outcome in zip(tasks, _map(_read_and_draw, tasks, jobs)):
@@ -527,9 +558,12 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         except RunSkipped as reason:
             collection.skipped.append(Skipped(name, str(reason)))
             continue
+        except Exception as exc:  # noqa: BLE001 -- as in _read_and_draw: one file, not the report
+            collection.skipped.append(Skipped(name, f"could not be read ({type(exc).__name__}: {_first_line(exc)})"))
+            continue
         if isinstance(result, Ablation):
             result.run = _owner(path, result.checkpoint, collection.runs)
-            if result.run is not None and path.parent.resolve() == result.run.path.resolve():
+            if result.run is not None and _real(path.parent) == _real(result.run.path):
                 result.name = path.name  # its run is named in the next column
             collection.ablations.append(result)
         elif isinstance(result, list):
@@ -572,8 +606,51 @@ def _map(function: Callable, tasks: list, jobs: int) -> list:
     # fork on Linux: the workers start at once with everything imported. Elsewhere the platform's default
     # (macOS system libraries are not fork-safe).
     method = "fork" if sys.platform.startswith("linux") else None
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context(method)) as pool:
-        return list(pool.map(function, tasks))  # one task at a time: runs differ in size, workers stay busy
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context(method),
+                             initializer=_worker_start, initargs=(os.getpid(),)) as pool:
+        try:
+            return list(pool.map(function, tasks))  # one task at a time: runs differ in size, workers stay busy
+        except BaseException:  # interrupted (Ctrl-C, TERM): the workers stop now, not after the queued tasks
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list((pool._processes or {}).values()):
+                process.terminate()
+            raise
+
+
+def _worker_start(parent: int) -> None:
+    """In each pool worker: end with the report's process, however that ends (kill -9 too), instead of staying
+    behind blocked on a pipe. Ctrl-C and TERM are the parent's to handle: it stops its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits _stop_on_sigterm's handler
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed when the parent ends
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os._exit(1)
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """TERM (`kill`, a scheduler's time limit) ends the report as Ctrl-C does: by unwinding, so the temporary
+    output file is removed and the pool's workers are stopped, instead of dying on the spot."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    received = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if received:  # raised where Python ignores exceptions (an at-fork hook, a __del__): stop here instead
+        raise KeyboardInterrupt
 
 
 def _run_order(run: Run) -> tuple:
@@ -587,16 +664,18 @@ def _owner(path: Path, checkpoint: str, runs: Sequence[Run]) -> Optional[Run]:
     candidates = [path.parent]
     if checkpoint:  # stored as given on the command line: relative to wherever `bnprobe ablate` ran
         for source in (Path(checkpoint), path.parent / checkpoint):
-            candidates.append(source if source.is_dir() else source.parent)
+            candidates.append(source if os.path.isdir(source) else source.parent)
     for candidate in candidates:
-        try:
-            resolved = candidate.resolve()
-        except OSError:
-            continue
+        resolved = _real(candidate)
         for run in runs:
-            if run.path.resolve() == resolved:
+            if _real(run.path) == resolved:
                 return run
     return None
+
+
+def _real(path: Path) -> Path:
+    """The path with every symlink resolved; unlike Path.resolve, never raises (a symlink loop stays as it is)."""
+    return Path(os.path.realpath(path))
 
 
 # ---- figures and the document -----------------------------------------------------------------------------
@@ -813,6 +892,7 @@ def _weasyprint():
     return weasyprint
 
 
+@_stop_on_sigterm()
 def write_report(
     runs_dirs: Path | Sequence[Path],
     output: Path,

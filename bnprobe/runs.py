@@ -9,6 +9,7 @@ Layout of `runs/<name>/`:
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
@@ -242,9 +244,7 @@ def _describe(value: Any) -> str:
 
 
 def read_config(run_dir: Path) -> TrainConfig:
-    try:
-        return TrainConfig.from_dict(json.loads(config_path(run_dir).read_text()))
-    except FileNotFoundError:
+    path = config_path(run_dir)
+    if not os.path.lexists(path):
         raise BnprobeError(f"{run_dir} is not a run directory (no config.json)")
-    except json.JSONDecodeError as exc:
-        raise BnprobeError(f"{config_path(run_dir)} is not valid JSON ({exc})")
+    return TrainConfig.from_dict(schema.read_config(path))

@@ -1,6 +1,7 @@
 """HDF5 storage: every file is built in memory and its bytes written to a temporary file renamed into place,
 so a crash at any moment leaves the previous complete file, and HDF5 itself never meets a full disk (it
-crashes on one). The schemas themselves are documented in docs/hdf5-schema.md.
+crashes on one). The schemas themselves are documented in docs/hdf5-schema.md; reading them back goes
+through bnprobe.schema.
 """
 
 from __future__ import annotations
@@ -29,16 +30,6 @@ def atomic_h5(path: Path, *, update: bool = False) -> Iterator[h5py.File]:
     with h5py.File(buffer, "r+" if existing else "w") as f:
         yield f
     atomic_write(path, lambda out: out.write(buffer.getbuffer()))
-
-
-def open_h5(path: Path) -> h5py.File:
-    """Open for reading, with a one-line error for a missing or damaged file."""
-    try:
-        return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise BnprobeError(f"no such file: {path}")
-    except OSError as exc:
-        raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})")
 
 
 def h5_format(path: Path) -> Optional[str]:

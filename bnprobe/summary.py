@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ from rich.table import Table
 
 from bnprobe import runs
 from bnprobe.errors import BnprobeError
-from bnprobe.store import open_h5
-from bnprobe.telemetry import FORMAT, telemetry_path
+from bnprobe.schema import TELEMETRY_FORMAT, check_telemetry, open_h5
+from bnprobe.telemetry import telemetry_path
+
+# The /epochs columns the results table shows (files from before eval-mode train accuracy lack two of them).
+SHOWN_EPOCH_FIELDS = ("epoch", "train_eval_acc", "train_acc", "test_acc", "gap", "train_eval_loss", "test_loss")
 
 
 def _table(title: str, *columns: str, numbers: bool = True) -> Table:
@@ -47,15 +51,17 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
         raise BnprobeError(f"no run directory at {run_dir}")
     config = runs.read_config(run_dir)
     path = telemetry_path(run_dir)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise BnprobeError(f"{run_dir} has no telemetry.h5 (it did not finish an epoch)")
     parts = []
-    with open_h5(path) as f:
-        if f.attrs.get("format") != FORMAT:
-            raise BnprobeError(f"{path} is not a bnprobe telemetry file")
-        epochs = {k: v[:] for k, v in f["epochs"].items()}
-        if not len(epochs.get("epoch", [])):
+    with open_h5(path, TELEMETRY_FORMAT) as f:
+        sizes = check_telemetry(f)  # every shape and type, before anything is read
+        if not sizes.epochs:
             raise BnprobeError(f"{run_dir} has not finished an epoch yet")
+        missing = [name for name in SHOWN_EPOCH_FIELDS if name not in f["epochs"]]
+        if missing:
+            raise BnprobeError(f"{path}: /epochs lacks {', '.join(missing)}")
+        epochs = {k: v[:] for k, v in f["epochs"].items()}
 
         settings = _table(f"Run {escape(run_dir.name)}", "setting", "value", numbers=False)  # values: paths too
         for key, value in config.to_dict().items():
@@ -73,8 +79,8 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
         results.add_row("largest gap", f"{epochs['gap'].max():+.2%} (epoch {int(epochs['epoch'][np.argmax(epochs['gap'])])})")
         parts.append(results)
 
-        steps = f["steps"]
-        if "grad_abs_mean" in steps:
+        steps = f.get("steps")
+        if sizes.steps and "grad_abs_mean" in steps:
             recorded_epoch = int(steps["epoch"][-1])
             in_last = steps["epoch"][:] == recorded_epoch
             # With few steps per epoch and --telemetry-every > 1, the last epoch may have no recorded step.
@@ -89,7 +95,7 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
             parts.append(groups)
 
             names = [n.decode() if isinstance(n, bytes) else n for n in f["params/name"][:]]
-            trainable = f["params/trainable"][:]
+            trainable = f["params/trainable"][:].astype(bool)
             if trainable.any() and top > 0:
                 per_tensor = np.full(len(names), np.nan)
                 per_tensor[trainable] = steps["grad_abs_mean"][in_last, :][:, trainable].mean(axis=0)

@@ -20,9 +20,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
+from bnprobe.schema import TELEMETRY_FORMAT
 from bnprobe.store import append_rows, atomic_h5, set_attrs, write_array
 
-FORMAT = "bnprobe-telemetry"
+FORMAT = TELEMETRY_FORMAT  # defined beside its reader, in bnprobe.schema
 VERSION = 1
 GROUPS = ("bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias")
 EPOCH_FIELDS = (

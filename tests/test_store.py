@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from bnprobe.errors import BnprobeError
-from bnprobe.store import append_rows, atomic_h5, open_h5, write_array
+from bnprobe.schema import open_h5
+from bnprobe.store import append_rows, atomic_h5, write_array
 
 
 def test_append_and_update_in_place_atomically(tmp_path):

@@ -1,0 +1,309 @@
+"""The one boundary for reading bnprobe's run files back from disk: config.json, metrics.json, and the HDF5
+files (telemetry.h5, probe.h5, ablation*.h5).
+
+Nothing is opened unless it is a regular file (a FIFO would block forever), JSON is read with a size bound,
+and an HDF5 file's layout (its format attribute, every dataset's shape and type) is checked against what the
+file's own sizes allow and a hard cap before any data is read, so a small file declaring billions of rows is
+refused at once instead of filling memory. Every violation is a BnprobeError of one line naming the file.
+No torch import: the report and inspect use it. The layouts are documented in docs/hdf5-schema.md and
+docs/probe-schema.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
+
+TELEMETRY_FORMAT = "bnprobe-telemetry"
+ABLATION_FORMAT = "bnprobe-ablation"
+PROBE_FORMAT = "bnprobe-probe"
+MAX_JSON_BYTES = 64 << 20  # a run's metrics.json grows ~300 bytes per epoch
+MAX_ELEMENTS = 1 << 26  # per dataset (512 MiB of float64); a real run's largest, steps x tensors, is far below
+MAX_EPOCHS = 1 << 20
+MAX_TENSORS = 1 << 16  # parameter tensors of a model; the deepest registry model has under 1,000
+MAX_TRAIN_IMAGES = 1 << 22  # bounds steps per epoch when the run used a whole data set (ImageNet: 1.28M)
+NUMBERS, INTEGERS = "biuf", "biu"  # numpy dtype kinds
+
+_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _kind_of(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "a special file"
+
+
+def regular_file(path: Path) -> Path:
+    """`path`, if it is (or links to) a regular file: anything else is refused before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BnprobeError(f"no such file: {path}") from None
+    except OSError as exc:  # a symlink loop, a path through a file, no permission
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise BnprobeError(f"{path} is not a regular file (it is {_kind_of(mode)})")
+    return Path(path)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in a regular file of at most MAX_JSON_BYTES of UTF-8 text."""
+    regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise BnprobeError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; not a bnprobe file")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BnprobeError(f"{path} is not readable JSON (not UTF-8 text: byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise BnprobeError(f"{path} is not readable JSON ({exc})") from None
+    except RecursionError:
+        raise BnprobeError(f"{path} is not readable JSON (nested too deeply)") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json as a plain dict: a JSON object whose known settings have TrainConfig's types. Unknown or
+    missing settings are left to the caller (the report shows runs of older and newer versions)."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise BnprobeError(f"{path} does not hold the run's settings (a JSON object), but {_json_type(config)}")
+    check_config_types(config, path)
+    return config
+
+
+def check_config_types(config: dict[str, Any], where: Any) -> None:
+    """Each known setting of `config` has the type of its TrainConfig field (bool is no int; null only for
+    Optional fields)."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in config:
+            continue
+        value, optional = config[f.name], f.type.startswith("Optional[")
+        kind = f.type.removeprefix("Optional[").removesuffix("]")
+        if value is None and optional:
+            continue
+        if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            expected = {"str": "text", "int": "an integer", "float": "a number", "bool": "true or false"}[kind]
+            raise BnprobeError(f"{where}: setting {f.name!r} must be {expected}{' or null' if optional else ''}, "
+                               f"not {shown}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BnprobeError(f"{where}: setting {f.name!r} must be a finite number, not {value}")
+
+
+def _json_type(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+        type(value), "null")
+
+
+# ---- HDF5 ----------------------------------------------------------------------------------------------------
+
+
+def open_h5(path: Path, format: Optional[str] = None):
+    """An h5py.File open for reading: a regular file, an HDF5 file, and with the `format` attribute if given."""
+    import h5py
+
+    regular_file(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+    if format is not None and file_format(f) != format:
+        f.close()
+        raise BnprobeError(f"{path} is not a {format} file")
+    return f
+
+
+def file_format(f) -> str:
+    """The file's `format` attribute; "" when it has none, or one that is not text."""
+    try:
+        value = f.attrs.get("format", "")
+    except (OSError, TypeError, ValueError):  # a type h5py cannot map
+        return ""
+    value = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return value if isinstance(value, str) else ""
+
+
+class Layout:
+    """Checks of one open HDF5 file's objects, each failure a one-line BnprobeError naming file and object."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def fail(self, message: str):
+        raise BnprobeError(f"{self.f.filename}: {message}")
+
+    def group(self, path: str, required: bool = True):
+        """The group at `path`, or None when it is absent and not `required`."""
+        import h5py
+
+        obj = self._get(path, required)
+        if obj is not None and not isinstance(obj, h5py.Group):
+            self.fail(f"/{path} is not a group")
+        return obj
+
+    def dataset(self, path: str, shape: tuple[Optional[int], ...], kinds: str = NUMBERS, required: bool = True):
+        """The dataset at `path`, if it has `shape` (None: any size, within the cap) and a dtype of `kinds`
+        ("str": text); None when it is absent and not `required`."""
+        import h5py
+
+        ds = self._get(path, required)
+        if ds is None:
+            return None
+        if not isinstance(ds, h5py.Dataset):
+            self.fail(f"/{path} is not a dataset")
+        if ds.is_virtual or ds.external:
+            self.fail(f"/{path} keeps its data in other files")
+        if len(ds.shape) != len(shape) or any(want is not None and got != want for got, want in zip(ds.shape, shape)):
+            wanted = "(" + ", ".join("n" if want is None else str(want) for want in shape) + ("," if len(shape) == 1 else "") + ")"
+            self.fail(f"/{path} has shape {ds.shape}, expected {wanted}")
+        if math.prod(ds.shape) > MAX_ELEMENTS:
+            self.fail(f"/{path} declares {math.prod(ds.shape):,} values, more than bnprobe ever writes ({MAX_ELEMENTS:,})")
+        text = h5py.check_string_dtype(ds.dtype) is not None
+        if (kinds == "str") != text or (not text and ds.dtype.kind not in kinds):
+            self.fail(f"/{path} holds {'text' if text else ds.dtype}, expected {'text' if kinds == 'str' else 'numbers'}")
+        return ds
+
+    def rows(self, path: str, limit: int, what: str, kinds: str = NUMBERS) -> int:
+        """The length of the 1-D dataset at `path` (0 if absent), at most `limit`."""
+        ds = self._get(path, required=False)
+        n = ds.shape[0] if getattr(ds, "ndim", 0) == 1 else 0
+        if n > limit:
+            self.fail(f"/{path} has {n:,} rows, more than {what} allow ({limit:,})")
+        self.dataset(path, (None,), kinds, required=False)
+        return n
+
+    def attr_int(self, name: str, path: str = "", required: bool = False) -> Optional[int]:
+        """An integer (or boolean) attribute of the object at `path` (a numpy scalar in h5py); None when it
+        is absent or of another kind and not `required`."""
+        value = self.f[path or "/"].attrs.get(name)
+        if getattr(value, "shape", None) == () and value.dtype.kind in INTEGERS:
+            return int(value)
+        if required:
+            self.fail(f"/{path} lacks the integer attribute {name!r}")
+        return None
+
+    def _get(self, path: str, required: bool):
+        import h5py
+
+        try:
+            link = self.f.get(path, getlink=True)
+        except (KeyError, ValueError, OSError, TypeError) as exc:
+            self.fail(f"/{path} cannot be read ({exc})")
+        if link is None:
+            if required:
+                self.fail(f"/{path} is missing")
+            return None
+        if not isinstance(link, h5py.HardLink):  # a soft or external link may point anywhere, even at itself
+            self.fail(f"/{path} is a link, not stored in the file")
+        try:
+            return self.f[path]
+        except (KeyError, ValueError, OSError, TypeError) as exc:
+            self.fail(f"/{path} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+
+
+@dataclass
+class TelemetrySizes:
+    epochs: int  # E: rows of /epochs
+    steps: int  # S: recorded steps
+    params: int  # P: parameter tensors
+    snapshots: int  # rows of /bn
+
+
+def check_telemetry(f) -> TelemetrySizes:
+    """Every dataset of a telemetry.h5 (format `bnprobe-telemetry`) has the shape and type the schema gives it,
+    with E <= the run's planned epochs, S <= what E epochs of its batches can have recorded, /bn rows <= E + 1."""
+    layout = Layout(f)
+    planned = layout.attr_int("config.epochs")
+    epochs_group = layout.group("epochs")
+    e = 0
+    for name in epochs_group:
+        e = max(e, layout.rows(f"epochs/{name}", min(MAX_EPOCHS, planned or MAX_EPOCHS), "the run's epochs"))
+    for name in epochs_group:
+        layout.dataset(f"epochs/{name}", (e,))
+    if "epoch" in epochs_group and not all(np.isfinite(epochs_group["epoch"][:])):
+        layout.fail("/epochs/epoch holds a value that is not a number")
+
+    p = layout.rows("params/name", MAX_TENSORS, "a model's tensors", "str")
+    layout.dataset("params/name", (p,), "str")
+    layout.dataset("params/group", (p,), "str")
+    layout.dataset("params/numel", (p,), INTEGERS)
+    layout.dataset("params/trainable", (p,))
+
+    s = 0
+    steps = layout.group("steps", required=False)
+    if steps is not None and "step" in steps:
+        batch, subset, every = (layout.attr_int(f"config.{k}") for k in ("batch_size", "subset", "telemetry_every"))
+        per_epoch = math.ceil((subset or MAX_TRAIN_IMAGES) / batch) if batch and batch > 0 else MAX_TRAIN_IMAGES
+        per_epoch = math.ceil(per_epoch / every) + 1 if every and every > 0 else per_epoch
+        s = layout.rows("steps/step", e * per_epoch, f"{e} epoch(s) of its batches")
+        layout.dataset("steps/step", (s,), INTEGERS)
+        layout.dataset("steps/epoch", (s,), INTEGERS)
+        layout.dataset("steps/grad_abs_mean", (s, p), required=False)
+        layout.dataset("steps/grad_l2", (s, p), required=False)
+        for group in layout.group("steps/groups"):
+            path = f"steps/groups/{group}"
+            layout.group(path)
+            for name in ("frozen", "numel", "tensors"):
+                layout.attr_int(name, path, required=True)
+            for name in ("grad_abs_mean", "grad_l2"):
+                layout.dataset(f"{path}/{name}", (s,))
+
+    b = 0
+    bn = layout.group("bn", required=False)
+    if bn is not None:
+        b = layout.rows("bn/epoch", e + 1, f"{e} epoch(s) and the initial state")
+        layout.dataset("bn/epoch", (b,), INTEGERS)
+        for layer in bn:
+            if layer == "epoch":
+                continue
+            layout.group(f"bn/{layer}")
+            for name in bn[layer]:
+                layout.dataset(f"bn/{layer}/{name}", (b, None))
+    return TelemetrySizes(epochs=e, steps=s, params=p, snapshots=b)
+
+
+def check_ablation(f) -> int:
+    """An ablation file's columns: all of one length T >= 1; returns T."""
+    layout = Layout(f)
+    t = layout.rows("values", MAX_ELEMENTS, "the cap")
+    if not t:
+        layout.fail("holds no ablation values")
+    for name in ("values", "test_acc"):
+        layout.dataset(name, (t,))
+    for name in ("clamped_fraction", "clamped", "train_acc"):
+        layout.dataset(name, (t,), required=False)
+    if "clamped_fraction" not in f and "clamped" not in f:
+        layout.fail("/clamped_fraction is missing")
+    return t
+
+
+def check_probe(f) -> int:
+    """A probe file's checkpoint groups, each `frac_below_all` as long as /taus; returns the number of groups."""
+    layout = Layout(f)
+    t = layout.rows("taus", MAX_ELEMENTS, "the cap")
+    if "taus" in f:
+        layout.dataset("taus", (t,))
+    checkpoints = layout.group("checkpoints")
+    for key in checkpoints:
+        layout.group(f"checkpoints/{key}")
+        layout.dataset(f"checkpoints/{key}/frac_below_all", (t,), required=False)
+    return len(checkpoints)
