@@ -49,7 +49,7 @@ from common import ArrayImageDataset, cpu_seconds, device_name, print_result, sy
 from bnprobe import runs  # noqa: E402
 from bnprobe.ablate import default_batch_size, sweep  # noqa: E402
 from bnprobe.config import TrainConfig  # noqa: E402
-from bnprobe.data import DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
+from bnprobe.data import DeviceDataset, DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
 from bnprobe.fold import ClampableModel, bn_layers, check_fold  # noqa: E402
 from bnprobe.loading import LoadOptions, load_eval_data, load_model  # noqa: E402
@@ -94,13 +94,17 @@ def make_checkpoint(path: Path, model_name: str, train_x: torch.Tensor, mean: to
 
 
 def bnprobe_sweep(checkpoint: Path, taus: list[float], device: torch.device, images: int, batch_size: int,
-                  data_dir: Optional[Path]) -> tuple[float, list[float], dict[str, float]]:
+                  data_dir: Optional[Path], synthetic: Optional[DeviceDataset],
+                  ) -> tuple[float, list[float], dict[str, float]]:
     """Everything `bnprobe ablate` does for the test set: load once, fold once, mask per threshold."""
     sync(device)
     started = time.perf_counter()
     options = LoadOptions(device=str(device), dataset="cifar10", data_dir=data_dir, download=False, verify=False)
     loaded = load_model(checkpoint, options, device)
-    data = load_eval_data(loaded, device, test_subset=images, cache=_DATA_CACHE)
+    # Synthetic data goes in through load_eval_data's cache, under the key it will look up (its data_dir is
+    # the checkpoint's, ./data, which holds no CIFAR-10 on a fresh clone).
+    cache = {} if synthetic is None else {(loaded.dataset, str(loaded.data_dir), images, str(device)): synthetic}
+    data = load_eval_data(loaded, device, test_subset=images, cache=cache)
     channels_last, memory_format = True, torch.channels_last  # as `bnprobe ablate`
     loader = DeviceLoader(data.test_x, data.test_y, data.mean, data.std, batch_size, channels_last=channels_last)
     clampable = ClampableModel(loaded.model, fold=True).to(device, memory_format=memory_format)
@@ -113,9 +117,6 @@ def bnprobe_sweep(checkpoint: Path, taus: list[float], device: torch.device, ima
     seconds = time.perf_counter() - started
     return seconds, result.metrics["test_acc"].tolist(), {"load_and_fold": load_seconds, "sweep": result.seconds,
                                                           "evaluations": result.evaluations}
-
-
-_DATA_CACHE: dict = {}  # the synthetic data set is handed to load_eval_data through this (see main)
 
 
 def naive_sweep(checkpoint: Path, taus: list[float], device: torch.device, images_np: np.ndarray,
@@ -200,6 +201,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     data_dir = Path(args.data_dir) if args.data_dir else None
     spec = get_dataset_spec("cifar10")
+    synthetic = None
     if data_dir:
         data = load_dataset("cifar10", data_dir, device=device, normalize="per-channel", test_subset=images,
                             download=False, verify=False)
@@ -212,11 +214,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         to = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         train_x = to(train_np)
         mean, std = (t.to(device) for t in normalization_stats(train_x, "per-channel"))
-        from bnprobe.data import DeviceDataset
-
-        data = DeviceDataset(spec, train_x, to(rng.integers(0, 10, 2048)), to(test_np),
-                             to(rng.integers(0, 10, images)), mean, std)
-        _DATA_CACHE[("cifar10", "None", images, str(device))] = data
+        data = synthetic = DeviceDataset(spec, train_x, to(rng.integers(0, 10, 2048)), to(test_np),
+                                         to(rng.integers(0, 10, images)), mean, std)
         data_desc = f"synthetic uint8 CIFAR-shaped ({images:,} test images)"
     test_np, labels_np = data.test_x.cpu().numpy(), data.test_y.cpu().numpy()
 
@@ -229,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             f"naive batch {args.naive_batch_size} with {args.workers} workers; {args.rounds} round(s)"
         )
         # Warm-up (untimed): kernels, cudnn autotuning and the page cache for both paths.
-        bnprobe_sweep(checkpoint, taus[:1], device, images, batch_size, data_dir)
+        bnprobe_sweep(checkpoint, taus[:1], device, images, batch_size, data_dir, synthetic)
         naive_sweep(checkpoint, taus[:1], device, test_np[:512], labels_np[:512], args.naive_batch_size, 0)
 
         timings: dict[str, list[float]] = {"bnprobe": [], "naive": []}
@@ -239,7 +238,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for r in range(args.rounds):
             for name in (("naive", "bnprobe") if r % 2 == 0 else ("bnprobe", "naive")):
                 if name == "bnprobe":
-                    seconds, accuracy[name], detail = bnprobe_sweep(checkpoint, taus, device, images, batch_size, data_dir)
+                    seconds, accuracy[name], detail = bnprobe_sweep(checkpoint, taus, device, images, batch_size,
+                                                                    data_dir, synthetic)
                 else:
                     seconds, accuracy[name] = naive_sweep(checkpoint, taus, device, test_np, labels_np,
                                                           args.naive_batch_size, args.workers)

@@ -31,7 +31,8 @@ from matplotlib.ticker import (Formatter, FuncFormatter, LogLocator, MaxNLocator
                                NullLocator)
 
 SVG_NAMESPACE, XLINK_NAMESPACE = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
-SVG_STYLE, SVG_GROUP, SVG_METADATA = (f"{{{SVG_NAMESPACE}}}{tag}" for tag in ("style", "g", "metadata"))
+SVG_STYLE, SVG_GROUP, SVG_METADATA, SVG_TITLE, SVG_USE = (
+    f"{{{SVG_NAMESPACE}}}{tag}" for tag in ("style", "g", "metadata", "title", "use"))
 NO_ROTATION = re.compile(r"rotate\(-?0 [-\d.e]+ [-\d.e]+\)")
 
 PAGE_WIDTH_IN = 7.0  # A4 minus 15 mm margins is 7.09 in: figures print at 100 %, fonts at their size
@@ -108,11 +109,40 @@ def new_figure(height_in: float, width_in: float = PAGE_WIDTH_IN) -> Iterator[Fi
         yield Figure(figsize=(width_in, height_in))
 
 
+def hover(artist, title: str, points: Optional[Sequence[str]] = None) -> None:
+    """Values shown on hover in a browser: `title` on the whole line (or patch), and `points`, one per data
+    point, on its markers. They become SVG <title> elements in to_svg."""
+    titles = artist.figure.__dict__.setdefault("hover_titles", {})
+    gid = f"hover-{len(titles)}"
+    artist.set_gid(gid)
+    titles[gid] = (title, list(points or ()))
+
+
+def _add_titles(root: ET.Element, titles: dict[str, tuple[str, list[str]]]) -> None:
+    for group in root.iter(SVG_GROUP):
+        if group.get("id") not in titles:
+            continue
+        title, points = titles[group.attrib.pop("id")]
+        group.set("class", "hover")  # an attribute keeps the group (and its title) through _unwrap_plain_groups
+        group.insert(0, _title(title))
+        markers = list(group.iter(SVG_USE))
+        if len(markers) == len(points):  # a marker clipped away would shift the rest: then the line's title only
+            for marker, text in zip(markers, points):
+                marker.append(_title(text))
+
+
+def _title(text: str) -> ET.Element:
+    element = ET.Element(SVG_TITLE)
+    element.text = text
+    return element
+
+
 def to_svg(fig: Figure, key: str) -> SvgFigure:
     buffer = io.StringIO()
     with mpl.rc_context({**STYLE, "svg.hashsalt": f"bnprobe-report:{key}"}):
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     root = ET.fromstring(buffer.getvalue())  # parsing drops the XML prolog and DOCTYPE, invalid inside HTML
+    _add_titles(root, fig.__dict__.get("hover_titles", {}))
     _simplify(root)
     root.set("class", "plot")
     root.set("role", "img")
@@ -232,6 +262,24 @@ def window_means(x: np.ndarray, y: np.ndarray, max_points: int = MAX_CURVE_POINT
     return means[0], means[1]
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def hover_curve(line, name: str, xs: Sequence[float], ys: Sequence[float], x_name: str, fmt=_percent,
+                x_fmt=lambda x: f"{x:.4g}") -> None:
+    """Hover values of a curve: each point's on its markers; on the line, where it starts, ends and peaks."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if not len(xs):
+        return
+    at = lambda i: f"{fmt(ys[i])} at {x_name} {x_fmt(xs[i])}"  # noqa: E731
+    title = f"{name}: {at(0)}" if len(xs) == 1 else f"{name}: {at(0)} → {at(-1)}"
+    finite = np.flatnonzero(np.isfinite(ys))
+    if len(xs) > 2 and len(finite):
+        title += f"; highest {at(int(finite[np.argmax(ys[finite])]))}"
+    hover(line, title, [f"{name}, {x_name} {x_fmt(x)}: {fmt(y)}" for x, y in zip(xs, ys)])
+
+
 # ---- the per-run page: accuracy curves, gradient magnitudes, γ histogram, fraction |γ| < τ by layer ----
 
 
@@ -252,11 +300,15 @@ def _accuracy_curves(ax, run) -> None:
     epochs = h["epoch"]
     marker = "o" if len(epochs) <= 12 else None
     ax.set_title("Accuracy per epoch", loc="left")
-    ax.plot(epochs, h["test_acc"], color="#d62728", label="test", marker=marker, markersize=3)
+    [line] = ax.plot(epochs, h["test_acc"], color="#d62728", label="test", marker=marker, markersize=3)
+    hover_curve(line, "test accuracy", epochs, h["test_acc"], "epoch")
     if "train_eval_acc" in h:
-        ax.plot(epochs, h["train_eval_acc"], color="#1f77b4", label="train (eval)", marker=marker, markersize=3)
+        [line] = ax.plot(epochs, h["train_eval_acc"], color="#1f77b4", label="train (eval)", marker=marker,
+                         markersize=3)
+        hover_curve(line, "train accuracy (eval)", epochs, h["train_eval_acc"], "epoch")
     if "train_acc" in h:
-        ax.plot(epochs, h["train_acc"], color="#1f77b4", alpha=0.45, linestyle=":", label="train (running)")
+        [line] = ax.plot(epochs, h["train_acc"], color="#1f77b4", alpha=0.45, linestyle=":", label="train (running)")
+        hover_curve(line, "train accuracy (running)", epochs, h["train_acc"], "epoch")
     ax.set_xlabel("epoch")
     percent_axis(ax)
     ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
@@ -273,7 +325,8 @@ def _gradient_curves(ax, run) -> None:
     ax.set_title(title, loc="left")
     for i, (group, values) in enumerate(run.grad_groups.items()):
         steps, means = window_means(run.grad_steps, values)
-        ax.plot(steps, means, color=color_for(group, GROUP_COLORS, i), label=group)
+        [line] = ax.plot(steps, means, color=color_for(group, GROUP_COLORS, i), label=group)
+        hover_curve(line, f"{group} mean |dL/dw|", steps, means, "step", fmt=lambda v: f"{v:.3g}")
     log_axis(ax)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
     ax.xaxis.set_major_formatter(FuncFormatter(short_number))
@@ -295,15 +348,24 @@ def _gamma_histogram(ax, run) -> None:
     edges = np.linspace(lo, hi, 41)
     ax.set_title(title, loc="left")
     if init is not None:
-        ax.hist(init, bins=edges, histtype="step", color="#7f7f7f", linewidth=1.0, label="initialisation")
+        _, _, [patch] = ax.hist(init, bins=edges, histtype="step", color="#7f7f7f", linewidth=1.0,
+                                label="initialisation")
+        hover(patch, _gamma_summary("γ at initialisation", init))
     # stepfilled: one path, not one rectangle per bin (fewer SVG nodes for WeasyPrint to draw)
-    ax.hist(final, bins=edges, histtype="stepfilled", color="#d62728", alpha=0.7, label=f"epoch {run.gamma_epoch}")
+    _, _, [patch] = ax.hist(final, bins=edges, histtype="stepfilled", color="#d62728", alpha=0.7,
+                            label=f"epoch {run.gamma_epoch}")
+    hover(patch, _gamma_summary(f"γ after epoch {run.gamma_epoch}", final))
     ax.axvline(0, color="black", linewidth=0.6)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
     ax.set_xlabel("γ")
     ax.set_ylabel("channels")
     ax.yaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
     ax.legend(loc="best")
+
+
+def _gamma_summary(what: str, gamma: np.ndarray) -> str:
+    return (f"{what}: {gamma.size:,} channels, median {np.median(gamma):.3g}, "
+            f"range {gamma.min():.3g} … {gamma.max():.3g}")
 
 
 def _gamma_fraction_by_layer(ax, run, taus: Sequence[float]) -> None:
@@ -315,9 +377,13 @@ def _gamma_fraction_by_layer(ax, run, taus: Sequence[float]) -> None:
     layers = np.arange(len(run.gamma_final))
     for i, tau in enumerate(taus):  # the fractions over all layers are in the caption
         fractions = [float(np.mean(np.abs(g) < tau)) if g.size else 0.0 for g in run.gamma_final]
-        ax.plot(layers, fractions, color="#d62728", linestyle=TAU_STYLES[i % len(TAU_STYLES)],
-                marker="o" if len(layers) <= 12 else None, markersize=2.5,
-                alpha=1.0 - 0.2 * (i % 3), label=f"τ = {tau:g}")
+        [line] = ax.plot(layers, fractions, color="#d62728", linestyle=TAU_STYLES[i % len(TAU_STYLES)],
+                         marker="o" if len(layers) <= 12 else None, markersize=2.5,
+                         alpha=1.0 - 0.2 * (i % 3), label=f"τ = {tau:g}")
+        names = run.gamma_layers if len(run.gamma_layers) == len(layers) else [f"layer {k}" for k in layers]
+        top = int(np.argmax(fractions))
+        hover(line, f"|γ| < {tau:g}: highest in {names[top]} ({_percent(fractions[top])})",
+              [f"{name}: {_percent(f)} with |γ| < {tau:g}" for name, f in zip(names, fractions)])
     ax.set_xlabel("BN layer (input → output)")
     # Zoomed to the data (at least 0-10%): a curve at 2% is invisible on a 0-100% axis.
     highest = max(float(np.mean(np.abs(g) < max(taus))) if g.size else 0.0 for g in run.gamma_final)
@@ -339,6 +405,9 @@ class DepthPanel:
 
 
 def accuracy_vs_depth(panels: Sequence[DepthPanel], key: str) -> Optional[SvgFigure]:
+    """One panel per architecture run at two depths or more (a single depth would be an almost empty chart);
+    None when there is none."""
+    panels = [p for p in panels if len({d for points in p.lines.values() for d in points}) > 1]
     if not panels:
         return None
     columns = 1 if len(panels) == 1 else 2
@@ -356,8 +425,12 @@ def accuracy_vs_depth(panels: Sequence[DepthPanel], key: str) -> Optional[SvgFig
                 highs = np.array([np.max(points[d]) for d in xs]) - means
                 color = color_for(freeze, FREEZE_COLORS, i)
                 dashed = "bn=" in label  # another BN variant of the same freeze mode
-                ax.errorbar(xs, means, yerr=[lows, highs] if (lows + highs).any() else None, color=color, marker="o",
-                            linestyle="--" if dashed else "-", capsize=2, label=label)
+                bars = ax.errorbar(xs, means, yerr=[lows, highs] if (lows + highs).any() else None, color=color,
+                                   marker="o", linestyle="--" if dashed else "-", capsize=2, label=label)
+                hover(bars.lines[0], f"freeze {label}", [
+                    f"{label}, depth {d}: {_percent(m)}" + (
+                        f" (mean of {len(points[d])} runs, {_percent(min(points[d]))} … {_percent(max(points[d]))})"
+                        if len(points[d]) > 1 else "") for d, m in zip(xs, means)])
             if len(depths) > 1 and depths[-1] / max(1, depths[0]) >= 4:
                 ax.set_xscale("log")
             ax.set_xticks(depths)
@@ -390,8 +463,10 @@ def ablation_curves(curves: Sequence[AblationCurve], key: str) -> Optional[SvgFi
     if not curves:
         return None
     by_freeze = len(curves) > len(EXTRA_COLORS)  # too many for one colour and legend entry each
+    thresholds = any(c.mode == "threshold" for c in curves)
     with new_figure(3.1) as fig:
-        left, right = fig.subplots(1, 2)
+        # Accuracy vs τ only when some sweep has τ: an empty panel says nothing.
+        left, right = fig.subplots(1, 2) if thresholds else (None, fig.subplots())
         fig.subplots_adjust(left=0.08, right=0.985, bottom=0.15, top=0.91, wspace=0.22)
         shown_freeze: set[str] = set()
         for i, curve in enumerate(curves):
@@ -403,20 +478,22 @@ def ablation_curves(curves: Sequence[AblationCurve], key: str) -> Optional[SvgFi
                 label = curve.label
             marker = "o" if len(curve.values) <= 25 else None
             order = np.argsort(curve.clamped_fraction, kind="stable")
-            right.plot(curve.clamped_fraction[order], curve.test_acc[order], color=color, marker=marker,
-                       markersize=2.5, label=label)
+            [line] = right.plot(curve.clamped_fraction[order], curve.test_acc[order], color=color, marker=marker,
+                                markersize=2.5, label=label)
+            hover_curve(line, f"{curve.label} test accuracy", curve.clamped_fraction[order], curve.test_acc[order],
+                        "clamped", x_fmt=_percent)
             if curve.train_acc is not None and not by_freeze:
                 right.plot(curve.clamped_fraction[order], curve.train_acc[order], color=color, linestyle=":",
                            alpha=0.7)
             if curve.mode == "threshold":
-                left.plot(curve.values, curve.test_acc, color=color, marker=marker, markersize=2.5, label=label)
+                [line] = left.plot(curve.values, curve.test_acc, color=color, marker=marker, markersize=2.5,
+                                   label=label)
+                hover_curve(line, f"{curve.label} test accuracy", curve.values, curve.test_acc, "τ")
                 if curve.train_acc is not None and not by_freeze:
                     left.plot(curve.values, curve.train_acc, color=color, linestyle=":", alpha=0.7)
-        left.set_title("Accuracy vs τ (γ := 0 where |γ| < τ)", loc="left")
-        left.set_xlabel("τ")
-        if not any(c.mode == "threshold" for c in curves):
-            empty_panel(left, "Accuracy vs τ", "no threshold sweeps (--clamp-gamma)")
-        else:
+        if thresholds:
+            left.set_title("Accuracy vs τ (γ := 0 where |γ| < τ)", loc="left")
+            left.set_xlabel("τ")
             left.set_ylabel("accuracy")
             percent_axis(left)
             left.legend(loc="lower left")

@@ -196,7 +196,9 @@ def test_pdf_pages_and_text(report_pdf):
         assert text in overview, text
     for name, reason in BROKEN.items():
         assert name in overview and reason.split(":")[0] in overview, name
-    assert "Accuracy vs depth" in across and "CIFAR ResNet on digits" in across  # the figure's own text
+    # Both runs are resnet8: a chart of one depth says nothing, so it is left out with the reason.
+    assert "Accuracy vs depth" in across and "No chart: it needs runs of one architecture" in across
+    assert "CIFAR ResNet on digits" not in across
     assert "Clamp-to-zero ablations" in across and "ablation.h5 full" in across  # file, then its run
     for name, page in zip(("full", "bn-only"), run_pages):
         assert page.lstrip().startswith(name), page[:80]
@@ -209,7 +211,7 @@ def test_pdf_pages_and_text(report_pdf):
 
 def test_html_is_self_contained_with_inline_svg(report_html):
     html = report_html.read_text(encoding="utf-8")
-    assert html.count("<svg ") == 4  # two runs, accuracy vs depth, ablations
+    assert html.count("<svg ") == 3  # two runs and the ablations (accuracy vs depth: one depth, left out)
     assert "&lt;svg" not in html and "<?xml" not in html
     assert "<link" not in html and "src=\"http" not in html  # nothing to fetch: one file to share
     for name, reason in BROKEN.items():
@@ -307,6 +309,114 @@ def test_html_renders_in_headless_chromium(report_html, chromium, tmp_path):
     colours = np.unique(pixels.reshape(-1, 3), axis=0)
     assert len(colours) > 200, len(colours)  # text, table stripes, coloured chips and the first figures
     assert (pixels < 200).any(axis=2).mean() > 0.02  # more than a blank page with a title
+
+
+def in_chromium(chromium: str, html: Path, script: str, tmp_path: Path) -> dict:
+    """Open `html` in headless Chromium, run `script` (it leaves JSON in `result`) once the page has loaded,
+    and return that JSON: the page is driven as a reader would, by clicks on its own elements."""
+    page = tmp_path / "driven.html"
+    probe = ("<script>window.addEventListener('load', function () { var result = {};\n" + script +
+             "\nvar out = document.createElement('pre'); out.id = 'probe-result';"
+             " out.textContent = JSON.stringify(result); document.body.appendChild(out); });</script>")
+    page.write_text(html.read_text(encoding="utf-8").replace("</body>", probe + "</body>"), encoding="utf-8")
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,700", "--virtual-time-budget=5000",
+         "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    found = re.search(r'<pre id="probe-result">(.*?)</pre>', result.stdout, re.S)
+    assert found, result.stderr[-2000:]
+    import html as html_module
+
+    return json.loads(html_module.unescape(found.group(1)))
+
+
+NAMES_IN_TABLE = ("var names = () => Array.from(document.querySelectorAll('table.runs tbody tr'),"
+                  " r => r.cells[0].textContent.trim());")
+
+
+def test_html_run_rows_link_to_their_sections_and_back(report_html, chromium, tmp_path):
+    result = in_chromium(chromium, report_html, NAMES_IN_TABLE + """
+        var row = document.querySelectorAll('table.runs tbody tr')[1];
+        result.name = row.cells[0].textContent.trim();
+        row.cells[3].click();  // anywhere on the row, not only its link
+        var section = document.getElementById(location.hash.slice(1));
+        result.hash = location.hash; result.heading = section.querySelector('h2').textContent;
+        result.top = section.getBoundingClientRect().top; result.scrolled = window.scrollY;
+        section.querySelector('a.back').click();
+        result.back = location.hash; result.rowTop = row.getBoundingClientRect().top;
+        document.querySelector('nav.toc a[href="#ablations"]').click();
+        result.toc = document.getElementById('ablations').getBoundingClientRect().top;
+    """, tmp_path)
+    assert result["hash"].startswith("#run-") and result["heading"] == result["name"], result
+    assert abs(result["top"]) < 2 and result["scrolled"] > 500, result  # the section's heading at the top
+    assert result["back"] == "#row-2" and abs(result["rowTop"]) < 2, result  # back on the row it came from
+    assert abs(result["toc"]) < 2, result
+
+
+def test_html_run_table_sorts_by_any_column(report_html, runs_root, chromium, tmp_path):
+    runs = {run.name: run for run in collect([runs_root], taus=DEFAULT_TAUS).runs}
+    result = in_chromium(chromium, report_html, NAMES_IN_TABLE + """
+        var headings = Array.from(document.querySelectorAll('table.runs thead th'));
+        result.before = names();
+        for (var text of ['test acc', 'trainable params', 'run']) {
+            var heading = headings.find(th => th.textContent.trim() === text);
+            heading.click(); result[text + ' up'] = names();
+            heading.click(); result[text + ' down'] = names();
+        }
+    """, tmp_path)
+    for column, key in (("test acc", lambda n: runs[n].test_acc), ("trainable params", lambda n: runs[n].trainable),
+                        ("run", lambda n: n)):
+        assert result[f"{column} up"] == sorted(runs, key=key), (column, result)
+        assert result[f"{column} down"] == sorted(runs, key=key, reverse=True), (column, result)
+    assert result["test acc up"] != result["test acc down"]  # two runs of different accuracy: sorting moves them
+
+
+def test_html_figures_show_values_on_hover(report_html):
+    html = report_html.read_text(encoding="utf-8")
+    # Each epoch's test accuracy on its marker (two runs of two epochs), each layer's fraction |γ| < τ, each
+    # ablation point, and a summary on lines without markers.
+    assert len(re.findall(r"<title>test accuracy, epoch [12]: \d+\.\d%</title>", html)) == 4
+    assert re.search(r"<title>layer1\.0\.bn1: \d+\.\d% with \|γ\| &lt; 0\.05</title>", html)
+    assert re.search(r"<title>full \(τ\) test accuracy, τ 0\.2: 30\.0%</title>", html)
+    assert "<title>bn_gamma mean |dL/dw|: " in html
+
+
+def test_figures_without_information_are_left_out():
+    from bnprobe.figures import AblationCurve, DepthPanel, ablation_curves, accuracy_vs_depth
+
+    one_depth = DepthPanel("CIFAR ResNet on digits", {("none", "none"): {8: [0.5, 0.6]}})
+    two_depths = DepthPanel("VGG on digits", {("none", "none"): {11: [0.7]}, ("bn", "bn"): {11: [0.6], 16: [0.65]}})
+    assert accuracy_vs_depth([one_depth], "depth") is None
+    svg = accuracy_vs_depth([one_depth, two_depths], "depth").svg
+    assert "VGG on digits" in svg and "CIFAR ResNet" not in svg
+    fractions = AblationCurve("run (p)", "none", "fraction", np.linspace(0, 0.5, 3), np.linspace(0, 0.5, 3),
+                              np.array([0.9, 0.7, 0.2]), None, 0.9)
+    svg = ablation_curves([fractions], "ablation").svg  # no threshold sweep: no accuracy-vs-τ panel
+    assert "Accuracy vs fraction clamped" in svg and "Accuracy vs τ" not in svg and "no threshold sweeps" not in svg
+    thresholds = AblationCurve("run (τ)", "none", "threshold", np.linspace(0, 0.2, 3), np.linspace(0, 0.5, 3),
+                               np.array([0.9, 0.7, 0.2]), None, 0.9)
+    assert "Accuracy vs τ" in ablation_curves([fractions, thresholds], "ablation").svg
+
+
+def test_pdf_bookmarks_one_per_run_and_contents_with_pages(report_pdf):
+    from pypdf import PdfReader
+
+    path, _ = report_pdf
+    reader = PdfReader(path)
+
+    def titles(outline) -> list[str]:
+        return [t for item in outline for t in (titles(item) if isinstance(item, list) else [item.title])]
+
+    bookmarks = titles(reader.outline)
+    assert bookmarks.count("full") == 1 and bookmarks.count("bn-only") == 1, bookmarks
+    assert "Contents" not in bookmarks and "Runs" in bookmarks and "Clamp-to-zero ablations" in bookmarks, bookmarks
+    runs = [item for item in reader.outline[1] if item.title in ("full", "bn-only")]
+    assert {reader.get_destination_page_number(item) for item in runs} == {2, 3}  # each run's bookmark: its page
+    overview = " ".join(reader.pages[0].extract_text().split())
+    assert re.search(r"full \.+ 3 bn-only \.+ 4", overview), overview  # the contents give page numbers
 
 
 # ---- bad input: one line, no traceback ---------------------------------------------------------------------
