@@ -4,6 +4,8 @@ every command that loads a checkpoint."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import struct
 
 import h5py
 import numpy as np
@@ -31,6 +33,13 @@ def random_features_run(tmp_path_factory):
     return _RF[key]
 
 
+def read_header(path):
+    """(length, JSON) of a safetensors file's header, read by hand: 8 bytes of length, then the JSON."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return size, json.loads(f.read(size))
+
+
 def export(capsys, run, out, *flags):
     code, stdout, err = run_cli(capsys, "export", run, "-o", out, *flags)
     assert code == 0, err
@@ -55,12 +64,18 @@ def test_compact_export_is_small_and_reads_back_bit_exactly(capsys, tmp_path, tm
     compact, full = (tmp_path / "compact.safetensors").stat().st_size, (tmp_path / "full.safetensors").stat().st_size
     assert compact * 15 < full
     assert f"{compact:,} bytes instead of {full:,}" in out and f"({full / compact:.0f}x smaller)" in out
-    stored = load_file(str(tmp_path / "compact.safetensors"))
-    assert not any(name.endswith("conv1.weight") for name in stored)  # frozen convs are not in the file
-    if which == "random-features":  # 2 trained weights per output channel, the rest regenerated
-        whole = load_file(str(tmp_path / "full.safetensors"))
-        masked = [name for name in stored if name.endswith("#masked")]
-        assert masked and all(stored[n].shape == (2 * whole[n.removesuffix("#masked")].shape[0],) for n in masked)
+    # Only what trained, and next to nothing besides: BN's four vectors and its counter, plus, for random features,
+    # 2 trained weights per output channel of every conv; packed one tensor per dtype, so the file is those
+    # numbers' bytes, the metadata, and two short tensor entries.
+    whole = load_file(str(tmp_path / "full.safetensors"))
+    bn = {name.rpartition(".")[0] for name in whole if name.endswith(".running_var")}
+    numbers = sum(t.numel() * t.element_size() for name, t in whole.items() if name.rpartition(".")[0] in bn)
+    if which == "random-features":
+        numbers += sum(2 * t.shape[0] * t.element_size() for t in whole.values() if t.dim() == 4)
+    header_size, header = read_header(tmp_path / "compact.safetensors")
+    metadata = header.pop("__metadata__")
+    assert sorted(header) == ["float32", "int64"] and compact == 8 + header_size + numbers
+    assert header_size < len(json.dumps(metadata)) + 200
     original = load_model(run, LoadOptions(device="cpu"))
     for name in ("compact", "full"):
         same_model(original, load_model(tmp_path / f"{name}.safetensors", LoadOptions(device="cpu")))
@@ -164,8 +179,13 @@ def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
     assert frozen_digest(initial, stored, masks) != digests[0]  # and the seed is what decides them
 
 
-@pytest.mark.parametrize("key, value", [("epoch", "two"), ("config", "[1, 2]"), ("config", "{not json")])
-def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_factory, key, value):
+@pytest.mark.parametrize("key, value, pattern", [
+    ("epoch", "two", "damaged bnprobe export metadata"), ("config", "[1, 2]", "bad.safetensors"),
+    ("config", "{not json", "damaged bnprobe export metadata"),
+    ("layout_sha256", "0" * 64, "are not the ones the file packed"),
+    ("version", "1", "a compact file of format version 1; this bnprobe reads version 2"),
+])
+def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_factory, key, value, pattern):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -175,4 +195,25 @@ def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_
         metadata = {**f.metadata(), key: value}
     save_file(load_file(tmp_path / "good.safetensors"), tmp_path / "bad.safetensors", metadata=metadata)
     code, _, err = run_cli(capsys, "probe", tmp_path / "bad.safetensors", "--out", tmp_path / "p.h5")
-    assert_one_line_error(code, err, "bad.safetensors")
+    assert_one_line_error(code, err, pattern)
+    assert "bad.safetensors" in err
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda t: {**t, "float32": t["float32"][:-1]}, "damaged compact file: its packed tensors (float32 ("),
+    (lambda t: {"float32": t["float32"]}, "do not hold the"),
+    (lambda t: {**t, "int64": t["int64"].float()}, "damaged compact file"),
+])
+def test_a_compact_file_whose_packed_tensors_do_not_fit_is_one_line(capsys, tmp_path, tmp_path_factory, damage,
+                                                                     pattern):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    export(capsys, run, tmp_path / "good.safetensors", "--compact")
+    with safe_open(tmp_path / "good.safetensors", "pt") as f:
+        metadata = f.metadata()
+    save_file(damage(load_file(tmp_path / "good.safetensors")), tmp_path / "bad.safetensors", metadata=metadata)
+    code, _, err = run_cli(capsys, "ablate", tmp_path / "bad.safetensors", "--clamp-gamma", "0.1", "--device", "cpu",
+                           "--out", tmp_path / "a.h5")
+    assert_one_line_error(code, err, pattern)
