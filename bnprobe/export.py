@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from bnprobe import runs
+from bnprobe import runs, schema
 from bnprobe.errors import BnprobeError
 
-COMPACT_FORMAT = "bnprobe-compact"
-FULL_FORMAT = "bnprobe-export"
+COMPACT_FORMAT, FULL_FORMAT = schema.COMPACT_FORMAT, schema.EXPORT_FORMAT  # defined beside their reader
 VERSION = "2"  # 2: a compact file's tensors packed one flat tensor per dtype (1 was never released)
 
 
@@ -160,12 +159,8 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
     of a compact file regenerated from the seed and checked against the stored hash."""
     from bnprobe.config import TrainConfig
 
-    try:
-        config_dict = json.loads(metadata["config"])
-        config = TrainConfig.from_dict(config_dict, f"{path}: config")
-        epoch = int(metadata.get("epoch", 0))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise BnprobeError(f"{path}: damaged bnprobe export metadata ({exc})")
+    config_dict, epoch = schema.export_fields(metadata, path)
+    config = TrainConfig.from_dict(config_dict, f"{path}: config")
     tensors = {name: f.get_tensor(name) for name in f.keys()}
     if metadata["format"] == COMPACT_FORMAT:
         if metadata.get("version") != VERSION:

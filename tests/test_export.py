@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 
 import h5py
@@ -217,3 +218,36 @@ def test_a_compact_file_whose_packed_tensors_do_not_fit_is_one_line(capsys, tmp_
     code, _, err = run_cli(capsys, "ablate", tmp_path / "bad.safetensors", "--clamp-gamma", "0.1", "--device", "cpu",
                            "--out", tmp_path / "a.h5")
     assert_one_line_error(code, err, pattern)
+
+
+def test_report_lists_exported_models_from_their_headers(capsys, tmp_path, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    models = tmp_path / "models"
+    models.mkdir()
+    export(capsys, run, models / "compact.safetensors", "--compact")
+    export(capsys, run, models / "full.safetensors")
+    save_file({"w": torch.ones(3)}, models / "theirs.safetensors")  # not bnprobe's: not an export, not an error
+    (models / "broken.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 1000]}}).encode()
+    (models / "short.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    _, good = read_header(models / "compact.safetensors")
+    good["__metadata__"]["config"] = json.dumps({"model": "resnet8", "seed": "zero"})
+    header = json.dumps(good).encode()
+    (models / "config.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(1 << 20))
+    code, out, err = run_cli(capsys, "report", models, "-o", tmp_path / "report.html")
+    assert code == 0, err
+    assert "2 exported models" in out and "skipped broken.safetensors: broken.safetensors is not a safetensors" in out
+    assert "skipped short.safetensors: short.safetensors: damaged safetensors header at tensor 'w'" in out
+    assert "skipped config.safetensors: config.safetensors: config: setting 'seed' must be an integer" in out
+    html = (tmp_path / "report.html").read_text()
+    section = html[html.index("<h2>Exported models</h2>"):]
+    rows = section[: section.index("</tbody>")].split("<tr>")[2:]
+    assert len(rows) == 2 and "theirs" not in section
+    compact, full = (models / "compact.safetensors").stat().st_size, (models / "full.safetensors").stat().st_size
+    for row, name, size, ratio in ((rows[0], "compact", compact, full / compact), (rows[1], "full", full, 1)):
+        numbers = sum(t.numel() for t in load_file(models / f"{name}.safetensors").values())
+        cells = [re.sub("<[^>]*>", "", cell) for cell in re.findall("<td[^>]*>(.*?)</td>", row)]
+        assert cells == [f"{name}.safetensors", "resnet8", "digits", "non-bn", "0", "2", name, f"{numbers:,}",
+                         f"{size:,}", f"{ratio:.0f}x"], cells
