@@ -6,10 +6,11 @@ training changed (the trainable tensors, the masked elements of random-features 
 BN running statistics), plus the run's config, seed, torch version and a SHA-256 of the frozen tensors as
 regenerated from the seed. Its tensors are packed into one flat tensor per dtype, in an order derived from the
 regenerated model (packed_layout), so the file holds no per-tensor header (safetensors' ~80 bytes a tensor were
-most of a BN-only file) and its size approaches that of the numbers it stores. Reading a compact file regenerates those tensors on the CPU (fork_rng, a seeded
-init: independent of the device and of threads) and checks the hash: if another torch version drew other
-numbers, that is a one-line error, never silently different weights. Without `--compact` the file is the
-plain full state dict (loadable by any tool), with the same metadata.
+most of a BN-only file) and its size approaches that of the numbers it stores (docs/export-format.md). Reading
+a compact file regenerates those tensors on the CPU (fork_rng, a seeded init: independent of the device and of
+threads) and checks the hash: if another torch version drew other numbers, that is a one-line error, never
+silently different weights. Without `--compact` the file is the plain full state dict (loadable by any tool),
+with the same metadata.
 """
 
 from __future__ import annotations
