@@ -340,9 +340,10 @@ def report(
         return f"{n} {what}{'' if n == 1 else 's'}"
 
     pages = f", {count(summary.pages, 'page')}" if summary.pages else ""
+    exports = f", {count(summary.exports, 'exported model')}" if summary.exports else ""
     console.print(f"Wrote [bold]{escape(str(output))}[/] ({count(summary.runs, 'run')}, {len(summary.skipped)} "
                   f"skipped, {count(summary.ablations, 'ablation')}, {count(summary.probes, 'probed checkpoint')}"
-                  f"{pages}) in {summary.seconds:.1f} s", soft_wrap=True, highlight=False)
+                  f"{exports}{pages}) in {summary.seconds:.1f} s", soft_wrap=True, highlight=False)
 
 
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT

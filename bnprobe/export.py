@@ -4,10 +4,13 @@ A BN-only network is fully described by its seed and its trained BN parameters (
 frozen tensors are the initialisation `build_model` draws from `config.seed`. `--compact` writes only what
 training changed (the trainable tensors, the masked elements of random-features tensors, and the buffers:
 BN running statistics), plus the run's config, seed, torch version and a SHA-256 of the frozen tensors as
-regenerated from the seed. Reading a compact file regenerates those tensors on the CPU (fork_rng, a seeded
-init: independent of the device and of threads) and checks the hash: if another torch version drew other
-numbers, that is a one-line error, never silently different weights. Without `--compact` the file is the
-plain full state dict (loadable by any tool), with the same metadata.
+regenerated from the seed. Its tensors are packed into one flat tensor per dtype, in an order derived from the
+regenerated model (packed_layout), so the file holds no per-tensor header (safetensors' ~80 bytes a tensor were
+most of a BN-only file) and its size approaches that of the numbers it stores (docs/export-format.md). Reading
+a compact file regenerates those tensors on the CPU (fork_rng, a seeded init: independent of the device and of
+threads) and checks the hash: if another torch version drew other numbers, that is a one-line error, never
+silently different weights. Without `--compact` the file is the plain full state dict (loadable by any tool),
+with the same metadata.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ from typing import Any
 
 import torch
 
-from bnprobe import runs
+from bnprobe import runs, schema
 from bnprobe.errors import BnprobeError
 
-COMPACT_FORMAT = "bnprobe-compact"
-FULL_FORMAT = "bnprobe-export"
-VERSION = "1"
-MASKED = "#masked"  # key suffix: the trained elements of a random-features tensor, in mask order
+COMPACT_FORMAT, FULL_FORMAT = schema.COMPACT_FORMAT, schema.EXPORT_FORMAT  # defined beside their reader
+VERSION = "2"  # 2: a compact file's tensors packed one flat tensor per dtype (1 was never released)
 
 
 def regenerate(config: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
@@ -55,6 +56,48 @@ def frozen_digest(initial: dict[str, torch.Tensor], stored: set[str], masks: dic
         digest.update(f"{name}|{tensor.dtype}|{tuple(initial[name].shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def packed_layout(initial: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                  stored: set[str]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of what a compact file stores, in its order: the whole tensors (names sorted), then
+    the trained elements of each random-features tensor (in mask order). The file holds only its digest."""
+    layout = [(name, initial[name].dtype, tuple(initial[name].shape)) for name in sorted(stored - set(masks))]
+    return layout + [(name, initial[name].dtype, (int(masks[name].sum()),)) for name in sorted(masks)]
+
+
+def layout_digest(layout: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> str:
+    return hashlib.sha256("".join(f"{name}|{dtype}|{shape}\n" for name, dtype, shape in layout).encode()).hexdigest()
+
+
+def _dtype_key(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def pack(layout: list, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layout's tensors one after another, in one flat tensor per dtype (named by the dtype)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, dtype, _ in layout:
+        groups.setdefault(_dtype_key(dtype), []).append(values[name].reshape(-1))
+    return {key: torch.cat(parts) for key, parts in groups.items()}
+
+
+def unpack(layout: list, packed: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """pack's inverse, every size checked against the file's tensors (a damaged file is one line)."""
+    used = dict.fromkeys(packed, 0)
+    values = {}
+    for name, dtype, shape in layout:
+        key, count = _dtype_key(dtype), math.prod(shape)
+        flat = packed.get(key)
+        if flat is None or flat.dtype != dtype or flat.dim() != 1 or used[key] + count > flat.numel():
+            break
+        values[name] = flat[used[key]:used[key] + count].reshape(shape).clone()
+        used[key] += count
+    if len(values) != len(layout) or any(used[key] != packed[key].numel() for key in packed):
+        found = ", ".join(f"{key} {tuple(t.shape)}" for key, t in packed.items()) or "none"
+        raise BnprobeError(f"{path}: damaged compact file: its packed tensors ({found}) do not hold the "
+                           f"{len(layout)} tensors its model stores")
+    return values
 
 
 def _exported(path: Path) -> bool:
@@ -102,9 +145,11 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
             if not torch.equal(state[name][frozen], initial[name][frozen]):
                 raise BnprobeError(f"{file}: {name} is frozen but differs from its initialisation by seed "
                                    f"{config.seed} (another torch version?); export it without --compact")
-        tensors = {name: state[name] for name in sorted(stored - set(masks))}
-        tensors.update({name + MASKED: state[name][masks[name]].contiguous() for name in sorted(masks)})
-        metadata = {**metadata, "format": COMPACT_FORMAT, "frozen_sha256": frozen_digest(initial, stored, masks)}
+        layout = packed_layout(initial, masks, stored)
+        tensors = pack(layout, {name: state[name][masks[name]] if name in masks else state[name]
+                                for name, _, _ in layout})
+        metadata = {**metadata, "format": COMPACT_FORMAT, "frozen_sha256": frozen_digest(initial, stored, masks),
+                    "layout_sha256": layout_digest(layout), "full_bytes": str(len(full))}
     data = full if not compact else save(tensors, metadata=metadata)
     atomic_write(out, lambda f: f.write(data))
     return len(data), len(full)
@@ -115,30 +160,32 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
     of a compact file regenerated from the seed and checked against the stored hash."""
     from bnprobe.config import TrainConfig
 
-    try:
-        config_dict = json.loads(metadata["config"])
-        config = TrainConfig.from_dict(config_dict, f"{path}: config")
-        epoch = int(metadata.get("epoch", 0))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise BnprobeError(f"{path}: damaged bnprobe export metadata ({exc})")
+    config_dict, epoch = schema.export_fields(metadata, path)
+    config = TrainConfig.from_dict(config_dict, f"{path}: config")
     tensors = {name: f.get_tensor(name) for name in f.keys()}
     if metadata["format"] == COMPACT_FORMAT:
+        if metadata.get("version") != VERSION:
+            raise BnprobeError(f"{path}: a compact file of format version {metadata.get('version')}; this bnprobe "
+                               f"reads version {VERSION}")
         initial, masks, stored = regenerate(config)
         if frozen_digest(initial, stored, masks) != metadata.get("frozen_sha256"):
             raise BnprobeError(
                 f"{path}: the frozen tensors regenerated from seed {config.seed} do not match the file's hash "
                 f"(exported with torch {metadata.get('torch', '?')}, this is torch {torch.__version__}: the random "
                 f"stream changed); refusing to run with different weights")
+        layout = packed_layout(initial, masks, stored)
+        if layout_digest(layout) != metadata.get("layout_sha256"):
+            raise BnprobeError(f"{path}: the tensors {config.model} stores are not the ones the file packed "
+                               f"(exported by another bnprobe version?)")
+        values = unpack(layout, tensors, path)
         state = {}
         for name, initial_tensor in initial.items():
             if name in masks:
                 tensor = initial_tensor.clone()
-                tensor[masks[name]] = tensors[name + MASKED]
+                tensor[masks[name]] = values[name]
                 state[name] = tensor
-            elif name in stored:
-                state[name] = tensors[name]
             else:
-                state[name] = initial_tensor
+                state[name] = values.get(name, initial_tensor)
         tensors = state
     checkpoint: dict[str, Any] = {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION,
                                   "config": config_dict, "model": tensors, "epoch": epoch,

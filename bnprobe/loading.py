@@ -268,17 +268,24 @@ def resolve_normalization(
 # ---- the whole load --------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
+def check_device(name: str) -> None:
+    """The --device name, checked without resolving it (that imports bnprobe.train: seconds)."""
     from bnprobe.config import DEVICES
-    from bnprobe.train import resolve_device as resolve
 
     if name not in DEVICES:
         raise BnprobeError(f"--device must be one of {', '.join(DEVICES)}; got {name!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    from bnprobe.train import resolve_device as resolve
+
+    check_device(name)
     return resolve(name)
 
 
 def check_options(options: LoadOptions) -> None:
     """Flags that only make sense together, checked before anything is loaded."""
+    check_device(options.device)  # also when no checkpoint needs a device (every one probed from its file)
     if options.model_arg and not options.model:
         raise BnprobeError("--model-arg passes arguments to a --model factory; pass --model too")
     if options.norm_units not in NORM_UNITS:

@@ -434,7 +434,9 @@ def run_probe(
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
         result.label = label
-    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device or "none")})
+    # --images applies to forward passes only: without one, the file does not claim a count.
+    write_probe_h5(out, results, taus, off_threshold, bins,
+                   {"device": str(device or "none"), **({"images": images} if device is not None else {})})
 
     for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
         console.print(table)

@@ -47,6 +47,7 @@ BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resn
 FREEZE_ORDER = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
 # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte.
 CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+EXPORT_SUFFIX = ".safetensors"  # `bnprobe export` files, shown in their own table
 
 
 # ---- what the report shows ----------------------------------------------------------------------------
@@ -182,12 +183,33 @@ class ProbeRow:
 
 
 @dataclass
+class Export:
+    """A `bnprobe export` file found under the reported directories (its header only: no torch, no tensor)."""
+
+    name: str  # file path relative to the reported directory
+    model: str
+    dataset: str
+    freeze: str
+    seed: Optional[int]
+    epoch: int
+    compact: bool
+    numbers: int  # elements stored in the file
+    size: int  # bytes
+    full_size: int  # bytes of the full state dict as safetensors
+
+    @property
+    def ratio(self) -> float:
+        return self.full_size / max(1, self.size)
+
+
+@dataclass
 class Collection:
     roots: list[Path]
     runs: list[Run]
     skipped: list[Skipped]
     ablations: list[Ablation]
     probes: list[ProbeRow]
+    exports: list[Export] = field(default_factory=list)
 
 
 # ---- small parsers ---------------------------------------------------------------------------------------
@@ -423,8 +445,14 @@ def _read_checkpoint_fallback(run: Run) -> None:
 # ---- probe and ablation result files ----------------------------------------------------------------------
 
 
-def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow]]:
-    """An ablation.h5 or probe.h5 (found by its `format` attribute, whatever its name); None for others."""
+def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow] | Export]:
+    """An ablation.h5 or probe.h5 (found by its `format` attribute, whatever its name), or a `bnprobe export`
+    .safetensors file (by its metadata); None for others."""
+    if path.suffix == EXPORT_SUFFIX:
+        try:
+            return _read_export(path, name)
+        except BnprobeError as exc:
+            raise RunSkipped.from_error(exc, path)
     kind = ""
     try:
         with schema.open_h5(path) as f:
@@ -458,6 +486,18 @@ def _read_ablation(f, name: str) -> Ablation:
         baseline_test_acc=float(baseline) if baseline is not None else None,
         checkpoint=_text(f.attrs.get("checkpoint", "")), freeze=_text(f.attrs.get("freeze", "?")),
     )
+
+
+def _read_export(path: Path, name: str) -> Optional[Export]:
+    header = schema.read_export_header(path)
+    if header is None:
+        return None  # a safetensors file bnprobe did not export
+    config, size = header.config, os.stat(path).st_size
+    compact = header.format == schema.COMPACT_FORMAT
+    return Export(name=name, model=_text(config.get("model", "?")), dataset=_text(config.get("dataset", "?")),
+                  freeze=_text(config.get("freeze", "?")), seed=config.get("seed"), epoch=header.epoch,
+                  compact=compact, numbers=header.numbers, size=size,
+                  full_size=header.full_bytes if compact and header.full_bytes is not None else size)
 
 
 def _read_probe(f, name: str) -> list[ProbeRow]:
@@ -526,7 +566,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
                 else:
                     run_dirs.setdefault(_real(here), display(here))
             for f in sorted(files):
-                if f.endswith(".h5") and f != "telemetry.h5":
+                if (f.endswith(".h5") and f != "telemetry.h5") or f.endswith(EXPORT_SUFFIX):
                     if _printable(str(here / f)) != str(here / f):
                         passed_over.append(Skipped(display(here / f), "its name is not valid UTF-8 (rename it)"))
                     else:
@@ -568,9 +608,11 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
             collection.ablations.append(result)
         elif isinstance(result, list):
             collection.probes += result
+        elif isinstance(result, Export):
+            collection.exports.append(result)
     collection.runs.sort(key=_run_order)
     collection.ablations.sort(key=lambda a: (_run_order(a.run) if a.run else (1,), a.name))
-    if not collection.runs and not collection.skipped and not collection.ablations and not collection.probes:
+    if not (collection.runs or collection.skipped or collection.ablations or collection.probes or collection.exports):
         where = ", ".join(str(r) for r in roots)
         raise BnprobeError(f"no runs under {where} (a run directory holds config.json, metrics.json, checkpoint.pt)")
     return collection
@@ -817,6 +859,7 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
         skipped=collection.skipped,
         ablations=collection.ablations,
         probes=collection.probes,
+        exports=collection.exports,
         depth_figure=figures["depth"],
         depth_missing=[r.name for r in collection.runs if r.depth is None],
         depth_points=len(runs_with_depth),
@@ -834,6 +877,7 @@ class ReportSummary:
     probes: int
     pages: Optional[int]
     seconds: float
+    exports: int = 0
 
 
 def check_output(output: Path) -> str:
@@ -930,4 +974,4 @@ def write_report(
     except OSError as exc:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
     return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
-                         len(collection.probes), pages, time.perf_counter() - started)
+                         len(collection.probes), pages, time.perf_counter() - started, len(collection.exports))

@@ -1,5 +1,5 @@
-"""The one boundary for reading bnprobe's run files back from disk: config.json, metrics.json, and the HDF5
-files (telemetry.h5, probe.h5, ablation*.h5).
+"""The one boundary for reading bnprobe's run files back from disk: config.json, metrics.json, the HDF5
+files (telemetry.h5, probe.h5, ablation*.h5), and the header of `bnprobe export` files (.safetensors).
 
 Nothing is opened unless it is a regular file (a FIFO would block forever), JSON is read with a size bound,
 and an HDF5 file's layout (its format attribute, every dataset's shape and type) is checked against what the
@@ -28,6 +28,9 @@ from bnprobe.errors import BnprobeError
 TELEMETRY_FORMAT = "bnprobe-telemetry"
 ABLATION_FORMAT = "bnprobe-ablation"
 PROBE_FORMAT = "bnprobe-probe"
+EXPORT_FORMAT = "bnprobe-export"  # `bnprobe export`: the full state dict, as safetensors
+COMPACT_FORMAT = "bnprobe-compact"  # `bnprobe export --compact`: the seed plus what trained
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
 MAX_JSON_BYTES = 64 << 20  # a run's metrics.json grows ~300 bytes per epoch
 MAX_ELEMENTS = 1 << 26  # per dataset (512 MiB of float64); a real run's largest, steps x tensors, is far below
 MAX_EPOCHS = 1 << 20
@@ -307,3 +310,87 @@ def check_probe(f) -> int:
         layout.group(f"checkpoints/{key}")
         layout.dataset(f"checkpoints/{key}/frac_below_all", (t,), required=False)
     return len(checkpoints)
+
+
+# ---- safetensors: `bnprobe export` files -----------------------------------------------------------------------
+
+
+@dataclass
+class ExportHeader:
+    """What a bnprobe export's header says, read without torch: enough for the report's table."""
+
+    format: str  # EXPORT_FORMAT or COMPACT_FORMAT
+    config: dict[str, Any]  # TrainConfig's types checked; unknown or missing settings left to the caller
+    epoch: int
+    metadata: dict[str, str]
+    numbers: int  # elements stored in the file
+    full_bytes: Optional[int]  # a compact file: the full state dict's bytes as safetensors
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, checked: a regular file, 8 bytes of little-endian length within the file
+    and safetensors' own cap, a JSON object whose `__metadata__` maps text to text and whose every tensor has a
+    dtype, a shape and data inside the file. No tensor data is read."""
+    regular_file(path)
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+                raise BnprobeError(f"{path} is not a safetensors file (no header length in its first 8 bytes)")
+            data = f.read(length)
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BnprobeError(f"{path} is not a safetensors file (its header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise BnprobeError(f"{path} is not a safetensors file (its header is {_json_type(header)}, not an object)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BnprobeError(f"{path}: the safetensors metadata must map names to text")
+    room = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(entry.get("dtype"), str) and _naturals(shape) and _naturals(offsets) and len(offsets) == 2
+                and offsets[0] <= offsets[1] <= room):
+            raise BnprobeError(f"{path}: damaged safetensors header at tensor {name!r} (a dtype, a shape and "
+                               f"data_offsets inside the file's {room:,} bytes of data)")
+    return header
+
+
+def _naturals(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def export_fields(metadata: dict[str, str], path: Path) -> tuple[dict[str, Any], int]:
+    """(config, epoch) from a bnprobe export's metadata; one line naming the file when they are damaged."""
+    try:
+        config = json.loads(metadata["config"])
+        epoch = int(metadata.get("epoch", 0))
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise BnprobeError(f"{path}: damaged bnprobe export metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise BnprobeError(f"{path}: damaged bnprobe export metadata (its config is {_json_type(config)})")
+    check_config_types(config, f"{path}: config")
+    return config, epoch
+
+
+def read_export_header(path: Path) -> Optional[ExportHeader]:
+    """A `bnprobe export` file's header; None for any other safetensors file."""
+    header = read_safetensors_header(path)
+    metadata = header.pop("__metadata__", {})
+    if metadata.get("format") not in (EXPORT_FORMAT, COMPACT_FORMAT):
+        return None
+    config, epoch = export_fields(metadata, path)
+    full_bytes = metadata.get("full_bytes")
+    if full_bytes is not None and not full_bytes.isdigit():
+        raise BnprobeError(f"{path}: damaged bnprobe export metadata (full_bytes {full_bytes[:20]!r})")
+    return ExportHeader(metadata["format"], config, epoch, metadata,
+                        sum(math.prod(entry["shape"]) for entry in header.values()),
+                        int(full_bytes) if full_bytes is not None else None)

@@ -4,6 +4,9 @@ every command that loads a checkpoint."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import struct
 
 import h5py
 import numpy as np
@@ -31,6 +34,13 @@ def random_features_run(tmp_path_factory):
     return _RF[key]
 
 
+def read_header(path):
+    """(length, JSON) of a safetensors file's header, read by hand: 8 bytes of length, then the JSON."""
+    with open(path, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return size, json.loads(f.read(size))
+
+
 def export(capsys, run, out, *flags):
     code, stdout, err = run_cli(capsys, "export", run, "-o", out, *flags)
     assert code == 0, err
@@ -55,12 +65,18 @@ def test_compact_export_is_small_and_reads_back_bit_exactly(capsys, tmp_path, tm
     compact, full = (tmp_path / "compact.safetensors").stat().st_size, (tmp_path / "full.safetensors").stat().st_size
     assert compact * 15 < full
     assert f"{compact:,} bytes instead of {full:,}" in out and f"({full / compact:.0f}x smaller)" in out
-    stored = load_file(str(tmp_path / "compact.safetensors"))
-    assert not any(name.endswith("conv1.weight") for name in stored)  # frozen convs are not in the file
-    if which == "random-features":  # 2 trained weights per output channel, the rest regenerated
-        whole = load_file(str(tmp_path / "full.safetensors"))
-        masked = [name for name in stored if name.endswith("#masked")]
-        assert masked and all(stored[n].shape == (2 * whole[n.removesuffix("#masked")].shape[0],) for n in masked)
+    # Only what trained, and next to nothing besides: BN's four vectors and its counter, plus, for random features,
+    # 2 trained weights per output channel of every conv; packed one tensor per dtype, so the file is those
+    # numbers' bytes, the metadata, and two short tensor entries.
+    whole = load_file(str(tmp_path / "full.safetensors"))
+    bn = {name.rpartition(".")[0] for name in whole if name.endswith(".running_var")}
+    numbers = sum(t.numel() * t.element_size() for name, t in whole.items() if name.rpartition(".")[0] in bn)
+    if which == "random-features":
+        numbers += sum(2 * t.shape[0] * t.element_size() for t in whole.values() if t.dim() == 4)
+    header_size, header = read_header(tmp_path / "compact.safetensors")
+    metadata = header.pop("__metadata__")
+    assert sorted(header) == ["float32", "int64"] and compact == 8 + header_size + numbers
+    assert header_size < len(json.dumps(metadata)) + 200
     original = load_model(run, LoadOptions(device="cpu"))
     for name in ("compact", "full"):
         same_model(original, load_model(tmp_path / f"{name}.safetensors", LoadOptions(device="cpu")))
@@ -164,8 +180,13 @@ def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
     assert frozen_digest(initial, stored, masks) != digests[0]  # and the seed is what decides them
 
 
-@pytest.mark.parametrize("key, value", [("epoch", "two"), ("config", "[1, 2]"), ("config", "{not json")])
-def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_factory, key, value):
+@pytest.mark.parametrize("key, value, pattern", [
+    ("epoch", "two", "damaged bnprobe export metadata"), ("config", "[1, 2]", "bad.safetensors"),
+    ("config", "{not json", "damaged bnprobe export metadata"),
+    ("layout_sha256", "0" * 64, "are not the ones the file packed"),
+    ("version", "1", "a compact file of format version 1; this bnprobe reads version 2"),
+])
+def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_factory, key, value, pattern):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -175,4 +196,58 @@ def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_
         metadata = {**f.metadata(), key: value}
     save_file(load_file(tmp_path / "good.safetensors"), tmp_path / "bad.safetensors", metadata=metadata)
     code, _, err = run_cli(capsys, "probe", tmp_path / "bad.safetensors", "--out", tmp_path / "p.h5")
-    assert_one_line_error(code, err, "bad.safetensors")
+    assert_one_line_error(code, err, pattern)
+    assert "bad.safetensors" in err
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda t: {**t, "float32": t["float32"][:-1]}, "damaged compact file: its packed tensors (float32 ("),
+    (lambda t: {"float32": t["float32"]}, "do not hold the"),
+    (lambda t: {**t, "int64": t["int64"].float()}, "damaged compact file"),
+])
+def test_a_compact_file_whose_packed_tensors_do_not_fit_is_one_line(capsys, tmp_path, tmp_path_factory, damage,
+                                                                     pattern):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    export(capsys, run, tmp_path / "good.safetensors", "--compact")
+    with safe_open(tmp_path / "good.safetensors", "pt") as f:
+        metadata = f.metadata()
+    save_file(damage(load_file(tmp_path / "good.safetensors")), tmp_path / "bad.safetensors", metadata=metadata)
+    code, _, err = run_cli(capsys, "ablate", tmp_path / "bad.safetensors", "--clamp-gamma", "0.1", "--device", "cpu",
+                           "--out", tmp_path / "a.h5")
+    assert_one_line_error(code, err, pattern)
+
+
+def test_report_lists_exported_models_from_their_headers(capsys, tmp_path, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    run = trained_runs(tmp_path_factory)["bn-only"]
+    models = tmp_path / "models"
+    models.mkdir()
+    export(capsys, run, models / "compact.safetensors", "--compact")
+    export(capsys, run, models / "full.safetensors")
+    save_file({"w": torch.ones(3)}, models / "theirs.safetensors")  # not bnprobe's: not an export, not an error
+    (models / "broken.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 1000]}}).encode()
+    (models / "short.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(12))
+    _, good = read_header(models / "compact.safetensors")
+    good["__metadata__"]["config"] = json.dumps({"model": "resnet8", "seed": "zero"})
+    header = json.dumps(good).encode()
+    (models / "config.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(1 << 20))
+    code, out, err = run_cli(capsys, "report", models, "-o", tmp_path / "report.html")
+    assert code == 0, err
+    assert "2 exported models" in out and "skipped broken.safetensors: broken.safetensors is not a safetensors" in out
+    assert "skipped short.safetensors: short.safetensors: damaged safetensors header at tensor 'w'" in out
+    assert "skipped config.safetensors: config.safetensors: config: setting 'seed' must be an integer" in out
+    html = (tmp_path / "report.html").read_text()
+    section = html[html.index("<h2>Exported models</h2>"):]
+    rows = section[: section.index("</tbody>")].split("<tr>")[2:]
+    assert len(rows) == 2 and "theirs" not in section
+    compact, full = (models / "compact.safetensors").stat().st_size, (models / "full.safetensors").stat().st_size
+    for row, name, size, ratio in ((rows[0], "compact", compact, full / compact), (rows[1], "full", full, 1)):
+        numbers = sum(t.numel() for t in load_file(models / f"{name}.safetensors").values())
+        cells = [re.sub("<[^>]*>", "", cell) for cell in re.findall("<td[^>]*>(.*?)</td>", row)]
+        assert cells == [f"{name}.safetensors", "resnet8", "digits", "non-bn", "0", "2", name, f"{numbers:,}",
+                         f"{size:,}", f"{ratio:.0f}x"], cells

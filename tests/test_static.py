@@ -99,7 +99,8 @@ def test_checkpoints_users_meet_are_probed_from_the_file_alone(capsys, tmp_path,
     torch.save(make(model), tmp_path / name, _use_new_zipfile_serialization=not legacy)
     out, stdout = probe(capsys, tmp_path, tmp_path / name)
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 2
+        assert f.attrs["version"] == 2 and f.attrs["device"] == "none"
+        assert "images" not in f.attrs  # no forward pass: --images applied to nothing
         g = f["checkpoints/000"]
         check_against(g, f, expected(model.state_dict()))
         assert g.attrs["stripped_prefixes"] == stripped and g.attrs["state_dict_key"] == where
@@ -166,7 +167,7 @@ def test_a_bnprobe_run_beside_foreign_files_keeps_its_forward_pass_and_the_same_
     with h5py.File(out) as f:
         ours, theirs, copy = f["checkpoints/000"], f["checkpoints/001"], f["checkpoints/002"]
         assert ours.attrs["source"] == "bnprobe" and ours.attrs["forward_pass"] and "relu" in ours
-        assert 0 <= ours.attrs["accuracy"] <= 1 and ours.attrs["images"] == 50
+        assert 0 <= ours.attrs["accuracy"] <= 1 and ours.attrs["images"] == 50 == f.attrs["images"]
         check_against(theirs, f, expected(model.state_dict()))
         for name in ours["bn"]:
             np.testing.assert_array_equal(copy["bn"][name][:], ours["bn"][name][:], err_msg=name)
@@ -223,6 +224,13 @@ def test_bad_files_are_one_line(capsys, tmp_path, make, pattern):
     code, out, err = run_cli(capsys, "probe", path, "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "ran").exists() and not (tmp_path / "probe.h5").exists()
+
+
+def test_device_is_checked_even_when_no_checkpoint_needs_one(capsys, tmp_path):
+    torch.save(resnet(18).state_dict(), tmp_path / "theirs.pt")
+    code, _, err = run_cli(capsys, "probe", tmp_path / "theirs.pt", "--device", "gpu", "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, "--device must be one of auto, cpu, cuda; got 'gpu'")
+    assert not (tmp_path / "p.h5").exists()
 
 
 def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys, tmp_path):
