@@ -26,15 +26,13 @@ from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
 from bnprobe.fold import ClampableModel, bn_layers
 from bnprobe.options import SWEEP_SYNTAX, parse_sweep  # noqa: F401 - part of this API
-from bnprobe.schema import ABLATION_FORMAT
+from bnprobe.formats import ABLATION_FILES, ABLATION_FORMAT, ABLATION_VERSION
 from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
 MODES = ("threshold", "fraction")
-FORMAT = ABLATION_FORMAT  # defined beside its reader, in bnprobe.schema
-VERSION = 1
 
 def clamp_masks(gammas: Sequence[torch.Tensor], value: float, mode: str, per_layer: bool) -> list[torch.Tensor]:
     """One bool mask per layer, True where γ is clamped to 0."""
@@ -168,7 +166,7 @@ def write_ablation_h5(path: Path, result: SweepResult, attrs: dict[str, Any]) ->
     strings = lambda items: np.array(list(items), dtype=h5py.string_dtype())  # noqa: E731
     with atomic_h5(path) as f:
         set_attrs(f, {
-            "format": FORMAT, "version": VERSION, "mode": result.mode, "per_layer": result.per_layer,
+            "format": ABLATION_FORMAT, "version": ABLATION_VERSION, "mode": result.mode, "per_layer": result.per_layer,
             "zero_beta": result.zero_beta, "total_channels": result.total_channels,
             "evaluations": result.evaluations, "seconds": result.seconds, **attrs,
         })
@@ -190,10 +188,6 @@ def write_ablation_h5(path: Path, result: SweepResult, attrs: dict[str, Any]) ->
 
 
 # ---- the command: load once, fold once, sweep, write, show -----------------------------------------
-
-# One file per kind of sweep, so a τ sweep and a fraction sweep of the same run both reach the report.
-DEFAULT_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5"}
-
 
 def run_ablation(
     path: Path,
@@ -229,8 +223,8 @@ def run_ablation(
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = out if out is not None else default_output([path], DEFAULT_FILES[mode])
-    check_replaceable(out, FORMAT)
+    out = out if out is not None else default_output([path], ABLATION_FILES[mode])
+    check_replaceable(out, ABLATION_FORMAT)
     loaded = load_model(path, options, device)
     if not bn_layers(loaded.model):
         raise BnprobeError(f"{loaded.path} has no BatchNorm layer with a γ to clamp")

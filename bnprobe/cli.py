@@ -223,11 +223,12 @@ def probe(
     A checkpoint bnprobe did not train needs no other argument: without --model and --dataset, γ and β are read
     from the file alone (no forward pass: no accuracy or ReLU sparsity)."""
     from bnprobe.lock import locked
+    from bnprobe.formats import PROBE_FILE
     from bnprobe.probe import default_output, run_probe
 
     if off_threshold < 0:
         raise BnprobeError(f"--off-threshold must be >= 0, got {off_threshold:g}")
-    out = out if out is not None else default_output(checkpoints, "probe.h5")
+    out = out if out is not None else default_output(checkpoints, PROBE_FILE)
     with locked(out, str(out)):
         run_probe(checkpoints, config, taus=parse_sweep(taus, "--taus"), off_threshold=off_threshold, bins=bins,
                   images=images, batch_size=batch_size, out=out, brief=brief, console=console)
@@ -265,7 +266,8 @@ def ablate(
                             "(--clamp-fraction), in the run directory for a run, else in ./]."),
 ) -> None:
     """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
-    from bnprobe.ablate import DEFAULT_FILES, run_ablation
+    from bnprobe.ablate import run_ablation
+    from bnprobe.formats import ABLATION_FILES
     from bnprobe.lock import locked
     from bnprobe.probe import default_output
 
@@ -275,7 +277,7 @@ def ablate(
         mode, values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
     else:
         mode, values = "fraction", parse_sweep(clamp_fraction, "--clamp-fraction", upper=1.0)
-    out = out if out is not None else default_output([checkpoint], DEFAULT_FILES[mode])
+    out = out if out is not None else default_output([checkpoint], ABLATION_FILES[mode])
     with locked(out, str(out)):
         run_ablation(checkpoint, config, mode=mode, values=values, per_layer=per_layer, zero_beta=zero_beta,
                      test_subset=test_subset, train_subset=train_subset, measure_train=train,

@@ -22,10 +22,8 @@ import torch
 
 from bnprobe import runs
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, COMPACT_FORMAT, EXPORT_VERSION, FULL_FORMAT
 
-COMPACT_FORMAT = "bnprobe-compact"
-FULL_FORMAT = "bnprobe-export"
-VERSION = "1"
 MASKED = "#masked"  # key suffix: the trained elements of a random-features tensor, in mask order
 
 
@@ -87,7 +85,7 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
                            f"checkpoint.pt")
     config = TrainConfig.from_dict(obj["config"])
     state = {k: v.detach().cpu().contiguous() for k, v in obj["model"].items()}
-    metadata = {"format": FULL_FORMAT, "version": VERSION, "config": json.dumps(obj["config"], sort_keys=True),
+    metadata = {"format": FULL_FORMAT, "version": EXPORT_VERSION, "config": json.dumps(obj["config"], sort_keys=True),
                 "seed": str(config.seed), "torch": torch.__version__, "epoch": str(obj.get("epoch", 0))}
     if isinstance(obj.get("normalization"), dict):
         metadata["normalization"] = json.dumps({k: v.tolist() for k, v in obj["normalization"].items()})
@@ -140,7 +138,7 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
             else:
                 state[name] = initial_tensor
         tensors = state
-    checkpoint: dict[str, Any] = {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION,
+    checkpoint: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                   "config": config_dict, "model": tensors, "epoch": epoch,
                                   "history": []}  # an export keeps the weights, not the training history
     if "normalization" in metadata:

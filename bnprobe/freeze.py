@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnprobe.config import FREEZE_MODES
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import FREEZE_MODES
 
 
 def bn_parameter_names(model: nn.Module) -> set[str]:

@@ -27,14 +27,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnprobe.data import DeviceLoader
 from bnprobe.fold import bn_layers
 from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
-from bnprobe.schema import PROBE_FORMAT
+from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
 from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
-FORMAT = PROBE_FORMAT  # defined beside its reader, in bnprobe.schema
-VERSION = 2  # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order
 FORWARD_ATTRS = ("accuracy", "loss", "images", "relu_sites", "relu_channels", "zero_fraction", "dead_channels")
 
 
@@ -290,7 +288,7 @@ def write_probe_h5(
     gamma_edges = histogram_edges([g for r in results for g in r.bn.gamma], bins)
     beta_edges = histogram_edges([b for r in results for b in r.bn.beta], bins)
     with atomic_h5(path) as f:
-        set_attrs(f, {"format": FORMAT, "version": VERSION, "checkpoints": len(results),
+        set_attrs(f, {"format": PROBE_FORMAT, "version": PROBE_VERSION, "checkpoints": len(results),
                       "off_threshold": off_threshold, "bins": bins, **(attrs or {})})
         write_array(f, "taus", taus, description="thresholds τ of the frac_below columns")
         write_array(f, "gamma_edges", gamma_edges, description="bin edges of every gamma_hist")
@@ -359,7 +357,7 @@ def default_output(paths: Sequence[Path], name: str) -> Path:
 
     if len(paths) == 1:
         file = checkpoint_file(paths[0])
-        if file.name == runs.checkpoint_path(Path()).name and runs.config_path(file.parent).exists():
+        if file.name == CHECKPOINT_FILE and runs.config_path(file.parent).exists():
             return file.parent / name
     return Path(name)
 
@@ -406,8 +404,8 @@ def run_probe(
     if bins < 1 or images < 0 or batch_size < 1:
         raise BnprobeError("--bins and --batch-size must be >= 1 and --images >= 0")
     device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
-    out = out if out is not None else default_output(paths, "probe.h5")
-    check_replaceable(out, FORMAT)
+    out = out if out is not None else default_output(paths, PROBE_FILE)
+    check_replaceable(out, PROBE_FORMAT)
     check_options(options)
     static = options.model is None and options.dataset is None
     cache: dict = {}

@@ -34,6 +34,7 @@ from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
+from bnprobe.formats import CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES, METRICS_FILE, RUN_FILES, TELEMETRY_FILE
 from bnprobe.options import REPORT_TAUS, parse_sweep
 
 SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # a checkout or an editable install
@@ -41,12 +42,9 @@ INSTALLED_TEMPLATES = Path("share", "bnprobe", "templates")  # under an install 
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
-RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
 SET_ASIDE = ".replaced"  # .NAME.replaced: the old run an --overwrite killed midway left (bnprobe.runs.Replacement)
 BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resnet.py
-FREEZE_ORDER = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
-# torch.save writes a zip archive; the legacy format starts with a pickle protocol byte.
-CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+FREEZE_ORDER = FREEZE_MODES  # the report's column order
 
 
 # ---- what the report shows ----------------------------------------------------------------------------
@@ -259,7 +257,7 @@ def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
     """Everything the report shows of one run; raises RunSkipped with the reason when it cannot."""
     config = _read_config(run_dir)
     history = _read_metrics(run_dir)
-    telemetry = run_dir / "telemetry.h5"
+    telemetry = run_dir / TELEMETRY_FILE
     run = Run(name=name, path=run_dir, config=config, history=history or {})
     if telemetry.exists():
         _read_telemetry(run, telemetry, use_epochs=history is None)
@@ -287,7 +285,7 @@ def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
 def _read_config(run_dir: Path) -> dict[str, Any]:
     # Plain JSON, not TrainConfig.from_dict: a run written by a newer or older bnprobe (a field added or
     # removed) is still reported.
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG_FILE
     if not os.path.lexists(path):
         raise RunSkipped("no config.json")
     try:
@@ -300,7 +298,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _read_metrics(run_dir: Path) -> Optional[dict[str, np.ndarray]]:
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_FILE
     if not os.path.lexists(path):
         return None
     try:
@@ -374,21 +372,16 @@ def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
 
 
 def _check_checkpoint(run_dir: Path) -> None:
-    path = run_dir / "checkpoint.pt"
+    path = run_dir / CHECKPOINT_FILE
     if not os.path.lexists(path):
         raise RunSkipped("no checkpoint.pt")
     try:
-        schema.regular_file(path)
+        kind = schema.torch_file_kind(schema.regular_file(path))
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise RunSkipped(f"checkpoint.pt is not readable ({exc.strerror or exc})")
-    if not head.startswith(CHECKPOINT_MAGIC):
-        raise RunSkipped("checkpoint.pt is empty" if not head else "checkpoint.pt is not a PyTorch checkpoint")
-    if head.startswith(CHECKPOINT_MAGIC[0]):
+    if not kind:
+        raise RunSkipped("checkpoint.pt is empty" if not path.stat().st_size else "checkpoint.pt is not a PyTorch checkpoint")
+    if kind == "zip":
         # A zip archive keeps its central directory at the end: opening it (no tensor is read) catches a copy
         # cut short. A legacy pickle checkpoint has no such cheap check and is taken as it is.
         try:
@@ -403,9 +396,9 @@ def _read_checkpoint_fallback(run: Run) -> None:
     from bnprobe import runs
 
     try:
-        state = runs.load_checkpoint(run.path / "checkpoint.pt")
+        state = runs.load_checkpoint(run.path / CHECKPOINT_FILE)
     except BnprobeError as exc:
-        raise RunSkipped(str(exc).replace(str(run.path / "checkpoint.pt"), "checkpoint.pt"))
+        raise RunSkipped.from_error(exc, run.path / CHECKPOINT_FILE)
     if isinstance(state.get("trainable"), int) and isinstance(state.get("total"), int):
         run.trainable, run.total = state["trainable"], state["total"]
     weights = state.get("model")
@@ -526,7 +519,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
                 else:
                     run_dirs.setdefault(_real(here), display(here))
             for f in sorted(files):
-                if f.endswith(".h5") and f != "telemetry.h5":
+                if f.endswith(".h5") and f != TELEMETRY_FILE:
                     if _printable(str(here / f)) != str(here / f):
                         passed_over.append(Skipped(display(here / f), "its name is not valid UTF-8 (rename it)"))
                     else:
