@@ -24,9 +24,10 @@ import torch
 
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
-from bnprobe.fold import ClampableModel, bn_layers
-from bnprobe.options import SWEEP_SYNTAX, parse_sweep  # noqa: F401 - part of this API
+from bnprobe.fold import ClampableModel
 from bnprobe.formats import ABLATION_FILES, ABLATION_FORMAT, ABLATION_VERSION
+from bnprobe.models import bn_layers
+from bnprobe.options import SWEEP_SYNTAX, parse_sweep  # noqa: F401 - part of this API
 from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
@@ -226,10 +227,10 @@ def run_ablation(
     out = out if out is not None else default_output([path], ABLATION_FILES[mode])
     check_replaceable(out, ABLATION_FORMAT)
     loaded = load_model(path, options, device)
-    if not bn_layers(loaded.model):
+    if not bn_layers(loaded.model, with_gamma=True):
         raise BnprobeError(f"{loaded.path} has no BatchNorm layer with a γ to clamp")
     # |NaN| < τ is never true, and a NaN channel makes every later output NaN: no clamp can be measured.
-    broken = [name for name, bn in bn_layers(loaded.model) if not torch.isfinite(bn.weight).all()]
+    broken = [name for name, bn in bn_layers(loaded.model, with_gamma=True) if not torch.isfinite(bn.weight).all()]
     if broken:
         raise BnprobeError(f"{loaded.path} holds NaN or infinite γ in {len(broken)} BN layer(s) ({_listing(broken)}); "
                            f"its outputs are not numbers whatever is clamped, so there is nothing to ablate")

@@ -30,6 +30,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import (Formatter, FuncFormatter, LogLocator, MaxNLocator,  # noqa: E402
                                NullLocator)
 
+from bnprobe.measures import fraction_below  # noqa: E402
+
 SVG_NAMESPACE, XLINK_NAMESPACE = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
 SVG_STYLE, SVG_GROUP, SVG_METADATA = (f"{{{SVG_NAMESPACE}}}{tag}" for tag in ("style", "g", "metadata"))
 NO_ROTATION = re.compile(r"rotate\(-?0 [-\d.e]+ [-\d.e]+\)")
@@ -313,9 +315,9 @@ def _gamma_fraction_by_layer(ax, run, taus: Sequence[float]) -> None:
         return
     ax.set_title(title, loc="left")
     layers = np.arange(len(run.gamma_final))
-    for i, tau in enumerate(taus):  # the fractions over all layers are in the caption
-        fractions = [float(np.mean(np.abs(g) < tau)) if g.size else 0.0 for g in run.gamma_final]
-        ax.plot(layers, fractions, color="#d62728", linestyle=TAU_STYLES[i % len(TAU_STYLES)],
+    fractions = fraction_below(run.gamma_final, taus)  # (L, T); over all layers: in the caption
+    for i, tau in enumerate(taus):
+        ax.plot(layers, fractions[:, i], color="#d62728", linestyle=TAU_STYLES[i % len(TAU_STYLES)],
                 marker="o" if len(layers) <= 12 else None, markersize=2.5,
                 alpha=1.0 - 0.2 * (i % 3), label=f"τ = {tau:g}")
     ax.set_xlabel("BN layer (input → output)")

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.data import DeviceLoader
-from bnprobe.fold import bn_layers
-from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
 from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
+from bnprobe.measures import fraction_below
+from bnprobe.models import bn_layers
+from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
 from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
 
 if TYPE_CHECKING:
@@ -62,13 +62,11 @@ class BNStats:
 
     def frac_below(self, taus: Sequence[float]) -> np.ndarray:
         """(L, T): fraction of each layer's channels with |γ| < τ."""
-        return np.array([[np.mean(np.abs(g) < t) if g.size else 0.0 for t in taus] for g in self.gamma]).reshape(
-            len(self.gamma), len(taus)
-        )
+        return fraction_below(self.gamma, taus)
 
     def frac_below_all(self, taus: Sequence[float]) -> np.ndarray:
-        flat = np.abs(np.concatenate(self.gamma)) if self.gamma else np.zeros(0)
-        return np.array([np.mean(flat < t) if flat.size else 0.0 for t in taus])
+        """(T,): the same over every channel of the network."""
+        return fraction_below(self.gamma, taus, per_layer=False)
 
     def off(self, threshold: float) -> np.ndarray:
         """Channels turned off per layer: |γ| < threshold, so the BN output is (almost) the constant β."""
@@ -82,10 +80,9 @@ class BNStats:
 
 
 def bn_statistics(model: nn.Module) -> BNStats:
-    stats_only = [(name, m.num_features) for name, m in model.named_modules()
-                  if isinstance(m, _BatchNorm) and not m.affine]
+    stats_only = [(name, m.num_features) for name, m in bn_layers(model) if not m.affine]
     return BNStats.from_tensors([(name, (bn.weight, bn.bias, bn.running_mean, bn.running_var))
-                                 for name, bn in bn_layers(model)], stats_only)
+                                 for name, bn in bn_layers(model, with_gamma=True)], stats_only)
 
 
 def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:

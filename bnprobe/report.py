@@ -35,6 +35,7 @@ from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
 from bnprobe.formats import CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES, METRICS_FILE, RUN_FILES, TELEMETRY_FILE
+from bnprobe.measures import fraction_below
 from bnprobe.options import REPORT_TAUS, parse_sweep
 
 SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # a checkout or an editable install
@@ -143,7 +144,7 @@ class Run:
 
     def fraction_below(self, tau: float) -> float:
         """Fraction of all BN channels (every layer) with |γ| < τ after the last epoch."""
-        return float(np.mean(np.abs(np.concatenate(self.gamma_final)) < tau)) if self.gamma_channels else float("nan")
+        return float(fraction_below(self.gamma_final, [tau], per_layer=False)[0]) if self.gamma_channels else float("nan")
 
 
 @dataclass

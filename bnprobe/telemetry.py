@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 from bnprobe.formats import TELEMETRY_FILE, TELEMETRY_FORMAT, TELEMETRY_VERSION
+from bnprobe.models import bn_layers
 from bnprobe.store import append_rows, atomic_h5, set_attrs, write_array
 
 GROUPS = ("bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias")
@@ -49,10 +50,6 @@ def parameter_group(model: nn.Module, name: str) -> str:
     if isinstance(module, nn.Linear):
         return "linear_weight"
     return "conv_weight"
-
-
-def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
 
 
 class GradientRecorder:
@@ -157,7 +154,7 @@ class TelemetryWriter:
     def _append_bn_snapshot(self, f, epoch: int) -> None:
         bn = f.require_group("bn")
         append_rows(bn, "epoch", np.array([epoch], dtype=np.int32), units="epochs completed at the snapshot")
-        for name, layer in bn_layers(self.model).items():
+        for name, layer in bn_layers(self.model):
             g = bn.require_group(name)
             tensors = {"running_mean": layer.running_mean, "running_var": layer.running_var}
             if layer.affine:

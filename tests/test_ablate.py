@@ -12,11 +12,11 @@ from bnprobe.ablate import clamp_masks, parse_sweep, run_ablation, sweep
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
 from bnprobe.fold import (
-    ClampableModel, FoldedConvBN, MaskedBN, _pairs_by_structure, bn_layers, check_fold, find_conv_bn_pairs,
+    ClampableModel, FoldedConvBN, MaskedBN, _pairs_by_structure, check_fold, find_conv_bn_pairs,
     fold_conv_bn,
 )
 from bnprobe.loading import LoadOptions, build_from_factory, load_eval_data, load_model
-from bnprobe.models import create_model
+from bnprobe.models import bn_layers, create_model
 from bnprobe.train import evaluate
 from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
 from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
@@ -249,7 +249,7 @@ def reference_metrics(run_dir, tau, zero_beta=False):
     data = load_eval_data(loaded, torch.device("cpu"), test_subset=0, train_subset=10000)
     model = loaded.model
     with torch.no_grad():
-        for _, bn in bn_layers(model):
+        for _, bn in bn_layers(model, with_gamma=True):
             clamped = bn.weight.abs() < tau
             bn.weight[clamped] = 0
             if zero_beta:
@@ -283,7 +283,7 @@ def test_sweep_matches_reload_and_clamp_per_threshold(runs_dirs, tmp_path, zero_
         assert f.attrs["format"] == "bnprobe-ablation" and f.attrs["mode"] == "threshold"
         assert bool(f.attrs["zero_beta"]) == zero_beta and f.attrs["pairing"] == "fx"
         np.testing.assert_array_equal(f["values"][:], taus)
-        layers = bn_layers(load_model(run, CPU).model)
+        layers = bn_layers(load_model(run, CPU).model, with_gamma=True)
         gammas = np.concatenate([bn.weight.detach().numpy() for _, bn in layers])
         for i, tau in enumerate(taus):
             np.testing.assert_array_equal(f["masks"][i], np.abs(gammas) < tau)
@@ -426,7 +426,7 @@ def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
-    with_gamma = [name for name, _ in bn_layers(model)]
+    with_gamma = [name for name, _ in bn_layers(model, with_gamma=True)]
     every_bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert with_gamma and len(with_gamma) < len(every_bn)  # some BNs have no γ, some convs no BN
     assert not any(name.startswith("layer1.") for name in with_gamma)

@@ -311,3 +311,18 @@ def test_probe_piped_at_80_columns_prints_full_numbers(capsys, tmp_path_factory,
     start = text.index("γ and β by depth")
     end = text.index("ReLU output sparsity")
     _assert_every_layer_number_shows(text[start:end], results[0], taus)
+
+
+def test_fraction_below_counts_channels_strictly_under_tau():
+    from bnprobe.measures import fraction_below
+
+    rng = np.random.default_rng(0)
+    gammas = [rng.normal(0, 0.1, n) for n in (7, 0, 30, 1)] + [np.array([0.05, -0.05, 0.0])]
+    taus = [0.0, 0.01, 0.05, 0.2]
+    # Independently: the rank of τ among the sorted |γ| (side="left": ties with τ are not below it).
+    ranks = [[np.searchsorted(np.sort(np.abs(g)), t, side="left") for t in taus] for g in gammas]
+    expected = np.array([[r / len(g) if len(g) else 0.0 for r in row] for g, row in zip(gammas, ranks)])
+    np.testing.assert_allclose(fraction_below(gammas, taus), expected)
+    sizes = np.array([len(g) for g in gammas])
+    np.testing.assert_allclose(fraction_below(gammas, taus, per_layer=False), (expected * sizes[:, None]).sum(0) / sizes.sum())
+    assert fraction_below([], taus).shape == (0, 4) and fraction_below([], taus, per_layer=False).tolist() == [0.0] * 4
