@@ -27,8 +27,8 @@ from bnprobe.errors import BnprobeError
 from bnprobe.fold import ClampableModel
 from bnprobe.formats import ABLATION_FILES, ABLATION_FORMAT, ABLATION_VERSION
 from bnprobe.models import bn_layers
-from bnprobe.options import SWEEP_SYNTAX, parse_sweep  # noqa: F401 - part of this API
-from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
+from bnprobe.options import SWEEP_SYNTAX, AblateOptions, parse_sweep  # noqa: F401 - part of this API
+from bnprobe.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
@@ -193,16 +193,8 @@ def write_ablation_h5(path: Path, result: SweepResult, attrs: dict[str, Any]) ->
 def run_ablation(
     path: Path,
     options: "LoadOptions",
+    settings: AblateOptions,
     *,
-    mode: str,
-    values: Sequence[float],
-    per_layer: bool = False,
-    zero_beta: bool = False,
-    test_subset: int = 0,
-    train_subset: int = 10000,
-    measure_train: bool = True,
-    batch_size: Optional[int] = None,
-    fold: bool = True,
     out: Optional[Path] = None,
     console: Optional[Any] = None,
 ) -> tuple[SweepResult, Path]:
@@ -215,6 +207,9 @@ def run_ablation(
     from bnprobe.probe import default_output
 
     console = console or Console()
+    mode, values, per_layer, zero_beta = settings.mode, settings.values, settings.per_layer, settings.zero_beta
+    test_subset, train_subset, measure_train = settings.test_subset, settings.train_subset, settings.measure_train
+    batch_size, fold = settings.batch_size, settings.fold
     if any(v < 0 for v in values):
         raise BnprobeError("clamp values must be >= 0")
     if batch_size is None:
@@ -267,7 +262,7 @@ def run_ablation(
         "normalization": loaded.norm_source, "test_images": len(data.test_y),
         "train_images": len(data.train_y) if measure_train else 0, "device": str(device),
         "folded_layers": folded, "pairing": clampable.pairing, "fold_relative_error": fold_error,
-        **{k: v for k, v in loaded.meta.items() if v is not None},
+        **{k: v for k, v in loaded.meta.items() if v is not None}, **provenance(load=options, ablate=settings),
     })
     console.print(ablation_table(result, loaded.label, len(data.test_y), len(data.train_y) if measure_train else 0))
     layers = len(clampable.layers)

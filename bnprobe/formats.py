@@ -17,11 +17,16 @@ PROBE_FILE = "probe.h5"  # `bnprobe probe`'s default output, beside the checkpoi
 ABLATION_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5"}  # `bnprobe ablate`, per --mode
 
 # ---- format names and versions (the `format`/`version` attributes or keys of each file) --------------------------
-CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "bnprobe-checkpoint", 1
+# Readers accept every earlier version: a version only adds what its comment says.
+CHECKPOINT_FORMAT = "bnprobe-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: bnprobe_version, the bnprobe that wrote it
 TELEMETRY_FORMAT, TELEMETRY_VERSION = "bnprobe-telemetry", 1
 PROBE_FORMAT = "bnprobe-probe"
-PROBE_VERSION = 2  # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order
-ABLATION_FORMAT, ABLATION_VERSION = "bnprobe-ablation", 1
+# 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order;
+# 3: provenance attributes (bnprobe_version, torch_version, options_json)
+PROBE_VERSION = 3
+ABLATION_FORMAT = "bnprobe-ablation"
+ABLATION_VERSION = 2  # 2: provenance attributes (bnprobe_version, torch_version, options_json)
 # `bnprobe export`'s safetensors files (metadata values are text): every tensor, or the seed and what trained
 FULL_FORMAT, COMPACT_FORMAT, EXPORT_VERSION = "bnprobe-export", "bnprobe-compact", "1"
 

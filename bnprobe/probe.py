@@ -27,8 +27,8 @@ from bnprobe.data import DeviceLoader
 from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
 from bnprobe.measures import fraction_below
 from bnprobe.models import bn_layers
-from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
-from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
+from bnprobe.options import DEFAULT_TAUS, ProbeOptions  # noqa: F401 - part of this API
+from bnprobe.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
@@ -374,12 +374,8 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
 def run_probe(
     paths: Sequence[Path],
     options: "LoadOptions",
+    settings: Optional[ProbeOptions] = None,
     *,
-    taus: Sequence[float],
-    off_threshold: float = 0.01,
-    bins: int = 40,
-    images: int = 1000,
-    batch_size: int = 500,
     out: Optional[Path] = None,
     brief: bool = False,
     console: Optional[Any] = None,
@@ -396,6 +392,9 @@ def run_probe(
     from bnprobe.static import ORDER_NOTES, static_probe
 
     console = console or Console()
+    settings = settings or ProbeOptions()
+    taus, off_threshold, bins = settings.taus, settings.off_threshold, settings.bins
+    images, batch_size = settings.images, settings.batch_size
     if off_threshold < 0 or any(t < 0 for t in taus):
         raise BnprobeError("thresholds τ must be >= 0")
     if bins < 1 or images < 0 or batch_size < 1:
@@ -429,7 +428,8 @@ def run_probe(
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
         result.label = label
-    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device or "none")})
+    write_probe_h5(out, results, taus, off_threshold, bins, {"images": images, "device": str(device or "none"),
+                                                             **provenance(load=options, probe=settings)})
 
     for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
         console.print(table)

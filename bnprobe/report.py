@@ -162,6 +162,7 @@ class Ablation:
     checkpoint: str
     freeze: str  # of the ablated checkpoint, when it was a bnprobe run
     run: Optional[Run] = None
+    written_by: str = ""  # "bnprobe X, torch Y" (files of earlier versions do not say)
 
 
 @dataclass
@@ -178,6 +179,7 @@ class ProbeRow:
     bn_layers: Optional[int] = None
     off_dead: Optional[int] = None
     file_format: str = ""
+    written_by: str = ""  # "bnprobe X, torch Y" (files of earlier versions do not say)
 
 
 @dataclass
@@ -437,7 +439,7 @@ def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow
 
 
 def _read_ablation(f, name: str) -> Ablation:
-    # Format `bnprobe-ablation` v1 as written by bnprobe.ablate.write_ablation_h5 (docs/probe-schema.md).
+    # Format `bnprobe-ablation` v1 or v2 as written by bnprobe.ablate.write_ablation_h5 (docs/probe-schema.md).
     values = f["values"][:].astype(np.float64)
     if "clamped_fraction" in f:
         fraction = f["clamped_fraction"][:].astype(np.float64)
@@ -451,11 +453,19 @@ def _read_ablation(f, name: str) -> Ablation:
         values=values, clamped_fraction=fraction, test_acc=f["test_acc"][:].astype(np.float64), train_acc=train,
         baseline_test_acc=float(baseline) if baseline is not None else None,
         checkpoint=_text(f.attrs.get("checkpoint", "")), freeze=_text(f.attrs.get("freeze", "?")),
+        written_by=_written_by(f),
     )
 
 
+def _written_by(f) -> str:
+    """Which bnprobe and torch wrote a result file (its provenance attributes; "" in files from before them)."""
+    versions = [f"{tool} {_text(f.attrs[f'{tool}_version'])}" for tool in ("bnprobe", "torch")
+                if f"{tool}_version" in f.attrs]
+    return ", ".join(versions)
+
+
 def _read_probe(f, name: str) -> list[ProbeRow]:
-    # Format `bnprobe-probe` v1 or v2 as written by bnprobe.probe.write_probe_h5 (docs/probe-schema.md).
+    # Format `bnprobe-probe` v1 to v3 as written by bnprobe.probe.write_probe_h5 (docs/probe-schema.md).
     taus = f["taus"][:].tolist() if "taus" in f else []
     rows = []
     for key in sorted(f["checkpoints"]):
@@ -468,6 +478,7 @@ def _read_probe(f, name: str) -> list[ProbeRow]:
             off=get("off", int), bn_channels=get("bn_channels", int), zero_fraction=get("zero_fraction", float),
             forward_pass=bool(g.attrs.get("forward_pass", True)), bn_layers=get("bn_layers", int),
             off_dead=get("off_dead", int), file_format=_text(g.attrs.get("file_format", "")),
+            written_by=_written_by(f),
         ))
     return rows
 

@@ -117,7 +117,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f))
+    from bnprobe import __version__
+
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "bnprobe_version": __version__}
+    atomic_write(path, lambda f: torch.save({**header, **state}, f))
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: bool = False) -> Any:

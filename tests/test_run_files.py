@@ -385,3 +385,15 @@ def test_torch_file_kind_tells_archives_and_pickles_from_other_files(tmp_path):
     assert kinds == {"empty.pt": "", "future.pt": "", "legacy.pt": "pickle", "text.pt": "", "zip.pt": "zip"}
     with pytest.raises(BnprobeError, match="cannot read"):
         schema.torch_file_kind(tmp_path)
+
+
+def test_a_checkpoint_records_the_bnprobe_that_wrote_it_and_a_version_1_checkpoint_still_reads(good_run, tmp_path):
+    import bnprobe
+    from bnprobe import runs
+
+    state = runs.load_checkpoint(good_run / "checkpoint.pt")
+    assert state["version"] == 2 and state["bnprobe_version"] == bnprobe.__version__
+    del state["bnprobe_version"]
+    torch.save({**state, "version": 1}, tmp_path / "old.pt")
+    old = runs.load_checkpoint(tmp_path / "old.pt")
+    assert runs.check_checkpoint(old, tmp_path / "old.pt", resume=True) == TrainConfig.from_dict(state["config"])

@@ -99,7 +99,7 @@ def test_checkpoints_users_meet_are_probed_from_the_file_alone(capsys, tmp_path,
     torch.save(make(model), tmp_path / name, _use_new_zipfile_serialization=not legacy)
     out, stdout = probe(capsys, tmp_path, tmp_path / name)
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 2
+        assert f.attrs["version"] == 3  # 3: with provenance (bnprobe.formats.PROBE_VERSION)
         g = f["checkpoints/000"]
         check_against(g, f, expected(model.state_dict()))
         assert g.attrs["stripped_prefixes"] == stripped and g.attrs["state_dict_key"] == where
