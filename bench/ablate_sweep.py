@@ -51,8 +51,9 @@ from bnprobe.ablate import default_batch_size, sweep  # noqa: E402
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceDataset, DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
-from bnprobe.fold import ClampableModel, bn_layers, check_fold  # noqa: E402
+from bnprobe.fold import ClampableModel, check_fold  # noqa: E402
 from bnprobe.loading import LoadOptions, load_eval_data, load_model  # noqa: E402
+from bnprobe.models import bn_layers  # noqa: E402
 from bnprobe.options import parse_sweep  # noqa: E402
 from bnprobe.train import build_model, resolve_device  # noqa: E402
 
@@ -77,7 +78,7 @@ def make_checkpoint(path: Path, model_name: str, train_x: torch.Tensor, mean: to
     """A bnprobe checkpoint with Frankle's init and BN running statistics estimated on `train_x`."""
     config = TrainConfig(model=model_name, dataset="cifar10", seed=seed, device="cpu", normalize="per-channel").resolved()
     model = build_model(config, 3, 10)
-    for _, bn in bn_layers(model):
+    for _, bn in bn_layers(model, with_gamma=True):
         bn.momentum = None  # a cumulative average over the batches below
     model.train()
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """How long `bnprobe report` takes on a realistic directory: 50 runs -> one PDF. Target: < 30 s on a 2-core CPU.
 
 The runs are synthetic but valid: config.json, metrics.json, checkpoint.pt and telemetry.h5 written
-directly by docs/hdf5-schema.md (no training), with the sizes of real CIFAR-10 runs: 160 epochs of 391
+directly by docs/hdf5-schema.md (no training; file names, formats and versions from bnprobe.formats, the
+telemetry groups from bnprobe.telemetry, so a schema change there reaches this bench), with the sizes of real CIFAR-10 runs: 160 epochs of 391
 steps (62,560 recorded steps per run), BN snapshots of every layer after every epoch, five models from
 ResNet-20 to ResNet-110 and VGG-14/38, all five freeze modes, two seeds; ten runs carry a clamp ablation
 (format bnprobe-ablation, as bnprobe/ablate.py writes it). Only the report is timed.
@@ -26,12 +27,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnprobe.config import FREEZE_MODES, TrainConfig  # noqa: E402
+from bnprobe.config import TrainConfig  # noqa: E402
+from bnprobe.formats import (ABLATION_FORMAT, ABLATION_VERSION, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES,  # noqa: E402
+                             METRICS_FILE, TELEMETRY_FILE, TELEMETRY_FORMAT, TELEMETRY_VERSION)
 from bnprobe.store import append_rows, set_attrs, write_array  # noqa: E402
+from bnprobe.telemetry import GROUPS as TELEMETRY_GROUPS  # noqa: E402
 
 MODELS = ("resnet20", "resnet56", "resnet110", "vgg14", "vgg38")
 EPOCHS, STEPS_PER_EPOCH = 160, 391
-TELEMETRY_GROUPS = ("bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias")
 
 
 def bn_layers(model: str) -> list[tuple[str, int]]:
@@ -75,7 +78,7 @@ def write_run(run_dir: Path, model: str, freeze: str, seed: int, rng: np.random.
     run_dir.mkdir(parents=True)
     config = TrainConfig(model=model, dataset="cifar10", freeze=freeze, seed=seed, epochs=EPOCHS,
                          flip=True, translate=4, normalize="per-pixel")
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
     # Plausible curves: BN-only and output-only runs learn less, deeper nets a little more.
     ceiling = {"none": 0.93, "bn": 0.91, "non-bn": 0.6, "non-bn-output": 0.65, "all-but-output": 0.35}[freeze]
@@ -91,20 +94,20 @@ def write_run(run_dir: Path, model: str, freeze: str, seed: int, rng: np.random.
         "seconds": np.full(EPOCHS, 20.0), "images_per_s": np.full(EPOCHS, 2500.0),
     }
     rows = [{k: float(v[i]) for k, v in history.items()} for i in range(EPOCHS)]
-    (run_dir / "metrics.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
+    (run_dir / METRICS_FILE).write_text(json.dumps(rows, indent=2, sort_keys=True))
 
     names, groups, numel, trainable = parameters(model, freeze)
     # A loadable checkpoint without the weights (the report reads weights only for runs without telemetry).
     from bnprobe.runs import save_checkpoint
 
-    save_checkpoint(run_dir / "checkpoint.pt", {
+    save_checkpoint(run_dir / CHECKPOINT_FILE, {
         "config": config.to_dict(), "epoch": EPOCHS, "finished": True, "history": rows,
         "trainable": int(numel[trainable].sum()), "total": int(numel.sum()),
     })
 
     steps = EPOCHS * STEPS_PER_EPOCH
-    with h5py.File(run_dir / "telemetry.h5", "w") as f:
-        set_attrs(f, {"format": "bnprobe-telemetry", "version": 1, "config_json": json.dumps(config.to_dict())})
+    with h5py.File(run_dir / TELEMETRY_FILE, "w") as f:
+        set_attrs(f, {"format": TELEMETRY_FORMAT, "version": TELEMETRY_VERSION, "config_json": json.dumps(config.to_dict())})
         set_attrs(f, {f"config.{k}": v for k, v in config.to_dict().items()})
         p = f.create_group("params")
         write_array(p, "name", np.array(names))
@@ -148,14 +151,14 @@ def write_run(run_dir: Path, model: str, freeze: str, seed: int, rng: np.random.
 
 
 def write_ablation(run_dir: Path, mode: str, rng: np.random.Generator) -> None:
-    """ablation.h5 in the layout of bnprobe.ablate.write_ablation_h5 (format bnprobe-ablation, version 1)."""
+    """ablation.h5 in the layout of bnprobe.ablate.write_ablation_h5."""
     values = np.linspace(0, 0.2, 20) if mode == "threshold" else np.linspace(0, 0.9, 19)
     fraction = np.clip(values * 2.5, 0, 1) if mode == "threshold" else values
     baseline = {"test_acc": 0.9, "train_acc": 0.97, "test_loss": 0.4, "train_loss": 0.1}
     acc = baseline["test_acc"] - 0.6 * fraction ** 2 + rng.normal(0, 0.003, len(values))
     with h5py.File(run_dir / f"ablation-{mode}.h5", "w") as f:
-        set_attrs(f, {"format": "bnprobe-ablation", "version": 1, "mode": mode, "per_layer": False,
-                      "zero_beta": False, "total_channels": 1000, "checkpoint": str(run_dir / "checkpoint.pt"),
+        set_attrs(f, {"format": ABLATION_FORMAT, "version": ABLATION_VERSION, "mode": mode, "per_layer": False,
+                      "zero_beta": False, "total_channels": 1000, "checkpoint": str(run_dir / CHECKPOINT_FILE),
                       "label": run_dir.name, **{f"baseline_{k}": v for k, v in baseline.items()}})
         write_array(f, "values", values)
         write_array(f, "clamped", (fraction * 1000).astype(np.int64))

@@ -35,6 +35,7 @@ sys.path.insert(0, {repo!r})
 import h5py, safetensors, torch
 from rich.console import Console
 from bnprobe.loading import LoadOptions
+from bnprobe.options import ProbeOptions
 from bnprobe.probe import run_probe
 import bnprobe.static
 
@@ -52,7 +53,7 @@ if how == "full torch.load":
     obj = torch.load(path, map_location="cpu", weights_only=True)
 elif how != "imports only":
     with tempfile.TemporaryDirectory() as out:
-        run_probe([path], LoadOptions(), taus=[0.001, 0.01, 0.05, 0.1], out=Path(out) / "probe.h5",
+        run_probe([path], LoadOptions(), ProbeOptions(taus=[0.001, 0.01, 0.05, 0.1]), out=Path(out) / "probe.h5",
                   console=Console(quiet=True))
 seconds = time.perf_counter() - started
 print(json.dumps({{"seconds": seconds, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

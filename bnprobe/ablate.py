@@ -24,17 +24,16 @@ import torch
 
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
-from bnprobe.fold import ClampableModel, bn_layers
-from bnprobe.options import SWEEP_SYNTAX, parse_sweep  # noqa: F401 - part of this API
-from bnprobe.schema import ABLATION_FORMAT
-from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
+from bnprobe.fold import ClampableModel
+from bnprobe.formats import ABLATION_FILES, ABLATION_FORMAT, ABLATION_VERSION
+from bnprobe.models import bn_layers
+from bnprobe.options import SWEEP_SYNTAX, AblateOptions, parse_sweep  # noqa: F401 - part of this API
+from bnprobe.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
 MODES = ("threshold", "fraction")
-FORMAT = ABLATION_FORMAT  # defined beside its reader, in bnprobe.schema
-VERSION = 1
 
 def clamp_masks(gammas: Sequence[torch.Tensor], value: float, mode: str, per_layer: bool) -> list[torch.Tensor]:
     """One bool mask per layer, True where γ is clamped to 0."""
@@ -168,7 +167,7 @@ def write_ablation_h5(path: Path, result: SweepResult, attrs: dict[str, Any]) ->
     strings = lambda items: np.array(list(items), dtype=h5py.string_dtype())  # noqa: E731
     with atomic_h5(path) as f:
         set_attrs(f, {
-            "format": FORMAT, "version": VERSION, "mode": result.mode, "per_layer": result.per_layer,
+            "format": ABLATION_FORMAT, "version": ABLATION_VERSION, "mode": result.mode, "per_layer": result.per_layer,
             "zero_beta": result.zero_beta, "total_channels": result.total_channels,
             "evaluations": result.evaluations, "seconds": result.seconds, **attrs,
         })
@@ -191,23 +190,11 @@ def write_ablation_h5(path: Path, result: SweepResult, attrs: dict[str, Any]) ->
 
 # ---- the command: load once, fold once, sweep, write, show -----------------------------------------
 
-# One file per kind of sweep, so a τ sweep and a fraction sweep of the same run both reach the report.
-DEFAULT_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5"}
-
-
 def run_ablation(
     path: Path,
     options: "LoadOptions",
+    settings: AblateOptions,
     *,
-    mode: str,
-    values: Sequence[float],
-    per_layer: bool = False,
-    zero_beta: bool = False,
-    test_subset: int = 0,
-    train_subset: int = 10000,
-    measure_train: bool = True,
-    batch_size: Optional[int] = None,
-    fold: bool = True,
     out: Optional[Path] = None,
     console: Optional[Any] = None,
 ) -> tuple[SweepResult, Path]:
@@ -220,6 +207,9 @@ def run_ablation(
     from bnprobe.probe import default_output
 
     console = console or Console()
+    mode, values, per_layer, zero_beta = settings.mode, settings.values, settings.per_layer, settings.zero_beta
+    test_subset, train_subset, measure_train = settings.test_subset, settings.train_subset, settings.measure_train
+    batch_size, fold = settings.batch_size, settings.fold
     if any(v < 0 for v in values):
         raise BnprobeError("clamp values must be >= 0")
     if batch_size is None:
@@ -229,13 +219,13 @@ def run_ablation(
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = out if out is not None else default_output([path], DEFAULT_FILES[mode])
-    check_replaceable(out, FORMAT)
+    out = out if out is not None else default_output([path], ABLATION_FILES[mode])
+    check_replaceable(out, ABLATION_FORMAT)
     loaded = load_model(path, options, device)
-    if not bn_layers(loaded.model):
+    if not bn_layers(loaded.model, with_gamma=True):
         raise BnprobeError(f"{loaded.path} has no BatchNorm layer with a γ to clamp")
     # |NaN| < τ is never true, and a NaN channel makes every later output NaN: no clamp can be measured.
-    broken = [name for name, bn in bn_layers(loaded.model) if not torch.isfinite(bn.weight).all()]
+    broken = [name for name, bn in bn_layers(loaded.model, with_gamma=True) if not torch.isfinite(bn.weight).all()]
     if broken:
         raise BnprobeError(f"{loaded.path} holds NaN or infinite γ in {len(broken)} BN layer(s) ({_listing(broken)}); "
                            f"its outputs are not numbers whatever is clamped, so there is nothing to ablate")
@@ -272,7 +262,7 @@ def run_ablation(
         "normalization": loaded.norm_source, "test_images": len(data.test_y),
         "train_images": len(data.train_y) if measure_train else 0, "device": str(device),
         "folded_layers": folded, "pairing": clampable.pairing, "fold_relative_error": fold_error,
-        **{k: v for k, v in loaded.meta.items() if v is not None},
+        **{k: v for k, v in loaded.meta.items() if v is not None}, **provenance(load=options, ablate=settings),
     })
     console.print(ablation_table(result, loaded.label, len(data.test_y), len(data.train_y) if measure_train else 0))
     layers = len(clampable.layers)

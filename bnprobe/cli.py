@@ -50,40 +50,51 @@ def _options(
     """Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report."""
 
 
+def _flag_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a dataclass that are flags (metadata flag=False: the command sets the field itself)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag", True) is not False]
+
+
 def _config_parameters(cls: type, positional: tuple[str, ...]) -> list[inspect.Parameter]:
-    """Turn dataclass fields into typer parameters: `--snake-case` flags, help text from the field."""
+    """Turn dataclass fields into typer parameters: `--snake-case` flags (or metadata `flag`), help text from
+    the field; a field with metadata `parse` is a flag of text, read when the command runs."""
     hints = typing.get_type_hints(cls)
     params = []
-    for f in dataclasses.fields(cls):
+    for f in _flag_fields(cls):
         annotation = hints[f.name]
         help_text = f.metadata.get("help", "")
         if f.name in positional:
             info = typer.Argument(..., help=help_text, show_default=False, metavar=f.name.upper())
         else:
-            flag = "--" + f.name.replace("_", "-")
+            flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
             if annotation in (bool, Optional[bool]):
                 flag = f"{flag}/--no-{flag[2:]}"
-            info = typer.Option(f.default, flag, help=help_text, show_default=f.default is not None)
+            default = f.metadata["parse"][0] if "parse" in f.metadata else f.default
+            annotation = str if "parse" in f.metadata else annotation
+            info = typer.Option(default, flag, help=help_text, show_default=default is not None)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
     return params
 
 
-def command_with_config(cls: type, positional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Give `func(config, **options)` the dataclass's fields as flags, in front of its own options."""
+def command_with_config(*classes: type, positional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Give `func(config, ..., **options)` the fields of each dataclass (one instance per class, in order) as
+    flags, in front of its own options."""
 
     def wrap(func: Callable) -> Callable:
-        own = [
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-            for name, p in inspect.signature(func, eval_str=True).parameters.items()
-            if name != "config"
-        ]
-        names = {f.name for f in dataclasses.fields(cls)}
+        own = list(inspect.signature(func, eval_str=True).parameters.values())[len(classes):]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        fields = {cls: _flag_fields(cls) for cls in classes}
+        names = {f.name for cls in classes for f in fields[cls]}
 
         def command(**kwargs: Any) -> Any:
-            config = cls(**{k: v for k, v in kwargs.items() if k in names})
-            return func(config, **{k: v for k, v in kwargs.items() if k not in names})
+            def value(f: dataclasses.Field) -> Any:
+                return f.metadata["parse"][1](kwargs[f.name]) if "parse" in f.metadata else kwargs[f.name]
 
-        command.__signature__ = inspect.Signature(_config_parameters(cls, positional) + own)
+            configs = [cls(**{f.name: value(f) for f in fields[cls]}) for cls in classes]
+            return func(*configs, **{k: v for k, v in kwargs.items() if k not in names})
+
+        command.__signature__ = inspect.Signature(
+            [p for cls in classes for p in _config_parameters(cls, positional)] + own)
         command.__doc__ = func.__doc__
         command.__name__ = func.__name__
         return command
@@ -197,23 +208,20 @@ def models() -> None:
 
 
 # ---- probe / ablate (issue 4) ----
-from bnprobe.options import DEFAULT_TAUS, REPORT_TAUS, SWEEP_SYNTAX, LoadOptions, parse_sweep  # noqa: E402  (no torch: --help stays fast)
+# no torch: --help stays fast
+from bnprobe.options import (REPORT_TAUS, SWEEP_SYNTAX, AblateOptions, LoadOptions, ProbeOptions,  # noqa: E402
+                             parse_sweep)
 
 
 @app.command()
-@command_with_config(LoadOptions)
+@command_with_config(LoadOptions, ProbeOptions)
 def probe(
     config: LoadOptions,
+    settings: ProbeOptions,
     checkpoints: list[Path] = typer.Argument(
         ..., help="Checkpoint files (.pt .pth .th .bin .ckpt .safetensors) or run directories; give several to "
                   "compare them, e.g. BN-only vs full.",
         show_default=False),
-    taus: str = typer.Option(DEFAULT_TAUS, "--taus", help=f"Thresholds τ for the fraction of |γ| < τ. {SWEEP_SYNTAX}"),
-    off_threshold: float = typer.Option(
-        0.01, "--off-threshold", help="A channel counts as turned off when |γ| is below this."),
-    bins: int = typer.Option(40, "--bins", help="Histogram bins for γ and β in probe.h5 (edges shared by all layers)."),
-    images: int = typer.Option(1000, "--images", help="Test images to measure ReLU sparsity on (0 = all)."),
-    batch_size: int = typer.Option(500, "--batch-size", help="Batch size of the forward passes."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Where to write probe.h5 [default: the run directory for one run, else ./probe.h5]."),
     brief: bool = typer.Option(False, "--brief", help="Print only the summary table, not the per-layer ones."),
@@ -222,21 +230,22 @@ def probe(
 
     A checkpoint bnprobe did not train needs no other argument: without --model and --dataset, γ and β are read
     from the file alone (no forward pass: no accuracy or ReLU sparsity)."""
+    from bnprobe.formats import PROBE_FILE
     from bnprobe.lock import locked
     from bnprobe.probe import default_output, run_probe
 
-    if off_threshold < 0:
-        raise BnprobeError(f"--off-threshold must be >= 0, got {off_threshold:g}")
-    out = out if out is not None else default_output(checkpoints, "probe.h5")
+    if settings.off_threshold < 0:
+        raise BnprobeError(f"--off-threshold must be >= 0, got {settings.off_threshold:g}")
+    out = out if out is not None else default_output(checkpoints, PROBE_FILE)
     with locked(out, str(out)):
-        run_probe(checkpoints, config, taus=parse_sweep(taus, "--taus"), off_threshold=off_threshold, bins=bins,
-                  images=images, batch_size=batch_size, out=out, brief=brief, console=console)
+        run_probe(checkpoints, config, settings, out=out, brief=brief, console=console)
 
 
 @app.command()
-@command_with_config(LoadOptions)
+@command_with_config(LoadOptions, AblateOptions)
 def ablate(
     config: LoadOptions,
+    settings: AblateOptions,
     checkpoint: Path = typer.Argument(..., help="Checkpoint file or run directory.", show_default=False),
     clamp_gamma: Optional[str] = typer.Option(
         None, "--clamp-gamma", metavar="TAUS",
@@ -245,41 +254,25 @@ def ablate(
         None, "--clamp-fraction", metavar="PS",
         help="Set γ to 0 for the globally smallest fraction p of |γ| (Network Slimming style); p in [0, 1], "
              "same list/range syntax as --clamp-gamma."),
-    per_layer: bool = typer.Option(
-        False, "--per-layer",
-        help="Apply within each layer: --clamp-fraction zeroes the smallest p of each layer; --clamp-gamma "
-             "clamps |γ| < τ times the layer's largest |γ|."),
-    zero_beta: bool = typer.Option(
-        False, "--zero-beta", help="Also set β of clamped channels to 0 [default: keep β, so they output β]."),
-    test_subset: int = typer.Option(0, "--test-subset", help="Evaluate on the first N test images (0 = all)."),
-    train_subset: int = typer.Option(
-        10000, "--train-subset", help="Train images to re-measure on, a fixed shuffle (0 = all; a run trained on "
-                                      "a subset uses its own images)."),
-    train: bool = typer.Option(True, "--train/--no-train", help="Also re-measure train accuracy and loss."),
-    batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help="Evaluation batch size [default: 4000 on CUDA, 256 on CPU]."),
-    fold: bool = typer.Option(
-        True, "--fold/--no-fold", help="Fold BN into the preceding convs once (fast) or mask γ on the BN modules."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Where to write the results [default: ablation.h5 (--clamp-gamma) or ablation-fraction.h5 "
                             "(--clamp-fraction), in the run directory for a run, else in ./]."),
 ) -> None:
     """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
-    from bnprobe.ablate import DEFAULT_FILES, run_ablation
+    from bnprobe.ablate import run_ablation
+    from bnprobe.formats import ABLATION_FILES
     from bnprobe.lock import locked
     from bnprobe.probe import default_output
 
     if (clamp_gamma is None) == (clamp_fraction is None):
         raise BnprobeError("pass exactly one of --clamp-gamma TAUS and --clamp-fraction PS")
     if clamp_gamma is not None:
-        mode, values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
+        settings.mode, settings.values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
     else:
-        mode, values = "fraction", parse_sweep(clamp_fraction, "--clamp-fraction", upper=1.0)
-    out = out if out is not None else default_output([checkpoint], DEFAULT_FILES[mode])
+        settings.mode, settings.values = "fraction", parse_sweep(clamp_fraction, "--clamp-fraction", upper=1.0)
+    out = out if out is not None else default_output([checkpoint], ABLATION_FILES[settings.mode])
     with locked(out, str(out)):
-        run_ablation(checkpoint, config, mode=mode, values=values, per_layer=per_layer, zero_beta=zero_beta,
-                     test_subset=test_subset, train_subset=train_subset, measure_train=train,
-                     batch_size=batch_size, fold=fold, out=out, console=console)
+        run_ablation(checkpoint, config, settings, out=out, console=console)
 
 
 @app.command()

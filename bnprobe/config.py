@@ -19,13 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bnprobe.errors import BnprobeError
-
-FREEZE_MODES = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
-GAMMA_INITS = ("uniform", "ones", "normal")
-NORMALIZATIONS = ("per-pixel", "per-channel")
-SHORTCUTS = ("A", "B")
-DEVICES = ("auto", "cpu", "cuda")
-BN_PLACEMENTS = ("full", "none", "every-k")
+from bnprobe.formats import BN_PLACEMENTS, DEVICES, FREEZE_MODES, GAMMA_INITS, NORMALIZATIONS, SHORTCUTS
 
 
 def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
@@ -145,13 +139,7 @@ class TrainConfig:
         unknown = sorted(set(data) - set(_FIELD_TYPES))
         if unknown:
             raise BnprobeError(f"{where}: unknown config keys: {', '.join(unknown)}")
-        for name, value in data.items():
-            kind, optional = _FIELD_TYPES[name]
-            types, expected = _KINDS[kind]
-            if not (value is None and optional) and (not isinstance(value, types) or
-                                                      (kind != "bool" and isinstance(value, bool))):
-                raise BnprobeError(f"{where}: {name} must be {expected}{' or null' if optional else ''}, "
-                                   f"not {_shown(value)}")
+        check_types(data, where)
         config = cls(**data)
         try:
             config.check()
@@ -252,9 +240,27 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def check_types(data: dict[str, Any], where: Any) -> None:
+    """The one type check of stored settings (config.json, a checkpoint's config, a sweep plan): each known
+    setting has the type of its TrainConfig field (a bool is no int, null only for Optional fields, a number
+    is finite). Unknown settings are left to the caller: the report shows runs of newer versions too."""
+    for name, value in data.items():
+        if name not in _FIELD_TYPES:
+            continue
+        kind, optional = _FIELD_TYPES[name]
+        types, expected = _KINDS[kind]
+        if value is None and optional:
+            continue
+        if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
+            raise BnprobeError(f"{where}: setting {name!r} must be {expected}{' or null' if optional else ''}, "
+                               f"not {_shown(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BnprobeError(f"{where}: setting {name!r} must be a finite number, not {value}")
+
+
 # Each field's kind (its annotation without Optional[...]) and whether it may be None; the Python types a
 # value of each kind may have (an int is a float too), and how an error names them.
 _FIELD_TYPES = {f.name: (f.type.removeprefix("Optional[").removesuffix("]"), f.type.startswith("Optional["))
                 for f in dataclasses.fields(TrainConfig)}
-_KINDS = {"str": (str, "text"), "int": (int, "a whole number"), "float": ((int, float), "a number"),
+_KINDS = {"str": (str, "text"), "int": (int, "an integer"), "float": ((int, float), "a number"),
           "bool": (bool, "true or false")}

@@ -25,9 +25,8 @@ import torch
 
 from bnprobe import runs, schema
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, COMPACT_FORMAT, EXPORT_VERSION, FULL_FORMAT
 
-COMPACT_FORMAT, FULL_FORMAT = schema.COMPACT_FORMAT, schema.EXPORT_FORMAT  # defined beside their reader
-VERSION = "2"  # 2: a compact file's tensors packed one flat tensor per dtype (1 was never released)
 
 
 def regenerate(config: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
@@ -130,7 +129,7 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
                            f"checkpoint.pt")
     config = TrainConfig.from_dict(obj["config"])
     state = {k: v.detach().cpu().contiguous() for k, v in obj["model"].items()}
-    metadata = {"format": FULL_FORMAT, "version": VERSION, "config": json.dumps(obj["config"], sort_keys=True),
+    metadata = {"format": FULL_FORMAT, "version": EXPORT_VERSION, "config": json.dumps(obj["config"], sort_keys=True),
                 "seed": str(config.seed), "torch": torch.__version__, "epoch": str(obj.get("epoch", 0))}
     if isinstance(obj.get("normalization"), dict):
         metadata["normalization"] = json.dumps({k: v.tolist() for k, v in obj["normalization"].items()})
@@ -164,9 +163,9 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
     config = TrainConfig.from_dict(config_dict, f"{path}: config")
     tensors = {name: f.get_tensor(name) for name in f.keys()}
     if metadata["format"] == COMPACT_FORMAT:
-        if metadata.get("version") != VERSION:
+        if metadata.get("version") != EXPORT_VERSION:
             raise BnprobeError(f"{path}: a compact file of format version {metadata.get('version')}; this bnprobe "
-                               f"reads version {VERSION}")
+                               f"reads version {EXPORT_VERSION}")
         initial, masks, stored = regenerate(config)
         if frozen_digest(initial, stored, masks) != metadata.get("frozen_sha256"):
             raise BnprobeError(
@@ -187,7 +186,7 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
             else:
                 state[name] = values.get(name, initial_tensor)
         tensors = state
-    checkpoint: dict[str, Any] = {"format": runs.CHECKPOINT_FORMAT, "version": runs.CHECKPOINT_VERSION,
+    checkpoint: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                   "config": config_dict, "model": tensors, "epoch": epoch,
                                   "history": []}  # an export keeps the weights, not the training history
     if "normalization" in metadata:

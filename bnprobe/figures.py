@@ -30,6 +30,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import (Formatter, FuncFormatter, LogLocator, MaxNLocator,  # noqa: E402
                                NullLocator)
 
+from bnprobe.measures import fraction_below  # noqa: E402
+
 SVG_NAMESPACE, XLINK_NAMESPACE = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
 SVG_STYLE, SVG_GROUP, SVG_METADATA, SVG_TITLE, SVG_USE = (
     f"{{{SVG_NAMESPACE}}}{tag}" for tag in ("style", "g", "metadata", "title", "use"))
@@ -375,15 +377,15 @@ def _gamma_fraction_by_layer(ax, run, taus: Sequence[float]) -> None:
         return
     ax.set_title(title, loc="left")
     layers = np.arange(len(run.gamma_final))
-    for i, tau in enumerate(taus):  # the fractions over all layers are in the caption
-        fractions = [float(np.mean(np.abs(g) < tau)) if g.size else 0.0 for g in run.gamma_final]
-        [line] = ax.plot(layers, fractions, color="#d62728", linestyle=TAU_STYLES[i % len(TAU_STYLES)],
+    fractions = fraction_below(run.gamma_final, taus)  # (L, T); over all layers: in the caption
+    names = run.gamma_layers if len(run.gamma_layers) == len(layers) else [f"layer {k}" for k in layers]
+    for i, tau in enumerate(taus):
+        [line] = ax.plot(layers, fractions[:, i], color="#d62728", linestyle=TAU_STYLES[i % len(TAU_STYLES)],
                          marker="o" if len(layers) <= 12 else None, markersize=2.5,
                          alpha=1.0 - 0.2 * (i % 3), label=f"τ = {tau:g}")
-        names = run.gamma_layers if len(run.gamma_layers) == len(layers) else [f"layer {k}" for k in layers]
-        top = int(np.argmax(fractions))
-        hover(line, f"|γ| < {tau:g}: highest in {names[top]} ({_percent(fractions[top])})",
-              [f"{name}: {_percent(f)} with |γ| < {tau:g}" for name, f in zip(names, fractions)])
+        top = int(np.argmax(fractions[:, i]))
+        hover(line, f"|γ| < {tau:g}: highest in {names[top]} ({_percent(fractions[top, i])})",
+              [f"{name}: {_percent(f)} with |γ| < {tau:g}" for name, f in zip(names, fractions[:, i])])
     ax.set_xlabel("BN layer (input → output)")
     # Zoomed to the data (at least 0-10%): a curve at 2% is invisible on a 0-100% axis.
     highest = max(float(np.mean(np.abs(g) < max(taus))) if g.size else 0.0 for g in run.gamma_final)

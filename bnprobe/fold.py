@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.errors import BnprobeError
+from bnprobe.models import bn_layers
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Classes whose forward is known to run convN then bnN back to back, with the conv output read only by the BN.
@@ -36,11 +37,6 @@ NAMED_PAIRS = {
     "CifarResNet": (("conv1", "bn1"),),
     "ResidualPair": (("conv1", "bn1"), ("conv2", "bn2")),
 }
-
-
-def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """Every BatchNorm with a γ (affine), in module order: the order probes and ablations report depth in."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.affine]
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
@@ -195,7 +191,7 @@ class ClampableModel(nn.Module):
         pairs, self.pairing = find_conv_bn_pairs(self.net) if fold else ([], "off")
         by_bn = {bn: conv for conv, bn in pairs}
         self.layers: list[ClampLayer] = []
-        for name, bn in bn_layers(self.net):
+        for name, bn in bn_layers(self.net, with_gamma=True):
             if name in by_bn:
                 conv_name = by_bn[name]
                 folded = FoldedConvBN(self.net.get_submodule(conv_name), bn)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnprobe.config import FREEZE_MODES
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import FREEZE_MODES
+from bnprobe.models import bn_layers
 
 
 def bn_parameter_names(model: nn.Module) -> set[str]:
     """Names of every BatchNorm gamma (weight) and beta (bias)."""
     return {
         f"{module_name}.{param_name}" if module_name else param_name
-        for module_name, module in model.named_modules()
-        if isinstance(module, _BatchNorm)
+        for module_name, module in bn_layers(model)
         for param_name, _ in module.named_parameters(recurse=False)
     }
 

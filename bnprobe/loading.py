@@ -26,6 +26,7 @@ from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceDataset, get_dataset_spec, load_dataset
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 from bnprobe.runs import read_checkpoint  # noqa: F401  (re-exported: one reader for every checkpoint)
 from bnprobe.options import NORM_UNITS, LoadOptions  # noqa: F401 - LoadOptions is part of this API
 
@@ -76,11 +77,11 @@ def checkpoint_file(path: Path | str) -> Path:
 
 def checkpoint_label(file: Path) -> str:
     """The short name tables use: a run's checkpoint.pt by its run directory's name, any other file by its stem."""
-    return file.parent.name if file.name == runs.checkpoint_path(Path()).name else file.stem
+    return file.parent.name if file.name == CHECKPOINT_FILE else file.stem
 
 
 def is_bnprobe_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get("format") == runs.CHECKPOINT_FORMAT and "config" in obj
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT and "config" in obj
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -1,4 +1,6 @@
-"""Flags shared by `bnprobe probe` and `bnprobe ablate`, and the syntax of their value lists.
+"""The options of `bnprobe probe` and `bnprobe ablate` as dataclasses (LoadOptions, shared; ProbeOptions,
+AblateOptions), which the CLI turns into flags as it does TrainConfig and which each result file records;
+and the syntax of their value lists.
 
 Kept free of torch (and numpy), because the CLI builds its commands from these at import time and
 `bnprobe --help` should not wait for torch to load.
@@ -26,8 +28,15 @@ SWEEP_SYNTAX = (
 )
 
 
-def _help(text: str) -> dict[str, Any]:
-    return {"help": text, "identity": False}
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    """A field's flag: its help text; `flag` renames it (False: no flag, the command sets the field itself);
+    `parse` = (default text, function): a flag of text (a sweep like 0:0.2:20) read into the field's value."""
+    return {"help": text, "identity": False, **extra}
+
+
+def _sweep(flag: str, default: str, help: str) -> Any:
+    parse = lambda text: parse_sweep(text, flag)  # noqa: E731
+    return field(default_factory=lambda: parse(default), metadata=_help(f"{help} {SWEEP_SYNTAX}", parse=(default, parse)))
 
 
 @dataclass
@@ -58,6 +67,39 @@ class LoadOptions:
     verify: Optional[bool] = field(default=None, metadata=_help(
         "Check md5 sums of data files [default: the run's, else yes]; --no-verify for modified copies."))
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda."))
+
+
+@dataclass
+class ProbeOptions:
+    """What `bnprobe probe` measures, besides how it loads (LoadOptions)."""
+
+    taus: list[float] = _sweep("--taus", DEFAULT_TAUS, "Thresholds τ for the fraction of |γ| < τ.")
+    off_threshold: float = field(default=0.01, metadata=_help("A channel counts as turned off when |γ| is below this."))
+    bins: int = field(default=40, metadata=_help("Histogram bins for γ and β in probe.h5 (edges shared by all layers)."))
+    images: int = field(default=1000, metadata=_help("Test images to measure ReLU sparsity on (0 = all)."))
+    batch_size: int = field(default=500, metadata=_help("Batch size of the forward passes."))
+
+
+@dataclass
+class AblateOptions:
+    """What `bnprobe ablate` clamps and re-measures, besides how it loads (LoadOptions)."""
+
+    mode: str = field(default="threshold", metadata=_help(
+        "threshold (--clamp-gamma: γ := 0 where |γ| < τ) or fraction (--clamp-fraction).", flag=False))
+    values: list[float] = field(default_factory=list, metadata=_help("The τ or p swept, ascending.", flag=False))
+    per_layer: bool = field(default=False, metadata=_help(
+        "Apply within each layer: --clamp-fraction zeroes the smallest p of each layer; --clamp-gamma "
+        "clamps |γ| < τ times the layer's largest |γ|."))
+    zero_beta: bool = field(default=False, metadata=_help(
+        "Also set β of clamped channels to 0 [default: keep β, so they output β]."))
+    test_subset: int = field(default=0, metadata=_help("Evaluate on the first N test images (0 = all)."))
+    train_subset: int = field(default=10000, metadata=_help(
+        "Train images to re-measure on, a fixed shuffle (0 = all; a run trained on a subset uses its own images)."))
+    measure_train: bool = field(default=True, metadata=_help("Also re-measure train accuracy and loss.", flag="train"))
+    batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Evaluation batch size [default: 4000 on CUDA, 256 on CPU]."))
+    fold: bool = field(default=True, metadata=_help(
+        "Fold BN into the preceding convs once (fast) or mask γ on the BN modules."))
 
 
 def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[float]:

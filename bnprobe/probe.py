@@ -22,19 +22,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.data import DeviceLoader
-from bnprobe.fold import bn_layers
-from bnprobe.options import DEFAULT_TAUS  # noqa: F401 - part of this API
-from bnprobe.schema import PROBE_FORMAT
-from bnprobe.store import atomic_h5, check_replaceable, set_attrs, write_array
+from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
+from bnprobe.measures import fraction_below
+from bnprobe.models import bn_layers
+from bnprobe.options import DEFAULT_TAUS, ProbeOptions  # noqa: F401 - part of this API
+from bnprobe.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
 
 if TYPE_CHECKING:
     from bnprobe.options import LoadOptions
 
-FORMAT = PROBE_FORMAT  # defined beside its reader, in bnprobe.schema
-VERSION = 2  # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order
 FORWARD_ATTRS = ("accuracy", "loss", "images", "relu_sites", "relu_channels", "zero_fraction", "dead_channels")
 
 
@@ -64,13 +62,11 @@ class BNStats:
 
     def frac_below(self, taus: Sequence[float]) -> np.ndarray:
         """(L, T): fraction of each layer's channels with |γ| < τ."""
-        return np.array([[np.mean(np.abs(g) < t) if g.size else 0.0 for t in taus] for g in self.gamma]).reshape(
-            len(self.gamma), len(taus)
-        )
+        return fraction_below(self.gamma, taus)
 
     def frac_below_all(self, taus: Sequence[float]) -> np.ndarray:
-        flat = np.abs(np.concatenate(self.gamma)) if self.gamma else np.zeros(0)
-        return np.array([np.mean(flat < t) if flat.size else 0.0 for t in taus])
+        """(T,): the same over every channel of the network."""
+        return fraction_below(self.gamma, taus, per_layer=False)
 
     def off(self, threshold: float) -> np.ndarray:
         """Channels turned off per layer: |γ| < threshold, so the BN output is (almost) the constant β."""
@@ -84,10 +80,9 @@ class BNStats:
 
 
 def bn_statistics(model: nn.Module) -> BNStats:
-    stats_only = [(name, m.num_features) for name, m in model.named_modules()
-                  if isinstance(m, _BatchNorm) and not m.affine]
+    stats_only = [(name, m.num_features) for name, m in bn_layers(model) if not m.affine]
     return BNStats.from_tensors([(name, (bn.weight, bn.bias, bn.running_mean, bn.running_var))
-                                 for name, bn in bn_layers(model)], stats_only)
+                                 for name, bn in bn_layers(model, with_gamma=True)], stats_only)
 
 
 def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
@@ -290,7 +285,7 @@ def write_probe_h5(
     gamma_edges = histogram_edges([g for r in results for g in r.bn.gamma], bins)
     beta_edges = histogram_edges([b for r in results for b in r.bn.beta], bins)
     with atomic_h5(path) as f:
-        set_attrs(f, {"format": FORMAT, "version": VERSION, "checkpoints": len(results),
+        set_attrs(f, {"format": PROBE_FORMAT, "version": PROBE_VERSION, "checkpoints": len(results),
                       "off_threshold": off_threshold, "bins": bins, **(attrs or {})})
         write_array(f, "taus", taus, description="thresholds τ of the frac_below columns")
         write_array(f, "gamma_edges", gamma_edges, description="bin edges of every gamma_hist")
@@ -359,7 +354,7 @@ def default_output(paths: Sequence[Path], name: str) -> Path:
 
     if len(paths) == 1:
         file = checkpoint_file(paths[0])
-        if file.name == runs.checkpoint_path(Path()).name and runs.config_path(file.parent).exists():
+        if file.name == CHECKPOINT_FILE and runs.config_path(file.parent).exists():
             return file.parent / name
     return Path(name)
 
@@ -379,12 +374,8 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
 def run_probe(
     paths: Sequence[Path],
     options: "LoadOptions",
+    settings: Optional[ProbeOptions] = None,
     *,
-    taus: Sequence[float],
-    off_threshold: float = 0.01,
-    bins: int = 40,
-    images: int = 1000,
-    batch_size: int = 500,
     out: Optional[Path] = None,
     brief: bool = False,
     console: Optional[Any] = None,
@@ -401,13 +392,16 @@ def run_probe(
     from bnprobe.static import ORDER_NOTES, static_probe
 
     console = console or Console()
+    settings = settings or ProbeOptions()
+    taus, off_threshold, bins = settings.taus, settings.off_threshold, settings.bins
+    images, batch_size = settings.images, settings.batch_size
     if off_threshold < 0 or any(t < 0 for t in taus):
         raise BnprobeError("thresholds τ must be >= 0")
     if bins < 1 or images < 0 or batch_size < 1:
         raise BnprobeError("--bins and --batch-size must be >= 1 and --images >= 0")
     device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
-    out = out if out is not None else default_output(paths, "probe.h5")
-    check_replaceable(out, FORMAT)
+    out = out if out is not None else default_output(paths, PROBE_FILE)
+    check_replaceable(out, PROBE_FORMAT)
     check_options(options)
     static = options.model is None and options.dataset is None
     cache: dict = {}
@@ -436,7 +430,8 @@ def run_probe(
         result.label = label
     # --images applies to forward passes only: without one, the file does not claim a count.
     write_probe_h5(out, results, taus, off_threshold, bins,
-                   {"device": str(device or "none"), **({"images": images} if device is not None else {})})
+                   {"device": str(device or "none"), **({"images": images} if device is not None else {}),
+                    **provenance(load=options, probe=settings)})
 
     for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
         console.print(table)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from bnprobe.config import TrainConfig
 from bnprobe.freeze import bn_parameter_names
+from bnprobe.models import bn_layers
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, masked: frozenset[str] = frozenset()) -> torch.optim.SGD:
@@ -31,11 +32,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, masked: frozenset[str]
 def gamma_l1_step(model: nn.Module, strength: float) -> Optional[Callable[[], None]]:
     """A callable that adds strength * sign(gamma) to every trainable gamma's gradient (the subgradient of
     strength * sum|gamma|), as one fused op; None when there is nothing to do."""
-    gammas = [
-        module.weight
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None and module.weight.requires_grad
-    ]
+    gammas = [module.weight for _, module in bn_layers(model, with_gamma=True) if module.weight.requires_grad]
     if not strength or not gammas:
         return None
 

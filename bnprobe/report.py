@@ -34,6 +34,8 @@ from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
+from bnprobe.formats import CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES, METRICS_FILE, RUN_FILES, TELEMETRY_FILE
+from bnprobe.measures import fraction_below
 from bnprobe.options import REPORT_TAUS, parse_sweep
 
 SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # a checkout or an editable install
@@ -41,12 +43,9 @@ INSTALLED_TEMPLATES = Path("share", "bnprobe", "templates")  # under an install 
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
-RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
 SET_ASIDE = ".replaced"  # .NAME.replaced: the old run an --overwrite killed midway left (bnprobe.runs.Replacement)
 BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resnet.py
-FREEZE_ORDER = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")
-# torch.save writes a zip archive; the legacy format starts with a pickle protocol byte.
-CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+FREEZE_ORDER = FREEZE_MODES  # the report's column order
 EXPORT_SUFFIX = ".safetensors"  # `bnprobe export` files, shown in their own table
 
 
@@ -146,7 +145,7 @@ class Run:
 
     def fraction_below(self, tau: float) -> float:
         """Fraction of all BN channels (every layer) with |γ| < τ after the last epoch."""
-        return float(np.mean(np.abs(np.concatenate(self.gamma_final)) < tau)) if self.gamma_channels else float("nan")
+        return float(fraction_below(self.gamma_final, [tau], per_layer=False)[0]) if self.gamma_channels else float("nan")
 
 
 @dataclass
@@ -164,6 +163,7 @@ class Ablation:
     checkpoint: str
     freeze: str  # of the ablated checkpoint, when it was a bnprobe run
     run: Optional[Run] = None
+    written_by: str = ""  # "bnprobe X, torch Y" (files of earlier versions do not say)
 
 
 @dataclass
@@ -180,6 +180,7 @@ class ProbeRow:
     bn_layers: Optional[int] = None
     off_dead: Optional[int] = None
     file_format: str = ""
+    written_by: str = ""  # "bnprobe X, torch Y" (files of earlier versions do not say)
 
 
 @dataclass
@@ -281,7 +282,7 @@ def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
     """Everything the report shows of one run; raises RunSkipped with the reason when it cannot."""
     config = _read_config(run_dir)
     history = _read_metrics(run_dir)
-    telemetry = run_dir / "telemetry.h5"
+    telemetry = run_dir / TELEMETRY_FILE
     run = Run(name=name, path=run_dir, config=config, history=history or {})
     if telemetry.exists():
         _read_telemetry(run, telemetry, use_epochs=history is None)
@@ -309,7 +310,7 @@ def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
 def _read_config(run_dir: Path) -> dict[str, Any]:
     # Plain JSON, not TrainConfig.from_dict: a run written by a newer or older bnprobe (a field added or
     # removed) is still reported.
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG_FILE
     if not os.path.lexists(path):
         raise RunSkipped("no config.json")
     try:
@@ -322,7 +323,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _read_metrics(run_dir: Path) -> Optional[dict[str, np.ndarray]]:
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS_FILE
     if not os.path.lexists(path):
         return None
     try:
@@ -396,21 +397,16 @@ def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
 
 
 def _check_checkpoint(run_dir: Path) -> None:
-    path = run_dir / "checkpoint.pt"
+    path = run_dir / CHECKPOINT_FILE
     if not os.path.lexists(path):
         raise RunSkipped("no checkpoint.pt")
     try:
-        schema.regular_file(path)
+        kind = schema.torch_file_kind(schema.regular_file(path))
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise RunSkipped(f"checkpoint.pt is not readable ({exc.strerror or exc})")
-    if not head.startswith(CHECKPOINT_MAGIC):
-        raise RunSkipped("checkpoint.pt is empty" if not head else "checkpoint.pt is not a PyTorch checkpoint")
-    if head.startswith(CHECKPOINT_MAGIC[0]):
+    if not kind:
+        raise RunSkipped("checkpoint.pt is empty" if not path.stat().st_size else "checkpoint.pt is not a PyTorch checkpoint")
+    if kind == "zip":
         # A zip archive keeps its central directory at the end: opening it (no tensor is read) catches a copy
         # cut short. A legacy pickle checkpoint has no such cheap check and is taken as it is.
         try:
@@ -425,9 +421,9 @@ def _read_checkpoint_fallback(run: Run) -> None:
     from bnprobe import runs
 
     try:
-        state = runs.load_checkpoint(run.path / "checkpoint.pt")
+        state = runs.load_checkpoint(run.path / CHECKPOINT_FILE)
     except BnprobeError as exc:
-        raise RunSkipped(str(exc).replace(str(run.path / "checkpoint.pt"), "checkpoint.pt"))
+        raise RunSkipped.from_error(exc, run.path / CHECKPOINT_FILE)
     if isinstance(state.get("trainable"), int) and isinstance(state.get("total"), int):
         run.trainable, run.total = state["trainable"], state["total"]
     weights = state.get("model")
@@ -471,7 +467,7 @@ def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow
 
 
 def _read_ablation(f, name: str) -> Ablation:
-    # Format `bnprobe-ablation` v1 as written by bnprobe.ablate.write_ablation_h5 (docs/probe-schema.md).
+    # Format `bnprobe-ablation` v1 or v2 as written by bnprobe.ablate.write_ablation_h5 (docs/probe-schema.md).
     values = f["values"][:].astype(np.float64)
     if "clamped_fraction" in f:
         fraction = f["clamped_fraction"][:].astype(np.float64)
@@ -485,6 +481,7 @@ def _read_ablation(f, name: str) -> Ablation:
         values=values, clamped_fraction=fraction, test_acc=f["test_acc"][:].astype(np.float64), train_acc=train,
         baseline_test_acc=float(baseline) if baseline is not None else None,
         checkpoint=_text(f.attrs.get("checkpoint", "")), freeze=_text(f.attrs.get("freeze", "?")),
+        written_by=_written_by(f),
     )
 
 
@@ -500,8 +497,15 @@ def _read_export(path: Path, name: str) -> Optional[Export]:
                   full_size=header.full_bytes if compact and header.full_bytes is not None else size)
 
 
+def _written_by(f) -> str:
+    """Which bnprobe and torch wrote a result file (its provenance attributes; "" in files from before them)."""
+    versions = [f"{tool} {_text(f.attrs[f'{tool}_version'])}" for tool in ("bnprobe", "torch")
+                if f"{tool}_version" in f.attrs]
+    return ", ".join(versions)
+
+
 def _read_probe(f, name: str) -> list[ProbeRow]:
-    # Format `bnprobe-probe` v1 or v2 as written by bnprobe.probe.write_probe_h5 (docs/probe-schema.md).
+    # Format `bnprobe-probe` v1 to v3 as written by bnprobe.probe.write_probe_h5 (docs/probe-schema.md).
     taus = f["taus"][:].tolist() if "taus" in f else []
     rows = []
     for key in sorted(f["checkpoints"]):
@@ -514,6 +518,7 @@ def _read_probe(f, name: str) -> list[ProbeRow]:
             off=get("off", int), bn_channels=get("bn_channels", int), zero_fraction=get("zero_fraction", float),
             forward_pass=bool(g.attrs.get("forward_pass", True)), bn_layers=get("bn_layers", int),
             off_dead=get("off_dead", int), file_format=_text(g.attrs.get("file_format", "")),
+            written_by=_written_by(f),
         ))
     return rows
 
@@ -566,7 +571,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
                 else:
                     run_dirs.setdefault(_real(here), display(here))
             for f in sorted(files):
-                if (f.endswith(".h5") and f != "telemetry.h5") or f.endswith(EXPORT_SUFFIX):
+                if (f.endswith(".h5") and f != TELEMETRY_FILE) or f.endswith(EXPORT_SUFFIX):
                     if _printable(str(here / f)) != str(here / f):
                         passed_over.append(Skipped(display(here / f), "its name is not valid UTF-8 (rename it)"))
                     else:

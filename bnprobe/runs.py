@@ -1,16 +1,12 @@
 """Run directories and checkpoints: every file is written to a temporary name and renamed into place.
-
-Layout of `runs/<name>/`:
-    config.json      the TrainConfig, enough to rebuild the model
-    checkpoint.pt    latest state (model, optimizer, data RNG, history), rewritten each epoch
-    metrics.json     per-epoch history, for humans and reports
+The files of `runs/<name>/` (config.json, checkpoint.pt, metrics.json, telemetry.h5) are named in
+bnprobe.formats.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import unicodedata
@@ -25,23 +21,20 @@ from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, METRICS_FILE, RUN_FILES
 from bnprobe.store import h5_format
-
-RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
-CHECKPOINT_FORMAT = "bnprobe-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 def config_path(run_dir: Path) -> Path:
-    return run_dir / "config.json"
+    return run_dir / CONFIG_FILE
 
 
 def checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoint.pt"
+    return run_dir / CHECKPOINT_FILE
 
 
 def metrics_path(run_dir: Path) -> Path:
-    return run_dir / "metrics.json"
+    return run_dir / METRICS_FILE
 
 
 def check_run_name(name: str) -> str:
@@ -124,7 +117,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, f))
+    from bnprobe import __version__
+
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "bnprobe_version": __version__}
+    atomic_write(path, lambda f: torch.save({**header, **state}, f))
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: bool = False) -> Any:
@@ -132,15 +128,9 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
 
     lazy: memory-map a zip archive's tensors (torch.load(mmap=True)), so only the bytes of the tensors
     used are ever read; the legacy format cannot be mapped and is read whole."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
-    # torch.save writes a zip archive (or, in the legacy format, a pickle starting with PROTO 0x80 and a
-    # protocol number). Anything else is not a checkpoint, and is not handed to an unpickler at all.
-    is_zip = head[:4] == b"PK\x03\x04"
-    if not is_zip and not (head[:1] == b"\x80" and len(head) > 1 and head[1] <= pickle.HIGHEST_PROTOCOL):
+    kind = schema.torch_file_kind(path)
+    is_zip = kind == "zip"
+    if not kind:
         raise BnprobeError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():
@@ -246,5 +236,5 @@ def _describe(value: Any) -> str:
 def read_config(run_dir: Path) -> TrainConfig:
     path = config_path(run_dir)
     if not os.path.lexists(path):
-        raise BnprobeError(f"{run_dir} is not a run directory (no config.json)")
+        raise BnprobeError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     return TrainConfig.from_dict(schema.read_config(path))

@@ -5,16 +5,17 @@ Nothing is opened unless it is a regular file (a FIFO would block forever), JSON
 and an HDF5 file's layout (its format attribute, every dataset's shape and type) is checked against what the
 file's own sizes allow and a hard cap before any data is read, so a small file declaring billions of rows is
 refused at once instead of filling memory. Every violation is a BnprobeError of one line naming the file.
-No torch import: the report and inspect use it. The layouts are documented in docs/hdf5-schema.md and
+No torch import: the report and inspect use it. The files' names, format names and versions live in
+bnprobe.formats (which the writers import too); the layouts are documented in docs/hdf5-schema.md and
 docs/probe-schema.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
+import pickle
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bnprobe.config import TrainConfig
+from bnprobe.config import check_types
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - the readers' formats
+                             TELEMETRY_FORMAT)
 
-TELEMETRY_FORMAT = "bnprobe-telemetry"
-ABLATION_FORMAT = "bnprobe-ablation"
-PROBE_FORMAT = "bnprobe-probe"
-EXPORT_FORMAT = "bnprobe-export"  # `bnprobe export`: the full state dict, as safetensors
-COMPACT_FORMAT = "bnprobe-compact"  # `bnprobe export --compact`: the seed plus what trained
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
 MAX_JSON_BYTES = 64 << 20  # a run's metrics.json grows ~300 bytes per epoch
 MAX_ELEMENTS = 1 << 26  # per dataset (512 MiB of float64); a real run's largest, steps x tensors, is far below
@@ -37,8 +35,6 @@ MAX_EPOCHS = 1 << 20
 MAX_TENSORS = 1 << 16  # parameter tensors of a model; the deepest registry model has under 1,000
 MAX_TRAIN_IMAGES = 1 << 22  # bounds steps per epoch when the run used a whole data set (ImageNet: 1.28M)
 NUMBERS, INTEGERS = "biuf", "biu"  # numpy dtype kinds
-
-_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 
 
 def _kind_of(mode: int) -> str:
@@ -88,28 +84,24 @@ def read_config(path: Path) -> dict[str, Any]:
     config = read_json(path)
     if not isinstance(config, dict):
         raise BnprobeError(f"{path} does not hold the run's settings (a JSON object), but {_json_type(config)}")
-    check_config_types(config, path)
+    check_types(config, path)
     return config
 
 
-def check_config_types(config: dict[str, Any], where: Any) -> None:
-    """Each known setting of `config` has the type of its TrainConfig field (bool is no int; null only for
-    Optional fields)."""
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in config:
-            continue
-        value, optional = config[f.name], f.type.startswith("Optional[")
-        kind = f.type.removeprefix("Optional[").removesuffix("]")
-        if value is None and optional:
-            continue
-        if not isinstance(value, _KINDS[kind]) or (kind != "bool" and isinstance(value, bool)):
-            shown = json.dumps(value)
-            shown = shown if len(shown) <= 40 else shown[:37] + "..."
-            expected = {"str": "text", "int": "an integer", "float": "a number", "bool": "true or false"}[kind]
-            raise BnprobeError(f"{where}: setting {f.name!r} must be {expected}{' or null' if optional else ''}, "
-                               f"not {shown}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise BnprobeError(f"{where}: setting {f.name!r} must be a finite number, not {value}")
+def torch_file_kind(path: Path) -> str:
+    """What a file's first bytes say torch.save made of it: "zip" (its archive), "pickle" (the legacy format:
+    PROTO 0x80 and a protocol number), or "" (anything else, an empty file included), which is never handed
+    to an unpickler. Reads 4 bytes, with no torch import."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if head == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= pickle.HIGHEST_PROTOCOL:
+        return "pickle"
+    return ""
 
 
 def _json_type(value: Any) -> str:
@@ -319,7 +311,7 @@ def check_probe(f) -> int:
 class ExportHeader:
     """What a bnprobe export's header says, read without torch: enough for the report's table."""
 
-    format: str  # EXPORT_FORMAT or COMPACT_FORMAT
+    format: str  # FULL_FORMAT or COMPACT_FORMAT
     config: dict[str, Any]  # TrainConfig's types checked; unknown or missing settings left to the caller
     epoch: int
     metadata: dict[str, str]
@@ -377,7 +369,7 @@ def export_fields(metadata: dict[str, str], path: Path) -> tuple[dict[str, Any],
         raise BnprobeError(f"{path}: damaged bnprobe export metadata ({type(exc).__name__}: {exc})") from None
     if not isinstance(config, dict):
         raise BnprobeError(f"{path}: damaged bnprobe export metadata (its config is {_json_type(config)})")
-    check_config_types(config, f"{path}: config")
+    check_types(config, f"{path}: config")
     return config, epoch
 
 
@@ -385,7 +377,7 @@ def read_export_header(path: Path) -> Optional[ExportHeader]:
     """A `bnprobe export` file's header; None for any other safetensors file."""
     header = read_safetensors_header(path)
     metadata = header.pop("__metadata__", {})
-    if metadata.get("format") not in (EXPORT_FORMAT, COMPACT_FORMAT):
+    if metadata.get("format") not in (FULL_FORMAT, COMPACT_FORMAT):
         return None
     config, epoch = export_fields(metadata, path)
     full_bytes = metadata.get("full_bytes")

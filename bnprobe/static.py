@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from bnprobe.errors import BnprobeError
+from bnprobe.formats import COMPACT_FORMAT, FULL_FORMAT
 from bnprobe.loading import (STRIPPED_PREFIXES, checkpoint_file, checkpoint_label, extract_state_dict,
                              is_bnprobe_checkpoint, strip_prefixes)
 from bnprobe.probe import BNStats, ProbeResult
@@ -76,8 +77,6 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def _is_export(metadata: dict[str, str]) -> bool:
-    from bnprobe.export import COMPACT_FORMAT, FULL_FORMAT
-
     return metadata.get("format") in (COMPACT_FORMAT, FULL_FORMAT)
 
 

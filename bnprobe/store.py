@@ -57,6 +57,21 @@ def check_replaceable(path: Path, kind: str) -> None:
                            f"command; name another output file")
 
 
+def provenance(**options: Any) -> dict[str, str]:
+    """Attributes saying what wrote a result file: bnprobe's and torch's versions, and each options dataclass
+    given (e.g. load=LoadOptions, probe=ProbeOptions) as JSON in `options_json`."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from bnprobe import __version__
+
+    settings = {name: dataclasses.asdict(value) for name, value in options.items()}
+    return {"bnprobe_version": __version__, "torch_version": str(torch.__version__),  # a str subclass h5py refuses
+            "options_json": json.dumps(settings, sort_keys=True, default=str)}
+
+
 def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
     """Store plain values as HDF5 attributes; None becomes the string 'none' (HDF5 has no null)."""
     for key, value in attrs.items():

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from bnprobe import runs
 from bnprobe.errors import BnprobeError
-from bnprobe.schema import TELEMETRY_FORMAT, check_telemetry, open_h5
-from bnprobe.telemetry import telemetry_path
+from bnprobe.formats import TELEMETRY_FILE, TELEMETRY_FORMAT
+from bnprobe.schema import check_telemetry, open_h5
 
 # The /epochs columns the results table shows (files from before eval-mode train accuracy lack two of them).
 SHOWN_EPOCH_FIELDS = ("epoch", "train_eval_acc", "train_acc", "test_acc", "gap", "train_eval_loss", "test_loss")
@@ -50,7 +50,7 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
     if not run_dir.is_dir():
         raise BnprobeError(f"no run directory at {run_dir}")
     config = runs.read_config(run_dir)
-    path = telemetry_path(run_dir)
+    path = run_dir / TELEMETRY_FILE
     if not os.path.lexists(path):
         raise BnprobeError(f"{run_dir} has no telemetry.h5 (it did not finish an epoch)")
     parts = []

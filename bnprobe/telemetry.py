@@ -20,11 +20,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
-from bnprobe.schema import TELEMETRY_FORMAT
+from bnprobe.formats import TELEMETRY_FILE, TELEMETRY_FORMAT, TELEMETRY_VERSION
+from bnprobe.models import bn_layers
 from bnprobe.store import append_rows, atomic_h5, set_attrs, write_array
 
-FORMAT = TELEMETRY_FORMAT  # defined beside its reader, in bnprobe.schema
-VERSION = 1
 GROUPS = ("bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias")
 EPOCH_FIELDS = (
     "epoch", "lr", "train_loss", "train_acc", "train_eval_loss", "train_eval_acc",
@@ -37,7 +36,7 @@ EPOCH_UNITS = {
 
 
 def telemetry_path(run_dir: Path) -> Path:
-    return run_dir / "telemetry.h5"
+    return run_dir / TELEMETRY_FILE
 
 
 def parameter_group(model: nn.Module, name: str) -> str:
@@ -51,10 +50,6 @@ def parameter_group(model: nn.Module, name: str) -> str:
     if isinstance(module, nn.Linear):
         return "linear_weight"
     return "conv_weight"
-
-
-def bn_layers(model: nn.Module) -> dict[str, _BatchNorm]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
 
 
 class GradientRecorder:
@@ -114,7 +109,7 @@ class TelemetryWriter:
                                    f"without the telemetry recorded so far")
             return
         with atomic_h5(self.path) as f:
-            set_attrs(f, {"format": FORMAT, "version": VERSION, "config_json": json.dumps(self.config.to_dict())})
+            set_attrs(f, {"format": TELEMETRY_FORMAT, "version": TELEMETRY_VERSION, "config_json": json.dumps(self.config.to_dict())})
             set_attrs(f, {f"config.{k}": v for k, v in self.config.to_dict().items()})
             params = f.create_group("params")
             write_array(params, "name", self.recorder.names, description="parameter names as in the state_dict")
@@ -159,7 +154,7 @@ class TelemetryWriter:
     def _append_bn_snapshot(self, f, epoch: int) -> None:
         bn = f.require_group("bn")
         append_rows(bn, "epoch", np.array([epoch], dtype=np.int32), units="epochs completed at the snapshot")
-        for name, layer in bn_layers(self.model).items():
+        for name, layer in bn_layers(self.model):
             g = bn.require_group(name)
             tensors = {"running_mean": layer.running_mean, "running_var": layer.running_var}
             if layer.affine:

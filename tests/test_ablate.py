@@ -1,6 +1,7 @@
 """`bnprobe ablate`: sweep syntax, clamp masks, BN folding, and accuracies against an unfolded reference."""
 
 import copy
+import shutil
 
 import h5py
 import numpy as np
@@ -12,11 +13,12 @@ from bnprobe.ablate import clamp_masks, parse_sweep, run_ablation, sweep
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
 from bnprobe.fold import (
-    ClampableModel, FoldedConvBN, MaskedBN, _pairs_by_structure, bn_layers, check_fold, find_conv_bn_pairs,
+    ClampableModel, FoldedConvBN, MaskedBN, _pairs_by_structure, check_fold, find_conv_bn_pairs,
     fold_conv_bn,
 )
 from bnprobe.loading import LoadOptions, build_from_factory, load_eval_data, load_model
-from bnprobe.models import create_model
+from bnprobe.models import bn_layers, create_model
+from bnprobe.options import AblateOptions
 from bnprobe.train import evaluate
 from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
 from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
@@ -249,7 +251,7 @@ def reference_metrics(run_dir, tau, zero_beta=False):
     data = load_eval_data(loaded, torch.device("cpu"), test_subset=0, train_subset=10000)
     model = loaded.model
     with torch.no_grad():
-        for _, bn in bn_layers(model):
+        for _, bn in bn_layers(model, with_gamma=True):
             clamped = bn.weight.abs() < tau
             bn.weight[clamped] = 0
             if zero_beta:
@@ -267,8 +269,8 @@ def test_sweep_matches_reload_and_clamp_per_threshold(runs_dirs, tmp_path, zero_
     run = runs_dirs["bn-only"]
     taus = [0.0, 0.05, 0.2, 0.4, 2.0]
     console = Console(record=True, width=120)
-    result, path = run_ablation(run, CPU, mode="threshold", values=taus, zero_beta=zero_beta, batch_size=128,
-                                out=tmp_path / "a.h5", console=console)
+    settings = AblateOptions(mode="threshold", values=taus, zero_beta=zero_beta, batch_size=128)
+    result, path = run_ablation(run, CPU, settings, out=tmp_path / "a.h5", console=console)
     n_test = 355
     for i, tau in enumerate(taus):
         reference = reference_metrics(run, tau, zero_beta)
@@ -283,7 +285,7 @@ def test_sweep_matches_reload_and_clamp_per_threshold(runs_dirs, tmp_path, zero_
         assert f.attrs["format"] == "bnprobe-ablation" and f.attrs["mode"] == "threshold"
         assert bool(f.attrs["zero_beta"]) == zero_beta and f.attrs["pairing"] == "fx"
         np.testing.assert_array_equal(f["values"][:], taus)
-        layers = bn_layers(load_model(run, CPU).model)
+        layers = bn_layers(load_model(run, CPU).model, with_gamma=True)
         gammas = np.concatenate([bn.weight.detach().numpy() for _, bn in layers])
         for i, tau in enumerate(taus):
             np.testing.assert_array_equal(f["masks"][i], np.abs(gammas) < tau)
@@ -304,8 +306,8 @@ def test_fraction_sweeps_and_no_fold_give_the_same_numbers(runs_dirs, tmp_path):
     quiet = Console(quiet=True)
     run = runs_dirs["full"]
     kwargs = dict(mode="fraction", values=[0.0, 0.25, 0.5], per_layer=True, measure_train=False, test_subset=200)
-    folded, _ = run_ablation(run, CPU, **kwargs, out=tmp_path / "a.h5", console=quiet)
-    direct, _ = run_ablation(run, CPU, **kwargs, fold=False, out=tmp_path / "b.h5", console=quiet)
+    folded, _ = run_ablation(run, CPU, AblateOptions(**kwargs), out=tmp_path / "a.h5", console=quiet)
+    direct, _ = run_ablation(run, CPU, AblateOptions(**kwargs, fold=False), out=tmp_path / "b.h5", console=quiet)
     np.testing.assert_array_equal(folded.masks, direct.masks)
     np.testing.assert_allclose(folded.metrics["test_loss"], direct.metrics["test_loss"], rtol=1e-4)
     assert np.abs(folded.metrics["test_acc"] - direct.metrics["test_acc"]).max() <= 1.01 / 200
@@ -350,6 +352,39 @@ def test_ablate_cli_sweep_writes_the_run_directory(capsys, runs_dirs):
     from bnprobe.report import collect
 
     assert sorted(a.mode for a in collect([run.parent]).ablations) == ["fraction", "threshold"]
+
+
+def test_ablation_h5_records_its_options_and_versions_and_the_report_shows_them(capsys, runs_dirs, tmp_path):
+    import json
+
+    import bnprobe
+    from bnprobe.report import collect
+
+    out = tmp_path / "results" / "ablation.h5"
+    out.parent.mkdir()
+    code, _, err = run_cli(capsys, "ablate", runs_dirs["full"], "--clamp-fraction", "0,0.5", "--per-layer",
+                           "--no-train", "--test-subset", "50", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    with h5py.File(out) as f:
+        assert f.attrs["version"] == 2
+        assert f.attrs["bnprobe_version"] == bnprobe.__version__ and f.attrs["torch_version"] == torch.__version__
+        options = json.loads(f.attrs["options_json"])
+    assert options["load"] == {**{k: None for k in ("model", "model_arg", "dataset", "data_dir", "mean", "std",
+                                                       "download", "verify")}, "norm_units": "auto", "device": "cpu"}
+    assert options["ablate"] == dict(mode="fraction", values=[0.0, 0.5], per_layer=True, zero_beta=False,
+                                     test_subset=50, train_subset=10000, measure_train=False, batch_size=None,
+                                     fold=True)
+    # A version-1 file, from before provenance, still reads: it just does not say what wrote it.
+    with h5py.File(out, "r+") as f:
+        f.attrs["version"] = 1
+        for name in ("bnprobe_version", "torch_version", "options_json"):
+            del f.attrs[name]
+    shutil.copy(out, tmp_path / "results" / "old.h5")
+    with h5py.File(out, "r+") as f:
+        f.attrs.update({"version": 2, "bnprobe_version": "9.9", "torch_version": "8.8"})
+    ablations = {a.name: a for a in collect([tmp_path / "results"]).ablations}
+    assert ablations["ablation.h5"].written_by == "bnprobe 9.9, torch 8.8" and ablations["old.h5"].written_by == ""
+    np.testing.assert_array_equal(ablations["old.h5"].values, [0.0, 0.5])
 
 
 def test_foreign_checkpoint_ablation(capsys, tmp_path):
@@ -426,13 +461,13 @@ def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
-    with_gamma = [name for name, _ in bn_layers(model)]
+    with_gamma = [name for name, _ in bn_layers(model, with_gamma=True)]
     every_bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert with_gamma and len(with_gamma) < len(every_bn)  # some BNs have no γ, some convs no BN
     assert not any(name.startswith("layer1.") for name in with_gamma)
     assert bn_statistics(loaded.model).names == with_gamma
-    result, _ = run_ablation(run, CPU, mode="threshold", values=[0.0, 0.5], test_subset=100, measure_train=False,
-                             out=tmp_path / "a.h5", console=Console(quiet=True))
+    settings = AblateOptions(mode="threshold", values=[0.0, 0.5], test_subset=100, measure_train=False)
+    result, _ = run_ablation(run, CPU, settings, out=tmp_path / "a.h5", console=Console(quiet=True))
     assert result.layer_names == with_gamma and result.metrics["test_acc"][0] == result.baseline["test_acc"]
 
 

@@ -166,8 +166,8 @@ def test_plans_of_the_wrong_shape_are_one_line(tmp_path, capsys):
     for text, message in [
         ('defaults = 5\n[[grid]]\nseed = 1\n', "must be tables of settings"),
         ('grid = [1, 2]\n', "must be tables of settings"),
-        (grid + "milestones = {a = 1}", 'milestones must be text, not {"a": 1}'),
-        (grid + "epochs = 1.5", "grid 1: epochs must be a whole number, not 1.5"),
+        (grid + "milestones = {a = 1}", 'setting \'milestones\' must be text, not {"a": 1}'),
+        (grid + "epochs = 1.5", "grid 1: setting 'epochs' must be an integer, not 1.5"),
         (grid + "seed = 99999999999999999999", "--seed must be in [0, 2**32)"),
     ]:
         (tmp_path / "plan.toml").write_text(text)
@@ -268,7 +268,7 @@ def test_resume_with_a_cut_short_telemetry_file_is_one_line(finished_run, tmp_pa
     (lambda s: s.update(config=[]), "config must be a table of settings, not []"),
     (lambda s: s.update(epoch="two"), "'epoch' must be a whole number, not str 'two'"),
     (lambda s: s.update(normalization="per-pixel"), "'normalization' must be a table of mean and std, not str"),
-    (lambda s: s["config"].update(width="x"), "config: width must be a whole number, not \"x\""),
+    (lambda s: s["config"].update(width="x"), "config: setting 'width' must be an integer, not \"x\""),
 ])
 def test_probe_of_a_checkpoint_with_a_damaged_structure_is_one_line(finished_run, tmp_path, capsys, edit, message):
     run, _ = _copy_with(finished_run, tmp_path, edit)

@@ -164,3 +164,17 @@ def test_train_a_pattern_name_from_the_cli(capsys, tmp_path):
                              "--test-subset", "32", "--device", "cpu", "--runs-dir", tmp_path)
     assert code == 0, err
     assert "test acc" in out
+
+
+def test_bn_layers_are_every_batchnorm_in_module_order_and_with_gamma_only_the_affine_ones():
+    from bnprobe.models import bn_layers, remove_bn_affine
+
+    model = create_model("resnet8", in_channels=1, num_classes=10)
+    remove_bn_affine(model, "layer1.*")
+    # Independently, from the state dict: a BN layer has running statistics; one with γ also has a weight.
+    keys = list(model.state_dict())
+    every = [k[: -len(".running_mean")] for k in keys if k.endswith(".running_mean")]
+    with_gamma = [name for name in every if f"{name}.weight" in keys]
+    assert [name for name, _ in bn_layers(model)] == every
+    assert [name for name, _ in bn_layers(model, with_gamma=True)] == with_gamma
+    assert 0 < len(with_gamma) < len(every)

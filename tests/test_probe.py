@@ -11,6 +11,7 @@ from bnprobe import runs
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
 from bnprobe.loading import LoadOptions, load_eval_data, load_model
+from bnprobe.options import ProbeOptions
 from bnprobe.models import create_model
 from bnprobe.probe import ReluRecorder, relu_inputs, relu_sparsity, run_probe
 from bnprobe.train import evaluate
@@ -29,8 +30,9 @@ def probed(tmp_path_factory):
     dirs = trained_runs(tmp_path_factory)
     out = tmp_path_factory.mktemp("probe") / "probe.h5"
     console = Console(record=True, width=140)
-    results, path = run_probe([dirs["full"], dirs["bn-only"]], LoadOptions(device="cpu"), taus=TAUS,
-                              off_threshold=0.05, bins=20, images=IMAGES, batch_size=64, out=out, console=console)
+    settings = ProbeOptions(taus=TAUS, off_threshold=0.05, bins=20, images=IMAGES, batch_size=64)
+    results, path = run_probe([dirs["full"], dirs["bn-only"]], LoadOptions(device="cpu"), settings, out=out,
+                              console=console)
     return dirs, path, results, console.export_text()
 
 
@@ -232,7 +234,7 @@ def test_probe_errors_are_one_line(capsys, tmp_path, tmp_path_factory, argv, pat
 
 def test_probe_refuses_bad_numbers_in_the_library(tmp_path_factory):
     with pytest.raises(BnprobeError, match="must be >= 0"):
-        run_probe([trained_runs(tmp_path_factory)["full"]], LoadOptions(device="cpu"), taus=[-1.0])
+        run_probe([trained_runs(tmp_path_factory)["full"]], LoadOptions(device="cpu"), ProbeOptions(taus=[-1.0]))
 
 
 # ---- per-layer tables at 80 columns (piped output) ------------------------------------------------------
@@ -305,9 +307,38 @@ def test_probe_piped_at_80_columns_prints_full_numbers(capsys, tmp_path_factory,
     run = trained_runs(tmp_path_factory)["full"]
     console = Console(width=80, file=StringIO(), color_system=None)
     taus = list(np.linspace(0, 0.3, 7))
-    results, _ = run_probe([run], LoadOptions(device="cpu"), taus=taus, images=50, batch_size=50,
+    results, _ = run_probe([run], LoadOptions(device="cpu"), ProbeOptions(taus=taus, images=50, batch_size=50),
                            out=tmp_path / "probe.h5", console=console)
     text = console.file.getvalue()
     start = text.index("γ and β by depth")
     end = text.index("ReLU output sparsity")
     _assert_every_layer_number_shows(text[start:end], results[0], taus)
+
+
+def test_fraction_below_counts_channels_strictly_under_tau():
+    from bnprobe.measures import fraction_below
+
+    rng = np.random.default_rng(0)
+    gammas = [rng.normal(0, 0.1, n) for n in (7, 0, 30, 1)] + [np.array([0.05, -0.05, 0.0])]
+    taus = [0.0, 0.01, 0.05, 0.2]
+    # Independently: the rank of τ among the sorted |γ| (side="left": ties with τ are not below it).
+    ranks = [[np.searchsorted(np.sort(np.abs(g)), t, side="left") for t in taus] for g in gammas]
+    expected = np.array([[r / len(g) if len(g) else 0.0 for r in row] for g, row in zip(gammas, ranks)])
+    np.testing.assert_allclose(fraction_below(gammas, taus), expected)
+    sizes = np.array([len(g) for g in gammas])
+    np.testing.assert_allclose(fraction_below(gammas, taus, per_layer=False), (expected * sizes[:, None]).sum(0) / sizes.sum())
+    assert fraction_below([], taus).shape == (0, 4) and fraction_below([], taus, per_layer=False).tolist() == [0.0] * 4
+
+
+def test_probe_h5_records_its_options_and_versions(probed):
+    import json
+
+    import bnprobe
+
+    _, path, _, _ = probed
+    with h5py.File(path) as f:
+        assert f.attrs["version"] == 3
+        assert f.attrs["bnprobe_version"] == bnprobe.__version__ and f.attrs["torch_version"] == torch.__version__
+        options = json.loads(f.attrs["options_json"])
+    assert options["probe"] == dict(taus=TAUS, off_threshold=0.05, bins=20, images=IMAGES, batch_size=64)
+    assert options["load"]["device"] == "cpu" and options["load"]["model"] is None

@@ -267,6 +267,7 @@ def test_report_of_an_ablation_written_by_bnprobe_ablate(capsys, runs_root, tmp_
     pct = lambda value: f"{100 * value:.1f}%"  # noqa: E731
     assert cells == ["ablation.h5", "bn-only non-bn", "|γ| &lt; τ", "4: 0 … 5", pct(result.baseline["test_acc"]),
                      pct(result.metrics["test_acc"][-1]), "100.0%"], cells
+    assert f"Written by bnprobe {bnprobe.__version__}, torch {torch.__version__} (ablation.h5)." in section
 
 
 @pytest.fixture(scope="session")

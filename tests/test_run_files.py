@@ -353,3 +353,47 @@ def test_term_while_writing_removes_the_temporary_file(good_run, tmp_path, monke
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---- issue 13: one type check of stored settings, one sniff of torch files --------------------------------
+
+
+@pytest.mark.parametrize("settings", [{"width": "x"}, {"lr": True}, {"flip": 1}, {"seed": None}, {"lr": float("inf")},
+                                      {"milestones": {"a": 1}}])
+def test_config_json_and_a_checkpoint_config_are_checked_alike(tmp_path, settings):
+    from bnprobe import schema
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(settings))
+    with pytest.raises(BnprobeError) as by_schema:
+        schema.read_config(path)
+    with pytest.raises(BnprobeError) as by_config:
+        TrainConfig.from_dict(settings, str(path))
+    assert str(by_schema.value) == str(by_config.value)
+    assert str(by_schema.value).startswith(f"{path}: setting '{next(iter(settings))}' must be")
+
+
+def test_torch_file_kind_tells_archives_and_pickles_from_other_files(tmp_path):
+    from bnprobe import schema
+
+    torch.save({"a": torch.zeros(2)}, tmp_path / "zip.pt")
+    torch.save({"a": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    (tmp_path / "future.pt").write_bytes(b"\x80\x3f rest")  # PROTO with a protocol no Python knows
+    kinds = {p.name: schema.torch_file_kind(p) for p in sorted(tmp_path.iterdir())}
+    assert kinds == {"empty.pt": "", "future.pt": "", "legacy.pt": "pickle", "text.pt": "", "zip.pt": "zip"}
+    with pytest.raises(BnprobeError, match="cannot read"):
+        schema.torch_file_kind(tmp_path)
+
+
+def test_a_checkpoint_records_the_bnprobe_that_wrote_it_and_a_version_1_checkpoint_still_reads(good_run, tmp_path):
+    import bnprobe
+    from bnprobe import runs
+
+    state = runs.load_checkpoint(good_run / "checkpoint.pt")
+    assert state["version"] == 2 and state["bnprobe_version"] == bnprobe.__version__
+    del state["bnprobe_version"]
+    torch.save({**state, "version": 1}, tmp_path / "old.pt")
+    old = runs.load_checkpoint(tmp_path / "old.pt")
+    assert runs.check_checkpoint(old, tmp_path / "old.pt", resume=True) == TrainConfig.from_dict(state["config"])

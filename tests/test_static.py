@@ -99,7 +99,7 @@ def test_checkpoints_users_meet_are_probed_from_the_file_alone(capsys, tmp_path,
     torch.save(make(model), tmp_path / name, _use_new_zipfile_serialization=not legacy)
     out, stdout = probe(capsys, tmp_path, tmp_path / name)
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 2 and f.attrs["device"] == "none"
+        assert f.attrs["version"] == 3 and f.attrs["device"] == "none"  # 3: with provenance
         assert "images" not in f.attrs  # no forward pass: --images applied to nothing
         g = f["checkpoints/000"]
         check_against(g, f, expected(model.state_dict()))

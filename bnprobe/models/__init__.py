@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.errors import BnprobeError
 
@@ -152,14 +153,19 @@ def norm_layer_for(bn: str, every: int = 1) -> NormLayer:
     raise BnprobeError(f"--bn must be one of full, none, every-k; got {bn!r}")
 
 
+def bn_layers(model: nn.Module, with_gamma: bool = False) -> list[tuple[str, _BatchNorm]]:
+    """The BatchNorm layers of `model` (every _BatchNorm: 1d, 2d, 3d, SyncBatchNorm) as (name, module), in
+    module order: the order probes, ablations and telemetry report depth in. `with_gamma`: only those with γ
+    and β (affine; --bn-affine-off takes them away)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm) and (m.affine or not with_gamma)]
+
+
 def remove_bn_affine(model: nn.Module, patterns: str) -> list[str]:
     """Drop gamma and beta from the BN layers whose names match any comma-separated glob in `patterns`."""
     from fnmatch import fnmatchcase
 
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     globs = [p.strip() for p in patterns.split(",") if p.strip()]
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    layers = dict(bn_layers(model))
     removed = []
     for glob in globs:
         matched = [name for name in layers if fnmatchcase(name, glob)]
