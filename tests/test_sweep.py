@@ -191,3 +191,38 @@ def test_slurm_launcher_without_slurm_is_a_clear_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "runs"),
                            "--launcher", "slurm")
     assert_one_line_error(code, err, "submitting 2 jobs failed")
+
+
+def test_seeds_repeat_each_run_and_group_by_seed(tmp_path):
+    from bnprobe.config import seed_group
+
+    (tmp_path / "plan.toml").write_text(PLAN.replace('milestones = ""', 'milestones = ""\nseeds = [0, 1, 2]')
+                                        + '\n[[grid]]\nmodel = "resnet8"\nfreeze = "bn"\nseeds = [7]\n')
+    planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+    assert [(p.config.freeze, p.config.seed) for p in planned] == [
+        ("none", 0), ("none", 1), ("none", 2), ("non-bn", 0), ("non-bn", 1), ("non-bn", 2), ("bn", 7)]
+    assert len({p.run_dir for p in planned}) == 7  # each seed its own run
+    groups = {}
+    for p in planned:
+        groups.setdefault(seed_group(p.config.to_dict()), []).append(p.config.seed)
+    assert sorted(groups.values()) == [[0, 1, 2], [0, 1, 2], [7]]
+    # what only says how to run (device, data folder), an unused --bn-every and 0 vs 0.0 do not split a group
+    config = planned[0].config.to_dict()
+    assert seed_group(config) == seed_group({**config, "device": "cuda", "data_dir": "/x", "bn_every": 5,
+                                             "gamma_l1": 0, "seed": 9})
+    assert seed_group(config) != seed_group({**config, "lr": 0.2})
+    assert seed_group({**config, "bn": "every-k", "bn_every": 2}) != seed_group({**config, "bn": "every-k", "bn_every": 5})
+    # a config written before a setting existed groups with the same settings at that setting's default
+    assert seed_group({k: v for k, v in config.items() if k != "gamma_l1"}) == seed_group(config)
+
+
+@pytest.mark.parametrize("table, message", [
+    ("seeds = [0, 0]", "seeds must be a list of distinct integers"),
+    ("seeds = 3", "seeds must be a list of distinct integers"),
+    ("seeds = []", "seeds must be a list of distinct integers"),
+    ("seeds = [0, 1]\nseed = 2", "seed and seeds both set"),
+])
+def test_bad_seeds_are_one_line(tmp_path, table, message):
+    (tmp_path / "plan.toml").write_text(PLAN.replace('milestones = ""', f'milestones = ""\n{table}'))
+    with pytest.raises(BnprobeError, match=message):
+        read_plan(tmp_path / "plan.toml", tmp_path / "runs")
