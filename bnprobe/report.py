@@ -798,13 +798,16 @@ def _number(value: Optional[float]) -> str:
 
 
 def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "inline", title: Optional[str] = None,
-                templates: Optional[Path] = None, figures: Optional[dict[str, Any]] = None) -> str:
+                templates: Optional[Path] = None, figures: Optional[dict[str, Any]] = None, findings=None) -> str:
     """The report as one self-contained HTML page. `embed`: "inline" <svg> elements, or "img" data URIs
     (what the PDF uses: WeasyPrint parses an SVG image with a fast XML parser, inline SVG with its slow
     HTML one and styles every node). `templates`: see find_templates."""
     templates = find_templates(templates)
     env = template_environment(templates)
     figures = figures if figures is not None else build_figures(collection, taus)
+    from bnprobe import findings as statistics
+
+    findings = findings if findings is not None else statistics.findings_of(collection.runs)
     runs_with_depth = [r for r in collection.runs if r.depth is not None]
     return env.get_template(TEMPLATE).render(
         title=title or "bnprobe report: " + ", ".join(r.resolve().name or str(r) for r in collection.roots),
@@ -822,6 +825,7 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
         depth_points=len(runs_with_depth),
         ablation_figure=figures["ablation"],
         any_running_train_acc=any(r.train_acc_is_running for r in collection.runs),
+        findings=findings, show=statistics.show, confidence=statistics.CONFIDENCE,
     )
 
 
@@ -834,6 +838,7 @@ class ReportSummary:
     probes: int
     pages: Optional[int]
     seconds: float
+    findings: Optional[Path] = None  # the findings' JSON file, beside the report
 
 
 def check_output(output: Path) -> str:
@@ -908,6 +913,10 @@ def write_report(
     (.html or .pdf) atomically."""
     started = time.perf_counter()
     kind = check_output(output)
+    from bnprobe import findings as statistics
+
+    findings_json = statistics.json_path(output)
+    statistics.check_json_output(findings_json)
     templates = find_templates(templates)
     template_environment(templates)  # fail on missing templates before reading anything
     say = on_progress or (lambda message: None)
@@ -917,8 +926,9 @@ def write_report(
         f"probes, and drew each run's figure")
     figures = build_figures(collection, taus)
     say("drew the figures across runs")
+    findings = statistics.findings_of(collection.runs)
     html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
-                       templates=templates, figures=figures)
+                       templates=templates, figures=figures, findings=findings)
     pages = None
     try:
         if kind == "html":
@@ -929,5 +939,6 @@ def write_report(
             atomic_write(output, lambda f: document.write_pdf(target=f))
     except OSError as exc:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+    statistics.write_json(findings, findings_json)
     return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
-                         len(collection.probes), pages, time.perf_counter() - started)
+                         len(collection.probes), pages, time.perf_counter() - started, findings_json)
