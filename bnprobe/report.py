@@ -40,6 +40,7 @@ SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # 
 INSTALLED_TEMPLATES = Path("share", "bnprobe", "templates")  # under an install prefix: pyproject.toml's data-files
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
+TEMPLATE_FILES = (TEMPLATE, "findings.html.j2", STYLESHEET)  # every file the report reads from its templates folder
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "telemetry.h5")
 SET_ASIDE = ".replaced"  # .NAME.replaced: the old run an --overwrite killed midway left (bnprobe.runs.Replacement)
@@ -765,14 +766,14 @@ def find_templates(explicit: Optional[Path] = None, *, source: Optional[Path] = 
 
 
 def _has_templates(folder: Path) -> bool:
-    return (folder / TEMPLATE).is_file() and (folder / STYLESHEET).is_file()
+    return all((folder / name).is_file() for name in TEMPLATE_FILES)
 
 
 def template_environment(templates: Path):
     import jinja2
 
     if not _has_templates(templates):
-        raise BnprobeError(f"report templates not found in {templates} (expected {TEMPLATE} and {STYLESHEET})")
+        raise BnprobeError(f"report templates not found in {templates} (expected {', '.join(TEMPLATE_FILES)})")
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates)), autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,

@@ -2,7 +2,8 @@
 
 A plan is TOML. `[defaults]` holds TrainConfig fields shared by every run; each `[[grid]]` table maps
 fields to a value or a list of values, and adds every combination of its lists (merged over the
-defaults). `seeds = [0, 1, 2]` (in [defaults] or a [[grid]]) repeats each run once per seed, each its own run. Runs are named by `TrainConfig.run_name()`, so a rerun of the same plan finds its runs:
+defaults). `seeds = [0, 1, 2]` (in [defaults] or a [[grid]]) repeats each run once per seed, each its own
+run. Runs are named by `TrainConfig.run_name()`, so a rerun of the same plan finds its runs:
 finished ones are skipped, interrupted ones resume from their last checkpoint.
 """
 

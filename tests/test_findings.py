@@ -127,7 +127,8 @@ def test_every_comparison_of_the_plan_with_its_numbers():
     # BN-only's last epoch is its best; full training fell 0.05 from its best epoch
     assert drop.a.mean == pytest.approx(0) and drop.b.mean == pytest.approx(0.05)
 
-    [trend] = [f for f in result.findings if f.kind == "depth trend" and f.title == "CIFAR ResNet digits non-bn epochs=2"]
+    [trend] = [f for f in result.findings
+               if f.kind == "depth trend" and f.title == "CIFAR ResNet digits non-bn epochs=2"]
     chosen = [r for r in runs if r.freeze == "non-bn" and r.config["gamma_l1"] == 0 and r.config["bn"] == "full"]
     depths = [model_depth(r.model) for r in chosen]
     accuracy = [r.test_acc for r in chosen]

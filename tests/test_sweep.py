@@ -157,12 +157,40 @@ def test_bad_plans_are_one_line_errors(tmp_path, capsys, text, message):
     assert_one_line_error(code, err, message)
 
 
-def test_seed_plan_example_is_valid(tmp_path):
+def test_seed_plan_example_is_the_whole_plan_and_valid(tmp_path, capsys):
     from pathlib import Path
 
-    planned = read_plan(Path(__file__).parents[1] / "examples" / "seed-plan.toml", tmp_path)
-    assert len(planned) == 25
-    assert {p.config.bn for p in planned} == {"full", "none", "every-k"}
+    plan = Path(__file__).parents[1] / "examples" / "seed-plan.toml"
+    code, out, err = run_cli(capsys, "sweep", str(plan), "--runs-dir", str(tmp_path), "--dry-run")
+    assert code == 0 and "222 runs" in out, err  # every entry resolved (model built on the meta device), costed
+    planned = read_plan(plan, tmp_path)
+    fields = ("model", "dataset", "freeze", "bn", "bn_every", "gamma_init", "gamma_l1", "bn_l2", "bn_affine_off",
+              "random_features", "epochs")
+    seeds: dict[tuple, set[int]] = {}  # experiment -> its seeds
+    for p in planned:
+        c = {**p.config.to_dict(), "bn_every": p.config.bn_every if p.config.bn == "every-k" else None}
+        seeds.setdefault(tuple(c[f] for f in fields), set()).add(p.config.seed)
+    assert all(s == {0, 1, 2} for s in seeds.values())  # three seeds for every experiment
+    settings = [dict(zip(fields, key)) for key in seeds]
+
+    def models(**wanted) -> set[str]:
+        return {s["model"] for s in settings if all(s[k] == v for k, v in wanted.items())}
+
+    deep = {"resnet50", "resnet152", "resnet200"}
+    for freeze in ("none", "non-bn"):
+        assert deep <= models(freeze=freeze, bn="full", gamma_init="uniform", gamma_l1=0, bn_l2=0, bn_affine_off="")
+        for every in (2, 5):
+            assert models(freeze=freeze, bn="every-k", bn_every=every) == deep
+        assert models(freeze=freeze, bn="full", dataset="cifar10") >= {"convs25", "convs76", "convs100"}
+        assert models(freeze=freeze, dataset="cifar10", epochs=160) >= {
+            f"resnet{d}" for d in (14, 32, 56, 110, 218, 434, 866)}  # Frankle's depth series
+        assert models(freeze=freeze, dataset="mnist")
+    assert models(freeze="none", bn="none") == deep
+    for changed in (dict(gamma_init="ones"), dict(gamma_init="normal"), dict(gamma_l1=1e-4), dict(bn_l2=1e-3),
+                    dict(bn_affine_off="layer4.*")):
+        assert models(freeze="non-bn", **changed) == deep
+    assert models(freeze="all-but-output", random_features=2) == models(freeze="non-bn-output") == deep
+    assert models(model="vgg38", dataset="cifar100", epochs=100, freeze="none") == {"vgg38"}
     with pytest.raises(BnprobeError):
         read_plan(tmp_path / "missing.toml", tmp_path)
 
@@ -211,7 +239,8 @@ def test_seeds_repeat_each_run_and_group_by_seed(tmp_path):
     assert seed_group(config) == seed_group({**config, "device": "cuda", "data_dir": "/x", "bn_every": 5,
                                              "gamma_l1": 0, "seed": 9})
     assert seed_group(config) != seed_group({**config, "lr": 0.2})
-    assert seed_group({**config, "bn": "every-k", "bn_every": 2}) != seed_group({**config, "bn": "every-k", "bn_every": 5})
+    every = {**config, "bn": "every-k"}
+    assert seed_group({**every, "bn_every": 2}) != seed_group({**every, "bn_every": 5})
     # a config written before a setting existed groups with the same settings at that setting's default
     assert seed_group({k: v for k, v in config.items() if k != "gamma_l1"}) == seed_group(config)
 
