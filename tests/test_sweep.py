@@ -157,13 +157,13 @@ def test_bad_plans_are_one_line_errors(tmp_path, capsys, text, message):
     assert_one_line_error(code, err, message)
 
 
-def test_seed_plan_example_is_the_whole_plan_and_valid(tmp_path, capsys):
+def test_seed_plan_example_is_the_whole_plan_and_valid(tmp_path):
     from pathlib import Path
 
-    plan = Path(__file__).parents[1] / "examples" / "seed-plan.toml"
-    code, out, err = run_cli(capsys, "sweep", str(plan), "--runs-dir", str(tmp_path), "--dry-run")
-    assert code == 0 and "222 runs" in out, err  # every entry resolved (model built on the meta device), costed
-    planned = read_plan(plan, tmp_path)
+    # What --dry-run reads first: every entry resolved, its model built on the meta device. (The dry run's cost
+    # column then counts FLOPs of every model; that is tested above, on small ones.)
+    planned = read_plan(Path(__file__).parents[1] / "examples" / "seed-plan.toml", tmp_path)
+    assert len(planned) == 222
     fields = ("model", "dataset", "freeze", "bn", "bn_every", "gamma_init", "gamma_l1", "bn_l2", "bn_affine_off",
               "random_features", "epochs")
     seeds: dict[tuple, set[int]] = {}  # experiment -> its seeds
