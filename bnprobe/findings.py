@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.config import IDENTITY_DEFAULTS, seed_group
 from bnprobe.errors import BnprobeError
@@ -399,12 +401,12 @@ def json_path(report: Path) -> Path:
 
 def check_json_output(path: Path) -> None:
     """Replace only a findings file (or nothing): never a file bnprobe did not write as one."""
-    try:
-        with open(path, "rb") as f:
-            ours = json.loads(f.read(1 << 20)).get("format") == FORMAT
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return
-    except (OSError, ValueError, AttributeError):
+    try:
+        stored = schema.read_json(path)  # a FIFO or device is refused unopened
+        ours = isinstance(stored, dict) and stored.get("format") == FORMAT
+    except BnprobeError:
         ours = False
     if not ours:
         raise BnprobeError(f"will not replace {path}: it is not a findings file bnprobe wrote; move it away")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,10 @@ def test_one_seed_claims_nothing(tmp_path):
     with pytest.raises(BnprobeError, match="will not replace .*mine.json: it is not a findings file"):
         write_json(result, tmp_path / "mine.json")
     assert (tmp_path / "mine.json").read_text() == '{"my": "notes"}'
+    os.mkfifo(tmp_path / "fifo.json")  # refused without being opened (opening would block)
+    with pytest.raises(BnprobeError, match="will not replace .*fifo.json"):
+        write_json(result, tmp_path / "fifo.json")
+    write_json(result, tmp_path / "f.json")  # its own earlier file: replaced
 
 
 TINY = dict(model="resnet8", dataset="digits", epochs=1, batch_size=64, subset=200, test_subset=100,
