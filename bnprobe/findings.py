@@ -188,16 +188,12 @@ class Group:
         return [run.seed for run in self.runs]
 
     def values(self, metric: str) -> dict[int, float]:
-        unit, value = METRIC[metric]
-        return {run.seed: value(run) for run in self.runs}
+        """seed -> value, for the runs that recorded it (old runs lack eval-mode train loss, for one)."""
+        value = METRIC[metric][1]
+        return {run.seed: v for run in self.runs if math.isfinite(v := value(run))}
 
     def summary(self) -> dict[str, Estimate]:
-        out = {}
-        for name, _, _ in METRICS:
-            values = [v for v in self.values(name).values() if math.isfinite(v)]
-            if values:
-                out[name] = estimate(values)
-        return out
+        return {name: estimate(list(values.values())) for name, _, _ in METRICS if (values := self.values(name))}
 
 
 def group_runs(runs: Sequence) -> list[Group]:
@@ -239,7 +235,9 @@ def _counterpart(group: Group, index: dict[tuple, Group], **changes: Any) -> Opt
 def _compare_groups(kind: str, a: Group, b: Group, metrics: Sequence[str], what: tuple[str, str]) -> Finding:
     finding = Finding(kind, f"{a.label} vs {b.label}")
     for metric in metrics:
-        finding.rows.append(compare(metric, METRIC[metric][0], a.values(metric), b.values(metric), what))
+        xs, ys = a.values(metric), b.values(metric)
+        if xs and ys:
+            finding.rows.append(compare(metric, METRIC[metric][0], xs, ys, what))
     return finding
 
 
@@ -274,7 +272,7 @@ def build_findings(groups: Sequence[Group]) -> list[Finding]:
             what = ", ".join(f"{name}={g.setting(name)}" for name in changed)
             out.append(_compare_groups("changed BN vs plain BN-only", g, plain, accuracy_gap_drop, (what, "plain")))
 
-    for g in groups:  # reduced BN vs full BN, and vs a shallower net with as many BN layers
+    for g in groups:  # reduced BN vs full BN, and vs another net (25/76/100 convs, ...) with as many BN layers
         if g.setting("bn") != "every-k":
             continue
         full = _counterpart(g, index, bn="full")
@@ -283,9 +281,8 @@ def build_findings(groups: Sequence[Group]) -> list[Finding]:
                                        (f"BN every {g.setting('bn_every')}", "full BN")))
         layers = len(g.runs[0].gamma_layers)
         for other in groups:
-            if (layers and other is not g and other.setting("bn") == "full"
+            if (layers and other.setting("model") != g.setting("model") and other.setting("bn") == "full"
                     and len(other.runs[0].gamma_layers) == layers
-                    and model_family(other.setting("model")) == model_family(g.setting("model"))
                     and _counterpart(g, index, bn="full", model=other.setting("model")) is other):
                 finding = _compare_groups("reduced BN vs fewer layers", g, other, accuracy_gap_drop[:2],
                                           (f"BN every {g.setting('bn_every')}", f"{other.setting('model')}"))

@@ -25,7 +25,7 @@ DEFAULT = TrainConfig(dataset="digits").to_dict()
 
 
 def fake_run(seed: int, test: list[float], train_eval: float = 0.9, grads: dict | None = None, trainable=None,
-             **settings) -> Run:
+             bn_layers: int = 0, **settings) -> Run:
     """A run as bnprobe.report reads it: config.json's settings and per-epoch history, no files."""
     config = {**DEFAULT, "seed": seed, "epochs": len(test), **settings}
     history = {"epoch": np.arange(1, len(test) + 1, dtype=float), "test_acc": np.array(test),
@@ -33,7 +33,8 @@ def fake_run(seed: int, test: list[float], train_eval: float = 0.9, grads: dict 
                "train_eval_loss": np.full(len(test), 0.1)}
     history["gap"] = history["train_eval_acc"] - history["test_acc"]
     run = Run(name=f"{config['model']}-{config['freeze']}-{seed}-{len(settings)}", path=Path("."), config=config,
-              history=history, trainable=trainable, grad_groups=grads or {})
+              history=history, trainable=trainable, grad_groups=grads or {},
+              gamma_layers=[f"bn{i}" for i in range(bn_layers)])
     return run
 
 
@@ -89,12 +90,13 @@ def study() -> list[Run]:
     for seed in (0, 1, 2):
         for model, base in (("resnet8", 0.50), ("resnet14", 0.60), ("resnet20", 0.66)):
             noise = rng.normal(0, 0.01, 2)
-            runs.append(fake_run(seed, [base + noise[0] - 0.02, base + noise[0]], model=model, freeze="non-bn"))
+            runs.append(fake_run(seed, [base + noise[0] - 0.02, base + noise[0]], model=model, freeze="non-bn",
+                                 bn_layers=model_depth(model) - 1))
             grads = {"bn_gamma": rng.uniform(4, 6, 5), "bn_beta": rng.uniform(2, 3, 5), "conv_weight": np.ones(5)}
             runs.append(fake_run(seed, [0.9 + noise[1], 0.85 + noise[1]], 0.99, grads, model=model, freeze="none"))
         runs.append(fake_run(seed, [0.5, 0.55 + 0.01 * seed], model="resnet14", freeze="non-bn", gamma_l1=1e-4))
         runs.append(fake_run(seed, [0.5, 0.50 + 0.01 * seed], model="resnet14", freeze="non-bn", bn="every-k",
-                             bn_every=2))
+                             bn_every=2, bn_layers=7))  # as many as resnet8 with full BN
         runs.append(fake_run(seed, [0.4, 0.40 + 0.02 * seed], model="resnet8", freeze="all-but-output",
                              random_features=2, trainable=1000))
         runs.append(fake_run(seed, [0.4, 0.45 + 0.01 * seed], model="resnet8", freeze="non-bn-output", trainable=1000))
@@ -144,6 +146,11 @@ def test_every_comparison_of_the_plan_with_its_numbers():
     assert changed.title.startswith("resnet14") and changed.rows[0].labels == ("gamma_l1=0.0001", "plain")
     assert changed.rows[0].difference.mean == pytest.approx(np.mean([0.55 + 0.01 * s - bn_only[s].test_acc
                                                                      for s in (0, 1, 2)]))
+    [fewer] = [f for f in result.findings if f.kind == "reduced BN vs fewer layers"]
+    assert fewer.title.endswith("vs resnet8 digits non-bn epochs=2 (both 7 BN layers)")
+    resnet8 = seeds_of("resnet8", "non-bn")
+    assert fewer.rows[0].difference.mean == pytest.approx(np.mean([0.5 + 0.01 * s - resnet8[s].test_acc
+                                                                   for s in (0, 1, 2)]))
     [reduced] = [f for f in result.findings if f.kind == "reduced BN vs full BN"]
     assert reduced.title == "resnet14 digits non-bn bn=every-2 epochs=2 vs resnet14 digits non-bn epochs=2"
 
