@@ -86,7 +86,7 @@ class Row:
         return text + "."
 
 
-def show(value: Optional[Estimate], unit: str, signed: bool = False) -> str:
+def show(value: Optional[Estimate], unit: str, signed: bool = False, n: bool = True) -> str:
     """`71.2% [68.0, 74.4] (n = 3)`, or `71.2% (n = 1)`; differences of fractions are in points."""
     if value is None:
         return "–"
@@ -102,7 +102,7 @@ def show(value: Optional[Estimate], unit: str, signed: bool = False) -> str:
 
     suffix = (" points" if signed else "%") if unit == "pct" else ""
     interval = f" [{number(value.low, False)}, {number(value.high, False)}]" if value.low is not None else ""
-    return f"{number(value.mean)}{suffix}{interval} (n = {value.n})"
+    return f"{number(value.mean)}{suffix}{interval}" + (f" (n = {value.n})" if n else "")
 
 
 def p_value(p: Optional[float]) -> str:
@@ -421,14 +421,14 @@ def tables(findings: Findings) -> list:
     from rich.table import Table
 
     out = []
-    groups = Table(title="Runs grouped by seed: mean [95% interval] (n)", box=box.SIMPLE_HEAD)
-    for header in ("group", "seeds", "test accuracy", "train accuracy", "gap"):
-        groups.add_column(header, overflow="fold")
+    groups = Table(title="Runs grouped by seed: mean [95% interval]", box=box.SIMPLE_HEAD)
+    groups.add_column("group", overflow="fold", min_width=20)
+    for header in ("seeds", "test accuracy", "gap (train − test)"):  # fits 80 columns; the JSON has the rest
+        groups.add_column(header, no_wrap=True)
     for g in findings.groups:
         summary = g.summary()
-        groups.add_row(g.label, ", ".join(map(str, g.seeds)),
-                       *(show(summary.get(m), "pct") for m in ("test accuracy", "train accuracy",
-                                                               "gap (train − test accuracy)")))
+        groups.add_row(g.label, ", ".join(map(str, g.seeds)), *(
+            show(summary.get(m), "pct", n=False) for m in ("test accuracy", "gap (train − test accuracy)")))
     out.append(groups)
     for f in findings.findings:
         table = Table(title=f"{f.kind}: {f.title}", box=box.SIMPLE_HEAD, show_header=False)
