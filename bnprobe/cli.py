@@ -357,9 +357,11 @@ def findings(
     """Runs grouped by seed (mean, 95% interval, n) and every comparison whose runs exist, with its test."""
     from rich.markup import escape
 
-    from bnprobe.findings import findings_of, tables, write_json
+    from bnprobe.findings import check_json_output, findings_of, tables, write_json
     from bnprobe.report import collect
 
+    if json_out is not None:
+        check_json_output(json_out)  # before reading every run
     collection = collect(runs_dirs, include_unfinished)
     for item in collection.skipped:
         console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)

@@ -19,7 +19,7 @@ from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 from bnprobe.findings import SINGLE, compare, estimate, findings_of, json_path, show, write_json
 from bnprobe.report import Run, model_depth
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 
 DEFAULT = TrainConfig(dataset="digits").to_dict()
 
@@ -228,3 +228,12 @@ def test_findings_command_and_report_on_real_runs(capsys, seeded_runs, tmp_path)
     sentence = stored["findings"][0]["rows"][0]["sentence"]
     assert sentence.replace("−", "&minus;") in html or sentence in html
     assert json.loads(json_path(tmp_path / "r.html").read_text()) == stored
+
+
+def test_findings_command_bad_input_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "findings", str(tmp_path / "missing"))
+    assert_one_line_error(code, err, "no runs directory at")
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    code, _, err = run_cli(capsys, "findings", str(tmp_path / "missing"), "--json", str(tmp_path / "notes.json"))
+    assert_one_line_error(code, err, "notes.json: it is not a findings file bnprobe wrote")
+    assert (tmp_path / "notes.json").read_text() == "[1, 2]"
