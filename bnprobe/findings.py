@@ -175,6 +175,7 @@ class Group:
     key: tuple
     runs: list  # bnprobe.report.Run, by seed
     label: str = ""
+    repeats: list[str] = field(default_factory=list)  # runs of a seed the group has already: not counted twice
 
     @property
     def config(self) -> dict[str, Any]:
@@ -197,12 +198,15 @@ class Group:
 
 
 def group_runs(runs: Sequence) -> list[Group]:
-    """Runs that differ only by seed, one group each (a seed twice keeps the first run: names sort them)."""
+    """Runs that differ only by seed, one group each. A seed twice (a copied run) counts once: the first run
+    by name, the others listed as repeats."""
     groups: dict[tuple, Group] = {}
     for run in runs:
         group = groups.setdefault(seed_group(run.config), Group(seed_group(run.config), []))
         if run.seed not in group.seeds:
             group.runs.append(run)
+        else:
+            group.repeats.append(run.name)
     for group in groups.values():
         group.runs.sort(key=lambda run: run.seed)
     varying = [name for name in IDENTITY_DEFAULTS if name not in SHOWN and name != "seed"
@@ -366,7 +370,7 @@ class Findings:
     def to_json(self) -> dict[str, Any]:
         return _finite_or_none({
             "format": FORMAT, "version": 1, "confidence": CONFIDENCE,
-            "groups": [{"label": g.label, "runs": [run.name for run in g.runs], "seeds": g.seeds,
+            "groups": [{"label": g.label, "runs": [run.name for run in g.runs], "seeds": g.seeds, "repeats": g.repeats,
                         "settings": dict((name, json.loads(value)) for name, value in g.key),
                         "summary": {name: asdict(e) for name, e in g.summary().items()}} for g in self.groups],
             "findings": [{"kind": f.kind, "title": f.title,

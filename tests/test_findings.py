@@ -171,7 +171,10 @@ def test_every_comparison_of_the_plan_with_its_numbers():
 
 def test_one_seed_claims_nothing(tmp_path):
     runs = [fake_run(0, [0.5], freeze="non-bn"), fake_run(0, [0.9], freeze="none")]
-    result = findings_of(runs)
+    copy = fake_run(0, [0.5], freeze="non-bn")
+    copy.name = "a copy"
+    result = findings_of([*runs, copy])
+    assert [g.repeats for g in result.groups] == [["a copy"], []]  # one seed, however many copies
     [finding] = result.findings
     assert all(row.p is None and not row.test and SINGLE in row.sentence for row in finding.rows)
     write_json(result, tmp_path / "f.json")
