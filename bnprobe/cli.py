@@ -337,6 +337,37 @@ def report(
     console.print(f"Wrote [bold]{escape(str(output))}[/] ({count(summary.runs, 'run')}, {len(summary.skipped)} "
                   f"skipped, {count(summary.ablations, 'ablation')}, {count(summary.probes, 'probed checkpoint')}"
                   f"{exports}{pages}) in {summary.seconds:.1f} s", soft_wrap=True, highlight=False)
+    if summary.findings is not None:
+        console.print(f"Wrote [bold]{escape(str(summary.findings))}[/] (the findings, machine-readable)",
+                      soft_wrap=True, highlight=False)
+
+
+@app.command()
+def findings(
+    runs_dirs: list[Path] = typer.Argument(
+        ..., metavar="RUNS_DIRS...", show_default=False, help="Directories of runs, or run directories."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the findings to this JSON file (format bnprobe-findings)."),
+    include_unfinished: bool = typer.Option(
+        False, "--include-unfinished", help="Also use runs that stopped before their last epoch (else skipped)."),
+) -> None:
+    """Runs grouped by seed (mean, 95% interval, n) and every comparison whose runs exist, with its test."""
+    from rich.markup import escape
+
+    from bnprobe.findings import check_json_output, findings_of, tables, write_json
+    from bnprobe.report import collect
+
+    if json_out is not None:
+        check_json_output(json_out)  # before reading every run
+    collection = collect(runs_dirs, include_unfinished)
+    for item in collection.skipped:
+        console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
+    result = findings_of(collection.runs)
+    for table in tables(result):
+        console.print(table)
+    if json_out is not None:
+        write_json(result, json_out)
+        console.print(f"Wrote [bold]{escape(str(json_out))}[/]", soft_wrap=True, highlight=False)
 
 
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT

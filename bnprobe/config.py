@@ -211,6 +211,22 @@ class TrainConfig:
         )
 
 
+IDENTITY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity", True)}
+
+
+def seed_group(config: dict[str, Any]) -> tuple:
+    """What runs that differ only by seed share: the identity settings of a stored config.json but the seed.
+    A setting the config lacks (a run from an older bnprobe) counts as its default; bn_every counts only where
+    it places BN (--bn every-k), so a full-BN run groups the same whatever --bn-every said."""
+    identity = {name: config.get(name, default) for name, default in IDENTITY_DEFAULTS.items() if name != "seed"}
+    if identity["bn"] != "every-k":
+        identity["bn_every"] = IDENTITY_DEFAULTS["bn_every"]
+    for name, value in identity.items():  # 0 and 0.0 are one setting (a plan's TOML may write either)
+        if isinstance(IDENTITY_DEFAULTS[name], float) and isinstance(value, int) and not isinstance(value, bool):
+            identity[name] = float(value)
+    return tuple(sorted((name, json.dumps(value)) for name, value in identity.items()))
+
+
 @functools.lru_cache(maxsize=32)
 def _check_model(model_name: str, channels: int, classes: int, width: int, shortcut: str, bn: str, bn_every: int,
                  bn_affine_off: str, random_features: int) -> None:

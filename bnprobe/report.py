@@ -42,6 +42,7 @@ SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # 
 INSTALLED_TEMPLATES = Path("share", "bnprobe", "templates")  # under an install prefix: pyproject.toml's data-files
 TEMPLATE = "report.html.j2"
 STYLESHEET = "report.css"
+TEMPLATE_FILES = (TEMPLATE, "findings.html.j2", STYLESHEET)  # every file the report reads from its templates folder
 OUTPUT_FORMATS = {".html": "html", ".htm": "html", ".pdf": "pdf"}
 SET_ASIDE = ".replaced"  # .NAME.replaced: the old run an --overwrite killed midway left (bnprobe.runs.Replacement)
 BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resnet.py
@@ -812,14 +813,14 @@ def find_templates(explicit: Optional[Path] = None, *, source: Optional[Path] = 
 
 
 def _has_templates(folder: Path) -> bool:
-    return (folder / TEMPLATE).is_file() and (folder / STYLESHEET).is_file()
+    return all((folder / name).is_file() for name in TEMPLATE_FILES)
 
 
 def template_environment(templates: Path):
     import jinja2
 
     if not _has_templates(templates):
-        raise BnprobeError(f"report templates not found in {templates} (expected {TEMPLATE} and {STYLESHEET})")
+        raise BnprobeError(f"report templates not found in {templates} (expected {', '.join(TEMPLATE_FILES)})")
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates)), autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
@@ -845,13 +846,16 @@ def _number(value: Optional[float]) -> str:
 
 
 def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "inline", title: Optional[str] = None,
-                templates: Optional[Path] = None, figures: Optional[dict[str, Any]] = None) -> str:
+                templates: Optional[Path] = None, figures: Optional[dict[str, Any]] = None, findings=None) -> str:
     """The report as one self-contained HTML page. `embed`: "inline" <svg> elements, or "img" data URIs
     (what the PDF uses: WeasyPrint parses an SVG image with a fast XML parser, inline SVG with its slow
     HTML one and styles every node). `templates`: see find_templates."""
     templates = find_templates(templates)
     env = template_environment(templates)
     figures = figures if figures is not None else build_figures(collection, taus)
+    from bnprobe import findings as statistics
+
+    findings = findings if findings is not None else statistics.findings_of(collection.runs)
     runs_with_depth = [r for r in collection.runs if r.depth is not None]
     return env.get_template(TEMPLATE).render(
         title=title or "bnprobe report: " + ", ".join(r.resolve().name or str(r) for r in collection.roots),
@@ -870,6 +874,7 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
         depth_points=len(runs_with_depth),
         ablation_figure=figures["ablation"],
         any_running_train_acc=any(r.train_acc_is_running for r in collection.runs),
+        findings=findings, show=statistics.show, confidence=statistics.CONFIDENCE,
     )
 
 
@@ -883,6 +888,7 @@ class ReportSummary:
     pages: Optional[int]
     seconds: float
     exports: int = 0
+    findings: Optional[Path] = None  # the findings' JSON file, beside the report
 
 
 def check_output(output: Path) -> str:
@@ -957,6 +963,10 @@ def write_report(
     (.html or .pdf) atomically."""
     started = time.perf_counter()
     kind = check_output(output)
+    from bnprobe import findings as statistics
+
+    findings_json = statistics.json_path(output)
+    statistics.check_json_output(findings_json)
     templates = find_templates(templates)
     template_environment(templates)  # fail on missing templates before reading anything
     say = on_progress or (lambda message: None)
@@ -966,8 +976,9 @@ def write_report(
         f"probes, and drew each run's figure")
     figures = build_figures(collection, taus)
     say("drew the figures across runs")
+    findings = statistics.findings_of(collection.runs)
     html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
-                       templates=templates, figures=figures)
+                       templates=templates, figures=figures, findings=findings)
     pages = None
     try:
         if kind == "html":
@@ -978,5 +989,7 @@ def write_report(
             atomic_write(output, lambda f: document.write_pdf(target=f))
     except OSError as exc:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+    statistics.write_json(findings, findings_json)
     return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
-                         len(collection.probes), pages, time.perf_counter() - started, len(collection.exports))
+                         len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),
+                         findings_json)

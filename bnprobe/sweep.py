@@ -2,7 +2,8 @@
 
 A plan is TOML. `[defaults]` holds TrainConfig fields shared by every run; each `[[grid]]` table maps
 fields to a value or a list of values, and adds every combination of its lists (merged over the
-defaults). Runs are named by `TrainConfig.run_name()`, so a rerun of the same plan finds its runs:
+defaults). `seeds = [0, 1, 2]` (in [defaults] or a [[grid]]) repeats each run once per seed, each its own
+run. Runs are named by `TrainConfig.run_name()`, so a rerun of the same plan finds its runs:
 finished ones are skipped, interrupted ones resume from their last checkpoint.
 """
 
@@ -81,7 +82,13 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
         raise BnprobeError(f"{path}: [defaults] and each [[grid]] must be tables of settings (name = value)")
     if not grids:
         raise BnprobeError(f"{path} has no [[grid]] table, so no runs")
+    defaults = dict(defaults)
+    default_seeds = _seeds(defaults, path, "[defaults]")
+    grids = [dict(grid) for grid in grids]
     for i, grid in enumerate(grids, 1):
+        seeds = _seeds(grid, path, f"grid {i}")
+        if seeds is not None or (default_seeds is not None and "seed" not in grid):
+            grid["seed"] = seeds if seeds is not None else default_seeds  # an axis: each seed its own run
         for table, name in ((defaults, "[defaults]"), (grid, f"grid {i}")):
             bad = sorted(set(table) - FIELDS)
             if bad:
@@ -100,6 +107,19 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
     if not planned:
         raise BnprobeError(f"{path} plans no runs (is a list in [[grid]] empty?)")
     return list(planned.values())
+
+
+def _seeds(table: dict[str, Any], path: Path, name: str) -> Optional[list[int]]:
+    """`seeds = [0, 1, 2]`, taken out of `table`: the seeds to repeat each run of the table with (None: not set)."""
+    if "seeds" not in table:
+        return None
+    seeds = table.pop("seeds")
+    if "seed" in table:
+        raise BnprobeError(f"{path} {name}: seed and seeds both set; keep one")
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise BnprobeError(f"{path} {name}: seeds must be a list of distinct integers, e.g. seeds = [0, 1, 2]")
+    return seeds
 
 
 def forward_flops(config: TrainConfig) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnprobe.report import INSTALLED_TEMPLATES, STYLESHEET, TEMPLATE
+from bnprobe.report import INSTALLED_TEMPLATES, TEMPLATE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_wheel_ships_the_templates_under_the_data_prefix(tmp_path):
         # `<name>-<version>.data/data/X` installs to PREFIX/X: the folder find_templates checks under each prefix.
         distribution, version = wheel.name.split("-")[:2]
         data = f"{distribution}-{version}.data/data/{INSTALLED_TEMPLATES.as_posix()}"
-        for name in (TEMPLATE, STYLESHEET):
+        for name in TEMPLATE_FILES:
             assert archive.read(f"{data}/{name}") == (REPO / "templates" / name).read_bytes(), name
         assert "bnprobe/report.py" in names and "bnprobe/models/__init__.py" in names
     assert not any(n.startswith("templates/") for n in names)  # not a top-level `templates` package in site-packages

@@ -22,9 +22,9 @@ import bnprobe
 from bnprobe.cli import main
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
-from bnprobe.report import (INSTALLED_TEMPLATES, SOURCE_TEMPLATES, STYLESHEET, TEMPLATE, Run, collect, find_templates,
-                            install_prefixes, model_depth, model_family, parse_taus, render_html, template_environment,
-                            write_report)
+from bnprobe.report import (INSTALLED_TEMPLATES, SOURCE_TEMPLATES, TEMPLATE, TEMPLATE_FILES, Run, collect,
+                            find_templates, install_prefixes, model_depth, model_family, parse_taus, render_html,
+                            template_environment, write_report)
 from cli_helpers import assert_one_line_error, run_cli
 
 TINY = dict(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=300, test_subset=150,
@@ -460,7 +460,7 @@ def test_templates_sit_next_to_the_package():
         template_environment(SOURCE_TEMPLATES / "missing")
 
 
-def copy_templates(folder: Path, names=(TEMPLATE, STYLESHEET)) -> Path:
+def copy_templates(folder: Path, names=TEMPLATE_FILES) -> Path:
     folder.mkdir(parents=True)
     for name in names:
         shutil.copy(SOURCE_TEMPLATES / name, folder)

@@ -157,12 +157,40 @@ def test_bad_plans_are_one_line_errors(tmp_path, capsys, text, message):
     assert_one_line_error(code, err, message)
 
 
-def test_seed_plan_example_is_valid(tmp_path):
+def test_seed_plan_example_is_the_whole_plan_and_valid(tmp_path):
     from pathlib import Path
 
+    # What --dry-run reads first: every entry resolved, its model built on the meta device. (The dry run's cost
+    # column then counts FLOPs of every model; that is tested above, on small ones.)
     planned = read_plan(Path(__file__).parents[1] / "examples" / "seed-plan.toml", tmp_path)
-    assert len(planned) == 25
-    assert {p.config.bn for p in planned} == {"full", "none", "every-k"}
+    assert len(planned) == 222
+    fields = ("model", "dataset", "freeze", "bn", "bn_every", "gamma_init", "gamma_l1", "bn_l2", "bn_affine_off",
+              "random_features", "epochs")
+    seeds: dict[tuple, set[int]] = {}  # experiment -> its seeds
+    for p in planned:
+        c = {**p.config.to_dict(), "bn_every": p.config.bn_every if p.config.bn == "every-k" else None}
+        seeds.setdefault(tuple(c[f] for f in fields), set()).add(p.config.seed)
+    assert all(s == {0, 1, 2} for s in seeds.values())  # three seeds for every experiment
+    settings = [dict(zip(fields, key)) for key in seeds]
+
+    def models(**wanted) -> set[str]:
+        return {s["model"] for s in settings if all(s[k] == v for k, v in wanted.items())}
+
+    deep = {"resnet50", "resnet152", "resnet200"}
+    for freeze in ("none", "non-bn"):
+        assert deep <= models(freeze=freeze, bn="full", gamma_init="uniform", gamma_l1=0, bn_l2=0, bn_affine_off="")
+        for every in (2, 5):
+            assert models(freeze=freeze, bn="every-k", bn_every=every) == deep
+        assert models(freeze=freeze, bn="full", dataset="cifar10") >= {"convs25", "convs76", "convs100"}
+        assert models(freeze=freeze, dataset="cifar10", epochs=160) >= {
+            f"resnet{d}" for d in (14, 32, 56, 110, 218, 434, 866)}  # Frankle's depth series
+        assert models(freeze=freeze, dataset="mnist")
+    assert models(freeze="none", bn="none") == deep
+    for changed in (dict(gamma_init="ones"), dict(gamma_init="normal"), dict(gamma_l1=1e-4), dict(bn_l2=1e-3),
+                    dict(bn_affine_off="layer4.*")):
+        assert models(freeze="non-bn", **changed) == deep
+    assert models(freeze="all-but-output", random_features=2) == models(freeze="non-bn-output") == deep
+    assert models(model="vgg38", dataset="cifar100", epochs=100, freeze="none") == {"vgg38"}
     with pytest.raises(BnprobeError):
         read_plan(tmp_path / "missing.toml", tmp_path)
 
@@ -191,3 +219,39 @@ def test_slurm_launcher_without_slurm_is_a_clear_error(tmp_path, capsys):
     code, _, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "runs"),
                            "--launcher", "slurm")
     assert_one_line_error(code, err, "submitting 2 jobs failed")
+
+
+def test_seeds_repeat_each_run_and_group_by_seed(tmp_path):
+    from bnprobe.config import seed_group
+
+    (tmp_path / "plan.toml").write_text(PLAN.replace('milestones = ""', 'milestones = ""\nseeds = [0, 1, 2]')
+                                        + '\n[[grid]]\nmodel = "resnet8"\nfreeze = "bn"\nseeds = [7]\n')
+    planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+    assert [(p.config.freeze, p.config.seed) for p in planned] == [
+        ("none", 0), ("none", 1), ("none", 2), ("non-bn", 0), ("non-bn", 1), ("non-bn", 2), ("bn", 7)]
+    assert len({p.run_dir for p in planned}) == 7  # each seed its own run
+    groups = {}
+    for p in planned:
+        groups.setdefault(seed_group(p.config.to_dict()), []).append(p.config.seed)
+    assert sorted(groups.values()) == [[0, 1, 2], [0, 1, 2], [7]]
+    # what only says how to run (device, data folder), an unused --bn-every and 0 vs 0.0 do not split a group
+    config = planned[0].config.to_dict()
+    assert seed_group(config) == seed_group({**config, "device": "cuda", "data_dir": "/x", "bn_every": 5,
+                                             "gamma_l1": 0, "seed": 9})
+    assert seed_group(config) != seed_group({**config, "lr": 0.2})
+    every = {**config, "bn": "every-k"}
+    assert seed_group({**every, "bn_every": 2}) != seed_group({**every, "bn_every": 5})
+    # a config written before a setting existed groups with the same settings at that setting's default
+    assert seed_group({k: v for k, v in config.items() if k != "gamma_l1"}) == seed_group(config)
+
+
+@pytest.mark.parametrize("table, message", [
+    ("seeds = [0, 0]", "seeds must be a list of distinct integers"),
+    ("seeds = 3", "seeds must be a list of distinct integers"),
+    ("seeds = []", "seeds must be a list of distinct integers"),
+    ("seeds = [0, 1]\nseed = 2", "seed and seeds both set"),
+])
+def test_bad_seeds_are_one_line(tmp_path, table, message):
+    (tmp_path / "plan.toml").write_text(PLAN.replace('milestones = ""', f'milestones = ""\n{table}'))
+    with pytest.raises(BnprobeError, match=message):
+        read_plan(tmp_path / "plan.toml", tmp_path / "runs")

@@ -1,0 +1,242 @@
+"""bnprobe findings: statistics over seeds checked against hand formulas on synthetic runs, and the command and
+the report on real ones (resnet8 on digits, two seeds, full vs BN-only)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from scipy import stats
+
+from bnprobe.config import TrainConfig
+from bnprobe.errors import BnprobeError
+from bnprobe.findings import SINGLE, compare, estimate, findings_of, json_path, show, write_json
+from bnprobe.report import Run, model_depth
+from cli_helpers import assert_one_line_error, run_cli
+
+DEFAULT = TrainConfig(dataset="digits").to_dict()
+
+
+def fake_run(seed: int, test: list[float], train_eval: float = 0.9, grads: dict | None = None, trainable=None,
+             bn_layers: int = 0, **settings) -> Run:
+    """A run as bnprobe.report reads it: config.json's settings and per-epoch history, no files."""
+    config = {**DEFAULT, "seed": seed, "epochs": len(test), **settings}
+    history = {"epoch": np.arange(1, len(test) + 1, dtype=float), "test_acc": np.array(test),
+               "train_eval_acc": np.full(len(test), train_eval), "test_loss": np.full(len(test), 1.0 - test[-1]),
+               "train_eval_loss": np.full(len(test), 0.1)}
+    history["gap"] = history["train_eval_acc"] - history["test_acc"]
+    run = Run(name=f"{config['model']}-{config['freeze']}-{seed}-{len(settings)}", path=Path("."), config=config,
+              history=history, trainable=trainable, grad_groups=grads or {},
+              gamma_layers=[f"bn{i}" for i in range(bn_layers)])
+    return run
+
+
+def hand_interval(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return values.mean() - half, values.mean() + half
+
+
+def test_estimate_is_the_student_t_interval():
+    values = [0.61, 0.65, 0.70, 0.58]
+    e = estimate(values)
+    assert e.n == 4 and e.mean == pytest.approx(np.mean(values))
+    assert (e.low, e.high) == pytest.approx(hand_interval(values))
+    single = estimate([0.7])
+    assert (single.low, single.high, single.n) == (None, None, 1)
+    assert show(single, "pct") == "70.0% (n = 1)"
+    assert show(estimate([0.5, 0.5]), "pct") == "50.0% [50.0, 50.0] (n = 2)"  # no spread: no NaN
+
+
+def test_welch_when_seeds_differ_paired_when_they_match():
+    a, b = {0: 0.61, 1: 0.65, 2: 0.70}, {3: 0.80, 4: 0.86, 5: 0.83, 6: 0.90}
+    row = compare("test accuracy", "pct", a, b, ("A", "B"))
+    x, y = np.array(list(a.values())), np.array(list(b.values()))
+    va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    t = (x.mean() - y.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(x) - 1) + vb ** 2 / (len(y) - 1))  # Welch–Satterthwaite
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert row.test == "Welch t-test"
+    assert row.p == pytest.approx(2 * stats.t.sf(abs(t), df))
+    assert row.difference.mean == pytest.approx(x.mean() - y.mean())
+    assert (row.difference.low, row.difference.high) == pytest.approx((t * math.sqrt(va + vb) - half,
+                                                                       t * math.sqrt(va + vb) + half))
+
+    b = {2: 0.83, 0: 0.80, 1: 0.86}  # the same seeds, in another order: paired by seed
+    row = compare("test accuracy", "pct", a, b, ("A", "B"))
+    d = np.array([a[s] - b[s] for s in (0, 1, 2)])
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    assert row.test == "paired t-test over seeds 0, 1, 2"
+    assert row.p == pytest.approx(2 * stats.t.sf(abs(t), 2))
+    assert (row.difference.low, row.difference.high) == pytest.approx(hand_interval(d))
+    assert f"p = {row.p:.2g}" in row.sentence and "difference -17.7 points [-28.0, -7.3]" in row.sentence
+
+    row = compare("test accuracy", "pct", {0: 0.6}, b, ("A", "B"))
+    assert row.test == "" and row.p is None and row.difference.low is None and SINGLE in row.sentence
+
+
+def study() -> list[Run]:
+    """Three seeds of: BN-only and full resnet8/14/20, a γ-regularised and a reduced-BN BN-only resnet14, the
+    random-features baseline and its BN-only counterpart, with gradient telemetry on the full runs."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in (0, 1, 2):
+        for model, base in (("resnet8", 0.50), ("resnet14", 0.60), ("resnet20", 0.66)):
+            noise = rng.normal(0, 0.01, 2)
+            runs.append(fake_run(seed, [base + noise[0] - 0.02, base + noise[0]], model=model, freeze="non-bn",
+                                 bn_layers=model_depth(model) - 1))
+            grads = {"bn_gamma": rng.uniform(4, 6, 5), "bn_beta": rng.uniform(2, 3, 5), "conv_weight": np.ones(5)}
+            runs.append(fake_run(seed, [0.9 + noise[1], 0.85 + noise[1]], 0.99, grads, model=model, freeze="none"))
+        runs.append(fake_run(seed, [0.5, 0.55 + 0.01 * seed], model="resnet14", freeze="non-bn", gamma_l1=1e-4))
+        runs.append(fake_run(seed, [0.5, 0.50 + 0.01 * seed], model="resnet14", freeze="non-bn", bn="every-k",
+                             bn_every=2, bn_layers=7))  # as many as resnet8 with full BN
+        runs.append(fake_run(seed, [0.4, 0.40 + 0.02 * seed], model="resnet8", freeze="all-but-output",
+                             random_features=2, trainable=1000))
+        runs.append(fake_run(seed, [0.4, 0.45 + 0.01 * seed], model="resnet8", freeze="non-bn-output", trainable=1000))
+        # a run of another length is another experiment: never compared with the 2-epoch runs
+        runs.append(fake_run(seed, [0.3], model="resnet14", freeze="none"))
+    return runs
+
+
+def test_every_comparison_of_the_plan_with_its_numbers():
+    runs = study()
+    result = findings_of(runs)
+    assert len(result.groups) == 11 and all(g.seeds == [0, 1, 2] for g in result.groups)
+    kinds = [f.kind for f in result.findings]
+    assert kinds.count("BN-only vs full training") == 3
+    by_title = {(f.kind, f.title): f for f in result.findings}
+
+    def seeds_of(model, freeze, **settings):
+        chosen = [r for r in runs if r.model == model and r.freeze == freeze and r.epochs_done == 2
+                  and all(r.config.get(k) == v for k, v in settings.items())
+                  and (settings or (r.config["gamma_l1"] == 0 and r.config["bn"] == "full"))]
+        return {r.seed: r for r in chosen}
+
+    bn_only, full = seeds_of("resnet14", "non-bn"), seeds_of("resnet14", "none")
+    finding = by_title[("BN-only vs full training", "resnet14 digits non-bn epochs=2 vs resnet14 digits none epochs=2")]
+    acc, gap, drop = finding.rows
+    d = [bn_only[s].test_acc - full[s].test_acc for s in (0, 1, 2)]
+    assert acc.difference.mean == pytest.approx(np.mean(d))
+    assert (acc.difference.low, acc.difference.high) == pytest.approx(hand_interval(d))
+    assert acc.test.startswith("paired") and acc.p == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    assert gap.a.mean == pytest.approx(np.mean([0.9 - bn_only[s].test_acc for s in (0, 1, 2)]))
+    # BN-only's last epoch is its best; full training fell 0.05 from its best epoch
+    assert drop.a.mean == pytest.approx(0) and drop.b.mean == pytest.approx(0.05)
+
+    [trend] = [f for f in result.findings
+               if f.kind == "depth trend" and f.title == "CIFAR ResNet digits non-bn epochs=2"]
+    chosen = [r for r in runs if r.freeze == "non-bn" and r.config["gamma_l1"] == 0 and r.config["bn"] == "full"]
+    depths = [model_depth(r.model) for r in chosen]
+    accuracy = [r.test_acc for r in chosen]
+    ranks_d, ranks_a = stats.rankdata(depths), stats.rankdata(accuracy)  # Spearman = Pearson of average ranks
+    rho = np.corrcoef(ranks_d, ranks_a)[0, 1]
+    t = rho * math.sqrt((len(chosen) - 2) / (1 - rho ** 2))
+    assert trend.rows[0].a.mean == pytest.approx(rho) and trend.rows[0].a.n == 9
+    assert trend.rows[0].p == pytest.approx(2 * stats.t.sf(abs(t), len(chosen) - 2))
+    assert "3 depths 8–20" in trend.rows[0].sentence
+
+    [changed] = [f for f in result.findings if f.kind == "changed BN vs plain BN-only"]
+    assert changed.title.startswith("resnet14") and changed.rows[0].labels == ("gamma_l1=0.0001", "plain")
+    assert changed.rows[0].difference.mean == pytest.approx(np.mean([0.55 + 0.01 * s - bn_only[s].test_acc
+                                                                     for s in (0, 1, 2)]))
+    [fewer] = [f for f in result.findings if f.kind == "reduced BN vs fewer layers"]
+    assert fewer.title.endswith("vs resnet8 digits non-bn epochs=2 (both 7 BN layers)")
+    resnet8 = seeds_of("resnet8", "non-bn")
+    assert fewer.rows[0].difference.mean == pytest.approx(np.mean([0.5 + 0.01 * s - resnet8[s].test_acc
+                                                                   for s in (0, 1, 2)]))
+    [reduced] = [f for f in result.findings if f.kind == "reduced BN vs full BN"]
+    assert reduced.title == "resnet14 digits non-bn bn=every-2 epochs=2 vs resnet14 digits non-bn epochs=2"
+
+    [baseline] = [f for f in result.findings if f.kind == "random features vs BN-only"]
+    params, acc = baseline.rows[:2]
+    assert params.note == "equal" and params.a.mean == 1000
+    assert acc.difference.mean == pytest.approx(np.mean([-0.05 + 0.01 * s for s in (0, 1, 2)]))
+
+    gradients = [f for f in result.findings if f.kind == "gradient magnitude, BN vs conv"]
+    assert len(gradients) == 3  # the full runs: conv weights and BN both trained
+    gamma, beta = gradients[0].rows
+    ratios = [np.mean(r.grad_groups["bn_gamma"]) / np.mean(r.grad_groups["conv_weight"])
+              for r in runs if r.model == "resnet8" and r.freeze == "none"]
+    assert gamma.a.mean == pytest.approx(np.mean(ratios)) and gamma.a.n == 3
+    assert (gamma.a.low, gamma.a.high) == pytest.approx(hand_interval(ratios))
+    assert gamma.p == pytest.approx(stats.ttest_1samp(ratios, 1).pvalue) and gamma.test.endswith("against 1")
+
+
+def test_one_seed_claims_nothing(tmp_path):
+    runs = [fake_run(0, [0.5], freeze="non-bn"), fake_run(0, [0.9], freeze="none")]
+    copy = fake_run(0, [0.5], freeze="non-bn")
+    copy.name = "a copy"
+    result = findings_of([*runs, copy])
+    assert [g.repeats for g in result.groups] == [["a copy"], []]  # one seed, however many copies
+    [finding] = result.findings
+    assert all(row.p is None and not row.test and SINGLE in row.sentence for row in finding.rows)
+    write_json(result, tmp_path / "f.json")
+    stored = json.loads((tmp_path / "f.json").read_text())
+    assert stored["format"] == "bnprobe-findings" and stored["findings"][0]["rows"][0]["p"] is None
+    (tmp_path / "mine.json").write_text('{"my": "notes"}')
+    with pytest.raises(BnprobeError, match="will not replace .*mine.json: it is not a findings file"):
+        write_json(result, tmp_path / "mine.json")
+    assert (tmp_path / "mine.json").read_text() == '{"my": "notes"}'
+    os.mkfifo(tmp_path / "fifo.json")  # refused without being opened (opening would block)
+    with pytest.raises(BnprobeError, match="will not replace .*fifo.json"):
+        write_json(result, tmp_path / "fifo.json")
+    write_json(result, tmp_path / "f.json")  # its own earlier file: replaced
+
+
+TINY = dict(model="resnet8", dataset="digits", epochs=1, batch_size=64, subset=200, test_subset=100,
+            train_eval_subset=100, device="cpu", milestones="")
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory) -> Path:
+    from bnprobe.train import train
+
+    root = tmp_path_factory.mktemp("findings") / "runs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in (0, 1):
+            for freeze in ("none", "non-bn"):
+                config = TrainConfig(**TINY, seed=seed, freeze=freeze).resolved()
+                train(config, root / config.run_name(), console=Console(file=io.StringIO()))
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def test_findings_command_and_report_on_real_runs(capsys, seeded_runs, tmp_path):
+    code, out, err = run_cli(capsys, "findings", str(seeded_runs), "--json", str(tmp_path / "f.json"))
+    assert code == 0, err
+    out = " ".join(out.split())  # rich wraps at 80 columns
+    assert "BN-only vs full training: resnet8 digits non-bn vs resnet8 digits none" in out
+    assert "paired t-test over seeds 0, 1, p = " in out and "mean |grad| of BN γ / conv weights" in out
+    stored = json.loads((tmp_path / "f.json").read_text())
+    [group] = [g for g in stored["groups"] if g["settings"]["freeze"] == "non-bn"]
+    accuracies = [json.loads((seeded_runs / name / "metrics.json").read_text())[-1]["test_acc"]
+                  for name in group["runs"]]
+    assert group["seeds"] == [0, 1] and group["summary"]["test accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
+    assert [group["summary"]["test accuracy"][k] for k in ("low", "high")] == pytest.approx(hand_interval(accuracies))
+
+    code, out, err = run_cli(capsys, "report", str(seeded_runs), "-o", str(tmp_path / "r.html"))
+    assert code == 0, err
+    html = (tmp_path / "r.html").read_text()
+    assert html.index("<h2>Findings</h2>") < html.index("<h2>Runs</h2>")
+    sentence = stored["findings"][0]["rows"][0]["sentence"]
+    assert sentence.replace("−", "&minus;") in html or sentence in html
+    assert json.loads(json_path(tmp_path / "r.html").read_text()) == stored
+
+
+def test_findings_command_bad_input_is_one_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "findings", str(tmp_path / "missing"))
+    assert_one_line_error(code, err, "no runs directory at")
+    (tmp_path / "notes.json").write_text("[1, 2]")
+    code, _, err = run_cli(capsys, "findings", str(tmp_path / "missing"), "--json", str(tmp_path / "notes.json"))
+    assert_one_line_error(code, err, "notes.json: it is not a findings file bnprobe wrote")
+    assert (tmp_path / "notes.json").read_text() == "[1, 2]"
