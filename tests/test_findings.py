@@ -227,7 +227,7 @@ def test_findings_command_and_report_on_real_runs(capsys, seeded_runs, tmp_path)
     code, out, err = run_cli(capsys, "report", str(seeded_runs), "-o", str(tmp_path / "r.html"))
     assert code == 0, err
     html = (tmp_path / "r.html").read_text()
-    assert html.index("<h2>Findings</h2>") < html.index("<h2>Runs</h2>")
+    assert html.index("<h2>Findings</h2>") < html.index('<h2 id="runs">Runs</h2>')
     sentence = stored["findings"][0]["rows"][0]["sentence"]
     assert sentence.replace("−", "&minus;") in html or sentence in html
     assert json.loads(json_path(tmp_path / "r.html").read_text()) == stored
