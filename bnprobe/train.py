@@ -21,64 +21,20 @@ from rich.table import Table
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
-from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
+from bnprobe.data import DeviceDataset, DeviceLoader, fixed_subset, load_dataset
 from bnprobe.distributed import Process, augmentation_seed, sum_over_processes
 from bnprobe.errors import BnprobeError
+from bnprobe.evaluate import autocast, evaluate, resolve_device
 from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
 from bnprobe.lock import locked
-from bnprobe.models import create_model, init_weights, remove_bn_affine
+from bnprobe.models import from_config
 from bnprobe.regularize import gamma_l1_step, make_optimizer
 from bnprobe.telemetry import GradientRecorder, TelemetryWriter
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BnprobeError(f"--device {name} was given but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BnprobeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The model exactly as `config` initialises it: the same seed gives the same tensors."""
-    torch.manual_seed(config.seed)
-    model = create_model(
-        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width,
-        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every,
-    )
-    remove_bn_affine(model, config.bn_affine_off)
-    return init_weights(model, config.gamma_init)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     """torch.compile; on CUDA with CUDA graphs, since small CIFAR models are bound by kernel launches."""
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader, amp: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over `loader`, in eval mode (BN uses running statistics)."""
-    was_training = model.training
-    model.eval()
-    device = loader.labels.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in loader:
-        with autocast(device, amp):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
-    n = len(loader.labels)
-    return loss_sum.item() / n, correct.item() / n
 
 
 def train_one_epoch(
@@ -114,13 +70,6 @@ def train_one_epoch(
     sum_over_processes(correct)
     n = loader.examples * loader.world
     return loss_sum.item() / n, correct.item() / n
-
-
-def fixed_subset(n: int, size: int, device: torch.device) -> torch.Tensor:
-    """Indices of `size` of `n` items (all when size is 0), the same for every run."""
-    if not size or size >= n:
-        return torch.arange(n, device=device)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].sort().values.to(device)
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -276,7 +225,7 @@ def _train(
         )
     spec = dataset.spec
 
-    model = build_model(config, spec.channels, spec.num_classes)
+    model = from_config(config, spec.channels, spec.num_classes)
     if config.sync_bn:  # BN statistics over the global batch; the parameters stay the same objects
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     trainable, total = apply_freeze(model, config.freeze)
