@@ -57,7 +57,7 @@ class LoadOptions:
         "Download missing data [default: the run's, else yes]."))
     verify: Optional[bool] = field(default=None, metadata=_help(
         "Check md5 sums of data files [default: the run's, else yes]; --no-verify for modified copies."))
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda."))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N."))
 
 
 def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[float]:
