@@ -253,11 +253,10 @@ def _check_run(config: TrainConfig, run_dir: Path, process: Process, device: tor
     if config.sync_bn and device.type != "cuda":
         raise BnprobeError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
     state = _check_resumable(run_dir, config, resume, overwrite)
-    if state is not None and state["epoch"] >= config.epochs:
-        return state
-    trained_by = int(state.get("processes", 1)) if state is not None else process.world
-    if trained_by != process.world:
-        raise BnprobeError(_other_process_count(run_dir, trained_by, process.world))
+    if state is not None and state["epoch"] < config.epochs:  # a finished run is only reported
+        trained_by = int(state.get("processes", 1))
+        if trained_by != process.world:
+            raise BnprobeError(_other_process_count(run_dir, trained_by, process.world))
     return state
 
 
