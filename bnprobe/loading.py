@@ -382,7 +382,9 @@ def load_eval_data(
     trained_on = loaded.config.subset if loaded.config and loaded.config.dataset == loaded.dataset else 0
     index = fixed_subset(len(data.train_y), trained_on, device)
     index = index[fixed_subset(len(index), train_subset, device)]
-    train_x, train_y = data.train_x[index], data.train_y[index]
+    train_x, train_y = data.train_x, data.train_y
+    if len(index) < len(train_y):  # all of them stay in order, uncopied
+        train_x, train_y = train_x[index], train_y[index]
     mean = (loaded.mean if loaded.mean is not None else data.mean).to(device)
     std = (loaded.std if loaded.std is not None else data.std).to(device)
     if mean.shape[0] != data.spec.channels:
