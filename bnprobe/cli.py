@@ -253,8 +253,8 @@ def ablate(
         False, "--zero-beta", help="Also set β of clamped channels to 0 [default: keep β, so they output β]."),
     test_subset: int = typer.Option(0, "--test-subset", help="Evaluate on the first N test images (0 = all)."),
     train_subset: int = typer.Option(
-        10000, "--train-subset", help="Train images to re-measure on, a fixed shuffle (0 = all; a run trained on "
-                                      "a subset uses its own images)."),
+        10000, "--train-subset", help="Train images to re-measure on, of those a run trained on, chosen as train's "
+                                      "--train-eval-subset chooses them (0 = all)."),
     train: bool = typer.Option(True, "--train/--no-train", help="Also re-measure train accuracy and loss."),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Evaluation batch size [default: 4000 on CUDA, 256 on CPU]."),
