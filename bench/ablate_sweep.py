@@ -51,11 +51,11 @@ from bnprobe.ablate import default_batch_size, sweep  # noqa: E402
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceDataset, DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
+from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.fold import ClampableModel, check_fold  # noqa: E402
 from bnprobe.loading import LoadOptions, load_eval_data, load_model  # noqa: E402
-from bnprobe.models import bn_layers  # noqa: E402
+from bnprobe.models import bn_layers, from_config  # noqa: E402
 from bnprobe.options import parse_sweep  # noqa: E402
-from bnprobe.train import build_model, resolve_device  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # naive seconds / bnprobe seconds for the whole sweep, from the issue
 
@@ -77,7 +77,7 @@ def make_checkpoint(path: Path, model_name: str, train_x: torch.Tensor, mean: to
                     seed: int) -> None:
     """A bnprobe checkpoint with Frankle's init and BN running statistics estimated on `train_x`."""
     config = TrainConfig(model=model_name, dataset="cifar10", seed=seed, device="cpu", normalize="per-channel").resolved()
-    model = build_model(config, 3, 10)
+    model = from_config(config, 3, 10)
     for _, bn in bn_layers(model, with_gamma=True):
         bn.momentum = None  # a cumulative average over the batches below
     model.train()
@@ -129,7 +129,7 @@ def naive_sweep(checkpoint: Path, taus: list[float], device: torch.device, image
     accuracies = []
     for tau in taus:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model = build_model(TrainConfig.from_dict(state["config"]), 3, 10)
+        model = from_config(TrainConfig.from_dict(state["config"]), 3, 10)
         model.load_state_dict(state["model"])
         model.to(device).eval()
         with torch.no_grad():

@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without
 
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceLoader  # noqa: E402
+from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.freeze import apply_freeze  # noqa: E402
+from bnprobe.models import from_config  # noqa: E402
 from bnprobe.telemetry import GradientRecorder  # noqa: E402
-from bnprobe.train import build_model, resolve_device, train_one_epoch  # noqa: E402
+from bnprobe.train import train_one_epoch  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +53,7 @@ def main() -> None:
     loader = DeviceLoader(images, labels, mean, std, args.batch_size, shuffle=True, flip=True, translate=4,
                           generator=generator, channels_last=channels_last)
 
-    model = build_model(TrainConfig(model=args.model), 3, 10)
+    model = from_config(TrainConfig(model=args.model), 3, 10)
     apply_freeze(model, args.freeze)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,

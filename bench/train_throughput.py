@@ -65,8 +65,10 @@ from common import (  # noqa: E402
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
+from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.freeze import apply_freeze  # noqa: E402
-from bnprobe.train import build_model, compile_model, resolve_device, train_one_epoch  # noqa: E402
+from bnprobe.models import from_config  # noqa: E402
+from bnprobe.train import compile_model, train_one_epoch  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # bnprobe / reference images/s, from the issue
 TARGET_BN_ONLY = 0.76  # BN-only / full step time, from the issue
@@ -282,7 +284,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(2)
 
     def fresh_model(freeze: str) -> nn.Module:
-        model = build_model(config, spec.channels, spec.num_classes)  # seeds itself: the same tensors each time
+        model = from_config(config, spec.channels, spec.num_classes)  # seeds itself: the same tensors each time
         apply_freeze(model, freeze)
         return model.to(device, memory_format=memory_format)
 

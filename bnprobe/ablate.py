@@ -24,6 +24,7 @@ import torch
 
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
+from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.fold import ClampableModel
 from bnprobe.formats import ABLATION_FILES, ABLATION_FORMAT, ABLATION_VERSION
 from bnprobe.models import bn_layers
@@ -89,15 +90,7 @@ class SweepResult:
 
 def default_batch_size(device: str) -> int:
     """Large batches keep a GPU busy; on a CPU, batches that fit the caches are faster."""
-    from bnprobe.loading import resolve_device
-
     return 4000 if resolve_device(device).type == "cuda" else 256
-
-
-def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
-    from bnprobe.train import evaluate as evaluate_model
-
-    return evaluate_model(model, loader)
 
 
 def sweep(
@@ -203,7 +196,7 @@ def run_ablation(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from bnprobe.fold import check_fold
-    from bnprobe.loading import _listing, check_forward, load_eval_data, load_model, resolve_device
+    from bnprobe.loading import _listing, check_forward, load_eval_data, load_model
     from bnprobe.probe import default_output
 
     console = console or Console()

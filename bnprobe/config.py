@@ -153,8 +153,7 @@ class TrainConfig:
         _choice("freeze", self.freeze, FREEZE_MODES)
         _choice("gamma-init", self.gamma_init, GAMMA_INITS)
         _choice("shortcut", self.shortcut, SHORTCUTS)
-        if not re.fullmatch(r"cuda:\d+", self.device):
-            _choice("device", self.device, DEVICES)
+        check_device(self.device)
         _choice("bn", self.bn, BN_PLACEMENTS)
         if self.normalize is not None:
             _choice("normalize", self.normalize, NORMALIZATIONS)
@@ -249,6 +248,12 @@ def _check_model(model_name: str, channels: int, classes: int, width: int, short
 def _shown(value: Any, limit: int = 40) -> str:
     text = json.dumps(value, default=repr)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_device(name: str) -> None:
+    """One of DEVICES, or cuda:N."""
+    if not re.fullmatch(r"cuda:\d+", name):
+        _choice("device", name, DEVICES)
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -314,6 +314,15 @@ def normalization_stats(images: torch.Tensor, mode: str) -> tuple[torch.Tensor, 
     return mean.float(), std.float()
 
 
+def fixed_subset(n: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Indices of `size` of `n` training images, the same for every run: the first `size` of one fixed shuffle
+    (numpy seed 0); all n in order when size is 0 or >= n. `--subset N` trains on these images, and training,
+    probe and ablate measure train accuracy on these of the images a run trained on."""
+    if not size or size >= n:
+        return torch.arange(n, device=device)
+    return torch.from_numpy(np.random.RandomState(0).permutation(n)[:size]).to(device)
+
+
 def load_dataset(
     name: str,
     data_dir: Optional[Path] = None,
@@ -329,8 +338,7 @@ def load_dataset(
     root = Path(data_dir) if data_dir else default_data_dir()
     train_x, train_y, test_x, test_y = spec.load(root, download, verify)
     if subset:
-        # A fixed shuffle (seed 0), so every run with --subset N sees the same images.
-        keep = np.random.RandomState(0).permutation(len(train_y))[:subset]
+        keep = fixed_subset(len(train_y), subset).numpy()
         train_x, train_y = train_x[keep], train_y[keep]
     if test_subset:
         test_x, test_y = test_x[:test_subset], test_y[:test_subset]

@@ -1,7 +1,7 @@
 """`bnprobe export RUN -o model.safetensors [--compact]`: a run's model as a safetensors file.
 
 A BN-only network is fully described by its seed and its trained BN parameters (Frankle's point): the
-frozen tensors are the initialisation `build_model` draws from `config.seed`. `--compact` writes only what
+frozen tensors are the initialisation `models.from_config` draws from `config.seed`. `--compact` writes only what
 training changed (the trainable tensors, the masked elements of random-features tensors, and the buffers:
 BN running statistics), plus the run's config, seed, torch version and a SHA-256 of the frozen tensors as
 regenerated from the seed. Its tensors are packed into one flat tensor per dtype, in an order derived from the
@@ -34,11 +34,11 @@ def regenerate(config: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     and the buffers) as `config` draws them."""
     from bnprobe.data import get_dataset_spec
     from bnprobe.freeze import random_feature_masks, trainable_parameter_names
-    from bnprobe.train import build_model
+    from bnprobe.models import from_config
 
     spec = get_dataset_spec(config.dataset)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was
-        model = build_model(config, spec.channels, spec.num_classes)
+        model = from_config(config, spec.channels, spec.num_classes)
     masks = {}
     if config.random_features:  # the trainer's own draw (bnprobe.train), on the CPU
         masks = random_feature_masks(model, config.random_features, torch.Generator().manual_seed(config.seed + 1))

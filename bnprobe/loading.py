@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.data import DeviceDataset, get_dataset_spec, load_dataset
+from bnprobe import models, runs
+from bnprobe.config import TrainConfig, check_device
+from bnprobe.data import DeviceDataset, fixed_subset, get_dataset_spec, load_dataset
 from bnprobe.errors import BnprobeError
 from bnprobe.formats import CHECKPOINT_FILE, CHECKPOINT_FORMAT
+from bnprobe.evaluate import resolve_device
 from bnprobe.runs import read_checkpoint  # noqa: F401  (re-exported: one reader for every checkpoint)
 from bnprobe.options import NORM_UNITS, LoadOptions  # noqa: F401 - LoadOptions is part of this API
 
@@ -269,21 +270,6 @@ def resolve_normalization(
 # ---- the whole load --------------------------------------------------------------------------------
 
 
-def check_device(name: str) -> None:
-    """The --device name, checked without resolving it (that imports bnprobe.train: seconds)."""
-    from bnprobe.config import DEVICES
-
-    if name not in DEVICES:
-        raise BnprobeError(f"--device must be one of {', '.join(DEVICES)}; got {name!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    from bnprobe.train import resolve_device as resolve
-
-    check_device(name)
-    return resolve(name)
-
-
 def check_options(options: LoadOptions) -> None:
     """Flags that only make sense together, checked before anything is loaded."""
     check_device(options.device)  # also when no checkpoint needs a device (every one probed from its file)
@@ -322,13 +308,11 @@ def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.de
         source, what = "factory", f"the model built by {options.model}"
         meta.setdefault("model", options.model)
     elif is_bnprobe:
-        from bnprobe.train import build_model
-
         spec = get_dataset_spec(config.dataset)
         # The trainer's own builder (BN placement, affine-off layers, ...), so the two never drift apart;
         # it seeds torch's global RNG for its init, which the checkpoint's weights then replace.
         with torch.random.fork_rng(devices=[]):
-            model = build_model(config, spec.channels, spec.num_classes)
+            model = models.from_config(config, spec.channels, spec.num_classes)
         source, what = "bnprobe", f"{config.model} as its config describes it"
     else:
         raise BnprobeError(
@@ -383,8 +367,8 @@ def load_eval_data(
     cache: Optional[dict] = None,
 ) -> EvalData:
     """The data set a model is evaluated on, on `device`: the first `test_subset` test images (0 = all) and
-    `train_subset` training images of the fixed shuffle `--subset` uses (0 = all; a run trained on a
-    subset is measured on the images it trained on)."""
+    `train_subset` of the training images (0 = all; a run trained on a --subset is measured on the images it
+    trained on), chosen by `fixed_subset` as training chooses them."""
     key = (loaded.dataset, str(loaded.data_dir), test_subset, str(device))
     if cache is not None and key in cache:
         data = cache[key]
@@ -395,15 +379,14 @@ def load_eval_data(
         )
         if cache is not None:
             cache[key] = data
-    n = len(data.train_y)
+    # The images a run trained on (its --subset), then `train_subset` of those: the images training measured
+    # its eval-mode train accuracy on when train_subset is the run's --train-eval-subset.
     trained_on = loaded.config.subset if loaded.config and loaded.config.dataset == loaded.dataset else 0
-    keep = min(k for k in (train_subset, trained_on, n) if k)
-    if keep < n:
-        # The same fixed shuffle as load_dataset's --subset: its first N are the images a run trained on.
-        index = torch.from_numpy(np.random.RandomState(0).permutation(n)[:keep]).to(device)
-        train_x, train_y = data.train_x[index], data.train_y[index]
-    else:
-        train_x, train_y = data.train_x, data.train_y
+    index = fixed_subset(len(data.train_y), trained_on, device)
+    index = index[fixed_subset(len(index), train_subset, device)]
+    train_x, train_y = data.train_x, data.train_y
+    if len(index) < len(train_y):  # all of them stay in order, uncopied
+        train_x, train_y = train_x[index], train_y[index]
     mean = (loaded.mean if loaded.mean is not None else data.mean).to(device)
     std = (loaded.std if loaded.std is not None else data.std).to(device)
     if mean.shape[0] != data.spec.channels:

@@ -66,7 +66,7 @@ class LoadOptions:
         "Download missing data [default: the run's, else yes]."))
     verify: Optional[bool] = field(default=None, metadata=_help(
         "Check md5 sums of data files [default: the run's, else yes]; --no-verify for modified copies."))
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda."))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N."))
 
 
 @dataclass
@@ -94,7 +94,8 @@ class AblateOptions:
         "Also set β of clamped channels to 0 [default: keep β, so they output β]."))
     test_subset: int = field(default=0, metadata=_help("Evaluate on the first N test images (0 = all)."))
     train_subset: int = field(default=10000, metadata=_help(
-        "Train images to re-measure on, a fixed shuffle (0 = all; a run trained on a subset uses its own images)."))
+        "Train images to re-measure on, of those a run trained on, chosen as train's --train-eval-subset chooses "
+        "them (0 = all)."))
     measure_train: bool = field(default=True, metadata=_help("Also re-measure train accuracy and loss.", flag="train"))
     batch_size: Optional[int] = field(default=None, metadata=_help(
         "Evaluation batch size [default: 4000 on CUDA, 256 on CPU]."))

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bnprobe.data import DeviceLoader
+from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
 from bnprobe.measures import fraction_below
 from bnprobe.models import bn_layers
@@ -213,21 +213,11 @@ class ReluRecorder:
         return sites
 
 
-@torch.inference_mode()
 def relu_sparsity(model: nn.Module, loader: DeviceLoader) -> tuple[list[ReluSite], float, float, int]:
-    """(sites, loss, accuracy, images) over `loader` in eval mode."""
-    was = model.training
-    model.eval()
-    loss = torch.zeros((), dtype=torch.float64, device=loader.labels.device)
-    correct = torch.zeros((), dtype=torch.int64, device=loader.labels.device)
+    """(sites, loss, accuracy, images) over `loader` in eval mode: the one evaluation loop, recorded."""
     with ReluRecorder(model) as recorder:
-        for x, y in loader:
-            logits = model(x).float()
-            loss += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-    model.train(was)
-    n = len(loader.labels)
-    return recorder.sites(relu_inputs(model)), loss.item() / max(1, n), correct.item() / max(1, n), n
+        loss, accuracy = evaluate(model, loader)
+    return recorder.sites(relu_inputs(model)), loss, accuracy, len(loader.labels)
 
 
 # ---- one checkpoint's probe ------------------------------------------------------------------------
@@ -388,7 +378,7 @@ def run_probe(
     from rich.markup import escape
 
     from bnprobe.errors import BnprobeError
-    from bnprobe.loading import check_forward, check_options, load_eval_data, load_model, resolve_device
+    from bnprobe.loading import check_forward, check_options, load_eval_data, load_model
     from bnprobe.static import ORDER_NOTES, static_probe
 
     console = console or Console()

@@ -1,6 +1,9 @@
 """Training: SGD with momentum and step decay on a device-resident data set, checkpointed each epoch.
 
 Per-step statistics stay on the device (running sums), so the only host syncs are once per epoch.
+`_setup` builds a `Training` (data, model, optimizer, loaders; restored when resuming), `run_epochs` trains
+it, and what an epoch leaves behind (telemetry.h5, checkpoint.pt, metrics.json, the console) are epoch
+callbacks, as in open_lth's training/train.py and standard_callbacks.py.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,64 +25,20 @@ from rich.table import Table
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
-from bnprobe.data import DeviceDataset, DeviceLoader, load_dataset
+from bnprobe.data import DeviceDataset, DeviceLoader, fixed_subset, load_dataset
 from bnprobe.distributed import Process, augmentation_seed, sum_over_processes
 from bnprobe.errors import BnprobeError
+from bnprobe.evaluate import autocast, evaluate, resolve_device
 from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
 from bnprobe.lock import locked
-from bnprobe.models import create_model, init_weights, remove_bn_affine
+from bnprobe.models import from_config
 from bnprobe.regularize import gamma_l1_step, make_optimizer
 from bnprobe.telemetry import GradientRecorder, TelemetryWriter
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BnprobeError(f"--device {name} was given but no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BnprobeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def build_model(config: TrainConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The model exactly as `config` initialises it: the same seed gives the same tensors."""
-    torch.manual_seed(config.seed)
-    model = create_model(
-        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width,
-        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every,
-    )
-    remove_bn_affine(model, config.bn_affine_off)
-    return init_weights(model, config.gamma_init)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     """torch.compile; on CUDA with CUDA graphs, since small CIFAR models are bound by kernel launches."""
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader: DeviceLoader, amp: bool = False) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over `loader`, in eval mode (BN uses running statistics)."""
-    was_training = model.training
-    model.eval()
-    device = loader.labels.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in loader:
-        with autocast(device, amp):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
-    n = len(loader.labels)
-    return loss_sum.item() / n, correct.item() / n
 
 
 def train_one_epoch(
@@ -114,13 +74,6 @@ def train_one_epoch(
     sum_over_processes(correct)
     n = loader.examples * loader.world
     return loss_sum.item() / n, correct.item() / n
-
-
-def fixed_subset(n: int, size: int, device: torch.device) -> torch.Tensor:
-    """Indices of `size` of `n` items (all when size is 0), the same for every run."""
-    if not size or size >= n:
-        return torch.arange(n, device=device)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].sort().values.to(device)
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
@@ -235,6 +188,39 @@ def train(
         process.stop()
 
 
+@dataclass
+class Training:
+    """What setup builds for the epoch loop and its callbacks: one run, ready to train from `start_epoch`."""
+
+    config: TrainConfig
+    run_dir: Path
+    process: Process
+    device: torch.device
+    console: Console
+    replacement: runs.Replacement
+    dataset: DeviceDataset
+    model: nn.Module  # whose plain state_dict is saved
+    step_model: nn.Module  # what trains: `model`, or a DDP / compiled wrapper sharing its parameters
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    augment_generator: torch.Generator
+    masks: dict[str, torch.Tensor]
+    trainable: int
+    total: int
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    train_eval_loader: DeviceLoader
+    recorder: GradientRecorder  # telemetry's gradient statistics, taken in after_backward
+    after_backward: list[Callable[[], None]]  # between backward() and the optimizer step, in order
+    history: list[dict[str, Any]]
+    start_epoch: int
+
+
+# Run after every epoch, in order, with the epoch's record (already appended to the history): telemetry,
+# checkpoint and metrics on rank 0, then the console (open_lth's standard callbacks).
+EpochCallback = Callable[[Training, dict[str, Any]], None]
+
+
 def _train(
     config: TrainConfig,
     run_dir: Path,
@@ -246,18 +232,46 @@ def _train(
     dataset: Optional[DeviceDataset],
     replacement: runs.Replacement,
 ) -> list[dict[str, Any]]:
+    """Setup, then the epoch loop with its callbacks: the run's files on rank 0, then the console."""
+    state = _check_run(config, run_dir, process, device, resume, overwrite)
+    if state is not None and state["epoch"] >= config.epochs:
+        console.print(f"[green]{escape(str(run_dir))} already finished {config.epochs} epochs; nothing to do.", soft_wrap=True)
+        return state["history"]
+    t = _setup(config, run_dir, process, device, console, state, overwrite, dataset, replacement)
+    callbacks = _run_file_callbacks(t) if process.main else []  # rank 0 writes
+    with ConsoleOutput(t) as output:
+        run_epochs(t, [*callbacks, output.epoch_done], on_step=output.step)
+    console.print(summary_table(config, run_dir, t.history, t.trainable, t.total))
+    return t.history
+
+
+def _check_run(config: TrainConfig, run_dir: Path, process: Process, device: torch.device, resume: bool,
+               overwrite: bool) -> Optional[dict[str, Any]]:
+    """Everything refused before the data loads; the checkpoint to resume, if any."""
     if config.batch_size % process.world:
         raise BnprobeError(f"--batch-size {config.batch_size} does not split over {process.world} processes")
     if config.sync_bn and device.type != "cuda":
         raise BnprobeError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm runs on GPUs only)")
     state = _check_resumable(run_dir, config, resume, overwrite)
-    if state is not None and state["epoch"] >= config.epochs:
-        console.print(f"[green]{escape(str(run_dir))} already finished {config.epochs} epochs; nothing to do.", soft_wrap=True)
-        return state["history"]
-    trained_by = int(state.get("processes", 1)) if state is not None else process.world
-    if trained_by != process.world:
-        raise BnprobeError(_other_process_count(run_dir, trained_by, process.world))
+    if state is not None and state["epoch"] < config.epochs:  # a finished run is only reported
+        trained_by = int(state.get("processes", 1))
+        if trained_by != process.world:
+            raise BnprobeError(_other_process_count(run_dir, trained_by, process.world))
+    return state
 
+
+def _setup(
+    config: TrainConfig,
+    run_dir: Path,
+    process: Process,
+    device: torch.device,
+    console: Console,
+    state: Optional[dict[str, Any]],
+    overwrite: bool,
+    dataset: Optional[DeviceDataset],
+    replacement: runs.Replacement,
+) -> Training:
+    """Data, model, optimizer and loaders, restored from `state` when resuming; the run directory prepared."""
     channels_last = config.channels_last
     if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         console.print("[yellow]warning: this CPU has no native bfloat16; --amp will be several times slower here")
@@ -276,7 +290,7 @@ def _train(
         )
     spec = dataset.spec
 
-    model = build_model(config, spec.channels, spec.num_classes)
+    model = from_config(config, spec.channels, spec.num_classes)
     if config.sync_bn:  # BN statistics over the global batch; the parameters stay the same objects
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     trainable, total = apply_freeze(model, config.freeze)
@@ -333,77 +347,116 @@ def _train(
     )
     recorder = GradientRecorder(model, config.telemetry_every, len(train_loader))
     recorder.step = start_epoch * len(train_loader)
-    telemetry = TelemetryWriter(run_dir, model, config, recorder)
-    if process.main:
-        telemetry.start(start_epoch)
     after_backward = [recorder.after_backward] if process.main else []
     after_backward += [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]
-    console.print(
-        f"[bold]{config.model}[/] on {config.dataset} ({len(dataset.train_y)} train / {len(dataset.test_y)} test), "
-        f"freeze={config.freeze}: [bold]{trainable:,}[/] of {total:,} parameters trainable "
-        f"({100 * trainable / total:.2f}%), device={device}{', bf16 autocast' if config.amp else ''}"
-        f"{f', {process.world} processes' if process.world > 1 else ''}",
-        soft_wrap=True,
+    return Training(
+        config, run_dir, process, device, console, replacement, dataset, model, step_model, optimizer, generator,
+        augment_generator, masks, trainable, total, train_loader, test_loader, train_eval_loader, recorder,
+        after_backward, history, start_epoch,
     )
 
-    progress = Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-        console=console, transient=True,
+
+def run_epochs(t: Training, callbacks: Sequence[EpochCallback], on_step: Optional[Callable[[], None]] = None) -> None:
+    """Train from `t.start_epoch` to the last epoch; after each, append its record and run `callbacks`."""
+    config = t.config
+    for epoch in range(t.start_epoch, config.epochs):
+        lr = config.lr_at(epoch)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        if t.process.world > 1:
+            t.augment_generator.manual_seed(augmentation_seed(config.seed, epoch, t.process.rank))
+        started = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(
+            t.step_model, t.train_loader, t.optimizer, config.amp, on_step=on_step, after_backward=t.after_backward,
+        )
+        seconds = time.perf_counter() - started
+        if not math.isfinite(train_loss):
+            kept = f"the last good checkpoint (epoch {epoch}) is kept in {t.run_dir}" if epoch else "no checkpoint was written"
+            raise BnprobeError(f"training loss became {train_loss} in epoch {epoch + 1}; stopped, {kept}")
+        test_loss, test_acc = evaluate(t.step_model, t.test_loader, config.amp)
+        train_eval_loss, train_eval_acc = evaluate(t.step_model, t.train_eval_loader, config.amp)
+        record = {
+            "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+            "train_eval_loss": train_eval_loss, "train_eval_acc": train_eval_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "gap": train_eval_acc - test_acc,
+            "seconds": seconds, "images_per_s": t.train_loader.examples * t.process.world / seconds,
+        }
+        t.history.append(record)
+        for callback in callbacks:
+            callback(t, record)
+
+
+# ---- the epoch callbacks ---------------------------------------------------------------------------
+
+
+def _run_file_callbacks(t: Training) -> list[EpochCallback]:
+    """Rank 0's: telemetry.h5, then checkpoint.pt, then metrics.json (which makes an --overwrite final)."""
+    telemetry = TelemetryWriter(t.run_dir, t.model, t.config, t.recorder)
+    telemetry.start(t.start_epoch)
+    # Telemetry before the checkpoint: a resume trims rows past the checkpoint.
+    return [lambda _, record: telemetry.write_epoch(record), save_checkpoint, save_metrics]
+
+
+def save_checkpoint(t: Training, record: dict[str, Any]) -> None:
+    runs.save_checkpoint(
+        runs.checkpoint_path(t.run_dir),
+        {
+            "config": t.config.to_dict(), "epoch": record["epoch"], "finished": record["epoch"] == t.config.epochs,
+            "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+            "rng": _rng_state(t.generator, t.device), "history": t.history,
+            "normalization": {"mean": t.dataset.mean.cpu(), "std": t.dataset.std.cpu()},
+            "trainable": t.trainable, "total": t.total, "processes": t.process.world,
+            "random_feature_masks": {name: mask.cpu() for name, mask in t.masks.items()},
+        },
     )
-    with progress:
-        epochs_task = progress.add_task("epochs", total=config.epochs, completed=start_epoch, status="")
-        steps_task = progress.add_task("steps", total=len(train_loader), status="")
-        for epoch in range(start_epoch, config.epochs):
-            lr = config.lr_at(epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if process.world > 1:
-                augment_generator.manual_seed(augmentation_seed(config.seed, epoch, process.rank))
-            progress.reset(steps_task, total=len(train_loader))
-            started = time.perf_counter()
-            train_loss, train_acc = train_one_epoch(
-                step_model, train_loader, optimizer, config.amp,
-                on_step=lambda: progress.advance(steps_task), after_backward=after_backward,
-            )
-            seconds = time.perf_counter() - started
-            if not math.isfinite(train_loss):
-                kept = f"the last good checkpoint (epoch {epoch}) is kept in {run_dir}" if epoch else "no checkpoint was written"
-                raise BnprobeError(f"training loss became {train_loss} in epoch {epoch + 1}; stopped, {kept}")
-            test_loss, test_acc = evaluate(step_model, test_loader, config.amp)
-            train_eval_loss, train_eval_acc = evaluate(step_model, train_eval_loader, config.amp)
-            record = {
-                "epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                "train_eval_loss": train_eval_loss, "train_eval_acc": train_eval_acc,
-                "test_loss": test_loss, "test_acc": test_acc, "gap": train_eval_acc - test_acc,
-                "seconds": seconds, "images_per_s": train_loader.examples * process.world / seconds,
-            }
-            history.append(record)
-            if process.main:
-                telemetry.write_epoch(record)  # before the checkpoint: a resume trims rows past the checkpoint
-                runs.save_checkpoint(
-                    runs.checkpoint_path(run_dir),
-                    {
-                        "config": config.to_dict(), "epoch": epoch + 1, "finished": epoch + 1 == config.epochs,
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": _rng_state(generator, device), "history": history,
-                        "normalization": {"mean": dataset.mean.cpu(), "std": dataset.std.cpu()},
-                        "trainable": trainable, "total": total, "processes": process.world,
-                        "random_feature_masks": {name: mask.cpu() for name, mask in masks.items()},
-                    },
-                )
-                runs.write_json(runs.metrics_path(run_dir), history)
-                replacement.commit()
-            progress.advance(epochs_task)
-            status = f"test acc {test_acc:.2%}"
-            progress.update(epochs_task, status=status)
-            console.print(
-                f"epoch {epoch + 1}/{config.epochs} lr {lr:.3g} | train {_loss(train_loss)} {train_acc:.1%} | "
-                f"test {_loss(test_loss)} {test_acc:.1%} | gap {record['gap']:+.1%} | {record['images_per_s']:,.0f} img/s",
-                soft_wrap=True,
-            )
-    console.print(summary_table(config, run_dir, history, trainable, total))
-    return history
+
+
+def save_metrics(t: Training, record: dict[str, Any]) -> None:
+    runs.write_json(runs.metrics_path(t.run_dir), t.history)
+    t.replacement.commit()  # the epoch's files are written: an --overwrite's old run can go
+
+
+class ConsoleOutput:
+    """The header line, the progress bars (transient) and one line per epoch; `step` advances the steps bar."""
+
+    def __init__(self, t: Training):
+        self.t = t
+        self.progress = Progress(
+            TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+            console=t.console, transient=True,
+        )
+
+    def __enter__(self) -> "ConsoleOutput":
+        t, config = self.t, self.t.config
+        t.console.print(
+            f"[bold]{config.model}[/] on {config.dataset} ({len(t.dataset.train_y)} train / {len(t.dataset.test_y)} "
+            f"test), freeze={config.freeze}: [bold]{t.trainable:,}[/] of {t.total:,} parameters trainable "
+            f"({100 * t.trainable / t.total:.2f}%), device={t.device}{', bf16 autocast' if config.amp else ''}"
+            f"{f', {t.process.world} processes' if t.process.world > 1 else ''}",
+            soft_wrap=True,
+        )
+        self.progress.__enter__()
+        self.epochs = self.progress.add_task("epochs", total=config.epochs, completed=t.start_epoch, status="")
+        self.steps = self.progress.add_task("steps", total=len(t.train_loader), status="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def step(self) -> None:
+        self.progress.advance(self.steps)
+
+    def epoch_done(self, t: Training, record: dict[str, Any]) -> None:
+        self.progress.advance(self.epochs)
+        self.progress.update(self.epochs, status=f"test acc {record['test_acc']:.2%}")
+        t.console.print(
+            f"epoch {record['epoch']}/{t.config.epochs} lr {record['lr']:.3g} | train {_loss(record['train_loss'])} "
+            f"{record['train_acc']:.1%} | test {_loss(record['test_loss'])} {record['test_acc']:.1%} | "
+            f"gap {record['gap']:+.1%} | {record['images_per_s']:,.0f} img/s",
+            soft_wrap=True,
+        )
+        self.progress.reset(self.steps, total=len(t.train_loader))  # for the next epoch
 
 
 def _loss(value: float) -> str:

@@ -12,6 +12,7 @@ import torch.nn as nn
 from bnprobe.ablate import clamp_masks, parse_sweep, run_ablation, sweep
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
+from bnprobe.evaluate import evaluate
 from bnprobe.fold import (
     ClampableModel, FoldedConvBN, MaskedBN, _pairs_by_structure, check_fold, find_conv_bn_pairs,
     fold_conv_bn,
@@ -19,7 +20,6 @@ from bnprobe.fold import (
 from bnprobe.loading import LoadOptions, build_from_factory, load_eval_data, load_model
 from bnprobe.models import bn_layers, create_model
 from bnprobe.options import AblateOptions
-from bnprobe.train import evaluate
 from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
 from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
 
@@ -446,11 +446,11 @@ def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
 
     from bnprobe import runs
     from bnprobe.probe import bn_statistics
-    from bnprobe.train import build_model
+    from bnprobe.models import from_config
     from probe_helpers import tiny_config
 
     config = tiny_config(bn="every-k", bn_every=2, bn_affine_off="layer1.*").resolved()
-    model = randomize_bn(build_model(config, 1, 10))
+    model = randomize_bn(from_config(config, 1, 10))
     run = tmp_path / "variant"
     runs.save_checkpoint(runs.checkpoint_path(run), {
         "config": config.to_dict(), "epoch": 0, "model": model.state_dict(), "history": [],
@@ -473,13 +473,13 @@ def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
 
 def test_a_model_without_batchnorm_is_probed_but_not_ablated(capsys, tmp_path):
     from bnprobe import runs
-    from bnprobe.train import build_model
+    from bnprobe.models import from_config
     from probe_helpers import tiny_config
 
     config = tiny_config(bn="none").resolved()
     run = tmp_path / "nobn"
     runs.save_checkpoint(runs.checkpoint_path(run), {
-        "config": config.to_dict(), "epoch": 0, "model": build_model(config, 1, 10).state_dict(), "history": [],
+        "config": config.to_dict(), "epoch": 0, "model": from_config(config, 1, 10).state_dict(), "history": [],
         "normalization": {"mean": torch.full((1, 1, 1), 80.0), "std": torch.full((1, 1, 1), 90.0)},
     })
     code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu")
@@ -487,3 +487,22 @@ def test_a_model_without_batchnorm_is_probed_but_not_ablated(capsys, tmp_path):
     code, out, err = run_cli(capsys, "probe", run, "--images", "20", "--device", "cpu", "--out", tmp_path / "p.h5")
     assert code == 0, err
     assert "no BatchNorm layer with a γ" in out and "ReLU output sparsity" in out
+
+
+@pytest.mark.parametrize("subset", [0, 300])
+def test_unclamped_train_accuracy_is_the_runs_last_eval_mode_train_accuracy(tmp_path, subset):
+    """Training and ablate measure train accuracy on the same fixed training images (of all, or of the run's
+    --subset), so ablate's unclamped number is the history's last eval-mode one (issue 13)."""
+    from probe_helpers import tiny_config
+    from rich.console import Console
+
+    from bnprobe.train import train
+
+    quiet = Console(quiet=True)
+    config = tiny_config(epochs=1, subset=subset, test_subset=50, train_eval_subset=150)
+    history = train(config, tmp_path / "run", console=quiet)
+    result, _ = run_ablation(tmp_path / "run", CPU, mode="threshold", values=[0.1], test_subset=50,
+                             train_subset=150, out=tmp_path / "ablation.h5", console=quiet)
+    assert result.baseline["train_acc"] == history[-1]["train_eval_acc"]
+    assert result.baseline["train_loss"] == pytest.approx(history[-1]["train_eval_loss"], rel=1e-5)
+    assert result.baseline["test_acc"] == history[-1]["test_acc"]

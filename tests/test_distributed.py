@@ -14,7 +14,8 @@ from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceLoader
 from bnprobe.errors import BnprobeError
 from bnprobe.freeze import trainable_parameter_names
-from bnprobe.train import build_model, train
+from bnprobe.models import from_config
+from bnprobe.train import train
 
 
 def test_shards_split_each_epoch_into_equal_disjoint_parts():
@@ -49,8 +50,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     state = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "ddp"))
     assert state["processes"] == 2 and state["finished"]
     config = TrainConfig.from_dict(state["config"])
-    initial = build_model(config, 1, 10).state_dict()
-    trained = trainable_parameter_names(build_model(config, 1, 10), "non-bn")
+    initial = from_config(config, 1, 10).state_dict()
+    trained = trainable_parameter_names(from_config(config, 1, 10), "non-bn")
     for name, tensor in initial.items():
         if name in trained:
             assert not torch.equal(state["model"][name], tensor)

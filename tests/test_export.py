@@ -108,11 +108,11 @@ def test_ablate_and_probe_give_identical_results_on_a_compact_file(capsys, tmp_p
 def test_a_changed_random_stream_is_one_line_never_other_weights(capsys, tmp_path, tmp_path_factory, monkeypatch):
     run = trained_runs(tmp_path_factory)["bn-only"]
     export(capsys, run, tmp_path / "compact.safetensors", "--compact")
-    import bnprobe.train
+    import bnprobe.models
 
-    build = bnprobe.train.build_model
+    build = bnprobe.models.from_config
     # Another torch version drawing other numbers for the same seed: the frozen convs come out different.
-    monkeypatch.setattr(bnprobe.train, "build_model",
+    monkeypatch.setattr(bnprobe.models, "from_config",
                         lambda config, *args: build(dataclasses.replace(config, seed=config.seed + 7), *args))
     code, _, err = run_cli(capsys, "probe", tmp_path / "compact.safetensors", "--device", "cpu",
                            "--out", tmp_path / "probe.h5")

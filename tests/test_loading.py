@@ -16,7 +16,7 @@ from bnprobe.loading import (
     LoadOptions, build_from_factory, check_forward, extract_state_dict, load_eval_data, load_model,
     parse_model_args, read_checkpoint, resolve_normalization,
 )
-from bnprobe.train import build_model
+from bnprobe.models import from_config
 from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
 from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
 
@@ -49,7 +49,7 @@ def test_bnprobe_checkpoint_from_run_dir_or_file(runs_dirs):
     run = runs_dirs["full"]
     state = runs.load_checkpoint(runs.checkpoint_path(run))
     config = TrainConfig.from_dict(state["config"])
-    reference = build_model(config, 1, 10)
+    reference = from_config(config, 1, 10)
     reference.load_state_dict(state["model"])
     for given in (run, runs.checkpoint_path(run)):
         loaded = load_model(given, CPU)
@@ -63,15 +63,15 @@ def test_bnprobe_checkpoint_from_run_dir_or_file(runs_dirs):
 
 
 def test_run_trained_on_a_subset_is_measured_on_its_own_images(runs_dirs):
-    from bnprobe.data import load_dataset
+    from bnprobe.data import fixed_subset, load_dataset
 
     loaded = load_model(runs_dirs["full"], CPU)
     data = load_eval_data(loaded, torch.device("cpu"), test_subset=50, train_subset=10000)
     trained_on = load_dataset("digits", subset=300, test_subset=200)  # what the run's config loaded
     assert torch.equal(data.train_x, trained_on.train_x) and torch.equal(data.train_y, trained_on.train_y)
     assert len(data.test_y) == 50
-    smaller = load_eval_data(loaded, torch.device("cpu"), train_subset=100)
-    assert torch.equal(smaller.train_x, trained_on.train_x[:100])
+    smaller = load_eval_data(loaded, torch.device("cpu"), train_subset=100)  # as training picks its 100 of them
+    assert torch.equal(smaller.train_x, trained_on.train_x[fixed_subset(300, 100)])
 
 
 # ---- user factories and foreign state dicts ------------------------------------------------------

@@ -14,7 +14,7 @@ from bnprobe.loading import LoadOptions, load_eval_data, load_model
 from bnprobe.options import ProbeOptions
 from bnprobe.models import create_model
 from bnprobe.probe import ReluRecorder, relu_inputs, relu_sparsity, run_probe
-from bnprobe.train import evaluate
+from bnprobe.evaluate import evaluate
 from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
 from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
 

@@ -15,10 +15,12 @@ from rich.console import Console
 from bnprobe import runs
 from bnprobe.cli import main
 from bnprobe.config import TrainConfig
-from bnprobe.data import DeviceLoader, load_dataset
+from bnprobe.data import DeviceLoader, fixed_subset, load_dataset
 from bnprobe.errors import BnprobeError
+from bnprobe.evaluate import evaluate
+from bnprobe.models import from_config
 from bnprobe.summary import inspect_run
-from bnprobe.train import build_model, evaluate, fixed_subset, train
+from bnprobe.train import train
 from cli_helpers import assert_one_line_error, run_cli
 
 GROUPS = {"bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias"}
@@ -50,7 +52,7 @@ def test_schema_as_documented(full_run):
         assert TrainConfig.from_dict(__import__("json").loads(f.attrs["config_json"])) == tiny()
         assert f.attrs["config.model"] == "resnet8"
         names = list(f["params/name"].asstr()[:])
-        model = build_model(tiny(), 1, 10)
+        model = from_config(tiny(), 1, 10)
         assert names == [n for n, _ in model.named_parameters()]
         assert set(f["params/group"].asstr()[:]) == GROUPS
         assert f["params/numel"][:].sum() == sum(p.numel() for p in model.parameters())
@@ -73,7 +75,7 @@ def test_schema_as_documented(full_run):
 def test_grad_norms_equal_an_independent_backward_pass(full_run):
     """Step 0 recomputed by hand: same init, same first batch, one backward."""
     config = tiny()
-    model = build_model(config, 1, 10)
+    model = from_config(config, 1, 10)
     data = load_dataset("digits", subset=300, test_subset=150, normalize=config.normalize)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DeviceLoader(data.train_x, data.train_y, data.mean, data.std, 64, shuffle=True,
@@ -95,7 +97,7 @@ def test_grad_norms_equal_an_independent_backward_pass(full_run):
 
 
 def test_bn_snapshots_match_init_and_final_checkpoint(full_run):
-    initial = build_model(tiny(), 1, 10).state_dict()
+    initial = from_config(tiny(), 1, 10).state_dict()
     final = runs.load_checkpoint(runs.checkpoint_path(full_run))["model"]
     with h5py.File(full_run / "telemetry.h5", "r") as f:
         for layer, key in (("bn1", "weight"), ("layer3.0.bn2", "bias"), ("layer1.0.bn1", "running_var")):
@@ -106,7 +108,7 @@ def test_bn_snapshots_match_init_and_final_checkpoint(full_run):
 
 def test_train_accuracy_in_eval_mode_is_recomputable(full_run):
     config = tiny()
-    model = build_model(config, 1, 10)
+    model = from_config(config, 1, 10)
     model.load_state_dict(runs.load_checkpoint(runs.checkpoint_path(full_run))["model"])
     data = load_dataset("digits", subset=300, test_subset=150, normalize=config.normalize)
     index = fixed_subset(300, 200, torch.device("cpu"))

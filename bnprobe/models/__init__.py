@@ -5,7 +5,7 @@ CIFAR ResNet depth 6n+2 is `resnet<6n+2>`. A registered name always wins over a 
 bottleneck ResNet-50, although 50 = 6*8+2); `list_models()` lists registered names only, and
 `model_name_patterns()` the patterns.
 
-Every builder takes the same keywords, so the CLI can build any of them from a TrainConfig:
+Every builder takes the same keywords, so `from_config` builds any of them from a TrainConfig:
 `in_channels`, `num_classes`, `width` (multiplier) and `shortcut` (A or B, CIFAR ResNets only).
 """
 
@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
+import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.errors import BnprobeError
+
+if TYPE_CHECKING:
+    from bnprobe.config import TrainConfig
 
 ModelBuilder = Callable[..., nn.Module]
 NormLayer = Callable[[int], nn.Module]  # channels -> a BatchNorm (or what stands in its place)
@@ -128,6 +132,18 @@ def create_model(
         in_channels=in_channels, num_classes=num_classes, width=width, shortcut=shortcut,
         norm_layer=norm_layer_for(bn, bn_every),
     )
+
+
+def from_config(config: "TrainConfig", in_channels: int, num_classes: int) -> nn.Module:
+    """The model exactly as a run's `config` initialises it: the same seed gives the same tensors (open_lth's
+    registry idea: training, loading a checkpoint and exporting all build through here)."""
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width,
+        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every,
+    )
+    remove_bn_affine(model, config.bn_affine_off)
+    return init_weights(model, config.gamma_init)
 
 
 class EveryKthNorm:
