@@ -501,8 +501,8 @@ def test_unclamped_train_accuracy_is_the_runs_last_eval_mode_train_accuracy(tmp_
     quiet = Console(quiet=True)
     config = tiny_config(epochs=1, subset=subset, test_subset=50, train_eval_subset=150)
     history = train(config, tmp_path / "run", console=quiet)
-    result, _ = run_ablation(tmp_path / "run", CPU, mode="threshold", values=[0.1], test_subset=50,
-                             train_subset=150, out=tmp_path / "ablation.h5", console=quiet)
+    result, _ = run_ablation(tmp_path / "run", CPU, AblateOptions(values=[0.1], test_subset=50, train_subset=150),
+                             out=tmp_path / "ablation.h5", console=quiet)
     assert result.baseline["train_acc"] == history[-1]["train_eval_acc"]
     assert result.baseline["train_loss"] == pytest.approx(history[-1]["train_eval_loss"], rel=1e-5)
     assert result.baseline["test_acc"] == history[-1]["test_acc"]
