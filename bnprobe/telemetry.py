@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 from bnprobe.schema import TELEMETRY_FORMAT
-from bnprobe.store import append_rows, atomic_h5, set_attrs, write_array
+from bnprobe.store import append_rows, appending_h5, atomic_h5, set_attrs, write_array
 
 FORMAT = TELEMETRY_FORMAT  # defined beside its reader, in bnprobe.schema
 VERSION = 1
@@ -95,7 +95,8 @@ class GradientRecorder:
 
 
 class TelemetryWriter:
-    """Appends one epoch at a time to telemetry.h5 (on a temporary copy, renamed into place)."""
+    """Appends one epoch at a time to telemetry.h5, in place through bnprobe.store's journal: each epoch
+    costs its own rows, and a kill at any moment leaves every finished epoch readable."""
 
     def __init__(self, run_dir: Path, model: nn.Module, config: TrainConfig, recorder: GradientRecorder):
         self.path = telemetry_path(run_dir)
@@ -106,14 +107,16 @@ class TelemetryWriter:
         """A new file with the schema and the epoch-0 BN snapshot, or drop rows past a resumed checkpoint."""
         if epochs_done and self.path.exists():
             try:
-                with atomic_h5(self.path, update=True) as f:
+                with appending_h5(self.path) as f:
                     _truncate_to_epoch(f, epochs_done)
             except (OSError, KeyError, TypeError) as exc:  # h5py's answers for a cut-short or foreign file
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise BnprobeError(f"cannot resume: {self.path} is damaged ({reason}); move it aside to resume "
                                    f"without the telemetry recorded so far")
             return
-        with atomic_h5(self.path) as f:
+        # libver v110: chunk indexes (extensible arrays) whose append rewrites a few bytes, not a B-tree node;
+        # persistent free space: a chunk rewritten in place (a partial one at an epoch's edge) leaks nothing.
+        with atomic_h5(self.path, libver=("v110", "latest"), fs_strategy="fsm", fs_persist=True) as f:
             set_attrs(f, {"format": FORMAT, "version": VERSION, "config_json": json.dumps(self.config.to_dict())})
             set_attrs(f, {f"config.{k}": v for k, v in self.config.to_dict().items()})
             params = f.create_group("params")
@@ -127,7 +130,7 @@ class TelemetryWriter:
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         steps, abs_mean, l2 = self.recorder.drain()
-        with atomic_h5(self.path, update=True) as f:
+        with appending_h5(self.path) as f:
             if len(steps):
                 s = f["steps"]
                 append_rows(s, "step", steps, units="optimizer steps since the start of training")

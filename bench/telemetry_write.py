@@ -1,0 +1,128 @@
+"""Cost of writing telemetry.h5 per epoch: bnprobe's in-place append (through a journal) against the path it
+replaced (the whole file read into memory, appended to, and written back atomically every epoch).
+
+Both paths run in this one process with bnprobe's TelemetryWriter on a ResNet-152 (155 BN layers, 75,712
+channels: a snapshot of γ, β, running mean and variance is 1.2 MB per epoch), for --epochs synthetic epochs:
+each epoch the BN tensors drift by random noise and --steps gradient rows (alternately one fewer, so the
+steps datasets' chunks do not line up with the epochs) are recorded for all 465 parameter tensors. Timed:
+`write_epoch` alone. Bytes written: this process's `wchar` (/proc/self/io: every byte passed to write(2),
+pwrite(2), ...) over the writes. Targets from the issue: last-10/first-10 per-epoch time <= 1.3, bytes
+written <= 2x the final file. The two final files are compared row for row at the end.
+
+    .venv/bin/python bench/telemetry_write.py                  # 160 epochs, both paths (the old one is slow)
+    .venv/bin/python bench/telemetry_write.py --epochs 40 --dir /dev/shm
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
+
+from bnprobe import store, telemetry  # noqa: E402
+from bnprobe.atomic import atomic_write  # noqa: E402
+from bnprobe.config import TrainConfig  # noqa: E402
+from bnprobe.schema import check_telemetry, open_h5  # noqa: E402
+from bnprobe.train import build_model  # noqa: E402
+
+
+@contextmanager
+def whole_file_copy(path: Path):
+    """The replaced path: copy the whole file into memory, update it there, write it all back atomically."""
+    buffer = io.BytesIO(Path(path).read_bytes())
+    with h5py.File(buffer, "r+") as f:
+        yield f
+    atomic_write(path, lambda out: out.write(buffer.getbuffer()))
+
+
+def written_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def run(path_name: str, run_dir: Path, epochs: int, steps: int) -> dict:
+    config = TrainConfig(model="resnet152", epochs=epochs, subset=steps * 128, batch_size=128, telemetry_every=1)
+    model = build_model(config, 3, 10)
+    recorder = telemetry.GradientRecorder(model, 1, steps)
+    rng = np.random.default_rng(0)
+
+    def drain():  # synthetic gradient rows, alternately `steps` and `steps - 1` of them
+        n = steps - (recorder.step % 2)
+        rows = rng.random((n, len(recorder.names)), dtype=np.float32)
+        out = np.arange(recorder.step, recorder.step + n), rows / 100, rows
+        recorder.step += n
+        return out
+
+    recorder.drain = drain
+    writer = telemetry.TelemetryWriter(run_dir, model, config, recorder)
+    writer.start(0)
+    generator = torch.Generator().manual_seed(0)
+    seconds, written = [], 0
+    for epoch in range(1, epochs + 1):
+        with torch.no_grad():
+            for layer in telemetry.bn_layers(model).values():
+                for tensor in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
+                    tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.01)
+        record = {field: float(epoch) for field in telemetry.EPOCH_FIELDS}
+        before, start = written_bytes(), time.perf_counter()
+        writer.write_epoch(record)
+        seconds.append(time.perf_counter() - start)
+        written += written_bytes() - before
+        if epoch % 20 == 0:
+            print(f"  {path_name}: epoch {epoch}, {seconds[-1]:.3f} s", flush=True)
+    size = writer.path.stat().st_size
+    first, last = statistics.median(seconds[:10]), statistics.median(seconds[-10:])
+    return dict(first=first, last=last, written=written, size=size, path=writer.path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=20, help="gradient rows per epoch")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: the system's temp)")
+    args = parser.parse_args()
+    if args.epochs < 20:
+        parser.error("--epochs must be at least 20 (first and last 10 are compared)")
+
+    root = Path(tempfile.mkdtemp(prefix="telemetry-write-", dir=args.dir))
+    try:
+        results = {"in place (bnprobe)": run("in place", root / "new", args.epochs, args.steps)}
+        original = telemetry.appending_h5, telemetry.atomic_h5
+        telemetry.appending_h5 = whole_file_copy
+        telemetry.atomic_h5 = lambda path, **options: store.atomic_h5(path)  # the old file: default layout
+        try:
+            results["whole-file copy (old)"] = run("whole-file copy", root / "old", args.epochs, args.steps)
+        finally:
+            telemetry.appending_h5, telemetry.atomic_h5 = original
+
+        print(f"\n{args.epochs} epochs, ResNet-152 BN set, {args.steps} gradient rows per epoch; per-epoch write "
+              f"time is the median of the first and last 10 epochs")
+        print(f"{'path':24} {'first 10':>9} {'last 10':>9} {'last/first':>10} {'written':>10} {'final file':>10} "
+              f"{'written/final':>13}")
+        for name, r in results.items():
+            print(f"{name:24} {r['first']:8.3f}s {r['last']:8.3f}s {r['last'] / r['first']:10.2f} "
+                  f"{r['written'] / 1e6:8.0f}MB {r['size'] / 1e6:8.0f}MB {r['written'] / r['size']:13.2f}")
+        new, old = (results[k]["path"] for k in results)
+        with open_h5(new) as f, open_h5(old) as g:
+            check_telemetry(f)
+            same = all(np.array_equal(f[name][:], g[name][:]) for name in ("epochs/epoch", "steps/grad_l2",
+                                                                           "bn/layer4.2.bn3/gamma"))
+        print(f"same rows in both files: {same}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
