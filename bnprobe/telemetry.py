@@ -35,6 +35,10 @@ EPOCH_UNITS = {
     "gap": "train_eval_acc - test_acc (fraction)",
 }
 
+# libver v110: chunk indexes (extensible arrays) whose append changes a few bytes, not a B-tree node;
+# persistent free space: the space of a chunk rewritten (a partial one at an epoch's edge) is used again.
+FILE_OPTIONS = dict(libver=("v110", "latest"), fs_strategy="fsm", fs_persist=True)
+
 
 def telemetry_path(run_dir: Path) -> Path:
     return run_dir / "telemetry.h5"
@@ -114,9 +118,7 @@ class TelemetryWriter:
                 raise BnprobeError(f"cannot resume: {self.path} is damaged ({reason}); move it aside to resume "
                                    f"without the telemetry recorded so far")
             return
-        # libver v110: chunk indexes (extensible arrays) whose append rewrites a few bytes, not a B-tree node;
-        # persistent free space: a chunk rewritten in place (a partial one at an epoch's edge) leaks nothing.
-        with atomic_h5(self.path, libver=("v110", "latest"), fs_strategy="fsm", fs_persist=True) as f:
+        with atomic_h5(self.path, **FILE_OPTIONS) as f:
             set_attrs(f, {"format": FORMAT, "version": VERSION, "config_json": json.dumps(self.config.to_dict())})
             set_attrs(f, {f"config.{k}": v for k, v in self.config.to_dict().items()})
             params = f.create_group("params")
