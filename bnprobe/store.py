@@ -45,6 +45,7 @@ def atomic_h5(path: Path, **options: Any) -> Iterator[h5py.File]:
     buffer = io.BytesIO()
     with h5py.File(buffer, "w", **options) as f:
         yield f
+    journal_path(path).unlink(missing_ok=True)  # a kill's pending update of the old file: never of this one
     atomic_write(Path(path), lambda out: out.write(buffer.getbuffer()))
 
 
@@ -182,7 +183,7 @@ class _Overlay:
         self.close()
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
 

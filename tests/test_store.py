@@ -155,6 +155,15 @@ def test_a_kill_at_any_point_of_an_append_leaves_the_old_or_the_new_file(tmp_pat
     assert {(False, False), (True, True), (False, True)} <= set(seen)  # old; torn file read through the journal; new
 
 
+def test_a_new_file_drops_the_journal_of_the_one_it_replaces(tmp_path):
+    path = tmp_path / "t.h5"
+    _layers(path)
+    _append_epoch(path, 1.0)
+    journal_path(path).write_bytes(b"stale")  # a kill's leftover: applying it to a new file would tear it
+    _layers(path)
+    assert not journal_path(path).exists() and _contents(path)["epochs/loss"] == [0.5]
+
+
 def test_a_damaged_journal_is_one_line(tmp_path):
     path = tmp_path / "t.h5"
     _layers(path)
