@@ -111,7 +111,8 @@ def _commit(path: Path, overlay: "_Overlay") -> None:
             os.fdatasync(f.fileno())
             atomic_write(journal_path(path), lambda out: _write_journal(out, overlay.size, changed))
         except BaseException as exc:
-            os.ftruncate(f.fileno(), overlay.base_size)
+            if not journal_path(path).exists():  # (an interrupt just after its rename: the new state needs them)
+                os.ftruncate(f.fileno(), overlay.base_size)  # the new bytes, unseen, are dropped again
             if _disk_full(exc):
                 raise BnprobeError(f"cannot write {path}: no space left on device") from None
             raise
