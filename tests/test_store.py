@@ -1,6 +1,7 @@
 import errno
 import os
 import shutil
+import threading
 
 import h5py
 import numpy as np
@@ -153,6 +154,19 @@ def test_a_kill_at_any_point_of_an_append_leaves_the_old_or_the_new_file(tmp_pat
         assert after["epochs/loss"] == contents["epochs/loss"] + [3.0]
         assert not (state / "t.h5.journal").exists()
     assert {(False, False), (True, True), (False, True)} <= set(seen)  # old; torn file read through the journal; new
+
+
+def test_an_update_waits_for_a_reader_to_close_the_file(tmp_path):
+    path = tmp_path / "t.h5"
+    _layers(path)
+    reader = h5py.File(path, "r")  # HDF5 holds a shared flock while the file is open
+    writer = threading.Thread(target=_append_epoch, args=(path, 1.0))
+    writer.start()
+    writer.join(timeout=1.0)
+    assert writer.is_alive() and reader["epochs/loss"][:].tolist() == [0.5]  # waiting, the file as it was
+    reader.close()
+    writer.join(timeout=30)
+    assert not writer.is_alive() and _contents(path)["epochs/loss"] == [0.5, 1.0]
 
 
 def test_a_new_file_drops_the_journal_of_the_one_it_replaces(tmp_path):
