@@ -5,8 +5,9 @@ Both paths run in this one process with bnprobe's TelemetryWriter on a ResNet-15
 channels: a snapshot of γ, β, running mean and variance is 1.2 MB per epoch), for --epochs synthetic epochs:
 each epoch the BN tensors drift by random noise and --steps gradient rows (alternately one fewer, so the
 steps datasets' chunks do not line up with the epochs) are recorded for all 465 parameter tensors. Timed:
-`write_epoch` alone. Bytes written: this process's `wchar` (/proc/self/io: every byte passed to write(2),
-pwrite(2), ...) over the writes. Targets from the issue: last-10/first-10 per-epoch time <= 1.3, bytes
+`write_epoch` alone, in wall-clock and in CPU time of this process (user + system: what other processes
+on a shared machine do not change; copying into the page cache is system time). Bytes written: this
+process's `wchar` (/proc/self/io: every byte passed to write(2), pwrite(2), ...) over the writes. Targets from the issue: last-10/first-10 per-epoch time <= 1.3, bytes
 written <= 2x the final file. The two final files are compared row for row at the end.
 
     .venv/bin/python bench/telemetry_write.py                  # 160 epochs, both paths (the old one is slow)
@@ -69,22 +70,24 @@ def run(path_name: str, run_dir: Path, epochs: int, steps: int) -> dict:
     writer = telemetry.TelemetryWriter(run_dir, model, config, recorder)
     writer.start(0)
     generator = torch.Generator().manual_seed(0)
-    seconds, written = [], 0
+    seconds, cpu, written = [], [], 0
     for epoch in range(1, epochs + 1):
         with torch.no_grad():
             for layer in telemetry.bn_layers(model).values():
                 for tensor in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
                     tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.01)
         record = {field: float(epoch) for field in telemetry.EPOCH_FIELDS}
-        before, start = written_bytes(), time.perf_counter()
+        before, start, start_cpu = written_bytes(), time.perf_counter(), time.process_time()
         writer.write_epoch(record)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         written += written_bytes() - before
         if epoch % 20 == 0:
-            print(f"  {path_name}: epoch {epoch}, {seconds[-1]:.3f} s", flush=True)
+            print(f"  {path_name}: epoch {epoch}, {cpu[-1]:.3f} s CPU, {seconds[-1]:.3f} s wall", flush=True)
     size = writer.path.stat().st_size
-    first, last = statistics.median(seconds[:10]), statistics.median(seconds[-10:])
-    return dict(first=first, last=last, written=written, size=size, path=writer.path)
+    ends = {f"{kind}_{end}": statistics.median(values[:10] if end == "first" else values[-10:])
+            for kind, values in (("wall", seconds), ("cpu", cpu)) for end in ("first", "last")}
+    return dict(ends, written=written, size=size, path=writer.path)
 
 
 def main() -> None:
@@ -108,12 +111,13 @@ def main() -> None:
             telemetry.appending_h5, telemetry.atomic_h5 = original
 
         print(f"\n{args.epochs} epochs, ResNet-152 BN set, {args.steps} gradient rows per epoch; per-epoch write "
-              f"time is the median of the first and last 10 epochs")
-        print(f"{'path':24} {'first 10':>9} {'last 10':>9} {'last/first':>10} {'written':>10} {'final file':>10} "
+              f"time: median of the first and of the last 10 epochs, CPU (wall)")
+        print(f"{'path':22} {'first 10':>15} {'last 10':>15} {'last/first':>11} {'written':>8} {'final':>6} "
               f"{'written/final':>13}")
         for name, r in results.items():
-            print(f"{name:24} {r['first']:8.3f}s {r['last']:8.3f}s {r['last'] / r['first']:10.2f} "
-                  f"{r['written'] / 1e6:8.0f}MB {r['size'] / 1e6:8.0f}MB {r['written'] / r['size']:13.2f}")
+            print(f"{name:22} {r['cpu_first']:6.3f}s ({r['wall_first']:5.2f}) {r['cpu_last']:6.3f}s "
+                  f"({r['wall_last']:5.2f}) {r['cpu_last'] / r['cpu_first']:5.2f} ({r['wall_last'] / r['wall_first']:.2f}) "
+                  f"{r['written'] / 1e6:6.0f}MB {r['size'] / 1e6:4.0f}MB {r['written'] / r['size']:13.2f}")
         new, old = (results[k]["path"] for k in results)
         with open_h5(new) as f, open_h5(old) as g:
             check_telemetry(f)
