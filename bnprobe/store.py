@@ -111,7 +111,7 @@ def _commit(path: Path, overlay: "_Overlay") -> None:
             os.fdatasync(f.fileno())
             atomic_write(journal_path(path), lambda out: _write_journal(out, overlay.size, changed))
         except BaseException as exc:
-            if not journal_path(path).exists():  # (an interrupt just after its rename: the new state needs them)
+            if not journal_path(path).exists():  # (if it was renamed into place, the new state needs them)
                 os.ftruncate(f.fileno(), overlay.base_size)  # the new bytes, unseen, are dropped again
             if _disk_full(exc):
                 raise BnprobeError(f"cannot write {path}: no space left on device") from None
@@ -146,8 +146,8 @@ def _read_journal(journal: Path) -> tuple[int, dict[int, bytes]]:
     body, crc = data[:-4], data[-4:]
     if len(data) < len(JOURNAL_MAGIC) + _HEADER.size + 4 or bytes(body[:len(JOURNAL_MAGIC)]) != JOURNAL_MAGIC \
             or struct.unpack("<I", crc)[0] != zlib.crc32(body):
-        raise BnprobeError(f"{journal} is damaged (its checksum does not match); move it aside to read "
-                           f"{journal.with_suffix('')} as it was before its last update")
+        raise BnprobeError(f"{journal} is damaged (its checksum does not match): the update of "
+                           f"{journal.with_suffix('').name} it holds cannot be completed")
     at = len(JOURNAL_MAGIC)
     size, count = _HEADER.unpack_from(body, at)
     at += _HEADER.size
