@@ -137,6 +137,7 @@ def test_a_kill_mid_telemetry_commit_is_read_whole_and_resumed_exactly(tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 137, done.stderr
     assert (run_dir / "telemetry.h5.journal").exists()  # killed while the file is half updated
+    assert runs.foreign_files(run_dir) == []  # the journal is bnprobe's: --overwrite may remove it
     from bnprobe.schema import check_telemetry, open_h5
 
     with open_h5(run_dir / "telemetry.h5") as f:  # a reader sees the file through the journal: 2 whole epochs
