@@ -101,7 +101,7 @@ def _commit(path: Path, overlay: "_Overlay") -> None:
     for start, data in overlay.extents.items():
         cut = max(0, min(len(data), overlay.base_size - start))
         if cut:
-            changed[start] = bytes(data[:cut])
+            changed.update(_differences(start, data[:cut], os.pread(overlay.fd, cut, start)))
         if cut < len(data):
             tail[start + cut] = data[cut:]
     with open(path, "r+b") as f:
@@ -118,6 +118,17 @@ def _commit(path: Path, overlay: "_Overlay") -> None:
             raise
     _apply(path, overlay.size, changed)
     journal_path(path).unlink()
+
+
+def _differences(start: int, new: bytes, old: bytes, gap: int = 32) -> dict[int, bytes]:
+    """The runs of `new` that differ from `old` (runs closer than `gap` joined), by offset from `start`: HDF5
+    rewrites a whole object header or index block where a few bytes changed (a size, a checksum)."""
+    at = np.flatnonzero(np.frombuffer(new, np.uint8) != np.frombuffer(old, np.uint8))
+    if not len(at):
+        return {}
+    breaks = np.flatnonzero(np.diff(at) > gap)
+    firsts, lasts = at[np.r_[0, breaks + 1]], at[np.r_[breaks, len(at) - 1]]
+    return {start + int(a): bytes(new[a:b + 1]) for a, b in zip(firsts, lasts)}
 
 
 def _apply(path: Path, size: int, extents: Mapping[int, bytes]) -> None:
