@@ -9,7 +9,7 @@ import pytest
 
 from bnprobe.errors import BnprobeError
 from bnprobe.schema import open_h5
-from bnprobe.store import append_rows, appending_h5, atomic_h5, journal_path, write_array
+from bnprobe.store import _differences, append_rows, appending_h5, atomic_h5, journal_path, write_array
 from bnprobe.telemetry import FILE_OPTIONS as TELEMETRY_OPTIONS
 
 
@@ -68,7 +68,21 @@ def test_an_append_costs_its_rows_not_the_file(tmp_path):
     written = _bytes_written() - written
     new_rows = 6 * 1024 * 4  # random float32: gzip hardly shrinks them
     assert 0.8 * new_rows < path.stat().st_size - size < 1.2 * new_rows
-    assert written < 1.5 * new_rows < size / 10  # the rows, and a little metadata (twice: journal, in place)
+    assert written < 1.25 * new_rows < size / 10  # the rows, and the few metadata bytes that change (twice)
+
+
+def test_only_the_differing_bytes_are_journaled():
+    rng = np.random.default_rng(1)
+    old = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    new = bytearray(old)
+    for at in (3, 40, 41, 2000, 4999):
+        new[at] ^= 0xFF
+    runs = _differences(100, bytes(new), old)
+    assert {k: len(v) for k, v in runs.items()} == {103: 39, 2100: 1, 5099: 1}  # 3..41 joined (gap <= 32)
+    patched = bytearray(old)
+    for at, data in runs.items():
+        patched[at - 100:at - 100 + len(data)] = data
+    assert bytes(patched) == bytes(new) and _differences(0, old, old) == {}
 
 
 def test_a_failed_update_leaves_the_previous_file(tmp_path):
