@@ -20,6 +20,7 @@ import bisect
 import fcntl
 import io
 import os
+import stat
 import struct
 import zlib
 from contextlib import contextmanager
@@ -108,6 +109,8 @@ def _commit(path: Path, overlay: "_Overlay") -> None:
         try:
             for start, data in tail.items():  # a full disk is met here or in the journal, before any change
                 os.pwrite(f.fileno(), data, start)
+            if overlay.size > overlay.base_size:  # to the new size even where HDF5 wrote nothing (yet)
+                os.ftruncate(f.fileno(), overlay.size)
             os.fdatasync(f.fileno())
             atomic_write(journal_path(path), lambda out: _write_journal(out, overlay.size, changed))
         except BaseException as exc:
@@ -152,13 +155,21 @@ def _write_journal(out, size: int, extents: Mapping[int, bytes]) -> None:
 
 
 def _read_journal(journal: Path) -> tuple[int, dict[int, bytes]]:
-    """(file size, {offset: bytes}) of a journal; a damaged one is a one-line BnprobeError."""
+    """(file size, {offset: bytes}) of a journal, each extent within the file (which its update has already
+    extended); anything else (damaged, not a regular file, larger than the file can need) is a one-line
+    BnprobeError, found before the journal is read or opened."""
+    def damaged(why: str):
+        raise BnprobeError(f"{journal} is damaged ({why}): the update of {journal.with_suffix('').name} it "
+                           f"holds cannot be completed")
+
+    info, file_size = os.stat(journal), os.stat(journal.with_suffix("")).st_size
+    if not stat.S_ISREG(info.st_mode) or info.st_size > 2 * file_size + (1 << 20):  # a FIFO would block
+        damaged("not a journal bnprobe wrote")
     data = memoryview(journal.read_bytes())
     body, crc = data[:-4], data[-4:]
     if len(data) < len(JOURNAL_MAGIC) + _HEADER.size + 4 or bytes(body[:len(JOURNAL_MAGIC)]) != JOURNAL_MAGIC \
             or struct.unpack("<I", crc)[0] != zlib.crc32(body):
-        raise BnprobeError(f"{journal} is damaged (its checksum does not match): the update of "
-                           f"{journal.with_suffix('').name} it holds cannot be completed")
+        damaged("its checksum does not match")
     at = len(JOURNAL_MAGIC)
     size, count = _HEADER.unpack_from(body, at)
     at += _HEADER.size
@@ -168,6 +179,10 @@ def _read_journal(journal: Path) -> tuple[int, dict[int, bytes]]:
         at += _EXTENT.size
         extents[offset] = bytes(body[at:at + length])
         at += length
+        if offset + length > size or len(extents[offset]) != length:
+            damaged("an extent lies outside the file")
+    if size > file_size:
+        damaged("the file is shorter than the update it holds")
     return size, extents
 
 

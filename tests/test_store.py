@@ -192,10 +192,15 @@ def test_a_new_file_drops_the_journal_of_the_one_it_replaces(tmp_path):
     assert not journal_path(path).exists() and _contents(path)["epochs/loss"] == [0.5]
 
 
-def test_a_damaged_journal_is_one_line(tmp_path):
+@pytest.mark.parametrize("journal", ["checksum", "fifo", "large"])
+def test_a_damaged_journal_is_one_line(tmp_path, journal):
     path = tmp_path / "t.h5"
     _layers(path)
-    journal_path(path).write_bytes(b"bnprobe-journal 1\n" + bytes(30))
+    if journal == "fifo":
+        os.mkfifo(journal_path(path))  # never opened: it would block
+    else:
+        size = 30 if journal == "checksum" else 3 * path.stat().st_size + (1 << 20)
+        journal_path(path).write_bytes(b"bnprobe-journal 1\n" + bytes(size))
     for action in (lambda: open_h5(path), lambda: _append_epoch(path, 1.0)):
         with pytest.raises(BnprobeError, match="t.h5.journal is damaged"):
             action()
