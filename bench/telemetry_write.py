@@ -1,7 +1,7 @@
 """Cost of writing telemetry.h5 per epoch: bnprobe's in-place append (through a journal) against the path it
 replaced (the whole file read into memory, appended to, and written back atomically every epoch).
 
-Both paths run in this one process with bnprobe's TelemetryWriter on a ResNet-152 (155 BN layers, 75,712
+Both paths run in this one process, epoch by epoch in turn, with bnprobe's TelemetryWriter on a ResNet-152 (155 BN layers, 75,712
 channels: a snapshot of γ, β, running mean and variance is 1.2 MB per epoch), for --epochs synthetic epochs:
 each epoch the BN tensors drift by random noise and --steps gradient rows (alternately one fewer, so the
 steps datasets' chunks do not line up with the epochs) are recorded for all 465 parameter tensors. Timed:
@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import h5py
@@ -53,41 +53,58 @@ def written_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
 
 
-def run(path_name: str, run_dir: Path, epochs: int, steps: int) -> dict:
-    config = TrainConfig(model="resnet152", epochs=epochs, subset=steps * 128, batch_size=128, telemetry_every=1)
-    model = build_model(config, 3, 10)
-    recorder = telemetry.GradientRecorder(model, 1, steps)
-    rng = np.random.default_rng(0)
+@contextmanager
+def old_path():
+    """TelemetryWriter as it was: every update a whole-file copy, the file in HDF5's default format."""
+    saved = telemetry.appending_h5, telemetry.atomic_h5
+    telemetry.appending_h5 = whole_file_copy
+    telemetry.atomic_h5 = lambda path, **options: store.atomic_h5(path)
+    try:
+        yield
+    finally:
+        telemetry.appending_h5, telemetry.atomic_h5 = saved
 
-    def drain():  # synthetic gradient rows, alternately `steps` and `steps - 1` of them
-        n = steps - (recorder.step % 2)
-        rows = rng.random((n, len(recorder.names)), dtype=np.float32)
-        out = np.arange(recorder.step, recorder.step + n), rows / 100, rows
-        recorder.step += n
-        return out
 
-    recorder.drain = drain
-    writer = telemetry.TelemetryWriter(run_dir, model, config, recorder)
-    writer.start(0)
-    generator = torch.Generator().manual_seed(0)
-    seconds, cpu, written = [], [], 0
-    for epoch in range(1, epochs + 1):
+class Writer:
+    """One path's TelemetryWriter on its own ResNet-152 (the same tensors and rows in both paths)."""
+
+    def __init__(self, name: str, run_dir: Path, epochs: int, steps: int, old: bool):
+        config = TrainConfig(model="resnet152", epochs=epochs, subset=steps * 128, batch_size=128, telemetry_every=1)
+        self.name, self.old, self.model = name, old, build_model(config, 3, 10)
+        recorder = telemetry.GradientRecorder(self.model, 1, steps)
+        rng = np.random.default_rng(0)
+
+        def drain():  # synthetic gradient rows, alternately `steps` and `steps - 1` of them
+            n = steps - (recorder.step % 2)
+            rows = rng.random((n, len(recorder.names)), dtype=np.float32)
+            out = np.arange(recorder.step, recorder.step + n), rows / 100, rows
+            recorder.step += n
+            return out
+
+        recorder.drain = drain
+        self.writer = telemetry.TelemetryWriter(run_dir, self.model, config, recorder)
+        with old_path() if old else nullcontext():
+            self.writer.start(0)
+        self.generator = torch.Generator().manual_seed(0)
+        self.seconds, self.cpu, self.written = [], [], 0
+
+    def write(self, epoch: int) -> None:
         with torch.no_grad():
-            for layer in telemetry.bn_layers(model).values():
+            for layer in telemetry.bn_layers(self.model).values():
                 for tensor in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
-                    tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.01)
+                    tensor.add_(torch.randn(tensor.shape, generator=self.generator) * 0.01)
         record = {field: float(epoch) for field in telemetry.EPOCH_FIELDS}
-        before, start, start_cpu = written_bytes(), time.perf_counter(), time.process_time()
-        writer.write_epoch(record)
-        seconds.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-        written += written_bytes() - before
-        if epoch % 20 == 0:
-            print(f"  {path_name}: epoch {epoch}, {cpu[-1]:.3f} s CPU, {seconds[-1]:.3f} s wall", flush=True)
-    size = writer.path.stat().st_size
-    ends = {f"{kind}_{end}": statistics.median(values[:10] if end == "first" else values[-10:])
-            for kind, values in (("wall", seconds), ("cpu", cpu)) for end in ("first", "last")}
-    return dict(ends, written=written, size=size, path=writer.path)
+        with old_path() if self.old else nullcontext():
+            before, start, start_cpu = written_bytes(), time.perf_counter(), time.process_time()
+            self.writer.write_epoch(record)
+            self.seconds.append(time.perf_counter() - start)
+            self.cpu.append(time.process_time() - start_cpu)
+            self.written += written_bytes() - before
+
+    def result(self) -> dict:
+        ends = {f"{kind}_{end}": statistics.median(values[:10] if end == "first" else values[-10:])
+                for kind, values in (("wall", self.seconds), ("cpu", self.cpu)) for end in ("first", "last")}
+        return dict(ends, written=self.written, size=self.writer.path.stat().st_size, path=self.writer.path)
 
 
 def main() -> None:
@@ -101,14 +118,14 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="telemetry-write-", dir=args.dir))
     try:
-        results = {"in place (bnprobe)": run("in place", root / "new", args.epochs, args.steps)}
-        original = telemetry.appending_h5, telemetry.atomic_h5
-        telemetry.appending_h5 = whole_file_copy
-        telemetry.atomic_h5 = lambda path, **options: store.atomic_h5(path)  # the old file: default layout
-        try:
-            results["whole-file copy (old)"] = run("whole-file copy", root / "old", args.epochs, args.steps)
-        finally:
-            telemetry.appending_h5, telemetry.atomic_h5 = original
+        writers = [Writer("in place (bnprobe)", root / "new", args.epochs, args.steps, old=False),
+                   Writer("whole-file copy (old)", root / "old", args.epochs, args.steps, old=True)]
+        for epoch in range(1, args.epochs + 1):  # interleaved, so a shared machine's load falls on both alike
+            for w in writers if epoch % 2 else writers[::-1]:
+                w.write(epoch)
+            if epoch % 20 == 0:
+                print(f"  epoch {epoch}: " + ", ".join(f"{w.name} {w.cpu[-1]:.3f} s CPU" for w in writers), flush=True)
+        results = {w.name: w.result() for w in writers}
 
         print(f"\n{args.epochs} epochs, ResNet-152 BN set, {args.steps} gradient rows per epoch; per-epoch write "
               f"time: median of the first and of the last 10 epochs, CPU (wall)")
