@@ -69,7 +69,7 @@ def foreign_files(run_dir: Path) -> list[str]:
             return True
         if path.suffix == ".h5":
             return (h5_format(path) or "").startswith("bnprobe-")
-        return path.name in RUN_FILES
+        return path.name.removesuffix(".journal") in RUN_FILES  # .journal: a killed update's (bnprobe.store)
 
     return sorted(path.name for path in run_dir.iterdir() if not ours(path))
 

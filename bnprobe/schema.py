@@ -116,9 +116,11 @@ def open_h5(path: Path, format: Optional[str] = None):
     """An h5py.File open for reading: a regular file, an HDF5 file, and with the `format` attribute if given."""
     import h5py
 
+    from bnprobe.store import read_view
+
     regular_file(path)
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(read_view(path), "r")  # through a pending journal, if a kill interrupted an update
     except OSError as exc:
         raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
     if format is not None and file_format(f) != format:

@@ -22,7 +22,7 @@ from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 from bnprobe.formats import TELEMETRY_FILE, TELEMETRY_FORMAT, TELEMETRY_VERSION
 from bnprobe.models import bn_layers
-from bnprobe.store import append_rows, atomic_h5, set_attrs, write_array
+from bnprobe.store import append_rows, appending_h5, atomic_h5, set_attrs, write_array
 
 GROUPS = ("bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias")
 EPOCH_FIELDS = (
@@ -33,6 +33,10 @@ EPOCH_UNITS = {
     "epoch": "epochs completed", "lr": "learning rate", "seconds": "s", "images_per_s": "images/s",
     "gap": "train_eval_acc - test_acc (fraction)",
 }
+
+# libver v110: chunk indexes (extensible arrays) whose append changes a few bytes, not a B-tree node;
+# persistent free space: the space of a chunk rewritten (a partial one at an epoch's edge) is used again.
+FILE_OPTIONS = dict(libver=("v110", "latest"), fs_strategy="fsm", fs_persist=True)
 
 
 def telemetry_path(run_dir: Path) -> Path:
@@ -90,7 +94,8 @@ class GradientRecorder:
 
 
 class TelemetryWriter:
-    """Appends one epoch at a time to telemetry.h5 (on a temporary copy, renamed into place)."""
+    """Appends one epoch at a time to telemetry.h5, in place through bnprobe.store's journal: each epoch
+    costs its own rows, and a kill at any moment leaves every finished epoch readable."""
 
     def __init__(self, run_dir: Path, model: nn.Module, config: TrainConfig, recorder: GradientRecorder):
         self.path = telemetry_path(run_dir)
@@ -101,14 +106,14 @@ class TelemetryWriter:
         """A new file with the schema and the epoch-0 BN snapshot, or drop rows past a resumed checkpoint."""
         if epochs_done and self.path.exists():
             try:
-                with atomic_h5(self.path, update=True) as f:
+                with appending_h5(self.path) as f:
                     _truncate_to_epoch(f, epochs_done)
             except (OSError, KeyError, TypeError) as exc:  # h5py's answers for a cut-short or foreign file
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise BnprobeError(f"cannot resume: {self.path} is damaged ({reason}); move it aside to resume "
                                    f"without the telemetry recorded so far")
             return
-        with atomic_h5(self.path) as f:
+        with atomic_h5(self.path, **FILE_OPTIONS) as f:
             set_attrs(f, {"format": TELEMETRY_FORMAT, "version": TELEMETRY_VERSION, "config_json": json.dumps(self.config.to_dict())})
             set_attrs(f, {f"config.{k}": v for k, v in self.config.to_dict().items()})
             params = f.create_group("params")
@@ -122,7 +127,7 @@ class TelemetryWriter:
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         steps, abs_mean, l2 = self.recorder.drain()
-        with atomic_h5(self.path, update=True) as f:
+        with appending_h5(self.path) as f:
             if len(steps):
                 s = f["steps"]
                 append_rows(s, "step", steps, units="optimizer steps since the start of training")

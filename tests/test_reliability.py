@@ -107,3 +107,46 @@ def test_a_full_disk_keeps_the_previous_result(capsys, tmp_path, monkeypatch, co
     assert_one_line_error(code, err, f"cannot write {out}: no space left on device")
     assert out.read_bytes() == before
     assert not list(tmp_path.glob("**/.*.tmp")) and not list(tmp_path.glob(".*.lock"))
+
+
+KILL_MID_COMMIT = """
+import os, sys
+from pathlib import Path
+from bnprobe.config import TrainConfig
+from bnprobe.train import train
+
+run_dir = Path(sys.argv[1])
+real = os.pwrite
+
+def pwrite(fd, data, offset):  # the first in-place write of a later epoch's telemetry: half of it, then kill -9
+    if (run_dir / "telemetry.h5.journal").exists() and (run_dir / "checkpoint.pt").exists():
+        real(fd, bytes(data)[:len(data) // 2], offset)
+        os._exit(137)
+    return real(fd, data, offset)
+
+os.pwrite = pwrite
+train(TrainConfig(**{args}), run_dir)
+"""
+
+
+def test_a_kill_mid_telemetry_commit_is_read_whole_and_resumed_exactly(tmp_path):
+    args = dict(ARGS, epochs=2, subset=100, test_subset=50)
+    straight = train(TrainConfig(**args), tmp_path / "straight")
+    run_dir = tmp_path / "killed"
+    done = subprocess.run([sys.executable, "-c", KILL_MID_COMMIT.replace("{args}", repr(args)), str(run_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 137, done.stderr
+    assert (run_dir / "telemetry.h5.journal").exists()  # killed while the file is half updated
+    assert runs.foreign_files(run_dir) == []  # the journal is bnprobe's: --overwrite may remove it
+    from bnprobe.schema import check_telemetry, open_h5
+
+    with open_h5(run_dir / "telemetry.h5") as f:  # a reader sees the file through the journal: 2 whole epochs
+        assert check_telemetry(f).epochs == 2 and f["bn/epoch"][:].tolist() == [0, 1, 2]
+    assert runs.load_checkpoint(runs.checkpoint_path(run_dir))["epoch"] == 1
+
+    train(TrainConfig(**args), run_dir, resume=True)  # completes the commit, trims epoch 2, trains it again
+    assert not (run_dir / "telemetry.h5.journal").exists()
+    with h5py.File(tmp_path / "straight" / "telemetry.h5") as f, h5py.File(run_dir / "telemetry.h5") as g:
+        for name in ("steps/grad_abs_mean", "steps/step", "epochs/test_loss", "bn/epoch", "bn/layer1.0.bn1/gamma"):
+            assert np.array_equal(f[name][:], g[name][:]), name
+    assert len(straight) == 2
