@@ -292,3 +292,19 @@ def test_calibrate_times_real_steps_once_per_distinct_model(tmp_path, capsys, mo
     planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
     render(plan_table(planned, 50.0, calibrate=True))  # the same models again: timed already
     assert len(calls) == 8
+
+
+def test_cpu_study_example_plans_every_comparison_it_reports(tmp_path):
+    from pathlib import Path
+
+    planned = read_plan(Path(__file__).parents[1] / "examples" / "cpu-study.toml", tmp_path)
+    kinds: dict[tuple, set[int]] = {}
+    for p in planned:
+        c = p.config
+        assert (c.dataset, c.subset, c.epochs, c.device) == ("mnist", 1000, 3, "cpu")
+        kinds.setdefault((c.model, c.freeze, c.random_features), set()).add(c.seed)
+    assert all(seeds == {0, 1, 2} for seeds in kinds.values())  # paired tests need the same seeds on both sides
+    for depth in (8, 14, 20):  # BN-only vs full at each depth: the depth series of both
+        assert {(f"resnet{depth}", "none", 0), (f"resnet{depth}", "non-bn", 0)} <= set(kinds)
+    assert {("resnet14", "non-bn-output", 0), ("resnet14", "all-but-output", 2)} <= set(kinds)
+    assert len(planned) == 24
