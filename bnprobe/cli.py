@@ -131,6 +131,8 @@ def sweep(
         "", "--devices", help="Comma-separated devices to run on in parallel, one run each (e.g. cuda:0,cuda:1)."
     ),
     tflops: float = typer.Option(50.0, "--tflops", help="Sustained TFLOP/s assumed for the cost estimate."),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="Time a few real training steps of each distinct model here instead of --tflops."),
     max_runs: Optional[int] = typer.Option(
         None, "--max-runs", help="Allow a plan of up to N runs [default: 10,000; a grid is a product, it grows fast]."),
     launcher: str = typer.Option("local", "--launcher", help="local (this machine) or slurm (a submitit job array)."),
@@ -149,7 +151,8 @@ def sweep(
     if max_runs is not None and max_runs < 1:
         raise BnprobeError(f"--max-runs must be >= 1, got {max_runs}")
     planned = read_plan(plan, runs_dir, **({"max_runs": max_runs} if max_runs else {}))
-    console.print(plan_table(planned, tflops))
+    device_list = [d.strip() for d in devices.split(",") if d.strip()]
+    console.print(plan_table(planned, tflops, calibrate, device_list[0] if device_list else None))
     if dry_run:
         return
     if launcher == "slurm":
@@ -159,7 +162,7 @@ def sweep(
         )
         console.print(f"submitted {len(jobs)} jobs" + (f" (array {jobs[0].job_id.split('_')[0]})" if jobs else ""))
         return
-    outcome = run_sweep(planned, console, [d.strip() for d in devices.split(",") if d.strip()] or None)
+    outcome = run_sweep(planned, console, device_list or None)
     failed = {name: why for name, why in outcome.items() if why != "done"}
     if failed:
         raise BnprobeError(f"{len(failed)} of {len(outcome)} runs failed: {', '.join(failed)}")

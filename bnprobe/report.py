@@ -362,6 +362,9 @@ def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
     numel = f["params/numel"][:]
     trainable = f["params/trainable"][:].astype(bool)
     run.trainable, run.total = int(numel[trainable].sum()), int(numel.sum())
+    counts = [f.attrs.get(k) for k in ("trainable_params", "total_params")]  # exact under --random-features
+    if all(isinstance(c, (int, np.integer)) and 0 <= c <= run.total for c in counts):
+        run.trainable, run.total = int(counts[0]), int(counts[1])
 
     # γ in network order: params/name follows named_parameters(), h5py lists groups alphabetically.
     layers = [n[: -len(".weight")] for n, g in zip(names, groups) if g == "bn_gamma" and n.endswith(".weight")]

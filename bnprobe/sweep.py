@@ -164,6 +164,53 @@ def training_flops(config: TrainConfig) -> float:
     return forward_flops(config) * (1 + backward) * images * config.epochs
 
 
+# What decides the time of one training step: two runs alike in these are one model to calibrate.
+STEP_FIELDS = ("model", "dataset", "width", "shortcut", "bn", "bn_every", "bn_affine_off", "freeze", "random_features",
+               "gamma_l1", "batch_size", "flip", "translate", "amp", "channels_last", "compile", "device")
+CALIBRATION_STEPS = 3  # timed, after one warm-up step (first-call allocations, oneDNN/cuDNN choices, compiling)
+
+
+def step_seconds(config: TrainConfig, device: Optional[str] = None) -> float:
+    """Seconds of one real training step of `config`'s model on `device` (default: the run's), measured."""
+    settings = {name: getattr(config, name) for name in STEP_FIELDS}
+    return _step_seconds(tuple({**settings, **({"device": device} if device else {})}.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
+    """Timed once per distinct model: the step of `bnprobe train` (the same model, freezing, optimizer and
+    loop) on random images of the data set's shape, one batch per call, so the data set need not be here."""
+    from bnprobe.data import DeviceLoader, get_dataset_spec, normalization_stats
+    from bnprobe.regularize import gamma_l1_step
+    from bnprobe.evaluate import resolve_device
+    from bnprobe.train import compile_model, train_one_epoch, trainable_model
+
+    config = TrainConfig(**dict(settings))
+    device = resolve_device(config.device)
+    spec = get_dataset_spec(config.dataset)
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (config.batch_size, spec.channels, spec.size, spec.size), dtype=torch.uint8,
+                           generator=generator, device=device)
+    labels = torch.randint(0, spec.num_classes, (config.batch_size,), generator=generator, device=device)
+    model, optimizer, _, _, _ = trainable_model(config, spec.channels, spec.num_classes, device)
+    step_model = compile_model(model, device) if config.compile else model
+    loader = DeviceLoader(images, labels, *normalization_stats(images, "per-channel"), config.batch_size,
+                          shuffle=True, flip=config.flip, translate=config.translate, generator=generator,
+                          channels_last=config.channels_last)
+    after_backward = [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]
+    train_one_epoch(step_model, loader, optimizer, config.amp, after_backward=after_backward)  # warm-up
+    start = time.perf_counter()
+    for _ in range(CALIBRATION_STEPS):  # each call ends on a host sync (.item()), so the time is the device's
+        train_one_epoch(step_model, loader, optimizer, config.amp, after_backward=after_backward)
+    return (time.perf_counter() - start) / CALIBRATION_STEPS
+
+
+def training_seconds(config: TrainConfig, device: Optional[str] = None) -> float:
+    """Measured step time x steps of every epoch (evaluation not counted)."""
+    steps = -(-(config.subset or TRAIN_IMAGES[config.dataset]) // config.batch_size)
+    return step_seconds(config, device) * steps * config.epochs
+
+
 SHOWN = ("model", "dataset", "freeze", "bn", "bn_every", "seed", "epochs")
 
 
@@ -194,9 +241,10 @@ def duration(seconds: float) -> str:
     return f"{hours:.1f}h" if hours < 99.95 else f"{hours:,.0f}h"
 
 
-def plan_table(planned: list[PlannedRun], tflops: float) -> Table:
+def plan_table(planned: list[PlannedRun], tflops: float, calibrate: bool = False, device: Optional[str] = None) -> Table:
     """The plan, readable at 80 columns (rich's width when piped): numbers never wrap nor are cut,
-    text folds; data set, seed and epochs shared by every run go in the title instead of a column each."""
+    text folds; data set, seed and epochs shared by every run go in the title instead of a column each.
+    The time column assumes `tflops`, or with `calibrate` is measured on `device` (default: each run's)."""
     shared = {}  # the settings of these columns that every run has alike
     for field in ("dataset", "epochs", "seed"):
         values = {getattr(run.config, field) for run in planned}
@@ -205,8 +253,10 @@ def plan_table(planned: list[PlannedRun], tflops: float) -> Table:
     labels = {"dataset": "{}", "epochs": "{} epochs", "seed": "seed {}"}
     said = [labels[field].format(value) for field, value in shared.items()]
     runs_text = f"{len(planned)} runs" + (f" ({', '.join(said)})" if said else "")
+    cost = (f"time from {CALIBRATION_STEPS} timed training steps of each model on this machine (evaluation not "
+            f"counted)" if calibrate else f"cost at an assumed {tflops:g} TFLOP/s sustained")
     table = Table(
-        title=escape(f"{runs_text}; cost at an assumed {tflops:g} TFLOP/s sustained"),
+        title=escape(f"{runs_text}; {cost}"),
         box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
     )
     columns = [("#", None), ("model", "model"), ("data", "dataset"), ("freeze", "freeze"), ("bn", "bn"),
@@ -219,20 +269,21 @@ def plan_table(planned: list[PlannedRun], tflops: float) -> Table:
             table.add_column(header, justify="right", no_wrap=True)
         else:
             table.add_column(header, justify="left", overflow="fold")
-    total = 0.0
+    total, total_seconds = 0.0, 0.0
     for i, run in enumerate(planned, 1):
         c = run.config
         flops = training_flops(c)
-        total += flops
+        seconds = training_seconds(c, device) if calibrate else flops / (tflops * 1e12)
+        total, total_seconds = total + flops, total_seconds + seconds
         cells = {
             "#": str(i), "model": c.model, "data": c.dataset, "freeze": c.freeze,
             "bn": c.bn if c.bn != "every-k" else f"every {c.bn_every}", "other": other_settings(c).replace(" ", "\n"),
             "seed": str(c.seed), "epochs": str(c.epochs), "FLOP": si_number(flops),
-            "time": duration(flops / (tflops * 1e12)), "status": run.status(),
+            "time": duration(seconds), "status": run.status(),
         }
         table.add_row(*(Text(cells[header]) for header, _ in columns))
     table.add_section()
-    totals = {"model": "total", "FLOP": si_number(total), "time": duration(total / (tflops * 1e12))}
+    totals = {"model": "total", "FLOP": si_number(total), "time": duration(total_seconds)}
     table.add_row(*(Text(totals.get(header, "")) for header, _ in columns))
     return table
 

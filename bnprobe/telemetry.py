@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Optional, Any
 
 import h5py
 import numpy as np
@@ -97,9 +97,11 @@ class TelemetryWriter:
     """Appends one epoch at a time to telemetry.h5, in place through bnprobe.store's journal: each epoch
     costs its own rows, and a kill at any moment leaves every finished epoch readable."""
 
-    def __init__(self, run_dir: Path, model: nn.Module, config: TrainConfig, recorder: GradientRecorder):
+    def __init__(self, run_dir: Path, model: nn.Module, config: TrainConfig, recorder: GradientRecorder,
+                 counts: Optional[tuple[int, int]] = None):
         self.path = telemetry_path(run_dir)
         self.model, self.config, self.recorder = model, config, recorder
+        self.counts = counts  # (trainable, total) numbers as training counts them: masked elements only
         self.groups = [parameter_group(model, n) for n in recorder.names]
 
     def start(self, epochs_done: int) -> None:
@@ -116,6 +118,8 @@ class TelemetryWriter:
         with atomic_h5(self.path, **FILE_OPTIONS) as f:
             set_attrs(f, {"format": TELEMETRY_FORMAT, "version": TELEMETRY_VERSION, "config_json": json.dumps(self.config.to_dict())})
             set_attrs(f, {f"config.{k}": v for k, v in self.config.to_dict().items()})
+            if self.counts is not None:  # params/trainable flags whole tensors; --random-features trains a few elements
+                set_attrs(f, {"trainable_params": self.counts[0], "total_params": self.counts[1]})
             params = f.create_group("params")
             write_array(params, "name", self.recorder.names, description="parameter names as in the state_dict")
             write_array(params, "group", self.groups, description=", ".join(GROUPS))

@@ -36,6 +36,25 @@ from bnprobe.regularize import gamma_l1_step, make_optimizer
 from bnprobe.telemetry import GradientRecorder, TelemetryWriter
 
 
+def trainable_model(
+    config: TrainConfig, in_channels: int, num_classes: int, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor], int, int]:
+    """The model on `device`, frozen as `config` says, and its optimizer; also the random-feature masks and
+    the trainable and total parameter counts. Shared by training and `sweep --calibrate`."""
+    model = from_config(config, in_channels, num_classes)
+    if config.sync_bn:  # BN statistics over the global batch; the parameters stay the same objects
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    trainable, total = apply_freeze(model, config.freeze)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    masks = {}
+    if config.random_features:
+        masks = random_feature_masks(model, config.random_features, torch.Generator().manual_seed(config.seed + 1))
+        trainable += apply_random_features(model, masks, config.weight_decay)
+    if not trainable:
+        raise BnprobeError(f"nothing to train: --freeze {config.freeze} with --bn {config.bn} leaves no trainable tensor")
+    return model, make_optimizer(model, config, frozenset(masks)), masks, trainable, total
+
+
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     """torch.compile; on CUDA with CUDA graphs, since small CIFAR models are bound by kernel launches."""
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -290,18 +309,7 @@ def _setup(
         )
     spec = dataset.spec
 
-    model = from_config(config, spec.channels, spec.num_classes)
-    if config.sync_bn:  # BN statistics over the global batch; the parameters stay the same objects
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    trainable, total = apply_freeze(model, config.freeze)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    masks = {}
-    if config.random_features:
-        masks = random_feature_masks(model, config.random_features, torch.Generator().manual_seed(config.seed + 1))
-        trainable += apply_random_features(model, masks, config.weight_decay)
-    if not trainable:
-        raise BnprobeError(f"nothing to train: --freeze {config.freeze} with --bn {config.bn} leaves no trainable tensor")
-    optimizer = make_optimizer(model, config, frozenset(masks))
+    model, optimizer, masks, trainable, total = trainable_model(config, spec.channels, spec.num_classes, device)
     # The wrapped modules share their parameters with `model`, whose plain state_dict is saved.
     step_model = model
     if process.world > 1:
@@ -391,7 +399,7 @@ def run_epochs(t: Training, callbacks: Sequence[EpochCallback], on_step: Optiona
 
 def _run_file_callbacks(t: Training) -> list[EpochCallback]:
     """Rank 0's: telemetry.h5, then checkpoint.pt, then metrics.json (which makes an --overwrite final)."""
-    telemetry = TelemetryWriter(t.run_dir, t.model, t.config, t.recorder)
+    telemetry = TelemetryWriter(t.run_dir, t.model, t.config, t.recorder, (t.trainable, t.total))
     telemetry.start(t.start_epoch)
     # Telemetry before the checkpoint: a resume trims rows past the checkpoint.
     return [lambda _, record: telemetry.write_epoch(record), save_checkpoint, save_metrics]

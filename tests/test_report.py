@@ -546,3 +546,19 @@ def test_results_inside_a_skipped_run_are_left_out_with_it(runs_root, tmp_path):
     assert kept.name == "ablation.h5" and kept.run is None
     html = render_html(collection, DEFAULT_TAUS)
     assert html.count("ablation.h5") == 2  # the kept file's table row, and the skipped run's reason
+
+
+def test_random_features_runs_count_only_their_trained_elements(tmp_path):
+    """--random-features trains K elements per output channel of whole conv tensors: the report's trainable
+    count is training's own (the checkpoint's), not the sum of the tensors the mask lives in."""
+    from bnprobe import runs
+    from bnprobe.train import train
+
+    config = TrainConfig(model="resnet8", dataset="digits", epochs=1, batch_size=64, subset=200, test_subset=100,
+                         milestones="", device="cpu", freeze="all-but-output", random_features=2)
+    train(config, tmp_path / "rf", console=Console(quiet=True))
+    state = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "rf"))
+    [run] = collect([tmp_path]).runs
+    assert (run.trainable, run.total) == (state["trainable"], state["total"])
+    with h5py.File(tmp_path / "rf" / "telemetry.h5") as f:  # the whole masked tensors are far more
+        assert f["params/numel"][:][f["params/trainable"][:].astype(bool)].sum() > 10 * state["trainable"]

@@ -255,3 +255,56 @@ def test_bad_seeds_are_one_line(tmp_path, table, message):
     (tmp_path / "plan.toml").write_text(PLAN.replace('milestones = ""', f'milestones = ""\n{table}'))
     with pytest.raises(BnprobeError, match=message):
         read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+
+
+def test_calibrate_times_real_steps_once_per_distinct_model(tmp_path, capsys, monkeypatch):
+    """--calibrate: the time column is the measured step time x steps x epochs; seeds share one calibration."""
+    import time
+
+    import bnprobe.train
+    from bnprobe import sweep
+
+    real_step, calls = bnprobe.train.train_one_epoch, []
+
+    def timed_step(*args, **kwargs):  # the real step, made slow enough that whole seconds show its time
+        start = time.perf_counter()
+        time.sleep(0.3)
+        result = real_step(*args, **kwargs)
+        calls.append(time.perf_counter() - start)
+        return result
+
+    monkeypatch.setattr(bnprobe.train, "train_one_epoch", timed_step)
+    sweep._step_seconds.cache_clear()
+    (tmp_path / "plan.toml").write_text(PLAN.replace("epochs = 1", "epochs = 5\nbatch_size = 64\nseeds = [0, 1]"))
+    code, out, err = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs",
+                             "--dry-run", "--calibrate")
+    assert code == 0, err
+    assert "time from 3 timed training steps of each model on this machine" in " ".join(out.split())
+    assert len(calls) == 2 * 4  # two distinct models (freeze none, non-bn), each 1 warm-up + 3 timed; seeds share
+    rows = [line.split() for line in out.splitlines() if " resnet8 " in line]
+    assert [row[:3] for row in rows] == [["1", "resnet8", "none"], ["2", "resnet8", "none"],
+                                         ["3", "resnet8", "non-bn"], ["4", "resnet8", "non-bn"]], out
+    steps = 3 * 5  # ceil(150 / 64) steps x 5 epochs
+    for row, timed in ((rows[0], calls[1:4]), (rows[2], calls[5:8])):
+        shown = int(row[row.index("new") - 1].rstrip("s"))
+        assert abs(shown - sum(timed) / 3 * steps) <= 1, (row, timed)
+    assert not (tmp_path / "runs").exists()  # a dry run trains nothing
+    planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+    render(plan_table(planned, 50.0, calibrate=True))  # the same models again: timed already
+    assert len(calls) == 8
+
+
+def test_cpu_study_example_plans_every_comparison_it_reports(tmp_path):
+    from pathlib import Path
+
+    planned = read_plan(Path(__file__).parents[1] / "examples" / "cpu-study.toml", tmp_path)
+    kinds: dict[tuple, set[int]] = {}
+    for p in planned:
+        c = p.config
+        assert (c.dataset, c.subset, c.epochs, c.device) == ("mnist", 1000, 3, "cpu")
+        kinds.setdefault((c.model, c.freeze, c.random_features), set()).add(c.seed)
+    assert all(seeds == {0, 1, 2} for seeds in kinds.values())  # paired tests need the same seeds on both sides
+    for depth in (8, 14, 20):  # BN-only vs full at each depth: the depth series of both
+        assert {(f"resnet{depth}", "none", 0), (f"resnet{depth}", "non-bn", 0)} <= set(kinds)
+    assert {("resnet14", "non-bn-output", 0), ("resnet14", "all-but-output", 2)} <= set(kinds)
+    assert len(planned) == 24
