@@ -59,13 +59,18 @@ def parameter_group(model: nn.Module, name: str) -> str:
 class GradientRecorder:
     """Collects mean |grad| and grad L2 norm of every trainable tensor on the device, every `every` steps."""
 
-    def __init__(self, model: nn.Module, every: int, steps_per_epoch: int):
+    def __init__(self, model: nn.Module, every: int, steps_per_epoch: int,
+                 masks: Optional[dict[str, torch.Tensor]] = None):
         self.every = every
         named = list(model.named_parameters())
         self.names = [n for n, _ in named]
         self.trainable = np.array([p.requires_grad for _, p in named])
         self.params = [p for _, p in named if p.requires_grad]
         self.numel = np.array([p.numel() for _, p in named], dtype=np.int64)
+        # Elements that train: all of a tensor, or a --random-features mask's (the rest get zero gradient), so
+        # a mean |grad| is over what trains and the baseline compares with BN fairly.
+        masks = masks or {}
+        self.trained = np.array([int(masks[n].sum()) if n in masks else p.numel() for n, p in named], dtype=np.int64)
         device = self.params[0].device if self.params else torch.device("cpu")
         capacity = -(-steps_per_epoch // every) if every else 0
         self.buffer = torch.zeros((capacity, 2, len(self.params)), device=device)
@@ -87,7 +92,7 @@ class GradientRecorder:
         recorded = self.buffer[:n].cpu().numpy()  # the one host copy per epoch
         abs_mean = np.full((n, len(self.names)), np.nan, dtype=np.float32)
         l2 = np.full_like(abs_mean, np.nan)
-        abs_mean[:, self.trainable] = recorded[:, 0] / self.numel[self.trainable]
+        abs_mean[:, self.trainable] = recorded[:, 0] / np.maximum(1, self.trained[self.trainable])
         l2[:, self.trainable] = recorded[:, 1]
         steps, self.steps = np.array(self.steps, dtype=np.int64), []
         return steps, abs_mean, l2
@@ -136,7 +141,7 @@ class TelemetryWriter:
                 s = f["steps"]
                 append_rows(s, "step", steps, units="optimizer steps since the start of training")
                 append_rows(s, "epoch", np.full(len(steps), record["epoch"], dtype=np.int32), units="1-based epoch")
-                append_rows(s, "grad_abs_mean", abs_mean, units="mean |dL/dw| over the tensor's elements",
+                append_rows(s, "grad_abs_mean", abs_mean, units="mean |dL/dw| over the tensor's trained elements",
                             columns="params/name; NaN where frozen")
                 append_rows(s, "grad_l2", l2, units="L2 norm of dL/dw", columns="params/name; NaN where frozen")
                 for group in GROUPS:
@@ -148,8 +153,8 @@ class TelemetryWriter:
                     set_attrs(g, {"frozen": not trainable.any(), "numel": int(self.recorder.numel[members].sum()),
                                   "tensors": int(members.sum())})
                     if trainable.any():
-                        numel = self.recorder.numel[trainable]
-                        group_mean = (abs_mean[:, trainable] * numel).sum(1) / numel.sum()
+                        trained = self.recorder.trained[trainable]
+                        group_mean = (abs_mean[:, trainable] * trained).sum(1) / trained.sum()
                         group_l2 = np.sqrt((l2[:, trainable] ** 2).sum(1))
                     else:
                         group_mean = group_l2 = np.full(len(steps), np.nan, dtype=np.float32)

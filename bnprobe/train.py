@@ -353,7 +353,7 @@ def _setup(
         dataset.train_x[train_eval_index], dataset.train_y[train_eval_index], dataset.mean, dataset.std,
         config.eval_batch_size, channels_last=channels_last,
     )
-    recorder = GradientRecorder(model, config.telemetry_every, len(train_loader))
+    recorder = GradientRecorder(model, config.telemetry_every, len(train_loader), masks)
     recorder.step = start_epoch * len(train_loader)
     after_backward = [recorder.after_backward] if process.main else []
     after_backward += [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]

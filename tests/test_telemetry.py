@@ -225,3 +225,33 @@ def test_inspect_errors(tmp_path, capsys, make, pattern):
         main(["inspect", str(target)])
     err = capsys.readouterr().err
     assert done.value.code == 2 and pattern in err and len(err.strip().splitlines()) == 1
+
+
+def test_random_features_mean_grad_is_over_the_trained_elements():
+    """A --random-features conv trains K elements per output channel; the rest get zero gradient. Its mean
+    |grad| (and its group's) is over the trained elements, as for any fully trained tensor, so the baseline's
+    conv gradients compare with BN's fairly."""
+    from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
+    from bnprobe.telemetry import GradientRecorder
+
+    config = TrainConfig(model="resnet8", dataset="digits", freeze="all-but-output", random_features=2,
+                         device="cpu").resolved()
+    model = from_config(config, 1, 10)
+    apply_freeze(model, config.freeze)
+    masks = random_feature_masks(model, 2, torch.Generator().manual_seed(1))
+    apply_random_features(model, masks, 0.0)
+    recorder = GradientRecorder(model, 1, 1, masks)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    F.cross_entropy(model(x), y).backward()
+    recorder.after_backward()
+    _, abs_mean, _ = recorder.drain()
+    params = dict(model.named_parameters())
+    for i, name in enumerate(recorder.names):
+        if name in masks:
+            grad = params[name].grad
+            assert torch.all(grad[~masks[name]] == 0)
+            assert abs_mean[0, i] == pytest.approx(grad[masks[name]].abs().mean().item(), rel=1e-5)
+    conv = [i for i, n in enumerate(recorder.names) if n in masks]
+    trained = sum(int(masks[recorder.names[i]].sum()) for i in conv)
+    expected = sum(params[recorder.names[i]].grad.abs().sum().item() for i in conv) / trained
+    assert np.isclose((abs_mean[0, conv] * recorder.trained[conv]).sum() / recorder.trained[conv].sum(), expected)  # the group's weighting
