@@ -25,7 +25,8 @@ import torch
 
 from bnprobe import runs, schema
 from bnprobe.errors import BnprobeError
-from bnprobe.formats import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, COMPACT_FORMAT, EXPORT_VERSION, FULL_FORMAT
+from bnprobe.formats import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, COMPACT_FORMAT, EXPORT_FORMATS, EXPORT_VERSION,
+                             FULL_FORMAT)
 
 
 
@@ -105,7 +106,7 @@ def _exported(path: Path) -> bool:
 
     try:
         return (path.is_file() and is_safetensors(path)
-                and read_metadata(path).get("format") in (COMPACT_FORMAT, FULL_FORMAT))
+                and read_metadata(path).get("format") in EXPORT_FORMATS)
     except BnprobeError:
         return False
 
@@ -211,7 +212,7 @@ def inspect_export(path: Path) -> Any:
     from bnprobe.static import read_metadata, read_weights
 
     metadata = read_metadata(path)
-    if metadata.get("format") not in (COMPACT_FORMAT, FULL_FORMAT):
+    if metadata.get("format") not in EXPORT_FORMATS:
         raise BnprobeError(f"{path} is not a model bnprobe exported; inspect takes a run directory or an export")
     compact = metadata.get("format") == COMPACT_FORMAT
     checkpoint = read_weights(path)  # a compact file's frozen tensors: regenerated, and the hash checked

@@ -30,6 +30,7 @@ ABLATION_VERSION = 2  # 2: provenance attributes (bnprobe_version, torch_version
 # `bnprobe export`'s safetensors files (metadata values are text): every tensor, or the seed and what trained
 # 2: a compact file's tensors packed one flat tensor per dtype (1 was never released)
 FULL_FORMAT, COMPACT_FORMAT, EXPORT_VERSION = "bnprobe-export", "bnprobe-compact", "2"
+EXPORT_FORMATS = (FULL_FORMAT, COMPACT_FORMAT)  # how a safetensors file is known as bnprobe's
 
 # ---- the choices of TrainConfig's settings --------------------------------------------------------------------
 FREEZE_MODES = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")  # also the report's column order

@@ -68,7 +68,7 @@ def foreign_files(run_dir: Path) -> list[str]:
         if path.name.startswith(".") and path.name.endswith((".tmp", ".lock")):
             return True
         if path.suffix == ".h5":
-            return (h5_format(path) or "").startswith("bnprobe-")
+            return h5_format(path).startswith("bnprobe-")
         return path.name.removesuffix(".journal") in RUN_FILES  # .journal: a killed update's (bnprobe.store)
 
     return sorted(path.name for path in run_dir.iterdir() if not ours(path))

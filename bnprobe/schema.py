@@ -25,7 +25,7 @@ import numpy as np
 
 from bnprobe.config import check_types
 from bnprobe.errors import BnprobeError
-from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - the readers' formats
+from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
                              TELEMETRY_FORMAT)
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
@@ -379,7 +379,7 @@ def read_export_header(path: Path) -> Optional[ExportHeader]:
     """A `bnprobe export` file's header; None for any other safetensors file."""
     header = read_safetensors_header(path)
     metadata = header.pop("__metadata__", {})
-    if metadata.get("format") not in (FULL_FORMAT, COMPACT_FORMAT):
+    if metadata.get("format") not in EXPORT_FORMATS:
         return None
     config, epoch = export_fields(metadata, path)
     full_bytes = metadata.get("full_bytes")

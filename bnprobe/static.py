@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from bnprobe.errors import BnprobeError
-from bnprobe.formats import COMPACT_FORMAT, FULL_FORMAT
+from bnprobe.formats import EXPORT_FORMATS
 from bnprobe.loading import (STRIPPED_PREFIXES, checkpoint_file, checkpoint_label, extract_state_dict,
                              is_bnprobe_checkpoint, strip_prefixes)
 from bnprobe.probe import BNStats, ProbeResult
@@ -77,7 +77,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def _is_export(metadata: dict[str, str]) -> bool:
-    return metadata.get("format") in (COMPACT_FORMAT, FULL_FORMAT)
+    return metadata.get("format") in EXPORT_FORMATS
 
 
 def read_weights(path: Path) -> Any:

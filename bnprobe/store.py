@@ -286,16 +286,17 @@ class _Overlay:
         pass
 
 
-def h5_format(path: Path) -> Optional[str]:
-    """The `format` attribute of an HDF5 file (e.g. "bnprobe-probe"); None for anything else."""
+def h5_format(path: Path) -> str:
+    """The `format` attribute of an HDF5 file (e.g. "bnprobe-probe"); "" for anything else."""
+    from bnprobe.schema import file_format
+
     if not Path(path).is_file():  # never open a FIFO or device: that could block
-        return None
+        return ""
     try:
         with h5py.File(path, "r") as f:
-            value = f.attrs.get("format")
+            return file_format(f)
     except (OSError, ValueError):
-        return None
-    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+        return ""
 
 
 def check_replaceable(path: Path, kind: str) -> None:
