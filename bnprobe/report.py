@@ -343,7 +343,7 @@ def _read_telemetry(run: Run, path: Path, use_epochs: bool) -> None:
     try:
         f = schema.open_h5(path, schema.TELEMETRY_FORMAT)
         with f:
-            schema.check_telemetry(f)  # every shape and type, before anything is read
+            schema.check_telemetry(f, bn_fields=("gamma",))  # every shape and type read, before reading
             _read_telemetry_data(run, f, use_epochs)
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
@@ -377,8 +377,9 @@ def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
         run.gamma_epoch = int(snapshot_epochs[row])
         stored = set(bn)  # a name from params/name is looked up only among the groups checked
         for layer in layers:
-            if layer in stored and "gamma" in bn[layer]:
-                gamma = bn[layer]["gamma"][:]  # one read: the rows share a compressed chunk
+            gamma = bn.get(f"{layer}/gamma") if layer in stored else None  # one lookup, one read
+            if gamma is not None:
+                gamma = gamma[:]  # all rows at once: they share a compressed chunk
                 run.gamma_layers.append(layer)
                 run.gamma_final.append(gamma[row].astype(np.float64))
                 run.gamma_init.append(gamma[0].astype(np.float64))

@@ -244,6 +244,12 @@ WRONG_TELEMETRY = {  # what was done to the file -> what inspect says
     "group-without-attrs": (lambda f: f["steps/groups/bn_gamma"].attrs.clear(), "lacks the integer attribute 'frozen'"),
     "soft-link": (_replace("epochs/gap", lambda f, n: f.__setitem__(n, h5py.SoftLink("/epochs/gap"))),
                   "/epochs/gap is a link, not stored in the file"),
+    "gamma-external-link": (_replace("bn/bn1/gamma", lambda f, n: f.__setitem__(n, h5py.ExternalLink("/etc/x.h5", "/g"))),
+                            "/bn/bn1/gamma is a link, not stored in the file"),
+    "gamma-virtual": (_replace("bn/bn1/gamma", lambda f, n: f.create_virtual_dataset(
+        n, h5py.VirtualLayout((2, 4), np.float32), fillvalue=0)), "/bn/bn1/gamma keeps its data in other files"),
+    "gamma-wrong-rows": (_replace("bn/bn1/gamma", lambda f, n: f.create_dataset(n, data=np.zeros((9, 4), np.float32))),
+                         "/bn/bn1/gamma has shape (9, 4), expected"),
 }
 
 
