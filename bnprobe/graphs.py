@@ -38,15 +38,22 @@ class Graphs(Protocol):
 
     def capture(self, step: Callable[[], None]) -> Callable[[], None]: ...
 
+    def forget(self) -> None: ...
+
 
 class CudaGraphs:
-    """torch.cuda.graph on one device. Every graph of a run shares one memory pool: a captured step leaves
+    """torch.cuda.graph on one device. The graphs of one lr share a memory pool: a captured step leaves
     nothing allocated behind (gradients, momentum and the sums exist before capture and are updated in
     place), so graphs replayed one at a time, in any order, never overwrite each other's live tensors."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(device)  # warm-up and every capture (a shared pool wants one stream)
+        self.forget()
+
+    def forget(self) -> None:
+        """The graphs captured so far are dropped (a new lr): the next ones take a new pool, not the id of one
+        whose last graph is gone."""
         self.pool = torch.cuda.graph_pool_handle()
 
     @contextmanager
@@ -136,6 +143,7 @@ class TrainStep:
         lrs = tuple(group["lr"] for group in self.optimizer.param_groups)
         if lrs != self.lrs:
             self.replays.clear()
+            self.graphs.forget()
             self.lrs = lrs
         replay = self.replays.get(recording)
         if replay is None and self.warmed[recording] < WARMUP_STEPS:

@@ -36,6 +36,9 @@ class FakeGraphs:
     def side_stream(self):
         return nullcontext()
 
+    def forget(self):
+        pass
+
     def capture(self, step):
         self.captures += 1
         if self.captures == self.fail_at:
