@@ -96,7 +96,7 @@ class GradientRecorder:
         torch.stack(torch._foreach_norm(grads, 2), out=row[1])
 
     def advance(self, recorded: bool) -> None:
-        """Count the step, and keep the buffer's next row if it was recorded."""
+        """Count the step; a recorded one keeps the buffer row it was written into."""
         if recorded:
             self.steps.append(self.step)
         self.step += 1
