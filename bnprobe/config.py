@@ -89,6 +89,10 @@ class TrainConfig:
         metadata=_flag("torch.compile the model (CUDA graphs on CUDA): ~2x on small models, slow to start.",
                        identity=False),
     )
+    graphs: bool = field(
+        default=True,
+        metadata=_flag("Capture the training step as a CUDA graph on CUDA; no effect on CPU.", identity=False),
+    )
     ddp: bool = field(
         default=False,
         metadata=_flag("Data-parallel over the processes of torchrun (--batch-size is the global batch).", identity=False),

@@ -31,8 +31,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+def autocast(device: torch.device, enabled: bool, cache: bool = True):
+    """bf16 autocast when `enabled`; `cache=False` inside a CUDA graph capture (PyTorch asks it: a cached cast
+    would be a tensor of the capture's memory, reused across steps)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache) if enabled else nullcontext()
 
 
 @torch.inference_mode()

@@ -166,8 +166,9 @@ def training_flops(config: TrainConfig) -> float:
 
 # What decides the time of one training step: two runs alike in these are one model to calibrate.
 STEP_FIELDS = ("model", "dataset", "width", "shortcut", "bn", "bn_every", "bn_affine_off", "freeze", "random_features",
-               "gamma_l1", "batch_size", "flip", "translate", "amp", "channels_last", "compile", "device")
+               "gamma_l1", "batch_size", "flip", "translate", "amp", "channels_last", "compile", "graphs", "device")
 CALIBRATION_STEPS = 3  # timed, after one warm-up step (first-call allocations, oneDNN/cuDNN choices, compiling)
+# and, where the step is graphed, after its eager warm-up steps and its capture
 
 
 def step_seconds(config: TrainConfig, device: Optional[str] = None) -> float:
@@ -183,6 +184,7 @@ def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
     from bnprobe.data import DeviceLoader, get_dataset_spec, normalization_stats
     from bnprobe.regularize import gamma_l1_step
     from bnprobe.evaluate import resolve_device
+    from bnprobe.graphs import WARMUP_STEPS, TrainStep, graph_backend
     from bnprobe.train import compile_model, train_one_epoch, trainable_model
 
     config = TrainConfig(**dict(settings))
@@ -197,11 +199,14 @@ def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
     loader = DeviceLoader(images, labels, *normalization_stats(images, "per-channel"), config.batch_size,
                           shuffle=True, flip=config.flip, translate=config.translate, generator=generator,
                           channels_last=config.channels_last)
-    after_backward = [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]
-    train_one_epoch(step_model, loader, optimizer, config.amp, after_backward=after_backward)  # warm-up
+    graphs = graph_backend(config, device)
+    step = TrainStep(step_model, optimizer, config.amp, [h for h in [gamma_l1_step(model, config.gamma_l1)] if h],
+                     graphs=graphs)
+    for _ in range(1 + (WARMUP_STEPS if graphs is not None else 0)):  # warm-up (and capture)
+        train_one_epoch(step_model, loader, optimizer, config.amp, step=step)
     start = time.perf_counter()
     for _ in range(CALIBRATION_STEPS):  # each call ends on a host sync (.item()), so the time is the device's
-        train_one_epoch(step_model, loader, optimizer, config.amp, after_backward=after_backward)
+        train_one_epoch(step_model, loader, optimizer, config.amp, step=step)
     return (time.perf_counter() - start) / CALIBRATION_STEPS
 
 

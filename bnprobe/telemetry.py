@@ -78,11 +78,26 @@ class GradientRecorder:
         self.step = 0  # global step index, restored on resume
 
     def after_backward(self) -> None:
-        if self.every and self.step % self.every == 0 and self.params:
-            row = self.buffer[len(self.steps)]
-            grads = [p.grad for p in self.params]
-            torch.stack(torch._foreach_norm(grads, 1), out=row[0])
-            torch.stack(torch._foreach_norm(grads, 2), out=row[1])
+        recording = self.due()
+        if recording:
+            self.record(self.buffer[len(self.steps)])
+        self.advance(recording)
+
+    # The parts of after_backward, for a step captured as a CUDA graph: the graph holds `record` (tensor ops
+    # into a fixed row), Python decides `due` and `advance` around each replay.
+    def due(self) -> bool:
+        """Whether this step is recorded."""
+        return bool(self.every and self.params) and self.step % self.every == 0
+
+    def record(self, row: torch.Tensor) -> None:
+        """(sum |grad|, L2 norm) of every trainable tensor's gradient into `row` (2, P), on the device."""
+        grads = [p.grad for p in self.params]
+        torch.stack(torch._foreach_norm(grads, 1), out=row[0])
+        torch.stack(torch._foreach_norm(grads, 2), out=row[1])
+
+    def advance(self, recorded: bool) -> None:
+        """Count the step; a recorded one keeps the buffer row it was written into."""
+        if recorded:
             self.steps.append(self.step)
         self.step += 1
 

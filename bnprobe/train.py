@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -28,8 +27,9 @@ from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceDataset, DeviceLoader, fixed_subset, load_dataset
 from bnprobe.distributed import Process, augmentation_seed, sum_over_processes
 from bnprobe.errors import BnprobeError
-from bnprobe.evaluate import autocast, evaluate, resolve_device
+from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
+from bnprobe.graphs import TrainStep, graph_backend
 from bnprobe.lock import locked
 from bnprobe.models import from_config
 from bnprobe.regularize import gamma_l1_step, make_optimizer
@@ -67,27 +67,21 @@ def train_one_epoch(
     amp: bool = False,
     on_step: Optional[Callable[[], None]] = None,
     after_backward: Sequence[Callable[[], None]] = (),
+    step: Optional[TrainStep] = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns the running (train-mode, augmented) loss and accuracy.
 
-    `after_backward` callables run between backward() and the optimizer step, in order."""
+    Each batch is one `step` (bnprobe.graphs: kept across epochs, with its graphs and telemetry); by default
+    an eager step of `model`, `optimizer` and `amp`, whose `after_backward` callables run between backward()
+    and the optimizer step, in order."""
+    step = step or TrainStep(model, optimizer, amp, after_backward)
     model.train()
-    device = loader.labels.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    step.start_epoch()
     for x, y in loader:
-        with autocast(device, amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for hook in after_backward:  # telemetry first: it records the loss gradient alone
-            hook()
-        optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
+        step(x, y)
         if on_step is not None:
             on_step()
+    loss_sum, correct = step.loss_sum, step.correct
     # Under DDP each rank saw its own shard: the epoch's numbers are over all of them.
     sum_over_processes(loss_sum)
     sum_over_processes(correct)
@@ -229,8 +223,8 @@ class Training:
     train_loader: DeviceLoader
     test_loader: DeviceLoader
     train_eval_loader: DeviceLoader
-    recorder: GradientRecorder  # telemetry's gradient statistics, taken in after_backward
-    after_backward: list[Callable[[], None]]  # between backward() and the optimizer step, in order
+    recorder: GradientRecorder  # telemetry's gradient statistics, taken in each step on rank 0
+    step: TrainStep  # one training step, eager or replayed from CUDA graphs, kept across epochs
     history: list[dict[str, Any]]
     start_epoch: int
 
@@ -355,12 +349,12 @@ def _setup(
     )
     recorder = GradientRecorder(model, config.telemetry_every, len(train_loader), masks)
     recorder.step = start_epoch * len(train_loader)
-    after_backward = [recorder.after_backward] if process.main else []
-    after_backward += [h for h in [gamma_l1_step(model, config.gamma_l1)] if h]
+    step = TrainStep(step_model, optimizer, config.amp, [h for h in [gamma_l1_step(model, config.gamma_l1)] if h],
+                     recorder if process.main else None, graph_backend(config, device, process.world), console)
     return Training(
         config, run_dir, process, device, console, replacement, dataset, model, step_model, optimizer, generator,
         augment_generator, masks, trainable, total, train_loader, test_loader, train_eval_loader, recorder,
-        after_backward, history, start_epoch,
+        step, history, start_epoch,
     )
 
 
@@ -375,7 +369,7 @@ def run_epochs(t: Training, callbacks: Sequence[EpochCallback], on_step: Optiona
             t.augment_generator.manual_seed(augmentation_seed(config.seed, epoch, t.process.rank))
         started = time.perf_counter()
         train_loss, train_acc = train_one_epoch(
-            t.step_model, t.train_loader, t.optimizer, config.amp, on_step=on_step, after_backward=t.after_backward,
+            t.step_model, t.train_loader, t.optimizer, config.amp, on_step=on_step, step=t.step,
         )
         seconds = time.perf_counter() - started
         if not math.isfinite(train_loss):
@@ -441,6 +435,7 @@ class ConsoleOutput:
             f"[bold]{config.model}[/] on {config.dataset} ({len(t.dataset.train_y)} train / {len(t.dataset.test_y)} "
             f"test), freeze={config.freeze}: [bold]{t.trainable:,}[/] of {t.total:,} parameters trainable "
             f"({100 * t.trainable / t.total:.2f}%), device={t.device}{', bf16 autocast' if config.amp else ''}"
+            f"{', CUDA graphs' if t.step.graphs is not None else ''}"
             f"{f', {t.process.world} processes' if t.process.world > 1 else ''}",
             soft_wrap=True,
         )
