@@ -116,6 +116,40 @@ def measure(config: TrainConfig, dataset: DeviceDataset, run_dir: Path) -> dict[
     return {"images_per_s": rate, "warmup_s": warmup, "epochs": [r["images_per_s"] for r in history]}
 
 
+def table_a(result: dict[str, Any], args: argparse.Namespace, eager_only: str) -> Any:
+    """Eager against graphed, one row per model and freeze (adds each row's ratio to `result`)."""
+    from rich.table import Table
+
+    def number(cell: dict[str, Any], key: str, fmt: str) -> str:
+        return "failed" if "error" in cell else format(cell[key], fmt)
+
+    table = Table(title=f"(a) training img/s, eager vs CUDA graphs: {result['device_name']}, batch {args.batch_size}, "
+                        f"fp32, median of {args.epochs - 1} epochs after a warm-up epoch")
+    for header in ("model", "freeze", "steps/epoch", "eager img/s", "graphed img/s", "graphed / eager",
+                   "eager warm-up s", "capture s", "target"):
+        table.add_column(header, justify="left" if header in ("model", "freeze", "target") else "right")
+    for row in result["rows"]:
+        eager = row["eager"]
+        graphed = row.get("graphed")
+        ratio = (graphed["images_per_s"] / eager["images_per_s"]
+                 if graphed and "error" not in graphed and "error" not in eager else None)
+        row["graphed_over_eager"] = ratio
+        capture = graphed["warmup_s"] - eager["warmup_s"] if ratio is not None else None
+        target = ""
+        if row["freeze"] == "non-bn" and row["model"] == "resnet20":
+            best = graphed if ratio is not None else eager
+            target = f">= {TARGET_RESNET20_BN_ONLY:,} img/s: " + (
+                verdict(best["images_per_s"] >= TARGET_RESNET20_BN_ONLY) if "error" not in best else "failed")
+        if row["freeze"] == "non-bn" and row["model"] == "resnet110":
+            target = f">= {TARGET_RESNET110_RATIO:g}x: " + (verdict(ratio >= TARGET_RESNET110_RATIO) if ratio else "not measured")
+        table.add_row(row["model"], row["freeze"], str(result["steps"][row["model"]]),
+                      number(eager, "images_per_s", ",.0f"),
+                      number(graphed, "images_per_s", ",.0f") if graphed else f"[dim]{eager_only or '-'}",
+                      f"{ratio:.2f}x" if ratio else "-", number(eager, "warmup_s", ".1f"),
+                      f"{capture:+.1f}" if capture is not None else "-", target)
+    return table
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -191,6 +225,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         torch.cuda.empty_cache()
                 result["rows"].append(row)
             del dataset
+        if result["rows"]:  # printed now: the packed runs below cannot take these numbers with them
+            console.print(table_a(result, args, eager_only))
 
         # ---- (b) packed runs through `sweep --per-device N`, the data on disk as workers load it
         pack_steps = args.pack_steps or (300 if cuda else 2)
@@ -200,61 +236,34 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         quiet = Console(quiet=True)
         for n in args.packed:
-            planned = []
-            for seed in range(n):
-                config = with_graphs(TrainConfig(model=args.pack_model, freeze="non-bn", epochs=args.pack_epochs, seed=seed,
-                                                 data_dir=str(data_dir), **base), pack_graphs).resolved()
-                planned.append(PlannedRun(config, scratch / f"packed-{n}" / config.run_name()))
             begun = time.perf_counter()
-            # At least two slots, so that one run too trains in a worker process of its own, as packed ones do.
-            outcome = run_sweep(planned, quiet, None, per_device=max(n, 2))
-            wall = time.perf_counter() - begun
-            entry: dict[str, Any] = {"runs": n, "wall_s": wall}
-            failed = [name for name, why in outcome.items() if why != "done"]
-            if failed:
-                logs = [str(scratch / f"packed-{n}" / f"{name}.log") for name in failed]
-                entry["error"] = f"{len(failed)} of {n} runs failed"
-                for log in logs:
-                    console.print(f"[red]packed {n}: {escape(log)}:[/] {escape(Path(log).read_text()[-600:])}")
-            else:
+            entry: dict[str, Any] = {"runs": n}
+            try:
+                planned = []
+                for seed in range(n):
+                    config = with_graphs(TrainConfig(model=args.pack_model, freeze="non-bn", epochs=args.pack_epochs,
+                                                     seed=seed, data_dir=str(data_dir), **base), pack_graphs).resolved()
+                    planned.append(PlannedRun(config, scratch / f"packed-{n}" / config.run_name()))
+                # At least two slots, so that one run too trains in a worker process of its own, as packed ones do.
+                outcome = run_sweep(planned, quiet, None, per_device=max(n, 2))
+                entry["wall_s"] = wall = time.perf_counter() - begun
+                failed = [run for run in planned if outcome[run.run_dir.name] != "done"]
+                for run in failed:
+                    log = run.run_dir.parent / f"{run.run_dir.name}.log"
+                    tail = log.read_text()[-600:] if log.exists() else "(no log)"
+                    console.print(f"[red]packed {n}: {escape(str(log))}:[/] {escape(tail)}")
+                if failed:
+                    raise RuntimeError(f"{len(failed)} of {n} runs failed")
                 per_run = [rates(read_json(runs.metrics_path(run.run_dir)))[0] for run in planned]
                 entry.update(per_run=per_run, aggregate=sum(per_run),
                              wall_aggregate=n * args.pack_epochs * pack_steps * args.batch_size / wall)
                 console.print(f"  packed {n}: {entry['aggregate']:>10,.0f} img/s together "
                               f"({', '.join(f'{r:,.0f}' for r in per_run)}); sweep wall clock {wall:.1f} s")
+            except Exception as exc:  # as in (a): the other counts still get measured
+                entry["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                console.print(f"  [red]packed {n} failed: {escape(entry['error'])}")
             result["packed"].append(entry)
     result["seconds_total"] = time.perf_counter() - started
-
-    # ---- the tables
-    def number(cell: dict[str, Any], key: str, fmt: str) -> str:
-        return "failed" if "error" in cell else format(cell[key], fmt)
-
-    table = Table(title=f"(a) training img/s, eager vs CUDA graphs: {device_name(device)}, batch {args.batch_size}, "
-                        f"fp32, median of {args.epochs - 1} epochs after a warm-up epoch")
-    for header in ("model", "freeze", "steps/epoch", "eager img/s", "graphed img/s", "graphed / eager",
-                   "eager warm-up s", "capture s", "target"):
-        table.add_column(header, justify="left" if header in ("model", "freeze", "target") else "right")
-    for row in result["rows"]:
-        eager = row["eager"]
-        graphed = row.get("graphed")
-        ratio = (graphed["images_per_s"] / eager["images_per_s"]
-                 if graphed and "error" not in graphed and "error" not in eager else None)
-        row["graphed_over_eager"] = ratio
-        capture = graphed["warmup_s"] - eager["warmup_s"] if ratio is not None else None
-        target = ""
-        if row["freeze"] == "non-bn" and row["model"] == "resnet20":
-            best = graphed if ratio is not None else eager
-            target = f">= {TARGET_RESNET20_BN_ONLY:,} img/s: " + (
-                verdict(best["images_per_s"] >= TARGET_RESNET20_BN_ONLY) if "error" not in best else "failed")
-        if row["freeze"] == "non-bn" and row["model"] == "resnet110":
-            target = f">= {TARGET_RESNET110_RATIO:g}x: " + (verdict(ratio >= TARGET_RESNET110_RATIO) if ratio else "not measured")
-        table.add_row(row["model"], row["freeze"], str(result["steps"][row["model"]]),
-                      number(eager, "images_per_s", ",.0f"),
-                      number(graphed, "images_per_s", ",.0f") if graphed else f"[dim]{eager_only or '-'}",
-                      f"{ratio:.2f}x" if ratio else "-", number(eager, "warmup_s", ".1f"),
-                      f"{capture:+.1f}" if capture is not None else "-", target)
-    if result["rows"]:
-        console.print(table)
 
     packed = Table(title=f"(b) {args.pack_model} BN-only runs at once (`sweep --per-device N`, one process each, "
                          f"{'graphed' if pack_graphs else 'eager'}), {pack_steps} steps x {args.pack_epochs} epochs each")
@@ -264,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     one = next((e for e in result["packed"] if e["runs"] == 1 and "error" not in e), None)
     for entry in result["packed"]:
         if "error" in entry:
-            packed.add_row(str(entry["runs"]), "failed", entry["error"], "", "", "", "")
+            packed.add_row(str(entry["runs"]), "failed", escape(entry["error"]), "", "", "", "")
             continue
         ratio = entry["aggregate"] / one["aggregate"] if one else None
         wall_ratio = entry["wall_aggregate"] / one["wall_aggregate"] if one else None
