@@ -130,6 +130,8 @@ def sweep(
     devices: str = typer.Option(
         "", "--devices", help="Comma-separated devices to run on in parallel, one run each (e.g. cuda:0,cuda:1)."
     ),
+    per_device: int = typer.Option(
+        1, "--per-device", help="Runs at once on each device (separate processes), so small nets fill a big GPU."),
     tflops: float = typer.Option(50.0, "--tflops", help="Sustained TFLOP/s assumed for the cost estimate."),
     calibrate: bool = typer.Option(
         False, "--calibrate", help="Time a few real training steps of each distinct model here instead of --tflops."),
@@ -142,7 +144,7 @@ def sweep(
     slurm_parallel: int = typer.Option(32, "--slurm-parallel", help="At most this many jobs of the array run at once."),
 ) -> None:
     """Train a grid of runs from PLAN; finished runs are skipped, interrupted ones resumed."""
-    from bnprobe.sweep import plan_table, read_plan, run_sweep, submit_sweep
+    from bnprobe.sweep import check_per_device, plan_table, read_plan, run_sweep, submit_sweep
 
     if tflops <= 0:
         raise BnprobeError(f"--tflops must be > 0, got {tflops}")
@@ -150,6 +152,9 @@ def sweep(
         raise BnprobeError(f"--launcher must be local or slurm, got {launcher!r}")
     if max_runs is not None and max_runs < 1:
         raise BnprobeError(f"--max-runs must be >= 1, got {max_runs}")
+    check_per_device(per_device)
+    if per_device != 1 and launcher == "slurm":
+        raise BnprobeError("--per-device is for --launcher local (a Slurm job runs one run)")
     planned = read_plan(plan, runs_dir, **({"max_runs": max_runs} if max_runs else {}))
     device_list = [d.strip() for d in devices.split(",") if d.strip()]
     console.print(plan_table(planned, tflops, calibrate, device_list[0] if device_list else None))
@@ -162,7 +167,7 @@ def sweep(
         )
         console.print(f"submitted {len(jobs)} jobs" + (f" (array {jobs[0].job_id.split('_')[0]})" if jobs else ""))
         return
-    outcome = run_sweep(planned, console, device_list or None)
+    outcome = run_sweep(planned, console, device_list or None, per_device)
     failed = {name: why for name, why in outcome.items() if why != "done"}
     if failed:
         raise BnprobeError(f"{len(failed)} of {len(outcome)} runs failed: {', '.join(failed)}")

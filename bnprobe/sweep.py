@@ -293,16 +293,28 @@ def plan_table(planned: list[PlannedRun], tflops: float, calibrate: bool = False
     return table
 
 
+MAX_PER_DEVICE = 64  # processes per device: beyond this, memory and context switches, not the GPU, decide
+
+
+def check_per_device(per_device: int) -> None:
+    if not 1 <= per_device <= MAX_PER_DEVICE:
+        raise BnprobeError(f"--per-device must be between 1 and {MAX_PER_DEVICE}, got {per_device}")
+
+
 def run_sweep(
-    planned: list[PlannedRun], console: Console, devices: Optional[list[str]] = None
+    planned: list[PlannedRun], console: Console, devices: Optional[list[str]] = None, per_device: int = 1
 ) -> dict[str, str]:
-    """Train every run that is not done, one at a time in this process, or one per device in parallel."""
+    """Train every run that is not done: one at a time in this process, or in worker processes, `per_device`
+    at once on each device (default: each run's own), a new one starting as soon as one finishes."""
     from bnprobe.train import train
 
+    check_per_device(per_device)
     todo = [run for run in planned if run.status() != "done"]
     console.print(f"{len(planned) - len(todo)} of {len(planned)} runs already done; {len(todo)} to train.")
     outcome = {run.run_dir.name: "done" for run in planned if run not in todo}
-    if not devices or len(devices) == 1:
+    # A slot is one worker process at a time; None: the run's own device.
+    slots: list[Optional[str]] = [device for device in (devices or [None]) for _ in range(per_device)]
+    if len(slots) == 1:
         for i, run in enumerate(todo, 1):
             config = dataclasses.replace(run.config, device=devices[0]) if devices else run.config
             console.rule(f"run {i}/{len(todo)}: {run.run_dir.name}")
@@ -313,27 +325,30 @@ def run_sweep(
                 console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(str(exc))}", soft_wrap=True)
                 outcome[run.run_dir.name] = f"failed: {exc}"
         return outcome
-    # One worker process per device, each pinned with CUDA_VISIBLE_DEVICES, pulling runs as they free up.
+    # Worker processes, each pinned with CUDA_VISIBLE_DEVICES to its slot's GPU, pulling runs as slots free up.
     queue, active = list(todo), {}
     while queue or active:
-        for device in devices:
-            if device not in active and queue:
+        for slot, device in enumerate(slots):
+            if slot not in active and queue:
                 run = queue.pop(0)
-                env = dict(os.environ)
-                if device.startswith("cuda:"):
-                    env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-                config = dataclasses.replace(run.config, device="cuda" if device.startswith("cuda") else device)
+                env, config = dict(os.environ), run.config
+                if device is not None:
+                    if device.startswith("cuda:"):
+                        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+                    config = dataclasses.replace(config, device="cuda" if device.startswith("cuda") else device)
                 run.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "w")
                 command = [sys.executable, "-m", "bnprobe.sweep", json.dumps(config.to_dict()), str(run.run_dir)]
-                active[device] = (run, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-                console.print(f"started {escape(run.run_dir.name)} on {device}", soft_wrap=True)
-        for device, (run, process, log) in list(active.items()):
+                active[slot] = (run, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+                console.print(f"started {escape(run.run_dir.name)} on {device or config.device}", soft_wrap=True)
+        for slot, (run, process, log) in list(active.items()):
             if process.poll() is not None:
                 log.close()
                 outcome[run.run_dir.name] = "done" if process.returncode == 0 else f"failed (exit {process.returncode})"
-                console.print(f"{escape(run.run_dir.name)} on {device}: {escape(str(outcome[run.run_dir.name]))}", soft_wrap=True)
-                del active[device]
+                where = slots[slot] or run.config.device
+                console.print(f"{escape(run.run_dir.name)} on {where}: {escape(str(outcome[run.run_dir.name]))}",
+                              soft_wrap=True)
+                del active[slot]
         if active:
             time.sleep(0.5)
     return outcome

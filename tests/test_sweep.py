@@ -1,4 +1,5 @@
 import io
+import json
 
 import pytest
 from rich.console import Console
@@ -57,6 +58,48 @@ def test_sweep_in_parallel_worker_processes(tmp_path, capsys):
     assert code == 0, err
     assert len([d for d in (tmp_path / "runs").iterdir() if d.is_dir()]) == 2
     assert all(p.status() == "done" for p in read_plan(tmp_path / "plan.toml", tmp_path / "runs"))
+
+
+def test_per_device_runs_overlap_and_equal_the_same_runs_one_at_a_time(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "plan.toml").write_text(PLAN.replace("epochs = 1", "epochs = 2"))
+    code, _, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "alone"))
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "packed"),
+                             "--per-device", "2")  # no --devices: two processes on the plan's device, cpu
+    assert code == 0, err
+    names = sorted(d.name for d in (tmp_path / "alone").iterdir() if d.is_dir())
+    assert len(names) == 2 and sorted(d.name for d in (tmp_path / "packed").iterdir() if d.is_dir()) == names
+    lines = out.splitlines()
+    started = [i for i, line in enumerate(lines) if line.startswith("started ") and line.endswith(" on cpu")]
+    finished = [i for i, line in enumerate(lines) if line.endswith(" on cpu: done")]
+    assert len(started) == 2 and len(finished) == 2 and max(started) < min(finished), out
+    # Both trained at once: each run wrote its config (before its first step) before the other's last checkpoint.
+    written = {name: (runs.config_path(tmp_path / "packed" / name).stat().st_mtime_ns,
+                      runs.checkpoint_path(tmp_path / "packed" / name).stat().st_mtime_ns) for name in names}
+    (a_start, a_end), (b_start, b_end) = written.values()
+    assert a_start < b_end and b_start < a_end, written
+    timing = ("seconds", "images_per_s")
+    for name in names:
+        histories = [json.loads(runs.metrics_path(tmp_path / where / name).read_text()) for where in ("alone", "packed")]
+        assert [len(h) for h in histories] == [2, 2]
+        alone, packed = ([{k: v for k, v in r.items() if k not in timing} for r in h] for h in histories)
+        assert alone == packed
+        models = [runs.load_checkpoint(runs.checkpoint_path(tmp_path / where / name))["model"] for where in ("alone", "packed")]
+        assert models[0].keys() == models[1].keys() and all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--per-device", "0"], "--per-device must be between 1 and 64, got 0"),
+    (["--per-device", "65"], "--per-device must be between 1 and 64, got 65"),
+    (["--per-device", "2", "--launcher", "slurm"], "--per-device is for --launcher local"),
+])
+def test_bad_per_device_is_a_one_line_error(tmp_path, capsys, argv, message):
+    (tmp_path / "plan.toml").write_text(PLAN)
+    code, _, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "runs"), *argv)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "runs").exists()
 
 
 WIDE_PLAN = """
