@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 import bnprobe
-from bnprobe import schema
+from bnprobe import pdf, schema
 from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
@@ -923,7 +923,7 @@ def check_output(output: Path) -> str:
     if not os.access(parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise BnprobeError(f"cannot write {output} (permission denied)")
     if kind == "pdf":
-        _weasyprint()
+        pdf.weasyprint()
     return kind
 
 
@@ -938,17 +938,6 @@ def _is_report(path: Path, kind: str) -> bool:
     except OSError:
         return False
     return head.startswith(b"%PDF-") if kind == "pdf" else b'<meta name="generator" content="bnprobe' in head
-
-
-def _weasyprint():
-    try:
-        import weasyprint
-    except ImportError:
-        raise BnprobeError("PDF output needs WeasyPrint (a bnprobe dependency): pip install weasyprint, or write .html")
-    except OSError as exc:  # the Python package is there, its system libraries (Pango) are not
-        raise BnprobeError(f"WeasyPrint cannot load its system libraries ({_first_line(exc)}); install Pango, "
-                           f"or write .html")
-    return weasyprint
 
 
 @_stop_on_sigterm()
@@ -988,9 +977,9 @@ def write_report(
         if kind == "html":
             atomic_write(output, lambda f: f.write(html.encode("utf-8")))
         else:
-            document = _weasyprint().HTML(string=html, base_url=str(templates)).render()
+            document = pdf.render(html, str(templates))
             pages = len(document.pages)
-            atomic_write(output, lambda f: document.write_pdf(target=f))
+            atomic_write(output, lambda f: pdf.write(document, f))
     except OSError as exc:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
     statistics.write_json(findings, findings_json)
