@@ -78,6 +78,11 @@ class Run:
     notes: list[str] = field(default_factory=list)
     family: str = ""
     figure: Any = None  # its page's SvgFigure, drawn by the process that read it
+    # What the tables and captions need of γ once the figure is drawn (see keep_gamma_summary): a deep net's γ
+    # arrays are megabytes, and a report holds hundreds of runs.
+    gamma_count: Optional[int] = None
+    gamma_below: dict[float, float] = field(default_factory=dict)
+    gamma_had_init: bool = False
 
     @property
     def model(self) -> str:
@@ -142,11 +147,25 @@ class Run:
 
     @property
     def gamma_channels(self) -> int:
-        return int(sum(g.size for g in self.gamma_final))
+        return self.gamma_count if self.gamma_count is not None else int(sum(g.size for g in self.gamma_final))
+
+    @property
+    def has_gamma_init(self) -> bool:
+        return bool(self.gamma_init) or self.gamma_had_init
 
     def fraction_below(self, tau: float) -> float:
         """Fraction of all BN channels (every layer) with |γ| < τ after the last epoch."""
+        if tau in self.gamma_below:
+            return self.gamma_below[tau]
+        if self.gamma_count is not None:
+            raise ValueError(f"{self.name}: γ was summarised for τ in {sorted(self.gamma_below)}, not {tau}")
         return float(fraction_below(self.gamma_final, [tau], per_layer=False)[0]) if self.gamma_channels else float("nan")
+
+    def keep_gamma_summary(self, taus: Sequence[float]) -> None:
+        """Replace the γ arrays by the numbers the report shows of them at `taus` (after the figure is drawn)."""
+        self.gamma_below = {tau: self.fraction_below(tau) for tau in taus}
+        self.gamma_count, self.gamma_had_init = self.gamma_channels, self.has_gamma_init
+        self.gamma_final, self.gamma_init = [], []
 
 
 @dataclass
@@ -641,6 +660,7 @@ def _read_and_draw(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> R
             from bnprobe.figures import run_figure
 
             run.figure = run_figure(run, taus, f"run:{name}")
+            run.keep_gamma_summary(taus)  # the arrays stay in this process
     except RunSkipped as reason:
         return Skipped(name, str(reason))
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw must cost one run, not the report
@@ -775,6 +795,7 @@ def build_figures(collection: Collection, taus: Sequence[float]) -> dict[str, An
     for run in collection.runs:
         if run.figure is None:
             run.figure = figures.run_figure(run, taus, f"run:{run.name}")
+            run.keep_gamma_summary(taus)
     return {
         "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth"),
         "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation"),

@@ -140,6 +140,22 @@ def test_reads_runs_and_skips_broken_ones_with_the_reason(runs_root):
     assert ablation.run is full and ablation.mode == "threshold" and len(ablation.values) == 4
 
 
+def test_a_drawn_run_keeps_gamma_numbers_not_arrays(runs_root):
+    # collect(taus=...) draws each run's figure where it read the run; the γ arrays stay there, and what the
+    # tables show of them (channels, |γ| < τ over every layer) comes back, equal to a count from the file itself.
+    taus = (0.05, 0.3)
+    collection = collect([runs_root], taus=taus, jobs=2)
+    for run in collection.runs:
+        assert run.figure is not None and run.gamma_final == [] and run.gamma_init == []
+        with h5py.File(runs_root / run.name / "telemetry.h5") as f:
+            final = np.concatenate([f[f"bn/{layer}/gamma"][-1] for layer in run.gamma_layers])
+        assert run.gamma_channels == final.size and run.has_gamma_init
+        for tau in taus:
+            assert run.fraction_below(tau) == np.count_nonzero(np.abs(final) < tau) / final.size
+        with pytest.raises(ValueError, match="summarised"):
+            run.fraction_below(0.5)
+
+
 def test_run_without_telemetry_takes_gamma_from_its_checkpoint(runs_root, tmp_path):
     # Runs made before telemetry.h5 existed have config.json, metrics.json and checkpoint.pt only.
     old = Path(shutil.copytree(runs_root / "full", tmp_path / "old", ignore=shutil.ignore_patterns("*.h5")))
