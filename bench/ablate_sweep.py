@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,14 +43,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from common import ArrayImageDataset, cpu_seconds, device_name, print_result, sync, verdict  # noqa: E402
+from common import ArrayImageDataset, cpu_seconds, device_name, device_or_exit, print_result, sync, verdict  # noqa: E402
 
 from bnprobe import runs  # noqa: E402
 from bnprobe.ablate import default_batch_size, sweep  # noqa: E402
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceDataset, DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
-from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.fold import ClampableModel, check_fold  # noqa: E402
 from bnprobe.loading import LoadOptions, load_eval_data, load_model  # noqa: E402
 from bnprobe.models import bn_layers, from_config  # noqa: E402
@@ -186,8 +184,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     console = Console()
+    device = device_or_exit(console, args.device)
     try:
-        device = resolve_device(args.device)
         taus = parse_sweep(args.thresholds, "--thresholds")
     except BnprobeError as exc:
         console.print(f"[red]{exc}")

@@ -33,6 +33,18 @@ class ArrayImageDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.data[index])), self.targets[index]
 
 
+def device_or_exit(console: Console, name: str) -> torch.device:
+    """The --device to measure on, or its one-line error and exit 2 (as the bnprobe command answers)."""
+    from bnprobe.errors import BnprobeError
+    from bnprobe.evaluate import resolve_device
+
+    try:
+        return resolve_device(name)
+    except BnprobeError as exc:
+        console.print(f"[red]{exc}")
+        raise SystemExit(2)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

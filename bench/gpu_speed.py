@@ -41,12 +41,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable without installing the package
 
-from common import device_name, sync, verdict  # noqa: E402
+from common import device_name, device_or_exit, sync, verdict  # noqa: E402
 
 from bnprobe import runs  # noqa: E402
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceDataset, get_dataset_spec, normalization_stats  # noqa: E402
-from bnprobe.errors import BnprobeError  # noqa: E402
 from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.schema import read_json  # noqa: E402
 from bnprobe.sweep import PlannedRun, run_sweep  # noqa: E402
@@ -185,11 +184,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     console = Console()
-    try:
-        device = resolve_device(args.device)
-    except BnprobeError as exc:
-        console.print(f"[red]{exc}")
-        raise SystemExit(2)
+    device = device_or_exit(console, args.device)
     cuda = device.type == "cuda"
     modes = graph_modes(cuda)
     eager_only = "" if True in modes else ("graphs off on a CPU" if HAS_GRAPHS else "no TrainConfig.graphs here: eager only")

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -59,13 +58,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
 from common import (  # noqa: E402
-    ArrayImageDataset, cpu_seconds, device_name, matmul_peak_flops, print_result, sync, training_step_flops, verdict,
+    ArrayImageDataset, cpu_seconds, device_name, device_or_exit, matmul_peak_flops, print_result, sync, training_step_flops, verdict,
 )
 
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
 from bnprobe.errors import BnprobeError  # noqa: E402
-from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.freeze import apply_freeze  # noqa: E402
 from bnprobe.models import from_config  # noqa: E402
 from bnprobe.train import compile_model, train_one_epoch  # noqa: E402
@@ -240,11 +238,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     console = Console()
-    try:
-        device = resolve_device(args.device)
-    except BnprobeError as exc:
-        console.print(f"[red]{exc}")
-        raise SystemExit(2)
+    device = device_or_exit(console, args.device)
     cuda = device.type == "cuda"
     steps = args.steps if args.steps is not None else (100 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
