@@ -32,7 +32,7 @@ import numpy as np
 import bnprobe
 from bnprobe import pdf, schema
 from bnprobe.atomic import atomic_write
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
 from bnprobe.formats import CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES, METRICS_FILE, RUN_FILES, TELEMETRY_FILE
 from bnprobe.measures import fraction_below
@@ -265,11 +265,6 @@ def parse_taus(text: str) -> list[float]:
     return parse_sweep(text, "--taus")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -367,7 +362,7 @@ def _read_telemetry(run: Run, path: Path, use_epochs: bool) -> None:
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
     except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
-        raise RunSkipped(f"telemetry.h5 is damaged ({_first_line(exc)})")
+        raise RunSkipped(f"telemetry.h5 is damaged ({first_line(exc)})")
 
 
 def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
@@ -437,7 +432,7 @@ def _check_checkpoint(run_dir: Path) -> None:
             with zipfile.ZipFile(path):
                 pass
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise RunSkipped(f"checkpoint.pt is truncated or damaged (not a complete zip archive: {_first_line(exc)})")
+            raise RunSkipped(f"checkpoint.pt is truncated or damaged (not a complete zip archive: {first_line(exc)})")
 
 
 def _read_checkpoint_fallback(run: Run) -> None:
@@ -487,7 +482,7 @@ def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
     except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
-        raise RunSkipped(f"damaged {kind or 'HDF5'} file ({_first_line(exc)})")
+        raise RunSkipped(f"damaged {kind or 'HDF5'} file ({first_line(exc)})")
 
 
 def _read_ablation(f, name: str) -> Ablation:
@@ -628,7 +623,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
             collection.skipped.append(Skipped(name, str(reason)))
             continue
         except Exception as exc:  # noqa: BLE001 -- as in _read_and_draw: one file, not the report
-            collection.skipped.append(Skipped(name, f"could not be read ({type(exc).__name__}: {_first_line(exc)})"))
+            collection.skipped.append(Skipped(name, f"could not be read ({first_line(exc, typed=True)})"))
             continue
         if isinstance(result, Ablation):
             result.run = _owner(path, result.checkpoint, collection.runs)
@@ -664,7 +659,7 @@ def _read_and_draw(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> R
     except RunSkipped as reason:
         return Skipped(name, str(reason))
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw must cost one run, not the report
-        return Skipped(name, f"could not be read or drawn ({type(exc).__name__}: {_first_line(exc)})")
+        return Skipped(name, f"could not be read or drawn ({first_line(exc, typed=True)})")
     return run
 
 
@@ -927,7 +922,7 @@ def check_output(output: Path) -> str:
     except (FileNotFoundError, NotADirectoryError):  # told apart below
         pass
     except OSError as exc:
-        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
     if output.is_dir():
         raise BnprobeError(f"cannot write {output}: it is a directory")
     if os.path.lexists(output) and not _is_report(output, kind):
@@ -940,7 +935,7 @@ def check_output(output: Path) -> str:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
     if not os.access(parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise BnprobeError(f"cannot write {output} (permission denied)")
     if kind == "pdf":
@@ -1002,7 +997,7 @@ def write_report(
             pages = len(document.pages)
             atomic_write(output, lambda f: pdf.write(document, f))
     except OSError as exc:
-        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
     statistics.write_json(findings, findings_json)
     return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
                          len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),
