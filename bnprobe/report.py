@@ -35,6 +35,7 @@ from bnprobe.atomic import atomic_write
 from bnprobe.errors import BnprobeError, first_line
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
 from bnprobe.formats import CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES, METRICS_FILE, RUN_FILES, TELEMETRY_FILE
+from bnprobe.lock import locked
 from bnprobe.measures import fraction_below
 from bnprobe.options import REPORT_TAUS, parse_sweep
 
@@ -969,36 +970,37 @@ def write_report(
     on_progress: Optional[Callable[[str], None]] = None,
 ) -> ReportSummary:
     """Walk `runs_dirs` (a directory of runs, a run directory, or several), render the report, write `output`
-    (.html or .pdf) atomically."""
+    (.html or .pdf) atomically, holding the lock beside it (one report writer per output)."""
     started = time.perf_counter()
-    kind = check_output(output)
-    from bnprobe import findings as statistics
+    kind = check_output(output)  # a bad name or place is answered as such, before the lock beside it is taken
+    with locked(output, str(output)):
+        from bnprobe import findings as statistics
 
-    findings_json = statistics.json_path(output)
-    statistics.check_json_output(findings_json)
-    templates = find_templates(templates)
-    template_environment(templates)  # fail on missing templates before reading anything
-    say = on_progress or (lambda message: None)
-    roots = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(r) for r in runs_dirs]
-    collection = collect(roots, include_unfinished, taus=taus, jobs=jobs or default_jobs())
-    say(f"read {len(collection.runs)} runs, {len(collection.ablations)} ablations and {len(collection.probes)} "
-        f"probes, and drew each run's figure")
-    figures = build_figures(collection, taus)
-    say("drew the figures across runs")
-    findings = statistics.findings_of(collection.runs)
-    html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
-                       templates=templates, figures=figures, findings=findings)
-    pages = None
-    try:
-        if kind == "html":
-            atomic_write(output, lambda f: f.write(html.encode("utf-8")))
-        else:
-            document = pdf.render(html, str(templates))
-            pages = len(document.pages)
-            atomic_write(output, lambda f: pdf.write(document, f))
-    except OSError as exc:
-        raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
-    statistics.write_json(findings, findings_json)
-    return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
-                         len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),
-                         findings_json)
+        findings_json = statistics.json_path(output)
+        statistics.check_json_output(findings_json)
+        templates = find_templates(templates)
+        template_environment(templates)  # fail on missing templates before reading anything
+        say = on_progress or (lambda message: None)
+        roots = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(r) for r in runs_dirs]
+        collection = collect(roots, include_unfinished, taus=taus, jobs=jobs or default_jobs())
+        say(f"read {len(collection.runs)} runs, {len(collection.ablations)} ablations and {len(collection.probes)} "
+            f"probes, and drew each run's figure")
+        figures = build_figures(collection, taus)
+        say("drew the figures across runs")
+        findings = statistics.findings_of(collection.runs)
+        html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
+                           templates=templates, figures=figures, findings=findings)
+        pages = None
+        try:
+            if kind == "html":
+                atomic_write(output, lambda f: f.write(html.encode("utf-8")))
+            else:
+                document = pdf.render(html, str(templates))
+                pages = len(document.pages)
+                atomic_write(output, lambda f: pdf.write(document, f))
+        except OSError as exc:
+            raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
+        statistics.write_json(findings, findings_json)
+        return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
+                             len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),
+                             findings_json)
