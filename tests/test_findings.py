@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from rich.console import Console
 from scipy import stats
 
@@ -20,6 +19,7 @@ from bnprobe.errors import BnprobeError
 from bnprobe.findings import SINGLE, compare, estimate, findings_of, json_path, show, write_json
 from bnprobe.report import Run, model_depth
 from cli_helpers import assert_one_line_error, run_cli
+from probe_helpers import single_thread, tiny_config  # noqa: F401 - autouse: one thread for tiny models
 
 DEFAULT = TrainConfig(dataset="digits").to_dict()
 
@@ -190,8 +190,7 @@ def test_one_seed_claims_nothing(tmp_path):
     write_json(result, tmp_path / "f.json")  # its own earlier file: replaced
 
 
-TINY = dict(model="resnet8", dataset="digits", epochs=1, batch_size=64, subset=200, test_subset=100,
-            train_eval_subset=100, device="cpu", milestones="")
+TINY = dict(epochs=1, subset=200, test_subset=100, train_eval_subset=100, lr=0.1)  # tiny_config, one short epoch
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +198,10 @@ def seeded_runs(tmp_path_factory) -> Path:
     from bnprobe.train import train
 
     root = tmp_path_factory.mktemp("findings") / "runs"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for seed in (0, 1):
-            for freeze in ("none", "non-bn"):
-                config = TrainConfig(**TINY, seed=seed, freeze=freeze).resolved()
-                train(config, root / config.run_name(), console=Console(file=io.StringIO()))
-    finally:
-        torch.set_num_threads(threads)
+    for seed in (0, 1):
+        for freeze in ("none", "non-bn"):
+            config = tiny_config(**TINY, seed=seed, freeze=freeze).resolved()
+            train(config, root / config.run_name(), console=Console(file=io.StringIO()))
     return root
 
 
