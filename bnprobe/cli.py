@@ -176,7 +176,7 @@ def sweep(
 @app.command("inspect")
 def inspect_command(
     run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>), or a run's `bnprobe export` file."),
-    top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list."),
+    top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list (all, once each, when 2N covers them)."),
 ) -> None:
     """Summarise a run: config, final accuracies, generalisation gap, gradient magnitudes."""
     from bnprobe.summary import inspect_run
