@@ -176,7 +176,7 @@ def sweep(
 @app.command("inspect")
 def inspect_command(
     run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>), or a run's `bnprobe export` file."),
-    top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list."),
+    top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list (all, once each, when 2N covers them)."),
 ) -> None:
     """Summarise a run: config, final accuracies, generalisation gap, gradient magnitudes."""
     from bnprobe.summary import inspect_run
@@ -325,15 +325,12 @@ def report(
     """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
     from rich.markup import escape
 
-    from bnprobe.lock import locked
-    from bnprobe.report import check_output, parse_taus, write_report
+    from bnprobe.report import parse_taus, write_report
 
     if jobs < 0:
         raise BnprobeError(f"--jobs must be >= 0, got {jobs}")
-    check_output(output)  # a bad name or place is answered as such, before the lock beside it is taken
-    with locked(output, str(output)):
-        summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
-                               title=title, templates=templates, jobs=jobs or None)
+    summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
+                           title=title, templates=templates, jobs=jobs or None)
     for item in summary.skipped:
         console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
 

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train x, train y, test x, test y
 
@@ -154,9 +154,8 @@ def _download(what: str, fetch: Callable[[], None], where: Path, also: Sequence[
         if not isinstance(exc, Exception):  # Ctrl-C: cleaned up too, but still an interrupt
             raise
         # urllib, http and file errors all mean the same to the user
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BnprobeError(
-            f"{what} is not in {where} and downloading it failed ({reason}); "
+            f"{what} is not in {where} and downloading it failed ({first_line(exc)}); "
             f"put the files there or pass --data-dir"
         )
 

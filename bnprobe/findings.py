@@ -34,16 +34,24 @@ SHOWN = ("model", "dataset", "freeze", "bn")  # always in a group's label; other
 # ---- statistics ------------------------------------------------------------------------------------------
 
 
+# The values a quantity can take: its interval is clipped to them (differences of two groups are not bounded so).
+UNBOUNDED = (-math.inf, math.inf)
+FRACTION = (0.0, 1.0)
+NON_NEGATIVE = (0.0, math.inf)
+
+
 @dataclass
 class Estimate:
     mean: float
     low: Optional[float]  # None: n = 1, no interval
     high: Optional[float]
     n: int
+    clipped: bool = False  # the t-interval went past the quantity's bounds and was cut to them
 
 
-def estimate(values: Sequence[float]) -> Estimate:
-    """Mean and its 95% Student-t interval: mean ± t(0.975, n-1) · s/√n."""
+def estimate(values: Sequence[float], bounds: tuple[float, float] = UNBOUNDED) -> Estimate:
+    """Mean and its 95% Student-t interval: mean ± t(0.975, n-1) · s/√n, clipped to `bounds` (with few seeds
+    an accuracy's interval may otherwise reach below 0% or above 100%)."""
     from scipy import stats
 
     values = np.asarray(values, dtype=np.float64)
@@ -54,7 +62,8 @@ def estimate(values: Sequence[float]) -> Estimate:
     if sem == 0:  # identical values: t.interval would answer NaN
         return Estimate(mean, mean, mean, len(values))
     low, high = stats.t.interval(CONFIDENCE, len(values) - 1, loc=mean, scale=sem)
-    return Estimate(mean, float(low), float(high), len(values))
+    clipped = bool(low < bounds[0] or high > bounds[1])
+    return Estimate(mean, float(max(low, bounds[0])), float(min(high, bounds[1])), len(values), clipped)
 
 
 @dataclass
@@ -87,7 +96,8 @@ class Row:
 
 
 def show(value: Optional[Estimate], unit: str, signed: bool = False, n: bool = True) -> str:
-    """`71.2% [68.0, 74.4] (n = 3)`, or `71.2% (n = 1)`; differences of fractions are in points."""
+    """`71.2% [68.0, 74.4] (n = 3)`, `98.0% [93.1, 100.0] clipped (n = 3)`, or `71.2% (n = 1)`; differences of
+    fractions are in points."""
     if value is None:
         return "–"
 
@@ -102,6 +112,7 @@ def show(value: Optional[Estimate], unit: str, signed: bool = False, n: bool = T
 
     suffix = (" points" if signed else "%") if unit == "pct" else ""
     interval = f" [{number(value.low, False)}, {number(value.high, False)}]" if value.low is not None else ""
+    interval += " clipped" if value.clipped else ""  # to the values the quantity can take
     return f"{number(value.mean)}{suffix}{interval}" + (f" (n = {value.n})" if n else "")
 
 
@@ -112,13 +123,15 @@ def p_value(p: Optional[float]) -> str:
     return f"= {p:.2g}" if p >= 1e-4 else "< 0.0001"
 
 
-def compare(metric: str, unit: str, a: dict[int, float], b: dict[int, float], labels: tuple[str, str]) -> Row:
+def compare(metric: str, unit: str, a: dict[int, float], b: dict[int, float], labels: tuple[str, str],
+            bounds: tuple[float, float] = UNBOUNDED) -> Row:
     """A vs B over seeds (seed -> value): a paired t-test when both ran the same seeds, else Welch's t-test;
-    none when a side has one seed. The difference A − B comes with the test's 95% interval."""
+    none when a side has one seed. The difference A − B comes with the test's 95% interval (not clipped to
+    `bounds`, which are A's and B's own)."""
     from scipy import stats
 
     xs, ys = np.array(list(a.values()), dtype=np.float64), np.array(list(b.values()), dtype=np.float64)
-    row = Row(metric, unit, estimate(xs), estimate(ys), labels=labels)
+    row = Row(metric, unit, estimate(xs, bounds), estimate(ys, bounds), labels=labels)
     if len(xs) < 2 or len(ys) < 2:
         row.difference = Estimate(row.a.mean - row.b.mean, None, None, min(len(xs), len(ys)))
         row.note = SINGLE
@@ -158,16 +171,16 @@ def _last(column: str, fallback: str = "") -> Callable:
     return value
 
 
-# What each group summarises: name, unit, value of one run (a bnprobe.report.Run).
-METRICS: tuple[tuple[str, str, Callable], ...] = (
-    ("test accuracy", "pct", lambda run: run.test_acc),
-    ("train accuracy", "pct", lambda run: run.train_acc),
-    ("gap (train − test accuracy)", "pct", lambda run: run.gap),
-    ("best-epoch − final test accuracy", "pct", best_minus_final),
-    ("test loss", "number", _last("test_loss")),
-    ("train loss", "number", _last("train_eval_loss", "train_loss")),
+# What each group summarises: name, unit, value of one run (a bnprobe.report.Run), the values it can take.
+METRICS: tuple[tuple[str, str, Callable, tuple[float, float]], ...] = (
+    ("test accuracy", "pct", lambda run: run.test_acc, FRACTION),
+    ("train accuracy", "pct", lambda run: run.train_acc, FRACTION),
+    ("gap (train − test accuracy)", "pct", lambda run: run.gap, (-1.0, 1.0)),
+    ("best-epoch − final test accuracy", "pct", best_minus_final, FRACTION),
+    ("test loss", "number", _last("test_loss"), NON_NEGATIVE),
+    ("train loss", "number", _last("train_eval_loss", "train_loss"), NON_NEGATIVE),
 )
-METRIC = {name: (unit, value) for name, unit, value in METRICS}
+METRIC = {name: (unit, value, bounds) for name, unit, value, bounds in METRICS}
 
 
 @dataclass
@@ -194,7 +207,8 @@ class Group:
         return {run.seed: v for run in self.runs if math.isfinite(v := value(run))}
 
     def summary(self) -> dict[str, Estimate]:
-        return {name: estimate(list(values.values())) for name, _, _ in METRICS if (values := self.values(name))}
+        return {name: estimate(list(values.values()), bounds)
+                for name, _, _, bounds in METRICS if (values := self.values(name))}
 
 
 def group_runs(runs: Sequence) -> list[Group]:
@@ -241,7 +255,7 @@ def _compare_groups(kind: str, a: Group, b: Group, metrics: Sequence[str], what:
     for metric in metrics:
         xs, ys = a.values(metric), b.values(metric)
         if xs and ys:
-            finding.rows.append(compare(metric, METRIC[metric][0], xs, ys, what))
+            finding.rows.append(compare(metric, METRIC[metric][0], xs, ys, what, METRIC[metric][2]))
     return finding
 
 
@@ -349,7 +363,7 @@ def gradient_ratio(group: Group, bn_group: str) -> Optional[Row]:
     if not ratios:
         return None
     what = {"bn_gamma": "γ", "bn_beta": "β"}[bn_group]
-    row = Row(f"mean |grad| of BN {what} / conv weights", "number", estimate(ratios))
+    row = Row(f"mean |grad| of BN {what} / conv weights", "number", estimate(ratios, NON_NEGATIVE))
     if len(ratios) < 2:
         row.note = SINGLE
     else:

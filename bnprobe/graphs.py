@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bnprobe.config import TrainConfig
+from bnprobe.errors import first_line
 from bnprobe.evaluate import autocast
 from bnprobe.telemetry import GradientRecorder
 
@@ -159,9 +160,7 @@ class TrainStep:
             try:
                 replay = self.graphs.capture(lambda: self._step(static_x, static_y, scratch, capturing=True))
             except Exception as exc:  # noqa: BLE001 - whatever the capture refused, eager takes this step on
-                text = str(exc).strip()
-                reason = text.splitlines()[0][:300] if text else type(exc).__name__
-                self.console.print(f"[yellow]warning: CUDA graph capture failed ({escape(reason)}); "
+                self.console.print(f"[yellow]warning: CUDA graph capture failed ({escape(first_line(exc))}); "
                                    f"training continues eagerly", soft_wrap=True)
                 self.graphs = None
                 self.replays.clear()

@@ -25,7 +25,7 @@ import torch.nn as nn
 from bnprobe import models, runs
 from bnprobe.config import TrainConfig, check_device
 from bnprobe.data import DeviceDataset, fixed_subset, get_dataset_spec, load_dataset
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 from bnprobe.evaluate import resolve_device
 from bnprobe.runs import read_checkpoint  # noqa: F401  (re-exported: one reader for every checkpoint)
@@ -200,7 +200,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
     except BnprobeError:
         raise
     except USER_CODE_FAILURES as exc:  # the user's module failed to import: say so in one line
-        raise BnprobeError(f"--model: importing {location} failed: {type(exc).__name__}: {_first_line(exc)}")
+        raise BnprobeError(f"--model: importing {location} failed: {first_line(exc, typed=True)}")
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise BnprobeError(f"--model: {location} has no callable {name!r}")
@@ -213,7 +213,7 @@ def build_from_factory(spec: str, model_args: Sequence[str]) -> nn.Module:
     try:
         model = factory(**kwargs)
     except USER_CODE_FAILURES as exc:  # the user's factory failed: one line, no traceback
-        raise BnprobeError(f"--model: {spec}({_kwargs_text(kwargs)}) raised {type(exc).__name__}: {_first_line(exc)}")
+        raise BnprobeError(f"--model: {spec}({_kwargs_text(kwargs)}) raised {first_line(exc, typed=True)}")
     if not isinstance(model, nn.Module):
         raise BnprobeError(f"--model: {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -221,11 +221,6 @@ def build_from_factory(spec: str, model_args: Sequence[str]) -> nn.Module:
 
 def _kwargs_text(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
 
 
 # ---- normalisation -------------------------------------------------------------------------------
@@ -403,7 +398,7 @@ def check_forward(model: nn.Module, x: torch.Tensor, label: str, dataset: str) -
             out = model(x)
     except USER_CODE_FAILURES as exc:
         raise BnprobeError(
-            f"{label} fails on {dataset} images of shape {tuple(x.shape[1:])}: {type(exc).__name__}: {_first_line(exc)}"
+            f"{label} fails on {dataset} images of shape {tuple(x.shape[1:])}: {first_line(exc, typed=True)}"
         )
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise BnprobeError(f"{label} must return class scores of shape (batch, classes); got {getattr(out, 'shape', type(out))}")

@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator
 
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 
 PER_LETTER = ("dx", "dy", "rotate", "letter-spacing", "word-spacing", "textLength")
 
@@ -25,8 +25,7 @@ def weasyprint():
     except ImportError:
         raise BnprobeError("PDF output needs WeasyPrint (a bnprobe dependency): pip install weasyprint, or write .html")
     except OSError as exc:  # the Python package is there, its system libraries (Pango) are not
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BnprobeError(f"WeasyPrint cannot load its system libraries ({reason}); install Pango, or write .html")
+        raise BnprobeError(f"WeasyPrint cannot load its system libraries ({first_line(exc)}); install Pango, or write .html")
     return weasyprint
 
 

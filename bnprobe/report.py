@@ -32,9 +32,10 @@ import numpy as np
 import bnprobe
 from bnprobe import pdf, schema
 from bnprobe.atomic import atomic_write
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
 from bnprobe.formats import CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES, METRICS_FILE, RUN_FILES, TELEMETRY_FILE
+from bnprobe.lock import locked
 from bnprobe.measures import fraction_below
 from bnprobe.options import REPORT_TAUS, parse_sweep
 
@@ -265,11 +266,6 @@ def parse_taus(text: str) -> list[float]:
     return parse_sweep(text, "--taus")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -367,7 +363,7 @@ def _read_telemetry(run: Run, path: Path, use_epochs: bool) -> None:
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
     except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
-        raise RunSkipped(f"telemetry.h5 is damaged ({_first_line(exc)})")
+        raise RunSkipped(f"telemetry.h5 is damaged ({first_line(exc)})")
 
 
 def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
@@ -437,7 +433,7 @@ def _check_checkpoint(run_dir: Path) -> None:
             with zipfile.ZipFile(path):
                 pass
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise RunSkipped(f"checkpoint.pt is truncated or damaged (not a complete zip archive: {_first_line(exc)})")
+            raise RunSkipped(f"checkpoint.pt is truncated or damaged (not a complete zip archive: {first_line(exc)})")
 
 
 def _read_checkpoint_fallback(run: Run) -> None:
@@ -487,7 +483,7 @@ def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
     except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
-        raise RunSkipped(f"damaged {kind or 'HDF5'} file ({_first_line(exc)})")
+        raise RunSkipped(f"damaged {kind or 'HDF5'} file ({first_line(exc)})")
 
 
 def _read_ablation(f, name: str) -> Ablation:
@@ -628,7 +624,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
             collection.skipped.append(Skipped(name, str(reason)))
             continue
         except Exception as exc:  # noqa: BLE001 -- as in _read_and_draw: one file, not the report
-            collection.skipped.append(Skipped(name, f"could not be read ({type(exc).__name__}: {_first_line(exc)})"))
+            collection.skipped.append(Skipped(name, f"could not be read ({first_line(exc, typed=True)})"))
             continue
         if isinstance(result, Ablation):
             result.run = _owner(path, result.checkpoint, collection.runs)
@@ -664,7 +660,7 @@ def _read_and_draw(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> R
     except RunSkipped as reason:
         return Skipped(name, str(reason))
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw must cost one run, not the report
-        return Skipped(name, f"could not be read or drawn ({type(exc).__name__}: {_first_line(exc)})")
+        return Skipped(name, f"could not be read or drawn ({first_line(exc, typed=True)})")
     return run
 
 
@@ -927,9 +923,13 @@ def check_output(output: Path) -> str:
     except (FileNotFoundError, NotADirectoryError):  # told apart below
         pass
     except OSError as exc:
-        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
     if output.is_dir():
         raise BnprobeError(f"cannot write {output}: it is a directory")
+    run = _run_holding(output)
+    if run is not None:
+        raise BnprobeError(f"will not write {output} inside run directory {run} (train --overwrite would refuse "
+                           f"a run holding files it did not write); name an output outside it")
     if os.path.lexists(output) and not _is_report(output, kind):
         raise BnprobeError(f"will not replace {output}: it is not a report bnprobe wrote; "
                            f"name another output file")
@@ -940,12 +940,26 @@ def check_output(output: Path) -> str:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
+        raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
     if not os.access(parent, os.W_OK | os.X_OK) or (output.exists() and not os.access(output, os.W_OK)):
         raise BnprobeError(f"cannot write {output} (permission denied)")
     if kind == "pdf":
         pdf.weasyprint()
     return kind
+
+
+def _run_holding(output: Path) -> Optional[Path]:
+    """The run directory `output` would be written in, if any: a folder above it whose config.json reads as a
+    run's settings (the test runs.is_run makes, without torch), not merely a file of that name."""
+    parent = Path(output).parent.resolve()  # through links: a linked folder may lie inside a run
+    for folder in (parent, *parent.parents):
+        try:
+            config = schema.read_config(folder / CONFIG_FILE)  # a FIFO or device is refused unopened
+        except BnprobeError:
+            continue
+        if "model" in config and "dataset" in config:
+            return folder
+    return None
 
 
 def _is_report(path: Path, kind: str) -> bool:
@@ -974,36 +988,37 @@ def write_report(
     on_progress: Optional[Callable[[str], None]] = None,
 ) -> ReportSummary:
     """Walk `runs_dirs` (a directory of runs, a run directory, or several), render the report, write `output`
-    (.html or .pdf) atomically."""
+    (.html or .pdf) atomically, holding the lock beside it (one report writer per output)."""
     started = time.perf_counter()
-    kind = check_output(output)
-    from bnprobe import findings as statistics
+    kind = check_output(output)  # a bad name or place is answered as such, before the lock beside it is taken
+    with locked(output, str(output)):
+        from bnprobe import findings as statistics
 
-    findings_json = statistics.json_path(output)
-    statistics.check_json_output(findings_json)
-    templates = find_templates(templates)
-    template_environment(templates)  # fail on missing templates before reading anything
-    say = on_progress or (lambda message: None)
-    roots = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(r) for r in runs_dirs]
-    collection = collect(roots, include_unfinished, taus=taus, jobs=jobs or default_jobs())
-    say(f"read {len(collection.runs)} runs, {len(collection.ablations)} ablations and {len(collection.probes)} "
-        f"probes, and drew each run's figure")
-    figures = build_figures(collection, taus)
-    say("drew the figures across runs")
-    findings = statistics.findings_of(collection.runs)
-    html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
-                       templates=templates, figures=figures, findings=findings)
-    pages = None
-    try:
-        if kind == "html":
-            atomic_write(output, lambda f: f.write(html.encode("utf-8")))
-        else:
-            document = pdf.render(html, str(templates))
-            pages = len(document.pages)
-            atomic_write(output, lambda f: pdf.write(document, f))
-    except OSError as exc:
-        raise BnprobeError(f"cannot write {output} ({exc.strerror or _first_line(exc)})")
-    statistics.write_json(findings, findings_json)
-    return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
-                         len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),
-                         findings_json)
+        findings_json = statistics.json_path(output)
+        statistics.check_json_output(findings_json)
+        templates = find_templates(templates)
+        template_environment(templates)  # fail on missing templates before reading anything
+        say = on_progress or (lambda message: None)
+        roots = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(r) for r in runs_dirs]
+        collection = collect(roots, include_unfinished, taus=taus, jobs=jobs or default_jobs())
+        say(f"read {len(collection.runs)} runs, {len(collection.ablations)} ablations and {len(collection.probes)} "
+            f"probes, and drew each run's figure")
+        figures = build_figures(collection, taus)
+        say("drew the figures across runs")
+        findings = statistics.findings_of(collection.runs)
+        html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
+                           templates=templates, figures=figures, findings=findings)
+        pages = None
+        try:
+            if kind == "html":
+                atomic_write(output, lambda f: f.write(html.encode("utf-8")))
+            else:
+                document = pdf.render(html, str(templates))
+                pages = len(document.pages)
+                atomic_write(output, lambda f: pdf.write(document, f))
+        except OSError as exc:
+            raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
+        statistics.write_json(findings, findings_json)
+        return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
+                             len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),
+                             findings_json)

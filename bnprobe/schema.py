@@ -24,7 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from bnprobe.config import check_types
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
                              TELEMETRY_FORMAT)
 
@@ -122,7 +122,7 @@ def open_h5(path: Path, format: Optional[str] = None):
     try:
         f = h5py.File(read_view(path), "r")  # through a pending journal, if a kill interrupted an update
     except OSError as exc:
-        raise BnprobeError(f"{path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
+        raise BnprobeError(f"{path} is not a readable HDF5 file ({first_line(exc)})") from None
     if format is not None and file_format(f) != format:
         f.close()
         raise BnprobeError(f"{path} is not a {format} file")
@@ -223,7 +223,7 @@ class Layout:
         try:
             return self.f[path]
         except (KeyError, ValueError, OSError, TypeError) as exc:
-            self.fail(f"/{path} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            self.fail(f"/{path} cannot be read ({first_line(exc)})")
 
 
 @dataclass

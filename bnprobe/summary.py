@@ -100,11 +100,17 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
                 per_tensor = np.full(len(names), np.nan)
                 per_tensor[trainable] = steps["grad_abs_mean"][in_last, :][:, trainable].mean(axis=0)
                 order = [i for i in np.argsort(per_tensor) if trainable[i]]
-                extremes = _table(f"Largest and smallest mean |grad| per tensor (top {top})", "tensor", "mean |grad|")
-                for i in order[::-1][:top]:
-                    extremes.add_row(escape(names[i]), f"{per_tensor[i]:.3e}")
-                extremes.add_section()
-                for i in order[:top]:
-                    extremes.add_row(escape(names[i]), f"{per_tensor[i]:.3e}")
+                if 2 * top >= len(order):  # the two lists would share tensors: each one once instead
+                    title = f"Mean |grad| of all {len(order)} trainable tensors, largest first"
+                    sections = [order[::-1]]
+                else:
+                    title = f"Largest and smallest mean |grad| per tensor (top {top})"
+                    sections = [order[::-1][:top], order[:top]]
+                extremes = _table(title, "tensor", "mean |grad|")
+                for n, section in enumerate(sections):
+                    if n:
+                        extremes.add_section()
+                    for i in section:
+                        extremes.add_row(escape(names[i]), f"{per_tensor[i]:.3e}")
                 parts.append(extremes)
     return Group(*parts)

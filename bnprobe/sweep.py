@@ -33,7 +33,7 @@ from rich.text import Text
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -379,7 +379,7 @@ def submit_sweep(
         executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
         return executor.map_array(train_job, [r.config.to_dict() for r in todo], [str(r.run_dir) for r in todo])
     except Exception as exc:  # sbatch missing or refusing: say it in one line
-        raise BnprobeError(f"submitting {len(todo)} jobs failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+        raise BnprobeError(f"submitting {len(todo)} jobs failed: {first_line(exc)}")
 
 
 def _worker(config_json: str, run_dir: str) -> None:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import TELEMETRY_FILE, TELEMETRY_FORMAT, TELEMETRY_VERSION
 from bnprobe.models import bn_layers
 from bnprobe.store import append_rows, appending_h5, atomic_h5, set_attrs, write_array
@@ -131,8 +131,7 @@ class TelemetryWriter:
                 with appending_h5(self.path) as f:
                     _truncate_to_epoch(f, epochs_done)
             except (OSError, KeyError, TypeError) as exc:  # h5py's answers for a cut-short or foreign file
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise BnprobeError(f"cannot resume: {self.path} is damaged ({reason}); move it aside to resume "
+                raise BnprobeError(f"cannot resume: {self.path} is damaged ({first_line(exc)}); move it aside to resume "
                                    f"without the telemetry recorded so far")
             return
         with atomic_h5(self.path, **FILE_OPTIONS) as f:

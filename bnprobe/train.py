@@ -26,7 +26,7 @@ from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.data import DeviceDataset, DeviceLoader, fixed_subset, load_dataset
 from bnprobe.distributed import Process, augmentation_seed, sum_over_processes
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
 from bnprobe.graphs import TrainStep, graph_backend
@@ -128,7 +128,7 @@ def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: tor
              generator: torch.Generator, device: torch.device) -> None:
     """Load a checkpoint that runs.check_checkpoint passed into this run's model, optimizer and RNGs: every
     tensor's shape is compared with what it goes into first, so a state that does not fit is one line."""
-    from bnprobe.loading import _first_line, load_state_strict
+    from bnprobe.loading import load_state_strict
 
     load_state_strict(model, state["model"], path, "this run's model")
     misfit = BnprobeError(f"{path}: its optimizer state does not fit this run's trainable tensors")
@@ -151,7 +151,7 @@ def _restore(state: dict[str, Any], path: Path, model: nn.Module, optimizer: tor
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:  # torch's own checks of these states
-        raise BnprobeError(f"{path}: its optimizer or RNG state cannot be restored ({_first_line(exc)})")
+        raise BnprobeError(f"{path}: its optimizer or RNG state cannot be restored ({first_line(exc)})")
 
 
 def _other_process_count(run_dir: Path, stored: int, given: int) -> str:

@@ -244,6 +244,24 @@ def test_results_to_a_folder_or_an_unwritable_place_are_one_line(capsys, tmp_pat
     assert not list(tmp_path.glob("**/.*.tmp"))
 
 
+def test_a_report_is_never_written_inside_a_run(capsys, tmp_path):
+    # It was, with its findings JSON beside it, and `train --overwrite` then refused the run for foreign files.
+    run = tmp_path / "r"
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r")[0] == 0
+    before = sorted(p.name for p in run.iterdir())
+    (tmp_path / "link").symlink_to(run)
+    for output in (run / "x.html", run / "sub" / "x.pdf", tmp_path / "link" / "x.html"):
+        code, _, err = run_cli(capsys, "report", tmp_path, "-o", output, "--jobs", "1")
+        assert_one_line_error(code, err, f"will not write {output} inside run directory {run} (")
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written, no folder or lock left
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r", "--overwrite")[0] == 0
+    notes = tmp_path / "notes"  # a config.json that is not a run's settings makes no run
+    notes.mkdir()
+    (notes / "config.json").write_text("{}")
+    assert run_cli(capsys, "report", run, "-o", notes / "x.html", "--jobs", "1")[0] == 0
+    assert (notes / "x.html").is_file() and (notes / "x.findings.json").is_file()
+
+
 @pytest.mark.parametrize("command,victim,pattern", [
     ("probe", "checkpoint.pt", "it is not a file bnprobe wrote"),
     ("ablate", "telemetry.h5", "it is a bnprobe-telemetry file"),
@@ -254,15 +272,17 @@ def test_results_to_a_folder_or_an_unwritable_place_are_one_line(capsys, tmp_pat
 def test_an_output_never_replaces_a_file_of_another_kind(capsys, tmp_path, command, victim, pattern):
     run = tmp_path / "r"
     assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r")[0] == 0
-    if victim.startswith("metrics."):  # the user's own page or paper beside the run
-        (run / victim).write_text("<html><body>my notes</body></html>")
+    target = run / victim
+    if victim.startswith("metrics."):  # the user's own page or paper beside the run (a report is never inside)
+        target = tmp_path / victim
+        target.write_text("<html><body>my notes</body></html>")
     argv = {"probe": ["probe", run, "--images", "50"],
             "ablate": ["ablate", run, "--clamp-gamma", "0.1", "--test-subset", "50", "--no-train"],
             "report": ["report", run, "--jobs", "1"]}[command]
-    before = (run / victim).read_bytes()
-    code, _, err = run_cli(capsys, *argv, "--output" if command == "report" else "--out", run / victim)
-    assert_one_line_error(code, err, f"will not replace {run / victim}: {pattern}")
-    assert (run / victim).read_bytes() == before
+    before = target.read_bytes()
+    code, _, err = run_cli(capsys, *argv, "--output" if command == "report" else "--out", target)
+    assert_one_line_error(code, err, f"will not replace {target}: {pattern}")
+    assert target.read_bytes() == before
     if not victim.endswith(".pdf"):  # an earlier result of the same kind is replaced
         same = tmp_path / ("again.html" if command == "report" else "again.h5")
         for _ in range(2):

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from rich.console import Console
 from scipy import stats
 
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
-from bnprobe.findings import SINGLE, compare, estimate, findings_of, json_path, show, write_json
+from bnprobe.findings import (FRACTION, NON_NEGATIVE, SINGLE, Estimate, compare, estimate, findings_of,
+                              json_path, show, write_json)
 from bnprobe.report import Run, model_depth
 from cli_helpers import assert_one_line_error, run_cli
+from probe_helpers import single_thread, tiny_config  # noqa: F401 - autouse: one thread for tiny models
 
 DEFAULT = TrainConfig(dataset="digits").to_dict()
 
@@ -53,6 +54,34 @@ def test_estimate_is_the_student_t_interval():
     assert (single.low, single.high, single.n) == (None, None, 1)
     assert show(single, "pct") == "70.0% (n = 1)"
     assert show(estimate([0.5, 0.5]), "pct") == "50.0% [50.0, 50.0] (n = 2)"  # no spread: no NaN
+
+
+def test_intervals_of_bounded_quantities_are_clipped_and_say_so(tmp_path):
+    # With two seeds an accuracy's t-interval reached below 0% (and the gap's above 100 points).
+    runs = [fake_run(0, [0.0], freeze="non-bn"), fake_run(1, [0.02], freeze="non-bn"),
+            fake_run(0, [0.5], freeze="none"), fake_run(1, [0.9], freeze="none")]
+    result = findings_of(runs)
+    bn_only = result.groups[0].summary()
+    low, high = hand_interval([0.0, 0.02])
+    assert low < 0 and bn_only["test accuracy"] == Estimate(0.01, 0.0, pytest.approx(high), 2, clipped=True)
+    assert show(bn_only["test accuracy"], "pct") == f"1.0% [0.0, {100 * high:.1f}] clipped (n = 2)"
+    low, high = hand_interval([0.9, 0.88])  # train 0.9 − test
+    assert high > 1 and bn_only["gap (train − test accuracy)"] == Estimate(
+        pytest.approx(0.89), pytest.approx(low), 1.0, 2, clipped=True)
+    loss = bn_only["test loss"]  # 1 − test accuracy: above 1 is a loss like any other
+    assert (loss.low, loss.high) == pytest.approx(hand_interval([1.0, 0.98])) and not loss.clipped
+    assert estimate([0.1, 0.5], NON_NEGATIVE).low == 0 and estimate([0.4, 0.5, 0.6], FRACTION).clipped is False
+    [finding] = result.findings
+    accuracy = finding.rows[0]
+    assert accuracy.a.clipped and "clipped" in accuracy.sentence
+    d = [0.0 - 0.5, 0.02 - 0.9]  # a difference is not bounded by its sides' range: left as it is
+    assert (accuracy.difference.low, accuracy.difference.high) == pytest.approx(hand_interval(d))
+    assert accuracy.difference.low < -1 and not accuracy.difference.clipped
+    write_json(result, tmp_path / "f.json")
+    stored = json.loads((tmp_path / "f.json").read_text())
+    assert stored["groups"][0]["summary"]["test accuracy"]["clipped"] is True
+    assert stored["groups"][0]["summary"]["test loss"]["clipped"] is False
+    assert stored["findings"][0]["rows"][0]["a"]["low"] == 0 and stored["findings"][0]["rows"][0]["a"]["clipped"]
 
 
 def test_welch_when_seeds_differ_paired_when_they_match():
@@ -190,8 +219,7 @@ def test_one_seed_claims_nothing(tmp_path):
     write_json(result, tmp_path / "f.json")  # its own earlier file: replaced
 
 
-TINY = dict(model="resnet8", dataset="digits", epochs=1, batch_size=64, subset=200, test_subset=100,
-            train_eval_subset=100, device="cpu", milestones="")
+TINY = dict(epochs=1, subset=200, test_subset=100, train_eval_subset=100, lr=0.1)  # tiny_config, one short epoch
 
 
 @pytest.fixture(scope="module")
@@ -199,15 +227,10 @@ def seeded_runs(tmp_path_factory) -> Path:
     from bnprobe.train import train
 
     root = tmp_path_factory.mktemp("findings") / "runs"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for seed in (0, 1):
-            for freeze in ("none", "non-bn"):
-                config = TrainConfig(**TINY, seed=seed, freeze=freeze).resolved()
-                train(config, root / config.run_name(), console=Console(file=io.StringIO()))
-    finally:
-        torch.set_num_threads(threads)
+    for seed in (0, 1):
+        for freeze in ("none", "non-bn"):
+            config = tiny_config(**TINY, seed=seed, freeze=freeze).resolved()
+            train(config, root / config.run_name(), console=Console(file=io.StringIO()))
     return root
 
 
@@ -222,7 +245,10 @@ def test_findings_command_and_report_on_real_runs(capsys, seeded_runs, tmp_path)
     accuracies = [json.loads((seeded_runs / name / "metrics.json").read_text())[-1]["test_acc"]
                   for name in group["runs"]]
     assert group["seeds"] == [0, 1] and group["summary"]["test accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
-    assert [group["summary"]["test accuracy"][k] for k in ("low", "high")] == pytest.approx(hand_interval(accuracies))
+    low, high = hand_interval(accuracies)  # two seeds: often past 0% or 100%, then clipped to them
+    summary = group["summary"]["test accuracy"]
+    assert [summary["low"], summary["high"]] == pytest.approx(np.clip([low, high], 0, 1))
+    assert summary["clipped"] == (low < 0 or high > 1)
 
     code, out, err = run_cli(capsys, "report", str(seeded_runs), "-o", str(tmp_path / "r.html"))
     assert code == 0, err

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, first_line
 from bnprobe.loading import (
     LoadOptions, build_from_factory, check_forward, extract_state_dict, load_eval_data, load_model,
     parse_model_args, read_checkpoint, resolve_normalization,
@@ -128,6 +128,19 @@ def test_factory_errors_are_one_line(tmp_path):
             build_from_factory(spec, [])
     with pytest.raises(BnprobeError, match=r"raised TypeError"):
         build_from_factory(f"{path}:small_net", ["depth=3"])
+
+
+def test_an_exception_is_quoted_by_its_first_line_or_its_type(tmp_path):
+    # One helper for every message quoting an exception: first line only, capped, the type when there is no text.
+    assert first_line(ValueError("  bad value\nsecond line")) == "bad value"
+    assert first_line(ValueError("x" * 1000)) == "x" * 300
+    assert first_line(KeyError()) == "KeyError" and first_line(OSError(" \n ")) == "OSError"
+    assert first_line(ValueError("bad\nmore"), typed=True) == "ValueError: bad"
+    assert first_line(RuntimeError(), typed=True) == "RuntimeError"  # not "RuntimeError: RuntimeError"
+    (tmp_path / "silent.py").write_text("def make():\n    raise RuntimeError()\n")
+    with pytest.raises(BnprobeError) as caught:
+        build_from_factory(f"{tmp_path}/silent.py:make", [])
+    assert str(caught.value) == f"--model: {tmp_path}/silent.py:make() raised RuntimeError"
 
 
 def test_wrong_architecture_lists_missing_unexpected_and_shapes(tmp_path, user_model):

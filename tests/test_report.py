@@ -472,6 +472,26 @@ def test_bad_input_is_one_line(capsys, tmp_path, runs_root, case, pattern):
     assert not (tmp_path / "r.html").exists() and blocker.read_text() == "not a directory"
 
 
+def test_the_output_is_checked_once_before_its_lock_and_from_python_too(capsys, tmp_path, runs_root, monkeypatch):
+    # The CLI checked it, then write_report again: an existing output's first 64 KB were read twice.
+    from bnprobe import lock, report
+
+    output = tmp_path / "r.html"
+    output.write_text('<html><head><meta name="generator" content="bnprobe 0"></head></html>')  # an earlier report
+    reads, locks = [], []
+    is_report, locked = report._is_report, lock.locked
+    monkeypatch.setattr(report, "_is_report", lambda path, kind: reads.append(path) or is_report(path, kind))
+    monkeypatch.setattr(report, "locked", lambda target, what: locks.append(reads.copy()) or locked(target, what))
+    assert run_cli(capsys, "report", runs_root, "-o", output, "--jobs", "1")[0] == 0
+    assert reads == [output] and locks == [[output]]  # read once, and before the lock was taken
+    assert "<svg" in output.read_text()  # replaced by the new report
+    mine = tmp_path / "mine.html"
+    mine.write_text("my notes")
+    with pytest.raises(BnprobeError, match="will not replace"):  # write_report from Python checks it as well
+        report.write_report(runs_root, mine)
+    assert mine.read_text() == "my notes" and reads == [output, mine] and len(locks) == 1
+
+
 def test_templates_sit_next_to_the_package():
     assert SOURCE_TEMPLATES == Path(bnprobe.__file__).resolve().parents[1] / "templates"
     assert find_templates() == SOURCE_TEMPLATES  # a checkout: its own templates, whatever is installed

@@ -24,10 +24,11 @@ from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
 from bnprobe.report import collect, write_report
 from cli_helpers import assert_one_line_error, run_cli
+from probe_helpers import single_thread, tiny_config  # noqa: F401 - autouse: one thread for tiny models
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(model="resnet8", dataset="digits", epochs=1, batch_size=64, subset=200, test_subset=100,
-            train_eval_subset=100, device="cpu", milestones="", telemetry_every=1)
+# tiny_config, one short epoch, telemetry every epoch
+TINY = dict(epochs=1, subset=200, test_subset=100, train_eval_subset=100, lr=0.1, telemetry_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +36,7 @@ def good_run(tmp_path_factory) -> Path:
     from bnprobe.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "good"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig(**TINY), run_dir, console=Console(file=io.StringIO()))
-    finally:
-        torch.set_num_threads(threads)
+    train(tiny_config(**TINY), run_dir, console=Console(file=io.StringIO()))
     return run_dir
 
 

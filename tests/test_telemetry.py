@@ -169,6 +169,34 @@ def test_inspect_prints_a_summary(full_run, bn_only_run, capsys):
     assert "frozen" in out
 
 
+def test_inspect_top_covering_every_tensor_lists_each_once_sorted(bn_only_run):
+    # With 2 * --top >= the trainable tensors, "largest" and "smallest" listed some tensors twice.
+    with h5py.File(bn_only_run / "telemetry.h5", "r") as f:  # the per-tensor means, found independently
+        epochs = f["steps/epoch"][:]
+        trainable = f["params/trainable"][:].astype(bool)
+        means = f["steps/grad_abs_mean"][:][epochs == epochs[-1]].mean(0)[trainable]
+        shown = {name: f"{mean:.3e}" for name, mean in zip(f["params/name"].asstr()[:][trainable], means)}
+    largest_first = [f"{m:.3e}" for m in sorted(means, reverse=True)]
+
+    def rows(top: int) -> tuple[str, list[tuple[str, str]]]:
+        out = io.StringIO()
+        Console(width=200, file=out, force_terminal=False).print(inspect_run(bn_only_run, top=top))
+        cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.getvalue().splitlines()]
+        return " ".join(out.getvalue().split()), [(c[0], c[1]) for c in cells if len(c) == 2 and c[0] in shown]
+
+    half = (len(shown) + 1) // 2
+    for top in (half, len(shown), 1000):
+        text, listed = rows(top)
+        assert f"Mean |grad| of all {len(shown)} trainable tensors, largest first" in text
+        assert sorted(name for name, _ in listed) == sorted(shown)  # each once
+        assert [value for _, value in listed] == largest_first and all(shown[n] == v for n, v in listed)
+    text, listed = rows(half - 1)  # fewer: the two lists as before, apart
+    assert f"Largest and smallest mean |grad| per tensor (top {half - 1})" in text
+    assert len({name for name, _ in listed}) == len(listed) == 2 * (half - 1)
+    assert [value for _, value in listed] == largest_first[:half - 1] + largest_first[::-1][:half - 1]
+    assert all(shown[n] == v for n, v in listed)
+
+
 def _inspect_copy(full_run, run_dir, data_dir, width, **kwargs) -> str:
     """`bnprobe inspect` of a copy of `full_run` named `run_dir` whose config says `data_dir`, at `width` columns."""
     shutil.copytree(full_run, run_dir)
