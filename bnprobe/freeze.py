@@ -70,10 +70,10 @@ def random_feature_masks(model: nn.Module, per_channel: int, generator: torch.Ge
     return masks
 
 
-def apply_random_features(model: nn.Module, masks: dict[str, torch.Tensor], weight_decay: float) -> int:
+def apply_random_features(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Make the masked elements trainable; return how many. The rest of each tensor stays bit-identical:
-    its gradient is zeroed by a hook, and weight decay is applied inside the hook (the optimizer group of
-    these tensors has none), since SGD's own decay would move the masked-out elements too."""
+    a hook zeroes its gradient, and its weight decay is masked too (bnprobe.regularize.masked_decay_step,
+    after telemetry has recorded the loss gradient alone), since SGD's own decay would move every element."""
     params = dict(model.named_parameters())
     count = 0
     for name, mask in masks.items():
@@ -82,6 +82,6 @@ def apply_random_features(model: nn.Module, masks: dict[str, torch.Tensor], weig
             raise BnprobeError(f"--random-features: {name} already trains whole; choose a --freeze that freezes convs")
         mask = mask.to(param.device)
         param.requires_grad_(True)
-        param.register_hook(lambda grad, p=param, m=mask: (grad + weight_decay * p.detach()) * m)
+        param.register_hook(lambda grad, m=mask: grad * m)
         count += int(mask.sum())
     return count

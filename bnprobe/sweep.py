@@ -182,7 +182,7 @@ def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
     """Timed once per distinct model: the step of `bnprobe train` (the same model, freezing, optimizer and
     loop) on random images of the data set's shape, one batch per call, so the data set need not be here."""
     from bnprobe.data import DeviceLoader, get_dataset_spec, normalization_stats
-    from bnprobe.regularize import gamma_l1_step
+    from bnprobe.regularize import after_backward_steps
     from bnprobe.evaluate import resolve_device
     from bnprobe.graphs import WARMUP_STEPS, TrainStep, graph_backend
     from bnprobe.train import compile_model, train_one_epoch, trainable_model
@@ -194,13 +194,13 @@ def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
     images = torch.randint(0, 256, (config.batch_size, spec.channels, spec.size, spec.size), dtype=torch.uint8,
                            generator=generator, device=device)
     labels = torch.randint(0, spec.num_classes, (config.batch_size,), generator=generator, device=device)
-    model, optimizer, _, _, _ = trainable_model(config, spec.channels, spec.num_classes, device)
+    model, optimizer, masks, _, _ = trainable_model(config, spec.channels, spec.num_classes, device)
     step_model = compile_model(model, device) if config.compile else model
     loader = DeviceLoader(images, labels, *normalization_stats(images, "per-channel"), config.batch_size,
                           shuffle=True, flip=config.flip, translate=config.translate, generator=generator,
                           channels_last=config.channels_last)
     graphs = graph_backend(config, device)
-    step = TrainStep(step_model, optimizer, config.amp, [h for h in [gamma_l1_step(model, config.gamma_l1)] if h],
+    step = TrainStep(step_model, optimizer, config.amp, after_backward_steps(model, config, masks),
                      graphs=graphs)
     for _ in range(1 + (WARMUP_STEPS if graphs is not None else 0)):  # warm-up (and capture)
         train_one_epoch(step_model, loader, optimizer, config.amp, step=step)
