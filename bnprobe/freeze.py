@@ -56,24 +56,36 @@ def apply_freeze(model: nn.Module, mode: str) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+def random_feature_tensor_names(model: nn.Module) -> list[str]:
+    """The tensors --random-features masks: every conv weight, in module order."""
+    return [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+
+
+def gradient_tensor_names(model: nn.Module, mode: str, random_features: int = 0) -> set[str]:
+    """The tensors whose gradient training computes: those `mode` trains, and with --random-features every
+    conv weight whole (a hook then masks it)."""
+    return trainable_parameter_names(model, mode) | set(random_feature_tensor_names(model) if random_features else ())
+
+
 def random_feature_masks(model: nn.Module, per_channel: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """For every conv weight, a bool mask with `per_channel` random elements per output channel."""
+    params = dict(model.named_parameters())
     masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            out_channels, fan_in = module.weight.shape[0], module.weight[0].numel()
-            if per_channel > fan_in:
-                raise BnprobeError(f"--random-features {per_channel} exceeds the {fan_in} weights per channel of {name}")
-            chosen = torch.rand(out_channels, fan_in, generator=generator).topk(per_channel, dim=1).indices
-            mask = torch.zeros(out_channels, fan_in, dtype=torch.bool).scatter_(1, chosen, True)
-            masks[f"{name}.weight"] = mask.view(module.weight.shape)
+    for name in random_feature_tensor_names(model):
+        weight = params[name]
+        out_channels, fan_in = weight.shape[0], weight[0].numel()
+        if per_channel > fan_in:
+            raise BnprobeError(f"--random-features {per_channel} exceeds the {fan_in} weights per channel of {name}")
+        chosen = torch.rand(out_channels, fan_in, generator=generator).topk(per_channel, dim=1).indices
+        mask = torch.zeros(out_channels, fan_in, dtype=torch.bool).scatter_(1, chosen, True)
+        masks[name] = mask.view(weight.shape)
     return masks
 
 
-def apply_random_features(model: nn.Module, masks: dict[str, torch.Tensor], weight_decay: float) -> int:
+def apply_random_features(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Make the masked elements trainable; return how many. The rest of each tensor stays bit-identical:
-    its gradient is zeroed by a hook, and weight decay is applied inside the hook (the optimizer group of
-    these tensors has none), since SGD's own decay would move the masked-out elements too."""
+    a hook zeroes its gradient, and its weight decay is masked too (bnprobe.regularize.masked_decay_step,
+    after telemetry has recorded the loss gradient alone), since SGD's own decay would move every element."""
     params = dict(model.named_parameters())
     count = 0
     for name, mask in masks.items():
@@ -82,6 +94,6 @@ def apply_random_features(model: nn.Module, masks: dict[str, torch.Tensor], weig
             raise BnprobeError(f"--random-features: {name} already trains whole; choose a --freeze that freezes convs")
         mask = mask.to(param.device)
         param.requires_grad_(True)
-        param.register_hook(lambda grad, p=param, m=mask: (grad + weight_decay * p.detach()) * m)
+        param.register_hook(lambda grad, m=mask: grad * m)
         count += int(mask.sum())
     return count

@@ -124,44 +124,77 @@ def _seeds(table: dict[str, Any], path: Path, name: str) -> Optional[list[int]]:
 
 def forward_flops(config: TrainConfig) -> float:
     """Multiply-adds x 2 of one forward pass of one image, counted on the meta device (no memory, no data)."""
-    return _forward_flops(config.model, config.dataset, config.width, config.shortcut, config.bn, config.bn_every)
+    return sum(_layer_flops(*_shape(config)).values())
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_flops(model_name: str, dataset: str, width: int, shortcut: str, bn: str, bn_every: int) -> float:
-    """Counted once per model shape: a grid over seeds, learning rates or epochs has only a few."""
+def _shape(config: TrainConfig) -> tuple[Any, ...]:
+    """The settings that make a model's tensors: a grid over seeds, learning rates or epochs has only a few."""
+    return config.model, config.dataset, config.width, config.shortcut, config.bn, config.bn_every, config.bn_affine_off
+
+
+def _meta_model(model_name: str, dataset: str, width: int, shortcut: str, bn: str, bn_every: int,
+                bn_affine_off: str) -> nn.Module:
+    """The run's model on the meta device: its tensors' names and shapes, no memory (from_config would also
+    reseed torch's global generator)."""
     from bnprobe.data import get_dataset_spec
-    from bnprobe.models import create_model
+    from bnprobe.models import create_model, remove_bn_affine
 
     spec = get_dataset_spec(dataset)
-    total = 0.0
-
-    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += 2.0 * output.numel() * per_output
-        elif isinstance(module, nn.Linear):
-            total += 2.0 * output.numel() * module.in_features
-
     with torch.device("meta"):
         model = create_model(model_name, in_channels=spec.channels, num_classes=spec.num_classes,
                              width=width, shortcut=shortcut, bn=bn, bn_every=bn_every)
-        for module in model.modules():
-            module.register_forward_hook(count)
+    remove_bn_affine(model, bn_affine_off)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_flops(*shape: Any) -> dict[str, float]:
+    """Forward flops of one image per conv and linear layer, by module name; counted once per model shape."""
+    from bnprobe.data import get_dataset_spec
+
+    spec = get_dataset_spec(shape[1])
+    flops: dict[str, float] = {}
+
+    def count(name: str, module: nn.Module, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        elif isinstance(module, nn.Linear):
+            per_output = module.in_features
+        else:
+            return
+        flops[name] = flops.get(name, 0.0) + 2.0 * output.numel() * per_output
+
+    model = _meta_model(*shape)
+    for name, module in model.named_modules():
+        module.register_forward_hook(lambda m, _, output, name=name: count(name, m, output))
+    with torch.device("meta"):
         model(torch.zeros(1, spec.channels, spec.size, spec.size))
-    return total
+    return flops
+
+
+def gradient_tensors(config: TrainConfig) -> frozenset[str]:
+    """The tensors whose gradient training `config` computes, as bnprobe.freeze decides (on the meta device)."""
+    return _gradient_tensors(_shape(config), config.freeze, config.random_features)
+
+
+@functools.lru_cache(maxsize=None)
+def _gradient_tensors(shape: tuple[Any, ...], freeze: str, random_features: int) -> frozenset[str]:
+    from bnprobe.freeze import gradient_tensor_names
+
+    return frozenset(gradient_tensor_names(_meta_model(*shape), freeze, random_features))
 
 
 TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000, "digits": 1_437}
 
 
 def training_flops(config: TrainConfig) -> float:
-    """Forward + backward over every epoch. Backward costs ~2x forward, ~1x when conv weights are frozen
-    (no weight gradients): a first-order estimate, not a measurement."""
+    """Forward + backward over every epoch. Backward: ~1x forward for the input gradients, plus each conv or
+    linear layer's forward again where its weight gradient is computed (a first-order estimate, not a
+    measurement): ~2x forward when everything trains, ~1x when conv weights are frozen."""
     images = config.subset or TRAIN_IMAGES[config.dataset]
-    backward = 1.0 if config.freeze in ("non-bn", "non-bn-output", "all-but-output") else 2.0
-    return forward_flops(config) * (1 + backward) * images * config.epochs
+    layers, weights = _layer_flops(*_shape(config)), gradient_tensors(config)
+    weight_gradients = sum(flops for name, flops in layers.items() if f"{name}.weight" in weights)
+    return (2 * sum(layers.values()) + weight_gradients) * images * config.epochs
 
 
 # What decides the time of one training step: two runs alike in these are one model to calibrate.
@@ -182,7 +215,7 @@ def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
     """Timed once per distinct model: the step of `bnprobe train` (the same model, freezing, optimizer and
     loop) on random images of the data set's shape, one batch per call, so the data set need not be here."""
     from bnprobe.data import DeviceLoader, get_dataset_spec, normalization_stats
-    from bnprobe.regularize import gamma_l1_step
+    from bnprobe.regularize import after_backward_steps
     from bnprobe.evaluate import resolve_device
     from bnprobe.graphs import WARMUP_STEPS, TrainStep, graph_backend
     from bnprobe.train import compile_model, train_one_epoch, trainable_model
@@ -194,13 +227,13 @@ def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
     images = torch.randint(0, 256, (config.batch_size, spec.channels, spec.size, spec.size), dtype=torch.uint8,
                            generator=generator, device=device)
     labels = torch.randint(0, spec.num_classes, (config.batch_size,), generator=generator, device=device)
-    model, optimizer, _, _, _ = trainable_model(config, spec.channels, spec.num_classes, device)
+    model, optimizer, masks, _, _ = trainable_model(config, spec.channels, spec.num_classes, device)
     step_model = compile_model(model, device) if config.compile else model
     loader = DeviceLoader(images, labels, *normalization_stats(images, "per-channel"), config.batch_size,
                           shuffle=True, flip=config.flip, translate=config.translate, generator=generator,
                           channels_last=config.channels_last)
     graphs = graph_backend(config, device)
-    step = TrainStep(step_model, optimizer, config.amp, [h for h in [gamma_l1_step(model, config.gamma_l1)] if h],
+    step = TrainStep(step_model, optimizer, config.amp, after_backward_steps(model, config, masks),
                      graphs=graphs)
     for _ in range(1 + (WARMUP_STEPS if graphs is not None else 0)):  # warm-up (and capture)
         train_one_epoch(step_model, loader, optimizer, config.amp, step=step)

@@ -32,7 +32,7 @@ from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_m
 from bnprobe.graphs import TrainStep, graph_backend
 from bnprobe.lock import locked
 from bnprobe.models import from_config
-from bnprobe.regularize import gamma_l1_step, make_optimizer
+from bnprobe.regularize import after_backward_steps, make_optimizer
 from bnprobe.telemetry import GradientRecorder, TelemetryWriter
 
 
@@ -49,7 +49,7 @@ def trainable_model(
     masks = {}
     if config.random_features:
         masks = random_feature_masks(model, config.random_features, torch.Generator().manual_seed(config.seed + 1))
-        trainable += apply_random_features(model, masks, config.weight_decay)
+        trainable += apply_random_features(model, masks)
     if not trainable:
         raise BnprobeError(f"nothing to train: --freeze {config.freeze} with --bn {config.bn} leaves no trainable tensor")
     return model, make_optimizer(model, config, frozenset(masks)), masks, trainable, total
@@ -349,7 +349,7 @@ def _setup(
     )
     recorder = GradientRecorder(model, config.telemetry_every, len(train_loader), masks)
     recorder.step = start_epoch * len(train_loader)
-    step = TrainStep(step_model, optimizer, config.amp, [h for h in [gamma_l1_step(model, config.gamma_l1)] if h],
+    step = TrainStep(step_model, optimizer, config.amp, after_backward_steps(model, config, masks),
                      recorder if process.main else None, graph_backend(config, device, process.world), console)
     return Training(
         config, run_dir, process, device, console, replacement, dataset, model, step_model, optimizer, generator,

@@ -152,12 +152,12 @@ def test_a_million_run_grid_is_refused_at_once_unless_max_runs_allows_it(tmp_pat
     plan.write_text('[defaults]\ndataset = "digits"\nmodel = "resnet8"\n[[grid]]\nseed = [0, 1, 2]\n')
     code, _, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "2")
     assert_one_line_error(code, err, "plans 3 runs, more than the limit of 2")
-    from bnprobe.sweep import _forward_flops
+    from bnprobe.sweep import _layer_flops
 
-    _forward_flops.cache_clear()
+    _layer_flops.cache_clear()
     code, out, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "3")
     assert code == 0 and "3 runs" in out, err
-    assert _forward_flops.cache_info().misses == 1  # one model shape: its cost is counted once
+    assert _layer_flops.cache_info().misses == 1  # one model shape: its cost is counted once
     assert not (tmp_path / "runs").exists()
 
 

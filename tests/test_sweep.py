@@ -7,7 +7,8 @@ from rich.console import Console
 from bnprobe import runs
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
-from bnprobe.sweep import duration, forward_flops, plan_table, read_plan, si_number, training_flops
+from bnprobe.formats import FREEZE_MODES
+from bnprobe.sweep import duration, forward_flops, gradient_tensors, plan_table, read_plan, si_number, training_flops
 from cli_helpers import assert_one_line_error, run_cli
 
 PLAN = """
@@ -182,6 +183,34 @@ def test_duration(seconds, text):
 def test_flop_count_of_resnet20_matches_hand_count():
     # stem, 3 stages of 6 convs (first of stages 2-3 strided), two 1x1 shortcuts, the linear layer: 40,813,184 MACs
     assert forward_flops(TrainConfig(model="resnet20", dataset="cifar10")) == 2 * 40_813_184
+
+
+@pytest.mark.parametrize("freeze,random_features", [(mode, 0) for mode in FREEZE_MODES]
+                         + [(mode, 2) for mode in ("non-bn", "non-bn-output", "all-but-output")])
+def test_the_estimate_computes_the_gradients_training_computes(freeze, random_features):
+    """The cost estimate's tensors with a gradient are those a run of `config` trains (requires_grad after
+    bnprobe.train's freezing and random features), for every freeze mode."""
+    import torch
+
+    from bnprobe.train import trainable_model
+
+    config = TrainConfig(model="resnet8", dataset="digits", freeze=freeze, random_features=random_features,
+                         bn_affine_off="layer1.*", device="cpu").resolved()
+    model = trainable_model(config, 1, 10, torch.device("cpu"))[0]
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert gradient_tensors(config) == trained and trained
+
+
+@pytest.mark.parametrize("changes,weight_gradients", [
+    (dict(freeze="none"), "convs"), (dict(freeze="bn"), "convs"), (dict(freeze="non-bn"), "none"),
+    (dict(freeze="non-bn-output"), "output"), (dict(freeze="all-but-output"), "output"),
+    (dict(freeze="all-but-output", random_features=2), "convs"),  # whole conv weight gradients, then masked
+])
+def test_training_flops_count_weight_gradients_where_they_are_computed(changes, weight_gradients):
+    forward, output = 2 * 40_813_184, 2 * 64 * 10  # resnet20 by hand (above); its 64 -> 10 linear layer
+    backward = forward + {"convs": forward, "none": 0, "output": output}[weight_gradients]
+    config = TrainConfig(model="resnet20", dataset="cifar10", epochs=3, **changes)
+    assert training_flops(config) == (forward + backward) * 50_000 * 3
 
 
 @pytest.mark.parametrize("text,message", [

@@ -258,28 +258,63 @@ def test_inspect_errors(tmp_path, capsys, make, pattern):
 def test_random_features_mean_grad_is_over_the_trained_elements():
     """A --random-features conv trains K elements per output channel; the rest get zero gradient. Its mean
     |grad| (and its group's) is over the trained elements, as for any fully trained tensor, so the baseline's
-    conv gradients compare with BN's fairly."""
-    from bnprobe.freeze import apply_freeze, apply_random_features, random_feature_masks
+    conv gradients compare with BN's fairly. Like every other tensor's, what is recorded is the masked loss
+    gradient alone, without the weight decay the step adds before SGD (checked against an independent
+    backward pass on an unfrozen copy; with this much decay, a recorded decay term would be far off)."""
+    from bnprobe.graphs import TrainStep
+    from bnprobe.regularize import after_backward_steps
     from bnprobe.telemetry import GradientRecorder
+    from bnprobe.train import trainable_model
 
     config = TrainConfig(model="resnet8", dataset="digits", freeze="all-but-output", random_features=2,
-                         device="cpu").resolved()
-    model = from_config(config, 1, 10)
-    apply_freeze(model, config.freeze)
-    masks = random_feature_masks(model, 2, torch.Generator().manual_seed(1))
-    apply_random_features(model, masks, 0.0)
+                         weight_decay=0.05, device="cpu").resolved()
+    model, optimizer, masks, _, _ = trainable_model(config, 1, 10, torch.device("cpu"))
+    reference = from_config(config, 1, 10)
+    reference.load_state_dict(model.state_dict())  # every tensor trains, no hook: the plain loss gradient
     recorder = GradientRecorder(model, 1, 1, masks)
+    step = TrainStep(model, optimizer, after_backward=after_backward_steps(model, config, masks), recorder=recorder)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    F.cross_entropy(model(x), y).backward()
-    recorder.after_backward()
-    _, abs_mean, _ = recorder.drain()
+    step(x, y)
+    F.cross_entropy(reference(x), y).backward()
+    _, abs_mean, l2 = recorder.drain()
+    expected = {n: p.grad * masks[n] if n in masks else p.grad for n, p in reference.named_parameters()}
     params = dict(model.named_parameters())
+    checked = 0
     for i, name in enumerate(recorder.names):
-        if name in masks:
-            grad = params[name].grad
-            assert torch.all(grad[~masks[name]] == 0)
-            assert abs_mean[0, i] == pytest.approx(grad[masks[name]].abs().mean().item(), rel=1e-5)
+        if not params[name].requires_grad:
+            continue
+        trained = int(masks[name].sum()) if name in masks else params[name].numel()
+        assert abs_mean[0, i] == pytest.approx(expected[name].abs().sum().item() / trained, rel=1e-4), name
+        assert l2[0, i] == pytest.approx(expected[name].norm().item(), rel=1e-4), name
+        checked += name in masks
+    assert checked == len(masks) > 0
     conv = [i for i, n in enumerate(recorder.names) if n in masks]
     trained = sum(int(masks[recorder.names[i]].sum()) for i in conv)
-    expected = sum(params[recorder.names[i]].grad.abs().sum().item() for i in conv) / trained
-    assert np.isclose((abs_mean[0, conv] * recorder.trained[conv]).sum() / recorder.trained[conv].sum(), expected)  # the group's weighting
+    group = sum(expected[recorder.names[i]].abs().sum().item() for i in conv) / trained
+    assert np.isclose((abs_mean[0, conv] * recorder.trained[conv]).sum() / recorder.trained[conv].sum(), group)  # the group's weighting
+
+
+def test_random_features_training_is_the_step_it_always_was(tmp_path, monkeypatch):
+    """Recording the loss gradient alone moved the masked tensors' decay out of their gradient hook; the
+    weights trained are bit-identical to those of the hook that added it, (grad + wd * w) * mask, as before."""
+    import bnprobe.train
+
+    config = tiny(freeze="all-but-output", random_features=2, weight_decay=0.05, epochs=1, telemetry_every=0)
+    train(config, tmp_path / "now", console=Console(quiet=True))
+
+    def decay_in_the_hook(model, masks, *_):  # the old path: decay inside the gradient hook, no step after backward
+        params = dict(model.named_parameters())
+        for name, mask in masks.items():
+            p = params[name].requires_grad_(True)
+            p.register_hook(lambda grad, p=p, m=mask: (grad + config.weight_decay * p.detach()) * m)
+        return sum(int(m.sum()) for m in masks.values())
+
+    monkeypatch.setattr(bnprobe.train, "apply_random_features", decay_in_the_hook)
+    monkeypatch.setattr(bnprobe.train, "after_backward_steps", lambda *_: [], raising=False)
+    train(config, tmp_path / "before", console=Console(quiet=True))
+    now, before = (runs.load_checkpoint(runs.checkpoint_path(tmp_path / d))["model"] for d in ("now", "before"))
+    initial = from_config(config, 1, 10).state_dict()
+    assert now.keys() == before.keys()
+    for name in now:
+        assert torch.equal(now[name], before[name]), name
+    assert any(not torch.equal(now[n], initial[n]) for n in now if n.endswith("conv1.weight"))  # the masks trained

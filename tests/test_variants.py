@@ -100,7 +100,7 @@ def test_random_features_need_frozen_convs():
     model = create_model("resnet8")
     masks = random_feature_masks(model, 2, torch.Generator().manual_seed(0))
     with pytest.raises(BnprobeError, match="already trains whole"):
-        apply_random_features(model, masks, 0.0)  # freeze 'none': every conv already trains
+        apply_random_features(model, masks)  # freeze 'none': every conv already trains
 
 
 @pytest.mark.parametrize("changes,message", [
