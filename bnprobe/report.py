@@ -926,7 +926,7 @@ def check_output(output: Path) -> str:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
     if output.is_dir():
         raise BnprobeError(f"cannot write {output}: it is a directory")
-    run = _run_holding(output)
+    run = schema.run_holding(output)
     if run is not None:
         raise BnprobeError(f"will not write {output} inside run directory {run} (train --overwrite would refuse "
                            f"a run holding files it did not write); name an output outside it")
@@ -946,20 +946,6 @@ def check_output(output: Path) -> str:
     if kind == "pdf":
         pdf.weasyprint()
     return kind
-
-
-def _run_holding(output: Path) -> Optional[Path]:
-    """The run directory `output` would be written in, if any: a folder above it whose config.json reads as a
-    run's settings (the test runs.is_run makes, without torch), not merely a file of that name."""
-    parent = Path(output).parent.resolve()  # through links: a linked folder may lie inside a run
-    for folder in (parent, *parent.parents):
-        try:
-            config = schema.read_config(folder / CONFIG_FILE)  # a FIFO or device is refused unopened
-        except BnprobeError:
-            continue
-        if "model" in config and "dataset" in config:
-            return folder
-    return None
 
 
 def _is_report(path: Path, kind: str) -> bool:

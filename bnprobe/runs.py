@@ -47,15 +47,7 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def is_run(run_dir: Path) -> bool:
-    """Whether a folder holds a bnprobe run: a config.json that reads as a TrainConfig naming its model and
-    data set, as bnprobe writes it (not merely a file of that name: `{}` is some other program's)."""
-    try:
-        data = json.loads(config_path(run_dir).read_text())
-        TrainConfig.from_dict(data)
-    except (BnprobeError, OSError, TypeError, ValueError):
-        return False
-    return "model" in data and "dataset" in data
+is_run = schema.is_run  # the one test, torch-free, for the report too
 
 
 def foreign_files(run_dir: Path) -> list[str]:

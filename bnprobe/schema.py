@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bnprobe.config import check_types
+from bnprobe.config import TrainConfig, check_types
 from bnprobe.errors import BnprobeError, first_line
-from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
+from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
                              TELEMETRY_FORMAT)
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
@@ -86,6 +86,24 @@ def read_config(path: Path) -> dict[str, Any]:
         raise BnprobeError(f"{path} does not hold the run's settings (a JSON object), but {_json_type(config)}")
     check_types(config, path)
     return config
+
+
+def is_run(folder: Path) -> bool:
+    """Whether a folder holds a bnprobe run: a config.json that reads as a TrainConfig naming its model and
+    data set, as bnprobe writes it (not merely a file of that name: `{}` is some other program's)."""
+    try:
+        config = read_config(folder / CONFIG_FILE)  # a FIFO or device is refused unopened
+        TrainConfig.from_dict(config)
+    except (BnprobeError, TypeError, ValueError):
+        return False
+    return "model" in config and "dataset" in config
+
+
+def run_holding(path: Path) -> Optional[Path]:
+    """The run directory a file at `path` would be written in, if any (through links: a linked folder may lie
+    inside a run). A run holding files bnprobe did not write is one `train --overwrite` refuses."""
+    parent = Path(path).parent.resolve()
+    return next((folder for folder in (parent, *parent.parents) if is_run(folder)), None)
 
 
 def torch_file_kind(path: Path) -> str:

@@ -253,6 +253,8 @@ def test_a_report_is_never_written_inside_a_run(capsys, tmp_path):
     for output in (run / "x.html", run / "sub" / "x.pdf", tmp_path / "link" / "x.html"):
         code, _, err = run_cli(capsys, "report", tmp_path, "-o", output, "--jobs", "1")
         assert_one_line_error(code, err, f"will not write {output} inside run directory {run} (")
+    code, _, err = run_cli(capsys, "findings", tmp_path, "--json", run / "f.json")  # nor `findings --json`
+    assert_one_line_error(code, err, f"will not write {run / 'f.json'} inside run directory {run} (")
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written, no folder or lock left
     assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r", "--overwrite")[0] == 0
     notes = tmp_path / "notes"  # a config.json that is not a run's settings makes no run

@@ -3,6 +3,7 @@ traceback or a silent exit, and nothing on disk is lost."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -274,3 +275,19 @@ def test_probe_of_a_checkpoint_with_a_damaged_structure_is_one_line(finished_run
     run, _ = _copy_with(finished_run, tmp_path, edit)
     code, _, err = run_cli(capsys, "probe", run, "--device", "cpu", "--images", "20", "--out", tmp_path / "p.h5")
     assert_one_line_error(code, err, message)
+
+
+def test_a_fifo_named_config_json_makes_no_run_and_blocks_nothing(tmp_path):
+    # runs.is_run read config.json with read_text(), which waits forever on a FIFO with no writer.
+    import signal
+
+    from bnprobe import runs, schema
+
+    os.mkfifo(tmp_path / "config.json")
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading a FIFO blocked"))
+    signal.alarm(20)
+    try:
+        assert not runs.is_run(tmp_path) and schema.run_holding(tmp_path / "report.html") is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
