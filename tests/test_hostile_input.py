@@ -149,7 +149,7 @@ def test_a_million_run_grid_is_refused_at_once_unless_max_runs_allows_it(tmp_pat
     started = time.perf_counter()
     code, out, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run")
     assert_one_line_error(code, err, "plans 1,000,000 runs, more than the limit of 10,000; pass --max-runs 1000000")
-    assert time.perf_counter() - started < 5 and not out
+    assert time.perf_counter() - started < 60 and not out  # refused before planning (it took 240 s; a bound, not a speed test)
     plan.write_text('[defaults]\ndataset = "digits"\nmodel = "resnet8"\n[[grid]]\nseed = [0, 1, 2]\n')
     code, _, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "2")
     assert_one_line_error(code, err, "plans 3 runs, more than the limit of 2")
