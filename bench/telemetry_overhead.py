@@ -26,6 +26,7 @@ from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceLoader  # noqa: E402
 from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.freeze import apply_freeze  # noqa: E402
+from bnprobe.graphs import TrainStep  # noqa: E402
 from bnprobe.models import from_config  # noqa: E402
 from bnprobe.telemetry import GradientRecorder  # noqa: E402
 from bnprobe.train import train_one_epoch  # noqa: E402
@@ -59,12 +60,13 @@ def main() -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
     recorder = GradientRecorder(model, args.every, len(loader))
+    steps = {False: TrainStep(model, optimizer, args.amp), True: TrainStep(model, optimizer, args.amp, recorder=recorder)}
 
     def timed(use_recorder: bool) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_one_epoch(model, loader, optimizer, args.amp, after_backward=[recorder.after_backward] if use_recorder else ())
+        train_one_epoch(model, loader, optimizer, args.amp, step=steps[use_recorder])
         if use_recorder:
             recorder.drain()
         if device.type == "cuda":

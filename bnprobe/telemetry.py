@@ -77,14 +77,8 @@ class GradientRecorder:
         self.steps: list[int] = []
         self.step = 0  # global step index, restored on resume
 
-    def after_backward(self) -> None:
-        recording = self.due()
-        if recording:
-            self.record(self.buffer[len(self.steps)])
-        self.advance(recording)
-
-    # The parts of after_backward, for a step captured as a CUDA graph: the graph holds `record` (tensor ops
-    # into a fixed row), Python decides `due` and `advance` around each replay.
+    # bnprobe.graphs.TrainStep takes a recorded step in three parts, so that a CUDA graph can hold `record`
+    # (tensor ops into a fixed row) while Python decides `due` and `advance` around each replay.
     def due(self) -> bool:
         """Whether this step is recorded."""
         return bool(self.every and self.params) and self.step % self.every == 0

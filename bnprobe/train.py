@@ -66,15 +66,13 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     amp: bool = False,
     on_step: Optional[Callable[[], None]] = None,
-    after_backward: Sequence[Callable[[], None]] = (),
     step: Optional[TrainStep] = None,
 ) -> tuple[float, float]:
     """One pass over `loader`; returns the running (train-mode, augmented) loss and accuracy.
 
-    Each batch is one `step` (bnprobe.graphs: kept across epochs, with its graphs and telemetry); by default
-    an eager step of `model`, `optimizer` and `amp`, whose `after_backward` callables run between backward()
-    and the optimizer step, in order."""
-    step = step or TrainStep(model, optimizer, amp, after_backward)
+    Each batch is one `step` (bnprobe.graphs: kept across epochs, with its hooks, graphs and telemetry); by
+    default a plain eager step of `model`, `optimizer` and `amp`."""
+    step = step or TrainStep(model, optimizer, amp)
     model.train()
     step.start_epoch()
     for x, y in loader:
