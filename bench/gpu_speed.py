@@ -15,8 +15,7 @@ not timed). Graph capture's one-time cost is the graphed warm-up epoch's extra t
 Packed: each run's median rate over its later epochs, summed over the runs (the runs are identical and
 started together, so those epochs overlap); also the whole sweep's images / wall clock, start-up included.
 
-When this bnprobe has no `TrainConfig.graphs`, rows are eager only and marked so. On a CPU graphs are off and
-sizes should be tiny (tests/test_bench.py runs it that way).
+On a CPU graphs are off (rows are eager only, marked so) and sizes should be tiny (tests/test_bench.py runs it that way).
 
     python bench/gpu_speed.py                       # CUDA: ~3-4 minutes on an H200
     python bench/gpu_speed.py --json speed.json     # also the numbers as JSON
@@ -25,7 +24,6 @@ sizes should be tiny (tests/test_bench.py runs it that way).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pickle
 import statistics
@@ -46,13 +44,11 @@ from common import device_name, device_or_exit, sync, verdict  # noqa: E402
 from bnprobe import runs  # noqa: E402
 from bnprobe.config import TrainConfig  # noqa: E402
 from bnprobe.data import DeviceDataset, get_dataset_spec, normalization_stats  # noqa: E402
+from bnprobe.errors import first_line  # noqa: E402
 from bnprobe.evaluate import resolve_device  # noqa: E402
 from bnprobe.schema import read_json  # noqa: E402
 from bnprobe.sweep import PlannedRun, run_sweep  # noqa: E402
 from bnprobe.train import train  # noqa: E402
-
-# CUDA-graph capture of the step (issue 14) adds TrainConfig.graphs; without it every row is eager.
-HAS_GRAPHS = "graphs" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 TARGET_RESNET20_BN_ONLY = 50_000  # img/s, graphed, H200, from the issue
 TARGET_RESNET110_RATIO = 3.0  # ResNet-110 BN-only graphed / eager
@@ -62,14 +58,9 @@ TARGET_PACKED_4 = 2.5  # aggregate of 4 packed runs / one run
 CUDA_STEPS = {"resnet20": 200, "resnet110": 40, "resnet866": 8}
 
 
-def with_graphs(config: TrainConfig, graphs: Optional[bool]) -> TrainConfig:
-    """`config` with graphs on or off; None: leave it (a bnprobe without the field trains eager)."""
-    return config if graphs is None else dataclasses.replace(config, graphs=graphs)
-
-
-def graph_modes(cuda: bool) -> list[Optional[bool]]:
-    """The `graphs` settings to time: eager and graphed on CUDA, eager alone on a CPU (None: no such field)."""
-    return [None] if not HAS_GRAPHS else [False, True] if cuda else [False]
+def graph_modes(cuda: bool) -> list[bool]:
+    """The `graphs` settings to time: eager and graphed on CUDA, eager alone on a CPU (graphs are CUDA's)."""
+    return [False, True] if cuda else [False]
 
 
 def synthetic_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,11 +178,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     device = device_or_exit(console, args.device)
     cuda = device.type == "cuda"
     modes = graph_modes(cuda)
-    eager_only = "" if True in modes else ("graphs off on a CPU" if HAS_GRAPHS else "no TrainConfig.graphs here: eager only")
+    eager_only = "" if True in modes else "graphs off on a CPU"
     console.print(f"[bold]torch {torch.__version__} | {device.type}: {device_name(device)} | batch {args.batch_size}"
                   + (f" | {eager_only}" if eager_only else ""))
     result: dict[str, Any] = {"torch": torch.__version__, "device": str(device), "device_name": device_name(device),
-                              "batch_size": args.batch_size, "graphs_available": HAS_GRAPHS, "steps": {}, "rows": [],
+                              "batch_size": args.batch_size, "steps": {}, "rows": [],
                               "packed": []}
     started = time.perf_counter()
     base = dict(dataset="cifar10", batch_size=args.batch_size, device=str(device), milestones="",
@@ -208,13 +199,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 row: dict[str, Any] = {"model": model, "freeze": freeze}
                 for graphs in modes:
                     name = "graphed" if graphs else "eager"
-                    config = with_graphs(TrainConfig(model=model, freeze=freeze, epochs=args.epochs, **base), graphs)
+                    config = TrainConfig(model=model, freeze=freeze, epochs=args.epochs, graphs=graphs, **base)
                     try:
                         row[name] = measure(config, dataset, scratch / f"{model}-{freeze}-{name}")
                         console.print(f"  {model:<10} {freeze:<7} {name:<8} {row[name]['images_per_s']:>10,.0f} img/s "
                                       f"(warm-up epoch {row[name]['warmup_s']:+.1f} s)")
                     except Exception as exc:  # one failing row must not cost the others: the machine time is scarce
-                        row[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+                        row[name] = {"error": first_line(exc, typed=True, limit=200)}
                         console.print(f"  [red]{model} {freeze} {name} failed: {escape(row[name]['error'])}")
                     if cuda:
                         torch.cuda.empty_cache()
@@ -236,8 +227,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             try:
                 planned = []
                 for seed in range(n):
-                    config = with_graphs(TrainConfig(model=args.pack_model, freeze="non-bn", epochs=args.pack_epochs,
-                                                     seed=seed, data_dir=str(data_dir), **base), pack_graphs).resolved()
+                    config = TrainConfig(model=args.pack_model, freeze="non-bn", epochs=args.pack_epochs, seed=seed,
+                                         data_dir=str(data_dir), graphs=pack_graphs, **base).resolved()
                     planned.append(PlannedRun(config, scratch / f"packed-{n}" / config.run_name()))
                 # At least two slots, so that one run too trains in a worker process of its own, as packed ones do.
                 outcome = run_sweep(planned, quiet, None, per_device=max(n, 2))
@@ -255,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 console.print(f"  packed {n}: {entry['aggregate']:>10,.0f} img/s together "
                               f"({', '.join(f'{r:,.0f}' for r in per_run)}); sweep wall clock {wall:.1f} s")
             except Exception as exc:  # as in (a): the other counts still get measured
-                entry["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                entry["error"] = first_line(exc, typed=True, limit=200)
                 console.print(f"  [red]packed {n} failed: {escape(entry['error'])}")
             result["packed"].append(entry)
     result["seconds_total"] = time.perf_counter() - started

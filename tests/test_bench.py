@@ -47,8 +47,6 @@ def test_gpu_speed_reports_graphed_against_eager_rows(tmp_path, monkeypatch, cap
     monkeypatch.setenv("COLUMNS", "250")
     gpu_speed = importlib.import_module("gpu_speed")
     monkeypatch.setattr(gpu_speed, "graph_modes", lambda cuda: [False, True])
-    if not gpu_speed.HAS_GRAPHS:  # before TrainConfig.graphs exists, both rows train the same eager step
-        monkeypatch.setattr(gpu_speed, "with_graphs", lambda config, graphs: config)
     result = gpu_speed.main(["--device", "cpu", "--models", "resnet20,resnet110", "--batch-size", "8", "--steps", "1",
                              "--epochs", "2", "--packed", "", "--json", str(tmp_path / "speed.json")])
     out = capsys.readouterr().out
