@@ -417,10 +417,7 @@ def json_path(report: Path) -> Path:
 def check_json_output(path: Path) -> None:
     """Replace only a findings file (or nothing): never a file bnprobe did not write as one, nor write one
     inside a run directory."""
-    run = schema.run_holding(path)
-    if run is not None:
-        raise BnprobeError(f"will not write {path} inside run directory {run} (train --overwrite would refuse "
-                           f"a run holding files it did not write); name a file outside it")
+    schema.check_outside_runs(path)
     if not os.path.lexists(path):
         return
     try:

@@ -653,15 +653,20 @@ def _read_and_draw(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> R
     try:
         run = read_run(run_dir, name, include_unfinished)
         if taus is not None:
-            from bnprobe.figures import run_figure
-
-            run.figure = run_figure(run, taus, f"run:{name}")
-            run.keep_gamma_summary(taus)  # the arrays stay in this process
+            _draw(run, taus)  # the arrays stay in this process
     except RunSkipped as reason:
         return Skipped(name, str(reason))
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw must cost one run, not the report
         return Skipped(name, f"could not be read or drawn ({first_line(exc, typed=True)})")
     return run
+
+
+def _draw(run: Run, taus: Sequence[float]) -> None:
+    """The run's page figure; then its γ arrays give way to the numbers the report shows of them."""
+    from bnprobe.figures import run_figure
+
+    run.figure = run_figure(run, taus, f"run:{run.name}")
+    run.keep_gamma_summary(taus)
 
 
 def _map(function: Callable, tasks: list, jobs: int) -> list:
@@ -790,8 +795,7 @@ def build_figures(collection: Collection, taus: Sequence[float]) -> dict[str, An
 
     for run in collection.runs:
         if run.figure is None:
-            run.figure = figures.run_figure(run, taus, f"run:{run.name}")
-            run.keep_gamma_summary(taus)
+            _draw(run, taus)
     return {
         "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth"),
         "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation"),
@@ -926,10 +930,7 @@ def check_output(output: Path) -> str:
         raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
     if output.is_dir():
         raise BnprobeError(f"cannot write {output}: it is a directory")
-    run = schema.run_holding(output)
-    if run is not None:
-        raise BnprobeError(f"will not write {output} inside run directory {run} (train --overwrite would refuse "
-                           f"a run holding files it did not write); name an output outside it")
+    schema.check_outside_runs(output)
     if os.path.lexists(output) and not _is_report(output, kind):
         raise BnprobeError(f"will not replace {output}: it is not a report bnprobe wrote; "
                            f"name another output file")

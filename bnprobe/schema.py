@@ -106,6 +106,14 @@ def run_holding(path: Path) -> Optional[Path]:
     return next((folder for folder in (parent, *parent.parents) if is_run(folder)), None)
 
 
+def check_outside_runs(path: Path) -> None:
+    """Refuse, in one line, to write a file of bnprobe's own (a report, its findings) inside a run directory."""
+    run = run_holding(path)
+    if run is not None:
+        raise BnprobeError(f"will not write {path} inside run directory {run} (train --overwrite would refuse "
+                           f"a run holding files it did not write); name a path outside it")
+
+
 def torch_file_kind(path: Path) -> str:
     """What a file's first bytes say torch.save made of it: "zip" (its archive), "pickle" (the legacy format:
     PROTO 0x80 and a protocol number), or "" (anything else, an empty file included), which is never handed
