@@ -30,7 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import (Formatter, FuncFormatter, LogLocator, MaxNLocator,  # noqa: E402
                                NullLocator)
 
-from bnprobe.measures import fraction_below  # noqa: E402
+from bnprobe.measures import GammaDigest  # noqa: E402
 
 SVG_NAMESPACE, XLINK_NAMESPACE = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
 SVG_STYLE, SVG_GROUP, SVG_METADATA, SVG_TITLE, SVG_USE = (
@@ -99,6 +99,24 @@ class SvgFigure:
     @property
     def data_uri(self) -> str:
         return "data:image/svg+xml;base64," + base64.b64encode(self.svg.encode()).decode("ascii")
+
+
+@dataclass
+class LateFigure:
+    """Stands in for a figure that is still being drawn: an empty SVG image of the same size, so that the PDF
+    is laid out meanwhile; bnprobe.pdf.write draws the real figure in its place (see `late` there)."""
+
+    key: str
+    data_uri: str
+
+
+def late_figure(key: str, index: int, height_in: float, width_in: float = PAGE_WIDTH_IN) -> LateFigure:
+    """A stand-in for the figure `key` (unique by `index` in one document), sized as new_figure(height_in)
+    draws it: matplotlib writes a figure's size in points, 72 to the inch."""
+    width, height = 72 * width_in, 72 * height_in
+    svg = (f'<svg xmlns="{SVG_NAMESPACE}" width="{width:g}pt" height="{height:g}pt" viewBox="0 0 {width:g} {height:g}">'
+           f'<desc>late figure {index}</desc></svg>')
+    return LateFigure(key, "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii"))
 
 
 def color_for(key: str, palette: dict[str, str], fallback_index: int) -> str:
@@ -285,15 +303,26 @@ def hover_curve(line, name: str, xs: Sequence[float], ys: Sequence[float], x_nam
 # ---- the per-run page: accuracy curves, gradient magnitudes, γ histogram, fraction |γ| < τ by layer ----
 
 
+RUN_FIGURE_HEIGHT_IN = 5.0
+
+
 def run_figure(run, taus: Sequence[float], key: str) -> SvgFigure:
     """Four panels of one run (a `bnprobe.report.Run`)."""
-    with new_figure(5.0) as fig:
+    with new_figure(RUN_FIGURE_HEIGHT_IN) as fig:
         axes = fig.subplots(2, 2)
         fig.subplots_adjust(left=0.08, right=0.985, bottom=0.085, top=0.95, wspace=0.24, hspace=0.42)
         _accuracy_curves(axes[0, 0], run)
         _gradient_curves(axes[0, 1], run)
-        _gamma_histogram(axes[1, 0], run)
-        _gamma_fraction_by_layer(axes[1, 1], run, taus)
+        gamma = run.gamma_digest(taus)
+        _gamma_histogram(axes[1, 0], gamma)
+        _gamma_fraction_by_layer(axes[1, 1], gamma)
+        return to_svg(fig, key)
+
+
+def failed_figure(key: str, message: str, height_in: float = RUN_FIGURE_HEIGHT_IN) -> SvgFigure:
+    """A figure of `height_in` that says `message` where a figure could not be drawn."""
+    with new_figure(height_in) as fig:
+        empty_panel(fig.subplots(), "", message)
         return to_svg(fig, key)
 
 
@@ -336,27 +365,19 @@ def _gradient_curves(ax, run) -> None:
     ax.legend(loc="best", ncol=2)  # frozen groups are named in the caption: SVG text is slow in WeasyPrint
 
 
-def _gamma_histogram(ax, run) -> None:
+def _gamma_histogram(ax, gamma: Optional[GammaDigest]) -> None:
     title = "BN γ, all layers"
-    if not run.gamma_final:
+    if gamma is None:
         empty_panel(ax, title, "no BatchNorm γ")
         return
-    final = np.concatenate(run.gamma_final)
-    init = np.concatenate(run.gamma_init) if run.gamma_init else None
-    both = final if init is None else np.concatenate([final, init])
-    lo, hi = float(both.min()), float(both.max())
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, 41)
     ax.set_title(title, loc="left")
-    if init is not None:
-        _, _, [patch] = ax.hist(init, bins=edges, histtype="step", color="#7f7f7f", linewidth=1.0,
-                                label="initialisation")
-        hover(patch, _gamma_summary("γ at initialisation", init))
-    # stepfilled: one path, not one rectangle per bin (fewer SVG nodes for WeasyPrint to draw)
-    _, _, [patch] = ax.hist(final, bins=edges, histtype="stepfilled", color="#d62728", alpha=0.7,
-                            label=f"epoch {run.gamma_epoch}")
-    hover(patch, _gamma_summary(f"γ after epoch {run.gamma_epoch}", final))
+    if gamma.init_counts is not None:
+        patch = ax.stairs(gamma.init_counts, gamma.edges, color="#7f7f7f", linewidth=1.0, label="initialisation")
+        hover(patch, gamma.init_summary)
+    # filled: one path, not one rectangle per bin (fewer SVG nodes for WeasyPrint to draw)
+    patch = ax.stairs(gamma.final_counts, gamma.edges, fill=True, color="#d62728", alpha=0.7,
+                      label=f"epoch {gamma.final_epoch}")
+    hover(patch, gamma.final_summary)
     ax.axvline(0, color="black", linewidth=0.6)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
     ax.set_xlabel("γ")
@@ -365,30 +386,24 @@ def _gamma_histogram(ax, run) -> None:
     ax.legend(loc="best")
 
 
-def _gamma_summary(what: str, gamma: np.ndarray) -> str:
-    return (f"{what}: {gamma.size:,} channels, median {np.median(gamma):.3g}, "
-            f"range {gamma.min():.3g} … {gamma.max():.3g}")
-
-
-def _gamma_fraction_by_layer(ax, run, taus: Sequence[float]) -> None:
+def _gamma_fraction_by_layer(ax, gamma: Optional[GammaDigest]) -> None:
     title = "Fraction |γ| < τ by BN layer"
-    if not run.gamma_final:
+    if gamma is None:
         empty_panel(ax, title, "no BatchNorm γ")
         return
     ax.set_title(title, loc="left")
-    layers = np.arange(len(run.gamma_final))
-    fractions = fraction_below(run.gamma_final, taus)  # (L, T); over all layers: in the caption
-    names = run.gamma_layers if len(run.gamma_layers) == len(layers) else [f"layer {k}" for k in layers]
+    fractions, taus = gamma.below, gamma.taus  # (L, T); over all layers: in the caption
+    layers = np.arange(len(fractions))
     for i, tau in enumerate(taus):
         [line] = ax.plot(layers, fractions[:, i], color="#d62728", linestyle=TAU_STYLES[i % len(TAU_STYLES)],
                          marker="o" if len(layers) <= 12 else None, markersize=2.5,
                          alpha=1.0 - 0.2 * (i % 3), label=f"τ = {tau:g}")
         top = int(np.argmax(fractions[:, i]))
-        hover(line, f"|γ| < {tau:g}: highest in {names[top]} ({_percent(fractions[top, i])})",
-              [f"{name}: {_percent(f)} with |γ| < {tau:g}" for name, f in zip(names, fractions[:, i])])
+        hover(line, f"|γ| < {tau:g}: highest in {gamma.layers[top]} ({_percent(fractions[top, i])})",
+              [f"{name}: {_percent(f)} with |γ| < {tau:g}" for name, f in zip(gamma.layers, fractions[:, i])])
     ax.set_xlabel("BN layer (input → output)")
     # Zoomed to the data (at least 0-10%): a curve at 2% is invisible on a 0-100% axis.
-    highest = max(float(np.mean(np.abs(g) < max(taus))) if g.size else 0.0 for g in run.gamma_final)
+    highest = float(fractions[:, int(np.argmax(taus))].max()) if len(layers) else 0.0
     ax.set_ylim(-0.02 * max(0.1, highest), min(1.0, max(0.1, highest * 1.15)) * 1.03)
     ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))

@@ -22,6 +22,7 @@ import sysconfig
 import threading
 import time
 import zipfile
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from bnprobe.errors import BnprobeError, first_line
 from bnprobe.figures import MAX_CURVE_POINTS, window_means
 from bnprobe.formats import CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES, METRICS_FILE, RUN_FILES, TELEMETRY_FILE
 from bnprobe.lock import locked
-from bnprobe.measures import fraction_below
+from bnprobe.measures import GammaDigest, fraction_below, gamma_digest
 from bnprobe.options import REPORT_TAUS, parse_sweep
 
 SOURCE_TEMPLATES = Path(bnprobe.__file__).resolve().parents[1] / "templates"  # a checkout or an editable install
@@ -78,12 +79,13 @@ class Run:
     frozen_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     family: str = ""
-    figure: Any = None  # its page's SvgFigure, drawn by the process that read it
-    # What the tables and captions need of γ once the figure is drawn (see keep_gamma_summary): a deep net's γ
-    # arrays are megabytes, and a report holds hundreds of runs.
+    figure: Any = None  # its page's SvgFigure (or a figures.LateFigure standing in for it while it is drawn)
+    # What the tables, captions and figure need of γ once the arrays are let go (see keep_gamma_summary): a deep
+    # net's γ arrays are megabytes, and a report holds hundreds of runs.
     gamma_count: Optional[int] = None
     gamma_below: dict[float, float] = field(default_factory=dict)
     gamma_had_init: bool = False
+    digest: Optional[GammaDigest] = None
 
     @property
     def model(self) -> str:
@@ -162,8 +164,18 @@ class Run:
             raise ValueError(f"{self.name}: γ was summarised for τ in {sorted(self.gamma_below)}, not {tau}")
         return float(fraction_below(self.gamma_final, [tau], per_layer=False)[0]) if self.gamma_channels else float("nan")
 
+    def gamma_digest(self, taus: Sequence[float]) -> Optional[GammaDigest]:
+        """What the run's figure shows of γ at `taus` (None: the run has no γ)."""
+        if self.gamma_count is None:
+            return gamma_digest(self.gamma_final, self.gamma_init, self.gamma_layers, self.gamma_epoch, taus)
+        if self.digest is not None and self.digest.taus != tuple(float(t) for t in taus):
+            raise ValueError(f"{self.name}: γ was summarised for τ in {list(self.digest.taus)}, not {list(taus)}")
+        return self.digest
+
     def keep_gamma_summary(self, taus: Sequence[float]) -> None:
-        """Replace the γ arrays by the numbers the report shows of them at `taus` (after the figure is drawn)."""
+        """Replace the γ arrays by the numbers the report shows of them at `taus`: in its tables and captions,
+        and in its figure (a digest: histogram counts, fraction per layer)."""
+        self.digest = self.gamma_digest(taus)
         self.gamma_below = {tau: self.fraction_below(tau) for tau in taus}
         self.gamma_count, self.gamma_had_init = self.gamma_channels, self.has_gamma_init
         self.gamma_final, self.gamma_init = [], []
@@ -547,12 +559,13 @@ def _read_probe(f, name: str) -> list[ProbeRow]:
 
 
 def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Optional[Sequence[float]] = None,
-            jobs: int = 1) -> Collection:
+            jobs: int = 1, pool: Optional[Executor] = None) -> Collection:
     """Every run directory under each of `roots` (or the root itself) and every probe/ablation file there,
     read defensively. Names are paths relative to their root, prefixed by the root's name when there are several.
 
-    With `taus`, each run's figure is drawn right after reading it, in the same one of `jobs` processes:
-    reading and drawing are most of a report's time, and the arrays never travel between processes.
+    Runs are read in `pool` (see `workers`), else in `jobs` processes. With `taus`, a run's γ arrays are let go
+    where it was read, for the numbers and the digest the report shows of them at those τ (keep_gamma_summary):
+    what comes back is small, whatever the depth of the net.
     """
     roots = [Path(r) for r in roots]
     for root in roots:
@@ -600,7 +613,14 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
     collection = Collection(roots, [], passed_over, [], [])
     tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
     skipped_runs: dict[Path, Skipped] = {}
-    for (run_dir, *_), outcome in zip(tasks, _map(_read_and_draw, tasks, jobs)):
+    if len(tasks) < 4:  # a few: quicker here than sent to a worker and back
+        outcomes = _map(_read, tasks, None)
+    elif pool is None:
+        with workers(jobs) as own_pool:
+            outcomes = _map(_read, tasks, own_pool)
+    else:
+        outcomes = _map(_read, tasks, pool)
+    for (run_dir, *_), outcome in zip(tasks, outcomes):
         if isinstance(outcome, Run):
             collection.runs.append(outcome)
         else:
@@ -623,7 +643,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         except RunSkipped as reason:
             collection.skipped.append(Skipped(name, str(reason)))
             continue
-        except Exception as exc:  # noqa: BLE001 -- as in _read_and_draw: one file, not the report
+        except Exception as exc:  # noqa: BLE001 -- as in _read: one file, not the report
             collection.skipped.append(Skipped(name, f"could not be read ({first_line(exc, typed=True)})"))
             continue
         if isinstance(result, Ablation):
@@ -648,42 +668,91 @@ def _set_aside_reason(name: str) -> str:
             f"of {name} puts it back, or removes it if the new run has saved a checkpoint")
 
 
-def _read_and_draw(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> Run | Skipped:
+def _read(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> Run | Skipped:
     run_dir, name, include_unfinished, taus = task
     try:
         run = read_run(run_dir, name, include_unfinished)
         if taus is not None:
-            _draw(run, taus)  # the arrays stay in this process
+            run.keep_gamma_summary(taus)  # the arrays stay in this process
     except RunSkipped as reason:
         return Skipped(name, str(reason))
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw must cost one run, not the report
-        return Skipped(name, f"could not be read or drawn ({first_line(exc, typed=True)})")
+        return Skipped(name, f"could not be read ({first_line(exc, typed=True)})")
     return run
 
 
-def _draw(run: Run, taus: Sequence[float]) -> None:
-    """The run's page figure; then its γ arrays give way to the numbers the report shows of them."""
-    from bnprobe.figures import run_figure
+def _draw(task: tuple[Run, Sequence[float]]) -> Any:
+    """A run's page figure (an SvgFigure). Never raises for the data: a figure that cannot be drawn is replaced
+    by one that says why, so that a run already in the report's tables keeps its page."""
+    from bnprobe import figures
 
-    run.figure = run_figure(run, taus, f"run:{run.name}")
-    run.keep_gamma_summary(taus)
+    run, taus = task
+    key = f"run:{run.name}"
+    try:
+        return figures.run_figure(run, taus, key)
+    except Exception as exc:  # noqa: BLE001 -- data no reader foresaw (the run was read, its numbers are shown)
+        return figures.failed_figure(key, f"This run's figure could not be drawn ({first_line(exc, typed=True)}).")
 
 
-def _map(function: Callable, tasks: list, jobs: int) -> list:
-    """`map` in `jobs` processes when that pays off, in order; plain `map` otherwise."""
-    if jobs <= 1 or len(tasks) < 4:
+def draw_run_figures(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executor] = None) -> None:
+    """Each run's page figure that is not drawn yet, in `pool` when there is one."""
+    missing = [run for run in runs if run.figure is None]
+    pool = pool if len(missing) >= 4 else None  # a few: quicker here than sent to a worker and back
+    for run, figure in zip(missing, _map(_draw, [(run, tuple(taus)) for run in missing], pool)):
+        run.figure = figure
+
+
+def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executor]) -> dict[str, Callable[[], str]]:
+    """Start drawing each run's figure in `pool`, in page order, and give each run a stand-in of its size
+    (figures.LateFigure) for the PDF's layout; returns what bnprobe.pdf.write needs to draw each figure in its
+    stand-in's place. Nothing (the figures are drawn before the layout) without a pool, for a few runs, or where
+    this WeasyPrint cannot take figures late."""
+    if pool is None or len(runs) < 4 or not pdf.can_draw_late():
+        return {}
+    from bnprobe import figures
+
+    late = {}
+    for index, run in enumerate(runs):
+        key = f"run:{run.name}"
+        drawing = pool.submit(_draw, (run, tuple(taus)))
+        run.figure = figures.late_figure(key, index, figures.RUN_FIGURE_HEIGHT_IN)
+
+        def finished(drawing=drawing, key=key) -> str:
+            try:
+                return drawing.result().svg
+            except Exception as exc:  # noqa: BLE001 -- a worker that died: the figure says so, the report goes on
+                reason = f"This run's figure could not be drawn ({first_line(exc, typed=True)})."
+                return figures.failed_figure(key, reason).svg
+
+        late[run.figure.data_uri] = finished
+    return late
+
+
+def _map(function: Callable, tasks: list, pool: Optional[Executor]) -> list:
+    """`map` in `pool`, in order (one task at a time: runs differ in size, workers stay busy), or here."""
+    if pool is None:
         return [function(task) for task in tasks]
+    return list(pool.map(function, tasks))
+
+
+@contextmanager
+def workers(jobs: int) -> Iterator[Optional[Executor]]:
+    """`jobs` worker processes for reading runs and drawing their figures (None when jobs <= 1: work in this
+    process). Interrupted (Ctrl-C, TERM, an error), the workers stop at once, not after the queued tasks."""
+    if jobs <= 1:
+        yield None
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # fork on Linux: the workers start at once with everything imported. Elsewhere the platform's default
     # (macOS system libraries are not fork-safe).
     method = "fork" if sys.platform.startswith("linux") else None
-    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context(method),
-                             initializer=_worker_start, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method), initializer=_worker_start,
+                             initargs=(os.getpid(),)) as pool:
         try:
-            return list(pool.map(function, tasks))  # one task at a time: runs differ in size, workers stay busy
-        except BaseException:  # interrupted (Ctrl-C, TERM): the workers stop now, not after the queued tasks
+            yield pool
+        except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             for process in list((pool._processes or {}).values()):
                 process.terminate()
@@ -695,6 +764,9 @@ def _worker_start(parent: int) -> None:
     behind blocked on a pipe. Ctrl-C and TERM are the parent's to handle: it stops its workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits _stop_on_sigterm's handler
+    # Below the report's own process: while workers draw figures it lays out the PDF, and what it does is what
+    # the report waits for; the workers take every other cycle.
+    os.nice(10)
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -789,13 +861,11 @@ def ablation_curves(ablations: Sequence[Ablation]) -> list:
     return curves
 
 
-def build_figures(collection: Collection, taus: Sequence[float]) -> dict[str, Any]:
-    """The figures across runs, and each run's own unless `collect` drew it already."""
+def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[Executor] = None) -> dict[str, Any]:
+    """The figures across runs, and each run's own that is not drawn yet (in `pool` when there is one)."""
     from bnprobe import figures
 
-    for run in collection.runs:
-        if run.figure is None:
-            _draw(run, taus)
+    draw_run_figures(collection.runs, taus, pool)
     return {
         "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth"),
         "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation"),
@@ -987,24 +1057,29 @@ def write_report(
         template_environment(templates)  # fail on missing templates before reading anything
         say = on_progress or (lambda message: None)
         roots = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(r) for r in runs_dirs]
-        collection = collect(roots, include_unfinished, taus=taus, jobs=jobs or default_jobs())
-        say(f"read {len(collection.runs)} runs, {len(collection.ablations)} ablations and {len(collection.probes)} "
-            f"probes, and drew each run's figure")
-        figures = build_figures(collection, taus)
-        say("drew the figures across runs")
-        findings = statistics.findings_of(collection.runs)
-        html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
-                           templates=templates, figures=figures, findings=findings)
-        pages = None
-        try:
-            if kind == "html":
-                atomic_write(output, lambda f: f.write(html.encode("utf-8")))
-            else:
-                document = pdf.render(html, str(templates))
-                pages = len(document.pages)
-                atomic_write(output, lambda f: pdf.write(document, f))
-        except OSError as exc:
-            raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
+        with workers(jobs or default_jobs()) as pool:
+            collection = collect(roots, include_unfinished, taus=taus, pool=pool)
+            say(f"read {len(collection.runs)} runs, {len(collection.ablations)} ablations and "
+                f"{len(collection.probes)} probes")
+            # A PDF is laid out while the run figures are drawn (each is needed only when its page is painted);
+            # an HTML page needs them all first.
+            late = draw_late(collection.runs, taus, pool) if kind == "pdf" else {}
+            figures = build_figures(collection, taus, pool)
+            say("drew the figures across runs" + ("" if late else " and each run's figure"))
+            findings = statistics.findings_of(collection.runs)
+            html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
+                               templates=templates, figures=figures, findings=findings)
+            pages = None
+            try:
+                if kind == "html":
+                    atomic_write(output, lambda f: f.write(html.encode("utf-8")))
+                else:
+                    document = pdf.render(html, str(templates))
+                    pages = len(document.pages)
+                    say("laid out the PDF")
+                    atomic_write(output, lambda f: pdf.write(document, f, late=late))
+            except OSError as exc:
+                raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
         statistics.write_json(findings, findings_json)
         return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
                              len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),

@@ -3,6 +3,7 @@ text its own letter-by-letter drawing gives (compared in the PDF's content strea
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import sys
@@ -72,3 +73,54 @@ def test_weasyprint_is_left_as_it_was():
         assert svg.TAGS["text"] is not original and svg.TAGS["tspan"] is svg.TAGS["text"] is svg.text
     assert svg.TAGS["text"] is svg.TAGS["tspan"] is svg.text is original
     assert _content(_weasyprint_alone()) == _content(weasyprint.HTML(string=HTML).write_pdf())
+
+
+# Lengths in every form an SVG may write them: plain, exponent, signed, units, percentages, none at all.
+LENGTHS_SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200" viewBox="0 0 300 200">
+<path d="M 10 20 L 1e2 30.5 L -5 +7 C 1.5e1 2 3 4 50 60 z" stroke="#000" stroke-width="0.5"/>
+<rect x="10%" y="2em" width="3mm" height="" fill="#f00"/>
+<circle cx="150" cy="100" r="1.5ex" stroke-width="1pt" stroke="#00f"/>
+<line x1="0" y1="0" x2="50%" y2="100%" stroke="#0f0" stroke-width=".5"/>
+</svg>"""
+
+
+def test_svg_numbers_the_short_way_draw_the_same_and_weasyprint_is_left_as_it_was():
+    html = f"<html><body>{LENGTHS_SVG}</body></html>"
+    utils = sys.modules["weasyprint.svg.utils"]
+    original = utils.size
+    plain = _content(weasyprint.HTML(string=html).write_pdf())
+    with pdf.svg_numbers_the_short_way():
+        assert utils.size is not original and sys.modules["weasyprint.svg"].size is utils.size
+        assert utils.size("12.5") == 12.5 and utils.size("") == 0 and utils.size("50%", None, 10) == 5
+        short = _content(weasyprint.HTML(string=html).write_pdf())
+    assert short == plain and "re" in plain[0]  # drawn, and drawn the same
+    assert utils.size is original and sys.modules["weasyprint.svg"].size is original
+
+
+def test_a_late_figure_is_drawn_in_its_stand_in_place():
+    # The stand-in has the figure's size; the document is laid out around it and the figure drawn in its place
+    # when the page is painted: the same page as the figure embedded from the start.
+    from bnprobe.figures import late_figure
+
+    figure = SVG.replace('width="300" height="200" viewBox="0 0 300 200"',
+                         'width="504pt" height="360pt" viewBox="0 0 504 360"')
+    stand_in = late_figure("run:a", 0, 5.0)
+    page = '<html><body><p>before</p><img style="width: 100%" src="{}"><p>after</p></body></html>'
+    embedded = "data:image/svg+xml;base64," + base64.b64encode(figure.encode()).decode()
+    asked = []
+
+    def finished() -> str:
+        asked.append(True)
+        return figure
+
+    assert pdf.can_draw_late()
+    images = sys.modules["weasyprint.images"]
+    original = images.SVGImage.draw
+    late = io.BytesIO()
+    pdf.write(pdf.render(page.format(stand_in.data_uri), "."), late, late={stand_in.data_uri: finished})
+    first = io.BytesIO()
+    pdf.write(pdf.render(page.format(embedded), "."), first)
+    assert asked == [True]
+    ours, text = _content(late.getvalue())
+    assert (ours, text) == _content(first.getvalue()) and all(t in text for t in TEXTS[:3] + ["before", "after"])
+    assert images.SVGImage.draw is original  # WeasyPrint's own again

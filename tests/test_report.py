@@ -22,6 +22,8 @@ import bnprobe
 from bnprobe.cli import main
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
+from bnprobe.figures import run_figure
+from bnprobe.report import draw_late as report_draw_late
 from bnprobe.report import (INSTALLED_TEMPLATES, SOURCE_TEMPLATES, TEMPLATE, TEMPLATE_FILES, Run, collect,
                             find_templates, install_prefixes, model_depth, model_family, parse_taus, render_html,
                             template_environment, write_report)
@@ -140,20 +142,35 @@ def test_reads_runs_and_skips_broken_ones_with_the_reason(runs_root):
     assert ablation.run is full and ablation.mode == "threshold" and len(ablation.values) == 4
 
 
-def test_a_drawn_run_keeps_gamma_numbers_not_arrays(runs_root):
-    # collect(taus=...) draws each run's figure where it read the run; the γ arrays stay there, and what the
-    # tables show of them (channels, |γ| < τ over every layer) comes back, equal to a count from the file itself.
+def test_a_read_run_keeps_gamma_numbers_not_arrays(runs_root):
+    # collect(taus=...) lets a run's γ arrays go where it was read; what comes back is what the tables show of
+    # them (channels, |γ| < τ over every layer) and what its figure shows (histogram counts, fraction per layer),
+    # equal to counts from the file itself, and the figure drawn from it is the one drawn from the arrays.
     taus = (0.05, 0.3)
     collection = collect([runs_root], taus=taus, jobs=2)
     for run in collection.runs:
-        assert run.figure is not None and run.gamma_final == [] and run.gamma_init == []
+        assert run.figure is None and run.gamma_final == [] and run.gamma_init == []
         with h5py.File(runs_root / run.name / "telemetry.h5") as f:
-            final = np.concatenate([f[f"bn/{layer}/gamma"][-1] for layer in run.gamma_layers])
+            layers = [f[f"bn/{layer}/gamma"] for layer in run.gamma_layers]
+            final, init = (np.concatenate([g[row] for g in layers]) for row in (-1, 0))
+            per_layer = [g[-1] for g in layers]
         assert run.gamma_channels == final.size and run.has_gamma_init
         for tau in taus:
             assert run.fraction_below(tau) == np.count_nonzero(np.abs(final) < tau) / final.size
         with pytest.raises(ValueError, match="summarised"):
             run.fraction_below(0.5)
+        with pytest.raises(ValueError, match="summarised"):
+            run.gamma_digest((0.5,))
+        digest = run.gamma_digest(taus)
+        both = np.concatenate([final, init])
+        np.testing.assert_allclose(digest.edges[[0, -1]], [both.min(), both.max()])
+        assert list(digest.final_counts) == [np.count_nonzero((final >= lo) & ((final < hi) if hi < digest.edges[-1]
+                                                                                 else (final <= hi)))
+                                             for lo, hi in zip(digest.edges[:-1], digest.edges[1:])]
+        assert digest.final_counts.sum() == final.size and digest.init_counts.sum() == init.size
+        assert digest.below.tolist() == [[np.count_nonzero(np.abs(g) < tau) / g.size for tau in taus] for g in per_layer]
+        [full] = [r for r in collect([runs_root / run.name]).runs]
+        assert run_figure(run, taus, "k").svg == run_figure(full, taus, "k").svg
 
 
 def test_run_without_telemetry_takes_gamma_from_its_checkpoint(runs_root, tmp_path):
@@ -168,16 +185,27 @@ def test_run_without_telemetry_takes_gamma_from_its_checkpoint(runs_root, tmp_pa
 
 
 def test_an_unforeseen_error_costs_one_run_not_the_report(runs_root, monkeypatch):
-    def draw_badly(run, taus, key):
+    def read_badly(run, f, use_epochs):
         raise FloatingPointError("something no reader foresaw")
 
-    monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)
+    monkeypatch.setattr("bnprobe.report._read_telemetry_data", read_badly)
     collection = collect([runs_root / "full"], taus=DEFAULT_TAUS)
     assert not collection.runs
     [skipped] = collection.skipped
-    assert skipped.reason == ("could not be read or drawn (FloatingPointError: something no reader foresaw); "
+    assert skipped.reason == ("could not be read (FloatingPointError: something no reader foresaw); "
                               "left out with it: ablation.h5")
     assert not collection.ablations  # its ablation.h5 goes with it
+
+
+def test_a_figure_that_cannot_be_drawn_says_so_and_the_run_stays(runs_root, monkeypatch):
+    def draw_badly(run, taus, key):
+        raise FloatingPointError("something no drawing foresaw")
+
+    monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)
+    collection = collect([runs_root / "full"], taus=DEFAULT_TAUS)
+    html = render_html(collection, DEFAULT_TAUS)
+    assert [run.name for run in collection.runs] == ["full"] and not collection.skipped
+    assert "figure could not be drawn (FloatingPointError: something no drawing foresaw)" in html
 
 
 def test_one_run_directory_and_unfinished_runs(runs_root):
@@ -418,6 +446,54 @@ def test_figures_without_information_are_left_out():
     assert "Accuracy vs τ" in ablation_curves([fractions, thresholds], "ablation").svg
 
 
+@pytest.fixture(scope="module")
+def four_runs(runs_root, tmp_path_factory) -> Path:
+    """Four readable runs: enough for the report to read them in worker processes and draw their figures there
+    while it lays out a PDF."""
+    root = tmp_path_factory.mktemp("four") / "runs"
+    for name in ("full", "bn-only"):
+        for copy in ("a", "b"):
+            shutil.copytree(runs_root / name, root / f"{name}-{copy}", ignore=shutil.ignore_patterns("ablation.h5"))
+    return root
+
+
+def _pdf_text(path: Path) -> list[str]:
+    pypdf = pytest.importorskip("pypdf")
+    return [page.extract_text() for page in pypdf.PdfReader(path).pages]
+
+
+def test_pdf_laid_out_while_its_figures_are_drawn_is_the_pdf_drawn_first(four_runs, tmp_path, monkeypatch):
+    # jobs=2: the runs are read, then their figures drawn, in workers while the PDF is laid out around stand-ins
+    # of the figures' size, each figure drawn in place when its page is painted. jobs=1: every figure first.
+    pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
+    from bnprobe import pdf, report
+
+    assert pdf.can_draw_late()
+    taken = []
+    monkeypatch.setattr(report, "draw_late", lambda *args: taken.append(report_draw_late(*args)) or taken[-1])
+    late, first = tmp_path / "late.pdf", tmp_path / "first.pdf"
+    write_report(four_runs, late, jobs=2)
+    assert len(taken[0]) == 4  # every run's figure came late
+    write_report(four_runs, first, jobs=1)
+    assert taken[1] == {}
+    late_text, first_text = _pdf_text(late), _pdf_text(first)
+    assert late_text == first_text and len(late_text) > 4
+    assert sum("Accuracy per epoch" in page for page in late_text) == 4  # each run's figure, drawn
+
+
+def test_a_late_figure_that_cannot_be_drawn_says_so_in_the_pdf(four_runs, tmp_path, monkeypatch):
+    pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
+
+    def draw_badly(run, taus, key):
+        raise FloatingPointError("something no drawing foresaw")
+
+    monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)  # the workers are forked after this
+    summary = write_report(four_runs, tmp_path / "report.pdf", jobs=2)
+    assert summary.runs == 4
+    text = " ".join(" ".join(_pdf_text(tmp_path / "report.pdf")).split())
+    assert text.count("figure could not be drawn (FloatingPointError: something no drawing foresaw)") == 4
+
+
 def test_pdf_bookmarks_one_per_run_and_contents_with_pages(report_pdf):
     from pypdf import PdfReader
 
@@ -436,7 +512,7 @@ def test_pdf_bookmarks_one_per_run_and_contents_with_pages(report_pdf):
     runs = [item for item in items(reader.outline) if item.title in ("full", "bn-only")]
     assert {reader.get_destination_page_number(item) for item in runs} == {2, 3}  # each run's bookmark: its page
     overview = " ".join(reader.pages[0].extract_text().split())
-    assert re.search(r"full \.+ 3 bn-only \.+ 4", overview), overview  # the contents give page numbers
+    assert re.search(r"full 3 bn-only 4", overview), overview  # the contents give page numbers
 
 
 # ---- bad input: one line, no traceback ---------------------------------------------------------------------
