@@ -320,7 +320,8 @@ def report(
     templates: Optional[Path] = typer.Option(
         None, "--templates",
         help="Folder with report.html.j2 and report.css [default: the checkout's templates/, else the installed copy]."),
-    jobs: int = typer.Option(0, "--jobs", help="Processes that draw the figures (0 = one per CPU core)."),
+    jobs: int = typer.Option(0, "--jobs", help="Worker processes that read the runs and draw their figures "
+                                               "(0 = one per CPU core)."),
 ) -> None:
     """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
     from rich.markup import escape

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import sys
 import inspect
+import re
 from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 from bnprobe.errors import BnprobeError, first_line
 
 PER_LETTER = ("dx", "dy", "rotate", "letter-spacing", "word-spacing", "textLength")
+PIXELS = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?px")  # a length WeasyPrint reads as float(number)
 
 
 def weasyprint():
@@ -100,9 +102,9 @@ def figures_drawn_late(late: Mapping[str, Callable[[], str]]) -> Iterator[None]:
 
 @contextmanager
 def svg_numbers_the_short_way() -> Iterator[None]:
-    """While inside, WeasyPrint's SVG length parser reads a plain number with float() before anything else, as
-    its own first step does, without re-importing its unit table first (one import statement per number: a
-    tenth of a report's painting time)."""
+    """While inside, WeasyPrint's SVG length parser reads a plain number (or one in px) with float() before
+    anything else, as its own first step does, without re-importing its unit table first (one import statement
+    per number: a tenth of a report's painting time)."""
     utils = _module("weasyprint.svg.utils")
     original = getattr(utils, "size", None)
     if original is None or list(inspect.signature(original).parameters) != ["string", "font_size",
@@ -112,6 +114,8 @@ def svg_numbers_the_short_way() -> Iterator[None]:
 
     def size(string: Any, font_size: Any = None, percentage_reference: Any = None) -> Any:
         if type(string) is str:
+            if PIXELS.fullmatch(string):  # "6.5px": a pixel is the unit (times 1)
+                return float(string[:-2])
             try:
                 return float(string)
             except ValueError:

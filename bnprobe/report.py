@@ -50,6 +50,7 @@ SET_ASIDE = ".replaced"  # .NAME.replaced: the old run an --overwrite killed mid
 BOTTLENECK_RESNET_DEPTHS = (50, 101, 152, 200)  # bnprobe/models/bottleneck_resnet.py
 FREEZE_ORDER = FREEZE_MODES  # the report's column order
 EXPORT_SUFFIX = ".safetensors"  # `bnprobe export` files, shown in their own table
+FEW = 4  # fewer runs than this are read and drawn in the report's own process: quicker than in workers
 
 
 # ---- what the report shows ----------------------------------------------------------------------------
@@ -613,7 +614,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
     collection = Collection(roots, [], passed_over, [], [])
     tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
     skipped_runs: dict[Path, Skipped] = {}
-    if len(tasks) < 4:  # a few: quicker here than sent to a worker and back
+    if len(tasks) < FEW:
         outcomes = _map(_read, tasks, None)
     elif pool is None:
         with workers(jobs) as own_pool:
@@ -691,13 +692,19 @@ def _draw(task: tuple[Run, Sequence[float]]) -> Any:
     try:
         return figures.run_figure(run, taus, key)
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw (the run was read, its numbers are shown)
-        return figures.failed_figure(key, f"This run's figure could not be drawn ({first_line(exc, typed=True)}).")
+        return _failed(key, exc)
+
+
+def _failed(key: str, exc: Exception) -> Any:
+    from bnprobe import figures
+
+    return figures.failed_figure(key, f"This run's figure could not be drawn ({first_line(exc, typed=True)}).")
 
 
 def draw_run_figures(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executor] = None) -> None:
     """Each run's page figure that is not drawn yet, in `pool` when there is one."""
     missing = [run for run in runs if run.figure is None]
-    pool = pool if len(missing) >= 4 else None  # a few: quicker here than sent to a worker and back
+    pool = pool if len(missing) >= FEW else None
     for run, figure in zip(missing, _map(_draw, [(run, tuple(taus)) for run in missing], pool)):
         run.figure = figure
 
@@ -707,7 +714,7 @@ def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executo
     (figures.LateFigure) for the PDF's layout; returns what bnprobe.pdf.write needs to draw each figure in its
     stand-in's place. Nothing (the figures are drawn before the layout) without a pool, for a few runs, or where
     this WeasyPrint cannot take figures late."""
-    if pool is None or len(runs) < 4 or not pdf.can_draw_late():
+    if pool is None or len(runs) < FEW or not pdf.can_draw_late():
         return {}
     from bnprobe import figures
 
@@ -721,8 +728,7 @@ def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executo
             try:
                 return drawing.result().svg
             except Exception as exc:  # noqa: BLE001 -- a worker that died: the figure says so, the report goes on
-                reason = f"This run's figure could not be drawn ({first_line(exc, typed=True)})."
-                return figures.failed_figure(key, reason).svg
+                return _failed(key, exc).svg
 
         late[run.figure.data_uri] = finished
     return late

@@ -80,6 +80,8 @@ LENGTHS_SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="300" height="200
 <path d="M 10 20 L 1e2 30.5 L -5 +7 C 1.5e1 2 3 4 50 60 z" stroke="#000" stroke-width="0.5"/>
 <rect x="10%" y="2em" width="3mm" height="" fill="#f00"/>
 <circle cx="150" cy="100" r="1.5ex" stroke-width="1pt" stroke="#00f"/>
+<circle cx="100px" cy="1e2px" r=" 4px" stroke-width="0.5 px" stroke="#0ff"/>
+<text x="20px" y="190" font-size="6.5px" font-family="DejaVu Sans">px</text>
 <line x1="0" y1="0" x2="50%" y2="100%" stroke="#0f0" stroke-width=".5"/>
 </svg>"""
 
@@ -92,6 +94,7 @@ def test_svg_numbers_the_short_way_draw_the_same_and_weasyprint_is_left_as_it_wa
     with pdf.svg_numbers_the_short_way():
         assert utils.size is not original and sys.modules["weasyprint.svg"].size is utils.size
         assert utils.size("12.5") == 12.5 and utils.size("") == 0 and utils.size("50%", None, 10) == 5
+        assert utils.size("6.5px") == 6.5 and utils.size("2em", 10) == 20
         short = _content(weasyprint.HTML(string=html).write_pdf())
     assert short == plain and "re" in plain[0]  # drawn, and drawn the same
     assert utils.size is original and sys.modules["weasyprint.svg"].size is original
