@@ -43,9 +43,9 @@ def weasyprint():
 
 
 def render(html: str, base_url: str) -> Any:
-    """The laid-out document of `html` (a weasyprint.Document: its pages, ready to write)."""
-    with svg_text_in_one_piece():
-        return weasyprint().HTML(string=html, base_url=base_url).render()
+    """The laid-out document of `html` (a weasyprint.Document: its pages, ready to write). Figures are drawn
+    only when it is written (write), so nothing here is done differently."""
+    return weasyprint().HTML(string=html, base_url=base_url).render()
 
 
 def write(document: Any, target: BinaryIO, late: Mapping[str, Callable[[], str]] | None = None) -> None:
