@@ -481,6 +481,16 @@ def test_pdf_laid_out_while_its_figures_are_drawn_is_the_pdf_drawn_first(four_ru
     assert sum("Accuracy per epoch" in page for page in late_text) == 4  # each run's figure, drawn
 
 
+def test_a_weasyprint_that_cannot_take_figures_late_gets_them_first(four_runs, tmp_path, monkeypatch):
+    pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
+    from bnprobe import pdf
+
+    monkeypatch.setattr(pdf, "can_draw_late", lambda: False)
+    monkeypatch.setattr(pdf, "figures_drawn_late", None)  # would fail if it were used
+    write_report(four_runs, tmp_path / "report.pdf", jobs=2)
+    assert sum("Accuracy per epoch" in page for page in _pdf_text(tmp_path / "report.pdf")) == 4
+
+
 def test_a_late_figure_that_cannot_be_drawn_says_so_in_the_pdf(four_runs, tmp_path, monkeypatch):
     pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
 
