@@ -926,8 +926,19 @@ def template_environment(templates: Path):
         loader=jinja2.FileSystemLoader(str(templates)), autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters.update(pct=_pct, signed_pct=_signed_pct, count=_count, number=_number)
+    env.filters.update(pct=_pct, signed_pct=_signed_pct, count=_count, number=_number, unbroken=_unbroken)
     return env
+
+
+INTERVAL = re.compile(r"(\S+ \[[^\]]*\])")  # "93.0% [86.1, 100.0]": a value and its interval
+
+
+def _unbroken(text: str) -> Any:
+    """`text` (escaped) with each value-and-interval kept on one line: a narrow table column breaks around them,
+    not inside the brackets."""
+    from markupsafe import Markup, escape
+
+    return Markup(INTERVAL.sub(r'<span class="nowrap">\1</span>', str(escape(text))))
 
 
 def _pct(value: Optional[float], digits: int = 1) -> str:

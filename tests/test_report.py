@@ -684,3 +684,11 @@ def test_random_features_runs_count_only_their_trained_elements(tmp_path):
     assert (run.trainable, run.total) == (state["trainable"], state["total"])
     with h5py.File(tmp_path / "rf" / "telemetry.h5") as f:  # the whole masked tensors are far more
         assert f["params/numel"][:][f["params/trainable"][:].astype(bool)].sum() > 10 * state["trainable"]
+
+
+def test_findings_cells_keep_a_value_and_its_interval_on_one_line():
+    from bnprobe.report import _unbroken
+
+    assert str(_unbroken("93.0% [86.1, 100.0] clipped <b>")) == (
+        '<span class="nowrap">93.0% [86.1, 100.0]</span> clipped &lt;b&gt;')
+    assert str(_unbroken("0.00167 (n = 1)")) == "0.00167 (n = 1)"  # no interval: as it was, escaped
