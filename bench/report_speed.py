@@ -192,7 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--html", action="store_true", help="write HTML instead of PDF")
-    parser.add_argument("--jobs", type=int, default=0, help="figure processes (0 = one per core)")
+    parser.add_argument("--jobs", type=int, default=0, help="the report's worker processes (0 = one per core)")
     parser.add_argument("--keep", type=Path, help="make (or reuse) the runs here instead of a temporary folder")
     parser.add_argument("--against", metavar="REV", help="also time git revision REV's report, in turns with this one")
     parser.add_argument("--rounds", type=int, default=2, help="with --against: reports of each (default 2)")
