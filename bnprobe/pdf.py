@@ -20,9 +20,9 @@ attributes, and WeasyPrint versions laid out otherwise, are drawn as WeasyPrint 
 
 from __future__ import annotations
 
-import sys
 import inspect
 import re
+import sys
 from contextlib import ExitStack, contextmanager
 from typing import Any, BinaryIO, Callable, Iterator, Mapping
 

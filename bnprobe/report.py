@@ -560,11 +560,11 @@ def _read_probe(f, name: str) -> list[ProbeRow]:
 
 
 def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Optional[Sequence[float]] = None,
-            jobs: int = 1, pool: Optional[Executor] = None) -> Collection:
+            jobs: int = 1, pool: Optional[Workers] = None) -> Collection:
     """Every run directory under each of `roots` (or the root itself) and every probe/ablation file there,
     read defensively. Names are paths relative to their root, prefixed by the root's name when there are several.
 
-    Runs are read in `pool` (see `workers`), else in `jobs` processes. With `taus`, a run's γ arrays are let go
+    Runs are read in `pool` (see `workers`), else in up to `jobs` processes. With `taus`, a run's γ arrays are let go
     where it was read, for the numbers and the digest the report shows of them at those τ (keep_gamma_summary):
     what comes back is small, whatever the depth of the net.
     """
@@ -614,13 +614,11 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
     collection = Collection(roots, [], passed_over, [], [])
     tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
     skipped_runs: dict[Path, Skipped] = {}
-    if len(tasks) < FEW:
-        outcomes = _map(_read, tasks, None)
-    elif pool is None:
+    if pool is None:
         with workers(jobs) as own_pool:
-            outcomes = _map(_read, tasks, own_pool)
+            outcomes = own_pool.map(_read, tasks)
     else:
-        outcomes = _map(_read, tasks, pool)
+        outcomes = pool.map(_read, tasks)
     for (run_dir, *_), outcome in zip(tasks, outcomes):
         if isinstance(outcome, Run):
             collection.runs.append(outcome)
@@ -701,27 +699,28 @@ def _failed(key: str, exc: Exception) -> Any:
     return figures.failed_figure(key, f"This run's figure could not be drawn ({first_line(exc, typed=True)}).")
 
 
-def draw_run_figures(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executor] = None) -> None:
+def draw_run_figures(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Workers] = None) -> None:
     """Each run's page figure that is not drawn yet, in `pool` when there is one."""
     missing = [run for run in runs if run.figure is None]
-    pool = pool if len(missing) >= FEW else None
-    for run, figure in zip(missing, _map(_draw, [(run, tuple(taus)) for run in missing], pool)):
+    tasks = [(run, tuple(taus)) for run in missing]
+    for run, figure in zip(missing, pool.map(_draw, tasks) if pool else [_draw(task) for task in tasks]):
         run.figure = figure
 
 
-def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executor]) -> dict[str, Callable[[], str]]:
+def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Workers) -> dict[str, Callable[[], str]]:
     """Start drawing each run's figure in `pool`, in page order, and give each run a stand-in of its size
     (figures.LateFigure) for the PDF's layout; returns what bnprobe.pdf.write needs to draw each figure in its
-    stand-in's place. Nothing (the figures are drawn before the layout) without a pool, for a few runs, or where
-    this WeasyPrint cannot take figures late."""
-    if pool is None or len(runs) < FEW or not pdf.can_draw_late():
+    stand-in's place. Nothing (the figures are drawn before the layout) without worker processes for so many
+    runs, or where this WeasyPrint cannot take figures late."""
+    executor = pool.executor(len(runs))
+    if executor is None or not pdf.can_draw_late():
         return {}
     from bnprobe import figures
 
     late = {}
     for index, run in enumerate(runs):
         key = f"run:{run.name}"
-        drawing = pool.submit(_draw, (run, tuple(taus)))
+        drawing = executor.submit(_draw, (run, tuple(taus)))
         run.figure = figures.late_figure(key, index, figures.RUN_FIGURE_HEIGHT_IN)
 
         def finished(drawing=drawing, key=key) -> str:
@@ -734,35 +733,49 @@ def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Executo
     return late
 
 
-def _map(function: Callable, tasks: list, pool: Optional[Executor]) -> list:
-    """`map` in `pool`, in order (one task at a time: runs differ in size, workers stay busy), or here."""
-    if pool is None:
-        return [function(task) for task in tasks]
-    return list(pool.map(function, tasks))
+class Workers:
+    """Up to `jobs` worker processes for reading runs and drawing their figures, started at the first task list
+    long enough to pay for them (one per task at most); shorter lists are worked through in this process."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self.pool: Optional[Executor] = None
+
+    def executor(self, tasks: int) -> Optional[Executor]:
+        """The processes for a list of `tasks` tasks (started now if need be), or None: work here."""
+        if self.pool is None and self.jobs > 1 and tasks >= FEW:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork on Linux: the workers start at once with everything imported. Elsewhere the platform's default
+            # (macOS system libraries are not fork-safe).
+            method = "fork" if sys.platform.startswith("linux") else None
+            self.pool = ProcessPoolExecutor(min(self.jobs, tasks), mp_context=multiprocessing.get_context(method),
+                                            initializer=_worker_start, initargs=(os.getpid(),))
+        return self.pool if tasks >= FEW else None
+
+    def map(self, function: Callable, tasks: list) -> list:
+        """`map`, in order: in the processes one task at a time (runs differ in size, workers stay busy), or here."""
+        executor = self.executor(len(tasks))
+        return list(executor.map(function, tasks)) if executor else [function(task) for task in tasks]
 
 
 @contextmanager
-def workers(jobs: int) -> Iterator[Optional[Executor]]:
-    """`jobs` worker processes for reading runs and drawing their figures (None when jobs <= 1: work in this
-    process). Interrupted (Ctrl-C, TERM, an error), the workers stop at once, not after the queued tasks."""
-    if jobs <= 1:
-        yield None
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # fork on Linux: the workers start at once with everything imported. Elsewhere the platform's default
-    # (macOS system libraries are not fork-safe).
-    method = "fork" if sys.platform.startswith("linux") else None
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method), initializer=_worker_start,
-                             initargs=(os.getpid(),)) as pool:
-        try:
-            yield pool
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in list((pool._processes or {}).values()):
+def workers(jobs: int) -> Iterator[Workers]:
+    """Workers(jobs), stopped when done; interrupted (Ctrl-C, TERM, an error), they stop at once, not after the
+    queued tasks."""
+    pool = Workers(jobs)
+    try:
+        yield pool
+    except BaseException:
+        if pool.pool is not None:
+            pool.pool.shutdown(wait=False, cancel_futures=True)
+            for process in list((pool.pool._processes or {}).values()):
                 process.terminate()
-            raise
+        raise
+    else:
+        if pool.pool is not None:
+            pool.pool.shutdown(wait=True)
 
 
 def _worker_start(parent: int) -> None:
@@ -770,8 +783,8 @@ def _worker_start(parent: int) -> None:
     behind blocked on a pipe. Ctrl-C and TERM are the parent's to handle: it stops its workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits _stop_on_sigterm's handler
-    # Below the report's own process: while workers draw figures it lays out the PDF, and what it does is what
-    # the report waits for; the workers take every other cycle.
+    # Below the report's own process: while workers draw figures it lays out the PDF, and that is what the
+    # report waits for; the workers take the cycles it leaves.
     os.nice(10)
     if sys.platform.startswith("linux"):
         import ctypes
@@ -867,7 +880,7 @@ def ablation_curves(ablations: Sequence[Ablation]) -> list:
     return curves
 
 
-def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[Executor] = None) -> dict[str, Any]:
+def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[Workers] = None) -> dict[str, Any]:
     """The figures across runs, and each run's own that is not drawn yet (in `pool` when there is one)."""
     from bnprobe import figures
 

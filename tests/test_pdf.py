@@ -95,6 +95,8 @@ def test_svg_numbers_the_short_way_draw_the_same_and_weasyprint_is_left_as_it_wa
         assert utils.size is not original and sys.modules["weasyprint.svg"].size is utils.size
         assert utils.size("12.5") == 12.5 and utils.size("") == 0 and utils.size("50%", None, 10) == 5
         assert utils.size("6.5px") == 6.5 and utils.size("2em", 10) == 20
+        for length in ("12.5", "-3", "+4px", "1e-3px", ".5px", "6.5 px", " 4px", "1E2", "", "3mm", "50%", "x"):
+            assert utils.size(length, 10, 100) == original(length, 10, 100), length
         short = _content(weasyprint.HTML(string=html).write_pdf())
     assert short == plain and "re" in plain[0]  # drawn, and drawn the same
     assert utils.size is original and sys.modules["weasyprint.svg"].size is original

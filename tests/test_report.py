@@ -692,3 +692,16 @@ def test_findings_cells_keep_a_value_and_its_interval_on_one_line():
     assert str(_unbroken("93.0% [86.1, 100.0] clipped <b>")) == (
         '<span class="nowrap">93.0% [86.1, 100.0]</span> clipped &lt;b&gt;')
     assert str(_unbroken("0.00167 (n = 1)")) == "0.00167 (n = 1)"  # no interval: as it was, escaped
+
+
+def test_workers_start_only_for_enough_tasks_and_never_more_than_the_tasks():
+    from bnprobe.report import FEW, workers
+
+    with workers(64) as pool:
+        assert pool.executor(FEW - 1) is None and pool.pool is None  # a few tasks: here, nothing started
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+        executor = pool.executor(5)
+        assert executor is not None and executor._max_workers == 5  # not 64 processes for 5 runs
+        assert pool.map(abs, [-1, -2, -3, -4, -5]) == [1, 2, 3, 4, 5]
+    with workers(1) as pool:
+        assert pool.executor(100) is None
