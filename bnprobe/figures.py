@@ -101,22 +101,13 @@ class SvgFigure:
         return "data:image/svg+xml;base64," + base64.b64encode(self.svg.encode()).decode("ascii")
 
 
-@dataclass
-class LateFigure:
-    """Stands in for a figure that is still being drawn: an empty SVG image of the same size, so that the PDF
-    is laid out meanwhile; bnprobe.pdf.write draws the real figure in its place (see `late` there)."""
-
-    key: str
-    data_uri: str
-
-
-def late_figure(key: str, index: int, height_in: float, width_in: float = PAGE_WIDTH_IN) -> LateFigure:
-    """A stand-in for the figure `key` (unique by `index` in one document), sized as new_figure(height_in)
-    draws it: matplotlib writes a figure's size in points, 72 to the inch."""
+def late_figure(key: str, index: int, height_in: float, width_in: float = PAGE_WIDTH_IN) -> SvgFigure:
+    """A stand-in for the figure `key` while it is still being drawn: an empty SVG of the size new_figure(height_in)
+    draws (matplotlib writes a figure's size in points, 72 to the inch), unique by `index` in one document. The
+    PDF is laid out around it; bnprobe.pdf.write draws the real figure in its place (see `late` there)."""
     width, height = 72 * width_in, 72 * height_in
-    svg = (f'<svg xmlns="{SVG_NAMESPACE}" width="{width:g}pt" height="{height:g}pt" viewBox="0 0 {width:g} {height:g}">'
-           f'<desc>late figure {index}</desc></svg>')
-    return LateFigure(key, "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode("ascii"))
+    return SvgFigure(key, f'<svg xmlns="{SVG_NAMESPACE}" width="{width:g}pt" height="{height:g}pt" '
+                          f'viewBox="0 0 {width:g} {height:g}"><desc>late figure {index}</desc></svg>')
 
 
 def color_for(key: str, palette: dict[str, str], fallback_index: int) -> str:

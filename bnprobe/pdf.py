@@ -135,8 +135,12 @@ def svg_numbers_the_short_way() -> Iterator[None]:
 
 
 def _module(name: str) -> Any:
-    weasyprint()  # loaded, with its submodules
-    __import__(name)
+    """WeasyPrint's module `name`, or None where this WeasyPrint has none (then nothing is done differently)."""
+    weasyprint()  # loaded first: a missing WeasyPrint is answered as such
+    try:
+        __import__(name)
+    except ImportError:
+        return None
     return sys.modules[name]
 
 
@@ -174,8 +178,7 @@ def _one_position(node: Any) -> bool:
 @contextmanager
 def svg_text_in_one_piece() -> Iterator[None]:
     """While inside, WeasyPrint draws each SVG text that has one position as one piece (see the module)."""
-    weasyprint()  # loaded, so that its svg module is there to look at
-    svg = sys.modules.get("weasyprint.svg")
+    svg = _module("weasyprint.svg")
     tags = getattr(svg, "TAGS", {})
     original = tags.get("text")
     # The layout this was written against (WeasyPrint 60-70): one function draws <text> and <tspan>, and

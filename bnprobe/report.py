@@ -23,7 +23,7 @@ import threading
 import time
 import zipfile
 from concurrent.futures import Executor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -80,13 +80,18 @@ class Run:
     frozen_groups: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     family: str = ""
-    figure: Any = None  # its page's SvgFigure (or a figures.LateFigure standing in for it while it is drawn)
+    figure: Any = None  # its page's SvgFigure (or figures.late_figure's stand-in while it is drawn)
     # What the tables, captions and figure need of γ once the arrays are let go (see keep_gamma_summary): a deep
     # net's γ arrays are megabytes, and a report holds hundreds of runs.
     gamma_count: Optional[int] = None
     gamma_below: dict[float, float] = field(default_factory=dict)
     gamma_had_init: bool = False
     digest: Optional[GammaDigest] = None
+
+    @property
+    def figure_key(self) -> str:
+        """Its page figure's key (salting the SVG ids: see bnprobe.figures)."""
+        return f"run:{self.name}"
 
     @property
     def model(self) -> str:
@@ -614,11 +619,8 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
     collection = Collection(roots, [], passed_over, [], [])
     tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
     skipped_runs: dict[Path, Skipped] = {}
-    if pool is None:
-        with workers(jobs) as own_pool:
-            outcomes = own_pool.map(_read, tasks)
-    else:
-        outcomes = pool.map(_read, tasks)
+    with workers(jobs) if pool is None else nullcontext(pool) as readers:
+        outcomes = readers.map(_read, tasks)
     for (run_dir, *_), outcome in zip(tasks, outcomes):
         if isinstance(outcome, Run):
             collection.runs.append(outcome)
@@ -686,11 +688,10 @@ def _draw(task: tuple[Run, Sequence[float]]) -> Any:
     from bnprobe import figures
 
     run, taus = task
-    key = f"run:{run.name}"
     try:
-        return figures.run_figure(run, taus, key)
+        return figures.run_figure(run, taus, run.figure_key)
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw (the run was read, its numbers are shown)
-        return _failed(key, exc)
+        return _failed(run.figure_key, exc)
 
 
 def _failed(key: str, exc: Exception) -> Any:
@@ -702,14 +703,13 @@ def _failed(key: str, exc: Exception) -> Any:
 def draw_run_figures(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Workers] = None) -> None:
     """Each run's page figure that is not drawn yet, in `pool` when there is one."""
     missing = [run for run in runs if run.figure is None]
-    tasks = [(run, tuple(taus)) for run in missing]
-    for run, figure in zip(missing, pool.map(_draw, tasks) if pool else [_draw(task) for task in tasks]):
+    for run, figure in zip(missing, (pool or Workers(1)).map(_draw, [(run, tuple(taus)) for run in missing])):
         run.figure = figure
 
 
 def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Workers) -> dict[str, Callable[[], str]]:
     """Start drawing each run's figure in `pool`, in page order, and give each run a stand-in of its size
-    (figures.LateFigure) for the PDF's layout; returns what bnprobe.pdf.write needs to draw each figure in its
+    (figures.late_figure) for the PDF's layout; returns what bnprobe.pdf.write needs to draw each figure in its
     stand-in's place. Nothing (the figures are drawn before the layout) without worker processes for so many
     runs, or where this WeasyPrint cannot take figures late."""
     executor = pool.executor(len(runs))
@@ -719,11 +719,10 @@ def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Workers) -> dict
 
     late = {}
     for index, run in enumerate(runs):
-        key = f"run:{run.name}"
         drawing = executor.submit(_draw, (run, tuple(taus)))
-        run.figure = figures.late_figure(key, index, figures.RUN_FIGURE_HEIGHT_IN)
+        run.figure = figures.late_figure(run.figure_key, index, figures.RUN_FIGURE_HEIGHT_IN)
 
-        def finished(drawing=drawing, key=key) -> str:
+        def finished(drawing=drawing, key=run.figure_key) -> str:
             try:
                 return drawing.result().svg
             except Exception as exc:  # noqa: BLE001 -- a worker that died: the figure says so, the report goes on
@@ -739,20 +738,22 @@ class Workers:
 
     def __init__(self, jobs: int):
         self.jobs = jobs
-        self.pool: Optional[Executor] = None
+        self.started: Optional[Executor] = None
 
     def executor(self, tasks: int) -> Optional[Executor]:
         """The processes for a list of `tasks` tasks (started now if need be), or None: work here."""
-        if self.pool is None and self.jobs > 1 and tasks >= FEW:
+        if self.jobs <= 1 or tasks < FEW:
+            return None
+        if self.started is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             # fork on Linux: the workers start at once with everything imported. Elsewhere the platform's default
             # (macOS system libraries are not fork-safe).
             method = "fork" if sys.platform.startswith("linux") else None
-            self.pool = ProcessPoolExecutor(min(self.jobs, tasks), mp_context=multiprocessing.get_context(method),
-                                            initializer=_worker_start, initargs=(os.getpid(),))
-        return self.pool if tasks >= FEW else None
+            self.started = ProcessPoolExecutor(min(self.jobs, tasks), mp_context=multiprocessing.get_context(method),
+                                               initializer=_worker_start, initargs=(os.getpid(),))
+        return self.started
 
     def map(self, function: Callable, tasks: list) -> list:
         """`map`, in order: in the processes one task at a time (runs differ in size, workers stay busy), or here."""
@@ -768,14 +769,14 @@ def workers(jobs: int) -> Iterator[Workers]:
     try:
         yield pool
     except BaseException:
-        if pool.pool is not None:
-            pool.pool.shutdown(wait=False, cancel_futures=True)
-            for process in list((pool.pool._processes or {}).values()):
+        if pool.started is not None:
+            pool.started.shutdown(wait=False, cancel_futures=True)
+            for process in list((pool.started._processes or {}).values()):
                 process.terminate()
         raise
     else:
-        if pool.pool is not None:
-            pool.pool.shutdown(wait=True)
+        if pool.started is not None:
+            pool.started.shutdown(wait=True)
 
 
 def _worker_start(parent: int) -> None:

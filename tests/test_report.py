@@ -457,11 +457,6 @@ def four_runs(runs_root, tmp_path_factory) -> Path:
     return root
 
 
-def _pdf_text(path: Path) -> list[str]:
-    pypdf = pytest.importorskip("pypdf")
-    return [page.extract_text() for page in pypdf.PdfReader(path).pages]
-
-
 def test_pdf_laid_out_while_its_figures_are_drawn_is_the_pdf_drawn_first(four_runs, tmp_path, monkeypatch):
     # jobs=2: the runs are read, then their figures drawn, in workers while the PDF is laid out around stand-ins
     # of the figures' size, each figure drawn in place when its page is painted. jobs=1: every figure first.
@@ -476,7 +471,7 @@ def test_pdf_laid_out_while_its_figures_are_drawn_is_the_pdf_drawn_first(four_ru
     assert len(taken[0]) == 4  # every run's figure came late
     write_report(four_runs, first, jobs=1)
     assert taken[1] == {}
-    late_text, first_text = _pdf_text(late), _pdf_text(first)
+    late_text, first_text = pdf_page_texts(late), pdf_page_texts(first)
     assert late_text == first_text and len(late_text) > 4
     assert sum("Accuracy per epoch" in page for page in late_text) == 4  # each run's figure, drawn
 
@@ -488,7 +483,7 @@ def test_a_weasyprint_that_cannot_take_figures_late_gets_them_first(four_runs, t
     monkeypatch.setattr(pdf, "can_draw_late", lambda: False)
     monkeypatch.setattr(pdf, "figures_drawn_late", None)  # would fail if it were used
     write_report(four_runs, tmp_path / "report.pdf", jobs=2)
-    assert sum("Accuracy per epoch" in page for page in _pdf_text(tmp_path / "report.pdf")) == 4
+    assert sum("Accuracy per epoch" in page for page in pdf_page_texts(tmp_path / "report.pdf")) == 4
 
 
 def test_a_late_figure_that_cannot_be_drawn_says_so_in_the_pdf(four_runs, tmp_path, monkeypatch):
@@ -500,7 +495,7 @@ def test_a_late_figure_that_cannot_be_drawn_says_so_in_the_pdf(four_runs, tmp_pa
     monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)  # the workers are forked after this
     summary = write_report(four_runs, tmp_path / "report.pdf", jobs=2)
     assert summary.runs == 4
-    text = " ".join(" ".join(_pdf_text(tmp_path / "report.pdf")).split())
+    text = " ".join(pdf_page_texts(tmp_path / "report.pdf"))
     assert text.count("figure could not be drawn (FloatingPointError: something no drawing foresaw)") == 4
 
 
@@ -698,7 +693,7 @@ def test_workers_start_only_for_enough_tasks_and_never_more_than_the_tasks():
     from bnprobe.report import FEW, workers
 
     with workers(64) as pool:
-        assert pool.executor(FEW - 1) is None and pool.pool is None  # a few tasks: here, nothing started
+        assert pool.executor(FEW - 1) is None and pool.started is None  # a few tasks: here, nothing started
         assert pool.map(abs, [-1, -2]) == [1, 2]
         executor = pool.executor(5)
         assert executor is not None and executor._max_workers == 5  # not 64 processes for 5 runs
