@@ -376,24 +376,26 @@ def _read_telemetry(run: Run, path: Path, use_epochs: bool) -> None:
     try:
         f = schema.open_h5(path, schema.TELEMETRY_FORMAT)
         with f:
-            schema.check_telemetry(f, bn_fields=("gamma",))  # every shape and type read, before reading
-            _read_telemetry_data(run, f, use_epochs)
+            sizes = schema.check_telemetry(f, bn_fields=("gamma",))  # every shape and type read, before reading
+            _read_telemetry_data(run, f, sizes.checked, use_epochs)
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
     except (KeyError, OSError, ValueError, IndexError, TypeError) as exc:
         raise RunSkipped(f"telemetry.h5 is damaged ({first_line(exc)})")
 
 
-def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
-    if use_epochs and "epochs" in f:
-        run.history = {k: v[:].astype(np.float64) for k, v in f["epochs"].items()}
+def _read_telemetry_data(run: Run, f, checked: dict[str, Any], use_epochs: bool) -> None:
+    """Read from the objects `checked` (path -> object, as schema.check_telemetry found them): only what was
+    checked is read, and none is looked up in the file twice."""
+    if use_epochs and "epochs" in checked:
+        run.history = {k: checked[f"epochs/{k}"][:].astype(np.float64) for k in checked["epochs"]}
     epochs_done = int(run.history["epoch"][-1]) if run.history.get("epoch") is not None and len(
         run.history["epoch"]) else 0
 
-    names = f["params/name"].asstr()[:]
-    groups = f["params/group"].asstr()[:]
-    numel = f["params/numel"][:]
-    trainable = f["params/trainable"][:].astype(bool)
+    names = checked["params/name"].asstr()[:]
+    groups = checked["params/group"].asstr()[:]
+    numel = checked["params/numel"][:]
+    trainable = checked["params/trainable"][:].astype(bool)
     run.trainable, run.total = int(numel[trainable].sum()), int(numel.sum())
     counts = [f.attrs.get(k) for k in ("trainable_params", "total_params")]  # exact under --random-features
     if all(isinstance(c, (int, np.integer)) and 0 <= c <= run.total for c in counts):
@@ -401,33 +403,31 @@ def _read_telemetry_data(run: Run, f, use_epochs: bool) -> None:
 
     # γ in network order: params/name follows named_parameters(), h5py lists groups alphabetically.
     layers = [n[: -len(".weight")] for n, g in zip(names, groups) if g == "bn_gamma" and n.endswith(".weight")]
-    bn = f.get("bn")
-    if bn is not None and layers:
-        snapshot_epochs = bn["epoch"][:]
+    if "bn" in checked and layers:
+        snapshot_epochs = checked["bn/epoch"][:]
         # A run killed between the telemetry and checkpoint writes has one snapshot more than metrics.json.
         later = np.nonzero(snapshot_epochs <= epochs_done)[0] if epochs_done else []
         row = int(later[-1]) if len(later) else len(snapshot_epochs) - 1
         run.gamma_epoch = int(snapshot_epochs[row])
-        stored = set(bn)  # a name from params/name is looked up only among the groups checked
         for layer in layers:
-            gamma = bn.get(f"{layer}/gamma") if layer in stored else None  # one lookup, one read
+            gamma = checked.get(f"bn/{layer}/gamma")  # a name from params/name: only among the layers checked
             if gamma is not None:
                 gamma = gamma[:]  # all rows at once: they share a compressed chunk
                 run.gamma_layers.append(layer)
                 run.gamma_final.append(gamma[row].astype(np.float64))
                 run.gamma_init.append(gamma[0].astype(np.float64))
 
-    steps = f.get("steps")
-    if steps is not None and "step" in steps and "groups" in steps and len(steps["step"]):
-        keep = steps["epoch"][:] <= epochs_done if epochs_done else slice(None)
-        step = steps["step"][:][keep]
+    if "steps/step" in checked and "steps/groups" in checked and len(checked["steps/step"]):
+        keep = checked["steps/epoch"][:] <= epochs_done if epochs_done else slice(None)
+        step = checked["steps/step"][:][keep]
         run.grad_window = max(1, math.ceil(len(step) / MAX_CURVE_POINTS))
-        for group, g in steps["groups"].items():
-            if bool(g.attrs.get("frozen", False)):
+        for group in checked["steps/groups"]:
+            if bool(checked[f"steps/groups/{group}"].attrs.get("frozen", False)):
                 run.frozen_groups.append(group)
             else:
                 # window means right away: a run keeps MAX_CURVE_POINTS per curve, not 60k steps
-                run.grad_steps, run.grad_groups[group] = window_means(step, g["grad_abs_mean"][:][keep])
+                run.grad_steps, run.grad_groups[group] = window_means(
+                    step, checked[f"steps/groups/{group}/grad_abs_mean"][:][keep])
         if run.grad_steps is None:
             run.grad_steps = step[:0]
     else:

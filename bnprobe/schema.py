@@ -170,6 +170,8 @@ class Layout:
 
     def __init__(self, f):
         self.f = f
+        self.objects: dict[str, Any] = {}  # path -> each object found: a check looks a path up more than once
+
 
     def fail(self, message: str):
         raise BnprobeError(f"{self.f.filename}: {message}")
@@ -231,6 +233,8 @@ class Layout:
         # telemetry file of a deep net has thousands of datasets (the report reads hundreds of such files).
         import h5py
 
+        if path in self.objects:
+            return self.objects[path]
         name = path.encode()
         try:
             link = self.f.id.links.get_info(name)
@@ -247,9 +251,10 @@ class Layout:
         if link.type != h5py.h5l.TYPE_HARD:  # a soft or external link may point anywhere, even at itself
             self.fail(f"/{path} is a link, not stored in the file")
         try:
-            return self.f[path]
+            self.objects[path] = self.f[path]
         except (KeyError, ValueError, OSError, TypeError) as exc:
             self.fail(f"/{path} cannot be read ({first_line(exc)})")
+        return self.objects[path]
 
 
 @dataclass
@@ -258,6 +263,7 @@ class TelemetrySizes:
     steps: int  # S: recorded steps
     params: int  # P: parameter tensors
     snapshots: int  # rows of /bn
+    checked: dict[str, Any]  # path -> every group and dataset checked: a reader reads these, not the file again
 
 
 def check_telemetry(f, bn_fields: Optional[tuple[str, ...]] = None) -> TelemetrySizes:
@@ -312,7 +318,7 @@ def check_telemetry(f, bn_fields: Optional[tuple[str, ...]] = None) -> Telemetry
             for name in layout.group(f"bn/{layer}"):
                 if bn_fields is None or name in bn_fields:
                     layout.dataset(f"bn/{layer}/{name}", (b, None))
-    return TelemetrySizes(epochs=e, steps=s, params=p, snapshots=b)
+    return TelemetrySizes(epochs=e, steps=s, params=p, snapshots=b, checked=layout.objects)
 
 
 def check_ablation(f) -> int:

@@ -185,7 +185,7 @@ def test_run_without_telemetry_takes_gamma_from_its_checkpoint(runs_root, tmp_pa
 
 
 def test_an_unforeseen_error_costs_one_run_not_the_report(runs_root, monkeypatch):
-    def read_badly(run, f, use_epochs):
+    def read_badly(run, f, checked, use_epochs):
         raise FloatingPointError("something no reader foresaw")
 
     monkeypatch.setattr("bnprobe.report._read_telemetry_data", read_badly)
