@@ -940,8 +940,17 @@ def template_environment(templates: Path):
         loader=jinja2.FileSystemLoader(str(templates)), autoescape=True, undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters.update(pct=_pct, signed_pct=_signed_pct, count=_count, number=_number, unbroken=_unbroken)
+    env.filters.update(pct=_pct, signed_pct=_signed_pct, count=_count, number=_number, unbroken=_unbroken,
+                       words=_words)
     return env
+
+
+def _words(text: str) -> Any:
+    """`text` (escaped) with no-break spaces: a line may break around it, not inside it. (No-break spaces, not
+    a nowrap span: each inline box costs WeasyPrint about a millisecond of layout.)"""
+    from markupsafe import Markup, escape
+
+    return Markup(str(escape(text)).replace(" ", "&nbsp;"))
 
 
 INTERVAL = re.compile(r"(\S+ \[[^\]]*\])")  # "93.0% [86.1, 100.0]": a value and its interval
@@ -952,7 +961,7 @@ def _unbroken(text: str) -> Any:
     not inside the brackets."""
     from markupsafe import Markup, escape
 
-    return Markup(INTERVAL.sub(r'<span class="nowrap">\1</span>', str(escape(text))))
+    return Markup(INTERVAL.sub(lambda match: match.group(1).replace(" ", "&nbsp;"), str(escape(text))))
 
 
 def _pct(value: Optional[float], digits: int = 1) -> str:

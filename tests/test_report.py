@@ -685,7 +685,7 @@ def test_findings_cells_keep_a_value_and_its_interval_on_one_line():
     from bnprobe.report import _unbroken
 
     assert str(_unbroken("93.0% [86.1, 100.0] clipped <b>")) == (
-        '<span class="nowrap">93.0% [86.1, 100.0]</span> clipped &lt;b&gt;')
+        "93.0%&nbsp;[86.1,&nbsp;100.0] clipped &lt;b&gt;")
     assert str(_unbroken("0.00167 (n = 1)")) == "0.00167 (n = 1)"  # no interval: as it was, escaped
 
 
