@@ -104,11 +104,13 @@ def show(value: Optional[Estimate], unit: str, signed: bool = False, n: bool = T
     def number(x: float, sign: bool = signed) -> str:
         if not math.isfinite(x):
             return "–"
+        plus = "+" if sign else ""
+        # Rounded first, then + 0.0: a bound such as -0.0004 is printed "0.0", not "-0.0" (-0.0 + 0.0 is 0.0).
         if unit == "pct":
-            return f"{100 * x:{'+' if sign else ''}.1f}"
+            return f"{round(100 * x, 1) + 0.0:{plus}.1f}"
         if unit == "count":
-            return f"{x:{'+' if sign else ''},.0f}"
-        return f"{x:{'+' if sign else ''}.3g}"
+            return f"{round(x) + 0.0:{plus},.0f}"
+        return f"{x + 0.0:{plus}.3g}"
 
     suffix = (" points" if signed else "%") if unit == "pct" else ""
     interval = f" [{number(value.low, False)}, {number(value.high, False)}]" if value.low is not None else ""

@@ -56,6 +56,15 @@ def test_estimate_is_the_student_t_interval():
     assert show(estimate([0.5, 0.5]), "pct") == "50.0% [50.0, 50.0] (n = 2)"  # no spread: no NaN
 
 
+def test_a_bound_that_rounds_to_zero_is_printed_without_a_minus():
+    # A difference's interval [-0.0004, 0.077] was printed "[-0.0, 7.7]".
+    assert show(Estimate(0.038, -0.0004, 0.077, 3), "pct") == "3.8% [0.0, 7.7] (n = 3)"
+    assert show(Estimate(-0.0004, -0.001, 0.0, 3), "pct", signed=True) == "+0.0 points [-0.1, 0.0] (n = 3)"
+    assert show(Estimate(-0.4, -0.2, 0.0, 2), "count") == "0 [0, 0] (n = 2)"
+    assert show(Estimate(-0.0, -0.0, 0.0, 2), "number") == "0 [0, 0] (n = 2)"
+    assert show(Estimate(-0.012, -0.03, 0.004, 2), "pct") == "-1.2% [-3.0, 0.4] (n = 2)"  # real minus signs stay
+
+
 def test_intervals_of_bounded_quantities_are_clipped_and_say_so(tmp_path):
     # With two seeds an accuracy's t-interval reached below 0% (and the gap's above 100 points).
     runs = [fake_run(0, [0.0], freeze="non-bn"), fake_run(1, [0.02], freeze="non-bn"),
