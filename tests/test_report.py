@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import h5py
@@ -427,6 +428,35 @@ def test_html_figures_show_values_on_hover(report_html):
     assert re.search(r"<title>layer1\.0\.bn1: \d+\.\d% with \|γ\| &lt; 0\.05</title>", html)
     assert re.search(r"<title>full \(τ\) test accuracy, τ 0\.2: 30\.0%</title>", html)
     assert "<title>bn_gamma mean |dL/dw|: " in html
+
+
+def test_run_figures_start_from_the_same_empty_panels_and_grid_each_panel_in_one_path(runs_root):
+    from bnprobe import figures
+
+    full = collect([runs_root / "full"]).runs[0]
+    bare = collect([runs_root / "full"]).runs[0]
+    bare.grad_steps, bare.gamma_final, bare.gamma_init = None, [], []  # three empty panels: no ticks, no grid
+    figures._empty_run_figure.cache_clear()
+    first = figures.run_figure(full, DEFAULT_TAUS, "k").svg
+    assert figures.run_figure(bare, DEFAULT_TAUS, "k").svg != first
+    assert figures.run_figure(full, DEFAULT_TAUS, "k").svg == first  # nothing of one run stays for the next
+    with figures.new_figure(figures.RUN_FIGURE_HEIGHT_IN) as fig:  # made the plain way, not from the made panels
+        axes = fig.subplots(2, 2)
+        fig.subplots_adjust(left=0.08, right=0.985, bottom=0.085, top=0.95, wspace=0.24, hspace=0.42)
+        figures._accuracy_curves(axes[0, 0], full)
+        figures._gradient_curves(axes[0, 1], full)
+        figures._gamma_histogram(axes[1, 0], full.gamma_digest(DEFAULT_TAUS))
+        figures._gamma_fraction_by_layer(axes[1, 1], full.gamma_digest(DEFAULT_TAUS))
+        assert figures.to_svg(fig, "k").svg == first
+    root = ET.fromstring(first)
+    grids = [p for p in root.iter(f"{{{figures.SVG_NAMESPACE}}}path") if p.get("stroke") == "#b0b0b0"]
+    assert len(grids) == 4  # one per panel, a line per y tick label in each
+    labels = [t for t in root.iter(f"{{{figures.SVG_NAMESPACE}}}text") if t.get("text-anchor") == "end"]
+    assert sum(p.get("d").count("M") for p in grids) == len(labels)
+    white = [p for p in root.iter() if p.get("fill") == "#ffffff"]  # the page is white already: only legends'
+    assert len(white) == 4 and all(p.get("opacity") == "0.85" for p in white)
+    svg = ET.fromstring(figures.run_figure(bare, DEFAULT_TAUS, "k").svg)
+    assert len([p for p in svg.iter(f"{{{figures.SVG_NAMESPACE}}}path") if p.get("stroke") == "#b0b0b0"]) == 1
 
 
 def test_figures_without_information_are_left_out():
