@@ -272,8 +272,9 @@ def log_axis(ax) -> None:
     costs more than the rest of a figure."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
-    # Within two decades label 1, 2, 5 x 10^k too: a lone "1e-2" says little.
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if high / low < 100 else (1.0,), numticks=8))
+    # Within two decades label 1, 2, 5 x 10^k too, within one every k x 10^k: a lone "1e-2" says little.
+    subs = tuple(range(1, 10)) if high / low < 10 else (1.0, 2.0, 5.0) if high / low < 100 else (1.0,)
+    ax.yaxis.set_major_locator(LogLocator(subs=subs, numticks=8))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")))
     ax.yaxis.set_minor_locator(NullLocator())  # invisible anyway (no tick marks), and each tick costs time
 
