@@ -36,8 +36,8 @@ from matplotlib.ticker import (Formatter, FuncFormatter, LogLocator, MaxNLocator
 from bnprobe.measures import GammaDigest  # noqa: E402
 
 SVG_NAMESPACE, XLINK_NAMESPACE = "http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"
-SVG_STYLE, SVG_GROUP, SVG_METADATA, SVG_TITLE, SVG_USE = (
-    f"{{{SVG_NAMESPACE}}}{tag}" for tag in ("style", "g", "metadata", "title", "use"))
+SVG_STYLE, SVG_GROUP, SVG_METADATA, SVG_TITLE, SVG_USE, SVG_PATH = (
+    f"{{{SVG_NAMESPACE}}}{tag}" for tag in ("style", "g", "metadata", "title", "use", "path"))
 NO_ROTATION = re.compile(r"rotate\(-?0 [-\d.e]+ [-\d.e]+\)")
 
 PAGE_WIDTH_IN = 7.0  # A4 minus 15 mm margins is 7.09 in: figures print at 100 %, fonts at their size
@@ -200,6 +200,8 @@ def _simplify(root: ET.Element) -> None:
     - CSS becomes presentation attributes: the same rendering, and WeasyPrint (whose SVG drawing is most
       of a PDF's time) skips a CSS parse per element and a selector match of the `*{...}` rule per node.
     - Groups left without attributes are unwrapped, and every text's `rotate(-0 x y)` (the identity) goes.
+    - A path that only fills (or only strokes) takes its `opacity` as its fill's (stroke's): the same colours,
+      without the transparency group WeasyPrint makes for each `opacity` (a legend's frame, a filled histogram).
     """
     for parent in list(root.iter()):  # a list: children are removed on the way
         for child in list(parent):
@@ -221,6 +223,17 @@ def _simplify(root: ET.Element) -> None:
         if NO_ROTATION.fullmatch(element.attrib.get("transform", "")):
             del element.attrib["transform"]
     _unwrap_plain_groups(root)
+    _opacity_as_paint_opacity(root, root.get("fill", "black"), root.get("stroke", "none"))
+
+
+def _opacity_as_paint_opacity(parent: ET.Element, fill: str = "black", stroke: str = "none") -> None:
+    """See _simplify. `fill` and `stroke`: what `parent` paints, inherited by its children (SVG's defaults)."""
+    for child in parent:
+        child_fill, child_stroke = child.get("fill", fill), child.get("stroke", stroke)
+        if child.tag == SVG_PATH and "opacity" in child.attrib and (child_fill == "none") != (child_stroke == "none"):
+            paint = "fill-opacity" if child_stroke == "none" else "stroke-opacity"
+            child.set(paint, f"{float(child.attrib.pop('opacity')) * float(child.get(paint, 1)):g}")
+        _opacity_as_paint_opacity(child, child_fill, child_stroke)
 
 
 def _unwrap_plain_groups(parent: ET.Element) -> None:

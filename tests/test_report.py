@@ -454,9 +454,28 @@ def test_run_figures_start_from_the_same_empty_panels_and_grid_each_panel_in_one
     labels = [t for t in root.iter(f"{{{figures.SVG_NAMESPACE}}}text") if t.get("text-anchor") == "end"]
     assert sum(p.get("d").count("M") for p in grids) == len(labels)
     white = [p for p in root.iter() if p.get("fill") == "#ffffff"]  # the page is white already: only legends'
-    assert len(white) == 4 and all(p.get("opacity") == "0.85" for p in white)
+    assert len(white) == 4 and all(p.get("fill-opacity") == "0.85" for p in white)
+    # `opacity` makes WeasyPrint draw a transparency group: on a path that only fills, it is the fill's opacity
+    assert not [p for p in root.iter() if p.get("opacity") is not None]
     svg = ET.fromstring(figures.run_figure(bare, DEFAULT_TAUS, "k").svg)
     assert len([p for p in svg.iter(f"{{{figures.SVG_NAMESPACE}}}path") if p.get("stroke") == "#b0b0b0"]) == 1
+
+
+def test_opacity_becomes_the_fill_or_stroke_opacity_only_where_that_paints_the_same():
+    from bnprobe.figures import SVG_NAMESPACE, _simplify
+
+    root = ET.fromstring(f"""<svg xmlns="{SVG_NAMESPACE}">
+      <path id="fill" d="M 0 0 L 1 1" fill="#ffffff" opacity="0.85"/>
+      <path id="stroke" d="M 0 0 L 1 1" fill="none" stroke="#000000" stroke-opacity="0.5" opacity="0.5"/>
+      <path id="both" d="M 0 0 L 1 1" fill="#ffffff" stroke="#000000" opacity="0.5"/>
+      <g stroke="#000000"><path id="inherits-a-stroke" d="M 0 0 L 1 1" fill="#ffffff" opacity="0.5"/></g>
+    </svg>""")
+    _simplify(root)
+    paths = {p.get("id"): p.attrib for p in root.iter(f"{{{SVG_NAMESPACE}}}path")}
+    assert paths["fill"]["fill-opacity"] == "0.85" and "opacity" not in paths["fill"]
+    assert paths["stroke"]["stroke-opacity"] == "0.25" and "opacity" not in paths["stroke"]
+    # fill and stroke overlap: `opacity` (one group) is not the two opacities apart
+    assert paths["both"]["opacity"] == "0.5" and paths["inherits-a-stroke"]["opacity"] == "0.5"
 
 
 def test_figures_without_information_are_left_out():
