@@ -150,13 +150,16 @@ def _title(text: str) -> ET.Element:
     return element
 
 
-def to_svg(fig: Figure, key: str) -> SvgFigure:
+def to_svg(fig: Figure, key: str, hover_values: bool = True) -> SvgFigure:
+    """`fig` as SVG, with the values to show on hover (see `hover`) if `hover_values`: a PDF shows none, and
+    WeasyPrint walks each <title> as it draws (a tenth of drawing a run's figure)."""
     _fewer_paths(fig)
     buffer = io.StringIO()
     with mpl.rc_context({**STYLE, "svg.hashsalt": f"bnprobe-report:{key}"}):
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     root = ET.fromstring(buffer.getvalue())  # parsing drops the XML prolog and DOCTYPE, invalid inside HTML
-    _add_titles(root, fig.__dict__.get("hover_titles", {}))
+    if hover_values:
+        _add_titles(root, fig.__dict__.get("hover_titles", {}))
     _simplify(root)
     root.set("class", "plot")
     root.set("role", "img")
@@ -354,8 +357,8 @@ def _empty_run_figure() -> bytes:
         return pickle.dumps(fig)
 
 
-def run_figure(run, taus: Sequence[float], key: str) -> SvgFigure:
-    """Four panels of one run (a `bnprobe.report.Run`)."""
+def run_figure(run, taus: Sequence[float], key: str, hover_values: bool = True) -> SvgFigure:
+    """Four panels of one run (a `bnprobe.report.Run`); `hover_values`: see to_svg."""
     with mpl.rc_context(STYLE):
         fig = pickle.loads(_empty_run_figure())
         axes = np.reshape(fig.axes, (2, 2))
@@ -364,7 +367,7 @@ def run_figure(run, taus: Sequence[float], key: str) -> SvgFigure:
         gamma = run.gamma_digest(taus)
         _gamma_histogram(axes[1, 0], gamma)
         _gamma_fraction_by_layer(axes[1, 1], gamma)
-        return to_svg(fig, key)
+        return to_svg(fig, key, hover_values)
 
 
 def failed_figure(key: str, message: str, height_in: float = RUN_FIGURE_HEIGHT_IN) -> SvgFigure:
@@ -469,7 +472,7 @@ class DepthPanel:
     lines: dict[tuple[str, str], dict[int, list[float]]]
 
 
-def accuracy_vs_depth(panels: Sequence[DepthPanel], key: str) -> Optional[SvgFigure]:
+def accuracy_vs_depth(panels: Sequence[DepthPanel], key: str, hover_values: bool = True) -> Optional[SvgFigure]:
     """One panel per architecture run at two depths or more (a single depth would be an almost empty chart);
     None when there is none."""
     panels = [p for p in panels if len({d for points in p.lines.values() for d in points}) > 1]
@@ -508,7 +511,7 @@ def accuracy_vs_depth(panels: Sequence[DepthPanel], key: str) -> Optional[SvgFig
             ax.legend(loc="best", title="freeze mode", title_fontsize=6.5)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
-        return to_svg(fig, key)
+        return to_svg(fig, key, hover_values)
 
 
 @dataclass
@@ -523,7 +526,7 @@ class AblationCurve:
     baseline_test_acc: Optional[float]
 
 
-def ablation_curves(curves: Sequence[AblationCurve], key: str) -> Optional[SvgFigure]:
+def ablation_curves(curves: Sequence[AblationCurve], key: str, hover_values: bool = True) -> Optional[SvgFigure]:
     """Accuracy vs τ (threshold sweeps) and vs the fraction of channels clamped (every sweep)."""
     if not curves:
         return None
@@ -568,4 +571,4 @@ def ablation_curves(curves: Sequence[AblationCurve], key: str) -> Optional[SvgFi
         percent_axis(right)
         percent_axis(right, "x")
         right.legend(loc="lower left")
-        return to_svg(fig, key)
+        return to_svg(fig, key, hover_values)

@@ -682,14 +682,14 @@ def _read(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> Run | Skip
     return run
 
 
-def _draw(task: tuple[Run, Sequence[float]]) -> Any:
-    """A run's page figure (an SvgFigure). Never raises for the data: a figure that cannot be drawn is replaced
-    by one that says why, so that a run already in the report's tables keeps its page."""
+def _draw(task: tuple[Run, Sequence[float], bool]) -> Any:
+    """A run's page figure (an SvgFigure), with hover values if asked. Never raises for the data: a figure that
+    cannot be drawn is replaced by one that says why, so that a run already in the report's tables keeps its page."""
     from bnprobe import figures
 
-    run, taus = task
+    run, taus, hover_values = task
     try:
-        return figures.run_figure(run, taus, run.figure_key)
+        return figures.run_figure(run, taus, run.figure_key, hover_values)
     except Exception as exc:  # noqa: BLE001 -- data no reader foresaw (the run was read, its numbers are shown)
         return _failed(run.figure_key, exc)
 
@@ -700,10 +700,12 @@ def _failed(key: str, exc: Exception) -> Any:
     return figures.failed_figure(key, f"This run's figure could not be drawn ({first_line(exc, typed=True)}).")
 
 
-def draw_run_figures(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Workers] = None) -> None:
-    """Each run's page figure that is not drawn yet, in `pool` when there is one."""
+def draw_run_figures(runs: Sequence[Run], taus: Sequence[float], pool: Optional[Workers] = None,
+                     hover_values: bool = True) -> None:
+    """Each run's page figure that is not drawn yet, in `pool` when there is one, with hover values if asked."""
     missing = [run for run in runs if run.figure is None]
-    for run, figure in zip(missing, (pool or Workers(1)).map(_draw, [(run, tuple(taus)) for run in missing])):
+    tasks = [(run, tuple(taus), hover_values) for run in missing]
+    for run, figure in zip(missing, (pool or Workers(1)).map(_draw, tasks)):
         run.figure = figure
 
 
@@ -711,7 +713,7 @@ def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Workers) -> dict
     """Start drawing each run's figure in `pool`, in page order, and give each run a stand-in of its size
     (figures.late_figure) for the PDF's layout; returns what bnprobe.pdf.write needs to draw each figure in its
     stand-in's place. Nothing (the figures are drawn before the layout) without worker processes for so many
-    runs, or where this WeasyPrint cannot take figures late."""
+    runs, or where this WeasyPrint cannot take figures late. A PDF shows no hover values: none are drawn."""
     executor = pool.executor(len(runs))
     if executor is None or not pdf.can_draw_late():
         return {}
@@ -719,7 +721,7 @@ def draw_late(runs: Sequence[Run], taus: Sequence[float], pool: Workers) -> dict
 
     late = {}
     for index, run in enumerate(runs):
-        drawing = executor.submit(_draw, (run, tuple(taus)))
+        drawing = executor.submit(_draw, (run, tuple(taus), False))
         run.figure = figures.late_figure(run.figure_key, index, figures.RUN_FIGURE_HEIGHT_IN)
 
         def finished(drawing=drawing, key=run.figure_key) -> str:
@@ -881,14 +883,16 @@ def ablation_curves(ablations: Sequence[Ablation]) -> list:
     return curves
 
 
-def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[Workers] = None) -> dict[str, Any]:
-    """The figures across runs, and each run's own that is not drawn yet (in `pool` when there is one)."""
+def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[Workers] = None,
+                  hover_values: bool = True) -> dict[str, Any]:
+    """The figures across runs, and each run's own that is not drawn yet (in `pool` when there is one); with
+    hover values (for HTML) if `hover_values`."""
     from bnprobe import figures
 
-    draw_run_figures(collection.runs, taus, pool)
+    draw_run_figures(collection.runs, taus, pool, hover_values)
     return {
-        "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth"),
-        "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation"),
+        "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth", hover_values),
+        "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation", hover_values),
     }
 
 
@@ -987,7 +991,7 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
     HTML one and styles every node). `templates`: see find_templates."""
     templates = find_templates(templates)
     env = template_environment(templates)
-    figures = figures if figures is not None else build_figures(collection, taus)
+    figures = figures if figures is not None else build_figures(collection, taus, hover_values=embed == "inline")
     from bnprobe import findings as statistics
 
     findings = findings if findings is not None else statistics.findings_of(collection.runs)
@@ -1104,7 +1108,7 @@ def write_report(
             # A PDF is laid out while the run figures are drawn (each is needed only when its page is painted);
             # an HTML page needs them all first.
             late = draw_late(collection.runs, taus, pool) if kind == "pdf" else {}
-            figures = build_figures(collection, taus, pool)
+            figures = build_figures(collection, taus, pool, hover_values=kind == "html")
             say("drew the figures across runs" + ("" if late else " and each run's figure"))
             findings = statistics.findings_of(collection.runs)
             html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,

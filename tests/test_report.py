@@ -199,7 +199,7 @@ def test_an_unforeseen_error_costs_one_run_not_the_report(runs_root, monkeypatch
 
 
 def test_a_figure_that_cannot_be_drawn_says_so_and_the_run_stays(runs_root, monkeypatch):
-    def draw_badly(run, taus, key):
+    def draw_badly(run, taus, key, hover_values=True):
         raise FloatingPointError("something no drawing foresaw")
 
     monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)
@@ -461,6 +461,20 @@ def test_run_figures_start_from_the_same_empty_panels_and_grid_each_panel_in_one
     assert len([p for p in svg.iter(f"{{{figures.SVG_NAMESPACE}}}path") if p.get("stroke") == "#b0b0b0"]) == 1
 
 
+def test_figures_for_a_pdf_leave_out_the_hover_values_and_nothing_else(runs_root):
+    from bnprobe import figures
+
+    [run] = collect([runs_root / "full"]).runs
+    with_titles, without = (ET.fromstring(figures.run_figure(run, DEFAULT_TAUS, "k", hover).svg)
+                             for hover in (True, False))
+    def drawn(root):
+        return [(e.tag, e.get("d"), e.text) for e in root.iter() if e.tag.split("}")[1] in ("path", "text", "use")]
+
+    assert drawn(with_titles) == drawn(without)
+    assert len(list(with_titles.iter(f"{{{figures.SVG_NAMESPACE}}}title"))) > 4
+    assert not list(without.iter(f"{{{figures.SVG_NAMESPACE}}}title"))
+
+
 def test_opacity_becomes_the_fill_or_stroke_opacity_only_where_that_paints_the_same():
     from bnprobe.figures import SVG_NAMESPACE, _simplify
 
@@ -518,6 +532,7 @@ def test_pdf_laid_out_while_its_figures_are_drawn_is_the_pdf_drawn_first(four_ru
     late, first = tmp_path / "late.pdf", tmp_path / "first.pdf"
     write_report(four_runs, late, jobs=2)
     assert len(taken[0]) == 4  # every run's figure came late
+    assert not any("<title>" in draw() for draw in taken[0].values())  # a PDF shows no hover values
     write_report(four_runs, first, jobs=1)
     assert taken[1] == {}
     late_text, first_text = pdf_page_texts(late), pdf_page_texts(first)
@@ -538,7 +553,7 @@ def test_a_weasyprint_that_cannot_take_figures_late_gets_them_first(four_runs, t
 def test_a_late_figure_that_cannot_be_drawn_says_so_in_the_pdf(four_runs, tmp_path, monkeypatch):
     pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
 
-    def draw_badly(run, taus, key):
+    def draw_badly(run, taus, key, hover_values=True):
         raise FloatingPointError("something no drawing foresaw")
 
     monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)  # the workers are forked after this
