@@ -233,7 +233,7 @@ def _simplify(root: ET.Element) -> None:
             if name in element.attrib:
                 element.set(name, FINE_NUMBER.sub(_hundredths, element.attrib[name]))
     _unwrap_plain_groups(root)
-    _opacity_as_paint_opacity(root, root.get("fill", "black"), root.get("stroke", "none"))
+    _opacity_as_paint_opacity(root)
 
 
 def _hundredths(match: re.Match) -> str:
@@ -241,14 +241,14 @@ def _hundredths(match: re.Match) -> str:
     return "0" if text == "-0" else text
 
 
-def _opacity_as_paint_opacity(parent: ET.Element, fill: str = "black", stroke: str = "none") -> None:
-    """See _simplify. `fill` and `stroke`: what `parent` paints, inherited by its children (SVG's defaults)."""
-    for child in parent:
-        child_fill, child_stroke = child.get("fill", fill), child.get("stroke", stroke)
-        if child.tag == SVG_PATH and "opacity" in child.attrib and (child_fill == "none") != (child_stroke == "none"):
-            paint = "fill-opacity" if child_stroke == "none" else "stroke-opacity"
-            child.set(paint, f"{float(child.attrib.pop('opacity')) * float(child.get(paint, 1)):g}")
-        _opacity_as_paint_opacity(child, child_fill, child_stroke)
+def _opacity_as_paint_opacity(element: ET.Element, fill: str = "black", stroke: str = "none") -> None:
+    """See _simplify. `fill` and `stroke`: what the element's parent paints, which it inherits (SVG's defaults)."""
+    fill, stroke = element.get("fill", fill), element.get("stroke", stroke)
+    if element.tag == SVG_PATH and "opacity" in element.attrib and (fill == "none") != (stroke == "none"):
+        paint = "fill-opacity" if stroke == "none" else "stroke-opacity"
+        element.set(paint, f"{float(element.attrib.pop('opacity')) * float(element.get(paint, 1)):g}")
+    for child in element:
+        _opacity_as_paint_opacity(child, fill, stroke)
 
 
 def _unwrap_plain_groups(parent: ET.Element) -> None:
@@ -350,15 +350,13 @@ def hover_curve(line, name: str, xs: Sequence[float], ys: Sequence[float], x_nam
 
 
 RUN_FIGURE_HEIGHT_IN = 5.0
-
-
 RUN_FIGURE_TICKS = 7  # per axis, what most runs' panels label
 
 
 @functools.lru_cache(maxsize=1)
 def _empty_run_figure() -> bytes:
     """The run figure's four empty panels with their tick labels made, pickled. A report draws this figure for
-    every run, and making matplotlib's axes and ticks costs more than half of drawing one; unpickling a made
+    every run, and making matplotlib's axes and ticks was over a third of drawing one; unpickling a made
     one costs half of making it. Bytes made here, in this process, never read from anywhere."""
     with new_figure(RUN_FIGURE_HEIGHT_IN) as fig:
         axes = fig.subplots(2, 2)

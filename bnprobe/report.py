@@ -1108,11 +1108,12 @@ def write_report(
             # A PDF is laid out while the run figures are drawn (each is needed only when its page is painted);
             # an HTML page needs them all first.
             late = draw_late(collection.runs, taus, pool) if kind == "pdf" else {}
-            figures = build_figures(collection, taus, pool, hover_values=kind == "html")
+            embed = "inline" if kind == "html" else "img"
+            figures = build_figures(collection, taus, pool, hover_values=embed == "inline")
             say("drew the figures across runs" + ("" if late else " and each run's figure"))
             findings = statistics.findings_of(collection.runs)
-            html = render_html(collection, taus, embed="inline" if kind == "html" else "img", title=title,
-                               templates=templates, figures=figures, findings=findings)
+            html = render_html(collection, taus, embed=embed, title=title, templates=templates, figures=figures,
+                               findings=findings)
             pages = None
             try:
                 if kind == "html":

@@ -172,7 +172,6 @@ class Layout:
         self.f = f
         self.objects: dict[str, Any] = {}  # path -> each object found: a check looks a path up more than once
 
-
     def fail(self, message: str):
         raise BnprobeError(f"{self.f.filename}: {message}")
 
