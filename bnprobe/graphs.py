@@ -72,7 +72,7 @@ class CudaGraphs:
 
 
 def uses_graphs(config: TrainConfig, device: torch.device, world: int = 1) -> bool:
-    """Graphs on CUDA in one process, unless --no-graphs or --compile (whose reduce-overhead mode has its own);
+    """Graphs on CUDA in one process, with --graphs and without --compile (whose reduce-overhead mode has its own);
     DDP's gradient all-reduce is left eager."""
     return config.graphs and device.type == "cuda" and world == 1 and not config.compile
 
