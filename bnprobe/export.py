@@ -121,6 +121,7 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
 
     if out.suffix != ".safetensors":
         raise BnprobeError(f"-o must name a .safetensors file, got {out}")
+    schema.check_outside_runs(out)  # a file bnprobe did not write would make train --overwrite refuse the run
     if out.exists() and not _exported(out):
         raise BnprobeError(f"will not replace {out}: it is not a model bnprobe exported")
     file = checkpoint_file(run)

@@ -14,6 +14,8 @@ METRICS_FILE = "metrics.json"  # per-epoch history, for humans and reports
 TELEMETRY_FILE = "telemetry.h5"  # gradient magnitudes and BN snapshots (docs/hdf5-schema.md)
 RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, TELEMETRY_FILE)
 PROBE_FILE = "probe.h5"  # `bnprobe probe`'s default output, beside the checkpoint (docs/probe-schema.md)
+# Written into a run that `train --overwrite` sets aside as .NAME.replaced: what bnprobe may move back or delete.
+SET_ASIDE_MARKER, SET_ASIDE_FORMAT = ".bnprobe-set-aside", "bnprobe-set-aside"
 ABLATION_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5"}  # `bnprobe ablate`, per --mode
 
 # ---- format names and versions (the `format`/`version` attributes or keys of each file) --------------------------

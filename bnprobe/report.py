@@ -595,10 +595,11 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
 
         for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
             set_aside += [Skipped(display(Path(dirpath, d)), _set_aside_reason(d[1:-len(SET_ASIDE)]))
-                          for d in sorted(dirnames) if d.startswith(".") and d.endswith(SET_ASIDE)]
+                          for d in sorted(dirnames) if d.startswith(".") and d.endswith(SET_ASIDE)
+                          and schema.is_set_aside(Path(dirpath, d))]
             here = Path(dirpath)
             for d in sorted(dirnames):  # .foo: hidden; named when it holds a run (.NAME.replaced: see Replacement)
-                if d.startswith(".") and not d.endswith(SET_ASIDE) and _holds_run_files(here / d):
+                if d.startswith(".") and not schema.is_set_aside(here / d) and _holds_run_files(here / d):
                     passed_over.append(Skipped(display(here / d), "hidden: its name starts with '.' (rename it to "
                                                                   "include it)"))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

@@ -21,7 +21,8 @@ from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
 from bnprobe.errors import BnprobeError
-from bnprobe.formats import CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, METRICS_FILE, RUN_FILES
+from bnprobe.formats import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, METRICS_FILE, RUN_FILES,
+                             SET_ASIDE_FORMAT, SET_ASIDE_MARKER)
 from bnprobe.store import h5_format
 
 
@@ -39,11 +40,14 @@ def metrics_path(run_dir: Path) -> Path:
 
 def check_run_name(name: str) -> str:
     """A run name is one folder inside --runs-dir: never a path that could point at (and, with --overwrite,
-    replace) some other folder."""
+    replace) some other folder, nor a hidden name (.NAME.replaced, .NAME.lock are bnprobe's bookkeeping)."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise BnprobeError(f"--name must be a single folder name (no '/', not '.' or '..'), got {name!r}")
     if any(unicodedata.category(char) == "Cc" for char in name):  # a newline would split every later message
         raise BnprobeError(f"--name must not contain control characters (newline, tab, ...), got {name!r}")
+    if name.startswith("."):
+        raise BnprobeError(f"--name must not start with '.': hidden names are bnprobe's own bookkeeping "
+                           f"(.NAME.replaced, .NAME.lock) and reports skip them; got {name!r}")
     return name
 
 
@@ -61,7 +65,7 @@ def foreign_files(run_dir: Path) -> list[str]:
             return True
         if path.suffix == ".h5":
             return h5_format(path).startswith("bnprobe-")
-        return path.name.removesuffix(".journal") in RUN_FILES  # .journal: a killed update's (bnprobe.store)
+        return path.name.removesuffix(".journal") in RUN_FILES or path.name == SET_ASIDE_MARKER  # .journal: a killed update's (bnprobe.store)
 
     return sorted(path.name for path in run_dir.iterdir() if not ours(path))
 
@@ -69,39 +73,60 @@ def foreign_files(run_dir: Path) -> list[str]:
 class Replacement:
     """--overwrite without losing the old run before the new one is worth more: the old folder is renamed to
     a hidden sibling, deleted once the new run has saved its first checkpoint, and put back if the new run
-    fails or is interrupted before that. `recover` finishes or undoes one that a killed process left."""
+    fails or is interrupted before that. `recover` finishes or undoes one that a killed process left.
+
+    Only what bnprobe set aside itself is ever moved or deleted: a marker file (SET_ASIDE_MARKER) is written
+    into the old run before it is renamed, and a folder named like a set-aside one without it is a user's."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.aside = run_dir.with_name(f".{run_dir.name}.replaced")
         self.pending = False
 
-    def recover(self) -> None:
-        if not self.aside.is_dir():
-            return
+    def recover(self) -> str:
+        """Finish or undo an --overwrite a killed process left; what was done, as a sentence ("" if nothing)."""
+        if not schema.is_set_aside(self.aside):
+            return ""
         if checkpoint_path(self.run_dir).is_file():  # the new run got its checkpoint: the old one can go
-            shutil.rmtree(self.aside, ignore_errors=True)
-        else:
-            self._restore()
+            self._remove_aside()
+            return (f"removed {self.aside}, the old run set aside by an interrupted --overwrite (the new run had "
+                    f"saved its checkpoint)")
+        self._restore()
+        return f"put back the old run from {self.aside}: the --overwrite that set it aside was interrupted"
 
     def set_aside(self) -> None:
+        if os.path.lexists(self.aside):  # a user's folder of that name: never replaced, never deleted
+            raise BnprobeError(f"will not set {self.run_dir} aside for --overwrite: {self.aside} exists and bnprobe "
+                               f"did not make it; move it away")
+        write_json(self.run_dir / SET_ASIDE_MARKER, {"format": SET_ASIDE_FORMAT, "run": self.run_dir.name})
         self.run_dir.rename(self.aside)
         self.pending = True
 
     def commit(self) -> None:
         if self.pending:
             self.pending = False
-            shutil.rmtree(self.aside, ignore_errors=True)
+            self._remove_aside()
 
     def undo(self) -> None:
         if self.pending:
             self.pending = False
             self._restore()
 
+    def _remove_aside(self) -> None:
+        foreign = foreign_files(self.aside)
+        if foreign:  # put there after it was set aside: not bnprobe's to delete
+            raise BnprobeError(f"{self.aside} (an old run set aside by --overwrite) now holds files bnprobe did "
+                               f"not write ({', '.join(map(repr, foreign[:3]))}); move them away")
+        shutil.rmtree(self.aside, ignore_errors=True)
+
     def _restore(self) -> None:
-        if self.run_dir.exists():
+        if os.path.lexists(self.run_dir):  # what the interrupted new run wrote, and nothing else
+            if not self.run_dir.is_dir() or self.run_dir.is_symlink() or foreign_files(self.run_dir):
+                raise BnprobeError(f"cannot put the old run back from {self.aside}: {self.run_dir} holds files "
+                                   f"bnprobe did not write; move one of them away")
             shutil.rmtree(self.run_dir)
         self.aside.rename(self.run_dir)
+        (self.run_dir / SET_ASIDE_MARKER).unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: Any) -> None:

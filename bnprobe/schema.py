@@ -26,7 +26,7 @@ import numpy as np
 from bnprobe.config import TrainConfig, check_types
 from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
-                             TELEMETRY_FORMAT)
+                             SET_ASIDE_FORMAT, SET_ASIDE_MARKER, TELEMETRY_FORMAT)
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
 MAX_JSON_BYTES = 64 << 20  # a run's metrics.json grows ~300 bytes per epoch
@@ -97,6 +97,18 @@ def is_run(folder: Path) -> bool:
     except (BnprobeError, TypeError, ValueError):
         return False
     return "model" in config and "dataset" in config
+
+
+def is_set_aside(folder: Path) -> bool:
+    """Whether `folder` is an old run that `train --overwrite` set aside (bnprobe.runs.Replacement): a real
+    folder holding the marker bnprobe writes before it renames a run, not merely a folder of that name."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    try:
+        marker = read_json(folder / SET_ASIDE_MARKER)
+    except BnprobeError:
+        return False
+    return isinstance(marker, dict) and marker.get("format") == SET_ASIDE_FORMAT
 
 
 def run_holding(path: Path) -> Optional[Path]:

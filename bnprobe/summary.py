@@ -13,7 +13,7 @@ from rich.table import Table
 from bnprobe import runs
 from bnprobe.errors import BnprobeError
 from bnprobe.formats import TELEMETRY_FILE, TELEMETRY_FORMAT
-from bnprobe.schema import check_telemetry, open_h5
+from bnprobe.schema import check_telemetry, is_set_aside, open_h5
 
 # The /epochs columns the results table shows (files from before eval-mode train accuracy lack two of them).
 SHOWN_EPOCH_FIELDS = ("epoch", "train_eval_acc", "train_acc", "test_acc", "gap", "train_eval_loss", "test_loss")
@@ -34,7 +34,7 @@ def inspect_run(run_dir: Path, top: int = 5) -> Group:
     aside = runs.Replacement(run_dir).aside
     note = (f"{aside} holds the old run {run_dir.name}, set aside by an --overwrite that was interrupted; the "
             f"next `bnprobe train` of {run_dir.name} puts it back, or removes it if the new run has saved a "
-            f"checkpoint") if aside.is_dir() else ""
+            f"checkpoint") if is_set_aside(aside) else ""
     try:
         tables = _inspect_run(run_dir, top)
     except BnprobeError as exc:

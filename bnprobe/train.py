@@ -189,8 +189,8 @@ def train(
         # Rank 0 holds the run's lock from before it looks at the folder until it is done writing it.
         with locked(run_dir, f"run directory {run_dir}") if process.main else nullcontext():
             try:
-                if process.main:
-                    replacement.recover()
+                if process.main and (recovered := replacement.recover()):
+                    console.print(f"[yellow]note:[/] {escape(recovered)}", soft_wrap=True)
                 return _train(config, run_dir, process, device, console, resume, overwrite, dataset, replacement)
             except BaseException:
                 replacement.undo()  # an --overwrite that failed before its first checkpoint gives the old run back

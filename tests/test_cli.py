@@ -30,6 +30,8 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subse
     (["train", "resnet8", "--name", ""], "--name must be a single folder name"),
     (["train", "resnet8", "--name", "a\nb"], "--name must not contain control characters"),
     (["train", "resnet8", "--name", "a\tb"], "--name must not contain control characters"),
+    (["train", "resnet8", "--name", ".r1.replaced"], "--name must not start with '.'"),
+    (["train", "resnet8", "--name", ".r1.lock"], "--name must not start with '.'"),
     (["train", "resnet8", "--bn", "none", "--gamma-l1", "0.1"], "--bn none leaves no BN layer"),
     (["train", "resnet8", "--gamma-init", "zeros"], "--gamma-init must be one of"),
     (["train", "resnet50", "--shortcut", "A"], "shortcut"),
@@ -162,6 +164,63 @@ def test_an_old_run_set_aside_by_a_killed_overwrite_is_shown(capsys, tmp_path):
     shutil.copytree(tmp_path / ".r.replaced", tmp_path / "r")  # and with the new run there
     code, out, _ = run_cli(capsys, "inspect", tmp_path / "r")
     assert code == 0 and "After 1 of 1 epochs" in out and "set aside by an --overwrite" in " ".join(out.split())
+
+
+def test_a_folder_named_like_a_set_aside_run_is_never_touched(capsys, tmp_path):
+    """Issue 21: `.r1.replaced` beside an ordinary folder r1 made train delete r1 (thesis.tex with it). Only
+    what bnprobe set aside itself (its marker inside) is ever moved back or deleted."""
+    (tmp_path / "r1" / "src").mkdir(parents=True)
+    (tmp_path / "r1" / "src" / "thesis.tex").write_text("x")
+    (tmp_path / ".r1.replaced").mkdir()
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", tmp_path, "--name", "r1")
+    assert code == 2 and "bnprobe: error:" in err  # r1 is not a run: refused as before, not recovered
+    assert (tmp_path / "r1" / "src" / "thesis.tex").read_text() == "x"
+    assert (tmp_path / ".r1.replaced").is_dir()
+    # the same with --overwrite: r1 holds a foreign file, and .r1.replaced is a user's
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", tmp_path, "--name", "r1", "--overwrite")
+    assert code == 2 and (tmp_path / "r1" / "src" / "thesis.tex").read_text() == "x"
+
+
+def test_a_complete_run_copied_to_a_set_aside_name_survives_overwrite(capsys, tmp_path):
+    """Issue 21: with r1 a real run and another complete run in .r1.replaced (not set aside by bnprobe),
+    `train r1 --overwrite` deleted .r1.replaced silently. Now it refuses, and both runs stay."""
+    import shutil
+
+    argv = ["train", "resnet8", *TINY, "--runs-dir", tmp_path, "--name", "r1"]
+    assert run_cli(capsys, *argv)[0] == 0
+    shutil.copytree(tmp_path / "r1", tmp_path / ".r1.replaced")
+    kept = {p.name: p.read_bytes() for p in (tmp_path / ".r1.replaced").iterdir()}
+    code, _, err = run_cli(capsys, *argv, "--overwrite")
+    assert_one_line_error(code, err, f"{tmp_path / '.r1.replaced'} exists and bnprobe did not make it")
+    assert {p.name: p.read_bytes() for p in (tmp_path / ".r1.replaced").iterdir()} == kept
+    assert runs.checkpoint_path(tmp_path / "r1").is_file()
+    code, out, _ = run_cli(capsys, "report", tmp_path, "-o", tmp_path / "report.html", "--jobs", "1")
+    assert code == 0 and "set aside by an --overwrite" not in out  # a user's folder is not called one
+
+
+def test_recovery_never_deletes_files_bnprobe_did_not_write(capsys, tmp_path):
+    """A set-aside run is put back only over what the interrupted new run wrote, never over a user's files."""
+    argv = ["train", "resnet8", *TINY, "--runs-dir", tmp_path, "--name", "r"]
+    assert run_cli(capsys, *argv)[0] == 0
+    runs.Replacement(tmp_path / "r").set_aside()  # what a killed `--overwrite` left ...
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")  # ... and a file the user put there since
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert_one_line_error(code, err, "cannot put the old run back")
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine" and (tmp_path / ".r.replaced").is_dir()
+    (tmp_path / "r" / "notes.txt").unlink()
+    code, out, _ = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "put back the old run" in " ".join(out.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    assert runs.foreign_files(tmp_path / "r") == [] and not (tmp_path / "r" / ".bnprobe-set-aside").exists()
+
+
+def test_export_refuses_to_write_inside_a_run(capsys, tmp_path):
+    """Issue 21: `export R -o R/x.safetensors` wrote inside the run, which train --overwrite then refused."""
+    assert run_cli(capsys, "train", "resnet8", *TINY, "--runs-dir", tmp_path, "--name", "r")[0] == 0
+    code, _, err = run_cli(capsys, "export", tmp_path / "r", "-o", tmp_path / "r" / "x.safetensors")
+    assert_one_line_error(code, err, "will not write")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == sorted(runs.RUN_FILES)
 
 
 def test_config_json_stores_an_absolute_data_dir(capsys, tmp_path, monkeypatch):
