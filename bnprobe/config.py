@@ -143,13 +143,7 @@ class TrainConfig:
         unknown = sorted(set(data) - set(_FIELD_TYPES))
         if unknown:
             raise BnprobeError(f"{where}: unknown config keys: {', '.join(unknown)}")
-        check_types(data, where)
-        config = cls(**data)
-        try:
-            config.check()
-        except BnprobeError as exc:
-            raise BnprobeError(f"{where}: {exc}") from None
-        return config
+        return check_settings(data, where)
 
     # ---- validation ------------------------------------------------------------------------------
     def check(self) -> None:
@@ -281,6 +275,19 @@ def check_types(data: dict[str, Any], where: Any) -> None:
                                f"not {_shown(value)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise BnprobeError(f"{where}: setting {name!r} must be a finite number, not {value}")
+
+
+def check_settings(data: dict[str, Any], where: Any) -> TrainConfig:
+    """The one check of stored settings that every reader makes: check_types, then TrainConfig.check's ranges
+    over the known settings, a missing one counting as its default (unknown ones are left to the caller).
+    Returns the TrainConfig of the known settings."""
+    check_types(data, where)
+    config = TrainConfig(**{name: value for name, value in data.items() if name in _FIELD_TYPES})
+    try:
+        config.check()
+    except BnprobeError as exc:
+        raise BnprobeError(f"{where}: {exc}") from None
+    return config
 
 
 # Each field's kind (its annotation without Optional[...]) and whether it may be None; the Python types a

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bnprobe.config import TrainConfig, check_types
+from bnprobe.config import TrainConfig, check_settings
 from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
                              TELEMETRY_FORMAT)
@@ -79,12 +79,13 @@ def read_json(path: Path) -> Any:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json as a plain dict: a JSON object whose known settings have TrainConfig's types. Unknown or
-    missing settings are left to the caller (the report shows runs of older and newer versions)."""
+    """config.json as a plain dict: a JSON object whose known settings have TrainConfig's types and ranges, as
+    inspect and train check them. Unknown or missing settings are left to the caller (the report shows runs of
+    older and newer versions)."""
     config = read_json(path)
     if not isinstance(config, dict):
         raise BnprobeError(f"{path} does not hold the run's settings (a JSON object), but {_json_type(config)}")
-    check_types(config, path)
+    check_settings(config, path)
     return config
 
 
@@ -413,7 +414,7 @@ def export_fields(metadata: dict[str, str], path: Path) -> tuple[dict[str, Any],
         raise BnprobeError(f"{path}: damaged bnprobe export metadata ({type(exc).__name__}: {exc})") from None
     if not isinstance(config, dict):
         raise BnprobeError(f"{path}: damaged bnprobe export metadata (its config is {_json_type(config)})")
-    check_types(config, f"{path}: config")
+    check_settings(config, f"{path}: config")
     return config, epoch
 
 

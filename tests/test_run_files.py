@@ -375,6 +375,21 @@ def test_config_json_and_a_checkpoint_config_are_checked_alike(tmp_path, setting
     assert str(by_schema.value).startswith(f"{path}: setting '{next(iter(settings))}' must be")
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": 99999999999999999999999}, "--seed must be in [0, 2**32), got 99999999999999999999999"),
+    ({"epochs": -1}, "--epochs must be >= 1, got -1"),
+])
+def test_settings_out_of_range_are_refused_by_every_reader(good_run, tmp_path, capsys, settings, message):
+    # issue 21 (11): report and findings took these as a valid run (grouped with others) while inspect refused it
+    run_dir = with_config(copy_run(good_run, tmp_path / "run"), **settings)
+    code, _, err = run_cli(capsys, "inspect", run_dir)
+    assert_one_line_error(code, err, f"{run_dir / 'config.json'}: {message}")
+    collection = collect([run_dir])
+    assert not collection.runs and skipped(collection) == {"run": f"config.json: {message}"}
+    code, out, _ = run_cli(capsys, "findings", run_dir)
+    assert code == 0 and f"skipped run: config.json: {message}" in " ".join(out.split())
+
+
 def test_torch_file_kind_tells_archives_and_pickles_from_other_files(tmp_path):
     from bnprobe import schema
 
