@@ -84,6 +84,17 @@ def test_report_skips_named_pipes_instead_of_waiting_on_them(good_run, tmp_path)
     assert "x.h5 is not a regular file (it is a named pipe)" in html
 
 
+def test_a_telemetry_file_that_is_a_symlink_loop_is_named_not_taken_for_an_old_run(good_run, tmp_path, capsys):
+    # issue 21 (12): the report said "no telemetry.h5 (the run predates telemetry)"
+    run_dir = copy_run(good_run, tmp_path / "run")
+    (run_dir / "telemetry.h5").unlink()
+    os.symlink("telemetry.h5", run_dir / "telemetry.h5")
+    message = "cannot read telemetry.h5 (Too many levels of symbolic links)"
+    assert skipped(collect([run_dir], include_unfinished=True)) == {"run": message}
+    code, _, err = run_cli(capsys, "inspect", run_dir)
+    assert_one_line_error(code, err, f"cannot read {run_dir / 'telemetry.h5'} (Too many levels of symbolic links)")
+
+
 @pytest.mark.parametrize("name", ["config.json", "telemetry.h5"])
 def test_inspect_refuses_a_named_pipe(good_run, tmp_path, name):
     path = copy_run(good_run, tmp_path / "run") / name
