@@ -95,6 +95,21 @@ def test_a_telemetry_file_that_is_a_symlink_loop_is_named_not_taken_for_an_old_r
     assert_one_line_error(code, err, f"cannot read {run_dir / 'telemetry.h5'} (Too many levels of symbolic links)")
 
 
+def test_an_empty_telemetry_journal_says_how_to_read_the_run_again(good_run, tmp_path, capsys):
+    # issue 21 (15): a 0-byte telemetry.h5.journal made a finished run unreadable everywhere, with no hint
+    run_dir = copy_run(good_run, tmp_path / "run")
+    journal = run_dir / "telemetry.h5.journal"
+    journal.write_bytes(b"")
+    advice = f"move it aside (mv {journal} {journal}.damaged) to read telemetry.h5 as it was before that update"
+    code, _, err = run_cli(capsys, "inspect", run_dir)
+    assert_one_line_error(code, err, f"{journal} is damaged (it is empty)")
+    assert advice in err
+    assert "mv telemetry.h5.journal telemetry.h5.journal.damaged" in skipped(collect([run_dir]))["run"]
+    journal.rename(f"{journal}.damaged")
+    code, out, _ = run_cli(capsys, "inspect", run_dir)
+    assert code == 0 and "After 1 of 1 epochs" in out
+
+
 @pytest.mark.parametrize("name", ["config.json", "telemetry.h5"])
 def test_inspect_refuses_a_named_pipe(good_run, tmp_path, name):
     path = copy_run(good_run, tmp_path / "run") / name
