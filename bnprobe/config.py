@@ -22,6 +22,10 @@ from bnprobe.errors import BnprobeError
 from bnprobe.formats import BN_PLACEMENTS, DEVICES, FREEZE_MODES, GAMMA_INITS, NORMALIZATIONS, SHORTCUTS
 
 
+# More epochs than this is a typo (a month of 25 s CIFAR epochs); it also bounds a run file's per-epoch rows.
+MAX_EPOCHS = 100_000
+
+
 def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
     return {"help": help, "identity": identity, **extra}
 
@@ -161,6 +165,8 @@ class TrainConfig:
         for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features", "translate"):
             if (getattr(self, name) or 0) < 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.epochs > MAX_EPOCHS:
+            raise BnprobeError(f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
         if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit; numpy's and most tools' are 32
             raise BnprobeError(f"--seed must be in [0, 2**32), got {self.seed}")
         for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):

@@ -897,6 +897,11 @@ def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[
     }
 
 
+# Worker processes (each a Python with numpy and matplotlib, started at once for a large report): more than
+# this is a typo, not a machine.
+MAX_JOBS = 1024
+
+
 def default_jobs() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bnprobe.config import TrainConfig, check_settings
+from bnprobe.config import MAX_EPOCHS, TrainConfig, check_settings
 from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
                              TELEMETRY_FORMAT)
@@ -31,7 +31,6 @@ from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPOR
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
 MAX_JSON_BYTES = 64 << 20  # a run's metrics.json grows ~300 bytes per epoch
 MAX_ELEMENTS = 1 << 26  # per dataset (512 MiB of float64); a real run's largest, steps x tensors, is far below
-MAX_EPOCHS = 1 << 20
 MAX_TENSORS = 1 << 16  # parameter tensors of a model; the deepest registry model has under 1,000
 MAX_TRAIN_IMAGES = 1 << 22  # bounds steps per epoch when the run used a whole data set (ImageNet: 1.28M)
 NUMBERS, INTEGERS = "biuf", "biu"  # numpy dtype kinds

@@ -94,6 +94,14 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
             if bad:
                 raise BnprobeError(f"{path} {name}: unknown settings {', '.join(bad)}; see `bnprobe train --help`")
     axes = [{k: v if isinstance(v, list) else [v] for k, v in grid.items()} for grid in grids]
+    for i, grid in enumerate(axes, 1):
+        # Each value first, beside the first value of every other setting (a run the grid has): a bad one is
+        # found at once, not after expanding the millions of runs --max-runs allows.
+        if all(grid.values()):
+            first = {k: values[0] for k, values in grid.items()}
+            for name, values in grid.items():
+                for value in values:
+                    TrainConfig.from_dict({**defaults, **first, name: value}, f"{path} grid {i}").resolved()
     combinations = sum(math.prod(len(values) for values in grid.values()) for grid in axes)
     if combinations > max_runs:
         raise BnprobeError(f"{path} plans {combinations:,} runs, more than the limit of {max_runs:,}; "
