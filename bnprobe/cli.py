@@ -126,7 +126,7 @@ def train(
 def _check_number(flag: str, value: float, wanted: str, holds: bool) -> None:
     """A float option: finite (typer takes nan and inf) and `holds`, its range, described by `wanted`."""
     if not (math.isfinite(value) and holds):
-        raise BnprobeError(f"{flag} must be a finite number {wanted}, got {value:g}")
+        raise BnprobeError(f"{flag} must be {wanted} (a finite number), got {value:g}")
 
 
 @app.command()
