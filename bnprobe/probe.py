@@ -25,7 +25,7 @@ import torch.nn as nn
 from bnprobe.data import DeviceLoader
 from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
-from bnprobe.measures import fraction_below
+from bnprobe.measures import fraction_below, histogram_edges
 from bnprobe.models import bn_layers
 from bnprobe.options import DEFAULT_TAUS, ProbeOptions  # noqa: F401 - part of this API
 from bnprobe.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
@@ -85,13 +85,9 @@ def bn_statistics(model: nn.Module) -> BNStats:
                                  for name, bn in bn_layers(model, with_gamma=True)], stats_only)
 
 
-def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
-    """Edges shared by every layer and checkpoint, so histograms compare bin by bin."""
-    values = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, bins + 1)
+def layer_mean(values: np.ndarray) -> float:
+    """The mean of one layer's values; NaN (shown as -) for a layer of no channels, which numpy warns about."""
+    return float(values.mean()) if values.size else float("nan")
 
 
 def histograms(arrays: Sequence[np.ndarray], edges: np.ndarray) -> np.ndarray:
@@ -243,7 +239,7 @@ class ProbeResult:
         return {
             "bn_layers": len(self.bn.names),
             "bn_channels": int(gamma.size),
-            "mean_abs_gamma": float(gamma.mean()) if gamma.size else float("nan"),
+            "mean_abs_gamma": layer_mean(gamma),
             "median_abs_gamma": float(np.median(gamma)) if gamma.size else float("nan"),
             "frac_below": self.bn.frac_below_all(taus),
             "off": int(self.bn.off(off_threshold).sum()),
@@ -304,7 +300,7 @@ def write_probe_h5(
             write_array(bn, "frac_below", result.bn.frac_below(taus), description="(L, T): fraction |γ| < τ")
             write_array(bn, "off", result.bn.off(off_threshold), description="channels with |γ| < off_threshold")
             write_array(bn, "off_dead", result.bn.off_dead(off_threshold), description="of those, β <= 0")
-            write_array(bn, "mean_abs_gamma", np.array([np.abs(x).mean() if x.size else np.nan for x in result.bn.gamma]))
+            write_array(bn, "mean_abs_gamma", np.array([layer_mean(np.abs(x)) for x in result.bn.gamma]))
             write_array(bn, "gamma_hist", histograms(result.bn.gamma, gamma_edges), description="(L, bins)")
             write_array(bn, "beta_hist", histograms(result.bn.beta, beta_edges), description="(L, bins)")
             write_array(bn, "stats_only_names", strings(name for name, _ in result.bn.stats_only),
@@ -441,6 +437,10 @@ def run_probe(
                 f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
                 f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
                 f"{ORDER_NOTES[r.attrs['layer_order']]}."), soft_wrap=True, highlight=False)
+        infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *r.bn.beta))
+        if infinite:
+            console.print(escape(f"{r.label}: {infinite:,} non-finite γ or β value(s) (inf or nan), left out of "
+                                 f"the histograms"), soft_wrap=True, highlight=False)
         if r.bn.stats_only:
             names = ", ".join(name for name, _ in r.bn.stats_only)
             console.print(escape(f"{r.label}: {len(r.bn.stats_only)} BN layer(s) without affine (running statistics "
@@ -453,8 +453,8 @@ def _pct(x: float) -> str:
     return "-" if x != x else f"{100 * x:.1f}%"
 
 
-def _num(x: float) -> str:
-    return "-" if x != x else f"{x:.3f}"
+def _num(x: float, spec: str = ".3f") -> str:
+    return "-" if x != x else format(x, spec)
 
 
 def _pct_short(x: float) -> str:
@@ -508,8 +508,8 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
             g, b = r.bn.gamma[i], r.bn.beta[i]
             taus_cells = [_pct_short(below[i][k]) for k in tau_columns]
             if main:
-                t.add_row(str(i), name, str(g.size), f"{np.abs(g).mean():.3f}", sparkline(hists[i]), *taus_cells,
-                          str(off[i]), str(dead[i]), f"{b.mean():+.3f}")
+                t.add_row(str(i), name, str(g.size), _num(layer_mean(np.abs(g))), sparkline(hists[i]), *taus_cells,
+                          str(off[i]), str(dead[i]), _num(layer_mean(b), "+.3f"))
             else:
                 t.add_row(str(i), name, *taus_cells)
         return t
@@ -580,7 +580,7 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
             table.add_column(r.label, justify="right", overflow="fold")
         offs = [r.bn.off(off_threshold) for r in results]
         for i, name in enumerate(results[0].bn.names):
-            cells = [f"{np.abs(r.bn.gamma[i]).mean():.3f} / {off[i]}" for r, off in zip(results, offs)]
+            cells = [f"{_num(layer_mean(np.abs(r.bn.gamma[i])))} / {off[i]}" for r, off in zip(results, offs)]
             table.add_row(str(i), name, str(results[0].bn.gamma[i].size), *cells)
         tables.append(table)
 
