@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
     NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
 from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, printable
 
 app = typer.Typer(
     help="Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report.",
@@ -339,7 +339,8 @@ def report(
     summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
                            title=title, templates=templates, jobs=jobs or None)
     for item in summary.skipped:
-        console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(printable(item.name))}: {escape(printable(item.reason))}",
+                      soft_wrap=True, highlight=False)
 
     def count(n: int, what: str) -> str:
         return f"{n} {what}{'' if n == 1 else 's'}"
@@ -373,7 +374,8 @@ def findings(
         check_json_output(json_out)  # before reading every run
     collection = collect(runs_dirs, include_unfinished)
     for item in collection.skipped:
-        console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(printable(item.name))}: {escape(printable(item.reason))}",
+                      soft_wrap=True, highlight=False)
     result = findings_of(collection.runs)
     for table in tables(result):
         console.print(table)
@@ -387,7 +389,7 @@ INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings read like the errors: one line, no source location."""
-    text = " ".join(str(message).split())
+    text = printable(" ".join(str(message).split()))
     print(f"bnprobe: warning: {text}", file=file or sys.stderr)
 
 
@@ -407,10 +409,10 @@ def _main(argv: Optional[list[str]]) -> None:
         print(exc.format_message())
         sys.exit(exc.exit_code)
     except ClickException as exc:
-        print(f"bnprobe: error: {exc.format_message()}", file=sys.stderr)
+        print(f"bnprobe: error: {printable(exc.format_message())}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except BnprobeError as exc:
-        print(f"bnprobe: error: {exc}", file=sys.stderr)
+    except BnprobeError as exc:  # names from files in it (a tensor's, a layer's) are printed escaped
+        print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort as exc:
         if not isinstance(exc.__cause__, EOFError):

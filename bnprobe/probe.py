@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from bnprobe.data import DeviceLoader
+from bnprobe.errors import printable
 from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
 from bnprobe.measures import fraction_below, histogram_edges
@@ -409,7 +410,7 @@ def run_probe(
                  **{k: v for k, v in loaded.meta.items() if v is not None}}
         result = probe_model(loaded.model, loader, loaded.label, str(loaded.path), attrs)
         if not result.bn.names:
-            console.print(f"[yellow]{loaded.label}: no BatchNorm layer with a γ; only ReLU sparsity is reported")
+            console.print(f"[yellow]{_shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is reported")
         results.append(result)
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
@@ -432,21 +433,29 @@ def run_probe(
         if not r.forward_pass:
             prefixes = r.attrs["stripped_prefixes"]
             stripped = "" if prefixes == "none" else f", prefix {prefixes} stripped"
-            console.print(escape(
+            console.print(escape(printable(
                 f"{r.label}: read from the file alone ({r.attrs['file_format']}, state dict at "
                 f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
                 f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
-                f"{ORDER_NOTES[r.attrs['layer_order']]}."), soft_wrap=True, highlight=False)
+                f"{ORDER_NOTES[r.attrs['layer_order']]}.")), soft_wrap=True, highlight=False)
         infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *r.bn.beta))
         if infinite:
-            console.print(escape(f"{r.label}: {infinite:,} non-finite γ or β value(s) (inf or nan), left out of "
-                                 f"the histograms"), soft_wrap=True, highlight=False)
+            console.print(f"{_shown(r.label)}: {infinite:,} non-finite γ or β value(s) (inf or nan), left out of the "
+                          f"histograms", soft_wrap=True, highlight=False)
         if r.bn.stats_only:
             names = ", ".join(name for name, _ in r.bn.stats_only)
-            console.print(escape(f"{r.label}: {len(r.bn.stats_only)} BN layer(s) without affine (running statistics "
+            console.print(_shown(f"{r.label}: {len(r.bn.stats_only)} BN layer(s) without affine (running statistics "
                                  f"only, no γ/β, not in the tables): {names}"), soft_wrap=True, highlight=False)
     console.print(f"Wrote [bold]{out}[/]")
     return results, out
+
+
+def _shown(text: str) -> str:
+    """A name from a file (a layer, a tensor, a checkpoint's label) as rich prints it: control characters
+    escaped (bnprobe.errors.printable), and brackets too, so none is taken for markup."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def _pct(x: float) -> str:
@@ -508,13 +517,13 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
             g, b = r.bn.gamma[i], r.bn.beta[i]
             taus_cells = [_pct_short(below[i][k]) for k in tau_columns]
             if main:
-                t.add_row(str(i), name, str(g.size), _num(layer_mean(np.abs(g))), sparkline(hists[i]), *taus_cells,
+                t.add_row(str(i), _shown(name), str(g.size), _num(layer_mean(np.abs(g))), sparkline(hists[i]), *taus_cells,
                           str(off[i]), str(dead[i]), _num(layer_mean(b), "+.3f"))
             else:
-                t.add_row(str(i), name, *taus_cells)
+                t.add_row(str(i), _shown(name), *taus_cells)
         return t
 
-    title = f"γ and β by depth — {r.label}"
+    title = f"γ and β by depth — {_shown(r.label)}"
     every = table(title, range(len(taus)), main=True)
     if width is None or _table_width(every) <= width or not taus:
         return [every]
@@ -527,7 +536,7 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
             chunk = []
         chunk.append(k)
     tables.append(chunk)
-    return [tables[0]] + [table(f"|γ| < τ by depth — {r.label}", c, main=False) for c in tables[1:]]
+    return [tables[0]] + [table(f"|γ| < τ by depth — {_shown(r.label)}", c, main=False) for c in tables[1:]]
 
 
 def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, brief: bool,
@@ -541,13 +550,13 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
     summary = Table(title="BatchNorm probe" + (" — comparison" if len(results) > 1 else ""), box=box.SIMPLE_HEAD)
     summary.add_column("", style="bold", no_wrap=True)
     for r in results:
-        summary.add_column(r.label, justify="right", overflow="fold")
+        summary.add_column(_shown(r.label), justify="right", overflow="fold")
     stats = [r.summary(taus, off_threshold) for r in results]
     measured = [r for r in results if r.forward_pass]  # a file probed alone has no ReLU sparsity
     images = measured[0].images if measured else 0
     rows = [
-        ("model", [str(r.attrs.get("model", "" if r.forward_pass else "(file only)")) for r in results]),
-        ("freeze", [str(r.attrs.get("freeze", "-")) for r in results]),
+        ("model", [_shown(str(r.attrs.get("model", "" if r.forward_pass else "(file only)"))) for r in results]),
+        ("freeze", [_shown(str(r.attrs.get("freeze", "-"))) for r in results]),
         (f"accuracy ({images} test images)" if measured else "accuracy (no forward pass)",
          [_pct(r.accuracy) for r in results]),
         ("BN layers / channels", [f"{s['bn_layers']} / {s['bn_channels']:,}" for s in stats]),
@@ -577,21 +586,22 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         table.add_column("BN layer", no_wrap=True)
         table.add_column("C", justify="right")
         for r in results:
-            table.add_column(r.label, justify="right", overflow="fold")
+            table.add_column(_shown(r.label), justify="right", overflow="fold")
         offs = [r.bn.off(off_threshold) for r in results]
         for i, name in enumerate(results[0].bn.names):
             cells = [f"{_num(layer_mean(np.abs(r.bn.gamma[i])))} / {off[i]}" for r, off in zip(results, offs)]
-            table.add_row(str(i), name, str(results[0].bn.gamma[i].size), *cells)
+            table.add_row(str(i), _shown(name), str(results[0].bn.gamma[i].size), *cells)
         tables.append(table)
 
     if len(measured) == 1 or (measured and not same_sites):
         for r in measured:
-            table = Table(title=f"ReLU output sparsity — {r.label} ({r.images} test images)", box=box.SIMPLE_HEAD)
+            table = Table(title=f"ReLU output sparsity — {_shown(r.label)} ({r.images} test images)",
+                          box=box.SIMPLE_HEAD)
             for column in ("ReLU call", "input", "C", "zeros", "dead"):
                 table.add_column(column, justify="left" if column in ("ReLU call", "input") else "right",
                                  no_wrap=column != "input")
             for s in r.sites:
-                table.add_row(s.name, s.input, str(s.channels), _pct(s.zero_fraction), str(s.dead))
+                table.add_row(_shown(s.name), _shown(s.input), str(s.channels), _pct(s.zero_fraction), str(s.dead))
             tables.append(table)
     elif measured:
         table = Table(title=f"ReLU output sparsity per call ({images} test images): zeros / dead channels",
@@ -599,9 +609,9 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         table.add_column("ReLU call", no_wrap=True)
         table.add_column("input")
         for r in measured:
-            table.add_column(r.label, justify="right", overflow="fold")
+            table.add_column(_shown(r.label), justify="right", overflow="fold")
         for i, site in enumerate(measured[0].sites):
-            table.add_row(site.name, site.input,
+            table.add_row(_shown(site.name), _shown(site.input),
                           *(f"{_pct(r.sites[i].zero_fraction)} / {r.sites[i].dead}" for r in measured))
         tables.append(table)
     return tables

@@ -33,7 +33,7 @@ from rich.text import Text
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError, first_line
+from bnprobe.errors import BnprobeError, first_line, printable
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -363,7 +363,7 @@ def run_sweep(
                 train(config, run.run_dir, resume=True, console=console)
                 outcome[run.run_dir.name] = "done"
             except BnprobeError as exc:  # one failed run does not stop the sweep
-                console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(str(exc))}", soft_wrap=True)
+                console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(printable(str(exc)))}", soft_wrap=True)
                 outcome[run.run_dir.name] = f"failed: {exc}"
         return outcome
     # Worker processes, each pinned with CUDA_VISIBLE_DEVICES to its slot's GPU, pulling runs as slots free up.
@@ -428,7 +428,7 @@ def _worker(config_json: str, run_dir: str) -> None:
     try:
         train_job(json.loads(config_json), run_dir)
     except BnprobeError as exc:
-        print(f"bnprobe: error: {exc}", file=sys.stderr)
+        print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(2)
 
 

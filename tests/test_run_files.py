@@ -416,6 +416,18 @@ def test_settings_out_of_range_are_refused_by_every_reader(good_run, tmp_path, c
     assert code == 0 and f"skipped run: config.json: {message}" in " ".join(out.split())
 
 
+def test_run_names_and_settings_reach_the_terminal_escaped(good_run, tmp_path, capsys):
+    # issue 21 (13): a run folder or a config.json setting with an escape sequence and a newline was printed raw
+    root = tmp_path / "runs"
+    with_config(copy_run(good_run, root / "a\x1b[31m\nb"), epochs=2)  # unfinished: a skipped line names it
+    with_config(copy_run(good_run, root / "c"), model="resnet8\x1b[2J")  # a group's label shows it
+    code, out, _ = run_cli(capsys, "findings", root)
+    assert code == 0 and "\x1b" not in out
+    assert "skipped a\\x1b[31m\\nb: unfinished: 1 of 2 epochs" in out and "resnet8\\x1b[2J digits" in out
+    code, out, _ = run_cli(capsys, "report", root, "-o", tmp_path / "report.html", "--jobs", "1")
+    assert code == 0 and "\x1b" not in out and "skipped a\\x1b[31m\\nb: unfinished" in out
+
+
 def test_torch_file_kind_tells_archives_and_pickles_from_other_files(tmp_path):
     from bnprobe import schema
 
