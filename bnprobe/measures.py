@@ -20,7 +20,7 @@ def fraction_below(gammas: Sequence[np.ndarray], taus: Sequence[float], per_laye
 
 def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
     """`bins` + 1 edges shared by every array (layers, checkpoints, γ at init and after training), so histograms
-    compare bin by bin; over the finite values only: an inf γ would make the edges inf and nan (it falls outside)."""
+    compare bin by bin; over the finite values only (an inf γ would make every edge inf or nan; it falls outside)."""
     values = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64) if len(arrays) else np.zeros(0)
     values = values[np.isfinite(values)]
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)

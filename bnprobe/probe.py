@@ -410,7 +410,8 @@ def run_probe(
                  **{k: v for k, v in loaded.meta.items() if v is not None}}
         result = probe_model(loaded.model, loader, loaded.label, str(loaded.path), attrs)
         if not result.bn.names:
-            console.print(f"[yellow]{_shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is reported")
+            console.print(f"[yellow]{_shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is "
+                          f"reported")
         results.append(result)
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
@@ -517,8 +518,8 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
             g, b = r.bn.gamma[i], r.bn.beta[i]
             taus_cells = [_pct_short(below[i][k]) for k in tau_columns]
             if main:
-                t.add_row(str(i), _shown(name), str(g.size), _num(layer_mean(np.abs(g))), sparkline(hists[i]), *taus_cells,
-                          str(off[i]), str(dead[i]), _num(layer_mean(b), "+.3f"))
+                t.add_row(str(i), _shown(name), str(g.size), _num(layer_mean(np.abs(g))), sparkline(hists[i]),
+                          *taus_cells, str(off[i]), str(dead[i]), _num(layer_mean(b), "+.3f"))
             else:
                 t.add_row(str(i), _shown(name), *taus_cells)
         return t

@@ -207,8 +207,9 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         raise BnprobeError(f"{path}: 'model' must map parameter names to tensors")
     history = need("history", list, "a list of epochs")
     for number, row in enumerate(history, 1):  # training reads every row back when it resumes
-        if not isinstance(row, dict) or row.get("epoch") != number or not all(
-                isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool) for key in HISTORY_FIELDS):
+        numbers = isinstance(row, dict) and all(isinstance(row.get(key), (int, float))
+                                                and not isinstance(row.get(key), bool) for key in HISTORY_FIELDS)
+        if not numbers or row["epoch"] != number:
             raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables numbered from 1, each with "
                                f"{', '.join(HISTORY_FIELDS)} as numbers; row {number} is {_describe(row)}")
     if resume and len(history) != epoch:  # (an export keeps no history)

@@ -63,7 +63,8 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
             raise BnprobeError(f"{path}: /epochs lacks {', '.join(missing)}")
         epochs = {k: v[:] for k, v in f["epochs"].items()}
 
-        settings = _table(f"Run {escape(printable(run_dir.name))}", "setting", "value", numbers=False)  # values: paths too
+        settings = _table(f"Run {escape(printable(run_dir.name))}", "setting", "value",
+                          numbers=False)  # values: paths too
         for key, value in config.to_dict().items():
             settings.add_row(key, escape(printable(str(value))))
         parts.append(settings)

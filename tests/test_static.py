@@ -172,7 +172,8 @@ def test_an_empty_or_infinite_gamma_is_probed_without_numpy_warnings(capsys, tmp
     assert (note in flat) if note else "non-finite" not in flat
     with h5py.File(out) as f:
         edges = f["gamma_edges"][:]
-        assert np.isfinite(edges).all() and f["checkpoints/000/bn/gamma_hist"][0].sum() == int(torch.isfinite(gamma).sum())
+        counted = f["checkpoints/000/bn/gamma_hist"][0].sum()
+        assert np.isfinite(edges).all() and counted == int(torch.isfinite(gamma).sum())
 
 
 HOSTILE = "bn\x1b[31mRED\nnext"  # an escape sequence and a newline in a tensor's name
