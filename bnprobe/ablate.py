@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bnprobe.data import DeviceLoader
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, printable
 from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.fold import ClampableModel
 from bnprobe.formats import ABLATION_FILES, ABLATION_FORMAT, ABLATION_VERSION
@@ -275,6 +275,7 @@ def run_ablation(
 
 def ablation_table(result: SweepResult, label: str, test_images: int, train_images: int) -> Any:
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     if result.mode == "threshold":
@@ -283,7 +284,8 @@ def ablation_table(result: SweepResult, label: str, test_images: int, train_imag
     else:
         what = "the smallest p of |γ| in each layer" if result.per_layer else "the globally smallest p of |γ|"
         head = "p"
-    table = Table(title=f"Clamp-to-zero ablation — {label}: γ := 0 where {what}", box=box.SIMPLE_HEAD)
+    table = Table(title=f"Clamp-to-zero ablation — {escape(printable(label))}: γ := 0 where {what}",
+                  box=box.SIMPLE_HEAD)
     table.add_column(head, justify="right", no_wrap=True)
     table.add_column("clamped", justify="right", no_wrap=True)
     splits = [s for s in ("test", "train") if f"{s}_acc" in result.metrics]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import sys
 import typing
 from pathlib import Path
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover
     NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
 from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, printable
 
 app = typer.Typer(
     help="Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report.",
@@ -122,6 +123,12 @@ def train(
     run_training(config, run_dir, resume=resume, overwrite=overwrite, console=console)
 
 
+def _check_number(flag: str, value: float, wanted: str, holds: bool) -> None:
+    """A float option: finite (typer takes nan and inf) and `holds`, its range, described by `wanted`."""
+    if not (math.isfinite(value) and holds):
+        raise BnprobeError(f"{flag} must be {wanted} (a finite number), got {value:g}")
+
+
 @app.command()
 def sweep(
     plan: Path = typer.Argument(..., help="A plan file (TOML): [defaults] and [[grid]] tables of train settings."),
@@ -146,8 +153,8 @@ def sweep(
     """Train a grid of runs from PLAN; finished runs are skipped, interrupted ones resumed."""
     from bnprobe.sweep import check_per_device, plan_table, read_plan, run_sweep, submit_sweep
 
-    if tflops <= 0:
-        raise BnprobeError(f"--tflops must be > 0, got {tflops}")
+    for flag, value in (("--tflops", tflops), ("--slurm-hours", slurm_hours)):
+        _check_number(flag, value, "> 0", value > 0)
     if launcher not in ("local", "slurm"):
         raise BnprobeError(f"--launcher must be local or slurm, got {launcher!r}")
     if max_runs is not None and max_runs < 1:
@@ -242,8 +249,7 @@ def probe(
     from bnprobe.lock import locked
     from bnprobe.probe import default_output, run_probe
 
-    if settings.off_threshold < 0:
-        raise BnprobeError(f"--off-threshold must be >= 0, got {settings.off_threshold:g}")
+    _check_number("--off-threshold", settings.off_threshold, ">= 0", settings.off_threshold >= 0)
     out = out if out is not None else default_output(checkpoints, PROBE_FILE)
     with locked(out, str(out)):
         run_probe(checkpoints, config, settings, out=out, brief=brief, console=console)
@@ -326,14 +332,15 @@ def report(
     """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
     from rich.markup import escape
 
-    from bnprobe.report import parse_taus, write_report
+    from bnprobe.report import MAX_JOBS, parse_taus, write_report
 
-    if jobs < 0:
-        raise BnprobeError(f"--jobs must be >= 0, got {jobs}")
+    if not 0 <= jobs <= MAX_JOBS:
+        raise BnprobeError(f"--jobs must be between 0 and {MAX_JOBS:,}, got {jobs:,}")
     summary = write_report(runs_dirs, output, taus=parse_taus(taus), include_unfinished=include_unfinished,
                            title=title, templates=templates, jobs=jobs or None)
     for item in summary.skipped:
-        console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(printable(item.name))}: {escape(printable(item.reason))}",
+                      soft_wrap=True, highlight=False)
 
     def count(n: int, what: str) -> str:
         return f"{n} {what}{'' if n == 1 else 's'}"
@@ -367,7 +374,8 @@ def findings(
         check_json_output(json_out)  # before reading every run
     collection = collect(runs_dirs, include_unfinished)
     for item in collection.skipped:
-        console.print(f"[yellow]skipped[/] {escape(item.name)}: {escape(item.reason)}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(printable(item.name))}: {escape(printable(item.reason))}",
+                      soft_wrap=True, highlight=False)
     result = findings_of(collection.runs)
     for table in tables(result):
         console.print(table)
@@ -381,7 +389,7 @@ INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings read like the errors: one line, no source location."""
-    text = " ".join(str(message).split())
+    text = printable(" ".join(str(message).split()))
     print(f"bnprobe: warning: {text}", file=file or sys.stderr)
 
 
@@ -401,10 +409,10 @@ def _main(argv: Optional[list[str]]) -> None:
         print(exc.format_message())
         sys.exit(exc.exit_code)
     except ClickException as exc:
-        print(f"bnprobe: error: {exc.format_message()}", file=sys.stderr)
+        print(f"bnprobe: error: {printable(exc.format_message())}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except BnprobeError as exc:
-        print(f"bnprobe: error: {exc}", file=sys.stderr)
+    except BnprobeError as exc:  # names from files in it (a tensor's, a layer's) are printed escaped
+        print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort as exc:
         if not isinstance(exc.__cause__, EOFError):

@@ -22,6 +22,10 @@ from bnprobe.errors import BnprobeError
 from bnprobe.formats import BN_PLACEMENTS, DEVICES, FREEZE_MODES, GAMMA_INITS, NORMALIZATIONS, SHORTCUTS
 
 
+# More epochs than this is a typo (a month of 25 s CIFAR epochs); it also bounds a run file's per-epoch rows.
+MAX_EPOCHS = 100_000
+
+
 def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
     return {"help": help, "identity": identity, **extra}
 
@@ -144,13 +148,7 @@ class TrainConfig:
         unknown = sorted(set(data) - set(_FIELD_TYPES))
         if unknown:
             raise BnprobeError(f"{where}: unknown config keys: {', '.join(unknown)}")
-        check_types(data, where)
-        config = cls(**data)
-        try:
-            config.check()
-        except BnprobeError as exc:
-            raise BnprobeError(f"{where}: {exc}") from None
-        return config
+        return check_settings(data, where)
 
     # ---- validation ------------------------------------------------------------------------------
     def check(self) -> None:
@@ -168,6 +166,8 @@ class TrainConfig:
         for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features", "translate"):
             if (getattr(self, name) or 0) < 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.epochs > MAX_EPOCHS:
+            raise BnprobeError(f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
         if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit; numpy's and most tools' are 32
             raise BnprobeError(f"--seed must be in [0, 2**32), got {self.seed}")
         for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):
@@ -282,6 +282,19 @@ def check_types(data: dict[str, Any], where: Any) -> None:
                                f"not {_shown(value)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise BnprobeError(f"{where}: setting {name!r} must be a finite number, not {value}")
+
+
+def check_settings(data: dict[str, Any], where: Any) -> TrainConfig:
+    """The one check of stored settings that every reader makes: check_types, then TrainConfig.check's ranges
+    over the known settings, a missing one counting as its default (unknown ones are left to the caller).
+    Returns the TrainConfig of the known settings."""
+    check_types(data, where)
+    config = TrainConfig(**{name: value for name, value in data.items() if name in _FIELD_TYPES})
+    try:
+        config.check()
+    except BnprobeError as exc:
+        raise BnprobeError(f"{where}: {exc}") from None
+    return config
 
 
 # Each field's kind (its annotation without Optional[...]) and whether it may be None; the Python types a

@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a one-line message, and the one way to quote another exception."""
+"""The one exception type the CLI turns into a one-line message, the one way to quote another exception, and
+the one way to print a name read from a file."""
 
 
 class BnprobeError(Exception):
@@ -13,3 +14,12 @@ def first_line(exc: BaseException, typed: bool = False, limit: int = 300) -> str
     if typed or not line:
         return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
     return line
+
+
+def printable(text: str) -> str:
+    """`text` (a name from a file: a tensor, a layer, a run, a setting) safe to print on a terminal: each character
+    that is not printable (ESC of an escape sequence, a newline, a bidi override) as a repr writes it (\\x1b,
+    \\n, \\u202e), so no file can recolour the terminal, move its cursor or split a one-line message."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from bnprobe import runs, schema
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, printable
 from bnprobe.formats import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, COMPACT_FORMAT, EXPORT_FORMATS, EXPORT_VERSION,
                              FULL_FORMAT)
 
@@ -206,6 +206,7 @@ def describe(size: int, full: int, compact: bool) -> str:
 def inspect_export(path: Path) -> Any:
     """`bnprobe inspect model.safetensors`: what an exported run holds, its frozen tensors regenerated and checked."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
     from safetensors import safe_open
 
@@ -221,7 +222,8 @@ def inspect_export(path: Path) -> Any:
     with safe_open(str(path), framework="pt") as f:
         stored = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     total = sum(t.numel() for t in checkpoint["model"].values())
-    table = Table(title=f"{path.name}: a bnprobe run, exported", box=box.SIMPLE_HEAD, show_header=False)
+    table = Table(title=f"{escape(printable(path.name))}: a bnprobe run, exported", box=box.SIMPLE_HEAD,
+                  show_header=False)
     table.add_column(style="bold")
     table.add_column()
     for name, value in (
@@ -234,5 +236,5 @@ def inspect_export(path: Path) -> Any:
         ("file", f"{path.stat().st_size:,} bytes"),
         ("frozen tensors", f"regenerated from seed {config.seed}; SHA-256 matches" if compact else "stored"),
     ):
-        table.add_row(name, value)
+        table.add_row(name, escape(printable(value)))  # the file's metadata and config, as they are
     return table

@@ -21,7 +21,7 @@ import numpy as np
 from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.config import IDENTITY_DEFAULTS, seed_group
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, printable
 
 CONFIDENCE = 0.95
 SINGLE = "single seed: no interval"
@@ -438,8 +438,10 @@ def write_json(findings: Findings, path: Path) -> None:
 
 
 def tables(findings: Findings) -> list:
-    """The findings as rich tables, for the terminal: the groups, then each finding."""
+    """The findings as rich tables, for the terminal: the groups, then each finding (their labels hold settings
+    from the runs' config.json: printed escaped)."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     out = []
@@ -449,13 +451,13 @@ def tables(findings: Findings) -> list:
         groups.add_column(header, no_wrap=True)
     for g in findings.groups:
         summary = g.summary()
-        groups.add_row(g.label, ", ".join(map(str, g.seeds)), *(
+        groups.add_row(escape(printable(g.label)), ", ".join(map(str, g.seeds)), *(
             show(summary.get(m), "pct", n=False) for m in ("test accuracy", "gap (train − test accuracy)")))
     out.append(groups)
     for f in findings.findings:
-        table = Table(title=f"{f.kind}: {f.title}", box=box.SIMPLE_HEAD, show_header=False)
+        table = Table(title=escape(printable(f"{f.kind}: {f.title}")), box=box.SIMPLE_HEAD, show_header=False)
         table.add_column("finding", overflow="fold")
         for row in f.rows:
-            table.add_row(row.sentence)
+            table.add_row(escape(printable(row.sentence)))
         out.append(table)
     return out

@@ -18,6 +18,17 @@ def fraction_below(gammas: Sequence[np.ndarray], taus: Sequence[float], per_laye
     return table if per_layer else table[0]
 
 
+def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
+    """`bins` + 1 edges shared by every array (layers, checkpoints, γ at init and after training), so histograms
+    compare bin by bin; over the finite values only (an inf γ would make every edge inf or nan; it falls outside)."""
+    values = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64) if len(arrays) else np.zeros(0)
+    values = values[np.isfinite(values)]
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
 HISTOGRAM_BINS = 40
 
 
@@ -49,10 +60,7 @@ def gamma_digest(final: Sequence[np.ndarray], init: Sequence[np.ndarray], layers
     both = every if start is None else np.concatenate([every, start])
     if not both.size:
         return None
-    lo, hi = float(both.min()), float(both.max())
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
+    edges = histogram_edges([both], HISTOGRAM_BINS)
     names = list(layers) if len(layers) == len(final) else [f"layer {k}" for k in range(len(final))]
     return GammaDigest(
         layers=names, final_epoch=int(final_epoch), edges=edges, final_counts=np.histogram(every, edges)[0],

@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 
 from bnprobe.data import DeviceLoader
+from bnprobe.errors import printable
 from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
-from bnprobe.measures import fraction_below
+from bnprobe.measures import fraction_below, histogram_edges
 from bnprobe.models import bn_layers
 from bnprobe.options import DEFAULT_TAUS, ProbeOptions  # noqa: F401 - part of this API
 from bnprobe.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
@@ -85,13 +86,9 @@ def bn_statistics(model: nn.Module) -> BNStats:
                                  for name, bn in bn_layers(model, with_gamma=True)], stats_only)
 
 
-def histogram_edges(arrays: Sequence[np.ndarray], bins: int) -> np.ndarray:
-    """Edges shared by every layer and checkpoint, so histograms compare bin by bin."""
-    values = np.concatenate([a.ravel() for a in arrays]) if arrays else np.zeros(0)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    return np.linspace(lo, hi, bins + 1)
+def layer_mean(values: np.ndarray) -> float:
+    """The mean of one layer's values; NaN (shown as -) for a layer of no channels, which numpy warns about."""
+    return float(values.mean()) if values.size else float("nan")
 
 
 def histograms(arrays: Sequence[np.ndarray], edges: np.ndarray) -> np.ndarray:
@@ -243,7 +240,7 @@ class ProbeResult:
         return {
             "bn_layers": len(self.bn.names),
             "bn_channels": int(gamma.size),
-            "mean_abs_gamma": float(gamma.mean()) if gamma.size else float("nan"),
+            "mean_abs_gamma": layer_mean(gamma),
             "median_abs_gamma": float(np.median(gamma)) if gamma.size else float("nan"),
             "frac_below": self.bn.frac_below_all(taus),
             "off": int(self.bn.off(off_threshold).sum()),
@@ -304,7 +301,7 @@ def write_probe_h5(
             write_array(bn, "frac_below", result.bn.frac_below(taus), description="(L, T): fraction |γ| < τ")
             write_array(bn, "off", result.bn.off(off_threshold), description="channels with |γ| < off_threshold")
             write_array(bn, "off_dead", result.bn.off_dead(off_threshold), description="of those, β <= 0")
-            write_array(bn, "mean_abs_gamma", np.array([np.abs(x).mean() if x.size else np.nan for x in result.bn.gamma]))
+            write_array(bn, "mean_abs_gamma", np.array([layer_mean(np.abs(x)) for x in result.bn.gamma]))
             write_array(bn, "gamma_hist", histograms(result.bn.gamma, gamma_edges), description="(L, bins)")
             write_array(bn, "beta_hist", histograms(result.bn.beta, beta_edges), description="(L, bins)")
             write_array(bn, "stats_only_names", strings(name for name, _ in result.bn.stats_only),
@@ -413,7 +410,8 @@ def run_probe(
                  **{k: v for k, v in loaded.meta.items() if v is not None}}
         result = probe_model(loaded.model, loader, loaded.label, str(loaded.path), attrs)
         if not result.bn.names:
-            console.print(f"[yellow]{loaded.label}: no BatchNorm layer with a γ; only ReLU sparsity is reported")
+            console.print(f"[yellow]{_shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is "
+                          f"reported")
         results.append(result)
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
@@ -436,25 +434,37 @@ def run_probe(
         if not r.forward_pass:
             prefixes = r.attrs["stripped_prefixes"]
             stripped = "" if prefixes == "none" else f", prefix {prefixes} stripped"
-            console.print(escape(
+            console.print(escape(printable(
                 f"{r.label}: read from the file alone ({r.attrs['file_format']}, state dict at "
                 f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
                 f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
-                f"{ORDER_NOTES[r.attrs['layer_order']]}."), soft_wrap=True, highlight=False)
+                f"{ORDER_NOTES[r.attrs['layer_order']]}.")), soft_wrap=True, highlight=False)
+        infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *r.bn.beta))
+        if infinite:
+            console.print(f"{_shown(r.label)}: {infinite:,} non-finite γ or β value(s) (inf or nan), left out of the "
+                          f"histograms", soft_wrap=True, highlight=False)
         if r.bn.stats_only:
             names = ", ".join(name for name, _ in r.bn.stats_only)
-            console.print(escape(f"{r.label}: {len(r.bn.stats_only)} BN layer(s) without affine (running statistics "
+            console.print(_shown(f"{r.label}: {len(r.bn.stats_only)} BN layer(s) without affine (running statistics "
                                  f"only, no γ/β, not in the tables): {names}"), soft_wrap=True, highlight=False)
     console.print(f"Wrote [bold]{out}[/]")
     return results, out
+
+
+def _shown(text: str) -> str:
+    """A name from a file (a layer, a tensor, a checkpoint's label) as rich prints it: control characters
+    escaped (bnprobe.errors.printable), and brackets too, so none is taken for markup."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def _pct(x: float) -> str:
     return "-" if x != x else f"{100 * x:.1f}%"
 
 
-def _num(x: float) -> str:
-    return "-" if x != x else f"{x:.3f}"
+def _num(x: float, spec: str = ".3f") -> str:
+    return "-" if x != x else format(x, spec)
 
 
 def _pct_short(x: float) -> str:
@@ -508,13 +518,13 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
             g, b = r.bn.gamma[i], r.bn.beta[i]
             taus_cells = [_pct_short(below[i][k]) for k in tau_columns]
             if main:
-                t.add_row(str(i), name, str(g.size), f"{np.abs(g).mean():.3f}", sparkline(hists[i]), *taus_cells,
-                          str(off[i]), str(dead[i]), f"{b.mean():+.3f}")
+                t.add_row(str(i), _shown(name), str(g.size), _num(layer_mean(np.abs(g))), sparkline(hists[i]),
+                          *taus_cells, str(off[i]), str(dead[i]), _num(layer_mean(b), "+.3f"))
             else:
-                t.add_row(str(i), name, *taus_cells)
+                t.add_row(str(i), _shown(name), *taus_cells)
         return t
 
-    title = f"γ and β by depth — {r.label}"
+    title = f"γ and β by depth — {_shown(r.label)}"
     every = table(title, range(len(taus)), main=True)
     if width is None or _table_width(every) <= width or not taus:
         return [every]
@@ -527,7 +537,7 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
             chunk = []
         chunk.append(k)
     tables.append(chunk)
-    return [tables[0]] + [table(f"|γ| < τ by depth — {r.label}", c, main=False) for c in tables[1:]]
+    return [tables[0]] + [table(f"|γ| < τ by depth — {_shown(r.label)}", c, main=False) for c in tables[1:]]
 
 
 def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, brief: bool,
@@ -541,13 +551,13 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
     summary = Table(title="BatchNorm probe" + (" — comparison" if len(results) > 1 else ""), box=box.SIMPLE_HEAD)
     summary.add_column("", style="bold", no_wrap=True)
     for r in results:
-        summary.add_column(r.label, justify="right", overflow="fold")
+        summary.add_column(_shown(r.label), justify="right", overflow="fold")
     stats = [r.summary(taus, off_threshold) for r in results]
     measured = [r for r in results if r.forward_pass]  # a file probed alone has no ReLU sparsity
     images = measured[0].images if measured else 0
     rows = [
-        ("model", [str(r.attrs.get("model", "" if r.forward_pass else "(file only)")) for r in results]),
-        ("freeze", [str(r.attrs.get("freeze", "-")) for r in results]),
+        ("model", [_shown(str(r.attrs.get("model", "" if r.forward_pass else "(file only)"))) for r in results]),
+        ("freeze", [_shown(str(r.attrs.get("freeze", "-"))) for r in results]),
         (f"accuracy ({images} test images)" if measured else "accuracy (no forward pass)",
          [_pct(r.accuracy) for r in results]),
         ("BN layers / channels", [f"{s['bn_layers']} / {s['bn_channels']:,}" for s in stats]),
@@ -577,21 +587,22 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         table.add_column("BN layer", no_wrap=True)
         table.add_column("C", justify="right")
         for r in results:
-            table.add_column(r.label, justify="right", overflow="fold")
+            table.add_column(_shown(r.label), justify="right", overflow="fold")
         offs = [r.bn.off(off_threshold) for r in results]
         for i, name in enumerate(results[0].bn.names):
-            cells = [f"{np.abs(r.bn.gamma[i]).mean():.3f} / {off[i]}" for r, off in zip(results, offs)]
-            table.add_row(str(i), name, str(results[0].bn.gamma[i].size), *cells)
+            cells = [f"{_num(layer_mean(np.abs(r.bn.gamma[i])))} / {off[i]}" for r, off in zip(results, offs)]
+            table.add_row(str(i), _shown(name), str(results[0].bn.gamma[i].size), *cells)
         tables.append(table)
 
     if len(measured) == 1 or (measured and not same_sites):
         for r in measured:
-            table = Table(title=f"ReLU output sparsity — {r.label} ({r.images} test images)", box=box.SIMPLE_HEAD)
+            table = Table(title=f"ReLU output sparsity — {_shown(r.label)} ({r.images} test images)",
+                          box=box.SIMPLE_HEAD)
             for column in ("ReLU call", "input", "C", "zeros", "dead"):
                 table.add_column(column, justify="left" if column in ("ReLU call", "input") else "right",
                                  no_wrap=column != "input")
             for s in r.sites:
-                table.add_row(s.name, s.input, str(s.channels), _pct(s.zero_fraction), str(s.dead))
+                table.add_row(_shown(s.name), _shown(s.input), str(s.channels), _pct(s.zero_fraction), str(s.dead))
             tables.append(table)
     elif measured:
         table = Table(title=f"ReLU output sparsity per call ({images} test images): zeros / dead channels",
@@ -599,9 +610,9 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         table.add_column("ReLU call", no_wrap=True)
         table.add_column("input")
         for r in measured:
-            table.add_column(r.label, justify="right", overflow="fold")
+            table.add_column(_shown(r.label), justify="right", overflow="fold")
         for i, site in enumerate(measured[0].sites):
-            table.add_row(site.name, site.input,
+            table.add_row(_shown(site.name), _shown(site.input),
                           *(f"{_pct(r.sites[i].zero_fraction)} / {r.sites[i].dead}" for r in measured))
         tables.append(table)
     return tables

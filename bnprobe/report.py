@@ -318,7 +318,8 @@ def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
     history = _read_metrics(run_dir)
     telemetry = run_dir / TELEMETRY_FILE
     run = Run(name=name, path=run_dir, config=config, history=history or {})
-    if telemetry.exists():
+    has_telemetry = os.path.lexists(telemetry)  # a broken link or a loop is read, to say what it is
+    if has_telemetry:
         _read_telemetry(run, telemetry, use_epochs=history is None)
     else:
         run.notes.append("no telemetry.h5 (the run predates telemetry): γ from the checkpoint, no gradient curves")
@@ -332,7 +333,7 @@ def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
         if not include_unfinished:
             raise RunSkipped(f"unfinished: {run.epochs_done} of {planned} epochs (--include-unfinished shows it)")
         run.notes.append(f"unfinished: {run.epochs_done} of {planned} epochs")
-    if not telemetry.exists():
+    if not has_telemetry:
         _read_checkpoint_fallback(run)
     if run.train_acc_is_running:
         run.notes.append("no eval-mode train accuracy recorded: the table's train accuracy and gap use the running "
@@ -895,6 +896,11 @@ def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[
         "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth", hover_values),
         "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation", hover_values),
     }
+
+
+# Worker processes (each a Python with numpy and matplotlib, started at once for a large report): more than
+# this is a typo, not a machine.
+MAX_JOBS = 1024
 
 
 def default_jobs() -> int:

@@ -204,6 +204,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+# What every row of a checkpoint's history holds since bnprobe's first version (later ones add eval-mode train
+# accuracy and the gap): training's summary and metrics.json read them back after a resume.
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "images_per_s")
+
+
 def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainConfig:
     """The one check of a bnprobe checkpoint's structure, before anything uses it: its keys, their types, and
     its config as TrainConfig.from_dict validates it (tensor shapes are checked against the model it builds,
@@ -219,14 +224,21 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
             raise BnprobeError(f"{path}: '{where}{key}' must be {what}, not {_describe(value)}")
         return value
 
-    if need("epoch", int, "a whole number") < 0:
-        raise BnprobeError(f"{path}: 'epoch' must be >= 0, not {state['epoch']}")
+    epoch = need("epoch", int, "a whole number")
+    if not 0 <= epoch <= config.epochs:  # training would run an epoch past the end, then call the run finished
+        raise BnprobeError(f"{path}: 'epoch' must be in [0, {config.epochs}] (the config's epochs), not {epoch}")
     model = need("model", dict, "a state dict")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         raise BnprobeError(f"{path}: 'model' must map parameter names to tensors")
     history = need("history", list, "a list of epochs")
-    if not all(isinstance(row, dict) for row in history):
-        raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables")
+    for number, row in enumerate(history, 1):  # training reads every row back when it resumes
+        numbers = isinstance(row, dict) and all(isinstance(row.get(key), (int, float))
+                                                and not isinstance(row.get(key), bool) for key in HISTORY_FIELDS)
+        if not numbers or row["epoch"] != number:
+            raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables numbered from 1, each with "
+                               f"{', '.join(HISTORY_FIELDS)} as numbers; row {number} is {_describe(row)}")
+    if resume and len(history) != epoch:  # (an export keeps no history)
+        raise BnprobeError(f"{path}: 'history' has {len(history)} epochs, but the checkpoint is after epoch {epoch}")
     if "processes" in state and need("processes", int, "a whole number") < 1:
         raise BnprobeError(f"{path}: 'processes' must be >= 1, not {state['processes']}")
     if "normalization" in state:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bnprobe.config import TrainConfig, check_types
+from bnprobe.config import MAX_EPOCHS, TrainConfig, check_settings
 from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
                              SET_ASIDE_FORMAT, SET_ASIDE_MARKER, TELEMETRY_FORMAT)
@@ -31,7 +31,6 @@ from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPOR
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
 MAX_JSON_BYTES = 64 << 20  # a run's metrics.json grows ~300 bytes per epoch
 MAX_ELEMENTS = 1 << 26  # per dataset (512 MiB of float64); a real run's largest, steps x tensors, is far below
-MAX_EPOCHS = 1 << 20
 MAX_TENSORS = 1 << 16  # parameter tensors of a model; the deepest registry model has under 1,000
 MAX_TRAIN_IMAGES = 1 << 22  # bounds steps per epoch when the run used a whole data set (ImageNet: 1.28M)
 NUMBERS, INTEGERS = "biuf", "biu"  # numpy dtype kinds
@@ -79,12 +78,13 @@ def read_json(path: Path) -> Any:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json as a plain dict: a JSON object whose known settings have TrainConfig's types. Unknown or
-    missing settings are left to the caller (the report shows runs of older and newer versions)."""
+    """config.json as a plain dict: a JSON object whose known settings have TrainConfig's types and ranges, as
+    inspect and train check them. Unknown or missing settings are left to the caller (the report shows runs of
+    older and newer versions)."""
     config = read_json(path)
     if not isinstance(config, dict):
         raise BnprobeError(f"{path} does not hold the run's settings (a JSON object), but {_json_type(config)}")
-    check_types(config, path)
+    check_settings(config, path)
     return config
 
 
@@ -425,7 +425,7 @@ def export_fields(metadata: dict[str, str], path: Path) -> tuple[dict[str, Any],
         raise BnprobeError(f"{path}: damaged bnprobe export metadata ({type(exc).__name__}: {exc})") from None
     if not isinstance(config, dict):
         raise BnprobeError(f"{path}: damaged bnprobe export metadata (its config is {_json_type(config)})")
-    check_types(config, f"{path}: config")
+    check_settings(config, f"{path}: config")
     return config, epoch
 
 

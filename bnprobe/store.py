@@ -165,12 +165,20 @@ def _read_journal(journal: Path) -> tuple[int, dict[int, bytes]]:
     extended); anything else (damaged, not a regular file, larger than the file can need) is a one-line
     BnprobeError, found before the journal is read or opened."""
     def damaged(why: str):
-        raise BnprobeError(f"{journal} is damaged ({why}): the update of {journal.with_suffix('').name} it "
-                           f"holds cannot be completed")
+        # Not recovered by itself: an update is applied only once its journal is whole on disk (fsync, then
+        # rename), so a damaged one was damaged afterwards, and whether the writer had begun to apply it (a
+        # torn file, which only the journal completes) cannot be known. Without it the file reads as it was
+        # before the update, when that was not begun (a kill before the checkpoint: a resume trains it again).
+        name = journal.with_suffix("").name
+        raise BnprobeError(f"{journal} is damaged ({why}), so the update of {name} it holds cannot be completed; "
+                           f"move it aside (mv {journal} {journal}.damaged) to read {name} as it was before that "
+                           f"update (only that update is lost; train --resume trains its epoch again)")
 
     info, file_size = os.stat(journal), os.stat(journal.with_suffix("")).st_size
     if not stat.S_ISREG(info.st_mode) or info.st_size > 2 * file_size + (1 << 20):  # a FIFO would block
         damaged("not a journal bnprobe wrote")
+    if not info.st_size:
+        damaged("it is empty")
     data = memoryview(journal.read_bytes())
     body, crc = data[:-4], data[-4:]
     if len(data) < len(JOURNAL_MAGIC) + _HEADER.size + 4 or bytes(body[:len(JOURNAL_MAGIC)]) != JOURNAL_MAGIC \

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bnprobe import runs
-from bnprobe.errors import BnprobeError
+from bnprobe.errors import BnprobeError, printable
 from bnprobe.formats import TELEMETRY_FILE, TELEMETRY_FORMAT
 from bnprobe.schema import check_telemetry, is_set_aside, open_h5
 
@@ -63,9 +63,10 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
             raise BnprobeError(f"{path}: /epochs lacks {', '.join(missing)}")
         epochs = {k: v[:] for k, v in f["epochs"].items()}
 
-        settings = _table(f"Run {escape(run_dir.name)}", "setting", "value", numbers=False)  # values: paths too
+        settings = _table(f"Run {escape(printable(run_dir.name))}", "setting", "value",
+                          numbers=False)  # values: paths too
         for key, value in config.to_dict().items():
-            settings.add_row(key, escape(str(value)))
+            settings.add_row(key, escape(printable(str(value))))
         parts.append(settings)
 
         last, best = -1, int(np.argmax(epochs["test_acc"]))
@@ -89,7 +90,7 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
                             "group", "tensors", "elements", "mean |grad|", "grad L2")
             for name, g in steps["groups"].items():
                 frozen = bool(g.attrs["frozen"])
-                groups.add_row(name, str(g.attrs["tensors"]), f"{g.attrs['numel']:,}",
+                groups.add_row(escape(printable(name)), str(g.attrs["tensors"]), f"{g.attrs['numel']:,}",
                                "frozen" if frozen else f"{np.mean(g['grad_abs_mean'][in_last]):.3e}",
                                "frozen" if frozen else f"{np.mean(g['grad_l2'][in_last]):.3e}")
             parts.append(groups)
@@ -111,6 +112,6 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
                     if n:
                         extremes.add_section()
                     for i in section:
-                        extremes.add_row(escape(names[i]), f"{per_tensor[i]:.3e}")
+                        extremes.add_row(escape(printable(names[i])), f"{per_tensor[i]:.3e}")
                 parts.append(extremes)
     return Group(*parts)

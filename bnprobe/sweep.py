@@ -33,7 +33,7 @@ from rich.text import Text
 
 from bnprobe import runs
 from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError, first_line
+from bnprobe.errors import BnprobeError, first_line, printable
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -94,6 +94,14 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
             if bad:
                 raise BnprobeError(f"{path} {name}: unknown settings {', '.join(bad)}; see `bnprobe train --help`")
     axes = [{k: v if isinstance(v, list) else [v] for k, v in grid.items()} for grid in grids]
+    for i, grid in enumerate(axes, 1):
+        # Each value first, beside the first value of every other setting (a run the grid has): a bad one is
+        # found at once, not after expanding the millions of runs --max-runs allows.
+        if all(grid.values()):
+            first = {k: values[0] for k, values in grid.items()}
+            for name, values in grid.items():
+                for value in values:
+                    TrainConfig.from_dict({**defaults, **first, name: value}, f"{path} grid {i}").resolved()
     combinations = sum(math.prod(len(values) for values in grid.values()) for grid in axes)
     if combinations > max_runs:
         raise BnprobeError(f"{path} plans {combinations:,} runs, more than the limit of {max_runs:,}; "
@@ -355,7 +363,7 @@ def run_sweep(
                 train(config, run.run_dir, resume=True, console=console)
                 outcome[run.run_dir.name] = "done"
             except BnprobeError as exc:  # one failed run does not stop the sweep
-                console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(str(exc))}", soft_wrap=True)
+                console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(printable(str(exc)))}", soft_wrap=True)
                 outcome[run.run_dir.name] = f"failed: {exc}"
         return outcome
     # Worker processes, each pinned with CUDA_VISIBLE_DEVICES to its slot's GPU, pulling runs as slots free up.
@@ -420,7 +428,7 @@ def _worker(config_json: str, run_dir: str) -> None:
     try:
         train_job(json.loads(config_json), run_dir)
     except BnprobeError as exc:
-        print(f"bnprobe: error: {exc}", file=sys.stderr)
+        print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -122,8 +122,7 @@ class TelemetryWriter:
         """A new file with the schema and the epoch-0 BN snapshot, or drop rows past a resumed checkpoint."""
         if epochs_done and self.path.exists():
             try:
-                with appending_h5(self.path) as f:
-                    _truncate_to_epoch(f, epochs_done)
+                self.trim(epochs_done)
             except (OSError, KeyError, TypeError) as exc:  # h5py's answers for a cut-short or foreign file
                 raise BnprobeError(f"cannot resume: {self.path} is damaged ({first_line(exc)}); move it aside to resume "
                                    f"without the telemetry recorded so far")
@@ -141,6 +140,11 @@ class TelemetryWriter:
             f.create_group("steps")
             f.create_group("epochs")
             self._append_bn_snapshot(f, 0)
+
+    def trim(self, epochs_done: int) -> None:
+        """Drop the rows recorded after epoch `epochs_done` (those of an epoch whose checkpoint was not saved)."""
+        with appending_h5(self.path) as f:
+            _truncate_to_epoch(f, epochs_done)
 
     def write_epoch(self, record: dict[str, Any]) -> None:
         steps, abs_mean, l2 = self.recorder.drain()

@@ -393,8 +393,21 @@ def _run_file_callbacks(t: Training) -> list[EpochCallback]:
     """Rank 0's: telemetry.h5, then checkpoint.pt, then metrics.json (which makes an --overwrite final)."""
     telemetry = TelemetryWriter(t.run_dir, t.model, t.config, t.recorder, (t.trainable, t.total))
     telemetry.start(t.start_epoch)
-    # Telemetry before the checkpoint: a resume trims rows past the checkpoint.
-    return [lambda _, record: telemetry.write_epoch(record), save_checkpoint, save_metrics]
+
+    # Telemetry before the checkpoint: an epoch's gradient rows cannot be made again once its checkpoint is saved,
+    # and a resume trims rows past the checkpoint (a kill between the two). A checkpoint that fails (a full disk,
+    # Ctrl-C) takes its epoch's rows back at once, so the files agree on the epochs done.
+    def checkpoint(t: Training, record: dict[str, Any]) -> None:
+        try:
+            save_checkpoint(t, record)
+        except BaseException:
+            try:
+                telemetry.trim(record["epoch"] - 1)  # journaled; the failed checkpoint's space is free again
+            except Exception:  # noqa: BLE001 - the checkpoint's error is the one to report; a resume trims them
+                pass
+            raise
+
+    return [lambda _, record: telemetry.write_epoch(record), checkpoint, save_metrics]
 
 
 def save_checkpoint(t: Training, record: dict[str, Any]) -> None:

@@ -39,6 +39,12 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subse
     (["train"], "Missing argument"),
     (["train", "resnet8", "--no-such-flag"], "No such option"),
     (["frobnicate"], "No such command"),
+    # issue 21 (17): accepted, then minutes or gigabytes later (or never) an answer
+    (["train", "resnet8", "--epochs", "1000000000"], "--epochs must be at most 100,000, got 1,000,000,000"),
+    (["report", "no-runs", "--jobs", "100000"], "--jobs must be between 0 and 1,024, got 100,000"),
+    (["sweep", "plan.toml", "--tflops", "nan"], "--tflops must be > 0 (a finite number), got nan"),
+    (["sweep", "plan.toml", "--slurm-hours", "inf"], "--slurm-hours must be > 0 (a finite number), got inf"),
+    (["probe", "x.pt", "--off-threshold", "nan"], "--off-threshold must be >= 0 (a finite number), got nan"),
 ])
 def test_bad_input_is_one_line(capsys, tmp_path, argv, pattern):
     code, _, err = run_cli(capsys, *argv, "--runs-dir", str(tmp_path)) if argv[0] == "train" and len(argv) > 1 else run_cli(capsys, *argv)

@@ -247,12 +247,19 @@ def _resume(capsys, run):
     (lambda s: s["rng"].update(torch="seed"), "'rng.torch' must be a tensor, not str"),
     (lambda s: s["model"].update({"fc.weight": torch.zeros(3, 3)}), "does not fit this run's model"),
     (lambda s: s["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(2)), "optimizer state does not fit"),
+    # issue 21 (9): trained to the end, then KeyError: 'test_acc', with the bad row in metrics.json
+    (lambda s: s.update(history=[{"epoch": "x"}]), "'history' must be a list of per-epoch tables numbered from 1"),
+    (lambda s: s["history"][0].pop("test_acc"), "row 1 is dict"),
+    (lambda s: s.update(history=[]), "'history' has 0 epochs, but the checkpoint is after epoch 1"),
+    # (10): trained an epoch, rewrote checkpoint.pt, then said "already finished"
+    (lambda s: s.update(epoch=10**12, finished=False), "'epoch' must be in [0, 2] (the config's epochs), not 10000"),
 ])
 def test_resume_from_a_damaged_checkpoint_is_one_line_and_keeps_it(finished_run, tmp_path, capsys, edit, message):
     run, before = _copy_with(finished_run, tmp_path, edit)
+    metrics = (run / "metrics.json").read_bytes()
     code, _, err = _resume(capsys, run)
     assert_one_line_error(code, err, message)
-    assert (run / "checkpoint.pt").read_bytes() == before
+    assert (run / "checkpoint.pt").read_bytes() == before and (run / "metrics.json").read_bytes() == metrics
 
 
 def test_resume_with_a_cut_short_telemetry_file_is_one_line(finished_run, tmp_path, capsys):

@@ -92,6 +92,29 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(capsys, tmp_path,
     assert not list(tmp_path.glob("**/.*.tmp")) and not list(tmp_path.glob(".*.lock"))
 
 
+def test_a_full_disk_during_a_checkpoint_takes_the_epochs_telemetry_back(capsys, tmp_path, monkeypatch):
+    # issue 21 (16): telemetry.h5 kept epoch 2, which checkpoint.pt did not, and inspect said "After 2 of 3 epochs"
+    disk = FullDisk(monkeypatch)
+    save = runs.save_checkpoint
+
+    def save_checkpoint(path, state):
+        disk.full = state["epoch"] == 2  # the disk fills while epoch 2's checkpoint is written
+        try:
+            save(path, state)
+        finally:
+            disk.full = False  # the failed temporary file is removed: its space is free again
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_checkpoint)
+    code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--epochs", "3", "--runs-dir", tmp_path, "--name", "r")
+    assert_one_line_error(code, err, "no space left on device")
+    assert runs.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["epoch"] == 1
+    with h5py.File(tmp_path / "r" / "telemetry.h5") as f:
+        assert f["epochs/epoch"][:].tolist() == [1] and f["bn/epoch"][:].tolist() == [0, 1]
+        assert set(f["steps/epoch"][:].tolist()) == {1}
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "r")
+    assert code == 0 and "After 1 of 3 epochs" in out
+
+
 @pytest.mark.parametrize("command", ["probe", "ablate", "report"])
 def test_a_full_disk_keeps_the_previous_result(capsys, tmp_path, monkeypatch, command):
     run = tmp_path / "r"

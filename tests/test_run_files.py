@@ -84,6 +84,32 @@ def test_report_skips_named_pipes_instead_of_waiting_on_them(good_run, tmp_path)
     assert "x.h5 is not a regular file (it is a named pipe)" in html
 
 
+def test_a_telemetry_file_that_is_a_symlink_loop_is_named_not_taken_for_an_old_run(good_run, tmp_path, capsys):
+    # issue 21 (12): the report said "no telemetry.h5 (the run predates telemetry)"
+    run_dir = copy_run(good_run, tmp_path / "run")
+    (run_dir / "telemetry.h5").unlink()
+    os.symlink("telemetry.h5", run_dir / "telemetry.h5")
+    message = "cannot read telemetry.h5 (Too many levels of symbolic links)"
+    assert skipped(collect([run_dir], include_unfinished=True)) == {"run": message}
+    code, _, err = run_cli(capsys, "inspect", run_dir)
+    assert_one_line_error(code, err, f"cannot read {run_dir / 'telemetry.h5'} (Too many levels of symbolic links)")
+
+
+def test_an_empty_telemetry_journal_says_how_to_read_the_run_again(good_run, tmp_path, capsys):
+    # issue 21 (15): a 0-byte telemetry.h5.journal made a finished run unreadable everywhere, with no hint
+    run_dir = copy_run(good_run, tmp_path / "run")
+    journal = run_dir / "telemetry.h5.journal"
+    journal.write_bytes(b"")
+    advice = f"move it aside (mv {journal} {journal}.damaged) to read telemetry.h5 as it was before that update"
+    code, _, err = run_cli(capsys, "inspect", run_dir)
+    assert_one_line_error(code, err, f"{journal} is damaged (it is empty)")
+    assert advice in err
+    assert "mv telemetry.h5.journal telemetry.h5.journal.damaged" in skipped(collect([run_dir]))["run"]
+    journal.rename(f"{journal}.damaged")
+    code, out, _ = run_cli(capsys, "inspect", run_dir)
+    assert code == 0 and "After 1 of 1 epochs" in out
+
+
 @pytest.mark.parametrize("name", ["config.json", "telemetry.h5"])
 def test_inspect_refuses_a_named_pipe(good_run, tmp_path, name):
     path = copy_run(good_run, tmp_path / "run") / name
@@ -373,6 +399,33 @@ def test_config_json_and_a_checkpoint_config_are_checked_alike(tmp_path, setting
         TrainConfig.from_dict(settings, str(path))
     assert str(by_schema.value) == str(by_config.value)
     assert str(by_schema.value).startswith(f"{path}: setting '{next(iter(settings))}' must be")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": 99999999999999999999999}, "--seed must be in [0, 2**32), got 99999999999999999999999"),
+    ({"epochs": -1}, "--epochs must be >= 1, got -1"),
+])
+def test_settings_out_of_range_are_refused_by_every_reader(good_run, tmp_path, capsys, settings, message):
+    # issue 21 (11): report and findings took these as a valid run (grouped with others) while inspect refused it
+    run_dir = with_config(copy_run(good_run, tmp_path / "run"), **settings)
+    code, _, err = run_cli(capsys, "inspect", run_dir)
+    assert_one_line_error(code, err, f"{run_dir / 'config.json'}: {message}")
+    collection = collect([run_dir])
+    assert not collection.runs and skipped(collection) == {"run": f"config.json: {message}"}
+    code, out, _ = run_cli(capsys, "findings", run_dir)
+    assert code == 0 and f"skipped run: config.json: {message}" in " ".join(out.split())
+
+
+def test_run_names_and_settings_reach_the_terminal_escaped(good_run, tmp_path, capsys):
+    # issue 21 (13): a run folder or a config.json setting with an escape sequence and a newline was printed raw
+    root = tmp_path / "runs"
+    with_config(copy_run(good_run, root / "a\x1b[31m\nb"), epochs=2)  # unfinished: a skipped line names it
+    with_config(copy_run(good_run, root / "c"), model="resnet8\x1b[2J")  # a group's label shows it
+    code, out, _ = run_cli(capsys, "findings", root)
+    assert code == 0 and "\x1b" not in out
+    assert "skipped a\\x1b[31m\\nb: unfinished: 1 of 2 epochs" in out and "resnet8\\x1b[2J digits" in out
+    code, out, _ = run_cli(capsys, "report", root, "-o", tmp_path / "report.html", "--jobs", "1")
+    assert code == 0 and "\x1b" not in out and "skipped a\\x1b[31m\\nb: unfinished" in out
 
 
 def test_torch_file_kind_tells_archives_and_pickles_from_other_files(tmp_path):

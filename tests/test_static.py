@@ -154,6 +154,44 @@ def test_bn_without_affine_is_reported_as_statistics_only(capsys, tmp_path):
     assert "1 BN layer(s) without affine (running statistics only" in stdout
 
 
+@pytest.mark.parametrize("gamma, note", [
+    (torch.ones(0), None),  # a layer of no channels: three raw numpy warnings
+    (torch.tensor([float("inf"), 1.0, 0.0]), "1 non-finite γ or β value(s) (inf or nan), left out of the histograms"),
+])
+def test_an_empty_or_infinite_gamma_is_probed_without_numpy_warnings(capsys, tmp_path, gamma, note):
+    # issue 21 (14): an inf γ printed "invalid value encountered in multiply" and the caption lost its range
+    import warnings
+
+    n = len(gamma)
+    torch.save({"bn.weight": gamma, "bn.bias": torch.zeros(n), "bn.running_mean": torch.zeros(n),
+                "bn.running_var": torch.ones(n)}, tmp_path / "odd.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the command, shown or not
+        out, stdout = probe(capsys, tmp_path, tmp_path / "odd.pt")
+    flat = " ".join(stdout.split())
+    assert (note in flat) if note else "non-finite" not in flat
+    with h5py.File(out) as f:
+        edges = f["gamma_edges"][:]
+        counted = f["checkpoints/000/bn/gamma_hist"][0].sum()
+        assert np.isfinite(edges).all() and counted == int(torch.isfinite(gamma).sum())
+
+
+HOSTILE = "bn\x1b[31mRED\nnext"  # an escape sequence and a newline in a tensor's name
+
+
+def test_names_from_a_file_reach_the_terminal_escaped(capsys, tmp_path):
+    # issue 21 (13): the name reached the terminal raw, an escape sequence that recoloured it and a line break
+    from safetensors.torch import save_file
+
+    bn = {f"{HOSTILE}.{leaf}": torch.ones(4) for leaf in ("weight", "bias", "running_mean", "running_var")}
+    save_file(bn, tmp_path / "odd\x1b[2J.safetensors")
+    _, stdout = probe(capsys, tmp_path, tmp_path / "odd\x1b[2J.safetensors")
+    assert "\x1b" not in stdout and "bn\\x1b[31mRED\\nnext" in stdout and "odd\\x1b[2J" in stdout
+    save_file({**bn, f"{HOSTILE}.bias": torch.ones(3)}, tmp_path / "bad.safetensors")
+    code, _, err = run_cli(capsys, "probe", tmp_path / "bad.safetensors", "--out", tmp_path / "bad.h5")
+    assert_one_line_error(code, err, "inconsistent BatchNorm tensors at bn\\x1b[31mRED\\nnext: bias (3,)")
+
+
 def test_a_bnprobe_run_beside_foreign_files_keeps_its_forward_pass_and_the_same_numbers(capsys, tmp_path,
                                                                                        tmp_path_factory):
     from bnprobe import runs

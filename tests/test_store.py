@@ -193,18 +193,26 @@ def test_a_new_file_drops_the_journal_of_the_one_it_replaces(tmp_path):
     assert not journal_path(path).exists() and _contents(path)["epochs/loss"] == [0.5]
 
 
-@pytest.mark.parametrize("journal", ["checksum", "fifo", "large"])
-def test_a_damaged_journal_is_one_line(tmp_path, journal):
+@pytest.mark.parametrize("journal", ["checksum", "fifo", "large", "empty", "garbage"])
+def test_a_damaged_journal_is_one_line_saying_how_to_recover(tmp_path, journal):
     path = tmp_path / "t.h5"
     _layers(path)
+    before = _contents(path)
     if journal == "fifo":
         os.mkfifo(journal_path(path))  # never opened: it would block
+    elif journal in ("empty", "garbage"):
+        journal_path(path).write_bytes(b"" if journal == "empty" else b"\x00garbage" * 10)
     else:
         size = 30 if journal == "checksum" else 3 * path.stat().st_size + (1 << 20)
         journal_path(path).write_bytes(b"bnprobe-journal 1\n" + bytes(size))
     for action in (lambda: open_h5(path), lambda: _append_epoch(path, 1.0)):
-        with pytest.raises(BnprobeError, match="t.h5.journal is damaged"):
+        with pytest.raises(BnprobeError, match="t.h5.journal is damaged") as raised:
             action()
+        # issue 21 (15): a 0-byte journal made the file unreadable with no hint
+        assert f"move it aside (mv {journal_path(path)} {journal_path(path)}.damaged) to read t.h5 as it was" \
+               in str(raised.value) and "\n" not in str(raised.value)
+    journal_path(path).rename(tmp_path / "t.h5.journal.damaged")  # as the message says
+    assert _contents(path) == before
 
 
 def test_open_h5_errors(tmp_path):

@@ -226,6 +226,20 @@ def test_inspect_shows_brackets_in_names_and_values_as_they_are(full_run, tmp_pa
     assert "Run r[bold]x" in text and "/data/[old]" in text, text
 
 
+def test_inspect_prints_names_from_the_files_escaped(full_run, tmp_path):
+    # issue 21 (13): a tensor's name, a setting or the run's folder could hold an escape sequence or a newline
+    run_dir = tmp_path / "r\x1b[31m"
+    shutil.copytree(full_run, run_dir)
+    with h5py.File(run_dir / "telemetry.h5", "a") as f:
+        names = f["params/name"].asstr()[:].tolist()
+        del f["params/name"]
+        f.create_dataset("params/name", data=["w\x1b[2J\nx" + name for name in names], dtype=h5py.string_dtype())
+    out = io.StringIO()
+    Console(width=200, file=out, force_terminal=False).print(inspect_run(run_dir, top=100))
+    text = out.getvalue()
+    assert "\x1b" not in text and "Run r\\x1b[31m" in text and "w\\x1b[2J\\nx" + names[0] in text
+
+
 def test_inspect_top(full_run, capsys):
     def tensor_rows(top):
         out = io.StringIO()
