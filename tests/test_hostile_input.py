@@ -23,6 +23,18 @@ def test_a_range_of_thirty_million_values_is_refused_at_once(tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_hundred_million_histogram_bins_are_refused_at_once(tmp_path, capsys):
+    # probe --bins 100000000 hung, at 7 GB after 40 s.
+    torch.save({"bn.weight": torch.rand(8), "bn.bias": torch.zeros(8), "bn.running_mean": torch.zeros(8),
+                "bn.running_var": torch.ones(8)}, tmp_path / "bn.pt")
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, "probe", tmp_path / "bn.pt", "--bins", "100000000", "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, "--bins must be in [1, 10,000], got 100,000,000")
+    assert time.perf_counter() - started < 30 and not (tmp_path / "p.h5").exists()  # a bound, not a speed test
+    code, _, err = run_cli(capsys, "probe", tmp_path / "bn.pt", "--bins", "10000", "--out", tmp_path / "p.h5")
+    assert code == 0, err
+
+
 def test_a_model_factory_calling_sys_exit_is_an_error_not_a_silent_success(tmp_path, capsys):
     import torch
 
