@@ -74,6 +74,32 @@ def test_a_truncated_mnist_gz_is_named_not_taken_for_ctrl_c(shared_data, tmp_pat
     assert_one_line_error(code, err, f"cannot read {labels}")
 
 
+def test_an_mnist_gz_inflating_past_its_header_is_refused_after_reading_what_the_header_says(
+        shared_data, tmp_path, capsys):
+    # A 3 MB .gz that inflates to 3.3 GB: a 7.3 GB peak, and the message said "truncated".
+    import gzip
+    import struct
+    import tracemalloc
+
+    raw = _mnist_copy(shared_data, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    zeros = gzip.compress(bytes(64 << 20), compresslevel=9)  # 64 MiB in 64 KB; gzip members concatenate
+    labels.write_bytes(labels.read_bytes() + zeros * 50)  # the 10,000 labels, then 3.3 GB more
+    assert labels.stat().st_size < 4 << 20
+    tracemalloc.start()
+    try:
+        code, _, err = _train_mnist(capsys, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_line_error(code, err, f"{labels} is longer than its header says ((10000,) = 10,000 bytes of data)")
+    assert peak < 1 << 30  # MNIST itself is 55 MB
+    labels.write_bytes(gzip.compress(b"\0\0\x08\x03" + struct.pack(">3I", 60000, 100000, 100000)))
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, "its header announces (60000, 100000, 100000) = 600,000,000,000,000 bytes of "
+                                     "data, more than an IDX file bnprobe reads (1,073,741,824)")
+
+
 def test_any_eof_error_is_an_error_not_an_interrupt(tmp_path, capsys, monkeypatch):
     # click turns every EOFError into Abort, which read as Ctrl-C: "interrupted", rc 130.
     def ends_early(*args, **kwargs):
