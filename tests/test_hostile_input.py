@@ -225,6 +225,21 @@ def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "--seed must be in [0, 2**32), got 99999999999999999999")
 
 
+@pytest.mark.parametrize("model, width, message", [
+    ("resnet8", "100000", "--width must be at most 1,024 (every model is then past 2,000,000,000 parameters), "
+                          "got 100,000"),
+    ("resnet8", "200", "resnet8 at width 200 has 3,051,811,210 parameters, more than bnprobe builds (2,000,000,000"),
+    ("resnet600002", "1", "CIFAR ResNet depth must be at most 2,000 layers, got 600,002"),
+])
+def test_a_model_too_large_to_build_is_refused_before_it_is_built(tmp_path, capsys, model, width, message):
+    # --width 100000 died in a 92 TB allocation with a traceback; resnet600002 ran silently for minutes.
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, "train", model, "--width", width, "--dataset", "digits", "--device", "cpu",
+                           "--runs-dir", tmp_path / "runs")
+    assert_one_line_error(code, err, message)
+    assert time.perf_counter() - started < 30 and not (tmp_path / "runs").exists()  # a bound, not a speed test
+
+
 def test_a_run_path_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     (tmp_path / "thesis.tex").write_text("mine")
     for extra in ((), ("--resume",), ("--overwrite",)):
