@@ -56,7 +56,7 @@ class LoadOptions:
         "Data set to evaluate on: mnist | cifar10 | cifar100 | digits "
         "[default: the run's; required for other checkpoints]."))
     data_dir: Optional[Path] = field(default=None, metadata=_help(
-        "Data folder [default: the run's, else $BNPROBE_DATA_DIR or ./data]."))
+        "Data folder [default: the run's (never one an exported file names), else $BNPROBE_DATA_DIR or ./data]."))
     mean: Optional[str] = field(default=None, metadata=_help(
         "Input normalisation mean, one value or one per channel, e.g. 0.4914,0.4822,0.4465 "
         "[default: a bnprobe checkpoint's stored statistics, else the training set's per-channel mean]."))

@@ -20,6 +20,7 @@ import torch
 from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
+from bnprobe.data import get_dataset_spec
 from bnprobe.errors import BnprobeError
 from bnprobe.formats import CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, METRICS_FILE, RUN_FILES
 from bnprobe.store import h5_format
@@ -187,6 +188,7 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise BnprobeError(f"{path} is not a bnprobe checkpoint")
     config = TrainConfig.from_dict(state.get("config"), f"{path}: config")
+    config.check_model(f"{path}: config")  # the bounds train applies, before anything builds it
 
     def need(key: str, kinds: Any, what: str, container: dict = state, where: str = "") -> Any:
         value = container.get(key)
@@ -204,10 +206,17 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables")
     if "processes" in state and need("processes", int, "a whole number") < 1:
         raise BnprobeError(f"{path}: 'processes' must be >= 1, not {state['processes']}")
-    if "normalization" in state:
+    if "normalization" in state:  # per pixel (C, H, W) or per channel (C, 1, 1), as training stores it
         norm = need("normalization", dict, "a table of mean and std")
+        spec = get_dataset_spec(config.dataset)
+        shapes = ((spec.channels, 1, 1), (spec.channels, spec.size, spec.size))
         for key in ("mean", "std"):
-            need(key, torch.Tensor, "a tensor", norm, "normalization.")
+            value = need(key, torch.Tensor, "a tensor", norm, "normalization.")
+            if (tuple(value.shape) not in shapes or not value.is_floating_point() or not torch.isfinite(value).all()
+                    or (key == "std" and not (value > 0).all())):
+                raise BnprobeError(f"{path}: 'normalization.{key}' must hold finite{' positive' * (key == 'std')} "
+                                   f"numbers of shape {shapes[0]} or {shapes[1]} for {spec.name}, not "
+                                   f"{_describe(value)} of shape {tuple(value.shape)}")
     if resume:
         optimizer = need("optimizer", dict, "an optimizer state")
         need("state", dict, "a table", optimizer, "optimizer.")
