@@ -12,6 +12,7 @@ import shutil
 import unicodedata
 import warnings
 import zipfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes about pickle protocols are not the user's concern
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=lazy and is_zip)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=lazy and is_zip)
     except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same kind of answer
         message = str(exc)
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
@@ -142,6 +143,30 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
         if is_zip and not zipfile.is_zipfile(path):  # no intact central directory: cut short or overwritten
             reason = f"truncated or damaged: {reason}"
         raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({reason})")
+    unreadable = _unreadable_tensors(obj)
+    if unreadable:
+        shown = ", ".join(unreadable[:4]) + (f", ... ({len(unreadable) - 4} more)" if len(unreadable) > 4 else "")
+        raise BnprobeError(f"{path} holds tensors bnprobe cannot read: {shown}; it reads dense tensors that hold "
+                           f"their data (tensor.to_dense(); a model built on the meta device has none)")
+    return obj
+
+
+def _unreadable_tensors(obj: Any) -> list[str]:
+    """Where a loaded checkpoint holds a tensor that is not strided (sparse, ...) or has no data (the meta device,
+    whatever size it declares), as `key.key[i] (layout)`: numpy and every copy would fail on it, or allocate
+    what it declares. Walked without recursion (a file's nesting is the file's choice)."""
+    found, pending = [], deque([("", obj)])
+    while pending:
+        where, value = pending.popleft()
+        if isinstance(value, torch.Tensor):
+            if value.is_meta or value.layout != torch.strided:
+                kind = "meta, no data" if value.is_meta else str(value.layout).removeprefix("torch.")
+                found.append(f"{where or '(top level)'} ({kind})")
+        elif isinstance(value, dict):
+            pending.extend((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return found
 
 
 def _first_sentence(message: str, limit: int = 160) -> str:
