@@ -154,18 +154,21 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
 def _unreadable_tensors(obj: Any) -> list[str]:
     """Where a loaded checkpoint holds a tensor that is not strided (sparse, ...) or has no data (the meta device,
     whatever size it declares), as `key.key[i] (layout)`: numpy and every copy would fail on it, or allocate
-    what it declares. Walked without recursion (a file's nesting is the file's choice)."""
-    found, pending = [], deque([("", obj)])
+    what it declares. Walked without recursion, each container once (a file's nesting, even a list holding
+    itself, is the file's choice)."""
+    found, pending, seen = [], deque([("", obj)]), set()
     while pending:
         where, value = pending.popleft()
         if isinstance(value, torch.Tensor):
             if value.is_meta or value.layout != torch.strided:
                 kind = "meta, no data" if value.is_meta else str(value.layout).removeprefix("torch.")
                 found.append(f"{where or '(top level)'} ({kind})")
-        elif isinstance(value, dict):
-            pending.extend((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
-        elif isinstance(value, (list, tuple)):
-            pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            if isinstance(value, dict):
+                pending.extend((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+            else:
+                pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
     return found
 
 

@@ -250,6 +250,22 @@ def test_sparse_and_meta_tensors_are_refused_naming_them(capsys, tmp_path, state
     assert time.perf_counter() - started < 30 and not (tmp_path / "probe.h5").exists()  # a bound, not a speed test
 
 
+def test_a_checkpoint_holding_a_list_that_holds_itself_is_read_not_walked_forever(capsys, tmp_path):
+    import signal
+
+    loop = []
+    loop.append(loop)  # weights_only loading rebuilds it as it was
+    torch.save({"state_dict": _bn_layer(), "loop": loop}, tmp_path / "loop.pt")
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the walk over the checkpoint did not end"))
+    signal.alarm(60)
+    try:
+        code, _, err = run_cli(capsys, "probe", tmp_path / "loop.pt", "--out", tmp_path / "probe.h5")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 0, err
+
+
 def test_device_is_checked_even_when_no_checkpoint_needs_one(capsys, tmp_path):
     torch.save(resnet(18).state_dict(), tmp_path / "theirs.pt")
     code, _, err = run_cli(capsys, "probe", tmp_path / "theirs.pt", "--device", "gpu", "--out", tmp_path / "p.h5")
