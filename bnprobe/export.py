@@ -4,7 +4,8 @@ A BN-only network is fully described by its seed and its trained BN parameters (
 frozen tensors are the initialisation `models.from_config` draws from `config.seed`. `--compact` writes only what
 training changed (the trainable tensors, the masked elements of random-features tensors, and the buffers:
 BN running statistics), plus the run's config, seed, torch version and a SHA-256 of the frozen tensors as
-regenerated from the seed. Its tensors are packed into one flat tensor per dtype, in an order derived from the
+regenerated from the seed. Every export (version 3) also holds a SHA-256 of the tensors it stores, checked on
+every read. Its tensors are packed into one flat tensor per dtype, in an order derived from the
 regenerated model (packed_layout), so the file holds no per-tensor header (safetensors' ~80 bytes a tensor were
 most of a BN-only file) and its size approaches that of the numbers it stores (docs/export-format.md). Reading
 a compact file regenerates those tensors on the CPU (fork_rng, a seeded init: independent of the device and of

@@ -21,8 +21,8 @@ REPORT_TAUS = "0.01,0.05,0.1"  # the report's figures and tables: fewer columns
 # Each value is at least one evaluation (ablate) or a column (probe, report): more than this is a typo, and
 # would otherwise spend minutes and gigabytes before saying anything.
 MAX_SWEEP_VALUES = 10_000
-# Each bin is a column of every layer's γ and β histogram (layers x bins int64): far finer than the few hundred
-# channels of a layer can fill, and 10^8 bins took 7 GB before a line was written.
+# Each bin is a column of every layer's γ and β histogram (layers x bins int64): finer than a layer's channels
+# (a few thousand at most) can fill, where 10^8 bins took 7 GB before a line was written.
 MAX_BINS = 10_000
 SWEEP_SYNTAX = (
     "One value (0.05), a comma-separated list (0.01,0.05,0.1), or START:STOP:COUNT for COUNT evenly spaced "
