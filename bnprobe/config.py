@@ -21,6 +21,13 @@ from typing import Any, Optional
 from bnprobe.errors import BnprobeError
 from bnprobe.formats import BN_PLACEMENTS, DEVICES, FREEZE_MODES, GAMMA_INITS, NORMALIZATIONS, SHORTCUTS
 
+# The largest model bnprobe builds: 2e9 parameters are 8 GB of float32 weights, 24 GB with their gradients and
+# SGD momentum, before one activation (resnet200 has 62M). Counted on the meta device before anything is allocated.
+MAX_PARAMETERS = 2_000_000_000
+# Every model passes MAX_PARAMETERS below this width (resnet8, the smallest, at 161); the cap keeps the meta
+# device's sizes within int64 (--width 10**9 would overflow them) and answers before torch is imported.
+MAX_WIDTH = 1024
+
 
 # More epochs than this is a typo (a month of 25 s CIFAR epochs); it also bounds a run file's per-epoch rows.
 MAX_EPOCHS = 100_000
@@ -168,6 +175,9 @@ class TrainConfig:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.epochs > MAX_EPOCHS:
             raise BnprobeError(f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
+        if self.width > MAX_WIDTH:
+            raise BnprobeError(f"--width must be at most {MAX_WIDTH:,} (every model is then past "
+                               f"{MAX_PARAMETERS:,} parameters), got {self.width:,}")
         if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit; numpy's and most tools' are 32
             raise BnprobeError(f"--seed must be in [0, 2**32), got {self.seed}")
         for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):
@@ -190,6 +200,18 @@ class TrainConfig:
         if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {self.milestones!r}")
 
+    def check_model(self, where: Optional[str] = None) -> None:
+        """The model these settings build, checked on the meta device before any of it is allocated: every model
+        option, and its size (at most MAX_PARAMETERS). `where` names a stored config in the message."""
+        from bnprobe.data import get_dataset_spec
+
+        spec = get_dataset_spec(self.dataset)
+        try:
+            _check_model(self.model, spec.channels, spec.num_classes, self.width, self.shortcut, self.bn,
+                         self.bn_every, self.bn_affine_off, self.random_features)
+        except BnprobeError as exc:
+            raise BnprobeError(f"{where}: {exc}" if where else str(exc)) from None
+
     def resolved(self) -> "TrainConfig":
         """Validate every field and fill the per-data-set defaults, so config.json holds concrete values."""
         self.check()  # plain-value checks first: they answer before torch is imported (seconds on a laptop)
@@ -197,8 +219,7 @@ class TrainConfig:
         from bnprobe.data import default_data_dir, get_dataset_spec
 
         spec = get_dataset_spec(self.dataset)
-        _check_model(self.model, spec.channels, spec.num_classes, self.width, self.shortcut, self.bn,
-                     self.bn_every, self.bn_affine_off, self.random_features)
+        self.check_model()
         normalize = spec.normalize if self.normalize is None else self.normalize
         translate = spec.translate if self.translate is None else self.translate
         if not 0 <= translate < spec.size:
@@ -234,8 +255,9 @@ def seed_group(config: dict[str, Any]) -> tuple:
 @functools.lru_cache(maxsize=32)
 def _check_model(model_name: str, channels: int, classes: int, width: int, shortcut: str, bn: str, bn_every: int,
                  bn_affine_off: str, random_features: int) -> None:
-    """Build the model on the meta device: checks every model option without allocating or loading data.
-    Cached, because the CLI and train() both resolve the same config (deep models take seconds)."""
+    """Build the model on the meta device: checks every model option and counts its parameters without
+    allocating or loading data. Cached, because the CLI and train() both resolve the same config (deep models
+    take seconds)."""
     import torch
 
     from bnprobe.models import create_model, remove_bn_affine
@@ -243,6 +265,10 @@ def _check_model(model_name: str, channels: int, classes: int, width: int, short
     with torch.device("meta"):
         model = create_model(model_name, in_channels=channels, num_classes=classes,
                              width=width, shortcut=shortcut, bn=bn, bn_every=bn_every)
+        parameters = sum(p.numel() for p in model.parameters())
+        if parameters > MAX_PARAMETERS:
+            raise BnprobeError(f"{model_name} at width {width} has {parameters:,} parameters, more than bnprobe "
+                               f"builds ({MAX_PARAMETERS:,}: 8 GB of float32 weights, 24 GB to train)")
         remove_bn_affine(model, bn_affine_off)
         if random_features:
             from bnprobe.freeze import random_feature_masks

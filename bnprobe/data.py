@@ -45,25 +45,39 @@ def default_data_dir() -> Path:
 # ---- readers of the official formats -----------------------------------------------------------
 
 
+# An IDX file's data as its header announces it; MNIST's largest (train-images) is 47 MB. Nothing is read
+# beyond the header's size: a 3 MB .gz inflating to 3.3 GB is refused after reading that size and one byte.
+MAX_IDX_BYTES = 1 << 30
+
+
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (MNIST's format), gzipped or not."""
+    """Read an IDX file (MNIST's format), gzipped or not: the size its header announces, and no more."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 and head[:3] == b"\0\0\x08" else -1  # magic: 0, 0, uint8, ndim
+            shape = f.read(4 * max(ndim, 0))
+            if ndim < 0 or len(shape) < 4 * ndim:
+                raise BnprobeError(f"{path} is not an IDX file of unsigned bytes")
+            dims = tuple(int(d) for d in np.frombuffer(shape, dtype=">u4"))
+            size = math.prod(dims)
+            if size > MAX_IDX_BYTES:
+                raise BnprobeError(f"{path}: its header announces {dims} = {size:,} bytes of data, more than an IDX "
+                                   f"file bnprobe reads ({MAX_IDX_BYTES:,})")
+            raw = f.read(size)
+            longer = f.read(1)
     # A cut-short .gz raises EOFError, which click would take for Ctrl-C: name the file instead.
     except EOFError:
         raise BnprobeError(f"{path} is truncated (its gzip stream ends early); replace it with a complete copy")
     except (OSError, zlib.error) as exc:
         raise BnprobeError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})")
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
-        raise BnprobeError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != math.prod(dims):
-        raise BnprobeError(f"{path} is truncated: expected {math.prod(dims)} bytes of data, found {data.size}")
-    return data.reshape(dims)
+    if len(raw) != size:
+        raise BnprobeError(f"{path} is truncated: expected {size} bytes of data, found {len(raw)}")
+    if longer:
+        raise BnprobeError(f"{path} is longer than its header says ({dims} = {size:,} bytes of data); replace it "
+                           f"with a complete copy")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def _check_split(images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...], classes: int, where: str) -> None:

@@ -4,7 +4,8 @@ A BN-only network is fully described by its seed and its trained BN parameters (
 frozen tensors are the initialisation `models.from_config` draws from `config.seed`. `--compact` writes only what
 training changed (the trainable tensors, the masked elements of random-features tensors, and the buffers:
 BN running statistics), plus the run's config, seed, torch version and a SHA-256 of the frozen tensors as
-regenerated from the seed. Its tensors are packed into one flat tensor per dtype, in an order derived from the
+regenerated from the seed. Every export (version 3) also holds a SHA-256 of the tensors it stores, checked on
+every read. Its tensors are packed into one flat tensor per dtype, in an order derived from the
 regenerated model (packed_layout), so the file holds no per-tensor header (safetensors' ~80 bytes a tensor were
 most of a BN-only file) and its size approaches that of the numbers it stores (docs/export-format.md). Reading
 a compact file regenerates those tensors on the CPU (fork_rng, a seeded init: independent of the device and of
@@ -19,14 +20,14 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from bnprobe import runs, schema
-from bnprobe.errors import BnprobeError, printable
+from bnprobe.errors import BnprobeError, first_line, printable
 from bnprobe.formats import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, COMPACT_FORMAT, EXPORT_FORMATS, EXPORT_VERSION,
-                             FULL_FORMAT)
+                             EXPORT_VERSIONS, FULL_FORMAT)
 
 
 
@@ -47,15 +48,25 @@ def regenerate(config: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     return {k: v.detach() for k, v in model.state_dict().items()}, masks, stored
 
 
-def frozen_digest(initial: dict[str, torch.Tensor], stored: set[str], masks: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of every frozen tensor (the frozen elements of random-features tensors), names sorted."""
+def _sha256(entries: Iterable[tuple[str, tuple[int, ...], torch.Tensor]]) -> str:
+    """SHA-256 of (name, shape, tensor) entries: each name, dtype, shape and the tensor's bytes."""
     digest = hashlib.sha256()
-    for name in sorted(set(initial) - stored):
-        tensor = initial[name][~masks[name]] if name in masks else initial[name]
+    for name, shape, tensor in entries:
         tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(initial[name].shape)}|".encode())
+        digest.update(f"{name}|{tensor.dtype}|{tuple(shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def frozen_digest(initial: dict[str, torch.Tensor], stored: set[str], masks: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every frozen tensor (the frozen elements of random-features tensors), names sorted."""
+    return _sha256((name, initial[name].shape, initial[name][~masks[name]] if name in masks else initial[name])
+                   for name in sorted(set(initial) - stored))
+
+
+def stored_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors a file stores (the packed ones of a compact file), names sorted."""
+    return _sha256((name, tensors[name].shape, tensors[name]) for name in sorted(tensors))
 
 
 def packed_layout(initial: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
@@ -116,7 +127,6 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
     from safetensors.torch import save
 
     from bnprobe.atomic import atomic_write
-    from bnprobe.config import TrainConfig
     from bnprobe.loading import checkpoint_file, is_bnprobe_checkpoint
 
     if out.suffix != ".safetensors":
@@ -129,13 +139,13 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
     if not is_bnprobe_checkpoint(obj):
         raise BnprobeError(f"{file} is not a bnprobe run's checkpoint; export takes a run directory or its "
                            f"checkpoint.pt")
-    config = TrainConfig.from_dict(obj["config"])
+    config = runs.check_checkpoint(obj, file)
     state = {k: v.detach().cpu().contiguous() for k, v in obj["model"].items()}
     metadata = {"format": FULL_FORMAT, "version": EXPORT_VERSION, "config": json.dumps(obj["config"], sort_keys=True),
                 "seed": str(config.seed), "torch": torch.__version__, "epoch": str(obj.get("epoch", 0))}
     if isinstance(obj.get("normalization"), dict):
         metadata["normalization"] = json.dumps({k: v.tolist() for k, v in obj["normalization"].items()})
-    full = save(state, metadata=metadata)
+    full = save(state, metadata={**metadata, "stored_sha256": stored_digest(state)})
     tensors = state
     if compact:
         initial, masks, stored = regenerate(config)
@@ -150,24 +160,34 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
         tensors = pack(layout, {name: state[name][masks[name]] if name in masks else state[name]
                                 for name, _, _ in layout})
         metadata = {**metadata, "format": COMPACT_FORMAT, "frozen_sha256": frozen_digest(initial, stored, masks),
-                    "layout_sha256": layout_digest(layout), "full_bytes": str(len(full))}
+                    "layout_sha256": layout_digest(layout), "full_bytes": str(len(full)),
+                    "stored_sha256": stored_digest(tensors)}
     data = full if not compact else save(tensors, metadata=metadata)
     atomic_write(out, lambda f: f.write(data))
     return len(data), len(full)
 
 
 def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
-    """An exported run (open safetensors handle `f`) as the bnprobe checkpoint it came from: the frozen tensors
-    of a compact file regenerated from the seed and checked against the stored hash."""
+    """An exported run (open safetensors handle `f`) as the bnprobe checkpoint it came from: its config checked as
+    `train` checks one (the model's size counted before it is built), its stored tensors against their hash
+    (version 3), and the frozen tensors of a compact file regenerated from the seed and checked against theirs."""
     from bnprobe.config import TrainConfig
 
     config_dict, epoch = schema.export_fields(metadata, path)
+    # The exporter's data folder is a path on another machine (a forged one could point a download anywhere):
+    # the data comes from this user's --data-dir, $BNPROBE_DATA_DIR or ./data.
+    config_dict = {**config_dict, "data_dir": ""}
     config = TrainConfig.from_dict(config_dict, f"{path}: config")
+    config.check_model(f"{path}: config")
+    version = metadata.get("version")
+    if metadata["format"] == COMPACT_FORMAT and version not in EXPORT_VERSIONS:
+        raise BnprobeError(f"{path}: a compact file of format version {version}; this bnprobe reads versions "
+                           f"{' and '.join(EXPORT_VERSIONS)}")
     tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if stored_verified(metadata) and stored_digest(tensors) != metadata.get("stored_sha256"):
+        raise BnprobeError(f"{path}: its stored tensors do not match the file's hash of them (changed or damaged "
+                           f"since it was exported); refusing to run with them")
     if metadata["format"] == COMPACT_FORMAT:
-        if metadata.get("version") != EXPORT_VERSION:
-            raise BnprobeError(f"{path}: a compact file of format version {metadata.get('version')}; this bnprobe "
-                               f"reads version {EXPORT_VERSION}")
         initial, masks, stored = regenerate(config)
         if frozen_digest(initial, stored, masks) != metadata.get("frozen_sha256"):
             raise BnprobeError(
@@ -191,10 +211,19 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
     checkpoint: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                   "config": config_dict, "model": tensors, "epoch": epoch,
                                   "history": []}  # an export keeps the weights, not the training history
-    if "normalization" in metadata:
-        checkpoint["normalization"] = {k: torch.tensor(v, dtype=torch.float32)
-                                       for k, v in json.loads(metadata["normalization"]).items()}
+    if "normalization" in metadata:  # its shapes and values are checked with the checkpoint (runs.check_checkpoint)
+        try:
+            norm = json.loads(metadata["normalization"])
+            checkpoint["normalization"] = {key: torch.tensor(norm[key], dtype=torch.float32) for key in ("mean", "std")}
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, RecursionError) as exc:
+            raise BnprobeError(f"{path}: damaged bnprobe export metadata (normalization: "
+                               f"{first_line(exc, typed=True)})") from None
     return checkpoint
+
+
+def stored_verified(metadata: dict[str, str]) -> bool:
+    """Whether a file's stored tensors are checked against its stored_sha256: every version but 2, which had none."""
+    return metadata.get("version") != "2"
 
 
 def describe(size: int, full: int, compact: bool) -> str:
@@ -235,6 +264,8 @@ def inspect_export(path: Path) -> Any:
         ("numbers stored", f"{stored:,} of {total:,}"),
         ("file", f"{path.stat().st_size:,} bytes"),
         ("frozen tensors", f"regenerated from seed {config.seed}; SHA-256 matches" if compact else "stored"),
+        ("stored tensors", "SHA-256 matches" if stored_verified(metadata)
+         else "not verified (a version 2 file holds no hash of them)"),
     ):
         table.add_row(name, escape(printable(value)))  # the file's metadata and config, as they are
     return table

@@ -30,8 +30,10 @@ PROBE_VERSION = 3
 ABLATION_FORMAT = "bnprobe-ablation"
 ABLATION_VERSION = 2  # 2: provenance attributes (bnprobe_version, torch_version, options_json)
 # `bnprobe export`'s safetensors files (metadata values are text): every tensor, or the seed and what trained
-# 2: a compact file's tensors packed one flat tensor per dtype (1 was never released)
-FULL_FORMAT, COMPACT_FORMAT, EXPORT_VERSION = "bnprobe-export", "bnprobe-compact", "2"
+# 2: a compact file's tensors packed one flat tensor per dtype (1 was never released);
+# 3: stored_sha256, a hash of the tensors the file stores (version 2 files load, their tensors unverified)
+FULL_FORMAT, COMPACT_FORMAT, EXPORT_VERSION = "bnprobe-export", "bnprobe-compact", "3"
+EXPORT_VERSIONS = ("2", EXPORT_VERSION)  # what readers accept
 EXPORT_FORMATS = (FULL_FORMAT, COMPACT_FORMAT)  # how a safetensors file is known as bnprobe's
 
 # ---- the choices of TrainConfig's settings --------------------------------------------------------------------

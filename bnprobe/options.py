@@ -21,6 +21,9 @@ REPORT_TAUS = "0.01,0.05,0.1"  # the report's figures and tables: fewer columns
 # Each value is at least one evaluation (ablate) or a column (probe, report): more than this is a typo, and
 # would otherwise spend minutes and gigabytes before saying anything.
 MAX_SWEEP_VALUES = 10_000
+# Each bin is a column of every layer's γ and β histogram (layers x bins int64): finer than a layer's channels
+# (a few thousand at most) can fill, where 10^8 bins took 7 GB before a line was written.
+MAX_BINS = 10_000
 SWEEP_SYNTAX = (
     "One value (0.05), a comma-separated list (0.01,0.05,0.1), or START:STOP:COUNT for COUNT evenly spaced "
     "values from START to STOP inclusive (0:0.2:20 is 20 values 0, 0.0105, ..., 0.2); items can be mixed "
@@ -53,7 +56,7 @@ class LoadOptions:
         "Data set to evaluate on: mnist | cifar10 | cifar100 | digits "
         "[default: the run's; required for other checkpoints]."))
     data_dir: Optional[Path] = field(default=None, metadata=_help(
-        "Data folder [default: the run's, else $BNPROBE_DATA_DIR or ./data]."))
+        "Data folder [default: the run's (never one an exported file names), else $BNPROBE_DATA_DIR or ./data]."))
     mean: Optional[str] = field(default=None, metadata=_help(
         "Input normalisation mean, one value or one per channel, e.g. 0.4914,0.4822,0.4465 "
         "[default: a bnprobe checkpoint's stored statistics, else the training set's per-channel mean]."))
@@ -75,7 +78,8 @@ class ProbeOptions:
 
     taus: list[float] = _sweep("--taus", DEFAULT_TAUS, "Thresholds τ for the fraction of |γ| < τ.")
     off_threshold: float = field(default=0.01, metadata=_help("A channel counts as turned off when |γ| is below this."))
-    bins: int = field(default=40, metadata=_help("Histogram bins for γ and β in probe.h5 (edges shared by all layers)."))
+    bins: int = field(default=40, metadata=_help(
+        "Histogram bins for γ and β in probe.h5 (edges shared by all layers), at most 10,000."))
     images: int = field(default=1000, metadata=_help("Test images to measure ReLU sparsity on (0 = all)."))
     batch_size: int = field(default=500, metadata=_help("Batch size of the forward passes."))
 

@@ -28,7 +28,7 @@ from bnprobe.evaluate import evaluate, resolve_device
 from bnprobe.formats import CHECKPOINT_FILE, PROBE_FILE, PROBE_FORMAT, PROBE_VERSION
 from bnprobe.measures import fraction_below, histogram_edges
 from bnprobe.models import bn_layers
-from bnprobe.options import DEFAULT_TAUS, ProbeOptions  # noqa: F401 - part of this API
+from bnprobe.options import DEFAULT_TAUS, MAX_BINS, ProbeOptions  # noqa: F401 - part of this API
 from bnprobe.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
 
 if TYPE_CHECKING:
@@ -384,8 +384,10 @@ def run_probe(
     images, batch_size = settings.images, settings.batch_size
     if off_threshold < 0 or any(t < 0 for t in taus):
         raise BnprobeError("thresholds τ must be >= 0")
-    if bins < 1 or images < 0 or batch_size < 1:
-        raise BnprobeError("--bins and --batch-size must be >= 1 and --images >= 0")
+    if not 1 <= bins <= MAX_BINS:
+        raise BnprobeError(f"--bins must be in [1, {MAX_BINS:,}], got {bins:,}")
+    if images < 0 or batch_size < 1:
+        raise BnprobeError("--batch-size must be >= 1 and --images >= 0")
     device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
     out = out if out is not None else default_output(paths, PROBE_FILE)
     check_replaceable(out, PROBE_FORMAT)

@@ -12,6 +12,7 @@ import shutil
 import unicodedata
 import warnings
 import zipfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from bnprobe import schema
 from bnprobe.atomic import atomic_write
 from bnprobe.config import TrainConfig
+from bnprobe.data import get_dataset_spec
 from bnprobe.errors import BnprobeError
 from bnprobe.formats import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CONFIG_FILE, METRICS_FILE, RUN_FILES,
                              SET_ASIDE_FORMAT, SET_ASIDE_MARKER)
@@ -152,7 +154,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes about pickle protocols are not the user's concern
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=lazy and is_zip)
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=lazy and is_zip)
     except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same kind of answer
         message = str(exc)
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
@@ -166,6 +168,33 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
         if is_zip and not zipfile.is_zipfile(path):  # no intact central directory: cut short or overwritten
             reason = f"truncated or damaged: {reason}"
         raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({reason})")
+    unreadable = _unreadable_tensors(obj)
+    if unreadable:
+        shown = ", ".join(unreadable[:4]) + (f", ... ({len(unreadable) - 4} more)" if len(unreadable) > 4 else "")
+        raise BnprobeError(f"{path} holds tensors bnprobe cannot read: {shown}; it reads dense tensors that hold "
+                           f"their data (tensor.to_dense(); a model built on the meta device has none)")
+    return obj
+
+
+def _unreadable_tensors(obj: Any) -> list[str]:
+    """Where a loaded checkpoint holds a tensor that is not strided (sparse, ...) or has no data (the meta device,
+    whatever size it declares), as `key.key[i] (layout)`: numpy and every copy would fail on it, or allocate
+    what it declares. Walked without recursion, each container once (a file's nesting, even a list holding
+    itself, is the file's choice)."""
+    found, pending, seen = [], deque([("", obj)]), set()
+    while pending:
+        where, value = pending.popleft()
+        if isinstance(value, torch.Tensor):
+            if value.is_meta or value.layout != torch.strided:
+                kind = "meta, no data" if value.is_meta else str(value.layout).removeprefix("torch.")
+                found.append(f"{where or '(top level)'} ({kind})")
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            if isinstance(value, dict):
+                pending.extend((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+            else:
+                pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return found
 
 
 def _first_sentence(message: str, limit: int = 160) -> str:
@@ -217,6 +246,7 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise BnprobeError(f"{path} is not a bnprobe checkpoint")
     config = TrainConfig.from_dict(state.get("config"), f"{path}: config")
+    config.check_model(f"{path}: config")  # the bounds train applies, before anything builds it
 
     def need(key: str, kinds: Any, what: str, container: dict = state, where: str = "") -> Any:
         value = container.get(key)
@@ -241,10 +271,17 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         raise BnprobeError(f"{path}: 'history' has {len(history)} epochs, but the checkpoint is after epoch {epoch}")
     if "processes" in state and need("processes", int, "a whole number") < 1:
         raise BnprobeError(f"{path}: 'processes' must be >= 1, not {state['processes']}")
-    if "normalization" in state:
+    if "normalization" in state:  # per pixel (C, H, W) or per channel (C, 1, 1), as training stores it
         norm = need("normalization", dict, "a table of mean and std")
+        spec = get_dataset_spec(config.dataset)
+        shapes = ((spec.channels, 1, 1), (spec.channels, spec.size, spec.size))
         for key in ("mean", "std"):
-            need(key, torch.Tensor, "a tensor", norm, "normalization.")
+            value = need(key, torch.Tensor, "a tensor", norm, "normalization.")
+            if (tuple(value.shape) not in shapes or not value.is_floating_point() or not torch.isfinite(value).all()
+                    or (key == "std" and not (value > 0).all())):
+                raise BnprobeError(f"{path}: 'normalization.{key}' must hold finite{' positive' * (key == 'std')} "
+                                   f"numbers of shape {shapes[0]} or {shapes[1]} for {spec.name}, not "
+                                   f"{_describe(value)} of shape {tuple(value.shape)}")
     if resume:
         optimizer = need("optimizer", dict, "an optimizer state")
         need("state", dict, "a table", optimizer, "optimizer.")

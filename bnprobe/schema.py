@@ -27,12 +27,15 @@ from bnprobe.config import MAX_EPOCHS, TrainConfig, check_settings
 from bnprobe.errors import BnprobeError, first_line
 from bnprobe.formats import (ABLATION_FORMAT, COMPACT_FORMAT, CONFIG_FILE, EXPORT_FORMATS, FULL_FORMAT, PROBE_FORMAT,  # noqa: F401 - readers
                              SET_ASIDE_FORMAT, SET_ASIDE_MARKER, TELEMETRY_FORMAT)
+from bnprobe.options import MAX_SWEEP_VALUES
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on its JSON header
 MAX_JSON_BYTES = 64 << 20  # a run's metrics.json grows ~300 bytes per epoch
 MAX_ELEMENTS = 1 << 26  # per dataset (512 MiB of float64); a real run's largest, steps x tensors, is far below
 MAX_TENSORS = 1 << 16  # parameter tensors of a model; the deepest registry model has under 1,000
 MAX_TRAIN_IMAGES = 1 << 22  # bounds steps per epoch when the run used a whole data set (ImageNet: 1.28M)
+# An ablation's rows (its clamp values) and a probe's τ come from a sweep: at most MAX_SWEEP_VALUES of them
+SWEEPS = "bnprobe's sweeps"
 NUMBERS, INTEGERS = "biuf", "biu"  # numpy dtype kinds
 
 
@@ -333,9 +336,10 @@ def check_telemetry(f, bn_fields: Optional[tuple[str, ...]] = None) -> Telemetry
 
 
 def check_ablation(f) -> int:
-    """An ablation file's columns: all of one length T >= 1; returns T."""
+    """An ablation file's columns: all of one length T, 1 <= T <= the values of a sweep; its masks (T, channels),
+    channels as its total_channels says; returns T."""
     layout = Layout(f)
-    t = layout.rows("values", MAX_ELEMENTS, "the cap")
+    t = layout.rows("values", MAX_SWEEP_VALUES, SWEEPS)
     if not t:
         layout.fail("holds no ablation values")
     for name in ("values", "test_acc"):
@@ -344,13 +348,14 @@ def check_ablation(f) -> int:
         layout.dataset(name, (t,), required=False)
     if "clamped_fraction" not in f and "clamped" not in f:
         layout.fail("/clamped_fraction is missing")
+    layout.dataset("masks", (t, layout.attr_int("total_channels")), required=False)
     return t
 
 
 def check_probe(f) -> int:
     """A probe file's checkpoint groups, each `frac_below_all` as long as /taus; returns the number of groups."""
     layout = Layout(f)
-    t = layout.rows("taus", MAX_ELEMENTS, "the cap")
+    t = layout.rows("taus", MAX_SWEEP_VALUES, SWEEPS)
     if "taus" in f:
         layout.dataset("taus", (t,))
     checkpoints = layout.group("checkpoints")

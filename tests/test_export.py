@@ -7,6 +7,7 @@ import dataclasses
 import json
 import re
 import struct
+import time
 
 import h5py
 import numpy as np
@@ -45,6 +46,23 @@ def export(capsys, run, out, *flags):
     code, stdout, err = run_cli(capsys, "export", run, "-o", out, *flags)
     assert code == 0, err
     return stdout
+
+
+def forge(capsys, tmp_path, tmp_path_factory, metadata=lambda m: m, tensors=lambda t: t):
+    """A real `export --compact` of the BN-only run saved again as bad.safetensors, its metadata and tensors changed
+    by `metadata` and `tensors`, with the hash of its stored tensors made to fit them (as a forger would)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bnprobe.export import stored_digest
+
+    export(capsys, trained_runs(tmp_path_factory)["bn-only"], tmp_path / "good.safetensors", "--compact")
+    with safe_open(tmp_path / "good.safetensors", "pt") as f:
+        original = f.metadata()
+    changed = tensors(load_file(tmp_path / "good.safetensors"))
+    save_file(changed, tmp_path / "bad.safetensors",
+              metadata=metadata({**original, "stored_sha256": stored_digest(changed)}))
+    return tmp_path / "bad.safetensors"
 
 
 def same_model(a, b):
@@ -134,6 +152,7 @@ def test_inspect_an_export(capsys, tmp_path, tmp_path_factory):
     total = sum(t.numel() for t in load_model(run, LoadOptions(device="cpu")).model.state_dict().values())
     assert "compact: the seed plus what trained" in out and "non-bn + 2 random features" in out
     assert f"{stored:,} of {total:,}" in out and "regenerated from seed 0; SHA-256 matches" in out
+    assert re.search(r"stored tensors\s+SHA-256 matches", out)
 
 
 def test_a_full_export_loads_in_plain_pytorch(capsys, tmp_path, tmp_path_factory):
@@ -184,20 +203,79 @@ def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
     ("epoch", "two", "damaged bnprobe export metadata"), ("config", "[1, 2]", "bad.safetensors"),
     ("config", "{not json", "damaged bnprobe export metadata"),
     ("layout_sha256", "0" * 64, "are not the ones the file packed"),
-    ("version", "1", "a compact file of format version 1; this bnprobe reads version 2"),
+    ("version", "1", "a compact file of format version 1; this bnprobe reads versions 2 and 3"),
+    # a traceback (TypeError), then one from a normalisation that broadcasts to no image
+    ("normalization", '{"mean": "x", "std": [1]}', "damaged bnprobe export metadata (normalization: TypeError"),
+    ("normalization", '{"mean": [[[0.5, 0.5]]], "std": [[[1.0, 1.0]]]}',
+     "'normalization.mean' must hold finite numbers of shape (1, 1, 1) or (1, 8, 8) for digits, not a "
+     "torch.float32 tensor of shape (1, 1, 2)"),
+    ("normalization", '{"mean": [[[0.5]]], "std": [[[0.0]]]}', "'normalization.std' must hold finite positive"),
 ])
 def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_factory, key, value, pattern):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    run = trained_runs(tmp_path_factory)["bn-only"]
-    export(capsys, run, tmp_path / "good.safetensors", "--compact")
-    with safe_open(tmp_path / "good.safetensors", "pt") as f:
-        metadata = {**f.metadata(), key: value}
-    save_file(load_file(tmp_path / "good.safetensors"), tmp_path / "bad.safetensors", metadata=metadata)
-    code, _, err = run_cli(capsys, "probe", tmp_path / "bad.safetensors", "--out", tmp_path / "p.h5")
+    bad = forge(capsys, tmp_path, tmp_path_factory, metadata=lambda m: {**m, key: value})
+    code, _, err = run_cli(capsys, "probe", bad, "--device", "cpu", "--out", tmp_path / "p.h5")
     assert_one_line_error(code, err, pattern)
     assert "bad.safetensors" in err
+
+
+def _config(metadata, **changes):
+    return {**metadata, "config": json.dumps({**json.loads(metadata["config"]), **changes})}
+
+
+@pytest.mark.parametrize("changes, pattern", [
+    (dict(width=1000000), "config: --width must be at most 1,024"),  # a traceback: a 9.2e15-byte allocation
+    (dict(model="resnet99998"), "config: CIFAR ResNet depth must be at most 2,000 layers"),  # 80 s, 8.7 GB
+])
+def test_an_export_asking_for_a_model_too_large_is_refused_before_it_is_built(capsys, tmp_path, tmp_path_factory,
+                                                                              changes, pattern):
+    bad = forge(capsys, tmp_path, tmp_path_factory, metadata=lambda m: _config(m, **changes))
+    started = time.perf_counter()
+    for argv in (["probe", bad, "--device", "cpu", "--out", tmp_path / "p.h5"], ["inspect", bad]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, f"bad.safetensors: {pattern}")
+    assert time.perf_counter() - started < 30  # a bound, not a speed test
+
+
+def test_the_data_folder_comes_from_the_user_never_from_an_export(shared_data, capsys, tmp_path, tmp_path_factory,
+                                                                  monkeypatch):
+    # data_dir=/etc with dataset=mnist: probe tried to download MNIST into /etc/MNIST/raw.
+    theirs = tmp_path / "etc"
+    bad = forge(capsys, tmp_path, tmp_path_factory,
+                metadata=lambda m: _config(m, dataset="mnist", data_dir=str(theirs)))  # resnet8 fits both
+    monkeypatch.setenv("BNPROBE_DATA_DIR", str(shared_data))
+    code, _, err = run_cli(capsys, "probe", bad, "--images", "50", "--device", "cpu", "--out", tmp_path / "p.h5")
+    assert code == 0, err
+    assert not theirs.exists()
+    with h5py.File(tmp_path / "p.h5") as f:
+        assert f["checkpoints/000"].attrs["dataset"] == "mnist"
+
+
+@pytest.mark.parametrize("flags", [["--compact"], []])
+def test_a_flipped_byte_in_the_stored_tensors_is_refused(capsys, tmp_path, tmp_path_factory, flags):
+    # The hash covered only the frozen tensors: a changed trained tensor loaded silently, and inspect said
+    # "SHA-256 matches".
+    path = tmp_path / "model.safetensors"
+    export(capsys, trained_runs(tmp_path_factory)["bn-only"], path, *flags)
+    header_size, _ = read_header(path)
+    data = bytearray(path.read_bytes())
+    data[(8 + header_size + len(data)) // 2] ^= 1  # one bit of a number in the middle of the stored data
+    path.write_bytes(data)
+    for argv in (["probe", path, "--device", "cpu", "--out", tmp_path / "p.h5"], ["inspect", path]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "model.safetensors: its stored tensors do not match the file's hash of them")
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_a_version_2_export_still_loads_but_its_stored_tensors_are_not_called_verified(capsys, tmp_path,
+                                                                                       tmp_path_factory):
+    old = forge(capsys, tmp_path, tmp_path_factory,
+                metadata=lambda m: {**{k: v for k, v in m.items() if k != "stored_sha256"}, "version": "2"})
+    code, out, err = run_cli(capsys, "inspect", old)
+    assert code == 0, err
+    assert "regenerated from seed 0; SHA-256 matches" in out  # the frozen tensors still are
+    assert "not verified (a version 2 file holds no hash of them)" in " ".join(out.split())
+    same_model(load_model(trained_runs(tmp_path_factory)["bn-only"], LoadOptions(device="cpu")),
+               load_model(old, LoadOptions(device="cpu")))
 
 
 @pytest.mark.parametrize("damage, pattern", [
@@ -207,16 +285,8 @@ def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_
 ])
 def test_a_compact_file_whose_packed_tensors_do_not_fit_is_one_line(capsys, tmp_path, tmp_path_factory, damage,
                                                                      pattern):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    run = trained_runs(tmp_path_factory)["bn-only"]
-    export(capsys, run, tmp_path / "good.safetensors", "--compact")
-    with safe_open(tmp_path / "good.safetensors", "pt") as f:
-        metadata = f.metadata()
-    save_file(damage(load_file(tmp_path / "good.safetensors")), tmp_path / "bad.safetensors", metadata=metadata)
-    code, _, err = run_cli(capsys, "ablate", tmp_path / "bad.safetensors", "--clamp-gamma", "0.1", "--device", "cpu",
-                           "--out", tmp_path / "a.h5")
+    bad = forge(capsys, tmp_path, tmp_path_factory, tensors=damage)
+    code, _, err = run_cli(capsys, "ablate", bad, "--clamp-gamma", "0.1", "--device", "cpu", "--out", tmp_path / "a.h5")
     assert_one_line_error(code, err, pattern)
 
 

@@ -23,6 +23,18 @@ def test_a_range_of_thirty_million_values_is_refused_at_once(tmp_path, capsys):
     assert not (tmp_path / "r.html").exists()
 
 
+def test_a_hundred_million_histogram_bins_are_refused_at_once(tmp_path, capsys):
+    # probe --bins 100000000 hung, at 7 GB after 40 s.
+    torch.save({"bn.weight": torch.rand(8), "bn.bias": torch.zeros(8), "bn.running_mean": torch.zeros(8),
+                "bn.running_var": torch.ones(8)}, tmp_path / "bn.pt")
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, "probe", tmp_path / "bn.pt", "--bins", "100000000", "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, "--bins must be in [1, 10,000], got 100,000,000")
+    assert time.perf_counter() - started < 30 and not (tmp_path / "p.h5").exists()  # a bound, not a speed test
+    code, _, err = run_cli(capsys, "probe", tmp_path / "bn.pt", "--bins", "10000", "--out", tmp_path / "p.h5")
+    assert code == 0, err
+
+
 def test_a_model_factory_calling_sys_exit_is_an_error_not_a_silent_success(tmp_path, capsys):
     import torch
 
@@ -60,6 +72,32 @@ def test_a_truncated_mnist_gz_is_named_not_taken_for_ctrl_c(shared_data, tmp_pat
     labels.write_bytes(b"\x1f\x8b garbage")
     code, _, err = _train_mnist(capsys, tmp_path)
     assert_one_line_error(code, err, f"cannot read {labels}")
+
+
+def test_an_mnist_gz_inflating_past_its_header_is_refused_after_reading_what_the_header_says(
+        shared_data, tmp_path, capsys):
+    # A 3 MB .gz that inflates to 3.3 GB: a 7.3 GB peak, and the message said "truncated".
+    import gzip
+    import struct
+    import tracemalloc
+
+    raw = _mnist_copy(shared_data, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    zeros = gzip.compress(bytes(64 << 20), compresslevel=9)  # 64 MiB in 64 KB; gzip members concatenate
+    labels.write_bytes(labels.read_bytes() + zeros * 50)  # the 10,000 labels, then 3.3 GB more
+    assert labels.stat().st_size < 4 << 20
+    tracemalloc.start()
+    try:
+        code, _, err = _train_mnist(capsys, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_one_line_error(code, err, f"{labels} is longer than its header says ((10000,) = 10,000 bytes of data)")
+    assert peak < 1 << 30  # MNIST itself is 55 MB
+    labels.write_bytes(gzip.compress(b"\0\0\x08\x03" + struct.pack(">3I", 60000, 100000, 100000)))
+    code, _, err = _train_mnist(capsys, tmp_path)
+    assert_one_line_error(code, err, "its header announces (60000, 100000, 100000) = 600,000,000,000,000 bytes of "
+                                     "data, more than an IDX file bnprobe reads (1,073,741,824)")
 
 
 def test_any_eof_error_is_an_error_not_an_interrupt(tmp_path, capsys, monkeypatch):
@@ -187,6 +225,21 @@ def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "--seed must be in [0, 2**32), got 99999999999999999999")
 
 
+@pytest.mark.parametrize("model, width, message", [
+    ("resnet8", "100000", "--width must be at most 1,024 (every model is then past 2,000,000,000 parameters), "
+                          "got 100,000"),
+    ("resnet8", "200", "resnet8 at width 200 has 3,051,811,210 parameters, more than bnprobe builds (2,000,000,000"),
+    ("resnet600002", "1", "CIFAR ResNet depth must be at most 2,000 layers, got 600,002"),
+])
+def test_a_model_too_large_to_build_is_refused_before_it_is_built(tmp_path, capsys, model, width, message):
+    # --width 100000 died in a 92 TB allocation with a traceback; resnet600002 ran silently for minutes.
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, "train", model, "--width", width, "--dataset", "digits", "--device", "cpu",
+                           "--runs-dir", tmp_path / "runs")
+    assert_one_line_error(code, err, message)
+    assert time.perf_counter() - started < 30 and not (tmp_path / "runs").exists()  # a bound, not a speed test
+
+
 def test_a_run_path_that_is_a_file_is_refused_and_kept(tmp_path, capsys):
     (tmp_path / "thesis.tex").write_text("mine")
     for extra in ((), ("--resume",), ("--overwrite",)):
@@ -277,6 +330,9 @@ def test_resume_with_a_cut_short_telemetry_file_is_one_line(finished_run, tmp_pa
     (lambda s: s.update(epoch="two"), "'epoch' must be a whole number, not str 'two'"),
     (lambda s: s.update(normalization="per-pixel"), "'normalization' must be a table of mean and std, not str"),
     (lambda s: s["config"].update(width="x"), "config: setting 'width' must be an integer, not \"x\""),
+    (lambda s: s["config"].update(width=200), "config: resnet8 at width 200 has 3,051,811,210 parameters"),
+    (lambda s: s["normalization"].update(mean=torch.zeros(1, 1, 2)),  # broadcasts to no image: a traceback
+     "'normalization.mean' must hold finite numbers of shape (1, 1, 1) or (1, 8, 8) for digits"),
 ])
 def test_probe_of_a_checkpoint_with_a_damaged_structure_is_one_line(finished_run, tmp_path, capsys, edit, message):
     run, _ = _copy_with(finished_run, tmp_path, edit)

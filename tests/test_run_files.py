@@ -158,6 +158,34 @@ def test_inspect_refuses_a_telemetry_bomb(good_run, tmp_path, capsys):
     assert_one_line_error(code, err, "/steps/epoch has shape (2000000000,), expected (4,)")
 
 
+def test_report_and_findings_refuse_an_ablation_bomb_at_once(tmp_path, capsys):
+    # 17 KB declaring 60 million rows (under the element cap): report ran past 300 s at 20 GB, findings took 2.4 GB.
+    root = tmp_path / "runs"
+    root.mkdir()
+    for name in ("rows", "masks"):
+        write_ablation(root / f"{name}.h5", np.linspace(0, 0.2, 4))
+    for column in ("values", "clamped_fraction", "test_acc"):
+        declare_rows(root / "rows.h5", column, 60_000_000, dtype="f8")
+    with h5py.File(root / "masks.h5", "a") as f:  # 4 thresholds of a net with 10 channels, masks of 5e9 columns
+        f.create_dataset("masks", shape=(4, 5_000_000_000), dtype=bool, chunks=(1, 1 << 16), compression="gzip")
+    with h5py.File(root / "taus.h5", "w") as f:  # a probe file bombed the same way
+        f.attrs["format"] = "bnprobe-probe"
+        f.create_group("checkpoints")
+        f["taus"] = [0.01]
+    declare_rows(root / "taus.h5", "taus", 60_000_000, dtype="f8")
+    assert all(path.stat().st_size < 1 << 20 for path in root.iterdir())
+    started = time.perf_counter()
+    assert skipped(collect([root])) == {
+        "rows.h5": "rows.h5: /values has 60,000,000 rows, more than bnprobe's sweeps allow (10,000)",
+        "masks.h5": "masks.h5: /masks has shape (4, 5000000000), expected (4, 10)",
+        "taus.h5": "taus.h5: /taus has 60,000,000 rows, more than bnprobe's sweeps allow (10,000)",
+    }
+    code, out, err = run_cli(capsys, "findings", root)
+    assert code == 0, err
+    assert "skipped rows.h5: rows.h5: /values has 60,000,000 rows" in " ".join(out.split())
+    assert time.perf_counter() - started < 30  # refused from the declared shapes (a bound, not a speed test)
+
+
 def test_rows_are_bounded_by_the_files_own_sizes(good_run, tmp_path):
     """Under the hard cap too: more rows than the run's epochs (or its batches) can have written."""
     from bnprobe import schema

@@ -4,6 +4,7 @@ every number checked against numpy on the raw tensors of the file."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import h5py
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from bnprobe.static import BN_TENSORS
 from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
 from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
 
@@ -262,6 +264,44 @@ def test_bad_files_are_one_line(capsys, tmp_path, make, pattern):
     code, out, err = run_cli(capsys, "probe", path, "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "ran").exists() and not (tmp_path / "probe.h5").exists()
+
+
+def _bn_layer(**tensors) -> dict:
+    return {"bn.weight": torch.rand(4), "bn.bias": torch.zeros(4), "bn.running_mean": torch.zeros(4),
+            "bn.running_var": torch.ones(4), **tensors}
+
+
+@pytest.mark.parametrize("state, named", [
+    # TypeError: can't convert Sparse layout tensor to numpy
+    (lambda: _bn_layer(**{"bn.weight": torch.rand(4).to_sparse()}), "state_dict.bn.weight (sparse_coo)"),
+    # NotImplementedError: Cannot copy out of meta tensor
+    (lambda: _bn_layer(**{"bn.weight": torch.empty(4, device="meta")}), "state_dict.bn.weight (meta, no data)"),
+    # an 8 TB allocation: 1e12 elements declared by a 1.5 KB file
+    (lambda: {f"bn.{leaf}": torch.empty(10**12, device="meta") for leaf in BN_TENSORS[:4]},
+     "state_dict.bn.weight (meta, no data), state_dict.bn.bias (meta, no data), state_dict.bn.running_mean"),
+])
+def test_sparse_and_meta_tensors_are_refused_naming_them(capsys, tmp_path, state, named):
+    torch.save({"state_dict": state()}, tmp_path / "bad.pt")
+    started = time.perf_counter()
+    code, _, err = run_cli(capsys, "probe", tmp_path / "bad.pt", "--out", tmp_path / "probe.h5")
+    assert_one_line_error(code, err, f"bad.pt holds tensors bnprobe cannot read: {named}")
+    assert time.perf_counter() - started < 30 and not (tmp_path / "probe.h5").exists()  # a bound, not a speed test
+
+
+def test_a_checkpoint_holding_a_list_that_holds_itself_is_read_not_walked_forever(capsys, tmp_path):
+    import signal
+
+    loop = []
+    loop.append(loop)  # weights_only loading rebuilds it as it was
+    torch.save({"state_dict": _bn_layer(), "loop": loop}, tmp_path / "loop.pt")
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the walk over the checkpoint did not end"))
+    signal.alarm(60)
+    try:
+        code, _, err = run_cli(capsys, "probe", tmp_path / "loop.pt", "--out", tmp_path / "probe.h5")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 0, err
 
 
 def test_device_is_checked_even_when_no_checkpoint_needs_one(capsys, tmp_path):

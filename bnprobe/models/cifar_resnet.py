@@ -21,6 +21,9 @@ from bnprobe.models import NormLayer, register_model, register_model_pattern
 
 # Listed by `bnprobe models`; any other depth 6n+2 builds too, as resnet<6n+2> (below).
 DEPTHS = (8, 14, 20, 26, 32, 44, 56, 74, 98, 110, 218, 434, 866)  # 26/74/98: ~25/75/100 convs
+# Past ResNet-1202, the deepest of He et al.: a net this deep is checked on the meta device in a second or two
+# (~0.5 ms a layer), where resnet600002 took minutes before it said anything.
+MAX_DEPTH = 2_000
 
 
 class ZeroPadShortcut(nn.Module):
@@ -49,6 +52,8 @@ class CifarResNet(nn.Module):
         norm_layer = norm_layer or nn.BatchNorm2d
         if depth < 8 or (depth - 2) % 6:
             raise BnprobeError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        if depth > MAX_DEPTH:
+            raise BnprobeError(f"CIFAR ResNet depth must be at most {MAX_DEPTH:,} layers, got {depth:,}")
         if shortcut not in ("A", "B"):
             raise BnprobeError(f"shortcut must be A or B, got {shortcut!r}")
         blocks = (depth - 2) // 6
@@ -88,8 +93,9 @@ for _depth in DEPTHS:
     register_model(f"resnet{_depth}", _description(_depth))(partial(CifarResNet, _depth))
 
 
-@register_model_pattern(
-    "resnet<6n+2>", r"resnet([1-9][0-9]*)", "CIFAR ResNet of any depth 6n+2 with n >= 1, e.g. resnet38"
+@register_model_pattern(  # at most 9 digits: int() refuses over 4,300, and MAX_DEPTH refuses far fewer
+    "resnet<6n+2>", r"resnet([1-9][0-9]{0,8})",
+    f"CIFAR ResNet of any depth 6n+2 with n >= 1 up to {MAX_DEPTH:,}, e.g. resnet38"
 )
 def _any_depth(match: re.Match):
     depth = int(match.group(1))
