@@ -1,5 +1,6 @@
-"""README's "A study on two CPU cores" quotes docs/cpu-study/report.findings.json by hand: every number it
-quotes is read back here from the README's own text and checked against the JSON, so the two cannot drift."""
+"""docs/cpu-study.md ("A study on two CPU cores") quotes docs/cpu-study/report.findings.json by hand: every
+number it quotes is read back here from the page's own text and checked against the JSON, so the two cannot
+drift."""
 
 import json
 import re
@@ -9,12 +10,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = json.loads((ROOT / "docs/cpu-study/report.findings.json").read_text())
+STUDY_PAGE = ROOT / "docs/cpu-study.md"
 NUMBER = re.compile(r"(p < )?([−+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
 
 
 def study_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    return text.split("\n## A study on two CPU cores\n", 1)[1].split("\n## ", 1)[0]
+    """The page's text under its title, up to a next section if it has one."""
+    text = STUDY_PAGE.read_text()
+    return text.split("# A study on two CPU cores\n", 1)[1].split("\n## ", 1)[0]
 
 
 def bullets() -> dict[str, str]:
@@ -93,12 +96,12 @@ def test_each_number_a_study_bullet_quotes_is_the_findings_json(bullet):
     for (relation, value, half_unit), (kind, truth) in zip(numbers, wanted):
         assert relation == kind, (bullet, value)
         if kind == "=":
-            assert abs(value - truth) <= half_unit, f"{bullet}: README says {value}, the JSON {truth}"
+            assert abs(value - truth) <= half_unit, f"{bullet}: the page says {value}, the JSON {truth}"
         else:
-            assert truth < value, f"{bullet}: README says every p < {value}; the largest is {truth}"
+            assert truth < value, f"{bullet}: the page says every p < {value}; the largest is {truth}"
 
 
-def test_the_study_setup_the_readme_states_is_the_findings_json():
+def test_the_study_setup_the_page_states_is_the_findings_json():
     text = " ".join(study_section().split())
     settings = [g["settings"] for g in FINDINGS["groups"]]
     shared = {key: settings[0][key] for key in settings[0] if all(s[key] == settings[0][key] for s in settings)}
@@ -120,5 +123,5 @@ def test_the_study_setup_the_readme_states_is_the_findings_json():
     assert all(g["seeds"] == [0, 1, 2] for g in FINDINGS["groups"])
     for pattern, truth in stated.items():
         found = re.search(pattern, text)
-        assert found, f"README's study no longer says {pattern!r}"
+        assert found, f"docs/cpu-study.md no longer says {pattern!r}"
         assert float(found.group(1).replace(",", "")) == pytest.approx(truth), (pattern, truth)
