@@ -3,10 +3,10 @@
 Both paths compute the same numbers (test loss and accuracy with γ := 0 wherever |γ| < τ, β kept) for every
 threshold of the same checkpoint, on the same device and the same images:
 
-- bnprobe (`bnprobe.ablate`): load the checkpoint and the test set once (uint8 images resident on the
+- bnprobe (`bnprobe.analysis.ablate`): load the checkpoint and the test set once (uint8 images resident on the
   device, `DeviceLoader` with large eval batches), fold every conv -> BN pair once (`ClampableModel`),
   then per threshold only rewrite the folded weights with that threshold's mask and evaluate
-  (`bnprobe.ablate.sweep`). The timing includes the one-time load and fold.
+  (`bnprobe.analysis.ablate.sweep`). The timing includes the one-time load and fold.
 - naive: per threshold, `torch.load` the checkpoint again, rebuild the model, zero the small γ on the BN
   modules, and evaluate through a torchvision-style Dataset of PIL images with
   `Compose([ToTensor(), Normalize(mean, std)])` and a fresh `torch.utils.data.DataLoader(batch_size=B,
@@ -45,15 +45,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without
 
 from common import ArrayImageDataset, cpu_seconds, device_name, device_or_exit, print_result, sync, verdict  # noqa: E402
 
-from bnprobe import runs  # noqa: E402
-from bnprobe.ablate import default_batch_size, sweep  # noqa: E402
-from bnprobe.config import TrainConfig  # noqa: E402
-from bnprobe.data import DeviceDataset, DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
-from bnprobe.errors import BnprobeError  # noqa: E402
-from bnprobe.fold import ClampableModel, check_fold  # noqa: E402
-from bnprobe.loading import LoadOptions, load_eval_data, load_model  # noqa: E402
-from bnprobe.models import bn_layers, from_config  # noqa: E402
-from bnprobe.options import parse_sweep  # noqa: E402
+from bnprobe.analysis.ablate import default_batch_size, sweep  # noqa: E402
+from bnprobe.analysis.loading import load_eval_data, load_model
+from bnprobe.core.config import TrainConfig  # noqa: E402
+from bnprobe.core.datasets import get_dataset_spec
+from bnprobe.core.errors import BnprobeError  # noqa: E402
+from bnprobe.core.options import (
+    LoadOptions,  # noqa: E402
+    parse_sweep,  # noqa: E402
+)
+from bnprobe.data.device import DeviceDataset, DeviceLoader, load_dataset, normalization_stats  # noqa: E402
+from bnprobe.files import runs  # noqa: E402
+from bnprobe.nets.fold import ClampableModel, check_fold  # noqa: E402
+from bnprobe.nets.norms import bn_layers  # noqa: E402
+from bnprobe.nets.registry import from_config
 
 TARGET_SPEEDUP = 3.0  # naive seconds / bnprobe seconds for the whole sweep, from the issue
 

@@ -35,8 +35,8 @@ class ArrayImageDataset(torch.utils.data.Dataset):
 
 def device_or_exit(console: Console, name: str) -> torch.device:
     """The --device to measure on, or its one-line error and exit 2 (as the bnprobe command answers)."""
-    from bnprobe.errors import BnprobeError
-    from bnprobe.evaluate import resolve_device
+    from bnprobe.core.errors import BnprobeError
+    from bnprobe.training.evaluate import resolve_device
 
     try:
         return resolve_device(name)

@@ -2,11 +2,11 @@
 
 In one run, on CIFAR-10-shaped synthetic data (batch 128), nothing downloaded:
 
-(a) images/s of bnprobe's own training, `bnprobe.train.train` (the code `bnprobe train` runs: model, freezing,
+(a) images/s of bnprobe's own training, `bnprobe.training.train.train` (the code `bnprobe train` runs: model, freezing,
     optimizer, telemetry and step), for resnet20, resnet110 and resnet866, BN-only (`--freeze non-bn`) and full,
     eager (`graphs=False`) and graphed (`graphs=True`, the step captured as a CUDA graph), with the ratio.
 (b) the aggregate images/s of 1, 2 and 4 ResNet-20 BN-only runs trained at once by `bnprobe sweep --per-device N`
-    (`bnprobe.sweep.run_sweep`: one process per run, all on this device, started together), against one run.
+    (`bnprobe.sweep.launch.run_sweep`: one process per run, all on this device, started together), against one run.
 
 Timing: each run trains a few epochs of exactly `steps` full batches; epoch 1 is the warm-up (cuDNN's algorithm
 search, graph capture) and is reported separately; the rate is the median over the later epochs of the time
@@ -41,14 +41,16 @@ sys.path.insert(0, str(REPO))  # runnable without installing the package
 
 from common import device_name, device_or_exit, sync, verdict  # noqa: E402
 
-from bnprobe import runs  # noqa: E402
-from bnprobe.config import TrainConfig  # noqa: E402
-from bnprobe.data import DeviceDataset, get_dataset_spec, normalization_stats  # noqa: E402
-from bnprobe.errors import first_line  # noqa: E402
-from bnprobe.evaluate import resolve_device  # noqa: E402
-from bnprobe.schema import read_json  # noqa: E402
-from bnprobe.sweep import PlannedRun, run_sweep  # noqa: E402
-from bnprobe.train import train  # noqa: E402
+from bnprobe.core.config import TrainConfig  # noqa: E402
+from bnprobe.core.datasets import get_dataset_spec
+from bnprobe.core.errors import first_line  # noqa: E402
+from bnprobe.data.device import DeviceDataset, normalization_stats  # noqa: E402
+from bnprobe.files import runs  # noqa: E402
+from bnprobe.files.schema import read_json  # noqa: E402
+from bnprobe.sweep.launch import run_sweep
+from bnprobe.sweep.plan import PlannedRun  # noqa: E402
+from bnprobe.training.evaluate import resolve_device  # noqa: E402
+from bnprobe.training.train import train  # noqa: E402
 
 TARGET_RESNET20_BN_ONLY = 50_000  # img/s, graphed, H200, from the issue
 TARGET_RESNET110_RATIO = 3.0  # ResNet-110 BN-only graphed / eager

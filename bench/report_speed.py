@@ -1,11 +1,11 @@
 """How long `bnprobe report` takes on a realistic directory, and its peak memory: 50 runs -> one PDF.
 
 The runs are synthetic but valid: config.json, metrics.json, checkpoint.pt and telemetry.h5 written
-directly by docs/hdf5-schema.md (no training; file names, formats and versions from bnprobe.formats, the
-telemetry groups from bnprobe.telemetry, so a schema change there reaches this bench), with the sizes of real CIFAR-10 runs: 160 epochs of 391
+directly by docs/hdf5-schema.md (no training; file names, formats and versions from bnprobe.core.formats, the
+telemetry groups from bnprobe.training.telemetry, so a schema change there reaches this bench), with the sizes of real CIFAR-10 runs: 160 epochs of 391
 steps (62,560 recorded steps per run), BN snapshots of every layer after every epoch, five models from
 ResNet-20 to ResNet-110 and VGG-14/38, all five freeze modes, two seeds; ten runs carry a clamp ablation
-(format bnprobe-ablation, as bnprobe/ablate.py writes it). Only the report is timed.
+(format bnprobe-ablation, as bnprobe/analysis/ablate.py writes it). Only the report is timed.
 
     .venv/bin/python bench/report_speed.py                 # 50 runs -> PDF, prints the time
     .venv/bin/python bench/report_speed.py --runs 10 --html --keep /tmp/bench-runs
@@ -35,10 +35,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnprobe.config import TrainConfig  # noqa: E402
-from bnprobe.formats import (ABLATION_FORMAT, ABLATION_VERSION, CHECKPOINT_FILE, CONFIG_FILE, FREEZE_MODES,  # noqa: E402
-                             METRICS_FILE, TELEMETRY_FILE, TELEMETRY_FORMAT, TELEMETRY_VERSION)
-from bnprobe.store import append_rows, set_attrs, write_array  # noqa: E402
+from bnprobe.core.config import TrainConfig  # noqa: E402
+from bnprobe.core.formats import (
+    ABLATION_FORMAT,
+    ABLATION_VERSION,
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    FREEZE_MODES,
+    METRICS_FILE,
+    TELEMETRY_FILE,
+    TELEMETRY_FORMAT,
+    TELEMETRY_VERSION,
+)
+from bnprobe.files.store import append_rows, set_attrs, write_array  # noqa: E402
 
 MODELS = ("resnet20", "resnet56", "resnet110", "vgg14", "vgg38")
 EPOCHS, STEPS_PER_EPOCH = 160, 391
@@ -103,11 +112,11 @@ def write_run(run_dir: Path, model: str, freeze: str, seed: int, rng: np.random.
     rows = [{k: float(v[i]) for k, v in history.items()} for i in range(EPOCHS)]
     (run_dir / METRICS_FILE).write_text(json.dumps(rows, indent=2, sort_keys=True))
 
-    from bnprobe.telemetry import GROUPS as TELEMETRY_GROUPS  # imports torch: only where runs are made
+    from bnprobe.training.telemetry import GROUPS as TELEMETRY_GROUPS  # imports torch: only where runs are made
 
     names, groups, numel, trainable = parameters(model, freeze)
     # A loadable checkpoint without the weights (the report reads weights only for runs without telemetry).
-    from bnprobe.runs import save_checkpoint
+    from bnprobe.files.runs import save_checkpoint
 
     save_checkpoint(run_dir / CHECKPOINT_FILE, {
         "config": config.to_dict(), "epoch": EPOCHS, "finished": True, "history": rows,
@@ -160,7 +169,7 @@ def write_run(run_dir: Path, model: str, freeze: str, seed: int, rng: np.random.
 
 
 def write_ablation(run_dir: Path, mode: str, rng: np.random.Generator) -> None:
-    """ablation.h5 in the layout of bnprobe.ablate.write_ablation_h5."""
+    """ablation.h5 in the layout of bnprobe.analysis.ablate.write_ablation_h5."""
     values = np.linspace(0, 0.2, 20) if mode == "threshold" else np.linspace(0, 0.9, 19)
     fraction = np.clip(values * 2.5, 0, 1) if mode == "threshold" else values
     baseline = {"test_acc": 0.9, "train_acc": 0.97, "test_loss": 0.4, "train_loss": 0.1}
@@ -252,7 +261,7 @@ def wall_of(command: list[str]) -> float:
 
 
 def measure(root: Path, output: Path, jobs: int) -> None:
-    from bnprobe.report import write_report
+    from bnprobe.reporting.render import write_report
 
     def cpu() -> float:  # this process and its finished workers: what the report costs on an idle machine
         return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF,

@@ -34,10 +34,10 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 import h5py, safetensors, torch
 from rich.console import Console
-from bnprobe.loading import LoadOptions
-from bnprobe.options import ProbeOptions
-from bnprobe.probe import run_probe
-import bnprobe.static
+from bnprobe.core.options import LoadOptions
+from bnprobe.core.options import ProbeOptions
+from bnprobe.analysis.probe import run_probe
+import bnprobe.analysis.static
 
 def status(field):
     for line in open("/proc/self/status"):

@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from bnprobe.config import TrainConfig  # noqa: E402
-from bnprobe.data import DeviceLoader  # noqa: E402
-from bnprobe.evaluate import resolve_device  # noqa: E402
-from bnprobe.freeze import apply_freeze  # noqa: E402
-from bnprobe.graphs import TrainStep  # noqa: E402
-from bnprobe.models import from_config  # noqa: E402
-from bnprobe.telemetry import GradientRecorder  # noqa: E402
-from bnprobe.train import train_one_epoch  # noqa: E402
+from bnprobe.core.config import TrainConfig  # noqa: E402
+from bnprobe.data.device import DeviceLoader  # noqa: E402
+from bnprobe.nets.freeze import apply_freeze  # noqa: E402
+from bnprobe.nets.registry import from_config  # noqa: E402
+from bnprobe.training.evaluate import resolve_device  # noqa: E402
+from bnprobe.training.graphs import TrainStep  # noqa: E402
+from bnprobe.training.telemetry import GradientRecorder  # noqa: E402
+from bnprobe.training.train import train_one_epoch  # noqa: E402
 
 
 def main() -> None:

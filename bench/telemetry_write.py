@@ -32,11 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from bnprobe import store, telemetry  # noqa: E402
-from bnprobe.atomic import atomic_write  # noqa: E402
-from bnprobe.config import TrainConfig  # noqa: E402
-from bnprobe.schema import check_telemetry, open_h5  # noqa: E402
-from bnprobe.train import build_model  # noqa: E402
+from bnprobe.core.config import TrainConfig  # noqa: E402
+from bnprobe.files import store  # noqa: E402
+from bnprobe.files.atomic import atomic_write  # noqa: E402
+from bnprobe.files.schema import check_telemetry, open_h5  # noqa: E402
+from bnprobe.nets.registry import from_config  # noqa: E402
+from bnprobe.training import telemetry
 
 
 @contextmanager
@@ -70,7 +71,7 @@ class Writer:
 
     def __init__(self, name: str, run_dir: Path, epochs: int, steps: int, old: bool):
         config = TrainConfig(model="resnet152", epochs=epochs, subset=steps * 128, batch_size=128, telemetry_every=1)
-        self.name, self.old, self.model = name, old, build_model(config, 3, 10)
+        self.name, self.old, self.model = name, old, from_config(config, 3, 10)
         recorder = telemetry.GradientRecorder(self.model, 1, steps)
         rng = np.random.default_rng(0)
 

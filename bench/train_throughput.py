@@ -4,9 +4,9 @@ Two ratios, both measured in this one process on the same device:
 
 1. images/s of bnprobe's training path / images/s of the standard recipe, same model (a fresh copy from
    the same seed for each path), same batch size and the same SGD (lr 0.1, momentum 0.9, weight decay 1e-4):
-   - bnprobe: `bnprobe.data.DeviceLoader` over uint8 tensors already on the device (shuffle, flip,
+   - bnprobe: `bnprobe.data.device.DeviceLoader` over uint8 tensors already on the device (shuffle, flip,
      translate 4, random numbers from a torch.Generator on the device), driven by
-     `bnprobe.train.train_one_epoch` (running loss/accuracy kept on the device);
+     `bnprobe.training.train.train_one_epoch` (running loss/accuracy kept on the device);
    - reference: a torchvision-style Dataset of PIL images with
      `Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor(), Normalize(mean, std)])`,
      a `torch.utils.data.DataLoader(shuffle=True, num_workers=W, pin_memory=<on CUDA>)`, and the plain
@@ -58,15 +58,24 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
 from common import (  # noqa: E402
-    ArrayImageDataset, cpu_seconds, device_name, device_or_exit, matmul_peak_flops, print_result, sync, training_step_flops, verdict,
+    ArrayImageDataset,
+    cpu_seconds,
+    device_name,
+    device_or_exit,
+    matmul_peak_flops,
+    print_result,
+    sync,
+    training_step_flops,
+    verdict,
 )
 
-from bnprobe.config import TrainConfig  # noqa: E402
-from bnprobe.data import DeviceLoader, get_dataset_spec, load_dataset, normalization_stats  # noqa: E402
-from bnprobe.errors import BnprobeError  # noqa: E402
-from bnprobe.freeze import apply_freeze  # noqa: E402
-from bnprobe.models import from_config  # noqa: E402
-from bnprobe.train import compile_model, train_one_epoch  # noqa: E402
+from bnprobe.core.config import TrainConfig  # noqa: E402
+from bnprobe.core.datasets import get_dataset_spec
+from bnprobe.core.errors import BnprobeError  # noqa: E402
+from bnprobe.data.device import DeviceLoader, load_dataset, normalization_stats  # noqa: E402
+from bnprobe.nets.freeze import apply_freeze  # noqa: E402
+from bnprobe.nets.registry import from_config  # noqa: E402
+from bnprobe.training.train import compile_model, train_one_epoch  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # bnprobe / reference images/s, from the issue
 TARGET_BN_ONLY = 0.76  # BN-only / full step time, from the issue

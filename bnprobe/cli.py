@@ -23,8 +23,8 @@ except ImportError:  # pragma: no cover
     # click < 8.2 prints the help itself when no command is given
     NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError, printable
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError, printable
 
 app = typer.Typer(
     help="Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report.",
@@ -116,8 +116,8 @@ def train(
     if resume and overwrite:
         raise BnprobeError("--resume and --overwrite contradict each other; pass one")
     config = config.resolved()
-    from bnprobe.runs import check_run_name
-    from bnprobe.train import train as run_training
+    from bnprobe.files.runs import check_run_name
+    from bnprobe.training.train import train as run_training
 
     run_dir = runs_dir / (check_run_name(name) if name is not None else config.run_name())
     run_training(config, run_dir, resume=resume, overwrite=overwrite, console=console)
@@ -151,7 +151,9 @@ def sweep(
     slurm_parallel: int = typer.Option(32, "--slurm-parallel", help="At most this many jobs of the array run at once."),
 ) -> None:
     """Train a grid of runs from PLAN; finished runs are skipped, interrupted ones resumed."""
-    from bnprobe.sweep import check_per_device, plan_table, read_plan, run_sweep, submit_sweep
+    from bnprobe.sweep.cost import plan_table
+    from bnprobe.sweep.launch import check_per_device, run_sweep, submit_sweep
+    from bnprobe.sweep.plan import read_plan
 
     for flag, value in (("--tflops", tflops), ("--slurm-hours", slurm_hours)):
         _check_number(flag, value, "> 0", value > 0)
@@ -186,11 +188,9 @@ def inspect_command(
     top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list (all, once each, when 2N covers them)."),
 ) -> None:
     """Summarise a run: config, final accuracies, generalisation gap, gradient magnitudes."""
-    from bnprobe.summary import inspect_run
+    from bnprobe.analysis.inspect import inspect_export, inspect_run
 
     if run_dir.is_file() and run_dir.suffix == ".safetensors":
-        from bnprobe.export import inspect_export
-
         console.print(inspect_export(run_dir))
         return
     console.print(inspect_run(run_dir, top))
@@ -201,8 +201,8 @@ def models() -> None:
     """List the registered models with their parameter counts (CIFAR-10 shape)."""
     import torch
 
-    from bnprobe.freeze import bn_parameter_names
-    from bnprobe.models import create_model, describe_model, list_models, model_name_patterns_note
+    from bnprobe.nets.freeze import bn_parameter_names
+    from bnprobe.nets.registry import create_model, describe_model, list_models, model_name_patterns_note
 
     table = Table(title="Registered models")
     for column in ("name", "parameters", "BN parameters", "description"):
@@ -224,8 +224,7 @@ def models() -> None:
 
 # ---- probe / ablate (issue 4) ----
 # no torch: --help stays fast
-from bnprobe.options import (REPORT_TAUS, SWEEP_SYNTAX, AblateOptions, LoadOptions, ProbeOptions,  # noqa: E402
-                             parse_sweep)
+from bnprobe.core.options import REPORT_TAUS, SWEEP_SYNTAX, AblateOptions, LoadOptions, ProbeOptions, parse_sweep
 
 
 @app.command()
@@ -245,9 +244,10 @@ def probe(
 
     A checkpoint bnprobe did not train needs no other argument: without --model and --dataset, γ and β are read
     from the file alone (no forward pass: no accuracy or ReLU sparsity)."""
-    from bnprobe.formats import PROBE_FILE
-    from bnprobe.lock import locked
-    from bnprobe.probe import default_output, run_probe
+    from bnprobe.analysis.probe import run_probe
+    from bnprobe.core.formats import PROBE_FILE
+    from bnprobe.files.lock import locked
+    from bnprobe.files.runs import default_output
 
     _check_number("--off-threshold", settings.off_threshold, ">= 0", settings.off_threshold >= 0)
     out = out if out is not None else default_output(checkpoints, PROBE_FILE)
@@ -273,10 +273,10 @@ def ablate(
                             "(--clamp-fraction), in the run directory for a run, else in ./]."),
 ) -> None:
     """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
-    from bnprobe.ablate import run_ablation
-    from bnprobe.formats import ABLATION_FILES
-    from bnprobe.lock import locked
-    from bnprobe.probe import default_output
+    from bnprobe.analysis.ablate import run_ablation
+    from bnprobe.core.formats import ABLATION_FILES
+    from bnprobe.files.lock import locked
+    from bnprobe.files.runs import default_output
 
     if (clamp_gamma is None) == (clamp_fraction is None):
         raise BnprobeError("pass exactly one of --clamp-gamma TAUS and --clamp-fraction PS")
@@ -300,8 +300,8 @@ def export(
     """Export a run's model as .safetensors: the full state dict, or with --compact the seed plus what trained."""
     from rich.markup import escape
 
-    from bnprobe.export import describe, export_run
-    from bnprobe.lock import locked
+    from bnprobe.analysis.export import describe, export_run
+    from bnprobe.files.lock import locked
 
     with locked(output, str(output)):
         size, full = export_run(run, output, compact)
@@ -332,7 +332,9 @@ def report(
     """Render every run under RUNS_DIRS (and their probe/ablation results) into one HTML or PDF report."""
     from rich.markup import escape
 
-    from bnprobe.report import MAX_JOBS, parse_taus, write_report
+    from bnprobe.reporting.collect import parse_taus
+    from bnprobe.reporting.render import write_report
+    from bnprobe.reporting.workers import MAX_JOBS
 
     if not 0 <= jobs <= MAX_JOBS:
         raise BnprobeError(f"--jobs must be between 0 and {MAX_JOBS:,}, got {jobs:,}")
@@ -367,8 +369,8 @@ def findings(
     """Runs grouped by seed (mean, 95% interval, n) and every comparison whose runs exist, with its test."""
     from rich.markup import escape
 
-    from bnprobe.findings import check_json_output, findings_of, tables, write_json
-    from bnprobe.report import collect
+    from bnprobe.analysis.findings import check_json_output, findings_of, tables, write_json
+    from bnprobe.reporting.collect import collect
 
     if json_out is not None:
         check_json_output(json_out)  # before reading every run

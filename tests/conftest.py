@@ -15,13 +15,13 @@ SHARED_DATA = Path(os.environ.get("BNPROBE_SHARED_DATA", REPO.parent / "shared" 
 @pytest.fixture(autouse=True)
 def _offline_and_deterministic(monkeypatch):
     # A test that forgets --no-download must fail instead of reaching the network.
-    monkeypatch.setattr("bnprobe.data._download", _no_network)
-    monkeypatch.setattr("bnprobe.data._warned", set())  # each test sees the data warnings it causes
+    monkeypatch.setattr("bnprobe.data.sources._download", _no_network)
+    monkeypatch.setattr("bnprobe.data.sources._warned", set())  # each test sees the data warnings it causes
     torch.manual_seed(0)
 
 
 def _no_network(what, fetch, where, also=()):
-    from bnprobe.errors import BnprobeError
+    from bnprobe.core.errors import BnprobeError
 
     raise BnprobeError(f"{what} is not in {where} (tests never download)")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bnprobe.config import TrainConfig
 from cli_helpers import assert_one_line_error, run_cli  # noqa: F401 (probe tests import them from here)
+
+from bnprobe.core.config import TrainConfig
 
 _RUNS: dict[str, dict[str, Path]] = {}
 
@@ -35,7 +35,7 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
     """A full and a BN-only resnet8 on digits, trained once per test session (a few seconds each)."""
     from rich.console import Console
 
-    from bnprobe.train import train
+    from bnprobe.training.train import train
 
     key = str(tmp_path_factory.getbasetemp())
     if key not in _RUNS:

@@ -8,20 +8,32 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from probe_helpers import (
+    assert_one_line_error,
+    randomize_bn,
+    run_cli,
+    single_thread,  # noqa: F401 - autouse: one thread for tiny models
+    trained_runs,
+    write_model_file,
+)
 
-from bnprobe.ablate import clamp_masks, parse_sweep, run_ablation, sweep
-from bnprobe.data import DeviceLoader
-from bnprobe.errors import BnprobeError
-from bnprobe.evaluate import evaluate
-from bnprobe.fold import (
-    ClampableModel, FoldedConvBN, MaskedBN, _pairs_by_structure, check_fold, find_conv_bn_pairs,
+from bnprobe.analysis.ablate import clamp_masks, run_ablation, sweep
+from bnprobe.analysis.loading import build_from_factory, load_eval_data, load_model
+from bnprobe.core.errors import BnprobeError
+from bnprobe.core.options import AblateOptions, LoadOptions, parse_sweep
+from bnprobe.data.device import DeviceLoader
+from bnprobe.nets.fold import (
+    ClampableModel,
+    FoldedConvBN,
+    MaskedBN,
+    _pairs_by_structure,
+    check_fold,
+    find_conv_bn_pairs,
     fold_conv_bn,
 )
-from bnprobe.loading import LoadOptions, build_from_factory, load_eval_data, load_model
-from bnprobe.models import bn_layers, create_model
-from bnprobe.options import AblateOptions
-from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
-from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
+from bnprobe.nets.norms import bn_layers
+from bnprobe.nets.registry import create_model
+from bnprobe.training.evaluate import evaluate
 
 CPU = LoadOptions(device="cpu")
 
@@ -349,7 +361,7 @@ def test_ablate_cli_sweep_writes_the_run_directory(capsys, runs_dirs):
     with h5py.File(run / "ablation.h5") as f, h5py.File(run / "ablation-fraction.h5") as g:
         assert f.attrs["mode"] == "threshold" and len(f["values"]) == 4
         assert g.attrs["mode"] == "fraction" and len(g["values"]) == 2
-    from bnprobe.report import collect
+    from bnprobe.reporting.collect import collect
 
     assert sorted(a.mode for a in collect([run.parent]).ablations) == ["fraction", "threshold"]
 
@@ -358,7 +370,7 @@ def test_ablation_h5_records_its_options_and_versions_and_the_report_shows_them(
     import json
 
     import bnprobe
-    from bnprobe.report import collect
+    from bnprobe.reporting.collect import collect
 
     out = tmp_path / "results" / "ablation.h5"
     out.parent.mkdir()
@@ -442,12 +454,12 @@ def test_ablate_errors_are_one_line(capsys, tmp_path, runs_dirs, argv, pattern):
 def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
     """Runs with BN after every 2nd conv and some BN layers without γ/β: the trainer's own builder rebuilds
     them, only BNs with a γ are probed and clamped, and the sweep's folding still matches the model."""
+    from probe_helpers import tiny_config
     from rich.console import Console
 
-    from bnprobe import runs
-    from bnprobe.probe import bn_statistics
-    from bnprobe.models import from_config
-    from probe_helpers import tiny_config
+    from bnprobe.analysis.measured import bn_statistics
+    from bnprobe.files import runs
+    from bnprobe.nets.registry import from_config
 
     config = tiny_config(bn="every-k", bn_every=2, bn_affine_off="layer1.*").resolved()
     model = randomize_bn(from_config(config, 1, 10))
@@ -472,9 +484,10 @@ def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
 
 
 def test_a_model_without_batchnorm_is_probed_but_not_ablated(capsys, tmp_path):
-    from bnprobe import runs
-    from bnprobe.models import from_config
     from probe_helpers import tiny_config
+
+    from bnprobe.files import runs
+    from bnprobe.nets.registry import from_config
 
     config = tiny_config(bn="none").resolved()
     run = tmp_path / "nobn"
@@ -496,7 +509,7 @@ def test_unclamped_train_accuracy_is_the_runs_last_eval_mode_train_accuracy(tmp_
     from probe_helpers import tiny_config
     from rich.console import Console
 
-    from bnprobe.train import train
+    from bnprobe.training.train import train
 
     quiet = Console(quiet=True)
     config = tiny_config(epochs=1, subset=subset, test_subset=50, train_eval_subset=150)

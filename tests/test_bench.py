@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 # (script, tiny sizes, a line the script prints only when it got to its result)

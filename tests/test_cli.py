@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-
-from bnprobe import runs
 from cli_helpers import assert_one_line_error, run_cli
+
+from bnprobe.files import runs
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subset", "100", "--device", "cpu"]
 
@@ -125,7 +125,7 @@ def test_overwrite_never_deletes_files_bnprobe_did_not_write(capsys, tmp_path):
 
 
 def test_interrupted_overwrite_gives_the_old_run_back(capsys, tmp_path, monkeypatch):
-    import bnprobe.train
+    import bnprobe.training.train
 
     argv = ["train", "resnet8", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]
     assert run_cli(capsys, *argv)[0] == 0
@@ -134,7 +134,7 @@ def test_interrupted_overwrite_gives_the_old_run_back(capsys, tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C in the new run's first epoch
 
-    monkeypatch.setattr(bnprobe.train, "train_one_epoch", interrupted)
+    monkeypatch.setattr(bnprobe.training.train, "train_one_epoch", interrupted)
     code, _, err = run_cli(capsys, *argv, "--overwrite", "--freeze", "non-bn")
     assert code == 130 and err.strip().startswith("bnprobe: interrupted;") and len(err.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir()} == before

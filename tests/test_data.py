@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bnprobe import data
-from bnprobe.data import DeviceLoader, load_dataset, normalization_stats, random_flip, random_translate
-from bnprobe.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError
+from bnprobe.data import sources
+from bnprobe.data.device import DeviceLoader, load_dataset, normalization_stats, random_flip, random_translate
 
 
 def test_random_translate_equals_per_image_pad_and_crop():
@@ -134,7 +134,7 @@ def test_failed_download_names_the_reason(tmp_path, monkeypatch):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     with pytest.raises(BnprobeError, match="downloading it failed .*name resolution"):
-        data._download("MNIST", offline, tmp_path)
+        sources._download("MNIST", offline, tmp_path)
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -215,8 +215,9 @@ def _listing(root):
 
 def _offline_cifar_downloader(monkeypatch):
     """torchvision's archive downloader as it fails offline, after creating its folder and a partial archive."""
-    import torchvision.datasets.utils
     from urllib.error import URLError
+
+    import torchvision.datasets.utils
 
     def fail(url, download_root, filename=None, md5=None, **kwargs):
         os.makedirs(download_root, exist_ok=True)
@@ -292,7 +293,7 @@ def test_interrupted_download_is_cleaned_up_and_still_an_interrupt(tmp_path, mon
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        data._download("CIFAR10", interrupted, where, also=[tmp_path / "data" / "cifar-10-python.tar.gz"])
+        sources._download("CIFAR10", interrupted, where, also=[tmp_path / "data" / "cifar-10-python.tar.gz"])
     assert _listing(tmp_path) == []
 
 

@@ -9,13 +9,13 @@ from typing import Optional
 import pytest
 import torch
 
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.data import DeviceLoader
-from bnprobe.errors import BnprobeError
-from bnprobe.freeze import trainable_parameter_names
-from bnprobe.models import from_config
-from bnprobe.train import train
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.data.device import DeviceLoader
+from bnprobe.files import checkpoints, runs
+from bnprobe.nets.freeze import trainable_parameter_names
+from bnprobe.nets.registry import from_config
+from bnprobe.training.train import train
 
 
 def test_shards_split_each_epoch_into_equal_disjoint_parts():
@@ -47,7 +47,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
                     "--milestones", "", "--runs-dir", str(tmp_path), "--name", "ddp")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("2 processes") == 1  # rank 0 alone speaks
-    state = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "ddp"))
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "ddp"))
     assert state["processes"] == 2 and state["finished"]
     config = TrainConfig.from_dict(state["config"])
     initial = from_config(config, 1, 10).state_dict()
@@ -71,10 +71,10 @@ def test_ddp_outside_torchrun_is_a_clear_error(tmp_path):
 
 # Ctrl-C on every rank once epoch 1 is checkpointed: each rank stops before epoch 2 starts.
 STOP_AFTER_FIRST_EPOCH = """
-import bnprobe.train
+import bnprobe.training.train
 from bnprobe.cli import main
 
-real, calls = bnprobe.train.train_one_epoch, []
+real, calls = bnprobe.training.train.train_one_epoch, []
 
 
 def first_epoch_only(*args, **kwargs):
@@ -84,7 +84,7 @@ def first_epoch_only(*args, **kwargs):
     return real(*args, **kwargs)
 
 
-bnprobe.train.train_one_epoch = first_epoch_only
+bnprobe.training.train.train_one_epoch = first_epoch_only
 main()
 """
 
@@ -100,7 +100,7 @@ def test_interrupted_ddp_run_resumes_bit_identical_on_every_rank(tmp_path):
     script.write_text(STOP_AFTER_FIRST_EPOCH)
     stopped = torchrun(*args, "--name", "resumed", script=script)
     assert stopped.returncode != 0 and "interrupted" in stopped.stderr
-    stored = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "resumed"))
+    stored = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "resumed"))
     assert stored["epoch"] == 1 and stored["processes"] == 2
     with pytest.raises(BnprobeError, match="trained by 2 processes, not 1; resume it under torchrun --nproc_per_node 2"):
         train(dataclasses.replace(TrainConfig.from_dict(stored["config"]), ddp=False), tmp_path / "resumed", resume=True)
@@ -108,8 +108,8 @@ def test_interrupted_ddp_run_resumes_bit_identical_on_every_rank(tmp_path):
     resumed = torchrun(*args, "--name", "resumed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Resuming" in resumed.stdout
-    a = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "straight"))
-    b = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "resumed"))
+    a = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "straight"))
+    b = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "resumed"))
     assert b["finished"] and b["epoch"] == 2 and a["model"].keys() == b["model"].keys()
     differing = [name for name in a["model"] if not torch.equal(a["model"][name], b["model"][name])]
     assert not differing, f"resumed DDP run differs in {differing}"  # parameters and BN buffers, bit for bit
@@ -122,7 +122,7 @@ def test_interrupted_ddp_run_resumes_bit_identical_on_every_rank(tmp_path):
 
 def test_ranks_augment_independently_and_their_shards_stay_disjoint_every_epoch():
     # Under DDP the order stream draws permutations only; augmentation comes from a stream per (epoch, rank).
-    from bnprobe.distributed import augmentation_seed
+    from bnprobe.training.distributed import augmentation_seed
 
     labels = torch.arange(64)
     images = torch.arange(64 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).view(64, 1, 4, 4)

@@ -13,11 +13,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from probe_helpers import (
+    assert_one_line_error,
+    run_cli,
+    single_thread,  # noqa: F401 - autouse: one thread for tiny models
+    tiny_config,
+    trained_runs,
+)
 from safetensors.torch import load_file
 
-from bnprobe.loading import LoadOptions, load_model
-from probe_helpers import assert_one_line_error, run_cli, tiny_config, trained_runs
-from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
+from bnprobe.analysis.loading import load_model
+from bnprobe.core.options import LoadOptions
 
 _RF: dict = {}
 
@@ -26,7 +32,7 @@ def random_features_run(tmp_path_factory):
     """A BN-only run whose convs also train 2 random weights per channel (masks drawn from the seed)."""
     from rich.console import Console
 
-    from bnprobe.train import train
+    from bnprobe.training.train import train
 
     key = str(tmp_path_factory.getbasetemp())
     if key not in _RF:
@@ -54,7 +60,7 @@ def forge(capsys, tmp_path, tmp_path_factory, metadata=lambda m: m, tensors=lamb
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from bnprobe.export import stored_digest
+    from bnprobe.files.compact import stored_digest
 
     export(capsys, trained_runs(tmp_path_factory)["bn-only"], tmp_path / "good.safetensors", "--compact")
     with safe_open(tmp_path / "good.safetensors", "pt") as f:
@@ -126,11 +132,11 @@ def test_ablate_and_probe_give_identical_results_on_a_compact_file(capsys, tmp_p
 def test_a_changed_random_stream_is_one_line_never_other_weights(capsys, tmp_path, tmp_path_factory, monkeypatch):
     run = trained_runs(tmp_path_factory)["bn-only"]
     export(capsys, run, tmp_path / "compact.safetensors", "--compact")
-    import bnprobe.models
+    import bnprobe.files.compact
 
-    build = bnprobe.models.from_config
+    build = bnprobe.files.compact.from_config
     # Another torch version drawing other numbers for the same seed: the frozen convs come out different.
-    monkeypatch.setattr(bnprobe.models, "from_config",
+    monkeypatch.setattr(bnprobe.files.compact, "from_config",
                         lambda config, *args: build(dataclasses.replace(config, seed=config.seed + 7), *args))
     code, _, err = run_cli(capsys, "probe", tmp_path / "compact.safetensors", "--device", "cpu",
                            "--out", tmp_path / "probe.h5")
@@ -156,7 +162,7 @@ def test_inspect_an_export(capsys, tmp_path, tmp_path_factory):
 
 
 def test_a_full_export_loads_in_plain_pytorch(capsys, tmp_path, tmp_path_factory):
-    from bnprobe.models import create_model
+    from bnprobe.nets.registry import create_model
 
     run = trained_runs(tmp_path_factory)["full"]
     export(capsys, run, tmp_path / "full.safetensors")
@@ -182,7 +188,7 @@ def test_export_errors_are_one_line_and_keep_files(capsys, tmp_path, tmp_path_fa
 
 
 def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
-    from bnprobe.export import frozen_digest, regenerate
+    from bnprobe.files.compact import frozen_digest, regenerate
 
     config = tiny_config(model="resnet20", freeze="non-bn", random_features=3)
     digests = []

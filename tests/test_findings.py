@@ -11,23 +11,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_one_line_error, run_cli
+from probe_helpers import single_thread, tiny_config  # noqa: F401 - autouse: one thread for tiny models
 from rich.console import Console
 from scipy import stats
 
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
-from bnprobe.findings import (FRACTION, NON_NEGATIVE, SINGLE, Estimate, compare, estimate, findings_of,
-                              json_path, show, write_json)
-from bnprobe.report import Run, model_depth
-from cli_helpers import assert_one_line_error, run_cli
-from probe_helpers import single_thread, tiny_config  # noqa: F401 - autouse: one thread for tiny models
+from bnprobe.analysis.findings import (
+    FRACTION,
+    NON_NEGATIVE,
+    SINGLE,
+    Estimate,
+    compare,
+    estimate,
+    findings_of,
+    json_path,
+    show,
+    write_json,
+)
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.core.modelnames import model_depth
+from bnprobe.reporting.read import Run
 
 DEFAULT = TrainConfig(dataset="digits").to_dict()
 
 
 def fake_run(seed: int, test: list[float], train_eval: float = 0.9, grads: dict | None = None, trainable=None,
              bn_layers: int = 0, **settings) -> Run:
-    """A run as bnprobe.report reads it: config.json's settings and per-epoch history, no files."""
+    """A run as bnprobe.reporting.collect reads it: config.json's settings and per-epoch history, no files."""
     config = {**DEFAULT, "seed": seed, "epochs": len(test), **settings}
     history = {"epoch": np.arange(1, len(test) + 1, dtype=float), "test_acc": np.array(test),
                "train_eval_acc": np.full(len(test), train_eval), "test_loss": np.full(len(test), 1.0 - test[-1]),
@@ -233,7 +244,7 @@ TINY = dict(epochs=1, subset=200, test_subset=100, train_eval_subset=100, lr=0.1
 
 @pytest.fixture(scope="module")
 def seeded_runs(tmp_path_factory) -> Path:
-    from bnprobe.train import train
+    from bnprobe.training.train import train
 
     root = tmp_path_factory.mktemp("findings") / "runs"
     for seed in (0, 1):

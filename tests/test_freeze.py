@@ -3,10 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnprobe.config import FREEZE_MODES
-from bnprobe.errors import BnprobeError
-from bnprobe.freeze import apply_freeze, bn_parameter_names, output_layer_name, trainable_parameter_names
-from bnprobe.models import create_model, init_weights
+from bnprobe.core.errors import BnprobeError
+from bnprobe.core.formats import FREEZE_MODES
+from bnprobe.nets.freeze import apply_freeze, bn_parameter_names, output_layer_name, trainable_parameter_names
+from bnprobe.nets.init import init_weights
+from bnprobe.nets.registry import create_model
 
 
 def bn_names_by_module_type(model):

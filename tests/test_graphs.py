@@ -1,4 +1,4 @@
-"""The graphed training step (bnprobe.graphs) against the eager one.
+"""The graphed training step (bnprobe.training.graphs) against the eager one.
 
 torch.cuda.graph cannot run on a CPU, so most tests stand in a fake for CudaGraphs: like a real capture, its
 capture runs nothing (it keeps the step closure), and a replay runs that closure on the same static tensors.
@@ -14,17 +14,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 from rich.console import Console
 
-import bnprobe.train
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.freeze import trainable_parameter_names
-from bnprobe.graphs import WARMUP_STEPS, uses_graphs
-from bnprobe.models import from_config
-from bnprobe.telemetry import telemetry_path
-from bnprobe.train import train
-from cli_helpers import run_cli
+import bnprobe.training.train
+from bnprobe.core.config import TrainConfig
+from bnprobe.files import checkpoints, runs
+from bnprobe.nets.freeze import trainable_parameter_names
+from bnprobe.nets.registry import from_config
+from bnprobe.training.graphs import WARMUP_STEPS, uses_graphs
+from bnprobe.training.telemetry import telemetry_path
+from bnprobe.training.train import train
 
 
 class FakeGraphs:
@@ -64,7 +64,7 @@ def run(tmp_path, name, config, monkeypatch, graphs=None):
     out = io.StringIO()
     with monkeypatch.context() as m:
         if graphs is not None:
-            m.setattr(bnprobe.train, "graph_backend", lambda *args: graphs)
+            m.setattr(bnprobe.training.train, "graph_backend", lambda *args: graphs)
         history = train(config, tmp_path / name, console=Console(file=out, width=200))
     return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history], out.getvalue()
 
@@ -80,7 +80,7 @@ def assert_same_run(a, b, history_a, history_b):
         assert ra.keys() == rb.keys()
         for key in ra:
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), key
-    state_a, state_b = (runs.load_checkpoint(runs.checkpoint_path(d)) for d in (a, b))
+    state_a, state_b = (checkpoints.load_checkpoint(runs.checkpoint_path(d)) for d in (a, b))
     for key in state_a["model"]:  # parameters and BN running statistics
         assert torch.allclose(state_a["model"][key].float(), state_b["model"][key].float(), rtol=1e-5, atol=1e-6), key
     for index, entry in state_a["optimizer"]["state"].items():  # momentum
@@ -126,7 +126,7 @@ def test_graphed_bn_only_training_leaves_every_frozen_tensor_bit_identical(tmp_p
     run(tmp_path, "run", config, monkeypatch, fake)
     assert fake.replays > 0
     initial = from_config(config, 1, 10).state_dict()
-    trained = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "run"))["model"]
+    trained = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "run"))["model"]
     model = from_config(config, 1, 10)
     bn = trainable_parameter_names(model, "non-bn")
     for name, _ in model.named_parameters():
@@ -163,14 +163,14 @@ def test_graphs_only_where_they_apply():
 
 def test_the_default_and_graphs_on_a_cpu_take_the_eager_step(tmp_path, capsys, monkeypatch):
     steps = []
-    real = bnprobe.train.TrainStep
+    real = bnprobe.training.graphs.TrainStep
 
     def spy(*args, **kwargs):
         step = real(*args, **kwargs)
         steps.append(step)
         return step
 
-    monkeypatch.setattr(bnprobe.train, "TrainStep", spy)
+    monkeypatch.setattr(bnprobe.training.train, "TrainStep", spy)
     argv = ["train", "resnet8", "--dataset", "digits", "--device", "cpu", "--epochs", "1", "--subset", "64",
             "--test-subset", "50", "--train-eval-subset", "50", "--runs-dir", str(tmp_path)]
     for flags in ([], ["--graphs", "--name", "graphed"]):
@@ -185,11 +185,11 @@ def test_the_default_and_graphs_on_a_cpu_take_the_eager_step(tmp_path, capsys, m
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_real_cuda_graphs_equal_eager_on_cuda(tmp_path, monkeypatch):
     """CUDA ONLY: real graphs against eager on the GPU (cuDNN's own run-to-run differences allowed for)."""
-    import bnprobe.graphs
+    import bnprobe.training.graphs
 
     captures = []
-    real_capture = bnprobe.graphs.CudaGraphs.capture
-    monkeypatch.setattr(bnprobe.graphs.CudaGraphs, "capture",
+    real_capture = bnprobe.training.graphs.CudaGraphs.capture
+    monkeypatch.setattr(bnprobe.training.graphs.CudaGraphs, "capture",
                         lambda self, step: captures.append(1) or real_capture(self, step))
     for amp in (False, True):
         config = tiny(device="cuda", amp=amp, graphs=True)
@@ -198,7 +198,7 @@ def test_real_cuda_graphs_equal_eager_on_cuda(tmp_path, monkeypatch):
         assert "warning" not in output and "CUDA graphs" in output
         for ra, rb in zip(eager, graphed):
             assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-2 if amp else 1e-3)
-        a, b = (runs.load_checkpoint(runs.checkpoint_path(tmp_path / f"{k}-{amp}"))["model"] for k in ("eager", "graphed"))
+        a, b = (checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / f"{k}-{amp}"))["model"] for k in ("eager", "graphed"))
         for key in a:
             assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-2, atol=1e-3 if not amp else 1e-2), key
         np.testing.assert_allclose(telemetry_steps(tmp_path / f"graphed-{amp}")["grad_l2"],
@@ -218,7 +218,7 @@ def test_graphed_random_features_training_equals_eager(tmp_path, monkeypatch):
     e, g = telemetry_steps(tmp_path / "eager"), telemetry_steps(tmp_path / "graphed")
     np.testing.assert_allclose(g["grad_abs_mean"], e["grad_abs_mean"], rtol=1e-5, atol=1e-8)
     initial = from_config(config, 1, 10).state_dict()  # the same seed: the initial weights
-    final = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "graphed"))["model"]
+    final = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "graphed"))["model"]
     conv = next(k for k in initial if k.endswith("conv1.weight"))
     changed = final[conv] != initial[conv]
     assert changed.any() and changed.sum() < changed.numel()  # a few trained elements, every other one untouched

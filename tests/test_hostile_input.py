@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from cli_helpers import assert_one_line_error, run_cli
 
 
@@ -105,7 +104,7 @@ def test_any_eof_error_is_an_error_not_an_interrupt(tmp_path, capsys, monkeypatc
     def ends_early(*args, **kwargs):
         raise EOFError("Compressed file ended before the end-of-stream marker was reached")
 
-    monkeypatch.setattr("bnprobe.sweep.read_plan", ends_early)
+    monkeypatch.setattr("bnprobe.sweep.plan.read_plan", ends_early)
     code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml")
     assert_one_line_error(code, err, "a file ended early (Compressed file ended")
 
@@ -145,10 +144,10 @@ def test_a_cifar_batch_of_the_wrong_size_is_one_line(tmp_path, capsys):
 
 
 def _tiny_run(tmp_path, name="r", **changes):
+    from probe_helpers import tiny_config
     from rich.console import Console
 
-    from bnprobe.train import train
-    from probe_helpers import tiny_config
+    from bnprobe.training.train import train
 
     run = tmp_path / name
     train(tiny_config(epochs=1, **changes), run, console=Console(quiet=True))
@@ -158,10 +157,10 @@ def _tiny_run(tmp_path, name="r", **changes):
 def test_nan_gamma_in_ablate_names_the_layers_and_never_suggests_no_fold(tmp_path, capsys):
     import torch
 
-    from bnprobe import runs
+    from bnprobe.files import checkpoints, runs
 
     run = _tiny_run(tmp_path)
-    state = runs.load_checkpoint(runs.checkpoint_path(run))
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(run))
     state["model"]["layer1.0.bn1.weight"][2] = float("nan")
     runs.save_checkpoint(runs.checkpoint_path(run), state)
     for fold in ("--fold", "--no-fold"):
@@ -191,7 +190,7 @@ def test_a_million_run_grid_is_refused_at_once_unless_max_runs_allows_it(tmp_pat
     plan.write_text('[defaults]\ndataset = "digits"\nmodel = "resnet8"\n[[grid]]\nseed = [0, 1, 2]\n')
     code, _, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "2")
     assert_one_line_error(code, err, "plans 3 runs, more than the limit of 2")
-    from bnprobe.sweep import _layer_flops
+    from bnprobe.sweep.cost import _layer_flops
 
     _layer_flops.cache_clear()
     code, out, err = run_cli(capsys, "sweep", plan, "--runs-dir", tmp_path / "runs", "--dry-run", "--max-runs", "3")
@@ -278,11 +277,11 @@ def _copy_with(finished_run, tmp_path, edit):
     """A copy of the run whose checkpoint (epoch 1 of 2, so --resume has work to do) `edit` changes."""
     import shutil
 
-    from bnprobe import runs
+    from bnprobe.files import checkpoints, runs
 
     run = tmp_path / "r"
     shutil.copytree(finished_run, run)
-    state = runs.load_checkpoint(runs.checkpoint_path(run))
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(run))
     state["epoch"], state["history"] = 1, state["history"][:1]
     edit(state)
     runs.save_checkpoint(runs.checkpoint_path(run), state)
@@ -344,7 +343,7 @@ def test_a_fifo_named_config_json_makes_no_run_and_blocks_nothing(tmp_path):
     # runs.is_run read config.json with read_text(), which waits forever on a FIFO with no writer.
     import signal
 
-    from bnprobe import runs, schema
+    from bnprobe.files import runs, schema
 
     os.mkfifo(tmp_path / "config.json")
     previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading a FIFO blocked"))

@@ -8,17 +8,29 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError, first_line
-from bnprobe.loading import (
-    LoadOptions, build_from_factory, check_forward, extract_state_dict, load_eval_data, load_model,
-    parse_model_args, read_checkpoint, resolve_normalization,
+from probe_helpers import (
+    assert_one_line_error,
+    randomize_bn,
+    run_cli,
+    single_thread,  # noqa: F401 - autouse: one thread for tiny models
+    trained_runs,
+    write_model_file,
 )
-from bnprobe.models import from_config
-from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
-from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
+
+from bnprobe.analysis.loading import (
+    build_from_factory,
+    check_forward,
+    load_eval_data,
+    load_model,
+    parse_model_args,
+    resolve_normalization,
+)
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError, first_line
+from bnprobe.core.options import LoadOptions
+from bnprobe.files import checkpoints, runs
+from bnprobe.files.checkpoints import extract_state_dict, read_checkpoint
+from bnprobe.nets.registry import from_config
 
 CPU = LoadOptions(device="cpu")
 
@@ -47,7 +59,7 @@ def outputs(model, x):
 
 def test_bnprobe_checkpoint_from_run_dir_or_file(runs_dirs):
     run = runs_dirs["full"]
-    state = runs.load_checkpoint(runs.checkpoint_path(run))
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(run))
     config = TrainConfig.from_dict(state["config"])
     reference = from_config(config, 1, 10)
     reference.load_state_dict(state["model"])
@@ -63,7 +75,7 @@ def test_bnprobe_checkpoint_from_run_dir_or_file(runs_dirs):
 
 
 def test_run_trained_on_a_subset_is_measured_on_its_own_images(runs_dirs):
-    from bnprobe.data import fixed_subset, load_dataset
+    from bnprobe.data.device import fixed_subset, load_dataset
 
     loaded = load_model(runs_dirs["full"], CPU)
     data = load_eval_data(loaded, torch.device("cpu"), test_subset=50, train_subset=10000)
@@ -311,7 +323,7 @@ def test_corrupt_checkpoint_is_one_clean_complete_line(tmp_path):
     for name, content in _corrupt_files(tmp_path).items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(BnprobeError) as info:
-            runs.load_checkpoint(tmp_path / name)
+            checkpoints.load_checkpoint(tmp_path / name)
         message = str(info.value)
         # torch's advice ("...there is a high likelihood that your checkpoint file is") used to be cut mid-sentence
         assert "\n" not in message and "likelihood" not in message and "miniz" not in message, message

@@ -6,13 +6,13 @@ import sys
 import time
 
 import pytest
-
-from bnprobe import runs
 from cli_helpers import assert_one_line_error, run_cli
+
+from bnprobe.files import checkpoints, runs
 
 TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subset", "100", "--device", "cpu"]
 # A real second process that holds the lock of argv[1] until it is killed.
-HOLDER = ("import sys; from pathlib import Path; from bnprobe.lock import locked\n"
+HOLDER = ("import sys; from pathlib import Path; from bnprobe.files.lock import locked\n"
           "with locked(Path(sys.argv[1]), 'x'):\n    print('held', flush=True); sys.stdin.read()")
 
 
@@ -45,7 +45,7 @@ def test_two_trainings_of_one_run_at_once(capsys, tmp_path):
     assert still_running, first.stderr.read()
     assert_one_line_error(code, err, f"run directory {tmp_path / 'r'} is being written by process {first.pid}")
     assert runs.read_config(tmp_path / "r").lr == 0.1
-    assert runs.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["config"]["epochs"] == 100
+    assert checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["config"]["epochs"] == 100
 
 
 def test_a_killed_holder_leaves_no_stuck_lock(capsys, run):

@@ -4,9 +4,14 @@ import torch.nn as nn
 import torchvision
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnprobe.errors import BnprobeError
-from bnprobe.models import (
-    check_model_name, create_model, describe_model, init_weights, list_models, model_name_patterns,
+from bnprobe.core.errors import BnprobeError
+from bnprobe.nets.init import init_weights
+from bnprobe.nets.registry import (
+    check_model_name,
+    create_model,
+    describe_model,
+    list_models,
+    model_name_patterns,
     model_name_patterns_note,
 )
 
@@ -105,7 +110,7 @@ def test_models_by_number_of_conv_layers(convs):
 
 
 def test_conv_count_must_fit_bottleneck_blocks():
-    from bnprobe.models.bottleneck_resnet import stages_for_convs
+    from bnprobe.nets.bottleneck_resnet import stages_for_convs
 
     assert stages_for_convs(25) == [2, 2, 2, 2] and stages_for_convs(49) == [3, 4, 6, 3]
     with pytest.raises(BnprobeError, match="1 \\+ 3k convs"):
@@ -114,7 +119,7 @@ def test_conv_count_must_fit_bottleneck_blocks():
 
 @pytest.mark.parametrize("depth", [38, 62, 8, 1202])
 def test_any_depth_6n_plus_2_builds_a_cifar_resnet(depth):
-    from bnprobe.models.cifar_resnet import CifarResNet
+    from bnprobe.nets.cifar_resnet import CifarResNet
 
     with torch.device("meta"):
         model = create_model(f"resnet{depth}", shortcut="A")
@@ -148,8 +153,8 @@ def test_the_pattern_is_listed_for_bnprobe_models():
 
 
 def test_config_and_sweep_accept_a_pattern_name():
-    from bnprobe.config import TrainConfig
-    from bnprobe.sweep import forward_flops
+    from bnprobe.core.config import TrainConfig
+    from bnprobe.sweep.cost import forward_flops
 
     config = TrainConfig(model="resnet38", dataset="cifar10").resolved()
     flops = {d: forward_flops(TrainConfig(model=f"resnet{d}", dataset="cifar10")) for d in (32, 38, 44)}
@@ -167,7 +172,7 @@ def test_train_a_pattern_name_from_the_cli(capsys, tmp_path):
 
 
 def test_bn_layers_are_every_batchnorm_in_module_order_and_with_gamma_only_the_affine_ones():
-    from bnprobe.models import bn_layers, remove_bn_affine
+    from bnprobe.nets.norms import bn_layers, remove_bn_affine
 
     model = create_model("resnet8", in_channels=1, num_classes=10)
     remove_bn_affine(model, "layer1.*")

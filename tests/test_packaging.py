@@ -1,4 +1,4 @@
-"""A wheel (a non-editable `pip install .`) carries the report templates where bnprobe.report looks for them."""
+"""A wheel (a non-editable `pip install .`) carries the report templates where bnprobe.reporting.collect looks for them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnprobe.report import INSTALLED_TEMPLATES, TEMPLATE_FILES
+from bnprobe.reporting.render import INSTALLED_TEMPLATES, TEMPLATE_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,5 +40,5 @@ def test_wheel_ships_the_templates_under_the_data_prefix(tmp_path):
         data = f"{distribution}-{version}.data/data/{INSTALLED_TEMPLATES.as_posix()}"
         for name in TEMPLATE_FILES:
             assert archive.read(f"{data}/{name}") == (REPO / "templates" / name).read_bytes(), name
-        assert "bnprobe/report.py" in names and "bnprobe/models/__init__.py" in names
+        assert "bnprobe/reporting/render.py" in names and "bnprobe/nets/registry.py" in names
     assert not any(n.startswith("templates/") for n in names)  # not a top-level `templates` package in site-packages

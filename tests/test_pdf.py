@@ -1,4 +1,4 @@
-"""bnprobe.pdf: WeasyPrint draws each one-position SVG text of a figure as one piece, at the place and with the
+"""bnprobe.reporting.pdf: WeasyPrint draws each one-position SVG text of a figure as one piece, at the place and with the
 text its own letter-by-letter drawing gives (compared in the PDF's content streams), and only while bnprobe renders."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 weasyprint = pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
 pypdf = pytest.importorskip("pypdf")
 
-from bnprobe import pdf  # noqa: E402
+from bnprobe.reporting import pdf  # noqa: E402
 
 TEXTS = ["Accuracy per epoch", "optimizer step", "0.0001", "|γ| < τ"]
 SPACED = "spaced"  # letter-spacing: drawn letter by letter either way
@@ -105,7 +105,7 @@ def test_svg_numbers_the_short_way_draw_the_same_and_weasyprint_is_left_as_it_wa
 def test_a_late_figure_is_drawn_in_its_stand_in_place():
     # The stand-in has the figure's size; the document is laid out around it and the figure drawn in its place
     # when the page is painted: the same page as the figure embedded from the start.
-    from bnprobe.figures import late_figure
+    from bnprobe.reporting.figures import late_figure
 
     figure = SVG.replace('width="300" height="200" viewBox="0 0 300 200"',
                          'width="504pt" height="360pt" viewBox="0 0 504 360"')

@@ -6,17 +6,24 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from probe_helpers import (
+    assert_one_line_error,
+    randomize_bn,
+    run_cli,
+    single_thread,  # noqa: F401 - autouse: one thread for tiny models
+    trained_runs,
+    write_model_file,
+)
 
-from bnprobe import runs
-from bnprobe.data import DeviceLoader
-from bnprobe.errors import BnprobeError
-from bnprobe.loading import LoadOptions, load_eval_data, load_model
-from bnprobe.options import ProbeOptions
-from bnprobe.models import create_model
-from bnprobe.probe import ReluRecorder, relu_inputs, relu_sparsity, run_probe
-from bnprobe.evaluate import evaluate
-from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
-from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
+from bnprobe.analysis.loading import load_eval_data, load_model
+from bnprobe.analysis.probe import run_probe
+from bnprobe.analysis.relu import ReluRecorder, relu_inputs, relu_sparsity
+from bnprobe.core.errors import BnprobeError
+from bnprobe.core.options import LoadOptions, ProbeOptions
+from bnprobe.data.device import DeviceLoader
+from bnprobe.files import checkpoints, runs
+from bnprobe.nets.registry import create_model
+from bnprobe.training.evaluate import evaluate
 
 TAUS = [0.001, 0.01, 0.05, 0.1, 0.3]
 IMAGES = 150
@@ -38,7 +45,7 @@ def probed(tmp_path_factory):
 
 def bn_tensors(run_dir):
     """γ, β per BN layer straight from the checkpoint's state dict (a BN is whatever has running_var)."""
-    state = runs.load_checkpoint(runs.checkpoint_path(run_dir))["model"]
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(run_dir))["model"]
     prefixes = [k[: -len(".running_var")] for k in state if k.endswith(".running_var")]
     return prefixes, [state[p + ".weight"].double().numpy() for p in prefixes], [state[p + ".bias"].double().numpy() for p in prefixes]
 
@@ -196,7 +203,7 @@ def test_untraceable_models_still_get_sparsity():
 
 def test_foreign_checkpoint_through_the_cli(capsys, tmp_path):
     model_file = write_model_file(tmp_path)
-    from bnprobe.loading import build_from_factory
+    from bnprobe.analysis.loading import build_from_factory
 
     model = randomize_bn(build_from_factory(f"{model_file}:small_net", ["width=4"]))
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "theirs.pth")
@@ -241,7 +248,7 @@ def test_probe_refuses_bad_numbers_in_the_library(tmp_path_factory):
 
 
 def _synthetic_result(label="resnet8-bn-only"):
-    from bnprobe.probe import BNStats, ProbeResult
+    from bnprobe.analysis.measured import BNStats, ProbeResult
 
     rng = np.random.default_rng(0)
     names = ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn1", "layer2.0.bn2", "layer2.0.downsample.1",
@@ -284,7 +291,8 @@ def _assert_every_layer_number_shows(text, result, taus):
 
 @pytest.mark.parametrize("taus", [list(np.linspace(0, 0.3, 7)), list(np.linspace(0, 0.3, 13)), [0.01, 0.1]])
 def test_per_layer_tables_fit_80_columns_without_cutting_numbers(taus):
-    from bnprobe.probe import histogram_edges, layer_tables
+    from bnprobe.analysis.probe_tables import layer_tables
+    from bnprobe.core.measures import histogram_edges
 
     result = _synthetic_result()
     edges = histogram_edges(result.bn.gamma, 12)
@@ -316,7 +324,7 @@ def test_probe_piped_at_80_columns_prints_full_numbers(capsys, tmp_path_factory,
 
 
 def test_fraction_below_counts_channels_strictly_under_tau():
-    from bnprobe.measures import fraction_below
+    from bnprobe.core.measures import fraction_below
 
     rng = np.random.default_rng(0)
     gammas = [rng.normal(0, 0.1, n) for n in (7, 0, 30, 1)] + [np.array([0.05, -0.05, 0.0])]

@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.train import train
 from cli_helpers import assert_one_line_error, run_cli
+
+from bnprobe.core.config import TrainConfig
+from bnprobe.files import checkpoints, runs
+from bnprobe.training.train import train
 
 ARGS = dict(model="resnet8", dataset="digits", epochs=3, subset=600, test_subset=200, batch_size=50,
             milestones="2", device="cpu")
@@ -38,15 +38,15 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
     assert process.poll() is None, process.stderr.read().decode()
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = runs.load_checkpoint(runs.checkpoint_path(run_dir))["epoch"]
+    killed_at = checkpoints.load_checkpoint(runs.checkpoint_path(run_dir))["epoch"]
     assert 1 <= killed_at < ARGS["epochs"]
 
     resumed = train(TrainConfig(**ARGS), run_dir, resume=True)
     timing = ("seconds", "images_per_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
            [{k: v for k, v in r.items() if k not in timing} for r in straight]
-    a = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "straight"))["model"]
-    b = runs.load_checkpoint(runs.checkpoint_path(run_dir))["model"]
+    a = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "straight"))["model"]
+    b = checkpoints.load_checkpoint(runs.checkpoint_path(run_dir))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     with h5py.File(tmp_path / "straight" / "telemetry.h5") as f, h5py.File(run_dir / "telemetry.h5") as g:
         assert np.array_equal(f["steps/grad_abs_mean"][:], g["steps/grad_abs_mean"][:])
@@ -58,11 +58,11 @@ def test_kill_minus_9_then_resume_equals_uninterrupted(tmp_path):
 
 
 class FullDisk:
-    """bnprobe.atomic's `open` on a disk that fills up once `full` is set: writes raise ENOSPC, as the OS does."""
+    """bnprobe.files.atomic's `open` on a disk that fills up once `full` is set: writes raise ENOSPC, as the OS does."""
 
     def __init__(self, monkeypatch, full=False):
         self.full = full
-        monkeypatch.setattr("bnprobe.atomic.open", self.open, raising=False)
+        monkeypatch.setattr("bnprobe.files.atomic.open", self.open, raising=False)
 
     def open(self, path, mode="r", **kwargs):
         file = open(path, mode, **kwargs)
@@ -74,7 +74,7 @@ class FullDisk:
 
 
 def test_a_full_disk_during_training_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
-    import bnprobe.train
+    import bnprobe.training.train
 
     disk = FullDisk(monkeypatch)
     epochs = []
@@ -84,11 +84,11 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(capsys, tmp_path,
         disk.full = len(epochs) == 2  # the disk fills during the second epoch
         return train_one_epoch(*args, **kwargs)
 
-    train_one_epoch = bnprobe.train.train_one_epoch
-    monkeypatch.setattr(bnprobe.train, "train_one_epoch", one_epoch)
+    train_one_epoch = bnprobe.training.train.train_one_epoch
+    monkeypatch.setattr(bnprobe.training.train, "train_one_epoch", one_epoch)
     code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--epochs", "3", "--runs-dir", tmp_path, "--name", "r")
     assert_one_line_error(code, err, "no space left on device")
-    assert runs.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["epoch"] == 1
+    assert checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["epoch"] == 1
     assert not list(tmp_path.glob("**/.*.tmp")) and not list(tmp_path.glob(".*.lock"))
 
 
@@ -107,7 +107,7 @@ def test_a_full_disk_during_a_checkpoint_takes_the_epochs_telemetry_back(capsys,
     monkeypatch.setattr(runs, "save_checkpoint", save_checkpoint)
     code, _, err = run_cli(capsys, "train", "resnet8", *TINY, "--epochs", "3", "--runs-dir", tmp_path, "--name", "r")
     assert_one_line_error(code, err, "no space left on device")
-    assert runs.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["epoch"] == 1
+    assert checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "r"))["epoch"] == 1
     with h5py.File(tmp_path / "r" / "telemetry.h5") as f:
         assert f["epochs/epoch"][:].tolist() == [1] and f["bn/epoch"][:].tolist() == [0, 1]
         assert set(f["steps/epoch"][:].tolist()) == {1}
@@ -135,8 +135,8 @@ def test_a_full_disk_keeps_the_previous_result(capsys, tmp_path, monkeypatch, co
 KILL_MID_COMMIT = """
 import os, sys
 from pathlib import Path
-from bnprobe.config import TrainConfig
-from bnprobe.train import train
+from bnprobe.core.config import TrainConfig
+from bnprobe.training.train import train
 
 run_dir = Path(sys.argv[1])
 real = os.pwrite
@@ -161,11 +161,11 @@ def test_a_kill_mid_telemetry_commit_is_read_whole_and_resumed_exactly(tmp_path)
     assert done.returncode == 137, done.stderr
     assert (run_dir / "telemetry.h5.journal").exists()  # killed while the file is half updated
     assert runs.foreign_files(run_dir) == []  # the journal is bnprobe's: --overwrite may remove it
-    from bnprobe.schema import check_telemetry, open_h5
+    from bnprobe.files.schema import check_telemetry, open_h5
 
     with open_h5(run_dir / "telemetry.h5") as f:  # a reader sees the file through the journal: 2 whole epochs
         assert check_telemetry(f).epochs == 2 and f["bn/epoch"][:].tolist() == [0, 1, 2]
-    assert runs.load_checkpoint(runs.checkpoint_path(run_dir))["epoch"] == 1
+    assert checkpoints.load_checkpoint(runs.checkpoint_path(run_dir))["epoch"] == 1
 
     train(TrainConfig(**args), run_dir, resume=True)  # completes the commit, trims epoch 2, trains it again
     assert not (run_dir / "telemetry.h5.journal").exists()

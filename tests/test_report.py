@@ -17,18 +17,30 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run_cli
 from rich.console import Console
 
 import bnprobe
 from bnprobe.cli import main
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
-from bnprobe.figures import run_figure
-from bnprobe.report import draw_late as report_draw_late
-from bnprobe.report import (INSTALLED_TEMPLATES, SOURCE_TEMPLATES, TEMPLATE, TEMPLATE_FILES, Run, collect,
-                            find_templates, install_prefixes, model_depth, model_family, parse_taus, render_html,
-                            template_environment, write_report)
-from cli_helpers import assert_one_line_error, run_cli
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.core.modelnames import model_depth, model_family
+from bnprobe.files import checkpoints
+from bnprobe.reporting.collect import collect, parse_taus
+from bnprobe.reporting.figures import run_figure
+from bnprobe.reporting.read import Run
+from bnprobe.reporting.render import (
+    INSTALLED_TEMPLATES,
+    SOURCE_TEMPLATES,
+    TEMPLATE,
+    TEMPLATE_FILES,
+    find_templates,
+    install_prefixes,
+    render_html,
+    template_environment,
+    write_report,
+)
+from bnprobe.reporting.render import draw_late as report_draw_late
 
 TINY = dict(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=300, test_subset=150,
             train_eval_subset=200, device="cpu", milestones="")
@@ -60,7 +72,7 @@ def write_ablation(path: Path, run_dir: Path, mode: str = "threshold") -> None:
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
-    from bnprobe.train import train
+    from bnprobe.training.train import train
 
     root = tmp_path_factory.mktemp("report") / "runs"
     threads = torch.get_num_threads()
@@ -189,7 +201,7 @@ def test_an_unforeseen_error_costs_one_run_not_the_report(runs_root, monkeypatch
     def read_badly(run, f, checked, use_epochs):
         raise FloatingPointError("something no reader foresaw")
 
-    monkeypatch.setattr("bnprobe.report._read_telemetry_data", read_badly)
+    monkeypatch.setattr("bnprobe.reporting.read._read_telemetry_data", read_badly)
     collection = collect([runs_root / "full"], taus=DEFAULT_TAUS)
     assert not collection.runs
     [skipped] = collection.skipped
@@ -202,7 +214,7 @@ def test_a_figure_that_cannot_be_drawn_says_so_and_the_run_stays(runs_root, monk
     def draw_badly(run, taus, key, hover_values=True):
         raise FloatingPointError("something no drawing foresaw")
 
-    monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)
+    monkeypatch.setattr("bnprobe.reporting.figures.run_figure", draw_badly)
     collection = collect([runs_root / "full"], taus=DEFAULT_TAUS)
     html = render_html(collection, DEFAULT_TAUS)
     assert [run.name for run in collection.runs] == ["full"] and not collection.skipped
@@ -274,17 +286,17 @@ def test_html_is_deterministic_and_ids_unique(runs_root, report_html):
 def test_report_of_an_ablation_written_by_bnprobe_ablate(capsys, runs_root, tmp_path, monkeypatch):
     # write_ablation above follows docs/probe-schema.md; this file comes from `bnprobe ablate` itself, so a
     # change in what the command writes that the report does not follow fails here.
-    import bnprobe.ablate
+    import bnprobe.analysis.ablate
 
     run = Path(shutil.copytree(runs_root / "bn-only", tmp_path / "runs" / "bn-only"))
     results = []  # what the sweep measured, in memory: the numbers the report must show
-    measure = bnprobe.ablate.run_ablation
+    measure = bnprobe.analysis.ablate.run_ablation
 
     def recorded(*args, **kwargs):
         results.append(measure(*args, **kwargs))
         return results[-1]
 
-    monkeypatch.setattr(bnprobe.ablate, "run_ablation", recorded)
+    monkeypatch.setattr(bnprobe.analysis.ablate, "run_ablation", recorded)
     code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0,0.05,0.5,5", "--test-subset", "100",
                            "--train-subset", "100", "--device", "cpu")
     assert code == 0, err
@@ -431,7 +443,7 @@ def test_html_figures_show_values_on_hover(report_html):
 
 
 def test_run_figures_start_from_the_same_empty_panels_and_grid_each_panel_in_one_path(runs_root):
-    from bnprobe import figures
+    from bnprobe.reporting import figures
 
     full = collect([runs_root / "full"]).runs[0]
     bare = collect([runs_root / "full"]).runs[0]
@@ -462,7 +474,7 @@ def test_run_figures_start_from_the_same_empty_panels_and_grid_each_panel_in_one
 
 
 def test_figures_for_a_pdf_leave_out_the_hover_values_and_nothing_else(runs_root):
-    from bnprobe import figures
+    from bnprobe.reporting import figures
 
     [run] = collect([runs_root / "full"]).runs
     with_titles, without = (ET.fromstring(figures.run_figure(run, DEFAULT_TAUS, "k", hover).svg)
@@ -476,7 +488,7 @@ def test_figures_for_a_pdf_leave_out_the_hover_values_and_nothing_else(runs_root
 
 
 def test_opacity_becomes_the_fill_or_stroke_opacity_only_where_that_paints_the_same():
-    from bnprobe.figures import SVG_NAMESPACE, _simplify
+    from bnprobe.reporting.figures import SVG_NAMESPACE, _simplify
 
     root = ET.fromstring(f"""<svg xmlns="{SVG_NAMESPACE}">
       <path id="fill" d="M 0 0 L 1 1" fill="#ffffff" opacity="0.85"/>
@@ -493,7 +505,7 @@ def test_opacity_becomes_the_fill_or_stroke_opacity_only_where_that_paints_the_s
 
 
 def test_figures_without_information_are_left_out():
-    from bnprobe.figures import AblationCurve, DepthPanel, ablation_curves, accuracy_vs_depth
+    from bnprobe.reporting.figures import AblationCurve, DepthPanel, ablation_curves, accuracy_vs_depth
 
     one_depth = DepthPanel("CIFAR ResNet on digits", {("none", "none"): {8: [0.5, 0.6]}})
     two_depths = DepthPanel("VGG on digits", {("none", "none"): {11: [0.7]}, ("bn", "bn"): {11: [0.6], 16: [0.65]}})
@@ -524,7 +536,8 @@ def test_pdf_laid_out_while_its_figures_are_drawn_is_the_pdf_drawn_first(four_ru
     # jobs=2: the runs are read, then their figures drawn, in workers while the PDF is laid out around stand-ins
     # of the figures' size, each figure drawn in place when its page is painted. jobs=1: every figure first.
     pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
-    from bnprobe import pdf, report
+    from bnprobe.reporting import pdf
+    from bnprobe.reporting import render as report
 
     assert pdf.can_draw_late()
     taken = []
@@ -542,7 +555,7 @@ def test_pdf_laid_out_while_its_figures_are_drawn_is_the_pdf_drawn_first(four_ru
 
 def test_a_weasyprint_that_cannot_take_figures_late_gets_them_first(four_runs, tmp_path, monkeypatch):
     pytest.importorskip("weasyprint", reason="PDF output needs WeasyPrint")
-    from bnprobe import pdf
+    from bnprobe.reporting import pdf
 
     monkeypatch.setattr(pdf, "can_draw_late", lambda: False)
     monkeypatch.setattr(pdf, "figures_drawn_late", None)  # would fail if it were used
@@ -556,7 +569,7 @@ def test_a_late_figure_that_cannot_be_drawn_says_so_in_the_pdf(four_runs, tmp_pa
     def draw_badly(run, taus, key, hover_values=True):
         raise FloatingPointError("something no drawing foresaw")
 
-    monkeypatch.setattr("bnprobe.figures.run_figure", draw_badly)  # the workers are forked after this
+    monkeypatch.setattr("bnprobe.reporting.figures.run_figure", draw_badly)  # the workers are forked after this
     summary = write_report(four_runs, tmp_path / "report.pdf", jobs=2)
     assert summary.runs == 4
     text = " ".join(pdf_page_texts(tmp_path / "report.pdf"))
@@ -619,7 +632,8 @@ def test_bad_input_is_one_line(capsys, tmp_path, runs_root, case, pattern):
 
 def test_the_output_is_checked_once_before_its_lock_and_from_python_too(capsys, tmp_path, runs_root, monkeypatch):
     # The CLI checked it, then write_report again: an existing output's first 64 KB were read twice.
-    from bnprobe import lock, report
+    from bnprobe.files import lock
+    from bnprobe.reporting import render as report
 
     output = tmp_path / "r.html"
     output.write_text('<html><head><meta name="generator" content="bnprobe 0"></head></html>')  # an earlier report
@@ -671,8 +685,8 @@ def test_templates_lookup_order_with_an_installed_copy(tmp_path, monkeypatch):
 def test_report_command_finds_installed_templates(capsys, runs_root, tmp_path, monkeypatch):
     prefix = tmp_path / "prefix"
     copy_templates(prefix / INSTALLED_TEMPLATES)
-    monkeypatch.setattr("bnprobe.report.SOURCE_TEMPLATES", tmp_path / "site-packages" / "templates")
-    monkeypatch.setattr("bnprobe.report.install_prefixes", lambda: [prefix])
+    monkeypatch.setattr("bnprobe.reporting.render.SOURCE_TEMPLATES", tmp_path / "site-packages" / "templates")
+    monkeypatch.setattr("bnprobe.reporting.render.install_prefixes", lambda: [prefix])
     code, out, err = run_cli(capsys, "report", runs_root / "full", "-o", tmp_path / "r.html", "--jobs", "1")
     assert code == 0 and "Wrote" in out, err
     assert "Clamp-to-zero ablations" in (tmp_path / "r.html").read_text(encoding="utf-8")
@@ -732,13 +746,13 @@ def test_results_inside_a_skipped_run_are_left_out_with_it(runs_root, tmp_path):
 def test_random_features_runs_count_only_their_trained_elements(tmp_path):
     """--random-features trains K elements per output channel of whole conv tensors: the report's trainable
     count is training's own (the checkpoint's), not the sum of the tensors the mask lives in."""
-    from bnprobe import runs
-    from bnprobe.train import train
+    from bnprobe.files import runs
+    from bnprobe.training.train import train
 
     config = TrainConfig(model="resnet8", dataset="digits", epochs=1, batch_size=64, subset=200, test_subset=100,
                          milestones="", device="cpu", freeze="all-but-output", random_features=2)
     train(config, tmp_path / "rf", console=Console(quiet=True))
-    state = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "rf"))
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "rf"))
     [run] = collect([tmp_path]).runs
     assert (run.trainable, run.total) == (state["trainable"], state["total"])
     with h5py.File(tmp_path / "rf" / "telemetry.h5") as f:  # the whole masked tensors are far more
@@ -746,7 +760,7 @@ def test_random_features_runs_count_only_their_trained_elements(tmp_path):
 
 
 def test_findings_cells_keep_a_value_and_its_interval_on_one_line():
-    from bnprobe.report import _unbroken
+    from bnprobe.reporting.render import _unbroken
 
     assert str(_unbroken("93.0% [86.1, 100.0] clipped <b>")) == (
         "93.0%&nbsp;[86.1,&nbsp;100.0] clipped &lt;b&gt;")
@@ -754,7 +768,7 @@ def test_findings_cells_keep_a_value_and_its_interval_on_one_line():
 
 
 def test_workers_start_only_for_enough_tasks_and_never_more_than_the_tasks():
-    from bnprobe.report import FEW, workers
+    from bnprobe.reporting.workers import FEW, workers
 
     with workers(64) as pool:
         assert pool.executor(FEW - 1) is None and pool.started is None  # a few tasks: here, nothing started

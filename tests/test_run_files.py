@@ -18,13 +18,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
-
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
-from bnprobe.report import collect, write_report
 from cli_helpers import assert_one_line_error, run_cli
 from probe_helpers import single_thread, tiny_config  # noqa: F401 - autouse: one thread for tiny models
+from rich.console import Console
+
+from bnprobe.core import formats
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.files import checkpoints, headers
+from bnprobe.reporting.collect import collect
+from bnprobe.reporting.render import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny_config, one short epoch, telemetry every epoch
@@ -33,7 +36,7 @@ TINY = dict(epochs=1, subset=200, test_subset=100, train_eval_subset=100, lr=0.1
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory) -> Path:
-    from bnprobe.train import train
+    from bnprobe.training.train import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "good"
     train(tiny_config(**TINY), run_dir, console=Console(file=io.StringIO()))
@@ -188,7 +191,7 @@ def test_report_and_findings_refuse_an_ablation_bomb_at_once(tmp_path, capsys):
 
 def test_rows_are_bounded_by_the_files_own_sizes(good_run, tmp_path):
     """Under the hard cap too: more rows than the run's epochs (or its batches) can have written."""
-    from bnprobe import schema
+    from bnprobe.files import schema
 
     path = copy_run(good_run, tmp_path / "run") / "telemetry.h5"
     with h5py.File(path, "a") as f:
@@ -197,7 +200,7 @@ def test_rows_are_bounded_by_the_files_own_sizes(good_run, tmp_path):
             data = f[f"epochs/{name}"][:]
             del f[f"epochs/{name}"]
             f[f"epochs/{name}"] = np.resize(data, rows + 1)  # 2 epochs in a run of 1
-    with schema.open_h5(path, schema.TELEMETRY_FORMAT) as f, pytest.raises(BnprobeError, match="more than the run's"):
+    with schema.open_h5(path, formats.TELEMETRY_FORMAT) as f, pytest.raises(BnprobeError, match="more than the run's"):
         schema.check_telemetry(f)
 
 
@@ -379,7 +382,7 @@ def test_term_stops_the_report_and_its_workers(good_run, tmp_path):
     assert workers, "the report never started its workers"
     time.sleep(0.2)  # past the fork
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 130
+    assert process.wait(timeout=60) == 130, process.stderr.read().decode()[-2000:]
     assert "interrupted" in process.stderr.read().decode()
     ends = time.time() + 10
     while any(_alive(w) for w in workers) and time.time() < ends:
@@ -417,7 +420,7 @@ def test_term_while_writing_removes_the_temporary_file(good_run, tmp_path, monke
 @pytest.mark.parametrize("settings", [{"width": "x"}, {"lr": True}, {"flip": 1}, {"seed": None}, {"lr": float("inf")},
                                       {"milestones": {"a": 1}}])
 def test_config_json_and_a_checkpoint_config_are_checked_alike(tmp_path, settings):
-    from bnprobe import schema
+    from bnprobe.files import schema
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(settings))
@@ -457,26 +460,24 @@ def test_run_names_and_settings_reach_the_terminal_escaped(good_run, tmp_path, c
 
 
 def test_torch_file_kind_tells_archives_and_pickles_from_other_files(tmp_path):
-    from bnprobe import schema
-
     torch.save({"a": torch.zeros(2)}, tmp_path / "zip.pt")
     torch.save({"a": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("not a checkpoint")
     (tmp_path / "future.pt").write_bytes(b"\x80\x3f rest")  # PROTO with a protocol no Python knows
-    kinds = {p.name: schema.torch_file_kind(p) for p in sorted(tmp_path.iterdir())}
+    kinds = {p.name: headers.torch_file_kind(p) for p in sorted(tmp_path.iterdir())}
     assert kinds == {"empty.pt": "", "future.pt": "", "legacy.pt": "pickle", "text.pt": "", "zip.pt": "zip"}
     with pytest.raises(BnprobeError, match="cannot read"):
-        schema.torch_file_kind(tmp_path)
+        headers.torch_file_kind(tmp_path)
 
 
 def test_a_checkpoint_records_the_bnprobe_that_wrote_it_and_a_version_1_checkpoint_still_reads(good_run, tmp_path):
     import bnprobe
-    from bnprobe import runs
+    from bnprobe.files import runs
 
-    state = runs.load_checkpoint(good_run / "checkpoint.pt")
+    state = checkpoints.load_checkpoint(good_run / "checkpoint.pt")
     assert state["version"] == 2 and state["bnprobe_version"] == bnprobe.__version__
     del state["bnprobe_version"]
     torch.save({**state, "version": 1}, tmp_path / "old.pt")
-    old = runs.load_checkpoint(tmp_path / "old.pt")
-    assert runs.check_checkpoint(old, tmp_path / "old.pt", resume=True) == TrainConfig.from_dict(state["config"])
+    old = checkpoints.load_checkpoint(tmp_path / "old.pt")
+    assert checkpoints.check_checkpoint(old, tmp_path / "old.pt", resume=True) == TrainConfig.from_dict(state["config"])

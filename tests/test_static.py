@@ -13,10 +13,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from probe_helpers import (
+    assert_one_line_error,
+    randomize_bn,
+    run_cli,
+    single_thread,  # noqa: F401 - autouse: one thread for tiny models
+    trained_runs,
+    write_model_file,
+)
 
-from bnprobe.static import BN_TENSORS
-from probe_helpers import assert_one_line_error, randomize_bn, run_cli, trained_runs, write_model_file
-from probe_helpers import single_thread  # noqa: F401 - autouse: one thread for tiny models
+from bnprobe.analysis.static import BN_TENSORS
+from bnprobe.files import checkpoints
 
 TAUS = [0.001, 0.01, 0.05, 0.1, 0.3]
 OFF = 0.05
@@ -196,13 +203,13 @@ def test_names_from_a_file_reach_the_terminal_escaped(capsys, tmp_path):
 
 def test_a_bnprobe_run_beside_foreign_files_keeps_its_forward_pass_and_the_same_numbers(capsys, tmp_path,
                                                                                        tmp_path_factory):
-    from bnprobe import runs
+    from bnprobe.files import runs
 
     run = trained_runs(tmp_path_factory)["full"]
     model = resnet(18)
     torch.save(model.state_dict(), tmp_path / "theirs.pt")
     # The run's own weights as a foreign file: what needs no forward pass must come out the same.
-    torch.save(runs.load_checkpoint(runs.checkpoint_path(run))["model"], tmp_path / "copy.pt")
+    torch.save(checkpoints.load_checkpoint(runs.checkpoint_path(run))["model"], tmp_path / "copy.pt")
     out, stdout = probe(capsys, tmp_path, run, tmp_path / "theirs.pt", tmp_path / "copy.pt", extra=["--images", "50"])
     with h5py.File(out) as f:
         ours, theirs, copy = f["checkpoints/000"], f["checkpoints/001"], f["checkpoints/002"]
@@ -219,7 +226,7 @@ def test_a_bnprobe_run_beside_foreign_files_keeps_its_forward_pass_and_the_same_
 
 def test_safetensors_with_a_model_and_data_gets_the_forward_pass(capsys, tmp_path):
     model_file = write_model_file(tmp_path)
-    from bnprobe.loading import build_from_factory
+    from bnprobe.analysis.loading import build_from_factory
 
     model = randomize_bn(build_from_factory(f"{model_file}:small_net", ["width=4"]))
     save_safetensors(model.state_dict(), tmp_path / "small.safetensors")
@@ -335,7 +342,7 @@ def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys
 
 @pytest.mark.parametrize("name", ["big.pt", "big.safetensors"])
 def test_large_files_are_memory_mapped_not_read_whole(tmp_path, name):
-    from bnprobe.static import open_tensors
+    from bnprobe.files.checkpoints import open_tensors
 
     maps = Path("/proc/self/maps")
     if not maps.is_file():

@@ -7,10 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from bnprobe.errors import BnprobeError
-from bnprobe.schema import open_h5
-from bnprobe.store import _differences, append_rows, appending_h5, atomic_h5, journal_path, write_array
-from bnprobe.telemetry import FILE_OPTIONS as TELEMETRY_OPTIONS
+from bnprobe.core.errors import BnprobeError
+from bnprobe.files.schema import open_h5
+from bnprobe.files.store import _differences, append_rows, appending_h5, atomic_h5, journal_path, write_array
+from bnprobe.training.telemetry import FILE_OPTIONS as TELEMETRY_OPTIONS
 
 
 def _contents(path) -> dict:
@@ -110,7 +110,7 @@ def test_a_full_disk_during_an_update_is_one_line_and_changes_nothing(tmp_path, 
         monkeypatch.setattr(os, "pwrite", full)
     else:
         real_open = open
-        monkeypatch.setattr("bnprobe.atomic.open", lambda *a, **k: type("F", (), {
+        monkeypatch.setattr("bnprobe.files.atomic.open", lambda *a, **k: type("F", (), {
             "__enter__": lambda self: self, "__exit__": lambda self, *e: real_open(a[0], "wb").close(),
             "write": full})(), raising=False)
     with pytest.raises(BnprobeError, match="no space left on device") as caught:

@@ -2,14 +2,15 @@ import io
 import json
 
 import pytest
+from cli_helpers import assert_one_line_error, run_cli
 from rich.console import Console
 
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
-from bnprobe.formats import FREEZE_MODES
-from bnprobe.sweep import duration, forward_flops, gradient_tensors, plan_table, read_plan, si_number, training_flops
-from cli_helpers import assert_one_line_error, run_cli
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.core.formats import FREEZE_MODES
+from bnprobe.files import checkpoints, runs
+from bnprobe.sweep.cost import duration, forward_flops, gradient_tensors, plan_table, si_number, training_flops
+from bnprobe.sweep.plan import read_plan
 
 PLAN = """
 [defaults]
@@ -84,7 +85,7 @@ def test_per_device_runs_overlap_and_equal_the_same_runs_one_at_a_time(tmp_path,
         assert [len(h) for h in histories] == [2, 2]
         alone, packed = ([{k: v for k, v in r.items() if k not in timing} for r in h] for h in histories)
         assert alone == packed
-        models = [runs.load_checkpoint(runs.checkpoint_path(tmp_path / where / name))["model"] for where in ("alone", "packed")]
+        models = [checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / where / name))["model"] for where in ("alone", "packed")]
         assert models[0].keys() == models[1].keys() and all(torch.equal(models[0][k], models[1][k]) for k in models[0])
 
 
@@ -186,10 +187,10 @@ def test_flop_count_of_resnet20_matches_hand_count():
                          + [(mode, 2) for mode in ("non-bn", "non-bn-output", "all-but-output")])
 def test_the_estimate_computes_the_gradients_training_computes(freeze, random_features):
     """The cost estimate's tensors with a gradient are those a run of `config` trains (requires_grad after
-    bnprobe.train's freezing and random features), for every freeze mode."""
+    bnprobe.training.train's freezing and random features), for every freeze mode."""
     import torch
 
-    from bnprobe.train import trainable_model
+    from bnprobe.training.train import trainable_model
 
     config = TrainConfig(model="resnet8", dataset="digits", freeze=freeze, random_features=random_features,
                          bn_affine_off="layer1.*", device="cpu").resolved()
@@ -286,7 +287,7 @@ def test_seed_plan_example_is_the_whole_plan_and_valid(tmp_path):
 def test_job_array_through_submitit(tmp_path):
     """The Slurm path, with submitit's local cluster standing in for sbatch."""
     submitit = pytest.importorskip("submitit")
-    from bnprobe.sweep import submit_sweep
+    from bnprobe.sweep.launch import submit_sweep
 
     (tmp_path / "plan.toml").write_text(PLAN)
     planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
@@ -310,7 +311,7 @@ def test_slurm_launcher_without_slurm_is_a_clear_error(tmp_path, capsys):
 
 
 def test_seeds_repeat_each_run_and_group_by_seed(tmp_path):
-    from bnprobe.config import seed_group
+    from bnprobe.core.config import seed_group
 
     (tmp_path / "plan.toml").write_text(PLAN.replace('milestones = ""', 'milestones = ""\nseeds = [0, 1, 2]')
                                         + '\n[[grid]]\nmodel = "resnet8"\nfreeze = "bn"\nseeds = [7]\n')
@@ -349,10 +350,9 @@ def test_calibrate_times_real_steps_once_per_distinct_model(tmp_path, capsys, mo
     """--calibrate: the time column is the measured step time x steps x epochs; seeds share one calibration."""
     import time
 
-    import bnprobe.train
-    from bnprobe import sweep
+    from bnprobe.sweep import cost
 
-    real_step, calls = bnprobe.train.train_one_epoch, []
+    real_step, calls = cost.train_one_epoch, []
 
     def timed_step(*args, **kwargs):  # the real step, made slow enough that whole seconds show its time
         start = time.perf_counter()
@@ -361,8 +361,8 @@ def test_calibrate_times_real_steps_once_per_distinct_model(tmp_path, capsys, mo
         calls.append(time.perf_counter() - start)
         return result
 
-    monkeypatch.setattr(bnprobe.train, "train_one_epoch", timed_step)
-    sweep._step_seconds.cache_clear()
+    monkeypatch.setattr(cost, "train_one_epoch", timed_step)
+    cost._step_seconds.cache_clear()
     (tmp_path / "plan.toml").write_text(PLAN.replace("epochs = 1", "epochs = 5\nbatch_size = 64\nseeds = [0, 1]"))
     code, out, err = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs",
                              "--dry-run", "--calibrate")

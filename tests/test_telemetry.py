@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import assert_one_line_error, run_cli
 from rich.console import Console
 
-from bnprobe import runs
+from bnprobe.analysis.inspect import inspect_run
 from bnprobe.cli import main
-from bnprobe.config import TrainConfig
-from bnprobe.data import DeviceLoader, fixed_subset, load_dataset
-from bnprobe.errors import BnprobeError
-from bnprobe.evaluate import evaluate
-from bnprobe.models import from_config
-from bnprobe.summary import inspect_run
-from bnprobe.train import train
-from cli_helpers import assert_one_line_error, run_cli
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.data.device import DeviceLoader, fixed_subset, load_dataset
+from bnprobe.files import checkpoints, runs
+from bnprobe.nets.registry import from_config
+from bnprobe.training.evaluate import evaluate
+from bnprobe.training.train import train
 
 GROUPS = {"bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias"}
 
@@ -98,7 +98,7 @@ def test_grad_norms_equal_an_independent_backward_pass(full_run):
 
 def test_bn_snapshots_match_init_and_final_checkpoint(full_run):
     initial = from_config(tiny(), 1, 10).state_dict()
-    final = runs.load_checkpoint(runs.checkpoint_path(full_run))["model"]
+    final = checkpoints.load_checkpoint(runs.checkpoint_path(full_run))["model"]
     with h5py.File(full_run / "telemetry.h5", "r") as f:
         for layer, key in (("bn1", "weight"), ("layer3.0.bn2", "bias"), ("layer1.0.bn1", "running_var")):
             name = {"weight": "gamma", "bias": "beta"}.get(key, key)
@@ -109,7 +109,7 @@ def test_bn_snapshots_match_init_and_final_checkpoint(full_run):
 def test_train_accuracy_in_eval_mode_is_recomputable(full_run):
     config = tiny()
     model = from_config(config, 1, 10)
-    model.load_state_dict(runs.load_checkpoint(runs.checkpoint_path(full_run))["model"])
+    model.load_state_dict(checkpoints.load_checkpoint(runs.checkpoint_path(full_run))["model"])
     data = load_dataset("digits", subset=300, test_subset=150, normalize=config.normalize)
     index = fixed_subset(300, 200, torch.device("cpu"))
     _, acc = evaluate(model, DeviceLoader(data.train_x[index], data.train_y[index], data.mean, data.std, 1000))
@@ -133,8 +133,8 @@ def test_frozen_tensors_are_recorded_as_frozen_not_zero(bn_only_run):
 
 def test_recording_does_not_change_training(full_run, tmp_path):
     train(tiny(telemetry_every=0), tmp_path / "quiet")
-    a = runs.load_checkpoint(runs.checkpoint_path(full_run))["model"]
-    b = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "quiet"))["model"]
+    a = checkpoints.load_checkpoint(runs.checkpoint_path(full_run))["model"]
+    b = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "quiet"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     with h5py.File(tmp_path / "quiet" / "telemetry.h5", "r") as f:
         assert "grad_l2" not in f["steps"] and f["epochs/epoch"].shape == (2,)
@@ -275,10 +275,10 @@ def test_random_features_mean_grad_is_over_the_trained_elements():
     conv gradients compare with BN's fairly. Like every other tensor's, what is recorded is the masked loss
     gradient alone, without the weight decay the step adds before SGD (checked against an independent
     backward pass on an unfrozen copy; with this much decay, a recorded decay term would be far off)."""
-    from bnprobe.graphs import TrainStep
-    from bnprobe.regularize import after_backward_steps
-    from bnprobe.telemetry import GradientRecorder
-    from bnprobe.train import trainable_model
+    from bnprobe.training.graphs import TrainStep
+    from bnprobe.training.regularize import after_backward_steps
+    from bnprobe.training.telemetry import GradientRecorder
+    from bnprobe.training.train import trainable_model
 
     config = TrainConfig(model="resnet8", dataset="digits", freeze="all-but-output", random_features=2,
                          weight_decay=0.05, device="cpu").resolved()
@@ -311,7 +311,7 @@ def test_random_features_mean_grad_is_over_the_trained_elements():
 def test_random_features_training_is_the_step_it_always_was(tmp_path, monkeypatch):
     """Recording the loss gradient alone moved the masked tensors' decay out of their gradient hook; the
     weights trained are bit-identical to those of the hook that added it, (grad + wd * w) * mask, as before."""
-    import bnprobe.train
+    import bnprobe.training.train
 
     config = tiny(freeze="all-but-output", random_features=2, weight_decay=0.05, epochs=1, telemetry_every=0)
     train(config, tmp_path / "now", console=Console(quiet=True))
@@ -323,10 +323,10 @@ def test_random_features_training_is_the_step_it_always_was(tmp_path, monkeypatc
             p.register_hook(lambda grad, p=p, m=mask: (grad + config.weight_decay * p.detach()) * m)
         return sum(int(m.sum()) for m in masks.values())
 
-    monkeypatch.setattr(bnprobe.train, "apply_random_features", decay_in_the_hook)
-    monkeypatch.setattr(bnprobe.train, "after_backward_steps", lambda *_: [], raising=False)
+    monkeypatch.setattr(bnprobe.training.train, "apply_random_features", decay_in_the_hook)
+    monkeypatch.setattr(bnprobe.training.train, "after_backward_steps", lambda *_: [], raising=False)
     train(config, tmp_path / "before", console=Console(quiet=True))
-    now, before = (runs.load_checkpoint(runs.checkpoint_path(tmp_path / d))["model"] for d in ("now", "before"))
+    now, before = (checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / d))["model"] for d in ("now", "before"))
     initial = from_config(config, 1, 10).state_dict()
     assert now.keys() == before.keys()
     for name in now:

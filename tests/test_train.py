@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
-from bnprobe.freeze import trainable_parameter_names
-from bnprobe.models import from_config
-from bnprobe.train import train
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.files import checkpoints, runs
+from bnprobe.nets.check import check_model
+from bnprobe.nets.freeze import trainable_parameter_names
+from bnprobe.nets.registry import from_config
+from bnprobe.training.train import train
 
 
 def tiny(**changes) -> TrainConfig:
@@ -25,7 +26,7 @@ def strip(history):
 
 
 def final_state(run_dir):
-    return runs.load_checkpoint(runs.checkpoint_path(run_dir))
+    return checkpoints.load_checkpoint(runs.checkpoint_path(run_dir))
 
 
 def test_same_seed_gives_identical_runs(tmp_path):
@@ -130,14 +131,14 @@ def test_lr_schedule():
 ])
 def test_config_validation(changes, message):
     with pytest.raises(BnprobeError, match=message):
-        tiny(**changes).resolved()
+        check_model(tiny(**changes).resolved())
 
 
 def test_compiled_step_model_saves_the_plain_state_dict(tmp_path, monkeypatch):
     """--compile trains through a wrapper module; the checkpoint must hold the model's own keys."""
     import torch.nn as nn
 
-    from bnprobe import train as train_module
+    from bnprobe.training import train as train_module
 
     class Wrapper(nn.Module):  # what torch.compile returns: an OptimizedModule holding _orig_mod
         def __init__(self, model):
@@ -158,12 +159,12 @@ def test_compiled_step_model_saves_the_plain_state_dict(tmp_path, monkeypatch):
 def test_load_checkpoint_refuses_non_checkpoints(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(BnprobeError, match="is not a PyTorch checkpoint"):
-        runs.load_checkpoint(tmp_path / "notes.pt")
+        checkpoints.load_checkpoint(tmp_path / "notes.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(BnprobeError, match="is not a bnprobe checkpoint"):
-        runs.load_checkpoint(tmp_path / "list.pt")
+        checkpoints.load_checkpoint(tmp_path / "list.pt")
     with pytest.raises(BnprobeError, match="no checkpoint at"):
-        runs.load_checkpoint(tmp_path / "missing.pt")
+        checkpoints.load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_running_metrics_of_a_sharded_epoch_are_over_every_rank(monkeypatch):
@@ -172,8 +173,8 @@ def test_running_metrics_of_a_sharded_epoch_are_over_every_rank(monkeypatch):
     import torch.nn as nn
     import torch.nn.functional as F
 
-    import bnprobe.train
-    from bnprobe.data import DeviceLoader
+    import bnprobe.training.train
+    from bnprobe.data.device import DeviceLoader
 
     torch.manual_seed(0)
     images, labels = torch.randint(0, 256, (100, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (100,))
@@ -186,7 +187,7 @@ def test_running_metrics_of_a_sharded_epoch_are_over_every_rank(monkeypatch):
     with torch.no_grad():
         expected_loss = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches) / 50
         expected_acc = sum((model(x).argmax(1) == y).sum().item() for x, y in batches) / 50
-    monkeypatch.setattr(bnprobe.train, "sum_over_processes", lambda t: t.mul_(2))  # two identical ranks
+    monkeypatch.setattr(bnprobe.training.train, "sum_over_processes", lambda t: t.mul_(2))  # two identical ranks
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss, acc = bnprobe.train.train_one_epoch(model, loader, frozen)
+    loss, acc = bnprobe.training.train.train_one_epoch(model, loader, frozen)
     assert loss == pytest.approx(expected_loss) and acc == pytest.approx(expected_acc)

@@ -5,14 +5,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bnprobe import runs
-from bnprobe.config import TrainConfig
-from bnprobe.errors import BnprobeError
-from bnprobe.freeze import apply_freeze, bn_parameter_names, apply_random_features, random_feature_masks
-from bnprobe.models import create_model, remove_bn_affine
-from bnprobe.regularize import gamma_l1_step, make_optimizer
-from bnprobe.models import from_config
-from bnprobe.train import train
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.files import checkpoints, runs
+from bnprobe.nets.check import check_model
+from bnprobe.nets.freeze import apply_freeze, apply_random_features, bn_parameter_names, random_feature_masks
+from bnprobe.nets.norms import remove_bn_affine
+from bnprobe.nets.registry import create_model, from_config
+from bnprobe.training.regularize import gamma_l1_step, make_optimizer
+from bnprobe.training.train import train
 
 
 def count(model, kind):
@@ -81,7 +82,7 @@ def test_random_features_train_only_the_masked_elements(tmp_path):
                          subset=200, test_subset=100, device="cpu", milestones="").resolved()
     initial = from_config(config, 1, 10).state_dict()
     train(config, tmp_path / "run")
-    state = runs.load_checkpoint(runs.checkpoint_path(tmp_path / "run"))
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "run"))
     masks = state["random_feature_masks"]
     model = from_config(config, 1, 10)
     convs = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -112,7 +113,7 @@ def test_random_features_need_frozen_convs():
 ])
 def test_variant_validation(changes, message):
     with pytest.raises(BnprobeError, match=message):
-        TrainConfig(model="resnet20", dataset="digits", **changes).resolved()
+        check_model(TrainConfig(model="resnet20", dataset="digits", **changes).resolved())
 
 
 def test_run_name_shows_the_bn_variant():

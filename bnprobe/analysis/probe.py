@@ -1,0 +1,139 @@
+"""`bnprobe probe`: the BatchNorm picture of one or several checkpoints (γ/β per layer, small-γ fractions,
+channels turned off) and, with a forward pass on real images, the sparsity of every ReLU's output.
+
+γ/β come straight from the BN modules (affine ones, in module order = depth), or, for a checkpoint file probed
+alone (no --model, no --dataset), from its tensors (bnprobe.analysis.static), with no forward pass.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.markup import escape
+
+from bnprobe.analysis.loading import check_forward, check_options, load_eval_data, load_model
+from bnprobe.analysis.measured import ProbeResult, bn_statistics
+from bnprobe.analysis.probe_file import write_probe_h5
+from bnprobe.analysis.probe_tables import probe_tables, shown
+from bnprobe.analysis.relu import relu_sparsity
+from bnprobe.analysis.static import ORDER_NOTES, static_probe
+from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.core.formats import PROBE_FILE, PROBE_FORMAT
+from bnprobe.core.options import MAX_BINS, LoadOptions, ProbeOptions
+from bnprobe.data.device import DeviceLoader
+from bnprobe.files.runs import default_output
+from bnprobe.files.store import check_replaceable, provenance
+from bnprobe.training.evaluate import resolve_device
+
+
+def probe_model(model: nn.Module, loader: DeviceLoader, label: str, path: str, attrs: dict[str, Any]) -> ProbeResult:
+    sites, loss, accuracy, images = relu_sparsity(model, loader)
+    return ProbeResult(label, path, attrs, bn_statistics(model), sites, loss, accuracy, images)
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = defaultdict(int)
+    for label in labels:
+        seen[label] += 1
+    counter: dict[str, int] = defaultdict(int)
+    out = []
+    for label in labels:
+        counter[label] += 1
+        out.append(f"{label} ({counter[label]})" if seen[label] > 1 else label)
+    return out
+
+
+def run_probe(
+    paths: Sequence[Path],
+    options: LoadOptions,
+    settings: Optional[ProbeOptions] = None,
+    *,
+    out: Optional[Path] = None,
+    brief: bool = False,
+    console: Optional[Any] = None,
+) -> tuple[list[ProbeResult], Path]:
+    """Probe every checkpoint in `paths`, write probe.h5 and print the tables; the CLI is a shell over this.
+
+    With neither --model nor --dataset, a checkpoint bnprobe did not train is probed from its file alone
+    (bnprobe.analysis.static): everything that needs no forward pass. A bnprobe run is probed with its data as always."""
+    console = console or Console()
+    settings = settings or ProbeOptions()
+    taus, off_threshold, bins = settings.taus, settings.off_threshold, settings.bins
+    images, batch_size = settings.images, settings.batch_size
+    if off_threshold < 0 or any(t < 0 for t in taus):
+        raise BnprobeError("thresholds τ must be >= 0")
+    if not 1 <= bins <= MAX_BINS:
+        raise BnprobeError(f"--bins must be in [1, {MAX_BINS:,}], got {bins:,}")
+    if images < 0 or batch_size < 1:
+        raise BnprobeError("--batch-size must be >= 1 and --images >= 0")
+    device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
+    out = out if out is not None else default_output(paths, PROBE_FILE)
+    check_replaceable(out, PROBE_FORMAT)
+    check_options(options)
+    static = options.model is None and options.dataset is None
+    cache: dict = {}
+    results = []
+    for path in paths:
+        result = static_probe(path) if static else None
+        if result is not None:
+            results.append(result)
+            continue
+        device = device or resolve_device(options.device)
+        loaded = load_model(path, options, device)
+        data = load_eval_data(loaded, device, test_subset=images, cache=cache)
+        channels_last = device.type == "cuda"
+        if channels_last:
+            loaded.model.to(memory_format=torch.channels_last)
+        loader = DeviceLoader(data.test_x, data.test_y, data.mean, data.std, batch_size, channels_last=channels_last)
+        check_forward(loaded.model, next(iter(loader))[0], loaded.label, loaded.dataset)
+        attrs = {"source": loaded.source, "dataset": loaded.dataset, "normalization": loaded.norm_source,
+                 **{k: v for k, v in loaded.meta.items() if v is not None}}
+        result = probe_model(loaded.model, loader, loaded.label, str(loaded.path), attrs)
+        if not result.bn.names:
+            console.print(f"[yellow]{shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is "
+                          f"reported")
+        results.append(result)
+        del loaded
+    for result, label in zip(results, unique_labels([r.label for r in results])):
+        result.label = label
+    # --images applies to forward passes only: without one, the file does not claim a count.
+    write_probe_h5(out, results, taus, off_threshold, bins,
+                   {"device": str(device or "none"), **({"images": images} if device is not None else {}),
+                    **provenance(load=options, probe=settings)})
+
+    for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
+        console.print(table)
+    measured = [r for r in results if r.forward_pass]
+    console.print(
+        f"off: |γ| < {off_threshold:g}, so the BN output is ≈ its constant β; off, β≤0: a ReLU right after it "
+        f"outputs ≈ 0." + (f" Sparsity: zero outputs of each ReLU call on {measured[0].images} test images (eval "
+                            f"mode); dead: channels zero on every image and position." if measured else ""),
+        soft_wrap=True,
+    )
+    for r in results:
+        if not r.forward_pass:
+            prefixes = r.attrs["stripped_prefixes"]
+            stripped = "" if prefixes == "none" else f", prefix {prefixes} stripped"
+            console.print(escape(printable(
+                f"{r.label}: read from the file alone ({r.attrs['file_format']}, state dict at "
+                f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
+                f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
+                f"{ORDER_NOTES[r.attrs['layer_order']]}.")), soft_wrap=True, highlight=False)
+        infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *r.bn.beta))
+        if infinite:
+            console.print(f"{shown(r.label)}: {infinite:,} non-finite γ or β value(s) (inf or nan), left out of the "
+                          f"histograms", soft_wrap=True, highlight=False)
+        if r.bn.stats_only:
+            names = ", ".join(name for name, _ in r.bn.stats_only)
+            console.print(shown(f"{r.label}: {len(r.bn.stats_only)} BN layer(s) without affine (running statistics "
+                                 f"only, no γ/β, not in the tables): {names}"), soft_wrap=True, highlight=False)
+    console.print(f"Wrote [bold]{out}[/]")
+    return results, out
+
+

@@ -1,0 +1,80 @@
+"""probe.h5 (schema: docs/probe-schema.md), written to a temporary file and renamed into place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from bnprobe.analysis.measured import ProbeResult, histograms, layer_mean
+from bnprobe.core.formats import PROBE_FORMAT, PROBE_VERSION
+from bnprobe.core.measures import histogram_edges
+from bnprobe.files.store import atomic_h5, set_attrs, write_array
+
+# What only a forward pass measures: absent from a static probe's group, not a made-up 0.
+FORWARD_ATTRS = ("accuracy", "loss", "images", "relu_sites", "relu_channels", "zero_fraction", "dead_channels")
+
+
+def write_probe_h5(
+    path: Path, results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, bins: int,
+    attrs: Optional[dict[str, Any]] = None,
+) -> None:
+    """probe.h5 (schema: docs/probe-schema.md), written to a temporary file and renamed into place."""
+    import h5py
+
+    strings = lambda items: np.array(list(items), dtype=h5py.string_dtype())  # noqa: E731
+    taus = np.asarray(taus, dtype=np.float64)
+    gamma_edges = histogram_edges([g for r in results for g in r.bn.gamma], bins)
+    beta_edges = histogram_edges([b for r in results for b in r.bn.beta], bins)
+    with atomic_h5(path) as f:
+        set_attrs(f, {"format": PROBE_FORMAT, "version": PROBE_VERSION, "checkpoints": len(results),
+                      "off_threshold": off_threshold, "bins": bins, **(attrs or {})})
+        write_array(f, "taus", taus, description="thresholds τ of the frac_below columns")
+        write_array(f, "gamma_edges", gamma_edges, description="bin edges of every gamma_hist")
+        write_array(f, "beta_edges", beta_edges, description="bin edges of every beta_hist")
+        write_array(f, "labels", strings(r.label for r in results))
+        group = f.create_group("checkpoints")
+        for index, result in enumerate(results):
+            g = group.create_group(f"{index:03d}")
+            summary = result.summary(taus, off_threshold)
+            attrs = {"label": result.label, "path": result.path, "forward_pass": result.forward_pass,
+                     "accuracy": result.accuracy, "loss": result.loss, "images": result.images,
+                     "layer_order": "module", "bn_stats_only_layers": len(result.bn.stats_only),
+                     **{k: v for k, v in summary.items() if k != "frac_below"}, **result.attrs}
+            # What was not measured is absent, not a made-up 0 (forward_pass = False says why).
+            set_attrs(g, {k: v for k, v in attrs.items() if result.forward_pass or k not in FORWARD_ATTRS})
+            write_array(g, "frac_below_all", summary["frac_below"], description="(T,) whole network")
+            bn = g.create_group("bn")
+            write_array(bn, "names", strings(result.bn.names))
+            write_array(bn, "depth", np.arange(len(result.bn.names), dtype=np.int64))
+            write_array(bn, "channels", result.bn.channels)
+            write_array(bn, "offsets", np.concatenate([[0], np.cumsum(result.bn.channels)]).astype(np.int64),
+                        description="layer l's channels are [offsets[l], offsets[l+1]) of gamma, beta, ...")
+            for name in ("gamma", "beta", "running_mean", "running_var"):
+                arrays = getattr(result.bn, name)
+                write_array(bn, name, np.concatenate(arrays) if arrays else np.zeros(0))
+            write_array(bn, "frac_below", result.bn.frac_below(taus), description="(L, T): fraction |γ| < τ")
+            write_array(bn, "off", result.bn.off(off_threshold), description="channels with |γ| < off_threshold")
+            write_array(bn, "off_dead", result.bn.off_dead(off_threshold), description="of those, β <= 0")
+            write_array(bn, "mean_abs_gamma", np.array([layer_mean(np.abs(x)) for x in result.bn.gamma]))
+            write_array(bn, "gamma_hist", histograms(result.bn.gamma, gamma_edges), description="(L, bins)")
+            write_array(bn, "beta_hist", histograms(result.bn.beta, beta_edges), description="(L, bins)")
+            write_array(bn, "stats_only_names", strings(name for name, _ in result.bn.stats_only),
+                        description="BN layers without affine (running statistics only, no γ/β)")
+            write_array(bn, "stats_only_channels", np.array([c for _, c in result.bn.stats_only], dtype=np.int64))
+            if not result.forward_pass:
+                continue  # no forward pass: no relu/ group (forward_pass = False says why)
+            relu = g.create_group("relu")
+            sites = result.sites
+            write_array(relu, "sites", strings(s.name for s in sites))
+            write_array(relu, "module", strings(s.module for s in sites))
+            write_array(relu, "call", np.array([s.call for s in sites], dtype=np.int64))
+            write_array(relu, "input", strings(s.input for s in sites))
+            write_array(relu, "channels", np.array([s.channels for s in sites], dtype=np.int64))
+            write_array(relu, "zeros", np.array([s.zeros for s in sites], dtype=np.int64))
+            write_array(relu, "total", np.array([s.total for s in sites], dtype=np.int64))
+            write_array(relu, "zero_fraction", np.array([s.zero_fraction for s in sites], dtype=np.float64))
+            write_array(relu, "dead_channels", np.array([s.dead for s in sites], dtype=np.int64))
+
+

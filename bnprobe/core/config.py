@@ -1,0 +1,292 @@
+"""One config dataclass that flows from the CLI to `config.json`, into every checkpoint, and back.
+
+Each field is a command-line flag of `bnprobe train` (the help text sits next to the field, as in
+open_lth). Fields marked `identity=False` only say *how* to run (device, paths); the others decide
+*what* is computed, and a hash of them names the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from bnprobe.core.datasets import default_data_dir, get_dataset_spec
+from bnprobe.core.errors import BnprobeError
+from bnprobe.core.formats import BN_PLACEMENTS, DEVICES, FREEZE_MODES, GAMMA_INITS, NORMALIZATIONS, SHORTCUTS
+
+# The largest model bnprobe builds: 2e9 parameters are 8 GB of float32 weights, 24 GB with their gradients and
+# SGD momentum, before one activation (resnet200 has 62M). Counted on the meta device before anything is allocated.
+MAX_PARAMETERS = 2_000_000_000
+# Every model passes MAX_PARAMETERS below this width (resnet8, the smallest, at 161); the cap keeps the meta
+# device's sizes within int64 (--width 10**9 would overflow them) and answers before torch is imported.
+MAX_WIDTH = 1024
+
+
+# More epochs than this is a typo (a month of 25 s CIFAR epochs); it also bounds a run file's per-epoch rows.
+MAX_EPOCHS = 100_000
+
+
+def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
+    return {"help": help, "identity": identity, **extra}
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(default="resnet20", metadata=_flag("Model name from the registry (`bnprobe models`)."))
+    dataset: str = field(default="cifar10", metadata=_flag("mnist | cifar10 | cifar100 | digits."))
+    subset: int = field(default=0, metadata=_flag("Train on the first N images of a fixed shuffle (0 = all)."))
+    test_subset: int = field(default=0, metadata=_flag("Evaluate on the first N test images (0 = all)."))
+    width: int = field(default=1, metadata=_flag("Width multiplier of every layer."))
+    shortcut: str = field(default="B", metadata=_flag("CIFAR ResNet shortcut: A (zero-pad) or B (1x1 conv + BN)."))
+    gamma_init: str = field(
+        default="uniform", metadata=_flag("BN gamma init: uniform (U[0,1], Frankle), ones, normal (N(1, 0.1)).")
+    )
+    freeze: str = field(
+        default="none",
+        metadata=_flag("What stays at init: none, non-bn (train only BN), non-bn-output, all-but-output, bn."),
+    )
+    bn: str = field(
+        default="full", metadata=_flag("BN placement: full (after every conv), none, every-k (after every --bn-every convs).")
+    )
+    bn_every: int = field(default=2, metadata=_flag("With --bn every-k: a BN after every K-th conv."))
+    bn_affine_off: str = field(
+        default="", metadata=_flag("BN layers without gamma/beta: comma-separated names or globs, e.g. 'layer3.*'.")
+    )
+    gamma_l1: float = field(default=0.0, metadata=_flag("L1 penalty S * sum|gamma| on BN gammas (Network Slimming)."))
+    bn_l2: float = field(
+        default=0.0, metadata=_flag("Extra L2 on BN gamma/beta: adds S * param to their gradient, beside --weight-decay.")
+    )
+    random_features: int = field(
+        default=0,
+        metadata=_flag("Also train K random weights per output channel of every conv (element-wise mask), "
+                       "Frankle's random-features baseline."),
+    )
+    epochs: int = field(default=160, metadata=_flag("Training epochs."))
+    batch_size: int = field(default=128, metadata=_flag("Training batch size."))
+    lr: float = field(default=0.1, metadata=_flag("Initial learning rate (SGD)."))
+    momentum: float = field(default=0.9, metadata=_flag("SGD momentum."))
+    weight_decay: float = field(default=1e-4, metadata=_flag("Weight decay on every trainable tensor, BN included."))
+    milestones: str = field(default="80,120", metadata=_flag("Epochs at which lr is multiplied by --lr-drop."))
+    lr_drop: float = field(default=0.1, metadata=_flag("Factor applied to lr at each milestone."))
+    flip: Optional[bool] = field(default=None, metadata=_flag("Random horizontal flip [default: per data set]."))
+    translate: Optional[int] = field(
+        default=None, metadata=_flag("Random translation up to N px, pad + crop [default: per data set].")
+    )
+    normalize: Optional[str] = field(
+        default=None, metadata=_flag("per-pixel (Frankle) or per-channel [default: per data set].")
+    )
+    seed: int = field(default=0, metadata=_flag("Seed of init, data order and augmentation (0 to 2**32 - 1)."))
+    telemetry_every: int = field(
+        default=10, metadata=_flag("Record gradient magnitudes every N steps in telemetry.h5 (0 = never).", identity=False)
+    )
+    train_eval_subset: int = field(
+        default=10000,
+        metadata=_flag("Measure eval-mode train accuracy on N fixed training images (0 = all).", identity=False),
+    )
+    device: str = field(default="auto", metadata=_flag("auto | cpu | cuda | cuda:N.", identity=False))
+    amp: bool = field(default=False, metadata=_flag("bfloat16 autocast (mixed precision).", identity=False))
+    channels_last: bool = field(
+        default=True, metadata=_flag("channels_last memory format (faster with cuDNN and oneDNN).", identity=False)
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_flag("torch.compile the model (CUDA graphs on CUDA): ~2x on small models, slow to start.",
+                       identity=False),
+    )
+    graphs: bool = field(
+        default=False,  # opt-in until the real-CUDA checks of bench/gpu_check.sh have passed on a GPU (issue 26)
+        metadata=_flag("Capture the training step as a CUDA graph on CUDA (opt-in: not yet verified on a GPU); "
+                       "no effect on CPU.", identity=False),
+    )
+    ddp: bool = field(
+        default=False,
+        metadata=_flag("Data-parallel over the processes of torchrun (--batch-size is the global batch).", identity=False),
+    )
+    sync_bn: bool = field(default=False, metadata=_flag("With --ddp: BN statistics over the global batch (CUDA)."))
+    eval_batch_size: int = field(default=1000, metadata=_flag("Batch size for evaluation.", identity=False))
+    data_dir: str = field(
+        default="", metadata=_flag("Data folder [default: $BNPROBE_DATA_DIR or ./data].", identity=False)
+    )
+    download: bool = field(default=True, metadata=_flag("Download missing data sets.", identity=False))
+    verify: bool = field(default=True, metadata=_flag("Check md5 sums of data files.", identity=False))
+
+    # ---- derived views -------------------------------------------------------------------------
+    @property
+    def milestone_epochs(self) -> tuple[int, ...]:
+        text = self.milestones.strip()
+        if not text:
+            return ()
+        try:
+            epochs = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise BnprobeError(f"--milestones must be comma-separated epochs like 80,120, got {self.milestones!r}")
+        return epochs
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate for 0-based `epoch`: multiplied by lr_drop at every milestone reached."""
+        return self.lr * self.lr_drop ** sum(epoch >= m for m in self.milestone_epochs)
+
+    def identity(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
+
+    def run_name(self) -> str:
+        """Readable prefix plus a hash of every identity field, so equal configs share a directory."""
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        variant = {"full": "", "none": "-nobn", "every-k": f"-bn-every{self.bn_every}"}.get(self.bn, "")
+        return f"{self.model}{variant}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
+
+    # ---- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "config") -> "TrainConfig":
+        """The one way back from what was stored or written (config.json, a checkpoint's config, a sweep plan):
+        every field of the right type and in range, else one line naming `where`."""
+        if not isinstance(data, dict):
+            raise BnprobeError(f"{where} must be a table of settings, not {_shown(data)}")
+        unknown = sorted(set(data) - set(_FIELD_TYPES))
+        if unknown:
+            raise BnprobeError(f"{where}: unknown config keys: {', '.join(unknown)}")
+        return check_settings(data, where)
+
+    # ---- validation ------------------------------------------------------------------------------
+    def check(self) -> None:
+        """The ranges of every field that needs no data set or model: answered before torch is imported."""
+        _choice("freeze", self.freeze, FREEZE_MODES)
+        _choice("gamma-init", self.gamma_init, GAMMA_INITS)
+        _choice("shortcut", self.shortcut, SHORTCUTS)
+        check_device(self.device)
+        _choice("bn", self.bn, BN_PLACEMENTS)
+        if self.normalize is not None:
+            _choice("normalize", self.normalize, NORMALIZATIONS)
+        for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every"):
+            if getattr(self, name) < 1:
+                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features", "translate"):
+            if (getattr(self, name) or 0) < 0:
+                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.epochs > MAX_EPOCHS:
+            raise BnprobeError(f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
+        if self.width > MAX_WIDTH:
+            raise BnprobeError(f"--width must be at most {MAX_WIDTH:,} (every model is then past "
+                               f"{MAX_PARAMETERS:,} parameters), got {self.width:,}")
+        if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit; numpy's and most tools' are 32
+            raise BnprobeError(f"--seed must be in [0, 2**32), got {self.seed}")
+        for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):
+            if not math.isfinite(getattr(self, name)):
+                raise BnprobeError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise BnprobeError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise BnprobeError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise BnprobeError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("gamma_l1", "bn_l2"):
+            if not getattr(self, name) >= 0:
+                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.bn == "none" and (self.gamma_l1 or self.bn_l2):
+            raise BnprobeError("--gamma-l1 and --bn-l2 act on BN's γ and β, but --bn none leaves no BN layer")
+        if not self.lr_drop > 0:
+            raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
+        milestones = self.milestone_epochs
+        if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
+            raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {self.milestones!r}")
+
+    def resolved(self) -> "TrainConfig":
+        """Validate every field and fill the per-data-set defaults, so config.json holds concrete values. The
+        model these settings build is checked by bnprobe.nets.check_model (it needs torch)."""
+        self.check()
+        spec = get_dataset_spec(self.dataset)
+        normalize = spec.normalize if self.normalize is None else self.normalize
+        translate = spec.translate if self.translate is None else self.translate
+        if not 0 <= translate < spec.size:
+            raise BnprobeError(f"--translate must be in [0, {spec.size}) for {spec.name}, got {translate}")
+        # Absolute, so that probes and ablations run from another folder find the same data.
+        data_dir = Path(self.data_dir) if self.data_dir else default_data_dir()
+        return dataclasses.replace(
+            self,
+            data_dir=os.path.abspath(data_dir.expanduser()),
+            flip=spec.flip if self.flip is None else self.flip,
+            translate=translate,
+            normalize=normalize,
+            milestones=",".join(str(m) for m in self.milestone_epochs),
+        )
+
+
+IDENTITY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity", True)}
+
+
+def seed_group(config: dict[str, Any]) -> tuple:
+    """What runs that differ only by seed share: the identity settings of a stored config.json but the seed.
+    A setting the config lacks (a run from an older bnprobe) counts as its default; bn_every counts only where
+    it places BN (--bn every-k), so a full-BN run groups the same whatever --bn-every said."""
+    identity = {name: config.get(name, default) for name, default in IDENTITY_DEFAULTS.items() if name != "seed"}
+    if identity["bn"] != "every-k":
+        identity["bn_every"] = IDENTITY_DEFAULTS["bn_every"]
+    for name, value in identity.items():  # 0 and 0.0 are one setting (a plan's TOML may write either)
+        if isinstance(IDENTITY_DEFAULTS[name], float) and isinstance(value, int) and not isinstance(value, bool):
+            identity[name] = float(value)
+    return tuple(sorted((name, json.dumps(value)) for name, value in identity.items()))
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_device(name: str) -> None:
+    """One of DEVICES, or cuda:N."""
+    if not re.fullmatch(r"cuda:\d+", name):
+        _choice("device", name, DEVICES)
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_types(data: dict[str, Any], where: Any) -> None:
+    """The one type check of stored settings (config.json, a checkpoint's config, a sweep plan): each known
+    setting has the type of its TrainConfig field (a bool is no int, null only for Optional fields, a number
+    is finite). Unknown settings are left to the caller: the report shows runs of newer versions too."""
+    for name, value in data.items():
+        if name not in _FIELD_TYPES:
+            continue
+        kind, optional = _FIELD_TYPES[name]
+        types, expected = _KINDS[kind]
+        if value is None and optional:
+            continue
+        if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
+            raise BnprobeError(f"{where}: setting {name!r} must be {expected}{' or null' if optional else ''}, "
+                               f"not {_shown(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BnprobeError(f"{where}: setting {name!r} must be a finite number, not {value}")
+
+
+def check_settings(data: dict[str, Any], where: Any) -> TrainConfig:
+    """The one check of stored settings that every reader makes: check_types, then TrainConfig.check's ranges
+    over the known settings, a missing one counting as its default (unknown ones are left to the caller).
+    Returns the TrainConfig of the known settings."""
+    check_types(data, where)
+    config = TrainConfig(**{name: value for name, value in data.items() if name in _FIELD_TYPES})
+    try:
+        config.check()
+    except BnprobeError as exc:
+        raise BnprobeError(f"{where}: {exc}") from None
+    return config
+
+
+# Each field's kind (its annotation without Optional[...]) and whether it may be None; the Python types a
+# value of each kind may have (an int is a float too), and how an error names them.
+_FIELD_TYPES = {f.name: (f.type.removeprefix("Optional[").removesuffix("]"), f.type.startswith("Optional["))
+                for f in dataclasses.fields(TrainConfig)}
+_KINDS = {"str": (str, "text"), "int": (int, "an integer"), "float": ((int, float), "a number"),
+          "bool": (bool, "true or false")}

@@ -1,0 +1,454 @@
+"""Every checkpoint, whatever wrote it, is opened here and nowhere else: sniffed, checked, and handed back as
+tensors (lazily where the format allows) plus what the file says about itself.
+
+Formats: torch.save's zip archive and its legacy pickle (always `torch.load(weights_only=True)`: a file holding
+pickled code is refused, never run), `.safetensors`, bnprobe's own checkpoints (a run's checkpoint.pt) and its
+exports (full or compact, bnprobe.files.compact). A state dict may sit at the top level or under a common key
+(`state_dict`, `model`, `ema`, ... two levels deep) and carry DataParallel/DDP (`module.`), torch.compile
+(`_orig_mod.`) or Lightning (`model.`) prefixes. A run directory stands for its checkpoint.pt.
+
+Lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)) and a safetensors file opened with
+safe_open, so only the bytes of the tensors used are read (the static probe of a 1 GB file reads its BN tensors
+alone). The safetensors header and the sniffing need no torch (the report reads exports' headers): torch is
+imported by the functions that load tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+import zipfile
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.datasets import get_dataset_spec
+from bnprobe.core.errors import BnprobeError, first_line, listing
+from bnprobe.core.formats import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    COMPACT_FORMAT,
+    EXPORT_FORMATS,
+    EXPORT_VERSIONS,
+)
+from bnprobe.files.compact import (
+    frozen_digest,
+    layout_digest,
+    packed_layout,
+    regenerate,
+    stored_digest,
+    stored_verified,
+    unpack,
+)
+from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
+from bnprobe.nets.check import check_model
+
+# In order of preference: a file with both a model and its EMA copy (timm's state_dict_ema) gives the model.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params",
+                   "ema", "model_ema", "state_dict_ema")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile: stripped when every key has one
+# A file read for its tensors alone (no model to fit them to) also loses a LightningModule's `self.model`.
+STATIC_PREFIXES = STRIPPED_PREFIXES + ("model.",)
+
+
+# ---- what a file is ------------------------------------------------------------------------------------------
+
+
+def checkpoint_file(path: Path | str) -> Path:
+    """A checkpoint file, or a run directory holding checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        inner = path / CHECKPOINT_FILE
+        if not inner.is_file():
+            raise BnprobeError(f"{path} is a directory without {inner.name}; pass a checkpoint file or a run directory")
+        return inner
+    if not path.exists():
+        raise BnprobeError(f"no such checkpoint: {path}")
+    if not path.is_file():
+        raise BnprobeError(f"{path} is not a regular file")
+    return path
+
+
+def checkpoint_label(file: Path) -> str:
+    """The short name tables use: a run's checkpoint.pt by its run directory's name, any other file by its stem."""
+    return file.parent.name if file.name == CHECKPOINT_FILE else file.stem
+
+
+# ---- torch files -----------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: bool = False) -> Any:
+    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code.
+
+    lazy: memory-map a zip archive's tensors (torch.load(mmap=True)), so only the bytes of the tensors
+    used are ever read; the legacy format cannot be mapped and is read whole."""
+    kind = torch_file_kind(path)
+    is_zip = kind == "zip"
+    if not kind:
+        raise BnprobeError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes about pickle protocols are not the user's concern
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=lazy and is_zip)
+    except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same kind of answer
+        message = str(exc)
+        if "Weights only load failed" in message or "WeightsUnpickler" in message:
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+            what = f"it references {refused.group(1)}" if refused else _weights_only_reason(message)
+            raise BnprobeError(
+                f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
+                f"bnprobe reads checkpoints with weights_only=True and never runs code from them"
+            )
+        reason = _first_sentence(message) or {EOFError: "the file ends early"}.get(type(exc), type(exc).__name__)
+        if is_zip and not zipfile.is_zipfile(path):  # no intact central directory: cut short or overwritten
+            reason = f"truncated or damaged: {reason}"
+        raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({reason})")
+    unreadable = _unreadable_tensors(obj)
+    if unreadable:
+        shown = ", ".join(unreadable[:4]) + (f", ... ({len(unreadable) - 4} more)" if len(unreadable) > 4 else "")
+        raise BnprobeError(f"{path} holds tensors bnprobe cannot read: {shown}; it reads dense tensors that hold "
+                           f"their data (tensor.to_dense(); a model built on the meta device has none)")
+    return obj
+
+
+def _unreadable_tensors(obj: Any) -> list[str]:
+    """Where a loaded checkpoint holds a tensor that is not strided (sparse, ...) or has no data (the meta device,
+    whatever size it declares), as `key.key[i] (layout)`: numpy and every copy would fail on it, or allocate
+    what it declares. Walked without recursion, each container once (a file's nesting, even a list holding
+    itself, is the file's choice)."""
+    found, pending, seen = [], deque([("", obj)]), set()
+    while pending:
+        where, value = pending.popleft()
+        if isinstance(value, torch.Tensor):
+            if value.is_meta or value.layout != torch.strided:
+                kind = "meta, no data" if value.is_meta else str(value.layout).removeprefix("torch.")
+                found.append(f"{where or '(top level)'} ({kind})")
+        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
+            seen.add(id(value))
+            if isinstance(value, dict):
+                pending.extend((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+            else:
+                pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+    return found
+
+
+def _first_sentence(message: str, limit: int = 160) -> str:
+    """The first sentence of an error message's first line, for a one-line answer. A longer one is cut
+    at a word boundary before any bracket it leaves open, and ends in "...": never mid-word or mid-parenthesis."""
+    line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    sentence = re.split(r"(?<=[^\s.])\.(?=\s+[A-Z]|$)", line, maxsplit=1)[0].strip()
+    if len(sentence) <= limit:
+        return sentence
+    cut = sentence[: limit + 1].rsplit(" ", 1)[0] if " " in sentence[:limit] else sentence[:limit]
+    opened: list[int] = []
+    for i, char in enumerate(cut):
+        if char in "([{":
+            opened.append(i)
+        elif char in ")]}" and opened:
+            opened.pop()
+    if opened and opened[0] >= limit // 2:  # end before the first bracket left open
+        cut = cut[: opened[0]]
+    elif opened:  # or, when that keeps too little, drop the brackets left open
+        cut = "".join(char for i, char in enumerate(cut) if i not in opened)
+    return cut.rstrip(" ,;:-") + "..."
+
+
+def _weights_only_reason(message: str) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*(.+)", message, re.DOTALL)
+    return (_first_sentence(match.group(1)) if match else "") or "content outside the allowed tensor types"
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A bnprobe checkpoint (a dict), read with weights_only=True: tensors and plain containers only."""
+    if not path.is_file():
+        raise BnprobeError(f"no checkpoint at {path}")
+    state = read_checkpoint(path, map_location)
+    if not isinstance(state, dict):
+        raise BnprobeError(f"{path} is not a bnprobe checkpoint")
+    return state
+
+
+# ---- bnprobe checkpoints ---------------------------------------------------------------------------------------
+
+
+def is_bnprobe_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT and "config" in obj
+
+
+# What every row of a checkpoint's history holds since bnprobe's first version (later ones add eval-mode train
+# accuracy and the gap): training's summary and metrics.json read them back after a resume.
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "images_per_s")
+
+
+def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainConfig:
+    """The one check of a bnprobe checkpoint's structure, before anything uses it: its keys, their types, and
+    its config as TrainConfig.from_dict validates it (tensor shapes are checked against the model it builds,
+    by loading.load_state_strict). `resume` also asks for the optimizer and RNG states that training needs.
+    Returns the config; a fault is one line naming the file and the key."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise BnprobeError(f"{path} is not a bnprobe checkpoint")
+    config = TrainConfig.from_dict(state.get("config"), f"{path}: config")
+    check_model(config, f"{path}: config")  # the bounds train applies, before anything builds it
+
+    def need(key: str, kinds: Any, what: str, container: dict = state, where: str = "") -> Any:
+        value = container.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise BnprobeError(f"{path}: '{where}{key}' must be {what}, not {_describe(value)}")
+        return value
+
+    epoch = need("epoch", int, "a whole number")
+    if not 0 <= epoch <= config.epochs:  # training would run an epoch past the end, then call the run finished
+        raise BnprobeError(f"{path}: 'epoch' must be in [0, {config.epochs}] (the config's epochs), not {epoch}")
+    model = need("model", dict, "a state dict")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise BnprobeError(f"{path}: 'model' must map parameter names to tensors")
+    history = need("history", list, "a list of epochs")
+    for number, row in enumerate(history, 1):  # training reads every row back when it resumes
+        numbers = isinstance(row, dict) and all(isinstance(row.get(key), (int, float))
+                                                and not isinstance(row.get(key), bool) for key in HISTORY_FIELDS)
+        if not numbers or row["epoch"] != number:
+            raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables numbered from 1, each with "
+                               f"{', '.join(HISTORY_FIELDS)} as numbers; row {number} is {_describe(row)}")
+    if resume and len(history) != epoch:  # (an export keeps no history)
+        raise BnprobeError(f"{path}: 'history' has {len(history)} epochs, but the checkpoint is after epoch {epoch}")
+    if "processes" in state and need("processes", int, "a whole number") < 1:
+        raise BnprobeError(f"{path}: 'processes' must be >= 1, not {state['processes']}")
+    if "normalization" in state:  # per pixel (C, H, W) or per channel (C, 1, 1), as training stores it
+        norm = need("normalization", dict, "a table of mean and std")
+        spec = get_dataset_spec(config.dataset)
+        shapes = ((spec.channels, 1, 1), (spec.channels, spec.size, spec.size))
+        for key in ("mean", "std"):
+            value = need(key, torch.Tensor, "a tensor", norm, "normalization.")
+            if (tuple(value.shape) not in shapes or not value.is_floating_point() or not torch.isfinite(value).all()
+                    or (key == "std" and not (value > 0).all())):
+                raise BnprobeError(f"{path}: 'normalization.{key}' must hold finite{' positive' * (key == 'std')} "
+                                   f"numbers of shape {shapes[0]} or {shapes[1]} for {spec.name}, not "
+                                   f"{_describe(value)} of shape {tuple(value.shape)}")
+    if resume:
+        optimizer = need("optimizer", dict, "an optimizer state")
+        need("state", dict, "a table", optimizer, "optimizer.")
+        need("param_groups", list, "a list", optimizer, "optimizer.")
+        rng = need("rng", dict, "a table of RNG states")
+        for key in ("torch", "data"):
+            if need(key, torch.Tensor, "a tensor", rng, "rng.").dtype != torch.uint8:
+                raise BnprobeError(f"{path}: 'rng.{key}' must be a byte tensor, not {rng[key].dtype}")
+    return config
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor"
+    return "missing" if value is None else f"{type(value).__name__} {_first_sentence(repr(value), 40)}"
+
+
+# ---- state dicts ---------------------------------------------------------------------------------------------
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict inside a checkpoint: bare, or under a common key (searched two levels deep)."""
+    if _is_tensor_dict(obj):
+        return dict(obj), "(top level)"
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                return dict(obj[key]), key
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                for key2 in STATE_DICT_KEYS:
+                    if _is_tensor_dict(inner.get(key2)):
+                        return dict(inner[key2]), f"{key}.{key2}"
+        keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+        raise BnprobeError(
+            f"{path} holds no state dict (looked at the top level and under {', '.join(STATE_DICT_KEYS)}; "
+            f"its keys: {keys})"
+        )
+    raise BnprobeError(f"{path} holds a {type(obj).__name__}, not a state dict")
+
+
+def strip_prefixes(state: dict[str, Any], prefixes: Sequence[str] = STRIPPED_PREFIXES) -> tuple[dict[str, Any], list[str]]:
+    """Remove `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile), or other `prefixes`, when every key
+    has one."""
+    stripped = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped.append(prefix)
+                changed = True
+    return state, stripped
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load with strict key and shape matching; on any difference, one line naming the differences."""
+    expected = model.state_dict()
+    # Old checkpoints lack BN's num_batches_tracked; it does not change what the model computes.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} of other shape (checkpoint vs model): {listing(shapes, 3)}")
+        raise BnprobeError(f"{path} does not fit {what} (wrong architecture?): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=False)  # strictness was checked above, num_batches_tracked aside
+
+
+# ---- the file as tensors ----------------------------------------------------------------------------------------
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: one line
+        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise BnprobeError(f"{path} is not a readable safetensors file ({text})")
+    with handle as f:
+        yield f
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (a bnprobe export names its format there)."""
+    with _open_safetensors(path) as f:
+        return f.metadata() or {}
+
+
+def _is_export(metadata: dict[str, str]) -> bool:
+    return metadata.get("format") in EXPORT_FORMATS
+
+
+def read_weights(path: Path) -> Any:
+    """A checkpoint's whole content for building a model: a safetensors file as a dict of tensors (a run bnprobe
+    exported as the run's checkpoint), any other file through read_checkpoint (weights_only=True)."""
+    if not is_safetensors(path):
+        return read_checkpoint(path)
+    with _open_safetensors(path) as f:
+        metadata = f.metadata() or {}
+        if _is_export(metadata):
+            return read_export(path, f, metadata)
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+@dataclass
+class FileTensors:
+    """A file's state dict, read lazily: names (prefixes stripped) to tensors whose bytes are not read yet."""
+
+    tensors: dict[str, Any]  # memory-mapped torch.Tensor, or a safetensors slice
+    kind: str  # "torch zip", "torch legacy", "safetensors"
+    where: str  # where the state dict sat: "(top level)", "state_dict", ...
+    stripped: list[str]
+    order: str  # what the tensors' order follows: "file" (registration order) or "names" (natural order)
+
+    @staticmethod
+    def shape(value: Any) -> tuple[int, ...]:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value.get_shape())
+
+    @staticmethod
+    def read(value: Any) -> torch.Tensor:
+        return value if isinstance(value, torch.Tensor) else value[:]
+
+
+@contextmanager
+def open_tensors(path: Path) -> Iterator[Optional[FileTensors]]:
+    """The tensors of a checkpoint file, open for reading; None for a bnprobe run's checkpoint or export (it is
+    probed with its model and data as always)."""
+    if is_safetensors(path):
+        with _open_safetensors(path) as f:
+            if _is_export(f.metadata() or {}):
+                yield None  # a run bnprobe exported: probed as the run
+                return
+            names = sorted(f.keys(), key=_natural_key)
+            tensors, stripped = strip_prefixes({name: f.get_slice(name) for name in names}, STATIC_PREFIXES)
+            yield FileTensors(tensors, "safetensors", "(top level)", stripped, "names")
+        return
+    kind = "torch zip" if torch_file_kind(path) == "zip" else "torch legacy"
+    obj = read_checkpoint(path, lazy=True)
+    if is_bnprobe_checkpoint(obj):
+        yield None
+        return
+    state, where = extract_state_dict(obj, path)
+    tensors, stripped = strip_prefixes(state, STATIC_PREFIXES)
+    yield FileTensors(tensors, kind, where, stripped, "file")
+
+
+def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
+    """An exported run (open safetensors handle `f`) as the bnprobe checkpoint it came from: its config checked as
+    `train` checks one (the model's size counted before it is built), its stored tensors against their hash
+    (version 3), and the frozen tensors of a compact file regenerated from the seed and checked against theirs."""
+    config_dict, epoch = export_fields(metadata, path)
+    # The exporter's data folder is a path on another machine (a forged one could point a download anywhere):
+    # the data comes from this user's --data-dir, $BNPROBE_DATA_DIR or ./data.
+    config_dict = {**config_dict, "data_dir": ""}
+    config = TrainConfig.from_dict(config_dict, f"{path}: config")
+    check_model(config, f"{path}: config")
+    version = metadata.get("version")
+    if metadata["format"] == COMPACT_FORMAT and version not in EXPORT_VERSIONS:
+        raise BnprobeError(f"{path}: a compact file of format version {version}; this bnprobe reads versions "
+                           f"{' and '.join(EXPORT_VERSIONS)}")
+    tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if stored_verified(metadata) and stored_digest(tensors) != metadata.get("stored_sha256"):
+        raise BnprobeError(f"{path}: its stored tensors do not match the file's hash of them (changed or damaged "
+                           f"since it was exported); refusing to run with them")
+    if metadata["format"] == COMPACT_FORMAT:
+        initial, masks, stored = regenerate(config)
+        if frozen_digest(initial, stored, masks) != metadata.get("frozen_sha256"):
+            raise BnprobeError(
+                f"{path}: the frozen tensors regenerated from seed {config.seed} do not match the file's hash "
+                f"(exported with torch {metadata.get('torch', '?')}, this is torch {torch.__version__}: the random "
+                f"stream changed); refusing to run with different weights")
+        layout = packed_layout(initial, masks, stored)
+        if layout_digest(layout) != metadata.get("layout_sha256"):
+            raise BnprobeError(f"{path}: the tensors {config.model} stores are not the ones the file packed "
+                               f"(exported by another bnprobe version?)")
+        values = unpack(layout, tensors, path)
+        state = {}
+        for name, initial_tensor in initial.items():
+            if name in masks:
+                tensor = initial_tensor.clone()
+                tensor[masks[name]] = values[name]
+                state[name] = tensor
+            else:
+                state[name] = values.get(name, initial_tensor)
+        tensors = state
+    checkpoint: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                                  "config": config_dict, "model": tensors, "epoch": epoch,
+                                  "history": []}  # an export keeps the weights, not the training history
+    if "normalization" in metadata:  # its shapes and values are checked with the checkpoint (runs.check_checkpoint)
+        try:
+            norm = json.loads(metadata["normalization"])
+            checkpoint["normalization"] = {key: torch.tensor(norm[key], dtype=torch.float32) for key in ("mean", "std")}
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, RecursionError) as exc:
+            raise BnprobeError(f"{path}: damaged bnprobe export metadata (normalization: "
+                               f"{first_line(exc, typed=True)})") from None
+    return checkpoint

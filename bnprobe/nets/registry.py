@@ -1,0 +1,146 @@
+"""Registry of model builders by name (timm's pattern): `create_model(name, ...)` and `list_models()`.
+
+Besides the registered names, a family may claim every name of a pattern (`register_model_pattern`): any
+CIFAR ResNet depth 6n+2 is `resnet<6n+2>`. A registered name always wins over a pattern (resnet50 is the
+bottleneck ResNet-50, although 50 = 6*8+2); `list_models()` lists registered names only, and
+`model_name_patterns()` the patterns.
+
+Every builder takes the same keywords, so `from_config` builds any of them from a TrainConfig:
+`in_channels`, `num_classes`, `width` (multiplier) and `shortcut` (A or B, CIFAR ResNets only).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from bnprobe.core.errors import BnprobeError
+from bnprobe.nets.init import init_weights
+from bnprobe.nets.norms import norm_layer_for, remove_bn_affine
+
+if TYPE_CHECKING:
+    from bnprobe.core.config import TrainConfig
+
+ModelBuilder = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelBuilder] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+# (builder, description) for a name of the pattern, or None where the name does not fit (resnet21)
+PatternResolver = Callable[[re.Match], Optional[tuple[ModelBuilder, str]]]
+
+
+@dataclass(frozen=True)
+class ModelPattern:
+    label: str  # how listings and errors show it, e.g. "resnet<6n+2>"
+    regex: re.Pattern  # what a whole name must match
+    summary: str  # one line: which names it takes and what they build
+    resolve: PatternResolver
+
+
+_PATTERNS: list[ModelPattern] = []
+
+
+def register_model(name: str, description: str = "") -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator (or plain call on a `functools.partial`) that files a builder under `name`."""
+
+    def add(builder: ModelBuilder) -> ModelBuilder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = builder
+        _DESCRIPTIONS[name] = description or (builder.__doc__ or "").strip().splitlines()[0]
+        return builder
+
+    return add
+
+
+def register_model_pattern(label: str, regex: str, summary: str) -> Callable[[PatternResolver], PatternResolver]:
+    """Decorator on `resolve(match) -> (builder, description) or None`: builds every name that fully matches
+    `regex`, is not registered, and that `resolve` accepts."""
+
+    def add(resolve: PatternResolver) -> PatternResolver:
+        _PATTERNS.append(ModelPattern(label, re.compile(regex), summary, resolve))
+        return resolve
+
+    return add
+
+
+def list_models() -> list[str]:
+    """The registered names (each a concrete model); names of a pattern are not listed one by one."""
+    return list(_REGISTRY)
+
+
+def model_name_patterns() -> list[tuple[str, str]]:
+    """(label, summary) of every name pattern, e.g. ("resnet<6n+2>", "CIFAR ResNet of any depth 6n+2 ...")."""
+    return [(pattern.label, pattern.summary) for pattern in _PATTERNS]
+
+
+def _from_pattern(pattern: ModelPattern, name: str) -> Optional[tuple[ModelBuilder, str]]:
+    match = pattern.regex.fullmatch(name)
+    return pattern.resolve(match) if match else None
+
+
+def model_name_patterns_note() -> str:
+    """One line for `bnprobe models`: the patterns, and the registered names they do not override."""
+    parts = []
+    for pattern in _PATTERNS:
+        # registered names the pattern would build as another model (resnet50 is not CIFAR ResNet-50)
+        kept = [name for name in _REGISTRY
+                if (found := _from_pattern(pattern, name)) and found[1] != _DESCRIPTIONS[name]]
+        parts.append(f"{pattern.label} names a {pattern.summary}"
+                     + (f"; {', '.join(kept)} keep the models listed above" if kept else ""))
+    return "Also: " + "; ".join(parts) + "." if parts else ""
+
+
+def _lookup(name: str) -> tuple[ModelBuilder, str]:
+    """(builder, description) of a registered name, else of the first pattern that takes it; else one line."""
+    if name in _REGISTRY:
+        return _REGISTRY[name], _DESCRIPTIONS[name]
+    for pattern in _PATTERNS:
+        if found := _from_pattern(pattern, name):
+            return found
+    patterns = "".join(f", and {label} names a {summary}" for label, summary in model_name_patterns())
+    raise BnprobeError(f"unknown model {name!r}; `bnprobe models` lists the {len(_REGISTRY)} registered ones{patterns}")
+
+
+def describe_model(name: str) -> str:
+    return _lookup(name)[1]
+
+
+def check_model_name(name: str) -> None:
+    _lookup(name)
+
+
+def create_model(
+    name: str,
+    *,
+    in_channels: int = 3,
+    num_classes: int = 10,
+    width: int = 1,
+    shortcut: str = "B",
+    bn: str = "full",
+    bn_every: int = 1,
+) -> nn.Module:
+    """Build a registered model with PyTorch's default init; `init_weights` applies Frankle's.
+
+    `bn` places the BatchNorm layers: `full` after every conv, `none` nowhere, `every-k` after every
+    `bn_every`-th conv (counted in construction order); the others become nn.Identity.
+    """
+    return _lookup(name)[0](
+        in_channels=in_channels, num_classes=num_classes, width=width, shortcut=shortcut,
+        norm_layer=norm_layer_for(bn, bn_every),
+    )
+
+
+def from_config(config: "TrainConfig", in_channels: int, num_classes: int) -> nn.Module:
+    """The model exactly as a run's `config` initialises it: the same seed gives the same tensors (open_lth's
+    registry idea: training, loading a checkpoint and exporting all build through here)."""
+    torch.manual_seed(config.seed)
+    model = create_model(
+        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width,
+        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every,
+    )
+    remove_bn_affine(model, config.bn_affine_off)
+    return init_weights(model, config.gamma_init)

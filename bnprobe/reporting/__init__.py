@@ -1,0 +1,1 @@
+"""The report (torch-free): collecting runs, the worker pool, figures, PDF output and rendering."""

@@ -1,0 +1,1 @@
+"""`bnprobe sweep PLAN.toml`: plans (plan), their cost (cost), and running them (launch)."""

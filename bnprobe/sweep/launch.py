@@ -1,0 +1,120 @@
+"""Running a plan: every run that is not done, trained in this process one after another, or in worker processes
+(`--devices`, `--per-device`), or submitted as one Slurm job array through submitit (`--launcher slurm`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.markup import escape
+
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError, first_line, printable
+from bnprobe.sweep.plan import PlannedRun
+from bnprobe.training.train import train
+
+MAX_PER_DEVICE = 64  # processes per device: beyond this, memory and context switches, not the GPU, decide
+
+
+def check_per_device(per_device: int) -> None:
+    if not 1 <= per_device <= MAX_PER_DEVICE:
+        raise BnprobeError(f"--per-device must be between 1 and {MAX_PER_DEVICE}, got {per_device}")
+
+
+def run_sweep(
+    planned: list[PlannedRun], console: Console, devices: Optional[list[str]] = None, per_device: int = 1
+) -> dict[str, str]:
+    """Train every run that is not done: one at a time in this process, or in worker processes, `per_device`
+    at once on each device (default: each run's own), a new one starting as soon as one finishes."""
+    check_per_device(per_device)
+    todo = [run for run in planned if run.status() != "done"]
+    console.print(f"{len(planned) - len(todo)} of {len(planned)} runs already done; {len(todo)} to train.")
+    outcome = {run.run_dir.name: "done" for run in planned if run not in todo}
+    # A slot is one worker process at a time; None: the run's own device.
+    slots: list[Optional[str]] = [device for device in (devices or [None]) for _ in range(per_device)]
+    if len(slots) == 1:
+        for i, run in enumerate(todo, 1):
+            config = dataclasses.replace(run.config, device=devices[0]) if devices else run.config
+            console.rule(f"run {i}/{len(todo)}: {run.run_dir.name}")
+            try:
+                train(config, run.run_dir, resume=True, console=console)
+                outcome[run.run_dir.name] = "done"
+            except BnprobeError as exc:  # one failed run does not stop the sweep
+                console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(printable(str(exc)))}", soft_wrap=True)
+                outcome[run.run_dir.name] = f"failed: {exc}"
+        return outcome
+    # Worker processes, each pinned with CUDA_VISIBLE_DEVICES to its slot's GPU, pulling runs as slots free up.
+    queue, active = list(todo), {}
+    while queue or active:
+        for slot, device in enumerate(slots):
+            if slot not in active and queue:
+                run = queue.pop(0)
+                env, config = dict(os.environ), run.config
+                if device is not None:
+                    if device.startswith("cuda:"):
+                        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+                    config = dataclasses.replace(config, device="cuda" if device.startswith("cuda") else device)
+                run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "w")
+                command = [sys.executable, "-m", "bnprobe.sweep.launch", json.dumps(config.to_dict()), str(run.run_dir)]
+                active[slot] = (run, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+                console.print(f"started {escape(run.run_dir.name)} on {device or config.device}", soft_wrap=True)
+        for slot, (run, process, log) in list(active.items()):
+            if process.poll() is not None:
+                log.close()
+                outcome[run.run_dir.name] = "done" if process.returncode == 0 else f"failed (exit {process.returncode})"
+                where = slots[slot] or run.config.device
+                console.print(f"{escape(run.run_dir.name)} on {where}: {escape(str(outcome[run.run_dir.name]))}",
+                              soft_wrap=True)
+                del active[slot]
+        if active:
+            time.sleep(0.5)
+    return outcome
+
+
+def train_job(config_dict: dict[str, Any], run_dir: str) -> str:
+    """One run as a job of a cluster array (pickled by submitit): resumes what a previous job left."""
+    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    train(TrainConfig.from_dict(config_dict, "the run's settings"), Path(run_dir), resume=True)
+    return run_dir
+
+
+def submit_sweep(
+    planned: list[PlannedRun], folder: Path, cluster: Optional[str] = None, **parameters: Any
+) -> list[Any]:
+    """Submit every run that is not done as one job array through submitit (Slurm, or `cluster="local"`)."""
+    try:
+        import submitit
+    except ImportError:
+        raise BnprobeError("--launcher slurm needs submitit: pip install 'bnprobe[slurm]'")
+    todo = [run for run in planned if run.status() != "done"]
+    if not todo:
+        return []
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
+        return executor.map_array(train_job, [r.config.to_dict() for r in todo], [str(r.run_dir) for r in todo])
+    except Exception as exc:  # sbatch missing or refusing: say it in one line
+        raise BnprobeError(f"submitting {len(todo)} jobs failed: {first_line(exc)}")
+
+
+def _worker(config_json: str, run_dir: str) -> None:
+    """Entry point of one parallel local worker (`python -m bnprobe.sweep.launch CONFIG_JSON RUN_DIR`)."""
+    try:
+        train_job(json.loads(config_json), run_dir)
+    except BnprobeError as exc:
+        print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])
+
+

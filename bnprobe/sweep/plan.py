@@ -1,0 +1,128 @@
+"""`bnprobe sweep PLAN.toml`: a grid of training runs, resumable, finished runs skipped.
+
+A plan is TOML. `[defaults]` holds TrainConfig fields shared by every run; each `[[grid]]` table maps
+fields to a value or a list of values, and adds every combination of its lists (merged over the
+defaults). `seeds = [0, 1, 2]` (in [defaults] or a [[grid]]) repeats each run once per seed, each its own
+run. Runs are named by `TrainConfig.run_name()`, so a rerun of the same plan finds its runs:
+finished ones are skipped, interrupted ones resume from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import tomllib
+
+from bnprobe.core.config import TrainConfig
+from bnprobe.core.errors import BnprobeError
+from bnprobe.files import runs
+from bnprobe.files.checkpoints import load_checkpoint
+from bnprobe.nets.check import check_model
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass
+class PlannedRun:
+    config: TrainConfig
+    run_dir: Path
+
+    def status(self) -> str:
+        """new, done, or `partial (k/N)` from what is on disk."""
+        path = runs.checkpoint_path(self.run_dir)
+        if not path.exists():
+            return "new"
+        try:
+            epoch = load_checkpoint(path).get("epoch")
+        except BnprobeError:
+            return "unreadable"
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            return "unreadable"
+        return "done" if epoch >= self.config.epochs else f"partial ({epoch}/{self.config.epochs})"
+
+
+# A grid is a product: two lists of 1,000 make a million runs, which takes hours to even plan. Beyond this
+# many, --max-runs must say that it is meant.
+MAX_RUNS = 10_000
+
+
+def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[PlannedRun]:
+    try:
+        plan = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BnprobeError(f"no plan file at {path}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BnprobeError(f"{path} is not valid TOML ({exc})")
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
+    unknown_tables = sorted(set(plan) - {"defaults", "grid"})
+    if unknown_tables:
+        raise BnprobeError(f"{path}: unknown tables {', '.join(unknown_tables)} (a plan has [defaults] and [[grid]])")
+    defaults = plan.get("defaults", {})
+    grids = plan.get("grid", [])
+    if isinstance(grids, dict):
+        grids = [grids]
+    if not isinstance(defaults, dict) or not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        raise BnprobeError(f"{path}: [defaults] and each [[grid]] must be tables of settings (name = value)")
+    if not grids:
+        raise BnprobeError(f"{path} has no [[grid]] table, so no runs")
+    defaults = dict(defaults)
+    default_seeds = _seeds(defaults, path, "[defaults]")
+    grids = [dict(grid) for grid in grids]
+    for i, grid in enumerate(grids, 1):
+        seeds = _seeds(grid, path, f"grid {i}")
+        if seeds is not None or (default_seeds is not None and "seed" not in grid):
+            grid["seed"] = seeds if seeds is not None else default_seeds  # an axis: each seed its own run
+        for table, name in ((defaults, "[defaults]"), (grid, f"grid {i}")):
+            bad = sorted(set(table) - FIELDS)
+            if bad:
+                raise BnprobeError(f"{path} {name}: unknown settings {', '.join(bad)}; see `bnprobe train --help`")
+    axes = [{k: v if isinstance(v, list) else [v] for k, v in grid.items()} for grid in grids]
+    for i, grid in enumerate(axes, 1):
+        # Each value first, beside the first value of every other setting (a run the grid has): a bad one is
+        # found at once, not after expanding the millions of runs --max-runs allows.
+        if all(grid.values()):
+            first = {k: values[0] for k, values in grid.items()}
+            for name, values in grid.items():
+                for value in values:
+                    _checked({**defaults, **first, name: value}, f"{path} grid {i}")
+    combinations = sum(math.prod(len(values) for values in grid.values()) for grid in axes)
+    if combinations > max_runs:
+        raise BnprobeError(f"{path} plans {combinations:,} runs, more than the limit of {max_runs:,}; "
+                           f"pass --max-runs {combinations} if that many is meant")
+    planned: dict[Path, PlannedRun] = {}
+    for i, grid in enumerate(axes, 1):
+        for values in itertools.product(*grid.values()):
+            config = _checked({**defaults, **dict(zip(grid, values))}, f"{path} grid {i}")
+            run = PlannedRun(config, runs_dir / config.run_name())
+            planned.setdefault(run.run_dir, run)  # grids may overlap: each run once
+    if not planned:
+        raise BnprobeError(f"{path} plans no runs (is a list in [[grid]] empty?)")
+    return list(planned.values())
+
+
+def _checked(settings: dict[str, Any], where: str) -> TrainConfig:
+    """One run's settings as train resolves them, its model checked on the meta device (cached per model)."""
+    config = TrainConfig.from_dict(settings, where).resolved()
+    check_model(config, where)
+    return config
+
+
+def _seeds(table: dict[str, Any], path: Path, name: str) -> Optional[list[int]]:
+    """`seeds = [0, 1, 2]`, taken out of `table`: the seeds to repeat each run of the table with (None: not set)."""
+    if "seeds" not in table:
+        return None
+    seeds = table.pop("seeds")
+    if "seed" in table:
+        raise BnprobeError(f"{path} {name}: seed and seeds both set; keep one")
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise BnprobeError(f"{path} {name}: seeds must be a list of distinct integers, e.g. seeds = [0, 1, 2]")
+    return seeds
+
+
