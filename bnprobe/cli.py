@@ -378,7 +378,7 @@ def findings(
     for item in collection.skipped:
         console.print(f"[yellow]skipped[/] {escape(printable(item.name))}: {escape(printable(item.reason))}",
                       soft_wrap=True, highlight=False)
-    result = findings_of(collection.runs)
+    result = findings_of(collection.runs, collection.ablations)
     for table in tables(result):
         console.print(table)
     if json_out is not None:

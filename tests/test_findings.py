@@ -31,7 +31,7 @@ from bnprobe.analysis.findings import (
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.modelnames import model_depth
-from bnprobe.reporting.read import Run
+from bnprobe.reporting.read import Ablation, Run
 
 DEFAULT = TrainConfig(dataset="digits").to_dict()
 
@@ -218,6 +218,70 @@ def test_every_comparison_of_the_plan_with_its_numbers():
     assert gamma.p == pytest.approx(stats.ttest_1samp(ratios, 1).pvalue) and gamma.test.endswith("against 1")
 
 
+def with_gamma(run: Run, gamma: np.ndarray) -> Run:
+    run.gamma_layers, run.gamma_final = ["bn1"], [gamma]
+    return run
+
+
+def sweep(run: Run, taus, accuracies, clamped) -> Ablation:
+    """A clamp sweep of `run` as bnprobe.reporting.read reads an ablation.h5 (global, β kept)."""
+    return Ablation(name="ablation.h5", label=run.name, mode="threshold", per_layer=False, zero_beta=False,
+                    values=np.array(taus), clamped_fraction=np.array(clamped), test_acc=np.array(accuracies),
+                    train_acc=None, baseline_test_acc=run.test_acc, checkpoint="", freeze=run.freeze, run=run)
+
+
+def test_clamping_and_channels_off_with_their_numbers():
+    """How much accuracy the γ near zero carry (paired over seeds), how many channels are off, BN-only against
+    full training, and whether that grows with depth: every number against a hand computation."""
+    rng = np.random.default_rng(1)
+    runs, ablations = [], []
+    for seed in (0, 1, 2):
+        for model, base in (("resnet8", 0.5), ("resnet14", 0.6), ("resnet20", 0.65)):
+            for freeze, accuracy, small in (("non-bn", base, 0.3 + 0.1 * model_depth(model) / 20), ("none", 0.9, 0.1)):
+                gamma = np.where(rng.random(200) < small, rng.uniform(-0.009, 0.009, 200), rng.uniform(0.2, 1, 200))
+                run = with_gamma(fake_run(seed, [accuracy + 0.01 * seed], model=model, freeze=freeze), gamma)
+                runs.append(run)
+                lost = [0.0, 0.02 * (freeze == "non-bn") + 0.005 * seed, 0.1, 0.3]
+                ablations.append(sweep(run, [0.0, 0.01, 0.05, 0.1], [run.test_acc - x for x in lost],
+                                       [0.0, np.mean(np.abs(gamma) < 0.01), 0.4, 0.5]))
+    ablations.append(sweep(runs[0], [0.01], [0.0], [1.0]))  # a second sweep of a run: the first counts
+    result = findings_of(runs, ablations)
+    by = {(f.kind, f.title): f for f in result.findings}
+
+    def of(model, freeze):
+        return {r.seed: r for r in runs if r.model == model and r.freeze == freeze}
+
+    clamp = by[("clamping small γ to 0", "resnet14 digits non-bn")]
+    acc01, share01, acc05, share05, acc1, share1 = clamp.rows
+    trained = {s: r.test_acc for s, r in of("resnet14", "non-bn").items()}
+    clamped = {s: trained[s] - (0.02 + 0.005 * s) for s in trained}
+    d = [clamped[s] - trained[s] for s in (0, 1, 2)]
+    assert acc01.a.mean == pytest.approx(np.mean(list(clamped.values()))) and acc01.test.startswith("paired")
+    assert acc01.difference.mean == pytest.approx(np.mean(d))
+    assert (acc01.difference.low, acc01.difference.high) == pytest.approx(hand_interval(d))
+    assert acc01.p == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    shares = [np.mean(np.abs(r.gamma_final[0]) < 0.01) for r in of("resnet14", "non-bn").values()]
+    assert share01.a.mean == pytest.approx(np.mean(shares)) and share05.a.mean == pytest.approx(0.4)
+    assert acc1.difference.mean == pytest.approx(-0.3) and "|γ| < 0.1 set to 0" in acc1.sentence
+
+    versus = by[("BN-only vs full training", "resnet14 digits non-bn vs resnet14 digits none")]
+    rows = {row.metric: row for row in versus.rows}
+    off = rows["channels off (|γ| < 0.01)"]
+    assert off.a.mean == pytest.approx(np.mean(shares))
+    assert off.b.mean == pytest.approx(np.mean([np.mean(np.abs(r.gamma_final[0]) < 0.01)
+                                                for r in of("resnet14", "none").values()]))
+    cost = rows["test accuracy lost by setting |γ| < 0.01 to 0"]
+    assert cost.difference.mean == pytest.approx(0.02) and cost.test.startswith("paired")
+
+    [trend] = [f for f in result.findings if f.kind == "depth trend" and "non-bn" in f.title]
+    accuracy, off_trend = trend.rows
+    chosen = [r for r in runs if r.freeze == "non-bn"]
+    fractions = [np.mean(np.abs(r.gamma_final[0]) < 0.01) for r in chosen]
+    rho = stats.spearmanr([model_depth(r.model) for r in chosen], fractions)
+    assert off_trend.a.mean == pytest.approx(rho.statistic) and off_trend.p == pytest.approx(rho.pvalue)
+    assert "channels off" in off_trend.sentence and off_trend.a.n == 9
+
+
 def test_one_seed_claims_nothing(tmp_path):
     runs = [fake_run(0, [0.5], freeze="non-bn"), fake_run(0, [0.9], freeze="none")]
     copy = fake_run(0, [0.5], freeze="non-bn")
@@ -277,6 +341,35 @@ def test_findings_command_and_report_on_real_runs(capsys, seeded_runs, tmp_path)
     sentence = stored["findings"][0]["rows"][0]["sentence"]
     assert sentence.replace("−", "&minus;") in html or sentence in html
     assert json.loads(json_path(tmp_path / "r.html").read_text()) == stored
+
+
+def test_clamp_findings_of_real_runs_are_their_ablation_files(capsys, seeded_runs, tmp_path):
+    """After `bnprobe ablate` of each run, the findings say what clamping cost, from the files' own numbers."""
+    import shutil
+
+    import h5py
+
+    root = tmp_path / "runs"
+    shutil.copytree(seeded_runs, root)
+    for run in sorted(root.iterdir()):
+        code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0,0.05,0.5", "--test-subset", "50",
+                               "--train-subset", "20")
+        assert code == 0, err
+    code, out, err = run_cli(capsys, "findings", root, "--json", tmp_path / "f.json")
+    assert code == 0, err
+    assert "clamping small γ to 0" in " ".join(out.split())
+    stored = json.loads((tmp_path / "f.json").read_text())
+    for group in stored["groups"]:
+        [finding] = [f for f in stored["findings"] if f["kind"] == "clamping small γ to 0" and f["title"] == group["label"]]
+        accuracy, clamped = finding["rows"]  # τ = 0.05 alone: the sweep has neither 0.01 nor 0.1
+        files = [h5py.File(root / name / "ablation.h5") for name in group["runs"]]
+        at = [int(np.flatnonzero(np.isclose(f["values"][:], 0.05))[0]) for f in files]
+        assert accuracy["metric"] == "test accuracy with |γ| < 0.05 set to 0"
+        assert accuracy["a"]["mean"] == pytest.approx(np.mean([f["test_acc"][k] for f, k in zip(files, at)]))
+        assert accuracy["b"]["mean"] == pytest.approx(np.mean([f.attrs["baseline_test_acc"] for f in files]))
+        assert clamped["a"]["mean"] == pytest.approx(np.mean([f["clamped_fraction"][k] for f, k in zip(files, at)]))
+        for f in files:
+            f.close()
 
 
 def test_findings_command_bad_input_is_one_line(capsys, tmp_path):

@@ -53,6 +53,40 @@ def test_sweep_trains_then_skips_finished_runs(tmp_path, capsys):
     assert code == 0 and out.count("done") >= 2
 
 
+ABLATE = '\n[ablate]\nclamp_gamma = "0,0.05,0.3"\ntest_subset = 40\ntrain_subset = 30\n'
+
+
+@pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]])
+def test_a_plan_with_ablate_clamps_every_run_once_as_ablate_would(tmp_path, capsys, devices):
+    """[ablate] runs `bnprobe ablate RUN` on each run once it has trained, in this process or in the workers; a
+    rerun finds them done. The file is the one `bnprobe ablate` writes by hand with the same settings."""
+    import h5py
+
+    (tmp_path / "plan.toml").write_text(PLAN + ABLATE)
+    argv = ["sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs", *devices]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "0 of 2 runs already done; 2 to train or ablate" in " ".join(out.split())
+    run_dirs = sorted(d for d in (tmp_path / "runs").iterdir() if d.is_dir())
+    assert len(run_dirs) == 2 and all((d / "ablation.h5").exists() for d in run_dirs)
+    code, out, err = run_cli(capsys, "ablate", run_dirs[0], "--clamp-gamma", "0,0.05,0.3", "--test-subset", "40",
+                             "--train-subset", "30", "--out", tmp_path / "by-hand.h5")
+    assert code == 0, err
+    with h5py.File(run_dirs[0] / "ablation.h5") as swept, h5py.File(tmp_path / "by-hand.h5") as by_hand:
+        for name in ("values", "test_acc", "train_acc", "clamped"):
+            assert swept[name][:].tolist() == by_hand[name][:].tolist(), name
+    before = [(d / "ablation.h5").read_bytes() for d in run_dirs]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "2 of 2 runs already done; 0 to train or ablate" in " ".join(out.split())
+    assert [(d / "ablation.h5").read_bytes() for d in run_dirs] == before
+    (run_dirs[1] / "ablation.h5").unlink()  # trained, not ablated: the dry run says so, the sweep ablates only
+    code, out, _ = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs", "--dry-run")
+    assert code == 0 and "done; ablate" in out
+    checkpoint = runs.checkpoint_path(run_dirs[1]).read_bytes()
+    assert run_cli(capsys, *argv)[0] == 0
+    assert (run_dirs[1] / "ablation.h5").exists() and runs.checkpoint_path(run_dirs[1]).read_bytes() == checkpoint
+
+
 def test_sweep_in_parallel_worker_processes(tmp_path, capsys):
     (tmp_path / "plan.toml").write_text(PLAN)
     code, out, err = run_cli(capsys, "sweep", str(tmp_path / "plan.toml"), "--runs-dir", str(tmp_path / "runs"),
@@ -219,6 +253,13 @@ def test_training_flops_count_weight_gradients_where_they_are_computed(changes, 
     ("[runs]\nx = 1\n[[grid]]\nmodel = 'resnet8'\n", "unknown tables runs"),
     ("[[grid]]\nmodel = 'resnet8'\nlr = -1.0\n", "--lr must be > 0"),
     ("[[grid]]\nmodel = 'resnet8'\nseed = []\n", "plans no runs"),
+    ("[ablate]\ntest_subset = 10\n[[grid]]\nmodel = 'resnet8'\n", "set exactly one of clamp_gamma and clamp_fraction"),
+    ("[ablate]\nclamp_gamma = '0:0.1:3'\nclamp_fraction = 0.5\n[[grid]]\nmodel = 'resnet8'\n", "exactly one"),
+    ("[ablate]\nclamp_gamma = '0.1,,0.2'\n[[grid]]\nmodel = 'resnet8'\n", "--clamp-gamma has an empty item"),
+    ("[ablate]\nclamp_fraction = '2'\n[[grid]]\nmodel = 'resnet8'\n", "--clamp-fraction values must be in [0, 1]"),
+    ("[ablate]\nclamp_gamma = 0.1\nzero_beta = 1\n[[grid]]\nmodel = 'resnet8'\n", "zero_beta must be true or false"),
+    ("[ablate]\nclamp_gamma = 0.1\ntest_subset = -1\n[[grid]]\nmodel = 'resnet8'\n", "test_subset must be >= 0"),
+    ("[ablate]\nclamp_gamma = 0.1\ntaus = 3\n[[grid]]\nmodel = 'resnet8'\n", "unknown setting 'taus'"),
 ])
 def test_bad_plans_are_one_line_errors(tmp_path, capsys, text, message):
     if text is not None:
@@ -383,16 +424,24 @@ def test_calibrate_times_real_steps_once_per_distinct_model(tmp_path, capsys, mo
 
 
 def test_cpu_study_example_plans_every_comparison_it_reports(tmp_path):
+    """examples/cpu-study.toml: each of the seed's questions has its runs, three seeds on both sides of every
+    comparison (paired tests), Frankle's schedule shape, and a clamp sweep of every run at the findings' τ."""
     from pathlib import Path
+
+    from bnprobe.analysis.findings import CLAMP_TAUS
 
     planned = read_plan(Path(__file__).parents[1] / "examples" / "cpu-study.toml", tmp_path)
     kinds: dict[tuple, set[int]] = {}
     for p in planned:
         c = p.config
-        assert (c.dataset, c.subset, c.epochs, c.device) == ("mnist", 1000, 3, "cpu")
-        kinds.setdefault((c.model, c.freeze, c.random_features), set()).add(c.seed)
+        assert (c.dataset, c.subset, c.epochs, c.device, c.batch_size) == ("cifar10", 10_000, 12, "cpu", 128)
+        assert (c.lr, c.momentum, c.weight_decay, c.milestone_epochs, c.lr_drop) == (0.1, 0.9, 1e-4, (6, 9), 0.1)
+        assert (c.flip, c.translate, c.normalize) == (True, 4, "per-pixel")
+        assert p.ablation.mode == "threshold" and set(CLAMP_TAUS) <= set(p.ablation.values)
+        kinds.setdefault((c.model, c.freeze, c.random_features, c.gamma_l1), set()).add(c.seed)
     assert all(seeds == {0, 1, 2} for seeds in kinds.values())  # paired tests need the same seeds on both sides
-    for depth in (8, 14, 20):  # BN-only vs full at each depth: the depth series of both
-        assert {(f"resnet{depth}", "none", 0), (f"resnet{depth}", "non-bn", 0)} <= set(kinds)
-    assert {("resnet14", "non-bn-output", 0), ("resnet14", "all-but-output", 2)} <= set(kinds)
-    assert len(planned) == 24
+    for depth in (8, 14, 20):  # BN-only vs full at each depth: the depth series of both, and their gaps
+        assert {(f"resnet{depth}", "none", 0, 0.0), (f"resnet{depth}", "non-bn", 0, 0.0)} <= set(kinds)
+    assert {("resnet8", "non-bn-output", 0, 0.0), ("resnet8", "all-but-output", 2, 0.0)} <= set(kinds)
+    assert ("resnet20", "non-bn", 0, 5e-3) in kinds  # γ regularised on the deepest BN-only net
+    assert len(planned) == 27

@@ -20,6 +20,7 @@ import numpy as np
 
 from bnprobe.core.config import IDENTITY_DEFAULTS, seed_group
 from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.core.options import OFF_THRESHOLD
 from bnprobe.core.modelnames import model_depth, model_family
 from bnprobe.files import schema
 from bnprobe.files.atomic import atomic_write
@@ -158,6 +159,13 @@ def _finite(x: float) -> Optional[float]:
     return float(x) if math.isfinite(x) else None
 
 
+# The channels BN has turned off after training: |γ| below the probe's off threshold, so the BN output is (almost)
+# the constant β (bnprobe probe's "off").
+OFF = f"channels off (|γ| < {OFF_THRESHOLD:g})"
+# Where clamping γ to 0 is reported (the report's τ), when a run's ablation swept them.
+CLAMP_TAUS = (0.01, 0.05, 0.1)
+
+
 # ---- groups --------------------------------------------------------------------------------------------------
 
 
@@ -182,6 +190,7 @@ METRICS: tuple[tuple[str, str, Callable, tuple[float, float]], ...] = (
     ("best-epoch − final test accuracy", "pct", best_minus_final, FRACTION),
     ("test loss", "number", _last("test_loss"), NON_NEGATIVE),
     ("train loss", "number", _last("train_eval_loss", "train_loss"), NON_NEGATIVE),
+    (OFF, "pct", lambda run: run.fraction_below(OFF_THRESHOLD), FRACTION),
 )
 METRIC = {name: (unit, value, bounds) for name, unit, value, bounds in METRICS}
 
@@ -262,15 +271,19 @@ def _compare_groups(kind: str, a: Group, b: Group, metrics: Sequence[str], what:
     return finding
 
 
-def build_findings(groups: Sequence[Group]) -> list[Finding]:
-    """One finding per comparison whose runs exist, in the order of the research questions."""
+def build_findings(groups: Sequence[Group], ablations: dict) -> list[Finding]:
+    """One finding per comparison whose runs exist, in the order of the research questions. `ablations`: each
+    run's clamp sweep, by id(run)."""
     index = {g.key: g for g in groups}
     accuracy_gap_drop = ("test accuracy", "gap (train − test accuracy)", "best-epoch − final test accuracy")
     out: list[Finding] = []
     for g in groups:  # BN-only vs full training of the same network
         full = _counterpart(g, index, freeze="none") if g.setting("freeze") == "non-bn" else None
         if full is not None:
-            out.append(_compare_groups("BN-only vs full training", g, full, accuracy_gap_drop, ("BN-only", "full")))
+            finding = _compare_groups("BN-only vs full training", g, full, accuracy_gap_drop + (OFF,),
+                                      ("BN-only", "full"))
+            finding.rows += clamp_cost_rows(g, full, ablations, ("BN-only", "full"))
+            out.append(finding)
 
     series: dict[tuple, list[Group]] = {}  # depth trend: groups alike but for the model, within one family
     for g in groups:
@@ -289,7 +302,8 @@ def build_findings(groups: Sequence[Group]) -> list[Finding]:
             changed and g.setting("freeze") == "non-bn") else None
         if plain is not None:
             what = ", ".join(f"{name}={g.setting(name)}" for name in changed)
-            out.append(_compare_groups("changed BN vs plain BN-only", g, plain, accuracy_gap_drop, (what, "plain")))
+            out.append(_compare_groups("changed BN vs plain BN-only", g, plain, accuracy_gap_drop + (OFF,),
+                                       (what, "plain")))
 
     for g in groups:  # reduced BN vs full BN, and vs another net (25/76/100 convs, ...) with as many BN layers
         if g.setting("bn") != "every-k":
@@ -317,6 +331,11 @@ def build_findings(groups: Sequence[Group]) -> list[Finding]:
                 finding.rows.insert(0, _parameters_row(g, bn_only))
                 out.append(finding)
 
+    for g in groups:  # the γ near zero: how much accuracy they carry, how many channels that is
+        finding = clamp_finding(g, ablations)
+        if finding is not None:
+            out.append(finding)
+
     for g in groups:  # BN γ/β vs conv weights: mean |grad| over training
         rows = [gradient_ratio(g, name) for name in ("bn_gamma", "bn_beta")]
         rows = [row for row in rows if row is not None]
@@ -326,20 +345,69 @@ def build_findings(groups: Sequence[Group]) -> list[Finding]:
 
 
 def depth_trend(family: str, first: Group, runs: Sequence) -> Finding:
-    """Spearman rank correlation of depth with test accuracy over every run (each seed a point)."""
+    """Spearman rank correlation of depth with test accuracy, and with the fraction of channels off, over every
+    run (each seed a point)."""
+    label = first.label.replace(first.setting("model"), family, 1)
+    rows = [_rank_correlation("test accuracy", runs, lambda run: run.test_acc)]
+    off = _rank_correlation(f"the fraction of {OFF}", runs, lambda run: run.fraction_below(OFF_THRESHOLD))
+    return Finding("depth trend", label, rows + ([off] if off is not None else []))
+
+
+def _rank_correlation(what: str, runs: Sequence, value: Callable) -> Optional[Row]:
+    """Spearman's rank correlation of depth with `value` over the runs that have it (None: fewer than 3)."""
     from scipy import stats
 
-    depths = [model_depth(run.model) for run in runs]
-    accuracy = [run.test_acc for run in runs]
+    points = [(model_depth(run.model), v) for run in runs if math.isfinite(v := value(run))]
+    if len(points) < 3:
+        return None
+    depths, values = zip(*points)
     with warnings.catch_warnings():  # constant input: NaN, shown as "–"
         warnings.simplefilter("ignore")
-        result = stats.spearmanr(depths, accuracy)
-    label = first.label.replace(first.setting("model"), family, 1)
-    row = Row(f"rank correlation of depth with test accuracy ({len(set(depths))} depths "
-              f"{min(depths)}–{max(depths)})", "number", Estimate(float(result.statistic), None, None, len(runs)),
-              test="Spearman rank correlation", p=_finite(float(result.pvalue)),
-              note="runs of every seed as points" if len(runs) > len(set(depths)) else SINGLE + " per depth")
-    return Finding("depth trend", label, [row])
+        result = stats.spearmanr(depths, values)
+    return Row(f"rank correlation of depth with {what} ({len(set(depths))} depths {min(depths)}–{max(depths)})",
+               "number", Estimate(float(result.statistic), None, None, len(points)),
+               test="Spearman rank correlation", p=_finite(float(result.pvalue)),
+               note="runs of every seed as points" if len(points) > len(set(depths)) else SINGLE + " per depth")
+
+
+def clamped_accuracy(run, ablations: dict, tau: float) -> tuple[float, float, float]:
+    """(test accuracy with every |γ| < τ set to 0, as trained, fraction of channels clamped) from the run's clamp
+    sweep (`bnprobe ablate --clamp-gamma`, over all layers, β kept), or NaNs when it did not sweep τ."""
+    ablation = ablations.get(id(run))
+    hits = [] if ablation is None else np.nonzero(np.isclose(ablation.values, tau, rtol=0, atol=1e-9))[0]
+    if not len(hits) or ablation.baseline_test_acc is None:
+        return (math.nan,) * 3
+    k = int(hits[0])
+    return float(ablation.test_acc[k]), float(ablation.baseline_test_acc), float(ablation.clamped_fraction[k])
+
+
+def clamp_finding(group: Group, ablations: dict) -> Optional[Finding]:
+    """How much accuracy the γ near zero carry in `group`: the test accuracy of each run with |γ| < τ set to 0
+    against the same run as trained (a paired test over seeds), with the fraction of channels that clamps."""
+    rows = []
+    for tau in CLAMP_TAUS:
+        measured = {run.seed: clamped_accuracy(run, ablations, tau) for run in group.runs}
+        measured = {seed: m for seed, m in measured.items() if math.isfinite(m[0])}
+        if not measured:
+            continue
+        clamped, trained = ({seed: m[i] for seed, m in measured.items()} for i in (0, 1))
+        rows.append(compare(f"test accuracy with |γ| < {tau:g} set to 0", "pct", clamped, trained,
+                            ("clamped", "as trained"), FRACTION))
+        fraction = estimate([m[2] for m in measured.values()], FRACTION)
+        rows.append(Row(f"channels clamped at |γ| < {tau:g}", "pct", fraction,
+                        note=SINGLE if fraction.n < 2 else ""))
+    return Finding("clamping small γ to 0", group.label, rows) if rows else None
+
+
+def clamp_cost_rows(a: Group, b: Group, ablations: dict, labels: tuple[str, str]) -> list[Row]:
+    """Accuracy lost by clamping |γ| < τ in `a` against `b` (e.g. BN-only against full training), per τ."""
+    rows = []
+    for tau in CLAMP_TAUS:
+        lost = [{run.seed: m[1] - m[0] for run in g.runs
+                 if math.isfinite((m := clamped_accuracy(run, ablations, tau))[0])} for g in (a, b)]
+        if all(lost):
+            rows.append(compare(f"test accuracy lost by setting |γ| < {tau:g} to 0", "pct", *lost, labels))
+    return rows
 
 
 def _parameters_row(a: Group, b: Group) -> Row:
@@ -403,9 +471,16 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def findings_of(runs: Sequence) -> Findings:
+def findings_of(runs: Sequence, ablations: Sequence = ()) -> Findings:
+    """The findings of `runs`; `ablations` (bnprobe.reporting.read.Ablation, each linked to its run) add how much
+    accuracy clamping small γ costs: each run's global clamp sweep of γ (β kept), the first found."""
     groups = group_runs(runs)
-    return Findings(groups, build_findings(groups))
+    sweeps: dict[int, Any] = {}
+    for ablation in ablations:
+        if (ablation.run is not None and ablation.mode == "threshold" and not ablation.per_layer
+                and not ablation.zero_beta):
+            sweeps.setdefault(id(ablation.run), ablation)
+    return Findings(groups, build_findings(groups, sweeps))
 
 
 def json_path(report: Path) -> Path:

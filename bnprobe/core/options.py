@@ -17,7 +17,10 @@ from bnprobe.core.errors import BnprobeError
 
 NORM_UNITS = ("auto", "unit", "pixel")
 DEFAULT_TAUS = "0.001,0.01,0.05,0.1"
-REPORT_TAUS = "0.01,0.05,0.1"  # the report's figures and tables: fewer columns
+REPORT_TAUS = "0.01,0.05,0.1"
+# A channel counts as turned off when |γ| is below this: its BN output is then (almost) the constant β. The probe's
+# default --off-threshold, and the findings' "channels off".
+OFF_THRESHOLD = 0.01  # the report's figures and tables: fewer columns
 # Each value is at least one evaluation (ablate) or a column (probe, report): more than this is a typo, and
 # would otherwise spend minutes and gigabytes before saying anything.
 MAX_SWEEP_VALUES = 10_000
@@ -77,7 +80,7 @@ class ProbeOptions:
     """What `bnprobe probe` measures, besides how it loads (LoadOptions)."""
 
     taus: list[float] = _sweep("--taus", DEFAULT_TAUS, "Thresholds τ for the fraction of |γ| < τ.")
-    off_threshold: float = field(default=0.01, metadata=_help("A channel counts as turned off when |γ| is below this."))
+    off_threshold: float = field(default=OFF_THRESHOLD, metadata=_help("A channel counts as turned off when |γ| is below this."))
     bins: int = field(default=40, metadata=_help(
         "Histogram bins for γ and β in probe.h5 (edges shared by all layers), at most 10,000."))
     images: int = field(default=1000, metadata=_help("Test images to measure ReLU sparsity on (0 = all)."))

@@ -27,6 +27,7 @@ from bnprobe.core.formats import (
 )
 from bnprobe.core.measures import MAX_CURVE_POINTS, GammaDigest, fraction_below, gamma_digest, window_means
 from bnprobe.core.modelnames import model_depth, model_family
+from bnprobe.core.options import OFF_THRESHOLD
 from bnprobe.files import schema
 from bnprobe.files.headers import check_complete, read_export_header
 from bnprobe.files.store import file_format
@@ -163,7 +164,7 @@ class Run:
         """Replace the γ arrays by the numbers the report shows of them at `taus`: in its tables and captions,
         and in its figure (a digest: histogram counts, fraction per layer)."""
         self.digest = self.gamma_digest(taus)
-        self.gamma_below = {tau: self.fraction_below(tau) for tau in taus}
+        self.gamma_below = {tau: self.fraction_below(tau) for tau in (*taus, OFF_THRESHOLD)}  # the findings' "off"
         self.gamma_count, self.gamma_had_init = self.gamma_channels, self.has_gamma_init
         self.gamma_final, self.gamma_init = [], []
 

@@ -223,7 +223,7 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
     templates = find_templates(templates)
     env = template_environment(templates)
     figures = figures if figures is not None else build_figures(collection, taus, hover_values=embed == "inline")
-    findings = findings if findings is not None else statistics.findings_of(collection.runs)
+    findings = findings if findings is not None else statistics.findings_of(collection.runs, collection.ablations)
     runs_with_depth = [r for r in collection.runs if r.depth is not None]
     return env.get_template(TEMPLATE).render(
         title=title or "bnprobe report: " + ", ".join(r.resolve().name or str(r) for r in collection.roots),
@@ -338,7 +338,7 @@ def write_report(
             embed = "inline" if kind == "html" else "img"
             figures = build_figures(collection, taus, pool, hover_values=embed == "inline")
             say("drew the figures across runs" + ("" if late else " and each run's figure"))
-            findings = statistics.findings_of(collection.runs)
+            findings = statistics.findings_of(collection.runs, collection.ablations)
             html = render_html(collection, taus, embed=embed, title=title, templates=templates, figures=figures,
                                findings=findings)
             pages = None

@@ -211,7 +211,7 @@ def plan_table(planned: list[PlannedRun], tflops: float, calibrate: bool = False
             "#": str(i), "model": c.model, "data": c.dataset, "freeze": c.freeze,
             "bn": c.bn if c.bn != "every-k" else f"every {c.bn_every}", "other": other_settings(c).replace(" ", "\n"),
             "seed": str(c.seed), "epochs": str(c.epochs), "FLOP": si_number(flops),
-            "time": duration(seconds), "status": run.status(),
+            "time": duration(seconds), "status": run.progress(),
         }
         table.add_row(*(Text(cells[header]) for header, _ in columns))
     table.add_section()

@@ -1,5 +1,6 @@
-"""Running a plan: every run that is not done, trained in this process one after another, or in worker processes
-(`--devices`, `--per-device`), or submitted as one Slurm job array through submitit (`--launcher slurm`)."""
+"""Running a plan: every run that is not done, trained (and, with the plan's [ablate], its small γ clamped) in this
+process one after another, or in worker processes (`--devices`, `--per-device`), or submitted as one Slurm job
+array through submitit (`--launcher slurm`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.markup import escape
 
+from bnprobe.analysis.ablate import run_ablation
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError, first_line, printable
+from bnprobe.core.options import AblateOptions, LoadOptions
+from bnprobe.files.lock import locked
 from bnprobe.sweep.plan import PlannedRun
 from bnprobe.training.train import train
 
@@ -34,8 +38,9 @@ def run_sweep(
     """Train every run that is not done: one at a time in this process, or in worker processes, `per_device`
     at once on each device (default: each run's own), a new one starting as soon as one finishes."""
     check_per_device(per_device)
-    todo = [run for run in planned if run.status() != "done"]
-    console.print(f"{len(planned) - len(todo)} of {len(planned)} runs already done; {len(todo)} to train.")
+    todo = [run for run in planned if run.todo()]
+    console.print(f"{len(planned) - len(todo)} of {len(planned)} runs already done; {len(todo)} to "
+                  f"{'train or ablate' if any(run.ablation for run in planned) else 'train'}.")
     outcome = {run.run_dir.name: "done" for run in planned if run not in todo}
     # A slot is one worker process at a time; None: the run's own device.
     slots: list[Optional[str]] = [device for device in (devices or [None]) for _ in range(per_device)]
@@ -44,7 +49,7 @@ def run_sweep(
             config = dataclasses.replace(run.config, device=devices[0]) if devices else run.config
             console.rule(f"run {i}/{len(todo)}: {run.run_dir.name}")
             try:
-                train(config, run.run_dir, resume=True, console=console)
+                run_job(config, run.run_dir, run.ablation, console)
                 outcome[run.run_dir.name] = "done"
             except BnprobeError as exc:  # one failed run does not stop the sweep
                 console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(printable(str(exc)))}", soft_wrap=True)
@@ -63,7 +68,8 @@ def run_sweep(
                     config = dataclasses.replace(config, device="cuda" if device.startswith("cuda") else device)
                 run.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "w")
-                command = [sys.executable, "-m", "bnprobe.sweep.launch", json.dumps(config.to_dict()), str(run.run_dir)]
+                command = [sys.executable, "-m", "bnprobe.sweep.launch", json.dumps(config.to_dict()), str(run.run_dir),
+                           json.dumps(dataclasses.asdict(run.ablation) if run.ablation else None)]
                 active[slot] = (run, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
                 console.print(f"started {escape(run.run_dir.name)} on {device or config.device}", soft_wrap=True)
         for slot, (run, process, log) in list(active.items()):
@@ -79,10 +85,24 @@ def run_sweep(
     return outcome
 
 
-def train_job(config_dict: dict[str, Any], run_dir: str) -> str:
-    """One run as a job of a cluster array (pickled by submitit): resumes what a previous job left."""
-    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
-    train(TrainConfig.from_dict(config_dict, "the run's settings"), Path(run_dir), resume=True)
+def run_job(config: TrainConfig, run_dir: Path, ablation: Optional[AblateOptions] = None,
+            console: Optional[Console] = None) -> None:
+    """One run of a plan: trained (resumed from what an earlier attempt left), then, with the plan's [ablate],
+    its small γ clamped into its ablation file unless that exists."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    train(config, run_dir, resume=True, console=console)
+    if ablation is not None:
+        out = PlannedRun(config, run_dir, ablation).ablation_file
+        with locked(out, str(out)):
+            if not out.exists():  # checked under the lock: another worker may have written it meanwhile
+                run_ablation(run_dir, LoadOptions(device=config.device), ablation, out=out, console=console)
+
+
+def train_job(config_dict: dict[str, Any], run_dir: str, ablation: Optional[dict[str, Any]] = None) -> str:
+    """One run as a job of a cluster array or a local worker (pickled by submitit, or given as JSON): resumes
+    what a previous job left."""
+    run_job(TrainConfig.from_dict(config_dict, "the run's settings"), Path(run_dir),
+            AblateOptions(**ablation) if ablation else None)
     return run_dir
 
 
@@ -94,27 +114,28 @@ def submit_sweep(
         import submitit
     except ImportError:
         raise BnprobeError("--launcher slurm needs submitit: pip install 'bnprobe[slurm]'")
-    todo = [run for run in planned if run.status() != "done"]
+    todo = [run for run in planned if run.todo()]
     if not todo:
         return []
     try:
         executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
-        return executor.map_array(train_job, [r.config.to_dict() for r in todo], [str(r.run_dir) for r in todo])
+        return executor.map_array(train_job, [r.config.to_dict() for r in todo], [str(r.run_dir) for r in todo],
+                                  [dataclasses.asdict(r.ablation) if r.ablation else None for r in todo])
     except Exception as exc:  # sbatch missing or refusing: say it in one line
         raise BnprobeError(f"submitting {len(todo)} jobs failed: {first_line(exc)}")
 
 
-def _worker(config_json: str, run_dir: str) -> None:
-    """Entry point of one parallel local worker (`python -m bnprobe.sweep.launch CONFIG_JSON RUN_DIR`)."""
+def _worker(config_json: str, run_dir: str, ablation_json: str = "null") -> None:
+    """Entry point of one parallel local worker (`python -m bnprobe.sweep.launch CONFIG_JSON RUN_DIR ABLATE_JSON`)."""
     try:
-        train_job(json.loads(config_json), run_dir)
+        train_job(json.loads(config_json), run_dir, json.loads(ablation_json))
     except BnprobeError as exc:
         print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:3])
+    _worker(*sys.argv[1:4])
 
 

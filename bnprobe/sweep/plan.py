@@ -5,6 +5,11 @@ fields to a value or a list of values, and adds every combination of its lists (
 defaults). `seeds = [0, 1, 2]` (in [defaults] or a [[grid]]) repeats each run once per seed, each its own
 run. Runs are named by `TrainConfig.run_name()`, so a rerun of the same plan finds its runs:
 finished ones are skipped, interrupted ones resume from their last checkpoint.
+
+An `[ablate]` table clamps small γ of every run once it has trained, as `bnprobe ablate RUN` would, into the run's
+ablation.h5: `clamp_gamma = "0:0.2:11"` (or `clamp_fraction`, the same syntax) plus `bnprobe ablate`'s options
+spelled with underscores (`test_subset`, `train_subset`, `per_layer`, `zero_beta`, `batch_size`, `fold`, `train`).
+A run whose ablation file exists is not ablated again.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import tomllib
 
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
+from bnprobe.core.formats import ABLATION_FILES
+from bnprobe.core.options import AblateOptions, parse_sweep
 from bnprobe.files import runs
 from bnprobe.files.checkpoints import load_checkpoint
 from bnprobe.nets.check import check_model
@@ -31,6 +38,20 @@ FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 class PlannedRun:
     config: TrainConfig
     run_dir: Path
+    ablation: Optional[AblateOptions] = None  # the plan's [ablate]: clamp γ once the run has trained
+
+    @property
+    def ablation_file(self) -> Optional[Path]:
+        return self.run_dir / ABLATION_FILES[self.ablation.mode] if self.ablation else None
+
+    def progress(self) -> str:
+        """status(), and whether the plan's ablation of the run is still to do."""
+        status = self.status()
+        return f"{status}; ablate" if self.ablation and not self.ablation_file.exists() else status
+
+    def todo(self) -> bool:
+        """Whether anything of this run is left to do: training, or its ablation."""
+        return self.progress() != "done"
 
     def status(self) -> str:
         """new, done, or `partial (k/N)` from what is on disk."""
@@ -60,9 +81,11 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
         raise BnprobeError(f"{path} is not valid TOML ({exc})")
     except OSError as exc:
         raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
-    unknown_tables = sorted(set(plan) - {"defaults", "grid"})
+    unknown_tables = sorted(set(plan) - {"defaults", "grid", "ablate"})
     if unknown_tables:
-        raise BnprobeError(f"{path}: unknown tables {', '.join(unknown_tables)} (a plan has [defaults] and [[grid]])")
+        raise BnprobeError(f"{path}: unknown tables {', '.join(unknown_tables)} (a plan has [defaults], [[grid]] "
+                           f"and [ablate])")
+    ablation = read_ablation(plan["ablate"], path) if "ablate" in plan else None
     defaults = plan.get("defaults", {})
     grids = plan.get("grid", [])
     if isinstance(grids, dict):
@@ -99,11 +122,44 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
     for i, grid in enumerate(axes, 1):
         for values in itertools.product(*grid.values()):
             config = _checked({**defaults, **dict(zip(grid, values))}, f"{path} grid {i}")
-            run = PlannedRun(config, runs_dir / config.run_name())
+            run = PlannedRun(config, runs_dir / config.run_name(), ablation)
             planned.setdefault(run.run_dir, run)  # grids may overlap: each run once
     if not planned:
         raise BnprobeError(f"{path} plans no runs (is a list in [[grid]] empty?)")
     return list(planned.values())
+
+
+# [ablate]'s settings: bnprobe ablate's options (AblateOptions) by field name, `train` for its --train/--no-train.
+ABLATE_SETTINGS = {"test_subset": int, "train_subset": int, "per_layer": bool, "zero_beta": bool, "batch_size": int,
+                   "fold": bool, "train": bool}
+
+
+def read_ablation(table: Any, path: Path) -> AblateOptions:
+    """A plan's [ablate] table as the options `bnprobe ablate` takes, checked as its flags are."""
+    if not isinstance(table, dict):
+        raise BnprobeError(f"{path}: [ablate] must be a table of settings (name = value)")
+    table = dict(table)
+    sweeps = [name for name in ("clamp_gamma", "clamp_fraction") if name in table]
+    if len(sweeps) != 1:
+        raise BnprobeError(f"{path} [ablate]: set exactly one of clamp_gamma and clamp_fraction, e.g. "
+                           f"clamp_gamma = \"0:0.2:11\"")
+    text = table.pop(sweeps[0])
+    flag = "--" + sweeps[0].replace("_", "-")
+    if not isinstance(text, (str, int, float)) or isinstance(text, bool):
+        raise BnprobeError(f"{path} [ablate]: {sweeps[0]} must be text like \"0:0.2:11\" or a number")
+    settings = AblateOptions(mode="threshold" if sweeps[0] == "clamp_gamma" else "fraction",
+                             values=parse_sweep(str(text), flag, upper=None if sweeps[0] == "clamp_gamma" else 1.0))
+    for name, value in table.items():
+        kind = ABLATE_SETTINGS.get(name)
+        if kind is None:
+            raise BnprobeError(f"{path} [ablate]: unknown setting {name!r}; choose from clamp_gamma, clamp_fraction, "
+                               f"{', '.join(ABLATE_SETTINGS)}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BnprobeError(f"{path} [ablate]: {name} must be {'true or false' if kind is bool else 'a whole number'}")
+        if kind is int and value < (1 if name == "batch_size" else 0):
+            raise BnprobeError(f"{path} [ablate]: {name} must be >= {1 if name == 'batch_size' else 0}, got {value}")
+        setattr(settings, "measure_train" if name == "train" else name, value)
+    return settings
 
 
 def _checked(settings: dict[str, Any], where: str) -> TrainConfig:
