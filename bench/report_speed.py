@@ -10,11 +10,13 @@ ResNet-20 to ResNet-110 and VGG-14/38, all five freeze modes, two seeds; ten run
     .venv/bin/python bench/report_speed.py                 # 50 runs -> PDF, prints the time
     .venv/bin/python bench/report_speed.py --runs 10 --html --keep /tmp/bench-runs
     .venv/bin/python bench/report_speed.py --against 67b3346 --rounds 2   # beside that commit, alternately
+    .venv/bin/python bench/report_speed.py --against 67b3346 --busy 2     # ... each beside 2 busy processes
 
 --against REV times the report of git revision REV (its own bench/report_speed.py, on runs that it makes in its
 own formats) and this one's in turns, in one session: machines differ, and a neighbour's load comes and goes, so
 the ratio is the figure to read. 67b3346 is the code issue 15 measured at 14.6 s ("< 10 s" asked: a ratio of
-0.68 or less).
+0.68 or less). --busy N runs N busy-loop processes (as many cores as a training run takes) beside every report
+timed, the usual case on a shared machine: a report must not starve beside them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -205,6 +209,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="make (or reuse) the runs here instead of a temporary folder")
     parser.add_argument("--against", metavar="REV", help="also time git revision REV's report, in turns with this one")
     parser.add_argument("--rounds", type=int, default=2, help="with --against: reports of each (default 2)")
+    parser.add_argument("--busy", type=int, default=0, help="busy-loop processes beside each report timed")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: report --keep's runs to this file
     args = parser.parse_args()
 
@@ -223,7 +228,8 @@ def main() -> None:
         output = Path(tmp) / ("report.html" if args.html else "report.pdf")
         ours = [sys.executable, __file__, "--keep", str(root), "--measure", str(output), "--jobs", str(args.jobs)]
         if not args.against:
-            subprocess.run(ours, check=True)
+            with busy(args.busy):
+                subprocess.run(ours, check=True)
             return
         theirs = [sys.executable, str(reference / "bench" / "report_speed.py"), "--runs", str(args.runs),
                   "--keep", str(Path(tmp) / "reference-runs")] + (["--html"] if args.html else [])
@@ -231,11 +237,25 @@ def main() -> None:
         for _ in range(max(1, args.rounds)):
             for name, command in ((args.against, theirs), ("this tree", ours)):
                 print(f"--- {name}", flush=True)
-                walls[name].append(wall_of(command))
+                with busy(args.busy):
+                    walls[name].append(wall_of(command))
         mine, old = (float(np.median(walls[k])) for k in ("this tree", args.against))
-        print(f"{args.runs} runs to {output.suffix[1:].upper()}, median of {len(walls[args.against])} in turns: "
+        beside = f" beside {args.busy} busy processes" if args.busy else ""
+        print(f"{args.runs} runs to {output.suffix[1:].upper()}{beside}, median of {len(walls[args.against])} in turns: "
               f"{mine:.1f} s here against {old:.1f} s for {args.against}: {mine / old:.2f}x the time "
               f"(each: {', '.join(f'{k} ' + ' / '.join(f'{w:.1f}' for w in v) + ' s' for k, v in walls.items())})")
+
+
+@contextmanager
+def busy(count: int) -> Iterator[None]:
+    """`count` processes spinning at full speed (at the report's own priority) while the body runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def checkout(revision: str, folder: Path) -> Path:
