@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.14.1 torchvision==0.29.1
 DEMO   := --dataset digits --epochs 20 --milestones 15 --runs-dir runs --overwrite
-# MNIST for `make study`: the shared copy next to the checkout if there is one, else downloaded into ./data.
+# CIFAR-10 for `make study`: the shared copy next to the checkout if there is one, else downloaded into ./data.
 DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,data)
 
 .PHONY: install demo study test bench clean
@@ -27,8 +27,8 @@ demo: install
 	$(BIN)/bnprobe ablate runs/demo-bn-only --clamp-gamma 0:0.3:7
 	$(BIN)/bnprobe report runs -o runs/report.pdf
 
-# examples/cpu-study.toml on this machine's CPUs (resumable: finished runs are skipped), then its report
-# with findings, committed under docs/cpu-study/.
+# examples/cpu-study.toml on this machine's CPUs (about 90 minutes on 2 cores; resumable: finished runs and their
+# clamp sweeps are skipped), then its report with findings, committed under docs/cpu-study/.
 study: install
 	BNPROBE_DATA_DIR=$(DATA_DIR) $(BIN)/bnprobe sweep examples/cpu-study.toml --runs-dir runs-study
 	$(BIN)/bnprobe report runs-study -o docs/cpu-study/report.html
