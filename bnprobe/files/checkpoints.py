@@ -9,8 +9,8 @@ exports (full or compact, bnprobe.files.compact). A state dict may sit at the to
 
 Lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)) and a safetensors file opened with
 safe_open, so only the bytes of the tensors used are read (the static probe of a 1 GB file reads its BN tensors
-alone). The safetensors header and the sniffing need no torch (the report reads exports' headers): torch is
-imported by the functions that load tensors.
+alone). What needs no torch (the sniffing, safetensors headers, exports' metadata) is bnprobe.files.headers, which
+the report reads without loading torch.
 """
 
 from __future__ import annotations
