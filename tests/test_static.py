@@ -108,7 +108,7 @@ def test_checkpoints_users_meet_are_probed_from_the_file_alone(capsys, tmp_path,
     torch.save(make(model), tmp_path / name, _use_new_zipfile_serialization=not legacy)
     out, stdout = probe(capsys, tmp_path, tmp_path / name)
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 3 and f.attrs["device"] == "none"  # 3: with provenance
+        assert f.attrs["version"] == 4 and f.attrs["device"] == "none"  # 4: every norm, outlier dimensions
         assert "images" not in f.attrs  # no forward pass: --images applied to nothing
         g = f["checkpoints/000"]
         check_against(g, f, expected(model.state_dict()))
@@ -216,7 +216,10 @@ def test_a_bnprobe_run_beside_foreign_files_keeps_its_forward_pass_and_the_same_
         assert ours.attrs["source"] == "bnprobe" and ours.attrs["forward_pass"] and "relu" in ours
         assert 0 <= ours.attrs["accuracy"] <= 1 and ours.attrs["images"] == 50 == f.attrs["images"]
         check_against(theirs, f, expected(model.state_dict()))
-        for name in ours["bn"]:
+        datasets = []  # every dataset under bn/, its groups' too
+        ours["bn"].visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert "recurring/dim" in datasets
+        for name in datasets:
             np.testing.assert_array_equal(copy["bn"][name][:], ours["bn"][name][:], err_msg=name)
         np.testing.assert_array_equal(copy["frac_below_all"][:], ours["frac_below_all"][:])
         for attr in ("bn_layers", "bn_channels", "mean_abs_gamma", "median_abs_gamma", "off", "off_dead"):
@@ -252,8 +255,8 @@ class Payload:
     (lambda p: p.write_text("not a checkpoint"), "is not a PyTorch checkpoint"),
     (lambda p: torch.save({"state_dict": Payload(p.with_name("ran"))}, p), "refused to load"),
     (lambda p: torch.save(nn.Linear(2, 2), p), "refused to load"),
-    (lambda p: torch.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.ones(3), "ln.weight": torch.ones(2)}, p),
-     "3 tensors (state dict at (top level)), none of them a BatchNorm layer's"),
+    (lambda p: torch.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.ones(3), "head.weight": torch.ones(2)}, p),
+     "3 tensors (state dict at (top level)), none of them a normalisation layer's (BatchNorm: running_mean"),
     (lambda p: torch.save({"bn.weight": torch.ones(4), "bn.bias": torch.ones(4), "bn.running_mean": torch.ones(4),
                            "bn.running_var": torch.ones(3)}, p),
      "inconsistent BatchNorm tensors at bn: weight (4,), bias (4,), running_mean (4,), running_var (3,)"),
