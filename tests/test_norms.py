@@ -22,9 +22,11 @@ from probe_helpers import (
     single_thread,  # noqa: F401 - autouse: one thread for tiny models
 )
 from safetensors.torch import save_file
+from test_static import Payload, report_section
 
 from bnprobe.analysis.static import block_order
-from bnprobe.files.shards import MAX_INDEX_BYTES, MAX_SHARDS
+from bnprobe.files.schema import MAX_JSON_BYTES as MAX_INDEX_BYTES
+from bnprobe.files.shards import MAX_SHARDS
 
 TAUS = [0.001, 0.01, 0.05]
 OFF = 0.01
@@ -395,7 +397,6 @@ def not_held(folder: Path) -> None:
 
 
 def pickled_code(folder: Path) -> None:
-    from test_static import Payload
 
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     names = {name: shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
@@ -417,8 +418,8 @@ HOSTILE = {
     "a backslash": (lambda d: rewrite_index(d, escape("..\\x.safetensors")), "not a relative path inside"),
     "a link out of the folder": (link_out, "shard linked.safetensors links out of the index's folder"),
     "a missing shard": (missing, "shard model-00002-of-00002.safetensors is missing (the index places"),
-    "a huge index": (huge, f"larger than {MAX_INDEX_BYTES >> 20} MiB"),
-    "not JSON": (lambda d: (d / "model.safetensors.index.json").write_text("{"), "not JSON"),
+    "a huge index": (huge, f"larger than {MAX_INDEX_BYTES >> 20} MiB; not a checkpoint index"),
+    "not JSON": (lambda d: (d / "model.safetensors.index.json").write_text("{"), "is not readable JSON"),
     "no weight_map": (lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
                       "a weight_map of tensor names to shard files expected; its weight_map is null"),
     "a list": (lambda d: (d / "model.safetensors.index.json").write_text("[1]"), "expected; a list"),
@@ -476,12 +477,9 @@ def test_report_shows_the_norm_picture_and_reads_version_3_files(capsys, tmp_pat
         for name in ("bn/kind", "bn/abs_gamma_quantiles", "bn/outlier_offsets", "bn/outlier_dims", "bn/recurring"):
             del g[name]
     (tmp_path / "probe.h5").rename(results / "v3.h5")
-    code, out, err = run_cli(capsys, "report", results, "-o", tmp_path / "report.html")
-    assert code == 0, err
+    out, html, section = report_section(capsys, results, tmp_path, '<section class="probes" id="norms">')
+    section = " ".join(section.split())
     assert "2 probed checkpoints" in out
-    html = (tmp_path / "report.html").read_text()
-    section = html[html.index('<section class="probes" id="norms">'):]
-    section = " ".join(section[: section.index("</section>")].split())
     outliers = sum(int(np.sum(np.abs(a) > FACTOR * np.median(np.abs(a)))) for a in (
         state[f"{p}.weight"].double().numpy() for p in DEPTH["llama"]))
     assert section.count("<svg") == 1 and "Llama-tiny" in section and "9 RMSNorm-like" in section
@@ -489,3 +487,16 @@ def test_report_shows_the_norm_picture_and_reads_version_3_files(capsys, tmp_pat
     assert "cnn" not in section and "Recurring outlier dimensions" in section
     static = html[html.index('id="static-probes"'):]
     assert "norm layers" in static and "cnn" in static
+
+
+def test_the_7b_bench_runs_shrunk(tmp_path):
+    """bench/static_probe.py's sharded case, at a tiny size: so that the bench that stands for the issue's target
+    keeps working (tests/test_bench.py runs the others)."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "static_probe.py"
+    done = subprocess.run([sys.executable, str(bench), "--cases", "llm", "--llm", "2,256,512,1000"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bnprobe probe FOLDER (warm)" in done.stdout and "in 1 safetensors shards" in done.stdout, done.stdout

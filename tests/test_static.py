@@ -321,6 +321,15 @@ def test_device_is_checked_even_when_no_checkpoint_needs_one(capsys, tmp_path):
     assert not (tmp_path / "p.h5").exists()
 
 
+def report_section(capsys, results: Path, tmp_path: Path, start: str) -> tuple[str, str, str]:
+    """`bnprobe report RESULTS`: its output, the HTML page, and the page's section that begins at `start`."""
+    code, out, err = run_cli(capsys, "report", results, "-o", tmp_path / "report.html")
+    assert code == 0, err
+    html = (tmp_path / "report.html").read_text()
+    section = html[html.index(start):]
+    return out, html, section[: section.index("</section>")]
+
+
 def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
@@ -328,12 +337,8 @@ def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys
     torch.save({"state_dict": model.state_dict()}, tmp_path / "theirs.pth")
     probe(capsys, tmp_path, tmp_path / "theirs.pth")
     (tmp_path / "probe.h5").rename(results / "probe.h5")
-    code, out, err = run_cli(capsys, "report", results, "-o", tmp_path / "report.html")
-    assert code == 0, err
+    out, html, section = report_section(capsys, results, tmp_path, "<h2>Checkpoints that are not runs</h2>")
     assert "1 probed checkpoint" in out
-    html = (tmp_path / "report.html").read_text()
-    section = html[html.index("<h2>Checkpoints that are not runs</h2>"):]
-    section = section[: section.index("</section>")]
     layers = expected(model.state_dict()).values()
     gammas = np.abs(np.concatenate([g for g, _ in layers]))
     off_dead = sum(np.sum((np.abs(g) < OFF) & (b <= 0)) for g, b in layers)

@@ -59,8 +59,9 @@ def regular_file(path: Path) -> Path:
     return Path(path)
 
 
-def read_json(path: Path) -> Any:
-    """The JSON value in a regular file of at most MAX_JSON_BYTES of UTF-8 text."""
+def read_json(path: Path, what: str = "a bnprobe file") -> Any:
+    """The JSON value in a regular file of at most MAX_JSON_BYTES of UTF-8 text (`what`: what a larger one is
+    not)."""
     regular_file(path)
     try:
         with open(path, "rb") as f:
@@ -68,7 +69,7 @@ def read_json(path: Path) -> Any:
     except OSError as exc:
         raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
     if len(data) > MAX_JSON_BYTES:
-        raise BnprobeError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; not a bnprobe file")
+        raise BnprobeError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; not {what}")
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -2,31 +2,27 @@
 or its index file, `model.safetensors.index.json` or `pytorch_model.bin.index.json`, whose `weight_map` names
 the shard file that holds each tensor. Read here without torch; bnprobe.files.checkpoints opens the shards.
 
-An index comes from anywhere, so it is checked before any shard is opened: its size, a JSON object whose
-`weight_map` maps tensor names to shard files, at most MAX_SHARDS shards, and each shard a relative path that
-stays in the index's folder (no absolute path, no `..`, no link leading elsewhere) to a regular file that
-exists. Each fault is one line naming the index.
+An index comes from anywhere, so it is checked before any shard is opened: its size (schema.read_json), a JSON
+object whose `weight_map` maps tensor names to shard files, at most MAX_SHARDS shards, and each shard a relative
+path that stays in the index's folder (no absolute path, no `..`, no link leading elsewhere) to a regular file
+that exists. Each fault is one line naming the index.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bnprobe.core.errors import BnprobeError, first_line, printable
-from bnprobe.files.schema import json_type, regular_file
+from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.files.schema import json_type, read_json, regular_file
 
 # The names `save_pretrained` gives, safetensors first: both are often published side by side, and a
 # safetensors shard holds no pickle at all.
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")  # an unsharded model folder
 INDEX_SUFFIX = ".index.json"
-# The largest published indexes are ~10 MB (DeepSeek-V3: 91k tensors, 61 layers of 256 experts); JSON is read
-# whole, so the bound is what a hostile file can make bnprobe hold.
-MAX_INDEX_BYTES = 64 << 20
 # Each shard holding a norm tensor stays open (memory-mapped) while it is probed, and a process may open 1,024
 # files by default; the most sharded published checkpoints have a few hundred (Llama 3.1 405B: 191).
 MAX_SHARDS = 512
@@ -57,18 +53,8 @@ def _broken(path: Path, why: str) -> BnprobeError:
 
 def read_index(path: Path) -> ShardIndex:
     """A checkpoint index, checked as the module says; no shard is opened."""
-    regular_file(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_INDEX_BYTES + 1)
-    except OSError as exc:
-        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
-    if len(data) > MAX_INDEX_BYTES:
-        raise _broken(path, f"larger than {MAX_INDEX_BYTES >> 20} MiB; the largest published are ~10 MB")
-    try:
-        index = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _broken(path, f"not JSON: {first_line(exc)}") from None
+    # Read whole, so bounded: schema.read_json's 64 MiB, far above the few MB of the largest published indexes.
+    index = read_json(path, "a checkpoint index (the largest published are a few MB)")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         found = json_type(index) if not isinstance(index, dict) else f"its weight_map is {json_type(weight_map)}"
