@@ -105,8 +105,8 @@ def run_probe(
         if settings.norms == "bn":
             result.bn = result.bn.of_kinds([BATCHNORM])
         if not result.bn.names:
-            console.print(f"[yellow]{shown(loaded.label)}: no {'BatchNorm' if settings.norms == 'bn' else 'norm'} "
-                          f"layer with a γ; only ReLU sparsity is reported")
+            console.print(f"[yellow]{shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is "
+                          f"reported")
         results.append(result)
         del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
