@@ -207,9 +207,9 @@ def check_norms(g: h5py.Group, f: h5py.File, state: dict[str, torch.Tensor], dep
     assert g.attrs["outliers"] == len(outlier_dims)
     rows = recurring_by_hand(gammas)
     got = [(int(w), int(d), int(n), int(of), float(m)) for w, d, n, of, m in zip(
-        *(g[f"bn/recurring/{k}"][:] for k in ("width", "dim", "layers", "of_layers", "max_abs_gamma")))]
+        *(g[f"recurring/{k}"][:] for k in ("width", "dim", "layers", "of_layers", "max_abs_gamma")))]
     assert got == rows and g.attrs["recurring_dims"] == len(rows)
-    for at, (w, d, n, of, m) in zip(g["bn/recurring/at"][:], rows):
+    for at, (w, d, n, of, m) in zip(g["recurring/at"][:], rows):
         assert abs(gammas[at][d]) == m
     assert f.attrs["outlier_factor"] == FACTOR and f.attrs["version"] == 4
 
@@ -474,7 +474,7 @@ def test_report_shows_the_norm_picture_and_reads_version_3_files(capsys, tmp_pat
         for name in ("quantile_levels",):
             del f[name]
         g = f["checkpoints/000"]
-        for name in ("bn/kind", "bn/abs_gamma_quantiles", "bn/outlier_offsets", "bn/outlier_dims", "bn/recurring"):
+        for name in ("bn/kind", "bn/abs_gamma_quantiles", "bn/outlier_offsets", "bn/outlier_dims", "recurring"):
             del g[name]
     (tmp_path / "probe.h5").rename(results / "v3.h5")
     out, html, section = report_section(capsys, results, tmp_path, '<section class="probes" id="norms">')

@@ -75,7 +75,7 @@ def write_probe_h5(
                         description="layer l's outlier dimensions are outlier_dims[outlier_offsets[l]:...[l+1]]")
             write_array(bn, "outlier_dims", np.concatenate([np.zeros(0, np.int64), *outliers]).astype(np.int64),
                         description="|γ| > outlier_factor x the layer's median |γ|")
-            again = bn.create_group("recurring")
+            again = g.create_group("recurring")  # beside bn/, which readers take for per-layer datasets alone
             for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma", "at"):
                 write_array(again, name, getattr(recurring, name))
             if not result.forward_pass:

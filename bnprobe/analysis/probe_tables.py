@@ -154,7 +154,7 @@ def recurring_table(r: ProbeResult, outlier_factor: float) -> Optional[Any]:
     t = Table(title=f"Outlier dimensions in several layers — {shown(r.label)}", box=box.SIMPLE_HEAD,
               caption=f"|γ| > {outlier_factor:g}x the layer's median |γ| in {RECURRING_MIN_LAYERS} or more layers of "
                       f"one width; largest |γ| over them, at that layer" + (
-                          f"; {more:,} more in probe.h5 (bn/recurring)" if more > 0 else ""),
+                          f"; {more:,} more in probe.h5 (recurring/)" if more > 0 else ""),
               collapse_padding=True, show_edge=False, pad_edge=False)
     for header in ("width", "dim", "layers", "largest |γ|", "at"):
         t.add_column(header, justify="left" if header == "at" else "right", no_wrap=header != "at",

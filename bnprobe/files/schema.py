@@ -343,7 +343,7 @@ def check_probe(f) -> int:
         layers = layout.rows(f"{group}/bn/names", MAX_TENSORS, "a model's tensors", "str")
         layout.dataset(f"{group}/bn/kind", (layers,), "str")
         layout.dataset(f"{group}/bn/abs_gamma_quantiles", (layers, q))
-        r = layout.rows(f"{group}/bn/recurring/dim", MAX_ELEMENTS, "the layers' channels")
+        r = layout.rows(f"{group}/recurring/dim", MAX_ELEMENTS, "the layers' channels")
         for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma"):
-            layout.dataset(f"{group}/bn/recurring/{name}", (r,))
+            layout.dataset(f"{group}/recurring/{name}", (r,))
     return len(checkpoints)

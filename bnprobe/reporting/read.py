@@ -520,13 +520,13 @@ def _read_norms(f, g) -> dict[str, Any]:
     found = {"kinds": ", ".join(f"{kinds.count(kind)} {kind}" for kind in dict.fromkeys(kinds))}
     if set(kinds) <= {BATCHNORM}:
         return found
-    recurring = {name: g[f"bn/recurring/{name}"][:RECURRING_PLOTTED]
+    recurring = {name: g[f"recurring/{name}"][:RECURRING_PLOTTED]
                  for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma")}
     found["norms"] = NormDigest(
         names=[printable(name) for name in g["bn/names"].asstr()[:]], kinds=kinds,
         levels=f["quantile_levels"][:].astype(np.float64), quantiles=g["bn/abs_gamma_quantiles"][:].astype(np.float64),
         outlier_factor=float(f.attrs.get("outlier_factor", math.nan)), recurring=recurring,
-        recurring_total=len(g["bn/recurring/dim"]))
+        recurring_total=len(g["recurring/dim"]))
     return found
 
 
