@@ -269,6 +269,7 @@ def test_a_sharded_folder_prints_the_norm_picture_with_no_other_argument(capsys,
     for _, dim, layers, of, peak in rows:
         assert f"48 {dim} {layers} of {of} {peak:.3g}" in text
     assert (tmp_path / "probe.h5").is_file()
+    assert "…" not in stdout  # the tables fit the (80-column) console: no number is cut short
 
 
 def test_only_the_shards_holding_a_norm_are_opened(capsys, tmp_path):

@@ -90,8 +90,9 @@ def _layer_columns(r: ProbeResult, off_threshold: float, edges: np.ndarray,
                  ("β", "right", beta)])
     quantiles, outliers = r.bn.abs_quantiles(), r.bn.outliers(outlier_factor)
     median, top = QUANTILE_LEVELS.index(0.5), QUANTILE_LEVELS.index(1.0)
-    caption = (f"kind: see the note below; |γ|: median and largest over the layer's channels; outliers: dimensions with |γ| > {outlier_factor:g}x the median (how many: "
-               f"the first); <τ: fraction |γ| < τ; off: |γ| < {off_threshold:g}; β: mean (- where none)")
+    caption = (f"kind: see the note below; |γ|: median and largest over the layer's channels; outliers: dimensions "
+               f"with |γ| > {outlier_factor:g}x the median (how many: the first); <τ: fraction |γ| < τ; off: |γ| < "
+               f"{off_threshold:g}; β: mean (- where none)")
     return (f"|γ| by depth — {shown(r.label)}", "layer", caption,
             [("kind", "left", lambda i: KIND_SHORT[r.bn.kinds[i]]), ("C", "right", lambda i: str(g[i].size)),
              ("med |γ|", "right", lambda i: _num(quantiles[i, median], ".3g")),
