@@ -1,20 +1,30 @@
-"""What a static probe (`bnprobe probe FILE`, no model, no data) costs on a large checkpoint, against a plain
-full `torch.load`: time and peak memory (resource.getrusage's ru_maxrss), each in a fresh process.
+"""What a static probe (`bnprobe probe FILE`, no model, no data) costs on large checkpoints, against reading
+every tensor: time and peak memory (resource.getrusage's ru_maxrss), each in a fresh process.
 
-The checkpoint is synthetic, ~100M parameters by default (a 400 MB float32 file): a stack of 3x3 convs of
-512 channels, each followed by a BatchNorm, under `state_dict` with DataParallel's `module.` prefix, saved
-as a torch zip archive and as .safetensors in a temporary folder. Each is measured cold (the file's pages
-first dropped from the page cache with posix_fadvise(DONTNEED): read from the disk) and warm (read again,
-from the page cache: the CPU and memory cost alone).
+Two synthetic checkpoints, in a temporary folder (`--cases`, both by default):
 
-    .venv/bin/python bench/static_probe.py                      # ~100M parameters
-    .venv/bin/python bench/static_probe.py --params 20e6         # smaller
+- bn: ~100M parameters (`--params`; a 400 MB float32 file): a stack of 3x3 convs of 512 channels, each followed
+  by a BatchNorm, under `state_dict` with DataParallel's `module.` prefix, saved as a torch zip archive and as
+  .safetensors; against a plain full `torch.load`.
+- llm: a 7B model as Hugging Face publishes it: Llama-2-7B's layout (32 layers of 4096, MLP 11008, vocabulary
+  32000; 6.7B bf16 numbers, 13.5 GB) in safetensors shards of at most 5 GB (save_pretrained's default) with
+  model.safetensors.index.json. The files are sparse: only the RMSNorm weights (2 per layer, and model.norm)
+  are written, the big tensors are holes, which read as zeros. Against reading every tensor into memory, one
+  at a time (a full load would hold all 13.5 GB at once).
+
+Each probe is measured cold (the files' pages first dropped from the page cache with posix_fadvise(DONTNEED):
+read from the disk) and warm (read again, from the page cache: the CPU and memory cost alone).
+
+    .venv/bin/python bench/static_probe.py                      # both
+    .venv/bin/python bench/static_probe.py --cases llm          # the 7B shards alone
+    .venv/bin/python bench/static_probe.py --params 20e6 --cases bn
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -37,6 +47,7 @@ from rich.console import Console
 from bnprobe.core.options import LoadOptions
 from bnprobe.core.options import ProbeOptions
 from bnprobe.analysis.probe import run_probe
+from bnprobe.files.shards import model_folder_file, read_index
 import bnprobe.analysis.static
 
 def status(field):
@@ -51,6 +62,12 @@ before = status("VmRSS")
 started = time.perf_counter()
 if how == "full torch.load":
     obj = torch.load(path, map_location="cpu", weights_only=True)
+elif how == "every tensor":  # of a sharded checkpoint: each copied into memory (as a load into a model does), dropped
+    numbers = 0
+    for shard in read_index(model_folder_file(path)).shards:
+        with safetensors.safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                numbers += f.get_tensor(name).clone().numel()  # get_tensor alone may map the bytes unread
 elif how != "imports only":
     with tempfile.TemporaryDirectory() as out:
         run_probe([path], LoadOptions(), ProbeOptions(taus=[0.001, 0.01, 0.05, 0.1]), out=Path(out) / "probe.h5",
@@ -82,44 +99,132 @@ def make_checkpoint(folder: Path, params: float) -> None:
     print(f"{total / 1e6:.1f}M parameters; torch {torch.__version__}")
 
 
+# Llama-2-7B: layers, hidden size, MLP size, vocabulary; save_pretrained's default largest shard ("5GB").
+LLAMA_7B = (32, 4096, 11008, 32000)
+SHARD_BYTES = 5 * 10**9
+BF16 = 2  # bytes
+
+
+def llm_tensors(layers: int, hidden: int, mlp: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """A Llama model's tensors, (name, shape) in registration order."""
+    tensors = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        block = f"model.layers.{i}"
+        tensors += [(f"{block}.self_attn.{p}_proj.weight", (hidden, hidden)) for p in "qkvo"]
+        tensors += [(f"{block}.mlp.gate_proj.weight", (mlp, hidden)), (f"{block}.mlp.up_proj.weight", (mlp, hidden)),
+                    (f"{block}.mlp.down_proj.weight", (hidden, mlp)),
+                    (f"{block}.input_layernorm.weight", (hidden,)), (f"{block}.post_attention_layernorm.weight", (hidden,))]
+    return tensors + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+
+
+def make_llm(folder: Path, layers: int, hidden: int, mlp: int, vocab: int) -> None:
+    """Sparse safetensors shards and their index: shards filled in registration order up to SHARD_BYTES, the data
+    of each in name order (as safetensors writes one dtype), and real bytes for the norms' weights alone."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    for name, shape in llm_tensors(layers, hidden, mlp, vocab):
+        if shards[-1] and sum(math.prod(s) * BF16 for _, s in shards[-1]) + math.prod(shape) * BF16 > SHARD_BYTES:
+            shards.append([])
+        shards[-1].append((name, shape))
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape in sorted(tensors):
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + math.prod(shape) * BF16]}
+            offset += math.prod(shape) * BF16
+            weight_map[name] = file
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+        with open(folder / file, "wb") as f:
+            f.write(len(text).to_bytes(8, "little") + text)
+            for name, shape in tensors:
+                if len(shape) == 1:  # a norm's weight: synthetic, two dimensions far above the rest
+                    gamma = rng.uniform(0.02, 0.6, shape).astype(np.float32)
+                    gamma[[1415 % hidden, 2533 % hidden]] = rng.uniform(8, 30, 2)
+                    f.seek(8 + len(text) + header[name]["data_offsets"][0])
+                    f.write((gamma.view(np.uint32) >> 16).astype(np.uint16).tobytes())  # float32 to bf16
+            f.truncate(8 + len(text) + offset)  # the rest: holes
+        total += offset
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    print(f"{total // BF16 / 1e9:.2f}B bf16 numbers, {total / 2**30:.1f} GiB in {len(shards)} safetensors shards")
+
+
 def measure(how: str, path: Path, cold: bool) -> dict:
     if cold:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())  # written pages must be on disk before they can be dropped
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())  # written pages must be on disk before they can be dropped
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     code = CHILD.format(repo=str(REPO), how=how, path=str(path))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def write(folder: Path, case: str, args: argparse.Namespace) -> str:
+    """The case's files, written by a child process (see main); what it says it wrote."""
+    started = time.perf_counter()
+    sizes = ["--params", str(args.params), "--llm", ",".join(map(str, args.llm))]
+    wrote = subprocess.run([sys.executable, __file__, "--write", str(folder), "--cases", case, *sizes],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    disk = sum(os.stat(file).st_blocks * 512 for file in folder.iterdir())
+    return f"{wrote}, {disk / 2**20:.1f} MiB on disk, written in {time.perf_counter() - started:.1f} s"
+
+
+def show(rows: list[tuple[str, dict]]) -> None:
+    print(f"\n{'':46} {'seconds':>8} {'maxrss':>10} {'peak growth':>12}")
+    for name, row in rows:
+        print(f"{name:46} {row['seconds']:>8.2f} {row['maxrss_kb'] / 1024:>6.0f} MiB {row['grew_kb'] / 1024:>8.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=float, default=100e6, help="parameters in the synthetic checkpoint")
+    parser.add_argument("--cases", default="bn,llm", help="bn, llm or both (comma-separated)")
+    parser.add_argument("--params", type=float, default=100e6, help="parameters of the bn case's checkpoint")
+    parser.add_argument("--llm", type=lambda text: tuple(int(x) for x in text.split(",")), default=LLAMA_7B,
+                        help="the llm case's LAYERS,HIDDEN,MLP,VOCAB [default: Llama-2-7B's, 32,4096,11008,32000]")
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: the child that writes the files
     args = parser.parse_args()
+    cases = args.cases.split(",")
     if args.write:
-        make_checkpoint(args.write, args.params)
+        if cases == ["bn"]:
+            make_checkpoint(args.write, args.params)
+        else:
+            make_llm(args.write, *args.llm)
         return
+    print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
 
     # Nothing large (not even torch) lives in this process: a child inherits its parent's peak RSS as its
     # own ru_maxrss (fork copies it, exec keeps it), which would hide what the measured child itself used.
     with tempfile.TemporaryDirectory() as folder:
-        started = time.perf_counter()
-        wrote = subprocess.run([sys.executable, __file__, "--write", folder, "--params", str(args.params)],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        pt, st = Path(folder, "big.pt"), Path(folder, "big.safetensors")
-        print(f"{wrote}: {pt.stat().st_size / 2**20:.0f} MiB (.pt), {st.stat().st_size / 2**20:.0f} MiB "
-              f"(.safetensors), written in {time.perf_counter() - started:.1f} s; "
-              f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
-        base = measure("imports only", pt, cold=False)
-        rows = [(f"{name} ({state})", measure(how, path, cold=state == "cold"))
+        base = None
+        if "bn" in cases:
+            (Path(folder) / "bn").mkdir()
+            print(f"bn: {write(Path(folder) / 'bn', 'bn', args)}")
+            pt, st = Path(folder, "bn", "big.pt"), Path(folder, "bn", "big.safetensors")
+            base = measure("imports only", pt, cold=False)
+            show([("imports only (torch, bnprobe)", base)] + [
+                (f"{name} ({state})", measure(how, path, cold=state == "cold"))
                 for state in ("cold", "warm")
                 for name, how, path in (("full torch.load, .pt", "full torch.load", pt),
                                         ("bnprobe probe FILE, .pt", "static", pt),
-                                        ("bnprobe probe FILE, .safetensors", "static", st))]
-    print(f"\n{'':42} {'seconds':>8} {'maxrss':>10} {'peak growth':>12}")
-    for name, row in [("imports only (torch, bnprobe)", base), *rows]:
-        print(f"{name:42} {row['seconds']:>8.2f} {row['maxrss_kb'] / 1024:>6.0f} MiB {row['grew_kb'] / 1024:>8.0f} MiB")
+                                        ("bnprobe probe FILE, .safetensors", "static", st))])
+        if "llm" in cases:
+            llm = Path(folder) / "llm"
+            llm.mkdir()
+            print(f"\nllm: {write(llm, 'llm', args)}")
+            base = base or measure("imports only", llm, cold=False)
+            every = measure("every tensor", llm, cold=False)
+            cold, warm = (measure("static", llm, cold=state == "cold") for state in ("cold", "warm"))
+            show([("imports only (torch, bnprobe)", base), ("read every tensor, one at a time", every),
+                  ("bnprobe probe FOLDER (cold)", cold), ("bnprobe probe FOLDER (warm)", warm)])
+            met = warm["seconds"] < 2 and warm["grew_kb"] < 100 * 1024
+            print(f"probe (warm) / reading every tensor: {warm['seconds'] / every['seconds']:.3g}x the time; the "
+                  f"targets (under 2 s warm, under 100 MiB above the imports): {'met' if met else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -233,8 +233,9 @@ def probe(
     config: LoadOptions,
     settings: ProbeOptions,
     checkpoints: list[Path] = typer.Argument(
-        ..., help="Checkpoint files (.pt .pth .th .bin .ckpt .safetensors) or run directories; give several to "
-                  "compare them, e.g. BN-only vs full.",
+        ..., help="Checkpoint files (.pt .pth .th .bin .ckpt .safetensors), run directories, or Hugging Face "
+                  "model folders (or their .index.json files) with their shards; give several to compare them, e.g. "
+                  "BN-only vs full.",
         show_default=False),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Where to write probe.h5 [default: the run directory for one run, else ./probe.h5]."),
@@ -243,7 +244,8 @@ def probe(
     """Probe BN's γ and β per layer (histograms, fraction |γ| < τ, channels turned off) and ReLU output sparsity.
 
     A checkpoint bnprobe did not train needs no other argument: without --model and --dataset, γ and β are read
-    from the file alone (no forward pass: no accuracy or ReLU sparsity)."""
+    from the file alone (no forward pass: no accuracy or ReLU sparsity), of LayerNorm, GroupNorm and RMSNorm
+    layers too (--norms), with their outlier dimensions."""
     from bnprobe.analysis.probe import run_probe
     from bnprobe.core.formats import PROBE_FILE
     from bnprobe.files.lock import locked

@@ -345,8 +345,9 @@ def test_probe_h5_records_its_options_and_versions(probed):
 
     _, path, _, _ = probed
     with h5py.File(path) as f:
-        assert f.attrs["version"] == 3
+        assert f.attrs["version"] == 4
         assert f.attrs["bnprobe_version"] == bnprobe.__version__ and f.attrs["torch_version"] == torch.__version__
         options = json.loads(f.attrs["options_json"])
-    assert options["probe"] == dict(taus=TAUS, off_threshold=0.05, bins=20, images=IMAGES, batch_size=64)
+    assert options["probe"] == dict(taus=TAUS, off_threshold=0.05, bins=20, images=IMAGES, batch_size=64,
+                                    norms="all", outlier_factor=10.0)
     assert options["load"]["device"] == "cpu" and options["load"]["model"] is None

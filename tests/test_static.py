@@ -108,7 +108,7 @@ def test_checkpoints_users_meet_are_probed_from_the_file_alone(capsys, tmp_path,
     torch.save(make(model), tmp_path / name, _use_new_zipfile_serialization=not legacy)
     out, stdout = probe(capsys, tmp_path, tmp_path / name)
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 3 and f.attrs["device"] == "none"  # 3: with provenance
+        assert f.attrs["version"] == 4 and f.attrs["device"] == "none"  # 4: every norm, outlier dimensions
         assert "images" not in f.attrs  # no forward pass: --images applied to nothing
         g = f["checkpoints/000"]
         check_against(g, f, expected(model.state_dict()))
@@ -218,6 +218,8 @@ def test_a_bnprobe_run_beside_foreign_files_keeps_its_forward_pass_and_the_same_
         check_against(theirs, f, expected(model.state_dict()))
         for name in ours["bn"]:
             np.testing.assert_array_equal(copy["bn"][name][:], ours["bn"][name][:], err_msg=name)
+        for name in ours["recurring"]:
+            np.testing.assert_array_equal(copy["recurring"][name][:], ours["recurring"][name][:], err_msg=name)
         np.testing.assert_array_equal(copy["frac_below_all"][:], ours["frac_below_all"][:])
         for attr in ("bn_layers", "bn_channels", "mean_abs_gamma", "median_abs_gamma", "off", "off_dead"):
             assert copy.attrs[attr] == ours.attrs[attr], attr
@@ -252,8 +254,8 @@ class Payload:
     (lambda p: p.write_text("not a checkpoint"), "is not a PyTorch checkpoint"),
     (lambda p: torch.save({"state_dict": Payload(p.with_name("ran"))}, p), "refused to load"),
     (lambda p: torch.save(nn.Linear(2, 2), p), "refused to load"),
-    (lambda p: torch.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.ones(3), "ln.weight": torch.ones(2)}, p),
-     "3 tensors (state dict at (top level)), none of them a BatchNorm layer's"),
+    (lambda p: torch.save({"fc.weight": torch.ones(3, 2), "fc.bias": torch.ones(3), "head.weight": torch.ones(2)}, p),
+     "3 tensors (state dict at (top level)), none of them a normalisation layer's (BatchNorm: running_mean"),
     (lambda p: torch.save({"bn.weight": torch.ones(4), "bn.bias": torch.ones(4), "bn.running_mean": torch.ones(4),
                            "bn.running_var": torch.ones(3)}, p),
      "inconsistent BatchNorm tensors at bn: weight (4,), bias (4,), running_mean (4,), running_var (3,)"),
@@ -318,6 +320,15 @@ def test_device_is_checked_even_when_no_checkpoint_needs_one(capsys, tmp_path):
     assert not (tmp_path / "p.h5").exists()
 
 
+def report_section(capsys, results: Path, tmp_path: Path, start: str) -> tuple[str, str, str]:
+    """`bnprobe report RESULTS`: its output, the HTML page, and the page's section that begins at `start`."""
+    code, out, err = run_cli(capsys, "report", results, "-o", tmp_path / "report.html")
+    assert code == 0, err
+    html = (tmp_path / "report.html").read_text()
+    section = html[html.index(start):]
+    return out, html, section[: section.index("</section>")]
+
+
 def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
@@ -325,12 +336,8 @@ def test_report_shows_files_probed_alone_as_checkpoints_that_are_not_runs(capsys
     torch.save({"state_dict": model.state_dict()}, tmp_path / "theirs.pth")
     probe(capsys, tmp_path, tmp_path / "theirs.pth")
     (tmp_path / "probe.h5").rename(results / "probe.h5")
-    code, out, err = run_cli(capsys, "report", results, "-o", tmp_path / "report.html")
-    assert code == 0, err
+    out, html, section = report_section(capsys, results, tmp_path, "<h2>Checkpoints that are not runs</h2>")
     assert "1 probed checkpoint" in out
-    html = (tmp_path / "report.html").read_text()
-    section = html[html.index("<h2>Checkpoints that are not runs</h2>"):]
-    section = section[: section.index("</section>")]
     layers = expected(model.state_dict()).values()
     gammas = np.abs(np.concatenate([g for g, _ in layers]))
     off_dead = sum(np.sum((np.abs(g) < OFF) & (b <= 0)) for g, b in layers)

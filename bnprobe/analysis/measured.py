@@ -1,6 +1,6 @@
 """What a probe measures of one checkpoint, whatever produced it: the γ/β of every normalisation layer with their
-running statistics (BNStats, from the model's modules or from the file's tensors alone), the ReLU sites of a
-forward pass, and the ProbeResult that holds both with its summary."""
+running statistics where they have them (NormStats, from the model's modules or from the file's tensors alone),
+the ReLU sites of a forward pass, and the ProbeResult that holds both with its summary."""
 
 from __future__ import annotations
 
@@ -10,32 +10,98 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.analysis.relu import ReluSite
+from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
 from bnprobe.core.measures import fraction_below
 from bnprobe.nets.norms import bn_layers
 
+# What a layer is (NORM_KINDS), as far as its tensors tell: BatchNorm keeps running statistics; a scale and a
+# shift per channel with none is LayerNorm or GroupNorm (their tensors are alike, and so are their names: neither
+# can tell them apart), a scale alone is RMSNorm (or a LayerNorm without bias, which the tensors cannot tell).
+# The |γ| distribution of a layer, as quantiles: its extremes, the bulk, and the tails that outliers sit in.
+QUANTILE_LEVELS = (0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0)
+# A dimension "recurs" when it is an outlier in at least this many layers of one width: in one layer alone it is
+# that layer's outlier, already in its list.
+RECURRING_MIN_LAYERS = 2
+
+
+def module_kind(module: nn.Module) -> str:
+    """A normalisation module's kind, by the same rule as a file's tensors (NORM_KINDS)."""
+    if isinstance(module, _BatchNorm):
+        return BATCHNORM
+    return SCALE_SHIFT if getattr(module, "bias", None) is not None else SCALE_ONLY
+
+
+def module_channels(module: nn.Module) -> int:
+    """The channels of a normalisation module with no γ (BatchNorm's, GroupNorm's, or LayerNorm's elements)."""
+    for attr in ("num_features", "num_channels"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return int(np.prod(getattr(module, "normalized_shape", (0,))))
+
 
 @dataclass
-class BNStats:
+class Recurring:
+    """Dimensions that are outliers in several layers of one width, most layers first (ties: the larger |γ|)."""
+
+    width: np.ndarray  # (R,) the layers' width
+    dim: np.ndarray  # (R,) the dimension's index in those layers
+    layers: np.ndarray  # (R,) layers of that width where it is an outlier
+    of_layers: np.ndarray  # (R,) layers of that width
+    max_abs_gamma: np.ndarray  # (R,) its largest |γ| over those layers
+    at: np.ndarray  # (R,) the layer (depth) of that largest |γ|
+
+
+@dataclass
+class NormStats:
+    """Every normalisation layer with a γ, in depth order: γ, and β and the running statistics where the layer
+    has them (NaN where it has none: an RMSNorm-like layer has no β, only BatchNorm keeps running statistics)."""
+
     names: list[str]
     gamma: list[np.ndarray]  # per layer, float64
     beta: list[np.ndarray]
     running_mean: list[np.ndarray]
     running_var: list[np.ndarray]
-    stats_only: list[tuple[str, int]] = field(default_factory=list)  # BN without affine: (name, channels)
+    stats_only: list[tuple[str, int]] = field(default_factory=list)  # layers without affine: (name, channels)
+    kinds: list[str] = field(default_factory=list)  # NORM_KINDS, per layer (default: all BatchNorm)
+
+    def __post_init__(self) -> None:
+        self.kinds = list(self.kinds) or [BATCHNORM] * len(self.names)
 
     @classmethod
     def from_tensors(cls, layers: Sequence[tuple[str, Sequence[Optional[torch.Tensor]]]],
-                     stats_only: Sequence[tuple[str, int]] = ()) -> "BNStats":
-        """layers: (name, (weight, bias, running_mean, running_var)) in depth order; copied to float64."""
-        get = lambda t: t.detach().double().cpu().numpy().copy() if t is not None else np.zeros(0)  # noqa: E731
-        columns = list(zip(*[[get(t) for t in tensors] for _, tensors in layers])) or [(), (), (), ()]
-        return cls([name for name, _ in layers], *(list(column) for column in columns), stats_only=list(stats_only))
+                     stats_only: Sequence[tuple[str, int]] = (), kinds: Sequence[str] = ()) -> "NormStats":
+        """layers: (name, (weight, bias, running_mean, running_var)) in depth order, any floating dtype (read as
+        stored, bf16 included), copied to float64; an absent tensor (None) is NaN."""
+        def get(t: Optional[torch.Tensor], size: int) -> np.ndarray:
+            return np.full(size, np.nan) if t is None else t.detach().cpu().double().numpy().ravel().copy()
+
+        columns: list[list[np.ndarray]] = [[], [], [], []]
+        for _, (weight, *others) in layers:
+            columns[0].append(get(weight, 0))
+            for column, tensor in zip(columns[1:], others):
+                column.append(get(tensor, columns[0][-1].size))
+        return cls([name for name, _ in layers], *columns, stats_only=list(stats_only), kinds=list(kinds))
 
     @property
     def channels(self) -> np.ndarray:
         return np.array([g.size for g in self.gamma], dtype=np.int64)
+
+    @property
+    def only_batchnorm(self) -> bool:
+        return all(kind == BATCHNORM for kind in self.kinds)
+
+    def take(self, layers: Sequence[int]) -> "NormStats":
+        """These layers, in this order (the statistics-only ones kept)."""
+        pick = lambda column: [column[i] for i in layers]  # noqa: E731
+        return NormStats(pick(self.names), pick(self.gamma), pick(self.beta), pick(self.running_mean),
+                         pick(self.running_var), self.stats_only, pick(self.kinds))
+
+    def of_kinds(self, kinds: Sequence[str]) -> "NormStats":
+        """The layers of these kinds."""
+        return self.take([i for i, kind in enumerate(self.kinds) if kind in kinds])
 
     def frac_below(self, taus: Sequence[float]) -> np.ndarray:
         """(L, T): fraction of each layer's channels with |γ| < τ."""
@@ -46,7 +112,7 @@ class BNStats:
         return fraction_below(self.gamma, taus, per_layer=False)
 
     def off(self, threshold: float) -> np.ndarray:
-        """Channels turned off per layer: |γ| < threshold, so the BN output is (almost) the constant β."""
+        """Channels turned off per layer: |γ| < threshold, so the layer's output is (almost) the constant β."""
         return np.array([int(np.sum(np.abs(g) < threshold)) for g in self.gamma], dtype=np.int64)
 
     def off_dead(self, threshold: float) -> np.ndarray:
@@ -55,11 +121,58 @@ class BNStats:
             [int(np.sum((np.abs(g) < threshold) & (b <= 0))) for g, b in zip(self.gamma, self.beta)], dtype=np.int64
         )
 
+    def abs_quantiles(self) -> np.ndarray:
+        """(L, Q): quantiles QUANTILE_LEVELS of each layer's finite |γ| (NaN for a layer with none)."""
+        rows = [np.quantile(a, QUANTILE_LEVELS) if a.size else np.full(len(QUANTILE_LEVELS), np.nan)
+                for a in (np.abs(g[np.isfinite(g)]) for g in self.gamma)]
+        return np.array(rows, dtype=np.float64).reshape(len(self.gamma), len(QUANTILE_LEVELS))
 
-def bn_statistics(model: nn.Module) -> BNStats:
-    stats_only = [(name, m.num_features) for name, m in bn_layers(model) if not m.affine]
-    return BNStats.from_tensors([(name, (bn.weight, bn.bias, bn.running_mean, bn.running_var))
-                                 for name, bn in bn_layers(model, with_gamma=True)], stats_only)
+    def outliers(self, factor: float) -> list[np.ndarray]:
+        """Per layer, the dimensions with |γ| > factor x the layer's median |γ| (over its finite values), in
+        index order. A layer whose median is 0 has none: every non-zero γ would be one."""
+        found = []
+        for g in self.gamma:
+            finite = np.abs(g[np.isfinite(g)])
+            median = float(np.median(finite)) if finite.size else 0.0
+            found.append(np.flatnonzero(np.abs(g) > factor * median) if median > 0 else np.zeros(0, dtype=np.int64))
+        return found
+
+    def recurring(self, outliers: Sequence[np.ndarray]) -> Recurring:
+        """Dimensions that are outliers (`outliers`: per layer, as NormStats.outliers gives them) in at least
+        RECURRING_MIN_LAYERS layers of one width: an index means the same hidden dimension only where layers
+        share a width (a transformer's residual stream)."""
+        widths = self.channels
+        found: dict[tuple[int, int], list[int]] = {}
+        for layer, dims in enumerate(outliers):
+            for dim in dims:
+                found.setdefault((int(widths[layer]), int(dim)), []).append(layer)
+        rows = []
+        for (width, dim), layers in found.items():
+            if len(layers) >= RECURRING_MIN_LAYERS:
+                peak = max(layers, key=lambda layer: abs(self.gamma[layer][dim]))
+                rows.append((width, dim, len(layers), int(np.sum(widths == width)),
+                             float(abs(self.gamma[peak][dim])), peak))
+        rows.sort(key=lambda row: (-row[2], -row[4], row[0], row[1]))
+        columns = list(zip(*rows)) or [()] * 6
+        ints = lambda column: np.array(column, dtype=np.int64)  # noqa: E731
+        return Recurring(ints(columns[0]), ints(columns[1]), ints(columns[2]), ints(columns[3]),
+                         np.array(columns[4], dtype=np.float64), ints(columns[5]))
+
+
+BNStats = NormStats  # its name before it held every normalisation layer
+
+
+def bn_statistics(model: nn.Module) -> NormStats:
+    """Every normalisation layer bnprobe.nets.norms lists, in module order: γ/β and, where the module keeps them,
+    its running statistics; those with running statistics and no γ as statistics-only."""
+    layers = bn_layers(model)
+    affine = [(name, m) for name, m in layers if getattr(m, "weight", None) is not None]
+    return NormStats.from_tensors(
+        [(name, (m.weight, getattr(m, "bias", None), getattr(m, "running_mean", None), getattr(m, "running_var", None)))
+         for name, m in affine],
+        [(name, module_channels(m)) for name, m in layers  # nothing to measure without γ or statistics
+         if getattr(m, "weight", None) is None and getattr(m, "running_mean", None) is not None],
+        [module_kind(m) for _, m in affine])
 
 
 def layer_mean(values: np.ndarray) -> float:
@@ -78,7 +191,7 @@ class ProbeResult:
     label: str
     path: str
     attrs: dict[str, Any]  # source, model, freeze, dataset, normalisation, ...
-    bn: BNStats
+    bn: NormStats  # every normalisation layer (the name is from when they were all BatchNorm)
     sites: list[ReluSite]
     loss: float
     accuracy: float

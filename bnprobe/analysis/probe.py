@@ -1,12 +1,15 @@
-"""`bnprobe probe`: the BatchNorm picture of one or several checkpoints (γ/β per layer, small-γ fractions,
-channels turned off) and, with a forward pass on real images, the sparsity of every ReLU's output.
+"""`bnprobe probe`: the normalisation picture of one or several checkpoints (γ/β per layer, small-γ fractions,
+channels turned off, outlier dimensions) and, with a forward pass on real images, the sparsity of every ReLU's
+output.
 
-γ/β come straight from the BN modules (affine ones, in module order = depth), or, for a checkpoint file probed
-alone (no --model, no --dataset), from its tensors (bnprobe.analysis.static), with no forward pass.
+γ/β come straight from the normalisation modules (affine ones, in module order = depth), or, for a checkpoint
+probed alone (no --model, no --dataset: a file, a Hugging Face model folder or its index), from its tensors
+(bnprobe.analysis.static), with no forward pass.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,9 +25,9 @@ from bnprobe.analysis.measured import ProbeResult, bn_statistics
 from bnprobe.analysis.probe_file import write_probe_h5
 from bnprobe.analysis.probe_tables import probe_tables, shown
 from bnprobe.analysis.relu import relu_sparsity
-from bnprobe.analysis.static import ORDER_NOTES, static_probe
+from bnprobe.analysis.static import KIND_NOTE, NORMS, ORDER_NOTES, static_probe
 from bnprobe.core.errors import BnprobeError, printable
-from bnprobe.core.formats import PROBE_FILE, PROBE_FORMAT
+from bnprobe.core.formats import BATCHNORM, PROBE_FILE, PROBE_FORMAT, SCALE_ONLY
 from bnprobe.core.options import MAX_BINS, LoadOptions, ProbeOptions
 from bnprobe.data.device import DeviceLoader
 from bnprobe.files.runs import default_output
@@ -72,6 +75,10 @@ def run_probe(
         raise BnprobeError(f"--bins must be in [1, {MAX_BINS:,}], got {bins:,}")
     if images < 0 or batch_size < 1:
         raise BnprobeError("--batch-size must be >= 1 and --images >= 0")
+    if settings.norms not in NORMS:
+        raise BnprobeError(f"--norms must be one of {', '.join(NORMS)}; got {settings.norms!r}")
+    if not (math.isfinite(settings.outlier_factor) and settings.outlier_factor > 0):
+        raise BnprobeError(f"--outlier-factor must be a finite number > 0, got {settings.outlier_factor:g}")
     device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
     out = out if out is not None else default_output(paths, PROBE_FILE)
     check_replaceable(out, PROBE_FORMAT)
@@ -80,7 +87,7 @@ def run_probe(
     cache: dict = {}
     results = []
     for path in paths:
-        result = static_probe(path) if static else None
+        result = static_probe(path, settings.norms) if static else None
         if result is not None:
             results.append(result)
             continue
@@ -95,6 +102,8 @@ def run_probe(
         attrs = {"source": loaded.source, "dataset": loaded.dataset, "normalization": loaded.norm_source,
                  **{k: v for k, v in loaded.meta.items() if v is not None}}
         result = probe_model(loaded.model, loader, loaded.label, str(loaded.path), attrs)
+        if settings.norms == "bn":
+            result.bn = result.bn.of_kinds([BATCHNORM])
         if not result.bn.names:
             console.print(f"[yellow]{shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is "
                           f"reported")
@@ -105,27 +114,35 @@ def run_probe(
     # --images applies to forward passes only: without one, the file does not claim a count.
     write_probe_h5(out, results, taus, off_threshold, bins,
                    {"device": str(device or "none"), **({"images": images} if device is not None else {}),
-                    **provenance(load=options, probe=settings)})
+                    **provenance(load=options, probe=settings)}, settings.outlier_factor)
 
-    for table in probe_tables(results, taus, off_threshold, brief, width=console.width):
+    for table in probe_tables(results, taus, off_threshold, brief, width=console.width,
+                              outlier_factor=settings.outlier_factor):
         console.print(table)
     measured = [r for r in results if r.forward_pass]
+    only_bn = all(r.bn.only_batchnorm for r in results)
     console.print(
-        f"off: |γ| < {off_threshold:g}, so the BN output is ≈ its constant β; off, β≤0: a ReLU right after it "
-        f"outputs ≈ 0." + (f" Sparsity: zero outputs of each ReLU call on {measured[0].images} test images (eval "
-                            f"mode); dead: channels zero on every image and position." if measured else ""),
+        f"off: |γ| < {off_threshold:g}, so the {'BN' if only_bn else 'layer'} output is ≈ its constant β; off, β≤0: "
+        f"a ReLU right after it outputs ≈ 0." + (f" Sparsity: zero outputs of each ReLU call on {measured[0].images} "
+                                                 f"test images (eval mode); dead: channels zero on every image and "
+                                                 f"position." if measured else "")
+        + ("" if only_bn else f" Kinds: {KIND_NOTE}. Outliers: |γ| > {settings.outlier_factor:g}x the layer's "
+                              f"median |γ|."),
         soft_wrap=True,
     )
     for r in results:
         if not r.forward_pass:
             prefixes = r.attrs["stripped_prefixes"]
             stripped = "" if prefixes == "none" else f", prefix {prefixes} stripped"
+            shards = f", {r.attrs['shards_read']} of {r.attrs['shards']} shards opened" if "shards" in r.attrs else ""
+            unordered = "a sharded checkpoint's index" if shards else "a safetensors file"
             console.print(escape(printable(
-                f"{r.label}: read from the file alone ({r.attrs['file_format']}, state dict at "
+                f"{r.label}: read from the file alone ({r.attrs['file_format']}{shards}, state dict at "
                 f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
                 f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
-                f"{ORDER_NOTES[r.attrs['layer_order']]}.")), soft_wrap=True, highlight=False)
-        infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *r.bn.beta))
+                f"{ORDER_NOTES[r.attrs['layer_order']].format(unordered)}.")), soft_wrap=True, highlight=False)
+        betas = [b for b, kind in zip(r.bn.beta, r.bn.kinds) if kind != SCALE_ONLY]  # (none: NaN, not counted)
+        infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *betas))
         if infinite:
             console.print(f"{shown(r.label)}: {infinite:,} non-finite γ or β value(s) (inf or nan), left out of the "
                           f"histograms", soft_wrap=True, highlight=False)

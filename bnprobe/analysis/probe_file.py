@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.analysis.measured import ProbeResult, histograms, layer_mean
+from bnprobe.analysis.measured import QUANTILE_LEVELS, ProbeResult, histograms, layer_mean
 from bnprobe.core.formats import PROBE_FORMAT, PROBE_VERSION
 from bnprobe.core.measures import histogram_edges
 from bnprobe.files.store import atomic_h5, set_attrs, write_array
@@ -18,7 +18,7 @@ FORWARD_ATTRS = ("accuracy", "loss", "images", "relu_sites", "relu_channels", "z
 
 def write_probe_h5(
     path: Path, results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, bins: int,
-    attrs: Optional[dict[str, Any]] = None,
+    attrs: Optional[dict[str, Any]] = None, outlier_factor: float = 10.0,
 ) -> None:
     """probe.h5 (schema: docs/probe-schema.md), written to a temporary file and renamed into place."""
     import h5py
@@ -29,8 +29,10 @@ def write_probe_h5(
     beta_edges = histogram_edges([b for r in results for b in r.bn.beta], bins)
     with atomic_h5(path) as f:
         set_attrs(f, {"format": PROBE_FORMAT, "version": PROBE_VERSION, "checkpoints": len(results),
-                      "off_threshold": off_threshold, "bins": bins, **(attrs or {})})
+                      "off_threshold": off_threshold, "bins": bins, "outlier_factor": outlier_factor,
+                      **(attrs or {})})
         write_array(f, "taus", taus, description="thresholds τ of the frac_below columns")
+        write_array(f, "quantile_levels", np.array(QUANTILE_LEVELS), description="of every abs_gamma_quantiles")
         write_array(f, "gamma_edges", gamma_edges, description="bin edges of every gamma_hist")
         write_array(f, "beta_edges", beta_edges, description="bin edges of every beta_hist")
         write_array(f, "labels", strings(r.label for r in results))
@@ -38,9 +40,12 @@ def write_probe_h5(
         for index, result in enumerate(results):
             g = group.create_group(f"{index:03d}")
             summary = result.summary(taus, off_threshold)
+            outliers = result.bn.outliers(outlier_factor)
+            recurring = result.bn.recurring(outliers)
             attrs = {"label": result.label, "path": result.path, "forward_pass": result.forward_pass,
                      "accuracy": result.accuracy, "loss": result.loss, "images": result.images,
                      "layer_order": "module", "bn_stats_only_layers": len(result.bn.stats_only),
+                     "outliers": sum(len(dims) for dims in outliers), "recurring_dims": len(recurring.dim),
                      **{k: v for k, v in summary.items() if k != "frac_below"}, **result.attrs}
             # What was not measured is absent, not a made-up 0 (forward_pass = False says why).
             set_attrs(g, {k: v for k, v in attrs.items() if result.forward_pass or k not in FORWARD_ATTRS})
@@ -63,6 +68,16 @@ def write_probe_h5(
             write_array(bn, "stats_only_names", strings(name for name, _ in result.bn.stats_only),
                         description="BN layers without affine (running statistics only, no γ/β)")
             write_array(bn, "stats_only_channels", np.array([c for _, c in result.bn.stats_only], dtype=np.int64))
+            write_array(bn, "kind", strings(result.bn.kinds), description="BatchNorm, LayerNorm/GroupNorm-like or "
+                        "RMSNorm-like")
+            write_array(bn, "abs_gamma_quantiles", result.bn.abs_quantiles(), description="(L, Q) at /quantile_levels")
+            write_array(bn, "outlier_offsets", np.cumsum([0] + [len(dims) for dims in outliers]).astype(np.int64),
+                        description="layer l's outlier dimensions are outlier_dims[outlier_offsets[l]:...[l+1]]")
+            write_array(bn, "outlier_dims", np.concatenate([np.zeros(0, np.int64), *outliers]).astype(np.int64),
+                        description="|γ| > outlier_factor x the layer's median |γ|")
+            again = g.create_group("recurring")  # beside bn/, which readers take for per-layer datasets alone
+            for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma", "at"):
+                write_array(again, name, getattr(recurring, name))
             if not result.forward_pass:
                 continue  # no forward pass: no relu/ group (forward_pass = False says why)
             relu = g.create_group("relu")

@@ -7,8 +7,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.analysis.measured import ProbeResult, histograms, layer_mean
+from bnprobe.analysis.measured import QUANTILE_LEVELS, RECURRING_MIN_LAYERS, ProbeResult, histograms, layer_mean
 from bnprobe.core.errors import printable
+from bnprobe.core.formats import BATCHNORM, NORM_KINDS, SCALE_ONLY, SCALE_SHIFT
 from bnprobe.core.measures import histogram_edges
 
 
@@ -58,43 +59,75 @@ def _table_width(table: Any) -> int:
     return Console(file=StringIO(), width=100_000).measure(table).maximum
 
 
+KIND_SHORT = {BATCHNORM: "BN", SCALE_SHIFT: "LN/GN", SCALE_ONLY: "RMS"}
+RECURRING_SHOWN = 20  # rows of the recurring-dimensions table; probe.h5 has them all
+
+
+def _outlier_cell(dims: np.ndarray, shown_dims: int = 2) -> str:
+    """`3: 1415,2533 +1`: how many, and the first few (never "…": that would read as a number cut short)."""
+    if not len(dims):
+        return "0"
+    more = f" +{len(dims) - shown_dims}" if len(dims) > shown_dims else ""
+    return f"{len(dims)}: " + ",".join(str(d) for d in dims[:shown_dims]) + more
+
+
+def _layer_columns(r: ProbeResult, off_threshold: float, edges: np.ndarray,
+                   outlier_factor: float) -> tuple[str, str, str, list, list]:
+    """(title, name header, caption, columns before the τ ones, columns after), a column being (header,
+    justify, cell of layer i). BatchNorm alone: the table as it always was; any other norm: the |γ| distribution
+    and outlier dimensions instead of the histogram and β ≤ 0."""
+    g, b = r.bn.gamma, r.bn.beta
+    off = r.bn.off(off_threshold)
+    beta = lambda i: _num(layer_mean(b[i]), "+.3f")  # noqa: E731
+    if r.bn.only_batchnorm:
+        dead, hists = r.bn.off_dead(off_threshold), histograms(g, edges)
+        caption = (f"|γ|, β: means over the layer's channels; γ histogram: 12 bins over [{edges[0]:.2f}, {edges[-1]:.2f}], shared by all layers; "
+                   f"<τ: fraction |γ| < τ; off: |γ| < {off_threshold:g}; β≤0: off with β ≤ 0")
+        return (f"γ and β by depth — {shown(r.label)}", "BN layer", caption,
+                [("C", "right", lambda i: str(g[i].size)), ("|γ|", "right", lambda i: _num(layer_mean(np.abs(g[i])))),
+                 ("γ histogram", "left", lambda i: sparkline(hists[i]))],
+                [("off", "right", lambda i: str(off[i])), ("β≤0", "right", lambda i: str(dead[i])),
+                 ("β", "right", beta)])
+    quantiles, outliers = r.bn.abs_quantiles(), r.bn.outliers(outlier_factor)
+    median, top = QUANTILE_LEVELS.index(0.5), QUANTILE_LEVELS.index(1.0)
+    caption = (f"kind: see the note below; |γ|: median and largest over the layer's channels; outliers: dimensions "
+               f"with |γ| > {outlier_factor:g}x the median (how many: the first); <τ: fraction |γ| < τ; off: |γ| < "
+               f"{off_threshold:g}; β: mean (- where none)")
+    return (f"|γ| by depth — {shown(r.label)}", "layer", caption,
+            [("kind", "left", lambda i: KIND_SHORT[r.bn.kinds[i]]), ("C", "right", lambda i: str(g[i].size)),
+             ("med |γ|", "right", lambda i: _num(quantiles[i, median], ".3g")),
+             ("max |γ|", "right", lambda i: _num(quantiles[i, top], ".3g")),
+             ("outliers", "left", lambda i: _outlier_cell(outliers[i]))],
+            [("off", "right", lambda i: str(off[i])), ("β", "right", beta)])
+
+
 def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, edges: np.ndarray,
-                 width: Optional[int] = None) -> list:
-    """One checkpoint's per-layer tables: "γ and β by depth", with a column per τ when that fits in `width`
-    columns (None: no limit), else the τ columns in tables of their own ("|γ| < τ by depth"), as many as it
-    takes. Numbers are never wrapped; only the layer names fold, and only when a name alone is too wide."""
+                 width: Optional[int] = None, outlier_factor: float = 10.0) -> list:
+    """One checkpoint's per-layer tables: "γ and β by depth" (BatchNorm alone) or "|γ| by depth" (other norms),
+    with a column per τ when that fits in `width` columns (None: no limit), else the τ columns in tables of their
+    own ("|γ| < τ by depth"), as many as it takes. Numbers are never wrapped; only the layer names fold, and only
+    when a name alone is too wide."""
     from rich import box
     from rich.table import Table
 
-    below, off, dead = r.bn.frac_below(taus), r.bn.off(off_threshold), r.bn.off_dead(off_threshold)
-    hists = histograms(r.bn.gamma, edges)
-    caption = (f"|γ|, β: means over the layer's channels; γ histogram: 12 bins over [{edges[0]:.2f}, {edges[-1]:.2f}], shared by all layers; "
-               f"<τ: fraction |γ| < τ; off: |γ| < {off_threshold:g}; β≤0: off with β ≤ 0")
+    below = r.bn.frac_below(taus)
+    title, name_header, caption, before, after = _layer_columns(r, off_threshold, edges, outlier_factor)
 
     def table(title: str, tau_columns: Sequence[int], main: bool) -> Table:
         t = Table(title=title, box=box.SIMPLE_HEAD, caption=caption if main else None, collapse_padding=True,
                   show_edge=False, pad_edge=False)
         t.add_column("#", justify="right", no_wrap=True)
-        t.add_column("BN layer", justify="left", overflow="fold")
-        if main:
-            for column in ("C", "|γ|", "γ histogram"):
-                t.add_column(column, justify="left" if column == "γ histogram" else "right", no_wrap=True)
-        for k in tau_columns:
-            t.add_column(f"<{taus[k]:g}", justify="right", no_wrap=True)
-        if main:
-            for column in ("off", "β≤0", "β"):
-                t.add_column(column, justify="right", no_wrap=True)
+        t.add_column(name_header, justify="left", overflow="fold")
+        columns = [*before, *((f"<{taus[k]:g}", "right", None) for k in tau_columns), *after] if main else [
+            (f"<{taus[k]:g}", "right", None) for k in tau_columns]
+        for header, justify, _ in columns:
+            t.add_column(header, justify=justify, no_wrap=True)
         for i, name in enumerate(r.bn.names):
-            g, b = r.bn.gamma[i], r.bn.beta[i]
             taus_cells = [_pct_short(below[i][k]) for k in tau_columns]
-            if main:
-                t.add_row(str(i), shown(name), str(g.size), _num(layer_mean(np.abs(g))), sparkline(hists[i]),
-                          *taus_cells, str(off[i]), str(dead[i]), _num(layer_mean(b), "+.3f"))
-            else:
-                t.add_row(str(i), shown(name), *taus_cells)
+            cells = [cell(i) for _, _, cell in before] + taus_cells + [cell(i) for _, _, cell in after]
+            t.add_row(str(i), shown(name), *(cells if main else taus_cells))
         return t
 
-    title = f"γ and β by depth — {shown(r.label)}"
     every = table(title, range(len(taus)), main=True)
     if width is None or _table_width(every) <= width or not taus:
         return [every]
@@ -110,15 +143,52 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
     return [tables[0]] + [table(f"|γ| < τ by depth — {shown(r.label)}", c, main=False) for c in tables[1:]]
 
 
+def recurring_table(r: ProbeResult, outlier_factor: float) -> Optional[Any]:
+    """The dimensions that are outliers in several layers of one width (none: None), most layers first."""
+    from rich import box
+    from rich.table import Table
+
+    recurring = r.bn.recurring(r.bn.outliers(outlier_factor))
+    if not len(recurring.dim):
+        return None
+    more = len(recurring.dim) - RECURRING_SHOWN
+    t = Table(title=f"Outlier dimensions in several layers — {shown(r.label)}", box=box.SIMPLE_HEAD,
+              caption=f"|γ| > {outlier_factor:g}x the layer's median |γ| in {RECURRING_MIN_LAYERS} or more layers of "
+                      f"one width; largest |γ| over them, at that layer" + (
+                          f"; {more:,} more in probe.h5 (recurring/)" if more > 0 else ""),
+              collapse_padding=True, show_edge=False, pad_edge=False)
+    for header in ("width", "dim", "layers", "largest |γ|", "at"):
+        t.add_column(header, justify="left" if header == "at" else "right", no_wrap=header != "at",
+                     overflow="fold")
+    for k in range(min(len(recurring.dim), RECURRING_SHOWN)):
+        t.add_row(str(recurring.width[k]), str(recurring.dim[k]), f"{recurring.layers[k]} of {recurring.of_layers[k]}",
+                  _num(recurring.max_abs_gamma[k], ".3g"), shown(r.bn.names[recurring.at[k]]))
+    return t
+
+
+def _kinds_cell(r: ProbeResult) -> str:
+    counts = {kind: r.bn.kinds.count(kind) for kind in NORM_KINDS}
+    return ", ".join(f"{n} {KIND_SHORT[kind]}" for kind, n in counts.items() if n) or "-"
+
+
+def _outliers_cell(r: ProbeResult, outlier_factor: float) -> str:
+    outliers = r.bn.outliers(outlier_factor)
+    total, layers = sum(len(dims) for dims in outliers), sum(1 for dims in outliers if len(dims))
+    return f"{total:,} in {layers} layer{'s' if layers > 1 else ''}" if total else "0"
+
+
 def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float, brief: bool,
-                 width: Optional[int] = None) -> list:
-    """The terminal tables; per-layer ones are laid out to fit `width` columns (None: no limit)."""
+                 width: Optional[int] = None, outlier_factor: float = 10.0) -> list:
+    """The terminal tables; per-layer ones are laid out to fit `width` columns (None: no limit). Where a
+    checkpoint has a norm other than BatchNorm: its kinds, |γ| distribution and outlier dimensions too."""
     from rich import box
     from rich.table import Table
 
     tables = []
+    only_bn = all(r.bn.only_batchnorm for r in results)
     # Summary: one column per checkpoint, so BN-only and full models sit side by side.
-    summary = Table(title="BatchNorm probe" + (" — comparison" if len(results) > 1 else ""), box=box.SIMPLE_HEAD)
+    summary = Table(title=("BatchNorm probe" if only_bn else "Normalisation probe")
+                    + (" — comparison" if len(results) > 1 else ""), box=box.SIMPLE_HEAD)
     summary.add_column("", style="bold", no_wrap=True)
     for r in results:
         summary.add_column(shown(r.label), justify="right", overflow="fold")
@@ -130,11 +200,17 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         ("freeze", [shown(str(r.attrs.get("freeze", "-"))) for r in results]),
         (f"accuracy ({images} test images)" if measured else "accuracy (no forward pass)",
          [_pct(r.accuracy) for r in results]),
-        ("BN layers / channels", [f"{s['bn_layers']} / {s['bn_channels']:,}" for s in stats]),
+        ("BN layers / channels" if only_bn else "norm layers / channels",
+         [f"{s['bn_layers']} / {s['bn_channels']:,}" for s in stats]),
+        *([] if only_bn else [("kinds", [_kinds_cell(r) for r in results])]),
         ("mean |γ|  (median)", [f"{_num(s['mean_abs_gamma'])}  ({_num(s['median_abs_gamma'])})" for s in stats]),
         *((f"|γ| < {t:g}", [_pct(s["frac_below"][k]) for s in stats]) for k, t in enumerate(taus)),
         (f"off: |γ| < {off_threshold:g}", [f"{s['off']:,}" for s in stats]),
         ("off and β ≤ 0", [f"{s['off_dead']:,}" for s in stats]),
+        *([] if only_bn else [
+            (f"outliers: |γ| > {outlier_factor:g}x median", [_outliers_cell(r, outlier_factor) for r in results]),
+            ("in several layers", [f"{len(r.bn.recurring(r.bn.outliers(outlier_factor)).dim):,} dims"
+                                   for r in results])]),
         ("ReLU outputs = 0", [_pct(s["zero_fraction"]) for s in stats]),
         ("dead ReLU channels", [f"{s['dead_channels']:,} of {s['relu_channels']:,}" if r.forward_pass else "-"
                                 for r, s in zip(results, stats)]),
@@ -150,11 +226,11 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
     edges = histogram_edges([g for r in results for g in r.bn.gamma], 12)
     if len(results) == 1 or not same_layers:
         for r in (r for r in results if r.bn.names):
-            tables.extend(layer_tables(r, taus, off_threshold, edges, width))
+            tables.extend(layer_tables(r, taus, off_threshold, edges, width, outlier_factor))
     else:
         table = Table(title=f"γ by depth: mean |γ| / channels off (|γ| < {off_threshold:g})", box=box.SIMPLE_HEAD)
         table.add_column("#", justify="right")
-        table.add_column("BN layer", no_wrap=True)
+        table.add_column("BN layer" if only_bn else "layer", no_wrap=True)
         table.add_column("C", justify="right")
         for r in results:
             table.add_column(shown(r.label), justify="right", overflow="fold")
@@ -163,6 +239,9 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
             cells = [f"{_num(layer_mean(np.abs(r.bn.gamma[i])))} / {off[i]}" for r, off in zip(results, offs)]
             table.add_row(str(i), shown(name), str(results[0].bn.gamma[i].size), *cells)
         tables.append(table)
+    for r in results:
+        recurring = None if r.bn.only_batchnorm else recurring_table(r, outlier_factor)
+        tables.extend([recurring] if recurring is not None else [])
 
     if len(measured) == 1 or (measured and not same_sites):
         for r in measured:

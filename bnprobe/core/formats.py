@@ -25,8 +25,11 @@ CHECKPOINT_VERSION = 2  # 2: bnprobe_version, the bnprobe that wrote it
 TELEMETRY_FORMAT, TELEMETRY_VERSION = "bnprobe-telemetry", 1
 PROBE_FORMAT = "bnprobe-probe"
 # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order;
-# 3: provenance attributes (bnprobe_version, torch_version, options_json)
-PROBE_VERSION = 3
+# 3: provenance attributes (bnprobe_version, torch_version, options_json);
+# 4: every normalisation layer (bn/kind), |γ| quantiles, outlier and recurring dimensions, sharded checkpoints
+PROBE_VERSION = 4
+# probe.h5's bn/kind: what a normalisation layer is as far as its tensors tell (bnprobe.analysis.measured)
+NORM_KINDS = BATCHNORM, SCALE_SHIFT, SCALE_ONLY = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
 ABLATION_FORMAT = "bnprobe-ablation"
 ABLATION_VERSION = 2  # 2: provenance attributes (bnprobe_version, torch_version, options_json)
 # `bnprobe export`'s safetensors files (metadata values are text): every tensor, or the seed and what trained

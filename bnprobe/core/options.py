@@ -85,6 +85,13 @@ class ProbeOptions:
         "Histogram bins for γ and β in probe.h5 (edges shared by all layers), at most 10,000."))
     images: int = field(default=1000, metadata=_help("Test images to measure ReLU sparsity on (0 = all)."))
     batch_size: int = field(default=500, metadata=_help("Batch size of the forward passes."))
+    norms: str = field(default="all", metadata=_help(
+        "Which normalisation layers: all (BatchNorm, and LayerNorm/GroupNorm/RMSNorm-like layers found by their "
+        "names and tensors) or bn (BatchNorm alone)."))
+    # 10x: far outside the bulk of a layer's |γ| (which spreads over a few times its median), so what is listed
+    # stands apart from its layer, not merely at the top of its spread; a smaller factor lists milder ones.
+    outlier_factor: float = field(default=10.0, metadata=_help(
+        "A dimension is an outlier of its layer when its |γ| is above this many times the layer's median |γ|."))
 
 
 @dataclass

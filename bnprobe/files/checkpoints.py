@@ -5,32 +5,36 @@ Formats: torch.save's zip archive and its legacy pickle (always `torch.load(weig
 pickled code is refused, never run), `.safetensors`, bnprobe's own checkpoints (a run's checkpoint.pt) and its
 exports (full or compact, bnprobe.files.compact). A state dict may sit at the top level or under a common key
 (`state_dict`, `model`, `ema`, ... two levels deep) and carry DataParallel/DDP (`module.`), torch.compile
-(`_orig_mod.`) or Lightning (`model.`) prefixes. A run directory stands for its checkpoint.pt.
+(`_orig_mod.`) or Lightning (`model.`) prefixes. A run directory stands for its checkpoint.pt, a Hugging Face
+model folder for its index or weights file; an index's shards are opened here too (the index itself is read
+and checked by bnprobe.files.shards).
 
 Lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)) and a safetensors file opened with
 safe_open, so only the bytes of the tensors used are read (the static probe of a 1 GB file reads its BN tensors
-alone). What needs no torch (the sniffing, safetensors headers, exports' metadata) is bnprobe.files.headers, which
-the report reads without loading torch.
+alone; a sharded checkpoint opens only the shards that hold the tensors asked for). What needs no torch (the
+sniffing, safetensors headers, exports' metadata) is bnprobe.files.headers, which the report reads without loading
+torch.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 import zipfile
 from collections import deque
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.datasets import get_dataset_spec
-from bnprobe.core.errors import BnprobeError, first_line, listing
+from bnprobe.core.errors import BnprobeError, first_line, listing, printable
 from bnprobe.core.formats import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -49,6 +53,7 @@ from bnprobe.files.compact import (
     unpack,
 )
 from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
+from bnprobe.files.shards import ShardIndex, is_index, model_folder_file, read_index
 from bnprobe.nets.check import check_model
 
 # In order of preference: a file with both a model and its EMA copy (timm's state_dict_ema) gives the model.
@@ -63,12 +68,14 @@ STATIC_PREFIXES = STRIPPED_PREFIXES + ("model.",)
 
 
 def checkpoint_file(path: Path | str) -> Path:
-    """A checkpoint file, or a run directory holding checkpoint.pt."""
+    """A checkpoint file, a run directory's checkpoint.pt, or a Hugging Face model folder's index (or weights)."""
     path = Path(path)
     if path.is_dir():
         inner = path / CHECKPOINT_FILE
-        if not inner.is_file():
-            raise BnprobeError(f"{path} is a directory without {inner.name}; pass a checkpoint file or a run directory")
+        inner = inner if inner.is_file() else model_folder_file(path)
+        if inner is None:
+            raise BnprobeError(f"{path} is a directory without {CHECKPOINT_FILE} or a Hugging Face model's index or "
+                               f"weights; pass a checkpoint file, a run directory or a model folder")
         return inner
     if not path.exists():
         raise BnprobeError(f"no such checkpoint: {path}")
@@ -78,7 +85,10 @@ def checkpoint_file(path: Path | str) -> Path:
 
 
 def checkpoint_label(file: Path) -> str:
-    """The short name tables use: a run's checkpoint.pt by its run directory's name, any other file by its stem."""
+    """The short name tables use: a run's checkpoint.pt or a model's index by its folder's name, any other file by
+    its stem."""
+    if is_index(file):
+        return Path(os.path.abspath(file)).parent.name  # (not resolved: the hub's cache links it into blobs/)
     return file.parent.name if file.name == CHECKPOINT_FILE else file.stem
 
 
@@ -351,6 +361,9 @@ def _is_export(metadata: dict[str, str]) -> bool:
 def read_weights(path: Path) -> Any:
     """A checkpoint's whole content for building a model: a safetensors file as a dict of tensors (a run bnprobe
     exported as the run's checkpoint), any other file through read_checkpoint (weights_only=True)."""
+    if is_index(path):
+        raise BnprobeError(f"{path}: a sharded checkpoint is probed from its files alone (no --model, no "
+                           f"--dataset); bnprobe builds models from one file")
     if not is_safetensors(path):
         return read_checkpoint(path)
     with _open_safetensors(path) as f:
@@ -360,15 +373,23 @@ def read_weights(path: Path) -> Any:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
+Select = Callable[[list[str]], set[str]]  # a file's tensor names (prefixes stripped) -> the ones to open
+
+
 @dataclass
 class FileTensors:
     """A file's state dict, read lazily: names (prefixes stripped) to tensors whose bytes are not read yet."""
 
-    tensors: dict[str, Any]  # memory-mapped torch.Tensor, or a safetensors slice
-    kind: str  # "torch zip", "torch legacy", "safetensors"
+    tensors: dict[str, Any]  # memory-mapped torch.Tensor, or a safetensors slice: those asked for
+    kind: str  # "torch zip", "torch legacy", "safetensors", "sharded safetensors", "sharded torch"
     where: str  # where the state dict sat: "(top level)", "state_dict", ...
     stripped: list[str]
     order: str  # what the tensors' order follows: "file" (registration order) or "names" (natural order)
+    names: Optional[list[str]] = None  # every tensor's name, in that order (default: those of `tensors`)
+    shards: Optional[tuple[int, int]] = None  # a sharded checkpoint: (shards opened, shards in its index)
+
+    def __post_init__(self) -> None:
+        self.names = list(self.tensors) if self.names is None else self.names
 
     @staticmethod
     def shape(value: Any) -> tuple[int, ...]:
@@ -379,10 +400,20 @@ class FileTensors:
         return value if isinstance(value, torch.Tensor) else value[:]
 
 
+def _selected(names: list[str], tensors: dict[str, Any], select: Optional[Select]) -> dict[str, Any]:
+    chosen = set(names) if select is None else select(names)
+    return {name: tensors[name] for name in names if name in chosen}
+
+
 @contextmanager
-def open_tensors(path: Path) -> Iterator[Optional[FileTensors]]:
-    """The tensors of a checkpoint file, open for reading; None for a bnprobe run's checkpoint or export (it is
-    probed with its model and data as always)."""
+def open_tensors(path: Path, select: Optional[Select] = None) -> Iterator[Optional[FileTensors]]:
+    """The tensors of a checkpoint file (or a sharded checkpoint's index), open for reading: those `select` picks
+    from the names, all by default. None for a bnprobe run's checkpoint or export (it is probed with its model
+    and data as always)."""
+    if is_index(path):
+        with _open_shards(read_index(path), select) as tensors:
+            yield tensors
+        return
     if is_safetensors(path):
         with _open_safetensors(path) as f:
             if _is_export(f.metadata() or {}):
@@ -390,7 +421,8 @@ def open_tensors(path: Path) -> Iterator[Optional[FileTensors]]:
                 return
             names = sorted(f.keys(), key=_natural_key)
             tensors, stripped = strip_prefixes({name: f.get_slice(name) for name in names}, STATIC_PREFIXES)
-            yield FileTensors(tensors, "safetensors", "(top level)", stripped, "names")
+            yield FileTensors(_selected(list(tensors), tensors, select), "safetensors", "(top level)", stripped,
+                              "names", list(tensors))
         return
     kind = "torch zip" if torch_file_kind(path) == "zip" else "torch legacy"
     obj = read_checkpoint(path, lazy=True)
@@ -399,7 +431,35 @@ def open_tensors(path: Path) -> Iterator[Optional[FileTensors]]:
         return
     state, where = extract_state_dict(obj, path)
     tensors, stripped = strip_prefixes(state, STATIC_PREFIXES)
-    yield FileTensors(tensors, kind, where, stripped, "file")
+    yield FileTensors(_selected(list(tensors), tensors, select), kind, where, stripped, "file", list(tensors))
+
+
+@contextmanager
+def _open_shards(index: ShardIndex, select: Optional[Select]) -> Iterator[FileTensors]:
+    """A sharded checkpoint's tensors: the index says which shard holds each, and only the shards holding a
+    tensor `select` picks are opened (lazily, as one file is). The index keeps no registration order: names come
+    in natural order."""
+    original, stripped = strip_prefixes({name: name for name in index.where}, STATIC_PREFIXES)
+    names = sorted(original, key=_natural_key)
+    wanted = _selected(names, original, select)
+    needed = {index.where[wanted[name]] for name in wanted}
+    tensors: dict[str, Any] = {}
+    with ExitStack() as stack:
+        for shard in (shard for shard in index.shards if shard in needed):
+            if index.kind == "safetensors":
+                f = stack.enter_context(_open_safetensors(shard))
+                held, get = set(f.keys()), f.get_slice
+            else:
+                state = extract_state_dict(read_checkpoint(shard, lazy=True), shard)[0]
+                held, get = set(state), state.__getitem__
+            for name, key in wanted.items():
+                if index.where[key] == shard:
+                    if key not in held:
+                        raise BnprobeError(f"{index.path}: shard {printable(shard.name)} does not hold "
+                                           f"{printable(key)}, which the index places in it")
+                    tensors[name] = get(key)
+        yield FileTensors({name: tensors[name] for name in wanted}, f"sharded {index.kind}", "(top level)",
+                          stripped, "names", names, (len(needed), len(index.shards)))
 
 
 def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:

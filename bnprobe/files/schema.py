@@ -59,8 +59,9 @@ def regular_file(path: Path) -> Path:
     return Path(path)
 
 
-def read_json(path: Path) -> Any:
-    """The JSON value in a regular file of at most MAX_JSON_BYTES of UTF-8 text."""
+def read_json(path: Path, what: str = "a bnprobe file") -> Any:
+    """The JSON value in a regular file of at most MAX_JSON_BYTES of UTF-8 text (`what`: what a larger one is
+    not)."""
     regular_file(path)
     try:
         with open(path, "rb") as f:
@@ -68,7 +69,7 @@ def read_json(path: Path) -> Any:
     except OSError as exc:
         raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
     if len(data) > MAX_JSON_BYTES:
-        raise BnprobeError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; not a bnprobe file")
+        raise BnprobeError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; not {what}")
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -324,13 +325,25 @@ def check_ablation(f) -> int:
 
 
 def check_probe(f) -> int:
-    """A probe file's checkpoint groups, each `frac_below_all` as long as /taus; returns the number of groups."""
+    """A probe file's checkpoint groups, each `frac_below_all` as long as /taus, and (version 4) the norms' kinds,
+    |γ| quantiles and recurring outlier dimensions that the report reads, of consistent shapes; returns the
+    number of groups."""
     layout = Layout(f)
     t = layout.rows("taus", MAX_SWEEP_VALUES, SWEEPS)
     if "taus" in f:
         layout.dataset("taus", (t,))
+    q = layout.rows("quantile_levels", MAX_SWEEP_VALUES, "quantile levels")
     checkpoints = layout.group("checkpoints")
     for key in checkpoints:
-        layout.group(f"checkpoints/{key}")
-        layout.dataset(f"checkpoints/{key}/frac_below_all", (t,), required=False)
+        group = f"checkpoints/{key}"
+        layout.group(group)
+        layout.dataset(f"{group}/frac_below_all", (t,), required=False)
+        if layout.dataset(f"{group}/bn/kind", (None,), "str", required=False) is None:
+            continue  # before version 4
+        layers = layout.rows(f"{group}/bn/names", MAX_TENSORS, "a model's tensors", "str")
+        layout.dataset(f"{group}/bn/kind", (layers,), "str")
+        layout.dataset(f"{group}/bn/abs_gamma_quantiles", (layers, q))
+        r = layout.rows(f"{group}/recurring/dim", MAX_ELEMENTS, "the layers' channels")
+        for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma"):
+            layout.dataset(f"{group}/recurring/{name}", (r,))
     return len(checkpoints)

@@ -14,13 +14,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.errors import BnprobeError, first_line
+from bnprobe.core.errors import BnprobeError, first_line, printable
 from bnprobe.core.formats import (
     ABLATION_FORMAT,
+    BATCHNORM,
     CHECKPOINT_FILE,
     COMPACT_FORMAT,
     CONFIG_FILE,
     METRICS_FILE,
+    NORM_KINDS,
     PROBE_FORMAT,
     TELEMETRY_FILE,
     TELEMETRY_FORMAT,
@@ -187,6 +189,25 @@ class Ablation:
     written_by: str = ""  # "bnprobe X, torch Y" (files of earlier versions do not say)
 
 
+# What the report's figure of a checkpoint's norms shows of its dimensions recurring as outliers: the first ones
+# (probe.h5 keeps them all, most layers first).
+RECURRING_PLOTTED = 12
+
+
+@dataclass
+class NormDigest:
+    """The norm picture of a checkpoint with a norm other than BatchNorm (probe.h5 version 4), small enough to
+    keep and draw: |γ| quantiles by depth, each layer's kind, and the dimensions recurring as outliers."""
+
+    names: list[str]
+    kinds: list[str]
+    levels: np.ndarray  # (Q,) quantile levels
+    quantiles: np.ndarray  # (L, Q) of each layer's |γ|
+    outlier_factor: float
+    recurring: dict[str, np.ndarray]  # width, dim, layers, of_layers, max_abs_gamma: the first RECURRING_PLOTTED
+    recurring_total: int
+
+
 @dataclass
 class ProbeRow:
     name: str  # file path relative to the reported directory
@@ -202,6 +223,13 @@ class ProbeRow:
     off_dead: Optional[int] = None
     file_format: str = ""
     written_by: str = ""  # "bnprobe X, torch Y" (files of earlier versions do not say)
+    kinds: str = ""  # "12 BatchNorm, 25 LayerNorm/GroupNorm-like" (version 4; before it, BatchNorm alone)
+    outliers: Optional[int] = None  # outlier dimensions over all layers (version 4)
+    norms: Optional[NormDigest] = None  # with a norm other than BatchNorm: what its figure shows
+
+    @property
+    def figure_key(self) -> str:
+        return f"norms-{self.name}-{self.label}"
 
 
 @dataclass
@@ -466,7 +494,7 @@ def _written_by(f) -> str:
 
 
 def _read_probe(f, name: str) -> list[ProbeRow]:
-    # Format `bnprobe-probe` v1 to v3 as written by bnprobe.analysis.probe.write_probe_h5 (docs/probe-schema.md).
+    # Format `bnprobe-probe` v1 to v4 as written by bnprobe.analysis.probe.write_probe_h5 (docs/probe-schema.md).
     taus = f["taus"][:].tolist() if "taus" in f else []
     rows = []
     for key in sorted(f["checkpoints"]):
@@ -479,8 +507,27 @@ def _read_probe(f, name: str) -> list[ProbeRow]:
             off=get("off", int), bn_channels=get("bn_channels", int), zero_fraction=get("zero_fraction", float),
             forward_pass=bool(g.attrs.get("forward_pass", True)), bn_layers=get("bn_layers", int),
             off_dead=get("off_dead", int), file_format=_text(g.attrs.get("file_format", "")),
-            written_by=_written_by(f),
+            written_by=_written_by(f), outliers=get("outliers", int), **_read_norms(f, g),
         ))
     return rows
+
+
+def _read_norms(f, g) -> dict[str, Any]:
+    """A version-4 group's kinds, and its NormDigest where it has a norm other than BatchNorm (schema.check_probe
+    checked the shapes)."""
+    if "kind" not in g["bn"]:
+        return {}
+    kinds = [kind if kind in NORM_KINDS else "?" for kind in g["bn/kind"].asstr()[:]]
+    found = {"kinds": ", ".join(f"{kinds.count(kind)} {kind}" for kind in dict.fromkeys(kinds))}
+    if set(kinds) <= {BATCHNORM}:
+        return found
+    recurring = {name: g[f"recurring/{name}"][:RECURRING_PLOTTED]
+                 for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma")}
+    found["norms"] = NormDigest(
+        names=[printable(name) for name in g["bn/names"].asstr()[:]], kinds=kinds,
+        levels=f["quantile_levels"][:].astype(np.float64), quantiles=g["bn/abs_gamma_quantiles"][:].astype(np.float64),
+        outlier_factor=float(f.attrs.get("outlier_factor", math.nan)), recurring=recurring,
+        recurring_total=len(g["recurring/dim"]))
+    return found
 
 

@@ -29,6 +29,7 @@ from bnprobe.files.atomic import atomic_write
 from bnprobe.files.lock import locked
 from bnprobe.reporting import figures, pdf
 from bnprobe.reporting.collect import FREEZE_ORDER, Collection, collect, parse_taus
+from bnprobe.reporting.norm_figure import norm_figure
 from bnprobe.reporting.read import Ablation, Run, Skipped
 from bnprobe.reporting.workers import Workers, default_jobs, stop_on_sigterm, workers
 
@@ -128,6 +129,7 @@ def build_figures(collection: Collection, taus: Sequence[float], pool: Optional[
     return {
         "depth": figures.accuracy_vs_depth(depth_panels(collection.runs), "accuracy-vs-depth", hover_values),
         "ablation": figures.ablation_curves(ablation_curves(collection.ablations), "ablation", hover_values),
+        "norms": [(p, norm_figure(p.norms, p.figure_key, hover_values)) for p in collection.probes if p.norms],
     }
 
 
@@ -241,6 +243,7 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
         depth_missing=[r.name for r in collection.runs if r.depth is None],
         depth_points=len(runs_with_depth),
         ablation_figure=figures["ablation"],
+        norm_figures=figures.get("norms", []),
         any_running_train_acc=any(r.train_acc_is_running for r in collection.runs),
         findings=findings, show=statistics.show, confidence=statistics.CONFIDENCE,
     )
