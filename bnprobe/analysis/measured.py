@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from bnprobe.analysis.relu import ReluSite
 from bnprobe.core.measures import fraction_below
-from bnprobe.nets.norms import bn_layers
+from bnprobe.nets.norms import has_affine, norm_channels, norm_layers
 
 
 @dataclass
@@ -57,9 +57,13 @@ class BNStats:
 
 
 def bn_statistics(model: nn.Module) -> BNStats:
-    stats_only = [(name, m.num_features) for name, m in bn_layers(model) if not m.affine]
-    return BNStats.from_tensors([(name, (bn.weight, bn.bias, bn.running_mean, bn.running_var))
-                                 for name, bn in bn_layers(model, with_gamma=True)], stats_only)
+    """Every norm layer's γ/β (BatchNorm, GroupNorm, LayerNorm: flat, one value per channel or, for a LayerNorm
+    over (C, H, W), per element); running statistics where it keeps them (BN)."""
+    stats_only = [(name, norm_channels(m)) for name, m in norm_layers(model) if not has_affine(m)]
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    return BNStats.from_tensors([(name, (flat(m.weight), flat(m.bias), getattr(m, "running_mean", None),
+                                         getattr(m, "running_var", None)))
+                                 for name, m in norm_layers(model, with_gamma=True)], stats_only)
 
 
 def layer_mean(values: np.ndarray) -> float:
