@@ -71,6 +71,28 @@ def test_old_configs_group_with_new_batchnorm_runs_and_gn_runs_say_what_they_are
     assert seed_group({**gn.to_dict(), "norm": "batch", "norm_groups": 4}) == seed_group(new)  # its BN counterpart
 
 
+def test_a_run_of_an_older_bnprobe_resumes(tmp_path):
+    """A run written before --norm (its config and checkpoint lack norm and norm_groups) is the same run: resume
+    finds its settings equal to the BN net's, in either spelling of the freeze mode."""
+    from rich.console import Console
+
+    from bnprobe.training.train import train
+
+    config = tiny_config(freeze="non-norm").resolved()
+    run = tmp_path / config.run_name()
+    train(config, run, console=Console(quiet=True))
+    state = checkpoints.load_checkpoint(runs.checkpoint_path(run))
+    for key in ("norm", "norm_groups"):
+        del state["config"][key]
+    runs.save_checkpoint(runs.checkpoint_path(run), state)
+    stored = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({k: v for k, v in stored.items() if k not in ("norm", "norm_groups")}))
+    history = train(tiny_config(freeze="non-bn"), run, resume=True, console=Console(quiet=True))
+    assert [row["epoch"] for row in history] == [1, 2]  # finished: nothing to do, its history back
+    with pytest.raises(BnprobeError, match="norm: stored 'batch' vs given 'group'"):
+        train(tiny_config(freeze="non-bn", norm="group"), run, resume=True)
+
+
 # ---- the models -------------------------------------------------------------------------------------------
 
 
