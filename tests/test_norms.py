@@ -434,3 +434,30 @@ def test_the_seed_plans_optional_norm_grid(tmp_path):
         assert config.freeze == "non-norm"
         bn = TrainConfig(**{**config.to_dict(), "norm": "batch", "freeze": "non-bn"}).resolved()
         assert bn.run_name() in names
+
+
+def test_the_training_page_quotes_its_norm_comparison_from_the_findings_file(tmp_path):
+    """docs/training.md's BN-only vs GN-only section, against docs/norms-cpu.findings.json (bnprobe findings' own)."""
+    from bnprobe.analysis.findings import Estimate, show
+
+    findings = json.loads((REPO / "docs" / "norms-cpu.findings.json").read_text())
+    section = (REPO / "docs" / "training.md").read_text().split("## BN-only vs GN-only on two CPU cores\n", 1)[1]
+    text = " ".join(section.split("\n## ", 1)[0].split())
+    planned = read_plan(REPO / "examples" / "norms-cpu.toml", tmp_path)  # the plan those runs came from
+    assert sorted(p.run_dir.name for p in planned) == sorted(run for g in findings["groups"] for run in g["runs"])
+    compared = [f for f in findings["findings"] if f["kind"] == "GN-only vs BN-only"]
+    assert [f["title"].split(" (")[0].split()[0] for f in compared] == ["resnet8", "resnet20"]
+    for finding in compared:
+        [accuracy] = [row for row in finding["rows"] if row["metric"] == "test accuracy"]
+        assert accuracy["sentence"] in text
+    differences = [f"{-row['difference']['mean'] * 100:.1f}" for f in compared for row in f["rows"][:1]]
+    assert f"({differences[0]} and {differences[1]} points lower" in text
+    for group in findings["groups"]:
+        summary = {name: Estimate(**value) for name, value in group["summary"].items()}
+        row = " ".join(show(summary[name], "pct", n=False) for name in ("test accuracy", "gap (train − test accuracy)"))
+        assert row in text, row
+    train_loss = {g["label"]: f"{g['summary']['train loss']['mean']:.2f}" for g in findings["groups"]}
+    assert (f"ended at {train_loss['resnet8 cifar10 non-norm GN16']} and {train_loss['resnet20 cifar10 non-norm GN16']}"
+            in text)
+    assert train_loss["resnet8 cifar10 non-bn"] == train_loss["resnet20 cifar10 non-bn"]
+    assert f"BN-only's at {train_loss['resnet8 cifar10 non-bn']} for both depths" in text
