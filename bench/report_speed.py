@@ -144,7 +144,7 @@ def write_run(run_dir: Path, model: str, freeze: str, seed: int, rng: np.random.
             s.create_dataset(dataset, shape=(steps, len(names)), dtype=np.float32, chunks=(1024, len(names)),
                              compression="gzip", fillvalue=np.nan)
         t = np.arange(steps)
-        for group in TELEMETRY_GROUPS:
+        for group in (g for g in TELEMETRY_GROUPS if g in groups):  # as training writes them: the model's groups
             members = np.array(groups) == group
             g = s.create_group(f"groups/{group}")
             frozen = not (members & trainable).any()

@@ -36,6 +36,7 @@ from bnprobe.core.config import TrainConfig  # noqa: E402
 from bnprobe.files import store  # noqa: E402
 from bnprobe.files.atomic import atomic_write  # noqa: E402
 from bnprobe.files.schema import check_telemetry, open_h5  # noqa: E402
+from bnprobe.nets.norms import bn_layers  # noqa: E402
 from bnprobe.nets.registry import from_config  # noqa: E402
 from bnprobe.training import telemetry
 
@@ -91,7 +92,7 @@ class Writer:
 
     def write(self, epoch: int) -> None:
         with torch.no_grad():
-            for layer in telemetry.bn_layers(self.model).values():
+            for _, layer in bn_layers(self.model):
                 for tensor in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
                     tensor.add_(torch.randn(tensor.shape, generator=self.generator) * 0.01)
         record = {field: float(epoch) for field in telemetry.EPOCH_FIELDS}

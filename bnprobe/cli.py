@@ -201,7 +201,7 @@ def models() -> None:
     """List the registered models with their parameter counts (CIFAR-10 shape)."""
     import torch
 
-    from bnprobe.nets.freeze import bn_parameter_names
+    from bnprobe.nets.freeze import norm_parameter_names
     from bnprobe.nets.registry import create_model, describe_model, list_models, model_name_patterns_note
 
     table = Table(title="Registered models")
@@ -210,7 +210,7 @@ def models() -> None:
     with torch.device("meta"):  # count without allocating: resnet200 alone is 62M parameters
         for model_name in list_models():
             model = create_model(model_name)
-            bn = bn_parameter_names(model)
+            bn = norm_parameter_names(model)
             params = dict(model.named_parameters())
             table.add_row(
                 model_name,

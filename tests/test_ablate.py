@@ -25,7 +25,7 @@ from bnprobe.data.device import DeviceLoader
 from bnprobe.nets.fold import (
     ClampableModel,
     FoldedConvBN,
-    MaskedBN,
+    MaskedNorm,
     _pairs_by_structure,
     check_fold,
     find_conv_bn_pairs,
@@ -332,7 +332,7 @@ def test_fraction_sweeps_and_no_fold_give_the_same_numbers(runs_dirs, tmp_path):
 def test_sweep_with_an_unfoldable_model_on_random_data():
     model = randomize_bn(create_model("resnet8", in_channels=1, shortcut="A"))
     clampable = ClampableModel(model, fold=False)
-    assert all(isinstance(layer.module, MaskedBN) for layer in clampable.layers) and clampable.pairing == "off"
+    assert all(isinstance(layer.module, MaskedNorm) for layer in clampable.layers) and clampable.pairing == "off"
     x = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
     y = torch.randint(0, 10, (64,))
     loader = DeviceLoader(x, y, torch.tensor([[[80.0]]]), torch.tensor([[[60.0]]]), 16)
@@ -350,7 +350,7 @@ def test_ablate_cli_sweep_writes_the_run_directory(capsys, runs_dirs):
                              "--train-subset", "100", "--device", "cpu")
     assert code == 0, err
     assert "Clamp-to-zero ablation — full" in out and "none" in out and "Δ" in out
-    assert "β of clamped channels kept" in out and "9 of 9 BN layers folded" in out
+    assert "β of clamped channels kept" in out and "9 of 9 norm layers folded" in out
     with h5py.File(run / "ablation.h5") as f:
         assert len(f["values"]) == 4 and f.attrs["test_images"] == 100 and f.attrs["train_images"] == 100
 
@@ -407,7 +407,7 @@ def test_foreign_checkpoint_ablation(capsys, tmp_path):
                              "--model-arg", "width=4", "--dataset", "digits", "--clamp-fraction", "0.5",
                              "--zero-beta", "--no-train", "--device", "cpu", "--out", tmp_path / "a.h5")
     assert code == 0, err
-    assert "zeroed too" in out and "2 of 2 BN layers folded" in out
+    assert "zeroed too" in out and "2 of 2 norm layers folded" in out
     with h5py.File(tmp_path / "a.h5") as f:
         assert f["clamped"][0] == 6 and f["layers/channels"][:].tolist() == [4, 8]  # 12 channels, p = 0.5
 
@@ -496,7 +496,7 @@ def test_a_model_without_batchnorm_is_probed_but_not_ablated(capsys, tmp_path):
         "normalization": {"mean": torch.full((1, 1, 1), 80.0), "std": torch.full((1, 1, 1), 90.0)},
     })
     code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu")
-    assert_one_line_error(code, err, "has no BatchNorm layer with a γ to clamp")
+    assert_one_line_error(code, err, "has no norm layer (BatchNorm, GroupNorm, LayerNorm) with a γ to clamp")
     code, out, err = run_cli(capsys, "probe", run, "--images", "20", "--device", "cpu", "--out", tmp_path / "p.h5")
     assert code == 0, err
     assert "no BatchNorm layer with a γ" in out and "ReLU output sparsity" in out

@@ -32,7 +32,7 @@ TINY = ["--dataset", "digits", "--epochs", "1", "--subset", "200", "--test-subse
     (["train", "resnet8", "--name", "a\tb"], "--name must not contain control characters"),
     (["train", "resnet8", "--name", ".r1.replaced"], "--name must not start with '.'"),
     (["train", "resnet8", "--name", ".r1.lock"], "--name must not start with '.'"),
-    (["train", "resnet8", "--bn", "none", "--gamma-l1", "0.1"], "--bn none leaves no BN layer"),
+    (["train", "resnet8", "--bn", "none", "--gamma-l1", "0.1"], "act on the norm layers' γ and β, but --bn none leaves none"),
     (["train", "resnet8", "--gamma-init", "zeros"], "--gamma-init must be one of"),
     (["train", "resnet50", "--shortcut", "A"], "shortcut"),
     (["train", "resnet8", "--resume", "--overwrite"], "contradict"),

@@ -5,7 +5,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.formats import FREEZE_MODES
-from bnprobe.nets.freeze import apply_freeze, bn_parameter_names, output_layer_name, trainable_parameter_names
+from bnprobe.nets.freeze import apply_freeze, norm_parameter_names, output_layer_name, trainable_parameter_names
 from bnprobe.nets.init import init_weights
 from bnprobe.nets.registry import create_model
 
@@ -20,7 +20,7 @@ def test_freeze_modes_select_the_right_tensors(model_name):
     every = {n for n, _ in model.named_parameters()}
     bn = bn_names_by_module_type(model)
     output = {n for n in every if n.startswith(output_layer_name(model) + ".")}
-    assert bn_parameter_names(model) == bn
+    assert norm_parameter_names(model) == bn
     assert output == {"fc.weight", "fc.bias"}
     assert trainable_parameter_names(model, "none") == every
     assert trainable_parameter_names(model, "non-bn") == bn

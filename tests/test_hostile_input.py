@@ -165,7 +165,7 @@ def test_nan_gamma_in_ablate_names_the_layers_and_never_suggests_no_fold(tmp_pat
     runs.save_checkpoint(runs.checkpoint_path(run), state)
     for fold in ("--fold", "--no-fold"):
         code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu", fold)
-        assert_one_line_error(code, err, "holds NaN or infinite γ in 1 BN layer(s) (layer1.0.bn1)")
+        assert_one_line_error(code, err, "holds NaN or infinite γ in 1 norm layer(s) (layer1.0.bn1)")
         assert "--no-fold" not in err
     state["model"]["layer1.0.bn1.weight"][2] = 1.0
     state["model"]["layer1.0.bn1.bias"][:] = float("nan")  # finite γ, yet no finite output: still not the fold's fault

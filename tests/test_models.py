@@ -172,10 +172,10 @@ def test_train_a_pattern_name_from_the_cli(capsys, tmp_path):
 
 
 def test_bn_layers_are_every_batchnorm_in_module_order_and_with_gamma_only_the_affine_ones():
-    from bnprobe.nets.norms import bn_layers, remove_bn_affine
+    from bnprobe.nets.norms import bn_layers, remove_norm_affine
 
     model = create_model("resnet8", in_channels=1, num_classes=10)
-    remove_bn_affine(model, "layer1.*")
+    remove_norm_affine(model, "layer1.*")
     # Independently, from the state dict: a BN layer has running statistics; one with γ also has a weight.
     keys = list(model.state_dict())
     every = [k[: -len(".running_mean")] for k in keys if k.endswith(".running_mean")]

@@ -9,8 +9,8 @@ from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
 from bnprobe.files import checkpoints, runs
 from bnprobe.nets.check import check_model
-from bnprobe.nets.freeze import apply_freeze, apply_random_features, bn_parameter_names, random_feature_masks
-from bnprobe.nets.norms import remove_bn_affine
+from bnprobe.nets.freeze import apply_freeze, apply_random_features, norm_parameter_names, random_feature_masks
+from bnprobe.nets.norms import remove_norm_affine
 from bnprobe.nets.registry import create_model, from_config
 from bnprobe.training.regularize import gamma_l1_step, make_optimizer
 from bnprobe.training.train import train
@@ -42,13 +42,13 @@ def test_models_without_bn_still_classify():
 def test_bn_affine_off_removes_gamma_and_beta():
     model = create_model("resnet20")
     before = sum(p.numel() for p in model.parameters())
-    removed = remove_bn_affine(model, "layer3.*, bn1")
+    removed = remove_norm_affine(model, "layer3.*, bn1")
     assert removed[0].startswith("layer3.") and "bn1" in removed
     assert sum(p.numel() for p in model.parameters()) == before - 2 * (16 + 7 * 64)  # stem 16; layer3: 6 BNs + shortcut
     assert model.bn1.weight is None and not model.bn1.affine
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(BnprobeError, match="matches no BN layer"):
-        remove_bn_affine(create_model("resnet20"), "layer9.*")
+    with pytest.raises(BnprobeError, match="matches no norm layer"):
+        remove_norm_affine(create_model("resnet20"), "layer9.*")
 
 
 def test_gamma_l1_adds_the_subgradient():
@@ -92,7 +92,7 @@ def test_random_features_train_only_the_masked_elements(tmp_path):
         trained, before = state["model"][name], initial[name]
         assert torch.equal(trained[~mask], before[~mask]), f"unmasked elements of {name} moved"
         assert not torch.equal(trained[mask], before[mask])
-    for name in bn_parameter_names(model):  # BN gamma/beta stay at init; only fc and the masked elements train
+    for name in norm_parameter_names(model):  # BN gamma/beta stay at init; only fc and the masked elements train
         assert torch.equal(state["model"][name], initial[name]), name
     assert state["trainable"] == sum(int(m.sum()) for m in masks.values()) + 64 * 10 + 10
 
@@ -107,7 +107,7 @@ def test_random_features_need_frozen_convs():
 @pytest.mark.parametrize("changes,message", [
     (dict(bn="some"), "--bn must be one of"),
     (dict(bn="every-k", bn_every=0), "--bn-every must be >= 1"),
-    (dict(bn_affine_off="nope*"), "matches no BN layer"),
+    (dict(bn_affine_off="nope*"), "matches no norm layer"),
     (dict(gamma_l1=-1.0), "--gamma-l1 must be >= 0"),
     (dict(random_features=1000), "exceeds"),
 ])

@@ -1,13 +1,15 @@
-"""Clamp-to-zero ablations of BN's γ: set small |γ| to 0 and re-measure accuracy and loss.
+"""Clamp-to-zero ablations of the norm layers' γ (BatchNorm, GroupNorm, LayerNorm): set small |γ| to 0 and
+re-measure accuracy and loss.
 
 A sweep loads the checkpoint and its data once (images resident on the device, large eval batches), folds
 every conv -> BN pair once (bnprobe.nets.fold) and then, per threshold, only rewrites the folded weights with
-that threshold's mask. Two thresholds that clamp the same channels are evaluated once.
+that threshold's mask; GroupNorm and LayerNorm normalise by each sample's own statistics, which no conv can
+absorb, so their γ is masked on the layer. Two thresholds that clamp the same channels are evaluated once.
 
 Modes:
     threshold  clamp |γ| < τ                       (--per-layer: |γ| < τ * max |γ| of the layer)
     fraction   clamp the p * N smallest |γ| overall (--per-layer: the p * C_l smallest of each layer)
-A clamped channel's BN output becomes the constant β_c; --zero-beta makes it 0.
+A clamped channel's norm output becomes the constant β_c; --zero-beta makes it 0.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from bnprobe.data.device import DeviceLoader
 from bnprobe.files.runs import default_output
 from bnprobe.files.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
 from bnprobe.nets.fold import ClampableModel, check_fold
-from bnprobe.nets.norms import bn_layers
+from bnprobe.nets.norms import norm_layers
 from bnprobe.training.evaluate import evaluate, resolve_device
 
 MODES = ("threshold", "fraction")
@@ -110,7 +112,7 @@ def sweep(
     started = time.perf_counter()
     gammas = clampable.gammas
     if not gammas:
-        raise BnprobeError("the model has no BatchNorm layer with a γ to clamp")
+        raise BnprobeError("the model has no norm layer (BatchNorm, GroupNorm, LayerNorm) with a γ to clamp")
 
     def measure() -> dict[str, float]:
         out = {}
@@ -209,12 +211,14 @@ def run_ablation(
     out = out if out is not None else default_output([path], ABLATION_FILES[mode])
     check_replaceable(out, ABLATION_FORMAT)
     loaded = load_model(path, options, device)
-    if not bn_layers(loaded.model, with_gamma=True):
-        raise BnprobeError(f"{loaded.path} has no BatchNorm layer with a γ to clamp")
+    norms = norm_layers(loaded.model, with_gamma=True)
+    if not norms:
+        raise BnprobeError(f"{loaded.path} has no norm layer (BatchNorm, GroupNorm, LayerNorm) with a γ to clamp")
     # |NaN| < τ is never true, and a NaN channel makes every later output NaN: no clamp can be measured.
-    broken = [name for name, bn in bn_layers(loaded.model, with_gamma=True) if not torch.isfinite(bn.weight).all()]
+    broken = [name for name, norm in norms if not torch.isfinite(norm.weight).all()]
     if broken:
-        raise BnprobeError(f"{loaded.path} holds NaN or infinite γ in {len(broken)} BN layer(s) ({listing(broken)}); "
+        raise BnprobeError(f"{loaded.path} holds NaN or infinite γ in {len(broken)} norm layer(s) "
+                           f"({listing(broken)}); "
                            f"its outputs are not numbers whatever is clamped, so there is nothing to ablate")
     data = load_eval_data(loaded, device, test_subset=test_subset, train_subset=train_subset)
     # channels_last: cuDNN's and oneDNN's fast layout (on a 2-core CPU it also beat NCHW for resnet20 by ~1.2x)
@@ -257,8 +261,9 @@ def run_ablation(
             else "kept: each clamped channel outputs its constant β (pass --zero-beta to zero it)")
     console.print(
         f"β of clamped channels {beta}. "
-        f"{folded} of {layers} BN layers folded into their convs (pairs found by {clampable.pairing}; "
-        f"max relative logit difference {fold_error:.1e}), {layers - folded} masked on the BN. "
+        f"{folded} of {layers} norm layers folded into their convs (BNs after a conv: pairs found by "
+        f"{clampable.pairing}; max relative logit difference {fold_error:.1e}), {layers - folded} masked on the "
+        f"layer. "
         f"{len(values)} value(s): {result.evaluations} evaluation(s) with the baseline, in {result.seconds:.1f} s "
         f"(identical clamp sets are evaluated once).",
         soft_wrap=True,
@@ -304,7 +309,7 @@ def ablation_table(result: SweepResult, label: str, test_images: int, train_imag
         metrics = {k: float(v[i]) for k, v in result.metrics.items()}
         table.add_row(f"{value:.4g}", f"{int(result.clamped[i]):,} ({result.clamped[i] / n:.1%})", *cells(metrics, False))
     sizes = f"{test_images:,} test" + (f" / {train_images:,} train" if "train_acc" in result.metrics else "")
-    table.caption = (f"clamped: channels (and share) of the {result.total_channels:,} BN channels in "
+    table.caption = (f"clamped: channels (and share) of the {result.total_channels:,} norm channels in "
                      f"{len(result.layer_names)} layers; Δ: accuracy change in percentage points vs. no clamping; "
                      f"{sizes} images, eval mode")
     return table

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.config import IDENTITY_DEFAULTS, seed_group
+from bnprobe.core.config import IDENTITY_DEFAULTS, norm_name, seed_group
 from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.options import OFF_THRESHOLD
 from bnprobe.core.modelnames import model_depth, model_family
@@ -30,7 +30,7 @@ SINGLE = "single seed: no interval"
 FORMAT = "bnprobe-findings"
 # Settings that change BN itself (the issue's "changed BN"): compared with plain BN-only, i.e. these at default.
 CHANGED_BN = ("gamma_init", "gamma_l1", "bn_l2", "bn_affine_off")
-SHOWN = ("model", "dataset", "freeze", "bn")  # always in a group's label; other settings when they vary
+SHOWN = ("model", "dataset", "freeze", "bn", "norm", "norm_groups")  # always in a group's label; others when they vary
 
 
 # ---- statistics ------------------------------------------------------------------------------------------
@@ -243,7 +243,8 @@ def group_runs(runs: Sequence) -> list[Group]:
         # Settings that tell groups apart, where not at their default: at most one of two groups has that.
         others = "".join(f" {name}={c(name)}" for name in varying
                          if c(name) != IDENTITY_DEFAULTS[name] and not (name == "bn_every" and c("bn") != "every-k"))
-        group.label = f"{c('model')} {c('dataset')} {c('freeze')}{bn}{others}"
+        norm = "" if c("norm") == "batch" else f" {norm_name(c('norm'), c('norm_groups'))}"
+        group.label = f"{c('model')} {c('dataset')} {c('freeze')}{norm}{bn}{others}"
     return list(groups.values())
 
 
@@ -305,6 +306,8 @@ def build_findings(groups: Sequence[Group], ablations: dict) -> list[Finding]:
             out.append(_compare_groups("changed BN vs plain BN-only", g, plain, accuracy_gap_drop + (OFF,),
                                        (what, "plain")))
 
+    out += other_norm_findings(groups, index, accuracy_gap_drop)
+
     for g in groups:  # reduced BN vs full BN, and vs another net (25/76/100 convs, ...) with as many BN layers
         if g.setting("bn") != "every-k":
             continue
@@ -341,6 +344,32 @@ def build_findings(groups: Sequence[Group], ablations: dict) -> list[Finding]:
         rows = [row for row in rows if row is not None]
         if rows:
             out.append(Finding("gradient magnitude, BN vs conv", g.label, rows))
+    return out
+
+
+# ---- GroupNorm and LayerNorm against BatchNorm ---------------------------------------------------------------
+
+
+def other_norm_findings(groups: Sequence[Group], index: dict[tuple, Group], metrics: Sequence[str]) -> list[Finding]:
+    """Each GN or LN group against the BN group of the same model (equal depth) and otherwise equal settings:
+    GN-only vs BN-only where only the norm layers train (does γ/β's power need batch statistics?); and its norm
+    layers' mean |grad| against the conv weights' (the seed's Figure 2 with GN)."""
+    out = []
+    for g in groups:
+        if g.setting("norm") == "batch":
+            continue
+        kind = {"group": "GN", "layer": "LN"}.get(g.setting("norm"), str(g.setting("norm")))
+        bn = _counterpart(g, index, norm="batch")  # seed_group spells the freeze mode as BN's
+        if bn is not None:
+            only = "-only" if g.setting("freeze") == "non-norm" else ""
+            finding = _compare_groups(f"{kind}{only} vs BN{only}", g, bn, metrics,
+                                      (f"{norm_name(g.setting('norm'), g.setting('norm_groups'))}{only}", f"BN{only}"))
+            finding.title += f" (equal depth: both {g.setting('model')})"
+            out.append(finding)
+        rows = [row for name in ("gn_gamma", "gn_beta", "ln_gamma", "ln_beta")
+                if (row := gradient_ratio(g, name)) is not None]
+        if rows:
+            out.append(Finding(f"gradient magnitude, {kind} vs conv", g.label, rows))
     return out
 
 
@@ -429,8 +458,9 @@ def gradient_ratio(group: Group, bn_group: str) -> Optional[Row]:
               for run in group.runs if bn_group in run.grad_groups and "conv_weight" in run.grad_groups]
     if not ratios:
         return None
-    what = {"bn_gamma": "γ", "bn_beta": "β"}[bn_group]
-    row = Row(f"mean |grad| of BN {what} / conv weights", "number", estimate(ratios, NON_NEGATIVE))
+    kind, _, param = bn_group.partition("_")  # bn_gamma, gn_beta, ... (core.formats.NORM_GROUPS)
+    row = Row(f"mean |grad| of {kind.upper()} {'γ' if param == 'gamma' else 'β'} / conv weights", "number",
+              estimate(ratios, NON_NEGATIVE))
     if len(ratios) < 2:
         row.note = SINGLE
     else:

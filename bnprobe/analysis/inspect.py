@@ -13,7 +13,7 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from bnprobe.core.config import TrainConfig
+from bnprobe.core.config import TrainConfig, norm_name
 from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import COMPACT_FORMAT, TELEMETRY_FILE, TELEMETRY_FORMAT
 from bnprobe.files import runs
@@ -124,6 +124,11 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
     return Group(*parts)
 
 
+def _norm(config: TrainConfig) -> str:
+    """` (GN16)` or ` (LN)` after a model whose norm layers are not BatchNorm."""
+    return "" if config.norm == "batch" else f" ({norm_name(config.norm, config.norm_groups)})"
+
+
 def inspect_export(path: Path) -> Table:
     """`bnprobe inspect model.safetensors`: what an exported run holds, its frozen tensors regenerated and checked."""
     header = read_export_header(path)
@@ -139,7 +144,7 @@ def inspect_export(path: Path) -> Table:
     table.add_column()
     for name, value in (
         ("kind", "compact: the seed plus what trained" if compact else "the full state dict"),
-        ("model / data / freeze", f"{config.model} / {config.dataset} / {config.freeze}"
+        ("model / data / freeze", f"{config.model}{_norm(config)} / {config.dataset} / {config.freeze}"
                                   + (f" + {config.random_features} random features" if config.random_features else "")),
         ("seed, epoch", f"{config.seed}, {checkpoint['epoch']}"),
         ("exported with", f"torch {metadata.get('torch', '?')} (this is torch {torch.__version__})"),

@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from bnprobe.analysis.relu import ReluSite
 from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
 from bnprobe.core.measures import fraction_below
-from bnprobe.nets.norms import bn_layers
+from bnprobe.nets.norms import has_affine, norm_channels, norm_layers
 
 # What a layer is (NORM_KINDS), as far as its tensors tell: BatchNorm keeps running statistics; a scale and a
 # shift per channel with none is LayerNorm or GroupNorm (their tensors are alike, and so are their names: neither
@@ -32,14 +32,6 @@ def module_kind(module: nn.Module) -> str:
     if isinstance(module, _BatchNorm):
         return BATCHNORM
     return SCALE_SHIFT if getattr(module, "bias", None) is not None else SCALE_ONLY
-
-
-def module_channels(module: nn.Module) -> int:
-    """The channels of a normalisation module with no γ (BatchNorm's, GroupNorm's, or LayerNorm's elements)."""
-    for attr in ("num_features", "num_channels"):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr)
-    return int(np.prod(getattr(module, "normalized_shape", (0,))))
 
 
 @dataclass
@@ -163,15 +155,16 @@ BNStats = NormStats  # its name before it held every normalisation layer
 
 
 def bn_statistics(model: nn.Module) -> NormStats:
-    """Every normalisation layer bnprobe.nets.norms lists, in module order: γ/β and, where the module keeps them,
-    its running statistics; those with running statistics and no γ as statistics-only."""
-    layers = bn_layers(model)
-    affine = [(name, m) for name, m in layers if getattr(m, "weight", None) is not None]
+    """Every normalisation layer bnprobe.nets.norms lists (BatchNorm, GroupNorm, LayerNorm), in module order: γ/β
+    flat (one value per channel or, for a LayerNorm over (C, H, W), per element) and, where the module keeps them,
+    its running statistics; those without γ as statistics-only."""
+    layers = norm_layers(model)
+    affine = [(name, m) for name, m in layers if has_affine(m)]
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     return NormStats.from_tensors(
-        [(name, (m.weight, getattr(m, "bias", None), getattr(m, "running_mean", None), getattr(m, "running_var", None)))
-         for name, m in affine],
-        [(name, module_channels(m)) for name, m in layers  # nothing to measure without γ or statistics
-         if getattr(m, "weight", None) is None and getattr(m, "running_mean", None) is not None],
+        [(name, (flat(m.weight), flat(getattr(m, "bias", None)), getattr(m, "running_mean", None),
+                 getattr(m, "running_var", None))) for name, m in affine],
+        [(name, norm_channels(m)) for name, m in layers if not has_affine(m)],
         [module_kind(m) for _, m in affine])
 
 

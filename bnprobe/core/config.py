@@ -19,7 +19,16 @@ from typing import Any, Optional
 
 from bnprobe.core.datasets import default_data_dir, get_dataset_spec
 from bnprobe.core.errors import BnprobeError
-from bnprobe.core.formats import BN_PLACEMENTS, DEVICES, FREEZE_MODES, GAMMA_INITS, NORMALIZATIONS, SHORTCUTS
+from bnprobe.core.formats import (
+    BN_FREEZE_MODES,
+    BN_PLACEMENTS,
+    DEVICES,
+    FREEZE_MODES,
+    GAMMA_INITS,
+    NORMALIZATIONS,
+    NORMS,
+    SHORTCUTS,
+)
 
 # The largest model bnprobe builds: 2e9 parameters are 8 GB of float32 weights, 24 GB with their gradients and
 # SGD momentum, before one activation (resnet200 has 62M). Counted on the meta device before anything is allocated.
@@ -46,22 +55,41 @@ class TrainConfig:
     width: int = field(default=1, metadata=_flag("Width multiplier of every layer."))
     shortcut: str = field(default="B", metadata=_flag("CIFAR ResNet shortcut: A (zero-pad) or B (1x1 conv + BN)."))
     gamma_init: str = field(
-        default="uniform", metadata=_flag("BN gamma init: uniform (U[0,1], Frankle), ones, normal (N(1, 0.1)).")
+        default="uniform",
+        metadata=_flag("Norm layers' gamma init: uniform (U[0,1], Frankle), ones, normal (N(1, 0.1)); beta = 0."),
     )
     freeze: str = field(
         default="none",
-        metadata=_flag("What stays at init: none, non-bn (train only BN), non-bn-output, all-but-output, bn."),
+        metadata=_flag("What stays at init: none, non-bn (train only the norm layers' gamma/beta), non-bn-output, "
+                       "all-but-output, bn (train all but them); non-norm, non-norm-output, norm say the same for "
+                       "any --norm (a BN run stores the BN name, a GN/LN run the general one)."),
+    )
+    norm: str = field(
+        default="batch",
+        metadata=_flag("Normalisation layers: batch (BatchNorm), group (GroupNorm, see --norm-groups), layer "
+                       "(LayerNorm of conv nets: GroupNorm of one group). --bn, --bn-every, --bn-affine-off, "
+                       "--gamma-init, --gamma-l1 and --bn-l2 act on them."),
+    )
+    norm_groups: int = field(
+        default=16,
+        metadata=_flag("With --norm group: groups per layer (a layer with fewer channels: one per channel)."),
     )
     bn: str = field(
-        default="full", metadata=_flag("BN placement: full (after every conv), none, every-k (after every --bn-every convs).")
+        default="full",
+        metadata=_flag("Norm layer placement: full (after every conv), none, every-k (after every --bn-every convs)."),
     )
-    bn_every: int = field(default=2, metadata=_flag("With --bn every-k: a BN after every K-th conv."))
+    bn_every: int = field(default=2, metadata=_flag("With --bn every-k: a norm layer after every K-th conv."))
     bn_affine_off: str = field(
-        default="", metadata=_flag("BN layers without gamma/beta: comma-separated names or globs, e.g. 'layer3.*'.")
+        default="",
+        metadata=_flag("Norm layers without gamma/beta: comma-separated names or globs, e.g. 'layer3.*'."),
     )
-    gamma_l1: float = field(default=0.0, metadata=_flag("L1 penalty S * sum|gamma| on BN gammas (Network Slimming)."))
+    gamma_l1: float = field(
+        default=0.0, metadata=_flag("L1 penalty S * sum|gamma| on the norm layers' gammas (Network Slimming).")
+    )
     bn_l2: float = field(
-        default=0.0, metadata=_flag("Extra L2 on BN gamma/beta: adds S * param to their gradient, beside --weight-decay.")
+        default=0.0,
+        metadata=_flag("Extra L2 on the norm layers' gamma/beta: adds S * param to their gradient, beside "
+                       "--weight-decay."),
     )
     random_features: int = field(
         default=0,
@@ -109,7 +137,9 @@ class TrainConfig:
         default=False,
         metadata=_flag("Data-parallel over the processes of torchrun (--batch-size is the global batch).", identity=False),
     )
-    sync_bn: bool = field(default=False, metadata=_flag("With --ddp: BN statistics over the global batch (CUDA)."))
+    sync_bn: bool = field(
+        default=False, metadata=_flag("With --ddp and --norm batch: BN statistics over the global batch (CUDA).")
+    )
     eval_batch_size: int = field(default=1000, metadata=_flag("Batch size for evaluation.", identity=False))
     data_dir: str = field(
         default="", metadata=_flag("Data folder [default: $BNPROBE_DATA_DIR or ./data].", identity=False)
@@ -137,10 +167,16 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
 
     def run_name(self) -> str:
-        """Readable prefix plus a hash of every identity field, so equal configs share a directory."""
-        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        """Readable prefix plus a hash of every identity field, so equal configs share a directory. Settings
+        newer than stored runs are hashed only where they are in effect (NEWER_SETTINGS): every earlier run keeps
+        its name, and a sweep started before them still finds its runs."""
+        every = self.identity()
+        identity = {name: value for name, value in every.items()
+                    if name not in NEWER_SETTINGS or _in_effect(name, every)}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        norm = f"-{norm_name(self.norm, self.norm_groups).lower()}" if self.norm != "batch" else ""
         variant = {"full": "", "none": "-nobn", "every-k": f"-bn-every{self.bn_every}"}.get(self.bn, "")
-        return f"{self.model}{variant}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
+        return f"{self.model}{norm}{variant}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
 
     # ---- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -165,9 +201,10 @@ class TrainConfig:
         _choice("shortcut", self.shortcut, SHORTCUTS)
         check_device(self.device)
         _choice("bn", self.bn, BN_PLACEMENTS)
+        _choice("norm", self.norm, NORMS)
         if self.normalize is not None:
             _choice("normalize", self.normalize, NORMALIZATIONS)
-        for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every"):
+        for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every", "norm_groups"):
             if getattr(self, name) < 1:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features", "translate"):
@@ -193,7 +230,12 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.bn == "none" and (self.gamma_l1 or self.bn_l2):
-            raise BnprobeError("--gamma-l1 and --bn-l2 act on BN's γ and β, but --bn none leaves no BN layer")
+            raise BnprobeError("--gamma-l1 and --bn-l2 act on the norm layers' γ and β, but --bn none leaves none")
+        if self.norm != "batch" and self.bn == "none":  # one model under two names would split its findings
+            raise BnprobeError(f"--norm {self.norm} chooses the norm layers, but --bn none places none; "
+                               f"leave --norm at batch for a net without normalisation")
+        if self.norm != "batch" and self.sync_bn:
+            raise BnprobeError(f"--sync-bn synchronises BatchNorm's batch statistics; --norm {self.norm} has none")
         if not self.lr_drop > 0:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
         milestones = self.milestone_epochs
@@ -218,19 +260,48 @@ class TrainConfig:
             translate=translate,
             normalize=normalize,
             milestones=",".join(str(m) for m in self.milestone_epochs),
+            freeze=freeze_spelling(self.freeze, self.norm),
         )
 
 
 IDENTITY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity", True)}
+# Identity settings added after runs were stored: those runs lack them and were made at their defaults.
+NEWER_SETTINGS = ("norm", "norm_groups")
+
+
+def _in_effect(name: str, identity: dict[str, Any]) -> bool:
+    """Whether a NEWER_SETTINGS setting changes the model: away from its default (norm_groups: with --norm group)."""
+    if name == "norm_groups" and identity.get("norm") != "group":
+        return False
+    return identity.get(name, IDENTITY_DEFAULTS[name]) != IDENTITY_DEFAULTS[name]
+
+
+def norm_name(norm: str, groups: int) -> str:
+    """How names and tables show a --norm: BN, GN<groups>, LN."""
+    return {"batch": "BN", "group": f"GN{groups}", "layer": "LN"}.get(norm, str(norm))
+
+
+def freeze_spelling(freeze: str, norm: str) -> str:
+    """The one spelling of a freeze mode a config stores: BN's (non-bn, ...) for BatchNorm nets, so that their run
+    names and findings groups stay those of the runs made before --norm; the general one (non-norm, ...) for
+    GroupNorm and LayerNorm nets, so that their names say what trains."""
+    if norm == "batch":
+        return BN_FREEZE_MODES.get(freeze, freeze)
+    return next((general for general, bn in BN_FREEZE_MODES.items() if bn == freeze), freeze)
 
 
 def seed_group(config: dict[str, Any]) -> tuple:
     """What runs that differ only by seed share: the identity settings of a stored config.json but the seed.
     A setting the config lacks (a run from an older bnprobe) counts as its default; bn_every counts only where
-    it places BN (--bn every-k), so a full-BN run groups the same whatever --bn-every said."""
+    it places BN (--bn every-k), so a full-BN run groups the same whatever --bn-every said; norm_groups only with
+    --norm group; the freeze mode in its norm's spelling (freeze_spelling)."""
     identity = {name: config.get(name, default) for name, default in IDENTITY_DEFAULTS.items() if name != "seed"}
     if identity["bn"] != "every-k":
         identity["bn_every"] = IDENTITY_DEFAULTS["bn_every"]
+    if identity["norm"] != "group":
+        identity["norm_groups"] = IDENTITY_DEFAULTS["norm_groups"]
+    if isinstance(identity["freeze"], str):
+        identity["freeze"] = freeze_spelling(identity["freeze"], identity["norm"])
     for name, value in identity.items():  # 0 and 0.0 are one setting (a plan's TOML may write either)
         if isinstance(IDENTITY_DEFAULTS[name], float) and isinstance(value, int) and not isinstance(value, bool):
             identity[name] = float(value)

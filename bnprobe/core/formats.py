@@ -23,6 +23,11 @@ ABLATION_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5"
 CHECKPOINT_FORMAT = "bnprobe-checkpoint"
 CHECKPOINT_VERSION = 2  # 2: bnprobe_version, the bnprobe that wrote it
 TELEMETRY_FORMAT, TELEMETRY_VERSION = "bnprobe-telemetry", 1
+# telemetry.h5's parameter groups: a norm layer's γ and β named for its kind (bn_gamma, gn_beta, ...: BatchNorm,
+# GroupNorm, LayerNorm or GroupNorm of one group, bnprobe.nets.norms.norm_kind), then the rest.
+NORM_KINDS = ("bn", "gn", "ln")
+NORM_GROUPS = tuple(f"{kind}_{param}" for kind in NORM_KINDS for param in ("gamma", "beta"))
+PARAMETER_GROUPS = (*NORM_GROUPS, "conv_weight", "linear_weight", "bias")
 PROBE_FORMAT = "bnprobe-probe"
 # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order;
 # 3: provenance attributes (bnprobe_version, torch_version, options_json);
@@ -40,7 +45,12 @@ EXPORT_VERSIONS = ("2", EXPORT_VERSION)  # what readers accept
 EXPORT_FORMATS = (FULL_FORMAT, COMPACT_FORMAT)  # how a safetensors file is known as bnprobe's
 
 # ---- the choices of TrainConfig's settings --------------------------------------------------------------------
-FREEZE_MODES = ("none", "non-bn", "non-bn-output", "all-but-output", "bn")  # also the report's column order
+# Freeze modes name what stays at init. BN's spelling (non-bn, ...) and the general one (non-norm, ...: whatever
+# the --norm layers are) mean the same tensors; a config stores one spelling per norm (core.config.freeze_spelling).
+BN_FREEZE_MODES = {"non-norm": "non-bn", "non-norm-output": "non-bn-output", "norm": "bn"}  # general -> BN
+FREEZE_MODES = ("none", "non-bn", "non-bn-output", "all-but-output", "bn",
+                *BN_FREEZE_MODES)  # also the report's column order
+NORMS = ("batch", "group", "layer")  # --norm: BatchNorm2d, GroupNorm, GroupNorm of one group (LayerNorm of conv nets)
 BN_PLACEMENTS = ("full", "none", "every-k")
 GAMMA_INITS = ("uniform", "ones", "normal")
 NORMALIZATIONS = ("per-pixel", "per-channel")

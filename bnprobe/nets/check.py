@@ -12,7 +12,7 @@ from bnprobe.core.config import MAX_PARAMETERS, TrainConfig
 from bnprobe.core.datasets import get_dataset_spec
 from bnprobe.core.errors import BnprobeError
 from bnprobe.nets.freeze import random_feature_masks
-from bnprobe.nets.norms import remove_bn_affine
+from bnprobe.nets.norms import remove_norm_affine
 from bnprobe.nets.registry import create_model
 
 
@@ -22,22 +22,23 @@ def check_model(config: TrainConfig, where: Optional[str] = None) -> None:
     spec = get_dataset_spec(config.dataset)
     try:
         _check_model(config.model, spec.channels, spec.num_classes, config.width, config.shortcut, config.bn,
-                     config.bn_every, config.bn_affine_off, config.random_features)
+                     config.bn_every, config.norm, config.norm_groups, config.bn_affine_off, config.random_features)
     except BnprobeError as exc:
         raise BnprobeError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 @functools.lru_cache(maxsize=32)
 def _check_model(model_name: str, channels: int, classes: int, width: int, shortcut: str, bn: str, bn_every: int,
-                 bn_affine_off: str, random_features: int) -> None:
+                 norm: str, norm_groups: int, bn_affine_off: str, random_features: int) -> None:
     """Cached, because the CLI and train() both check the same config (deep models take seconds)."""
     with torch.device("meta"):
         model = create_model(model_name, in_channels=channels, num_classes=classes,
-                             width=width, shortcut=shortcut, bn=bn, bn_every=bn_every)
+                             width=width, shortcut=shortcut, bn=bn, bn_every=bn_every, norm=norm,
+                             norm_groups=norm_groups)
         parameters = sum(p.numel() for p in model.parameters())
         if parameters > MAX_PARAMETERS:
             raise BnprobeError(f"{model_name} at width {width} has {parameters:,} parameters, more than bnprobe "
                                f"builds ({MAX_PARAMETERS:,}: 8 GB of float32 weights, 24 GB to train)")
-        remove_bn_affine(model, bn_affine_off)
+        remove_norm_affine(model, bn_affine_off)
         if random_features:
             random_feature_masks(model, random_features, torch.Generator())

@@ -11,7 +11,8 @@ and then applies any clamp mask with a multiply and a select on the stored folde
 conv -> BN pairs are found by tracing the model with torch.fx (a BN whose only input is a conv called
 once, whose output only that BN reads); models fx cannot trace fall back to module structure
 (adjacent conv, BN in an nn.Sequential; conv1/bn1, conv2/bn2, conv3/bn3 in torchvision's and bnprobe's
-blocks and stems). BNs that cannot be folded keep their module and get γ masked directly.
+blocks and stems). BNs that cannot be folded keep their module and get γ masked directly, and so do GroupNorm
+and LayerNorm layers: their statistics are those of each sample, not constants a conv could absorb.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.core.errors import BnprobeError
-from bnprobe.nets.norms import bn_layers
+from bnprobe.nets.norms import norm_layers
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Classes whose forward is known to run convN then bnN back to back, with the conv output read only by the BN.
@@ -133,29 +134,30 @@ class FoldedConvBN(nn.Module):
         return self.conv(x)
 
 
-class MaskedBN(nn.Module):
-    """A BN that could not be folded: γ (and with --zero-beta β) masked directly on a copy."""
+class MaskedNorm(nn.Module):
+    """A norm layer that is not folded (a BN without a conv before it, every GroupNorm and LayerNorm): γ (and with
+    --zero-beta β) masked directly on a copy. γ is seen flat, one entry per channel (a LayerNorm's per element)."""
 
-    def __init__(self, bn: _BatchNorm):
+    def __init__(self, norm: nn.Module):
         super().__init__()
-        self.bn = copy.deepcopy(bn)
-        self.register_buffer("base_gamma", bn.weight.detach().clone())
-        self.register_buffer("base_beta", bn.bias.detach().clone())
+        self.norm = copy.deepcopy(norm)
+        self.register_buffer("base_gamma", norm.weight.detach().clone())
+        self.register_buffer("base_beta", norm.bias.detach().clone() if norm.bias is not None else None)
 
     @property
     def gamma(self) -> torch.Tensor:
-        return self.base_gamma
+        return self.base_gamma.reshape(-1)
 
     @torch.no_grad()
     def clamp(self, clamped: Optional[torch.Tensor], zero_beta: bool = False) -> None:
-        if clamped is None:
-            clamped = torch.zeros_like(self.base_gamma, dtype=torch.bool)
-        self.bn.weight.copy_(torch.where(clamped, torch.zeros_like(self.base_gamma), self.base_gamma))
-        beta = torch.where(clamped, torch.zeros_like(self.base_beta), self.base_beta) if zero_beta else self.base_beta
-        self.bn.bias.copy_(beta)
+        clamped = (torch.zeros_like(self.base_gamma, dtype=torch.bool) if clamped is None
+                   else clamped.reshape(self.base_gamma.shape))
+        self.norm.weight.copy_(self.base_gamma.masked_fill(clamped, 0))
+        if self.base_beta is not None:  # LayerNorm(bias=False): no β, a clamped channel outputs 0
+            self.norm.bias.copy_(self.base_beta.masked_fill(clamped, 0) if zero_beta else self.base_beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x)
+        return self.norm(x)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -166,8 +168,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 @dataclass
 class ClampLayer:
-    name: str  # the BN's name in the original model
-    module: nn.Module  # FoldedConvBN or MaskedBN inside the clampable copy
+    name: str  # the norm layer's name in the original model
+    module: nn.Module  # FoldedConvBN or MaskedNorm inside the clampable copy
     folded: bool
     conv: Optional[str]  # the conv it was folded into
 
@@ -181,7 +183,7 @@ class ClampLayer:
 
 
 class ClampableModel(nn.Module):
-    """A copy of `model` in eval mode with every BN γ clampable; BNs after convs folded into them once."""
+    """A copy of `model` in eval mode with every norm layer's γ clampable; BNs after convs folded into them once."""
 
     def __init__(self, model: nn.Module, fold: bool = True):
         super().__init__()
@@ -191,15 +193,15 @@ class ClampableModel(nn.Module):
         pairs, self.pairing = find_conv_bn_pairs(self.net) if fold else ([], "off")
         by_bn = {bn: conv for conv, bn in pairs}
         self.layers: list[ClampLayer] = []
-        for name, bn in bn_layers(self.net, with_gamma=True):
+        for name, norm in norm_layers(self.net, with_gamma=True):
             if name in by_bn:
                 conv_name = by_bn[name]
-                folded = FoldedConvBN(self.net.get_submodule(conv_name), bn)
+                folded = FoldedConvBN(self.net.get_submodule(conv_name), norm)
                 _set_submodule(self.net, conv_name, folded)
                 _set_submodule(self.net, name, nn.Identity())
                 self.layers.append(ClampLayer(name, folded, True, conv_name))
             else:
-                masked = MaskedBN(bn)
+                masked = MaskedNorm(norm)
                 _set_submodule(self.net, name, masked)
                 self.layers.append(ClampLayer(name, masked, False, None))
         self.eval()

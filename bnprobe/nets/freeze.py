@@ -6,15 +6,15 @@ import torch
 import torch.nn as nn
 
 from bnprobe.core.errors import BnprobeError
-from bnprobe.core.formats import FREEZE_MODES
-from bnprobe.nets.norms import bn_layers
+from bnprobe.core.formats import BN_FREEZE_MODES, FREEZE_MODES
+from bnprobe.nets.norms import norm_layers
 
 
-def bn_parameter_names(model: nn.Module) -> set[str]:
-    """Names of every BatchNorm gamma (weight) and beta (bias)."""
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of every norm layer's gamma (weight) and beta (bias): BatchNorm, GroupNorm, LayerNorm."""
     return {
         f"{module_name}.{param_name}" if module_name else param_name
-        for module_name, module in bn_layers(model)
+        for module_name, module in norm_layers(model)
         for param_name, _ in module.named_parameters(recurse=False)
     }
 
@@ -28,17 +28,20 @@ def output_layer_name(model: nn.Module) -> str:
 
 
 def trainable_parameter_names(model: nn.Module, mode: str) -> set[str]:
+    """What `mode` trains. BN's spelling (non-bn, ...) and the general one (non-norm, ...) are the same modes:
+    the norm layers are the model's, whatever their kind."""
     every = {name for name, _ in model.named_parameters()}
     if mode == "none":
         return every
-    bn = bn_parameter_names(model)
+    mode = BN_FREEZE_MODES.get(mode, mode)
+    norm = norm_parameter_names(model)
     output_prefix = output_layer_name(model) + "."
     output = {name for name in every if name.startswith(output_prefix)}
     chosen = {
-        "non-bn": bn,
-        "non-bn-output": bn | output,
+        "non-bn": norm,
+        "non-bn-output": norm | output,
         "all-but-output": output,
-        "bn": every - bn,
+        "bn": every - norm,
     }.get(mode)
     if chosen is None:
         raise BnprobeError(f"--freeze must be one of {', '.join(FREEZE_MODES)}; got {mode!r}")

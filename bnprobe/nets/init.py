@@ -1,9 +1,11 @@
-"""Frankle's initialisation: He normal for conv/linear weights, gamma ~ U[0, 1], beta = 0."""
+"""Frankle's initialisation: He normal for conv/linear weights, gamma ~ U[0, 1], beta = 0 (for BN, and the same
+for GroupNorm and LayerNorm, so that a comparison of norms starts from equal γ/β draws)."""
 
 from __future__ import annotations
 
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnprobe.nets.norms import NORM_TYPES, has_affine
 
 
 def init_weights(model: nn.Module, gamma_init: str = "uniform") -> nn.Module:
@@ -12,7 +14,7 @@ def init_weights(model: nn.Module, gamma_init: str = "uniform") -> nn.Module:
             nn.init.kaiming_normal_(module.weight)  # fan_in, gain sqrt(2): He et al. 2015
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, _BatchNorm) and module.affine:
+        elif isinstance(module, NORM_TYPES) and has_affine(module):  # a BN net draws as before: its norms are BNs
             if gamma_init == "uniform":
                 nn.init.uniform_(module.weight, 0.0, 1.0)
             elif gamma_init == "ones":
@@ -21,5 +23,6 @@ def init_weights(model: nn.Module, gamma_init: str = "uniform") -> nn.Module:
                 nn.init.normal_(module.weight, 1.0, 0.1)
             else:
                 raise ValueError(f"unknown gamma init {gamma_init!r}")
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:  # LayerNorm(bias=False) has γ alone
+                nn.init.zeros_(module.bias)
     return model

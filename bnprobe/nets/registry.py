@@ -6,7 +6,8 @@ bottleneck ResNet-50, although 50 = 6*8+2); `list_models()` lists registered nam
 `model_name_patterns()` the patterns.
 
 Every builder takes the same keywords, so `from_config` builds any of them from a TrainConfig:
-`in_channels`, `num_classes`, `width` (multiplier) and `shortcut` (A or B, CIFAR ResNets only).
+`in_channels`, `num_classes`, `width` (multiplier), `shortcut` (A or B, CIFAR ResNets only) and `norm_layer`
+(channels -> the norm layer or nn.Identity: bnprobe.nets.norms).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from bnprobe.core.errors import BnprobeError
 from bnprobe.nets.init import init_weights
-from bnprobe.nets.norms import norm_layer_for, remove_bn_affine
+from bnprobe.nets.norms import norm_layer_for, remove_norm_affine
 
 if TYPE_CHECKING:
     from bnprobe.core.config import TrainConfig
@@ -122,15 +123,18 @@ def create_model(
     shortcut: str = "B",
     bn: str = "full",
     bn_every: int = 1,
+    norm: str = "batch",
+    norm_groups: int = 16,
 ) -> nn.Module:
     """Build a registered model with PyTorch's default init; `init_weights` applies Frankle's.
 
-    `bn` places the BatchNorm layers: `full` after every conv, `none` nowhere, `every-k` after every
-    `bn_every`-th conv (counted in construction order); the others become nn.Identity.
+    `norm` chooses the norm layers (batch, group with `norm_groups` groups, layer) and `bn` places them: `full`
+    after every conv, `none` nowhere, `every-k` after every `bn_every`-th conv (counted in construction order);
+    the others become nn.Identity.
     """
     return _lookup(name)[0](
         in_channels=in_channels, num_classes=num_classes, width=width, shortcut=shortcut,
-        norm_layer=norm_layer_for(bn, bn_every),
+        norm_layer=norm_layer_for(bn, bn_every, norm, norm_groups),
     )
 
 
@@ -140,7 +144,8 @@ def from_config(config: "TrainConfig", in_channels: int, num_classes: int) -> nn
     torch.manual_seed(config.seed)
     model = create_model(
         config.model, in_channels=in_channels, num_classes=num_classes, width=config.width,
-        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every,
+        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every, norm=config.norm,
+        norm_groups=config.norm_groups,
     )
-    remove_bn_affine(model, config.bn_affine_off)
+    remove_norm_affine(model, config.bn_affine_off)
     return init_weights(model, config.gamma_init)

@@ -176,7 +176,7 @@ def _read(task: tuple[Path, str, bool, Optional[Sequence[float]]]) -> Run | Skip
 def _run_order(run: Run) -> tuple:
     freeze = FREEZE_ORDER.index(run.freeze) if run.freeze in FREEZE_ORDER else len(FREEZE_ORDER)
     depth = run.depth if run.depth is not None else 10**9
-    return (0, run.dataset, run.family, run.width, depth, freeze, run.freeze, run.bn, run.seed, run.name)
+    return (0, run.dataset, run.family, run.width, depth, freeze, run.freeze, run.norm, run.bn, run.seed, run.name)
 
 
 def _owner(path: Path, checkpoint: str, runs: Sequence[Run]) -> Optional[Run]:

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from bnprobe.core.config import norm_name
 from bnprobe.core.errors import BnprobeError, first_line, printable
 from bnprobe.core.formats import (
     ABLATION_FORMAT,
@@ -100,6 +101,11 @@ class Run:
         if variant == "every-k" and self.config.get("bn_every"):
             return f"every-{self.config['bn_every']}"
         return variant
+
+    @property
+    def norm(self) -> str:
+        """Its norm layers: BN (runs made before the `norm` setting too), GN<groups> or LN."""
+        return norm_name(str(self.config.get("norm") or "batch"), self.config.get("norm_groups", 16))
 
     @property
     def width(self) -> int:
@@ -364,7 +370,7 @@ def _read_telemetry_data(run: Run, f, checked: dict[str, Any], use_epochs: bool)
         run.trainable, run.total = int(counts[0]), int(counts[1])
 
     # γ in network order: params/name follows named_parameters(), h5py lists groups alphabetically.
-    layers = [n[: -len(".weight")] for n, g in zip(names, groups) if g == "bn_gamma" and n.endswith(".weight")]
+    layers = [n[: -len(".weight")] for n, g in zip(names, groups) if g.endswith("_gamma") and n.endswith(".weight")]
     if "bn" in checked and layers:
         snapshot_epochs = checked["bn/epoch"][:]
         # A run killed between the telemetry and checkpoint writes has one snapshot more than metrics.json.

@@ -98,7 +98,8 @@ def depth_panels(runs: Sequence[Run]) -> list:
         width = f", width ×{run.width}" if run.width != 1 else ""
         key = (run.dataset, run.family, run.width)
         panel = panels.setdefault(key, figures.DepthPanel(f"{run.family}{width} on {run.dataset}", {}))
-        label = run.freeze if run.bn == "full" else f"{run.freeze}, bn={run.bn}"
+        variant = ([] if run.norm == "BN" else [run.norm]) + ([] if run.bn == "full" else [f"bn={run.bn}"])
+        label = ", ".join([run.freeze, *variant])  # one line per freeze mode and norm variant
         panel.lines.setdefault((label, run.freeze), {}).setdefault(run.depth, []).append(run.test_acc)
     for panel in panels.values():  # legend in the canonical freeze-mode order
         panel.lines = dict(sorted(panel.lines.items(), key=lambda item: (

@@ -19,7 +19,7 @@ from bnprobe.core.config import TrainConfig
 from bnprobe.core.datasets import get_dataset_spec
 from bnprobe.data.device import DeviceLoader, normalization_stats
 from bnprobe.nets.freeze import gradient_tensor_names
-from bnprobe.nets.norms import remove_bn_affine
+from bnprobe.nets.norms import remove_norm_affine
 from bnprobe.nets.registry import create_model
 from bnprobe.sweep.plan import PlannedRun
 from bnprobe.training.evaluate import resolve_device
@@ -35,18 +35,20 @@ def forward_flops(config: TrainConfig) -> float:
 
 def _shape(config: TrainConfig) -> tuple[Any, ...]:
     """The settings that make a model's tensors: a grid over seeds, learning rates or epochs has only a few."""
-    return config.model, config.dataset, config.width, config.shortcut, config.bn, config.bn_every, config.bn_affine_off
+    return (config.model, config.dataset, config.width, config.shortcut, config.bn, config.bn_every, config.norm,
+            config.norm_groups, config.bn_affine_off)
 
 
-def _meta_model(model_name: str, dataset: str, width: int, shortcut: str, bn: str, bn_every: int,
-                bn_affine_off: str) -> nn.Module:
+def _meta_model(model_name: str, dataset: str, width: int, shortcut: str, bn: str, bn_every: int, norm: str,
+                norm_groups: int, bn_affine_off: str) -> nn.Module:
     """The run's model on the meta device: its tensors' names and shapes, no memory (from_config would also
     reseed torch's global generator)."""
     spec = get_dataset_spec(dataset)
     with torch.device("meta"):
         model = create_model(model_name, in_channels=spec.channels, num_classes=spec.num_classes,
-                             width=width, shortcut=shortcut, bn=bn, bn_every=bn_every)
-    remove_bn_affine(model, bn_affine_off)
+                             width=width, shortcut=shortcut, bn=bn, bn_every=bn_every, norm=norm,
+                             norm_groups=norm_groups)
+    remove_norm_affine(model, bn_affine_off)
     return model
 
 
@@ -98,8 +100,9 @@ def training_flops(config: TrainConfig) -> float:
 
 
 # What decides the time of one training step: two runs alike in these are one model to calibrate.
-STEP_FIELDS = ("model", "dataset", "width", "shortcut", "bn", "bn_every", "bn_affine_off", "freeze", "random_features",
-               "gamma_l1", "batch_size", "flip", "translate", "amp", "channels_last", "compile", "graphs", "device")
+STEP_FIELDS = ("model", "dataset", "width", "shortcut", "bn", "bn_every", "norm", "norm_groups", "bn_affine_off",
+               "freeze", "random_features", "gamma_l1", "batch_size", "flip", "translate", "amp", "channels_last",
+               "compile", "graphs", "device")
 CALIBRATION_STEPS = 3  # timed, after one warm-up step (first-call allocations, oneDNN/cuDNN choices, compiling)
 # and, where the step is graphed, after its eager warm-up steps and its capture
 

@@ -1,5 +1,5 @@
 """The optimizer and what it adds beyond the loss: weight decay on everything trainable (Frankle),
-extra L2 on BN gamma/beta (`--bn-l2`), and L1 on gamma (`--gamma-l1`, Network Slimming)."""
+extra L2 on the norm layers' gamma/beta (`--bn-l2`), and L1 on gamma (`--gamma-l1`, Network Slimming)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import torch
 import torch.nn as nn
 
 from bnprobe.core.config import TrainConfig
-from bnprobe.nets.freeze import bn_parameter_names
-from bnprobe.nets.norms import bn_layers
+from bnprobe.nets.freeze import norm_parameter_names
+from bnprobe.nets.norms import norm_layers
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, masked: frozenset[str] = frozenset()) -> torch.optim.SGD:
-    """SGD over the trainable tensors. BN tensors decay by weight_decay + bn_l2; masked tensors (random
+    """SGD over the trainable tensors. Norm layers' tensors decay by weight_decay + bn_l2; masked tensors (random
     features) decay in masked_decay_step, so their group has none."""
-    bn = bn_parameter_names(model)
+    bn = norm_parameter_names(model)
     groups: dict[str, list[torch.nn.Parameter]] = {"plain": [], "bn": [], "masked": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -58,7 +58,7 @@ def masked_decay_step(model: nn.Module, masks: dict[str, torch.Tensor],
 def gamma_l1_step(model: nn.Module, strength: float) -> Optional[Callable[[], None]]:
     """A callable that adds strength * sign(gamma) to every trainable gamma's gradient (the subgradient of
     strength * sum|gamma|), as one fused op; None when there is nothing to do."""
-    gammas = [module.weight for _, module in bn_layers(model, with_gamma=True) if module.weight.requires_grad]
+    gammas = [module.weight for _, module in norm_layers(model, with_gamma=True) if module.weight.requires_grad]
     if not strength or not gammas:
         return None
 

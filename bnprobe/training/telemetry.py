@@ -1,4 +1,4 @@
-"""Training telemetry: gradient magnitudes per step, metrics and BN snapshots per epoch, in telemetry.h5.
+"""Training telemetry: gradient magnitudes per step, metrics and norm-layer snapshots per epoch, in telemetry.h5.
 
 Per recorded step, two fused reductions over the gradients of every trainable tensor
 (`torch._foreach_norm` with ord 1 and 2) are written into a buffer on the device; the buffer goes to
@@ -16,15 +16,14 @@ import h5py
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError, first_line
+from bnprobe.core.formats import PARAMETER_GROUPS as GROUPS
 from bnprobe.core.formats import TELEMETRY_FILE, TELEMETRY_FORMAT, TELEMETRY_VERSION
 from bnprobe.files.store import append_rows, appending_h5, atomic_h5, set_attrs, write_array
-from bnprobe.nets.norms import bn_layers
+from bnprobe.nets.norms import norm_kind, norm_layers
 
-GROUPS = ("bn_gamma", "bn_beta", "conv_weight", "linear_weight", "bias")
 EPOCH_FIELDS = (
     "epoch", "lr", "train_loss", "train_acc", "train_eval_loss", "train_eval_acc",
     "test_loss", "test_acc", "gap", "seconds", "images_per_s",
@@ -44,11 +43,13 @@ def telemetry_path(run_dir: Path) -> Path:
 
 
 def parameter_group(model: nn.Module, name: str) -> str:
-    """bn_gamma, bn_beta, conv_weight, linear_weight, or bias (of a conv or linear layer)."""
+    """bn_gamma, bn_beta (gn_..., ln_... for GroupNorm and LayerNorm), conv_weight, linear_weight, or bias (of a
+    conv or linear layer)."""
     module_name, _, param_name = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if isinstance(module, _BatchNorm):
-        return "bn_gamma" if param_name == "weight" else "bn_beta"
+    kind = norm_kind(module)
+    if kind:
+        return f"{kind}_gamma" if param_name == "weight" else f"{kind}_beta"
     if param_name == "bias":
         return "bias"
     if isinstance(module, nn.Linear):
@@ -119,7 +120,7 @@ class TelemetryWriter:
         self.groups = [parameter_group(model, n) for n in recorder.names]
 
     def start(self, epochs_done: int) -> None:
-        """A new file with the schema and the epoch-0 BN snapshot, or drop rows past a resumed checkpoint."""
+        """A new file with the schema and the epoch-0 norm snapshot, or drop rows past a resumed checkpoint."""
         if epochs_done and self.path.exists():
             try:
                 self.trim(epochs_done)
@@ -180,11 +181,10 @@ class TelemetryWriter:
     def _append_bn_snapshot(self, f, epoch: int) -> None:
         bn = f.require_group("bn")
         append_rows(bn, "epoch", np.array([epoch], dtype=np.int32), units="epochs completed at the snapshot")
-        for name, layer in bn_layers(self.model):
+        for name, layer in norm_layers(self.model):  # the group keeps BN's name: GN/LN layers have no running stats
             g = bn.require_group(name)
-            tensors = {"running_mean": layer.running_mean, "running_var": layer.running_var}
-            if layer.affine:
-                tensors = {"gamma": layer.weight, "beta": layer.bias, **tensors}
+            tensors = {"gamma": layer.weight, "beta": layer.bias, "running_mean": getattr(layer, "running_mean", None),
+                       "running_var": getattr(layer, "running_var", None)}
             for key, tensor in tensors.items():
                 if tensor is not None:
                     append_rows(g, key, tensor.detach().float().cpu().numpy()[None], units="per channel")

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bnprobe.core.config import TrainConfig
+from bnprobe.core.config import TrainConfig, norm_name
 from bnprobe.core.errors import BnprobeError, first_line
 from bnprobe.data.device import DeviceDataset, DeviceLoader, fixed_subset, load_dataset
 from bnprobe.files import runs
@@ -488,7 +488,8 @@ def summary_table(
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("model", f"{config.model} (width {config.width}, shortcut {config.shortcut})"),
+        ("model", f"{config.model} (width {config.width}, shortcut {config.shortcut}"
+                  f"{'' if config.norm == 'batch' else ', ' + norm_name(config.norm, config.norm_groups)})"),
         ("data set", config.dataset),
         ("freeze", config.freeze),
         ("trainable / total", f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"),
