@@ -322,16 +322,14 @@ def test_depth_follows_the_transformer_blocks():
     assert block_order(["layer1.0.bn1", "layer2.0.bn1", "fc"]) == [0, 1, 2]  # a CNN's names: no blocks
 
 
-def test_the_forward_probe_takes_any_norm_module_it_is_given(monkeypatch):
-    """The measures of a forward probe (bn_statistics) for LayerNorm/GroupNorm/RMSNorm modules, as
-    bnprobe.nets.norms will list them: kinds, and NaN for the running statistics they do not keep."""
+def test_the_forward_probe_takes_every_norm_module_of_a_model():
+    """The measures of a forward probe (bn_statistics) for BatchNorm, GroupNorm and LayerNorm modules as
+    bnprobe.nets.norms lists them: kinds, and NaN for the running statistics they do not keep; a LayerNorm
+    without γ has nothing to measure and is left out."""
     from bnprobe.analysis import measured
 
     model = randomize(gn_resnet_timm())
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm))]
-    layers.append(("plain", nn.LayerNorm(5, elementwise_affine=False)))  # nothing to measure: left out
-    monkeypatch.setattr(measured, "bn_layers", lambda model: layers)
+    model.plain = nn.LayerNorm(5, elementwise_affine=False)
     stats = measured.bn_statistics(model)
     assert stats.names == DEPTH["gn"] and stats.kinds == ["BatchNorm"] + ["LayerNorm/GroupNorm-like"] * 5
     assert not stats.stats_only and not np.isnan(stats.running_var[0]).any() and np.isnan(stats.running_var[1]).all()

@@ -157,14 +157,15 @@ BNStats = NormStats  # its name before it held every normalisation layer
 def bn_statistics(model: nn.Module) -> NormStats:
     """Every normalisation layer bnprobe.nets.norms lists (BatchNorm, GroupNorm, LayerNorm), in module order: γ/β
     flat (one value per channel or, for a LayerNorm over (C, H, W), per element) and, where the module keeps them,
-    its running statistics; those without γ as statistics-only."""
+    its running statistics; BatchNorm layers without γ as statistics-only."""
     layers = norm_layers(model)
     affine = [(name, m) for name, m in layers if has_affine(m)]
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     return NormStats.from_tensors(
         [(name, (flat(m.weight), flat(getattr(m, "bias", None)), getattr(m, "running_mean", None),
                  getattr(m, "running_var", None))) for name, m in affine],
-        [(name, norm_channels(m)) for name, m in layers if not has_affine(m)],
+        [(name, norm_channels(m)) for name, m in layers  # nothing to measure without γ or statistics
+         if not has_affine(m) and getattr(m, "running_mean", None) is not None],
         [module_kind(m) for _, m in affine])
 
 
