@@ -473,7 +473,6 @@ def test_torch_file_kind_tells_archives_and_pickles_from_other_files(tmp_path):
 
 def test_a_checkpoint_records_the_bnprobe_that_wrote_it_and_a_version_1_checkpoint_still_reads(good_run, tmp_path):
     import bnprobe
-    from bnprobe.files import runs
 
     state = checkpoints.load_checkpoint(good_run / "checkpoint.pt")
     assert state["version"] == 2 and state["bnprobe_version"] == bnprobe.__version__
