@@ -45,6 +45,7 @@ from bnprobe.core.formats import (
     ABLATION_VERSION,
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    BN_FREEZE_MODES,
     FREEZE_MODES,
     METRICS_FILE,
     TELEMETRY_FILE,
@@ -54,6 +55,7 @@ from bnprobe.core.formats import (
 from bnprobe.files.store import append_rows, set_attrs, write_array  # noqa: E402
 
 MODELS = ("resnet20", "resnet56", "resnet110", "vgg14", "vgg38")
+BN_NET_FREEZE_MODES = tuple(mode for mode in FREEZE_MODES if mode not in BN_FREEZE_MODES)  # as BN nets spell them
 EPOCHS, STEPS_PER_EPOCH = 160, 391
 
 
@@ -193,7 +195,7 @@ def write_ablation(run_dir: Path, mode: str, rng: np.random.Generator) -> None:
 
 def make_runs(root: Path, count: int) -> None:
     rng = np.random.default_rng(0)
-    combos = [(m, fr, s) for s in range(max(1, -(-count // 25))) for m in MODELS for fr in FREEZE_MODES][:count]
+    combos = [(m, fr, s) for s in range(max(1, -(-count // 25))) for m in MODELS for fr in BN_NET_FREEZE_MODES][:count]
     for i, (model, freeze, seed) in enumerate(combos):
         run_dir = root / f"{model}-cifar10-{freeze}-s{seed}"
         write_run(run_dir, model, freeze, seed, rng)

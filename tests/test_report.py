@@ -778,3 +778,29 @@ def test_workers_start_only_for_enough_tasks_and_never_more_than_the_tasks():
         assert pool.map(abs, [-1, -2, -3, -4, -5]) == [1, 2, 3, 4, 5]
     with workers(1) as pool:
         assert pool.executor(100) is None
+
+
+def test_workers_run_below_the_report_only_on_a_quiet_machine(monkeypatch):
+    """Issue 21: niced workers starved beside a busy process (2.4x the time of 67b3346 beside two busy loops):
+    they are niced only when other processes keep less than half a core busy, read from the machine's ticks."""
+    from bnprobe.reporting import workers
+
+    monkeypatch.setattr(workers.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(workers, "default_jobs", lambda: 2)
+
+    def ticks(*readings):
+        return iter(readings).__next__
+
+    # 200 ticks over both cores: 190 idle is 0.1 core busy (quiet), 100 idle is one core busy (a neighbour)
+    assert workers.worker_niceness(ticks((1000, 5000), (1190, 5200))) == workers.QUIET_NICENESS
+    assert workers.worker_niceness(ticks((1000, 5000), (1100, 5200))) == 0
+    assert workers.worker_niceness(ticks((1000, 5000), (1160, 5200))) == workers.QUIET_NICENESS  # 0.4 core busy
+    assert workers.worker_niceness(ticks((1000, 5000), (1140, 5200))) == 0  # 0.6 core: half a core or more
+
+    def unreadable():
+        raise OSError("no /proc/stat")
+
+    assert workers.worker_niceness(unreadable) == 0
+    if os.path.exists("/proc/stat"):
+        idle, total = workers.cpu_ticks()
+        assert 0 <= idle <= total

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -45,7 +46,7 @@ class Workers:
             # (macOS system libraries are not fork-safe).
             method = "fork" if sys.platform.startswith("linux") else None
             self.started = ProcessPoolExecutor(min(self.jobs, tasks), mp_context=multiprocessing.get_context(method),
-                                               initializer=_worker_start, initargs=(os.getpid(),))
+                                               initializer=_worker_start, initargs=(os.getpid(), worker_niceness()))
         return self.started
 
     def map(self, function: Callable, tasks: list) -> list:
@@ -72,14 +73,41 @@ def workers(jobs: int) -> Iterator[Workers]:
             pool.started.shutdown(wait=True)
 
 
-def _worker_start(parent: int) -> None:
+# On a machine nothing else keeps busy, workers run below the report's own process: while they draw figures it
+# lays out the PDF, and that is what the report waits for (50 runs to PDF: 0.66x the time of 67b3346, against
+# 0.77x at equal priority). Beside a busy process (a training run) they would starve at that niceness (2.4x the
+# time of 67b3346 beside two busy loops), so there they keep the report's priority (0.78x): bench/report_speed.py
+# --busy N measures both.
+QUIET_NICENESS = 10
+QUIET_PROBE_S = 0.1  # how long the machine's idle time is watched before the workers start
+
+
+def worker_niceness(ticks: Callable[[], tuple[int, int]] = lambda: cpu_ticks()) -> int:
+    """QUIET_NICENESS when other processes keep less than half a core busy (`ticks` read QUIET_PROBE_S apart,
+    while this process waits), else 0; 0 where the machine's ticks cannot be read."""
+    try:
+        idle_before, total_before = ticks()
+        time.sleep(QUIET_PROBE_S)
+        idle_after, total_after = ticks()
+    except (OSError, ValueError, IndexError):
+        return 0
+    busy = 1 - (idle_after - idle_before) / max(1, total_after - total_before)  # of every core together
+    return QUIET_NICENESS if busy * default_jobs() < 0.5 else 0
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(idle, total) clock ticks of every core since boot, from Linux's /proc/stat (idle + iowait; user .. steal)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks[:8])
+
+
+def _worker_start(parent: int, niceness: int) -> None:
     """In each pool worker: end with the report's process, however that ends (kill -9 too), instead of staying
     behind blocked on a pipe. Ctrl-C and TERM are the parent's to handle: it stops its workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits _stop_on_sigterm's handler
-    # Below the report's own process: while workers draw figures it lays out the PDF, and that is what the
-    # report waits for; the workers take the cycles it leaves.
-    os.nice(10)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits stop_on_sigterm's handler
+    os.nice(niceness)  # see worker_niceness
     if sys.platform.startswith("linux"):
         import ctypes
 
