@@ -3,8 +3,10 @@
 In one run, on CIFAR-10-shaped synthetic data (batch 128), nothing downloaded:
 
 (a) images/s of bnprobe's own training, `bnprobe.training.train.train` (the code `bnprobe train` runs: model, freezing,
-    optimizer, telemetry and step), for resnet20, resnet110 and resnet866, BN-only (`--freeze non-bn`) and full,
-    eager (`graphs=False`) and graphed (`graphs=True`, the step captured as a CUDA graph), with the ratio.
+    optimizer, telemetry and step), for resnet20 and resnet110 (`--models`), BN-only (`--freeze non-bn`) and full,
+    in fp32 and bf16 autocast (`--amp`), eager (`graphs=False`), graphed (`graphs=True`, the step captured as a
+    CUDA graph) and, with `--compile-models`, compiled (`compile=True`: torch.compile's reduce-overhead mode),
+    with each one's ratio to eager.
 (b) the aggregate images/s of 1, 2 and 4 ResNet-20 BN-only runs trained at once by `bnprobe sweep --per-device N`
     (`bnprobe.sweep.launch.run_sweep`: one process per run, all on this device, started together), against one run.
 
@@ -15,9 +17,12 @@ not timed). Graph capture's one-time cost is the graphed warm-up epoch's extra t
 Packed: each run's median rate over its later epochs, summed over the runs (the runs are identical and
 started together, so those epochs overlap); also the whole sweep's images / wall clock, start-up included.
 
-On a CPU graphs are off (rows are eager only, marked so) and sizes should be tiny (tests/test_bench.py runs it that way).
+Graph capture's and compilation's one-time costs are their warm-up epoch's extra time over the eager one's.
+On a CPU graphs are off (rows are eager only, marked so), fp32 alone by default, and sizes should be tiny
+(tests/test_bench.py runs it that way).
 
-    python bench/gpu_speed.py                       # CUDA: ~3-4 minutes on an H200
+    python bench/gpu_speed.py                       # CUDA: ~2-3 minutes on an H100
+    python bench/gpu_speed.py --compile-models resnet20 --packed ''   # + compiled rows (~1 minute per compile)
     python bench/gpu_speed.py --json speed.json     # also the numbers as JSON
 """
 
@@ -59,10 +64,24 @@ TARGET_PACKED_4 = 2.5  # aggregate of 4 packed runs / one run
 # Timed steps per epoch on CUDA: a few for the slow eager ResNet-866, so the whole script stays in minutes.
 CUDA_STEPS = {"resnet20": 200, "resnet110": 40, "resnet866": 8}
 
+# How each mode trains: TrainConfig fields.
+MODES = {"eager": dict(graphs=False, compile=False), "graphed": dict(graphs=True, compile=False),
+         "compiled": dict(graphs=False, compile=True)}
+PRECISIONS = {"fp32": False, "bf16": True}  # -> TrainConfig.amp
+
 
 def graph_modes(cuda: bool) -> list[bool]:
     """The `graphs` settings to time: eager and graphed on CUDA, eager alone on a CPU (graphs are CUDA's)."""
     return [False, True] if cuda else [False]
+
+
+def names(text: str, allowed=None) -> list[str]:
+    """A comma-separated list (empty entries dropped), each checked against `allowed` when given."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if allowed is not None and item not in allowed]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} (choose from {', '.join(allowed)})")
+    return items
 
 
 def synthetic_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,44 +128,60 @@ def measure(config: TrainConfig, dataset: DeviceDataset, run_dir: Path) -> dict[
 
 
 def table_a(result: dict[str, Any], args: argparse.Namespace, eager_only: str) -> Any:
-    """Eager against graphed, one row per model and freeze (adds each row's ratio to `result`)."""
+    """Eager against graphed (and compiled), one row per model, freeze and precision (adds each row's ratios to
+    `result`)."""
     from rich.table import Table
 
-    def number(cell: dict[str, Any], key: str, fmt: str) -> str:
+    def number(cell: Optional[dict[str, Any]], key: str, fmt: str) -> str:
+        if cell is None:
+            return "-"
         return "failed" if "error" in cell else format(cell[key], fmt)
 
+    def over_eager(row: dict[str, Any], mode: str) -> Optional[float]:
+        eager, other = row["eager"], row.get(mode)
+        if other is None or "error" in other or "error" in eager:
+            return None
+        return other["images_per_s"] / eager["images_per_s"]
+
+    modes = ["eager", "graphed"] + (["compiled"] if any("compiled" in row for row in result["rows"]) else [])
     table = Table(title=f"(a) training img/s, eager vs CUDA graphs: {result['device_name']}, batch {args.batch_size}, "
-                        f"fp32, median of {args.epochs - 1} epochs after a warm-up epoch")
-    for header in ("model", "freeze", "steps/epoch", "eager img/s", "graphed img/s", "graphed / eager",
-                   "eager warm-up s", "capture s", "target"):
-        table.add_column(header, justify="left" if header in ("model", "freeze", "target") else "right")
+                        f"median of {args.epochs - 1} epochs after a warm-up epoch")
+    headers = ["model", "freeze", "precision", "steps/epoch", *(f"{mode} img/s" for mode in modes)]
+    headers += [f"{mode} / eager" for mode in modes if mode != "eager"] + ["eager warm-up s"]
+    headers += [{"graphed": "capture s", "compiled": "compile s"}[mode] for mode in modes if mode != "eager"]
+    for header in headers + ["target"]:
+        table.add_column(header, justify="left" if header in ("model", "freeze", "precision", "target") else "right")
     for row in result["rows"]:
-        eager = row["eager"]
-        graphed = row.get("graphed")
-        ratio = (graphed["images_per_s"] / eager["images_per_s"]
-                 if graphed and "error" not in graphed and "error" not in eager else None)
-        row["graphed_over_eager"] = ratio
-        capture = graphed["warmup_s"] - eager["warmup_s"] if ratio is not None else None
+        ratios = {mode: over_eager(row, mode) for mode in modes if mode != "eager"}
+        row.update({f"{mode}_over_eager": ratio for mode, ratio in ratios.items()})
+        extra = {mode: row[mode]["warmup_s"] - row["eager"]["warmup_s"] if ratios[mode] is not None else None
+                 for mode in ratios}
+        graphed, ratio = row.get("graphed"), ratios.get("graphed")
         target = ""
         if row["freeze"] == "non-bn" and row["model"] == "resnet20":
-            best = graphed if ratio is not None else eager
-            target = f">= {TARGET_RESNET20_BN_ONLY:,} img/s: " + (
+            best = graphed if ratio is not None else row["eager"]
+            target = f">= {TARGET_RESNET20_BN_ONLY:,} img/s graphed: " + (
                 verdict(best["images_per_s"] >= TARGET_RESNET20_BN_ONLY) if "error" not in best else "failed")
         if row["freeze"] == "non-bn" and row["model"] == "resnet110":
             target = f">= {TARGET_RESNET110_RATIO:g}x: " + (verdict(ratio >= TARGET_RESNET110_RATIO) if ratio else "not measured")
-        table.add_row(row["model"], row["freeze"], str(result["steps"][row["model"]]),
-                      number(eager, "images_per_s", ",.0f"),
-                      number(graphed, "images_per_s", ",.0f") if graphed else f"[dim]{eager_only or '-'}",
-                      f"{ratio:.2f}x" if ratio else "-", number(eager, "warmup_s", ".1f"),
-                      f"{capture:+.1f}" if capture is not None else "-", target)
+        cells = [row["model"], row["freeze"], row["precision"], str(result["steps"][row["model"]])]
+        for mode in modes:
+            cells.append(number(row.get(mode), "images_per_s", ",.0f") if mode == "eager" or row.get(mode)
+                         else f"[dim]{eager_only or '-'}" if mode == "graphed" else "-")
+        cells += [f"{r:.2f}x" if r else "-" for r in ratios.values()] + [number(row["eager"], "warmup_s", ".1f")]
+        cells += [f"{e:+.1f}" if e is not None else "-" for e in extra.values()] + [target]
+        table.add_row(*cells)
     return table
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--models", default="resnet20,resnet110,resnet866",
-                   help="comma-separated; '' skips part (a) [resnet20,resnet110,resnet866]")
+    p.add_argument("--models", default="resnet20,resnet110",
+                   help="comma-separated (resnet866 too, if you have the minutes); '' skips part (a) [resnet20,resnet110]")
+    p.add_argument("--freezes", default="non-bn,none", help="freeze modes of part (a) [non-bn,none]")
+    p.add_argument("--precisions", default=None, help="fp32 and/or bf16 (autocast) [CUDA: fp32,bf16; CPU: fp32]")
+    p.add_argument("--compile-models", default="", help="models of part (a) also timed with --compile [none]")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=None,
                    help=f"steps per epoch [CUDA: {', '.join(f'{k} {v}' for k, v in CUDA_STEPS.items())}, others 40; CPU: 2]")
@@ -155,6 +190,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--pack-model", default="resnet20", help="model of the packed runs (BN-only) [resnet20]")
     p.add_argument("--pack-steps", type=int, default=None, help="steps per epoch of each packed run [CUDA 300, CPU 2]")
     p.add_argument("--pack-epochs", type=int, default=5, help="epochs of each packed run, the first one warm-up [5]")
+    p.add_argument("--pack-eager", action="store_true", help="packed runs eager (default: graphed where graphs are timed)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the numbers here as JSON")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.steps is not None and args.steps < 1) or (args.pack_steps is not None and args.pack_steps < 1):
@@ -167,6 +203,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--packed must be comma-separated counts, got {args.packed!r}")
     if args.packed and min(args.packed) < 1:
         p.error("--packed counts must be >= 1")
+    try:
+        args.freezes = names(args.freezes, ("non-bn", "none", "all-but-output"))
+        args.precisions = None if args.precisions is None else names(args.precisions, tuple(PRECISIONS))
+        args.compile_models = names(args.compile_models)
+    except ValueError as exc:
+        p.error(f"unknown {exc}")
     return args
 
 
@@ -193,25 +235,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gpu-speed-") as scratch:
         scratch = Path(scratch)
         # ---- (a) eager against graphed, one process
-        for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        precisions = args.precisions or (list(PRECISIONS) if cuda else ["fp32"])
+        for model in names(args.models):
             steps = args.steps or (CUDA_STEPS.get(model, 40) if cuda else 2)
             result["steps"][model] = steps
             dataset = synthetic_dataset(steps * args.batch_size, args.batch_size, device)
-            for freeze in ("non-bn", "none"):
-                row: dict[str, Any] = {"model": model, "freeze": freeze}
-                for graphs in modes:
-                    name = "graphed" if graphs else "eager"
-                    config = TrainConfig(model=model, freeze=freeze, epochs=args.epochs, graphs=graphs, **base)
-                    try:
-                        row[name] = measure(config, dataset, scratch / f"{model}-{freeze}-{name}")
-                        console.print(f"  {model:<10} {freeze:<7} {name:<8} {row[name]['images_per_s']:>10,.0f} img/s "
-                                      f"(warm-up epoch {row[name]['warmup_s']:+.1f} s)")
-                    except Exception as exc:  # one failing row must not cost the others: the machine time is scarce
-                        row[name] = {"error": first_line(exc, typed=True, limit=200)}
-                        console.print(f"  [red]{model} {freeze} {name} failed: {escape(row[name]['error'])}")
-                    if cuda:
-                        torch.cuda.empty_cache()
-                result["rows"].append(row)
+            timed = [("graphed" if graphs else "eager") for graphs in modes]
+            timed += ["compiled"] if model in args.compile_models else []
+            for freeze in args.freezes:
+                for precision in precisions:
+                    row: dict[str, Any] = {"model": model, "freeze": freeze, "precision": precision}
+                    for name in timed:
+                        config = TrainConfig(model=model, freeze=freeze, epochs=args.epochs, amp=PRECISIONS[precision],
+                                             **MODES[name], **base)
+                        try:
+                            row[name] = measure(config, dataset, scratch / f"{model}-{freeze}-{precision}-{name}")
+                            console.print(f"  {model:<10} {freeze:<7} {precision} {name:<8} "
+                                          f"{row[name]['images_per_s']:>10,.0f} img/s "
+                                          f"(warm-up epoch {row[name]['warmup_s']:+.1f} s)")
+                        except Exception as exc:  # one failing row must not cost the others: the machine time is scarce
+                            row[name] = {"error": first_line(exc, typed=True, limit=200)}
+                            console.print(f"  [red]{model} {freeze} {precision} {name} failed: {escape(row[name]['error'])}")
+                        if cuda:
+                            torch.cuda.empty_cache()
+                    result["rows"].append(row)
             del dataset
         if result["rows"]:  # printed now: the packed runs below cannot take these numbers with them
             console.print(table_a(result, args, eager_only))
@@ -219,7 +266,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         # ---- (b) packed runs through `sweep --per-device N`, the data on disk as workers load it
         pack_steps = args.pack_steps or (300 if cuda else 2)
         data_dir = write_cifar(scratch / "data", pack_steps * args.batch_size, args.batch_size)
-        pack_graphs = modes[-1]  # graphed where graphs are timed at all
+        pack_graphs = modes[-1] and not args.pack_eager  # graphed where graphs are timed at all
         # Workers import bnprobe themselves: this checkout's, even when it is not installed.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         quiet = Console(quiet=True)
