@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/bnprobe ablate runs/demo-bn-only --clamp-gamma 0:0.3:7
 	$(BIN)/bnprobe report runs -o runs/report.pdf
 
-# examples/cpu-study.toml on this machine's CPUs (about 90 minutes on 2 cores; resumable: finished runs and their
+# examples/cpu-study.toml on this machine's CPUs (about 75-90 minutes on 2 quiet cores; resumable: finished runs and their
 # clamp sweeps are skipped), then its report with findings, committed under docs/cpu-study/.
 study: install
 	BNPROBE_DATA_DIR=$(DATA_DIR) $(BIN)/bnprobe sweep examples/cpu-study.toml --runs-dir runs-study
