@@ -20,7 +20,7 @@ import numpy as np
 
 from bnprobe.core.config import IDENTITY_DEFAULTS, norm_name, seed_group
 from bnprobe.core.errors import BnprobeError, printable
-from bnprobe.core.options import OFF_THRESHOLD
+from bnprobe.core.options import OFF_THRESHOLD, REPORT_TAUS, parse_sweep
 from bnprobe.core.modelnames import model_depth, model_family
 from bnprobe.files import schema
 from bnprobe.files.atomic import atomic_write
@@ -163,7 +163,7 @@ def _finite(x: float) -> Optional[float]:
 # the constant β (bnprobe probe's "off").
 OFF = f"channels off (|γ| < {OFF_THRESHOLD:g})"
 # Where clamping γ to 0 is reported (the report's τ), when a run's ablation swept them.
-CLAMP_TAUS = (0.01, 0.05, 0.1)
+CLAMP_TAUS = tuple(parse_sweep(REPORT_TAUS, "REPORT_TAUS"))
 
 
 # ---- groups --------------------------------------------------------------------------------------------------

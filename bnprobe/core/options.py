@@ -17,10 +17,10 @@ from bnprobe.core.errors import BnprobeError
 
 NORM_UNITS = ("auto", "unit", "pixel")
 DEFAULT_TAUS = "0.001,0.01,0.05,0.1"
-REPORT_TAUS = "0.01,0.05,0.1"
+REPORT_TAUS = "0.01,0.05,0.1"  # the report's figures and tables: fewer columns
 # A channel counts as turned off when |γ| is below this: its BN output is then (almost) the constant β. The probe's
 # default --off-threshold, and the findings' "channels off".
-OFF_THRESHOLD = 0.01  # the report's figures and tables: fewer columns
+OFF_THRESHOLD = 0.01
 # Each value is at least one evaluation (ablate) or a column (probe, report): more than this is a typo, and
 # would otherwise spend minutes and gigabytes before saying anything.
 MAX_SWEEP_VALUES = 10_000

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.config import norm_name
+from bnprobe.core.config import IDENTITY_DEFAULTS, norm_name
 from bnprobe.core.errors import BnprobeError, first_line, printable
 from bnprobe.core.formats import (
     ABLATION_FORMAT,
@@ -105,7 +105,8 @@ class Run:
     @property
     def norm(self) -> str:
         """Its norm layers: BN (runs made before the `norm` setting too), GN<groups> or LN."""
-        return norm_name(str(self.config.get("norm") or "batch"), self.config.get("norm_groups", 16))
+        return norm_name(str(self.config.get("norm") or IDENTITY_DEFAULTS["norm"]),
+                         self.config.get("norm_groups", IDENTITY_DEFAULTS["norm_groups"]))
 
     @property
     def width(self) -> int:
