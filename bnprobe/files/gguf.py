@@ -41,6 +41,7 @@ MAX_KEPT_ARRAY = 64  # a longer array (a tokenizer's vocabulary) is kept as its 
 MAX_NESTING = 3  # arrays of arrays of arrays, no deeper
 MAX_TENSORS = 1 << 20
 MAX_ENTRIES = 1 << 20
+MAX_ARRAY_ITEMS = 1 << 28  # the largest vocabularies and merge lists have a few hundred thousand
 
 # Metadata value types: struct format of a scalar, or "s" (string) and "a" (array).
 VALUE_TYPES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 8: "s", 9: "a", 10: "Q", 11: "q",
@@ -184,7 +185,8 @@ class _Reader:
         if count > cap:
             raise self.fail(f"{what} is {count:,}, more than bnprobe reads ({cap:,})")
         if count * item_bytes > self.size - self.pos:
-            raise self.fail(f"{what} is {count:,}, more than the {self.size - self.pos:,} bytes left could hold")
+            raise self.fail(f"{what} is {count:,}, more than the {self.size - self.pos:,} bytes left could "
+                            f"hold: truncated or damaged")
         return count
 
     def value(self, kind: int, what: str, depth: int = 0) -> Any:
@@ -200,12 +202,12 @@ class _Reader:
             return bool(value) if fmt == "?" else value
         if depth == MAX_NESTING:
             raise self.fail(f"{what} nests arrays more than {MAX_NESTING} deep")
-        item = self.scalar("I", f"{what}'s item type")
+        item = self.scalar("I", f"the item type of {what}")
         item_fmt = VALUE_TYPES.get(item)
         if item_fmt is None:
             raise self.fail(f"{what} is an array of the unknown value type {item}")
         least = {"s": 8, "a": 12}.get(item_fmt) or struct.calcsize("B" if item_fmt == "?" else item_fmt)
-        count = self.count(f"{what}'s count", least, self.size)
+        count = self.count(f"the item count of {what}", least, MAX_ARRAY_ITEMS)
         if item_fmt not in "sa":  # numbers: skipped at once, kept when few
             items = ([self.value(item, what, depth + 1) for _ in range(count)] if count <= MAX_KEPT_ARRAY
                      else self.skip(count * least, what))
@@ -268,7 +270,7 @@ def _parse(path: Path, data: Any, size: int) -> GGUFFile:
             raise reader.fail(f"metadata key {i} is longer than {MAX_KEY_BYTES:,} bytes")
         if key in metadata:
             raise reader.fail(f"metadata key {printable(key)!r} appears twice")
-        metadata[key] = reader.value(reader.scalar("I", f"metadata {printable(key)!r}'s type"),
+        metadata[key] = reader.value(reader.scalar("I", f"the type of metadata {printable(key)!r}"),
                                      f"metadata {printable(key)!r}")
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not (isinstance(alignment, int) and not isinstance(alignment, bool) and 0 < alignment <= 1 << 30
@@ -276,15 +278,15 @@ def _parse(path: Path, data: Any, size: int) -> GGUFFile:
         raise reader.fail(f"general.alignment must be a power of 2, not {printable(repr(alignment))[:40]}")
     infos = []
     for i in range(tensor_count):
-        name = reader.string(MAX_NAME_BYTES, f"tensor {i}'s name")
+        name = reader.string(MAX_NAME_BYTES, f"the name of tensor {i}")
         if name is None:
-            raise reader.fail(f"tensor {i}'s name is longer than {MAX_NAME_BYTES:,} bytes")
+            raise reader.fail(f"the name of tensor {i} is longer than {MAX_NAME_BYTES:,} bytes")
         what = f"tensor {printable(name)!r}"
-        dims = reader.scalar("I", f"{what}'s dimension count")
+        dims = reader.scalar("I", f"the dimension count of {what}")
         if dims > MAX_DIMS:
             raise reader.fail(f"{what} has {dims:,} dimensions (GGUF allows at most {MAX_DIMS})")
-        ne = [reader.scalar("Q", f"{what}'s dimensions") for _ in range(dims)]
-        kind, offset = reader.scalar("I", f"{what}'s type"), reader.scalar("Q", f"{what}'s offset")
+        ne = [reader.scalar("Q", f"the dimensions of {what}") for _ in range(dims)]
+        kind, offset = reader.scalar("I", f"the type of {what}"), reader.scalar("Q", f"the offset of {what}")
         infos.append((name, what, ne, kind, offset))
     start = -(-reader.pos // alignment) * alignment
     tensors: dict[str, GGUFTensor] = {}
@@ -308,7 +310,7 @@ def _tensor(reader: _Reader, name: str, what: str, ne: list[int], kind: int, off
         raise reader.fail(f"{what} ({type_name}, blocks of {block}) has rows of {ne[0]:,} elements")
     nbytes = elements // block * block_bytes
     if offset % alignment:
-        raise reader.fail(f"{what}'s offset {offset:,} is not a multiple of the alignment {alignment}")
+        raise reader.fail(f"the offset {offset:,} of {what} is not a multiple of the alignment {alignment}")
     if start + offset + nbytes > reader.size:
         raise reader.fail(f"{what} ({nbytes:,} bytes at offset {offset:,} of the data, which starts at byte "
                           f"{start:,}) ends past the end of the file ({reader.size:,} bytes): truncated or damaged")
