@@ -234,6 +234,43 @@ def test_a_folder_holding_one_gguf_file_is_probed_and_two_are_refused(capsys, tm
     assert_one_line_error(code, err, "a GGUF file is probed from its files alone")
 
 
+def test_a_split_model_is_read_whole_from_any_part_or_its_folder(capsys, tmp_path):
+    """gguf-split's parts (PREFIX-0000i-of-0000N.gguf, the metadata in the first): every part's norms, in depth."""
+    tensors, norms = llama_tensors(np.random.default_rng(7), 5, 32, Q.Q8_0)
+    folder = tmp_path / "split"
+    folder.mkdir()
+    writer = GGUFWriter(folder / "m.gguf", "llama", split_max_tensors=8)
+    writer.add_name("split")
+    for name, array, raw in tensors:
+        writer.add_tensor(name, array, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    parts = sorted(folder.iterdir())
+    assert [p.name for p in parts] == [f"m-{i:05d}-of-00004.gguf" for i in range(1, 5)]
+    out, stdout = probe(capsys, tmp_path, parts[0], parts[2], folder)
+    nan = lambda g: np.full(g.size, np.nan)  # noqa: E731
+    with h5py.File(out) as f:
+        for index in ("000", "001", "002"):
+            g = f[f"checkpoints/{index}"]
+            check_numbers(g, f, {name: (gamma.astype(np.float64), nan(gamma)) for name, gamma in norms.items()})
+            assert g.attrs["gguf_parts"] == 4 and g.attrs["gguf_name"] == "split" and g.attrs["tensors"] == len(tensors)
+    assert "GGUF v3 (split in 4 parts), architecture llama ('split')" in stdout
+    # A part missing, or renamed out of gguf-split's scheme: one line each.
+    parts[3].rename(tmp_path / "away.gguf")
+    code, _, err = run_cli(capsys, "probe", parts[1], "--out", tmp_path / "x.h5")
+    assert_one_line_error(code, err, "part m-00004-of-00004.gguf of this split GGUF model is missing (1 of 4")
+    (tmp_path / "away.gguf").rename(tmp_path / "m.gguf")
+    code, _, err = run_cli(capsys, "probe", tmp_path / "m.gguf", "--out", tmp_path / "x.h5")
+    assert_one_line_error(code, err, "a part of a split GGUF model (split.count 4), not named as gguf-split names")
+    (tmp_path / "m.gguf").rename(folder / "m-00003-of-00004.gguf.bak")
+    parts[2].rename(folder / "m-00004-of-00004.gguf")  # part 3 where part 4 should be: its split.no says 2
+    (folder / "m-00003-of-00004.gguf.bak").rename(parts[2])
+    code, _, err = run_cli(capsys, "probe", folder, "--out", tmp_path / "x.h5")
+    assert_one_line_error(code, err, "its split.no and split.count do not say part")
+
+
 # ---- a 7B-shaped quantized file, sparse on disk -------------------------------------------------------------------
 
 LLAMA_7B = (32, 4096, 11008, 32000)  # blocks, width, MLP, vocabulary
@@ -387,8 +424,9 @@ def test_every_cut_of_a_real_file_is_one_line(capsys, tmp_path):
     tensors, _ = llama_tensors(np.random.default_rng(6), 2, 32, Q.Q8_0)
     write_gguf(tmp_path / "whole.gguf", "llama", tensors, {"general.name": "cut", "tokenizer.ggml.tokens": ["a"] * 80})
     whole = (tmp_path / "whole.gguf").read_bytes()
-    norms_start = min(t.start for t in read_gguf(tmp_path / "whole.gguf").tensors.values())
-    for cut in sorted({1, 5, 12, 20, 30, 60, 200, 500, norms_start - 1, max(t.start + t.nbytes for t in read_gguf(tmp_path / "whole.gguf").tensors.values()) - 1}):
+    stored = read_gguf(tmp_path / "whole.gguf").tensors.values()
+    data_start, data_end = min(t.start for t in stored), max(t.start + t.nbytes for t in stored)
+    for cut in sorted({1, 5, 12, 20, 30, 60, 200, 500, data_start - 1, data_end - 1}):
         (tmp_path / "cut.gguf").write_bytes(whole[:cut])
         code, _, err = run_cli(capsys, "probe", tmp_path / "cut.gguf", "--out", tmp_path / "cut.h5")
         assert_one_line_error(code, err, "truncated")

@@ -2,12 +2,13 @@
 tensors (lazily where the format allows) plus what the file says about itself.
 
 Formats: torch.save's zip archive and its legacy pickle (always `torch.load(weights_only=True)`: a file holding
-pickled code is refused, never run), `.safetensors`, GGUF (bnprobe.files.gguf), bnprobe's own checkpoints (a run's checkpoint.pt) and its
+pickled code is refused, never run), `.safetensors`, bnprobe's own checkpoints (a run's checkpoint.pt) and its
 exports (full or compact, bnprobe.files.compact). A state dict may sit at the top level or under a common key
 (`state_dict`, `model`, `ema`, ... two levels deep) and carry DataParallel/DDP (`module.`), torch.compile
 (`_orig_mod.`) or Lightning (`model.`) prefixes. A run directory stands for its checkpoint.pt, a Hugging Face
 model folder for its index or weights file; an index's shards are opened here too (the index itself is read
 and checked by bnprobe.files.shards).
+A GGUF file (llama.cpp's; a split model's parts together) is read by bnprobe.files.gguf, without torch.
 
 Lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)) and a safetensors file opened with
 safe_open, so only the bytes of the tensors used are read (the static probe of a 1 GB file reads its BN tensors
@@ -52,7 +53,7 @@ from bnprobe.files.compact import (
     stored_verified,
     unpack,
 )
-from bnprobe.files.gguf import gguf_in_folder, is_gguf, model_facts, read_gguf
+from bnprobe.files.gguf import gguf_in_folder, is_gguf, model_facts, read_model
 from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
 from bnprobe.files.shards import ShardIndex, is_index, model_folder_file, read_index
 from bnprobe.nets.check import check_model
@@ -418,7 +419,7 @@ def open_tensors(path: Path, select: Optional[Select] = None) -> Iterator[Option
             yield tensors
         return
     if is_gguf(path):  # no prefixes, no nesting: GGUF's own names (blk.N.attn_norm.weight), in the file's order
-        gguf = read_gguf(path)
+        gguf = read_model(path)  # (every part of a split model)
         names = list(gguf.tensors)
         yield FileTensors(_selected(names, gguf.tensors, select), "gguf", "(top level)", [], "file", names,
                           about=model_facts(gguf))

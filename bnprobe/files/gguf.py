@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ MAX_KEPT_ARRAY = 64  # a longer array (a tokenizer's vocabulary) is kept as its 
 MAX_NESTING = 3  # arrays of arrays of arrays, no deeper
 MAX_TENSORS = 1 << 20
 MAX_ENTRIES = 1 << 20
+MAX_PARTS = 512  # a split model's parts (gguf-split), as many as a sharded checkpoint's shards
+# gguf-split's names for a split model's parts: PREFIX-00001-of-00003.gguf.
+PART_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf", re.IGNORECASE)
 MAX_ARRAY_ITEMS = 1 << 28  # the largest vocabularies and merge lists have a few hundred thousand
 
 # Metadata value types: struct format of a scalar, or "s" (string) and "a" (array).
@@ -77,9 +81,12 @@ def is_gguf(path: Path) -> bool:
 
 
 def gguf_in_folder(folder: Path) -> Optional[Path]:
-    """The one .gguf file of a folder (None: there is none); several (one model in several quantizations, as
-    published) are one line asking for one of them."""
+    """The one .gguf file of a folder, or the first part of the one split model it holds (None: there is none);
+    several (one model in several quantizations, as published) are one line asking for one of them."""
     found = sorted(path for path in folder.glob("*" + SUFFIX) if path.is_file())
+    parts = {match.group(1, 3) for match in (PART_NAME.fullmatch(path.name) for path in found) if match}
+    if len(found) > 1 and len(parts) == 1 and all(PART_NAME.fullmatch(path.name) for path in found):
+        return found[0]  # PREFIX-00001-of-0000N.gguf (a missing part is for read_model to say)
     if len(found) > 1:
         names = ", ".join(printable(path.name) for path in found[:4]) + (", ..." if len(found) > 4 else "")
         raise BnprobeError(f"{folder} holds {len(found)} GGUF files ({names}); pass the one to probe")
@@ -148,6 +155,43 @@ class GGUFFile:
     alignment: int
     metadata: dict[str, Any]  # key -> int, float, bool, str (or its length, for a long one) or GGUFArray
     tensors: dict[str, GGUFTensor]
+    parts: int = 1  # a split model read whole (read_model): its parts
+
+
+def read_model(path: Path) -> GGUFFile:
+    """A GGUF model: one file, or every part of a split one (gguf-split: `split.count` parts named
+    PREFIX-0000i-of-0000N.gguf in one folder, the metadata in the first) as one file of all their tensors,
+    whichever part `path` names. Each part's header is checked as read_gguf checks it, and the parts together:
+    all there, numbered as named, the tensor count the first one states, no tensor twice."""
+    file = read_gguf(path)
+    count = file.metadata.get("split.count", 1)
+    if count in (0, 1):  # (a model in one part may say so)
+        return file
+    match = PART_NAME.fullmatch(path.name)
+    if not (isinstance(count, int) and 1 < count <= MAX_PARTS) or not match or int(match.group(3)) != count:
+        raise BnprobeError(f"{path}: a part of a split GGUF model (split.count {printable(repr(count))[:20]}), not "
+                           f"named as gguf-split names its parts (PREFIX-00001-of-0000N.gguf, at most {MAX_PARTS})")
+    names = [path.with_name(f"{match.group(1)}-{i:05d}-of-{count:05d}{path.suffix}") for i in range(1, count + 1)]
+    missing = [name.name for name in names if not name.is_file()]
+    if missing:
+        raise BnprobeError(f"{path}: part {printable(missing[0])} of this split GGUF model is missing ({len(missing)} "
+                           f"of {count} parts are)")
+    parts = [file if name == path else read_gguf(name) for name in names]
+    tensors: dict[str, GGUFTensor] = {}
+    for number, part in enumerate(parts):
+        if part.metadata.get("split.no") != number or part.metadata.get("split.count") != count:
+            raise BnprobeError(f"{part.path}: its split.no and split.count do not say part {number + 1} of {count}, "
+                               f"as its name does")
+        twice = set(tensors) & set(part.tensors)
+        if twice:
+            raise BnprobeError(f"{part.path}: tensor {printable(min(twice))} is in an earlier part too")
+        tensors.update(part.tensors)
+    stated = parts[0].metadata.get("split.tensors.count")
+    if stated != len(tensors):
+        raise BnprobeError(f"{names[0]}: the split model's parts hold {len(tensors):,} tensors, its first part says "
+                           f"{printable(repr(stated))[:20]}")
+    first = parts[0]
+    return GGUFFile(first.path, first.version, first.byteorder, first.alignment, first.metadata, tensors, count)
 
 
 class _Reader:
@@ -259,8 +303,8 @@ def _parse(path: Path, data: Any, size: int) -> GGUFFile:
     if version not in VERSIONS and struct.unpack(">I", struct.pack("<I", version))[0] in VERSIONS:
         reader.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]  # a big-endian file
     if version not in VERSIONS:
-        raise reader.fail(f"GGUF version {version}; bnprobe reads versions {' and '.join(map(str, VERSIONS))}"
-                          + (" (version 1 is from before August 2023: convert the model again)" if version == 1 else ""))
+        old = " (version 1 is from before August 2023: convert the model again)" if version == 1 else ""
+        raise reader.fail(f"GGUF version {version}; bnprobe reads versions {' and '.join(map(str, VERSIONS))}{old}")
     tensor_count = reader.count("its tensor count", 24, MAX_TENSORS)  # name length, dims, type, offset
     entries = reader.count("its metadata count", 13, MAX_ENTRIES)  # key length, type, a byte
     metadata: dict[str, Any] = {}
@@ -330,7 +374,8 @@ def model_facts(file: GGUFFile) -> dict[str, Any]:
     meta = file.metadata
     arch = meta.get("general.architecture")
     arch = arch[:100] if isinstance(arch, str) and arch else "unknown"
-    facts: dict[str, Any] = {"gguf_version": file.version, "gguf_architecture": arch}
+    facts: dict[str, Any] = {"gguf_version": file.version, "gguf_architecture": arch,
+                             **({"gguf_parts": file.parts} if file.parts > 1 else {})}
     if isinstance(meta.get("general.name"), str):
         facts["gguf_name"] = meta["general.name"][:200]
     for attr, key in ARCH_FACTS:
@@ -348,7 +393,8 @@ def model_facts(file: GGUFFile) -> dict[str, Any]:
 def facts_line(facts: dict[str, Any]) -> str:
     """model_facts in one line: `GGUF v3, llama "Llama 2 7B", 32 blocks, embedding length 4096, RMS ε 1e-05;
     tensors: 225 Q4_0, 65 F32, 1 Q6_K (quantized tensors' bytes are not read)`."""
-    parts = [f"GGUF v{facts['gguf_version']}, architecture {facts['gguf_architecture']}"
+    split = f" (split in {facts['gguf_parts']} parts)" if "gguf_parts" in facts else ""
+    parts = [f"GGUF v{facts['gguf_version']}{split}, architecture {facts['gguf_architecture']}"
              + (f" ({facts['gguf_name']!r})" if "gguf_name" in facts else "")]
     shown = (("gguf_blocks", "{:,} blocks"), ("gguf_embedding_length", "embedding length {:,}"),
              ("gguf_rms_epsilon", "RMS ε {:.3g}"), ("gguf_norm_epsilon", "LayerNorm ε {:.3g}"))
