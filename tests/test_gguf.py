@@ -271,6 +271,79 @@ def test_a_split_model_is_read_whole_from_any_part_or_its_folder(capsys, tmp_pat
     assert_one_line_error(code, err, "its split.no and split.count do not say part")
 
 
+# Architectures of transformers, tiny and randomly initialised, named as llama.cpp's converter names them (the
+# gguf package's own tensor map): (model type, gguf architecture, config, the prefix the converter drops first).
+ARCHITECTURES = {
+    "llama": ("LLAMA", {}, ""),
+    "gemma2": ("GEMMA2", {"head_dim": 8}, ""),  # four norms a block
+    "gemma3_text": ("GEMMA3", {"head_dim": 8}, ""),  # and q/k norms
+    "qwen3": ("QWEN3", {"head_dim": 8}, ""),  # q/k norms of the head's width
+    "olmo2": ("OLMO2", {}, ""),  # post-norms only
+    "gpt2": ("GPT2", {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
+                      "eos_token_id": 0}, ""),  # LayerNorm with bias
+    "falcon": ("FALCON", {"new_decoder_architecture": True, "num_kv_heads": 2}, ""),  # two parallel LayerNorms
+    "bloom": ("BLOOM", {"n_layer": 3, "n_head": 4}, "transformer."),  # a LayerNorm on the embeddings
+}
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_every_norm_of_a_real_architecture_under_llama_cpps_names(capsys, tmp_path, model_type):
+    """Ground truth from the module types (every module whose class is a norm and holds tensors), names from the
+    gguf package's own map of Hugging Face names to GGUF names, values as the converter stores them (Gemma's
+    norms with the 1 of `x * (1 + w)` added), big weights Q8_0: every norm found, nothing else, in depth order."""
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch, changes, dropped = ARCHITECTURES[model_type]
+    config = AutoConfig.for_model(model_type, **{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                                 "num_hidden_layers": 3, "num_attention_heads": 4,
+                                                 "max_position_embeddings": 64, **changes})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), 3)
+    to_gguf = lambda name: names.get_name(name.removeprefix(dropped), try_suffixes=(".weight", ".bias"))  # noqa
+    layers = {}  # GGUF layer -> (γ, β) as stored, in module order
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            tensors = dict(module.named_parameters(recurse=False))
+            if "norm" in type(module).__name__.lower() and tensors:
+                for tensor in tensors.values():
+                    tensor.uniform_(-0.5, 1.5)
+                weight = tensors["weight"].double().numpy() + (1.0 if arch.startswith("GEMMA") else 0.0)
+                bias = tensors["bias"].double().numpy() if "bias" in tensors else np.full(weight.size, np.nan)
+                layers[to_gguf(f"{module_name}.weight").removesuffix(".weight")] = (weight, bias)
+    stored = []
+    for name, tensor in model.state_dict().items():
+        target = to_gguf(name)
+        if target is None or target in {t[0] for t in stored}:
+            continue  # (a tied output head, which the converter leaves out)
+        array = tensor.float().numpy()
+        if target.removesuffix(".weight") in layers and target.endswith(".weight") and arch.startswith("GEMMA"):
+            array = array + 1  # what llama.cpp's Gemma converters do to every norm weight
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            stored.append((target, quantize(array, Q.Q8_0), Q.Q8_0))
+        else:
+            stored.append((target, array.astype(np.float32), None))
+    assert len(layers) >= 7 and all(name for name in layers)
+    write_gguf(tmp_path / f"{model_type}.gguf", model_type.removesuffix("_text"), stored)
+    out, _ = probe(capsys, tmp_path, tmp_path / f"{model_type}.gguf")
+    with h5py.File(out) as f:
+        check_numbers_plain(f["checkpoints/000"], layers)
+
+
+def check_numbers_plain(group: h5py.Group, layers: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """γ, β, kinds and off counts per layer, in this order, against the arrays."""
+    assert list(group["bn/names"].asstr()[:]) == list(layers)
+    offsets = group["bn/offsets"][:]
+    kinds = ["LayerNorm/GroupNorm-like" if np.isfinite(b).all() else "RMSNorm-like" for _, b in layers.values()]
+    assert list(group["bn/kind"].asstr()[:]) == kinds
+    for i, (gamma, beta) in enumerate(layers.values()):
+        np.testing.assert_allclose(group["bn/gamma"][offsets[i]:offsets[i + 1]], gamma, rtol=1e-6)
+        np.testing.assert_allclose(group["bn/beta"][offsets[i]:offsets[i + 1]], beta, rtol=1e-6)
+        assert group["bn/off"][i] == np.sum(np.abs(gamma.astype(np.float32)) < OFF)
+
+
 # ---- a 7B-shaped quantized file, sparse on disk -------------------------------------------------------------------
 
 LLAMA_7B = (32, 4096, 11008, 32000)  # blocks, width, MLP, vocabulary
