@@ -202,6 +202,28 @@ def test_the_reader_agrees_with_llama_cpps_own(tmp_path):
             "tokenizer.ggml.tokens": [f"tok{i}" for i in range(200)], "short": [1, 2, 3]}
     write_gguf(tmp_path / "m.gguf", "llama", tensors, meta)
     ours, theirs = read_gguf(tmp_path / "m.gguf"), GGUFReader(tmp_path / "m.gguf")
+    # Every value type, as llama.cpp's writer writes each.
+    writer = GGUFWriter(tmp_path / "types.gguf", "llama")
+    values = {"u8": (writer.add_uint8, 200), "i8": (writer.add_int8, -5), "u16": (writer.add_uint16, 60000),
+              "i16": (writer.add_int16, -30000), "u32": (writer.add_uint32, 4_000_000_000),
+              "i32": (writer.add_int32, -2_000_000_000), "f32": (writer.add_float32, 0.5),
+              "bool": (writer.add_bool, True), "u64": (writer.add_uint64, 1 << 60), "i64": (writer.add_int64, -(1 << 60)),
+              "f64": (writer.add_float64, 1e-300), "text": (writer.add_string, "ünï\x1b"),
+              "nested": (writer.add_array, [[1, 2], [3]]), "words": (writer.add_array, ["a", "bc"])}
+    for key, (add, value) in values.items():
+        add(key, value)
+    writer.add_tensor("n.weight", np.ones(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    got = read_gguf(tmp_path / "types.gguf").metadata
+    for key, (_, value) in values.items():
+        if isinstance(value, list):
+            items = [item.items if hasattr(item, "items") else item for item in got[key].items]
+            assert items == value and got[key].count == len(value), key
+        else:
+            assert got[key] == value and type(got[key]) is type(value), key
     assert ours.alignment == 64 and ours.metadata["general.name"] == "x" and ours.metadata["llama.block_count"] == 3
     assert ours.metadata["tokenizer.ggml.tokens"].count == 200 and ours.metadata["short"].items == [1, 2, 3]
     assert list(ours.tensors) == [t.name for t in theirs.tensors]
@@ -515,6 +537,19 @@ def test_a_tensor_quantized_or_cut_after_its_header_was_read(tmp_path):
         f.truncate(file.tensors["a.weight"].start + 10)
     with pytest.raises(BnprobeError, match=r"a\.weight ends past the end of the file"):
         file.tensors["a.weight"][:]
+
+
+def test_a_gguf_file_by_its_first_bytes_and_a_norm_of_integers(capsys, tmp_path):
+    (tmp_path / "v2.gguf").write_bytes(hand_made(version=2))  # version 2: the layout of version 3
+    out, _ = probe(capsys, tmp_path, tmp_path / "v2.gguf")
+    with h5py.File(out) as f:
+        assert f["checkpoints/000"].attrs["gguf_version"] == 2
+        np.testing.assert_array_equal(f["checkpoints/000/bn/gamma"][:], np.linspace(0.1, 0.8, 8, dtype=np.float32))
+    write_gguf(tmp_path / "m.gguf", "llama", [("blk.0.attn_norm.weight", np.linspace(0, 1, 32, dtype=np.float32), None),
+                                               ("blk.0.ffn_norm.weight", np.arange(32, dtype=np.int32), None)])
+    (tmp_path / "m.gguf").rename(tmp_path / "weights.bin")  # no .gguf: known by its first bytes, GGUF
+    code, _, err = run_cli(capsys, "probe", tmp_path / "weights.bin", "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, "blk.0.ffn_norm.weight holds int32, not the floating-point numbers")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
