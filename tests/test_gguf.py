@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -570,3 +573,13 @@ def test_changed_bytes_are_read_or_refused_never_a_crash(tmp_path, changes):
                 assert tensor[:].size == math.prod(tensor.shape)
     except BnprobeError as exc:
         assert "\n" not in str(exc) and "fuzz.gguf" in str(exc)
+
+
+def test_the_gguf_reader_needs_neither_torch_nor_the_gguf_package(tmp_path):
+    write_gguf(tmp_path / "m.gguf", "llama", [("output_norm.weight", np.linspace(0, 1, 32, dtype=np.float32), None)])
+    code = ("import sys; sys.modules['gguf'] = None; from pathlib import Path; from bnprobe.files.gguf import read_model; "
+            f"print(read_model(Path({str(tmp_path / 'm.gguf')!r})).tensors['output_norm.weight'][:].sum(), "
+            "'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.stdout.split() == ["16.0", "False"]
