@@ -16,6 +16,8 @@ Safetensors files and sharded checkpoints keep no order: their layers come in na
 (`layer2` before `layer10`), and where transformer blocks number them (`layers.N`, `h.N`, `blocks.N`,
 `encoder.layer.N`), block by block, with the layers outside the blocks before them (embeddings, stems) or after
 them (final norms): `block_order`.
+A GGUF file (bnprobe.files.gguf) has llama.cpp's names (`blk.N.attn_norm`, `output_norm`, ...) in its
+converter's order, often `blk.10` before `blk.2`: its blocks too come in numeric order of N ("file blocks").
 
 Files are read lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)), a safetensors file opened
 with safe_open, and of a sharded checkpoint only the shards holding a norm's tensor are opened, so only the
