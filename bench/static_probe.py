@@ -12,11 +12,16 @@ Two synthetic checkpoints, in a temporary folder (`--cases`, both by default):
   are written, the big tensors are holes, which read as zeros. Against reading every tensor into memory, one
   at a time (a full load would hold all 13.5 GB at once).
 
+- gguf: the same 7B model as llama.cpp's Q4_0 conversion holds it (`llama-2-7b.Q4_0.gguf`: Q4_0 weights, a Q6_K
+  output, F32 norms, a 32,000-token vocabulary in its metadata; 3.6 GiB), sparse too: the header and the norms
+  written, the quantized weights holes. Against nothing: a quantized tensor is never read.
+
 Each probe is measured cold (the files' pages first dropped from the page cache with posix_fadvise(DONTNEED):
 read from the disk) and warm (read again, from the page cache: the CPU and memory cost alone).
 
     .venv/bin/python bench/static_probe.py                      # both
     .venv/bin/python bench/static_probe.py --cases llm          # the 7B shards alone
+    .venv/bin/python bench/static_probe.py --cases gguf         # the 7B Q4_0 GGUF alone
     .venv/bin/python bench/static_probe.py --params 20e6 --cases bn
 """
 
@@ -154,6 +159,55 @@ def make_llm(folder: Path, layers: int, hidden: int, mlp: int, vocab: int) -> No
     print(f"{total // BF16 / 1e9:.2f}B bf16 numbers, {total / 2**30:.1f} GiB in {len(shards)} safetensors shards")
 
 
+# ggml types as GGUF numbers them: (type, elements per block, bytes per block).
+F32, Q4_0, Q6_K = (0, 1, 4), (2, 32, 18), (14, 256, 210)
+
+
+def make_gguf(folder: Path, layers: int, hidden: int, mlp: int, vocab: int) -> None:
+    """A sparse GGUF file (version 3, little-endian, alignment 32) written byte by byte, llama.cpp's names."""
+    import struct
+
+    import numpy as np
+
+    def text(value: str) -> bytes:
+        return struct.pack("<Q", len(value.encode())) + value.encode()
+
+    def entry(key: str, kind: int, payload: bytes) -> bytes:
+        return text(key) + struct.pack("<I", kind) + payload
+
+    tensors = [("token_embd.weight", (vocab, hidden), Q4_0)]
+    for i in range(layers):
+        tensors += [(f"blk.{i}.attn_{p}.weight", (hidden, hidden), Q4_0) for p in ("q", "k", "v", "output")]
+        tensors += [(f"blk.{i}.ffn_gate.weight", (mlp, hidden), Q4_0), (f"blk.{i}.ffn_up.weight", (mlp, hidden), Q4_0),
+                    (f"blk.{i}.ffn_down.weight", (hidden, mlp), Q4_0), (f"blk.{i}.attn_norm.weight", (hidden,), F32),
+                    (f"blk.{i}.ffn_norm.weight", (hidden,), F32)]
+    tensors += [("output_norm.weight", (hidden,), F32), ("output.weight", (vocab, hidden), Q6_K)]
+    metadata = [entry("general.architecture", 8, text("llama")), entry("general.name", 8, text("7B-shaped")),
+                entry("llama.block_count", 4, struct.pack("<I", layers)),
+                entry("llama.embedding_length", 4, struct.pack("<I", hidden)),
+                entry("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, vocab) + b"".join(
+                    text(f"<tok{i}>") for i in range(vocab)))]
+    infos, offsets, offset = [], {}, 0
+    for name, shape, (kind, block, block_bytes) in tensors:
+        infos.append(text(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", n) for n in shape[::-1])
+                     + struct.pack("<IQ", kind, offset))
+        offsets[name] = offset
+        offset += -(-math.prod(shape) // block * block_bytes // 32) * 32
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)) + b"".join(metadata) + b"".join(infos)
+    start = -(-len(head) // 32) * 32
+    rng = np.random.default_rng(0)
+    with open(folder / "llama-2-7b.Q4_0.gguf", "wb") as f:
+        f.write(head)
+        for name, shape, kind in tensors:
+            if kind == F32:  # as in make_llm: two dimensions far above the rest
+                gamma = rng.uniform(0.02, 0.6, shape).astype(np.float32)
+                gamma[[1415 % hidden, 2533 % hidden]] = rng.uniform(8, 30, 2)
+                f.seek(start + offsets[name])
+                f.write(gamma.tobytes())
+        f.truncate(start + offset)
+    print(f"{len(tensors)} tensors, {(start + offset) / 2**30:.1f} GiB in one GGUF file")
+
+
 def measure(how: str, path: Path, cold: bool) -> dict:
     if cold:
         for file in sorted(path.iterdir()) if path.is_dir() else [path]:
@@ -183,16 +237,18 @@ def show(rows: list[tuple[str, dict]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="bn,llm", help="bn, llm or both (comma-separated)")
+    parser.add_argument("--cases", default="bn,llm,gguf", help="bn, llm, gguf or several (comma-separated)")
     parser.add_argument("--params", type=float, default=100e6, help="parameters of the bn case's checkpoint")
     parser.add_argument("--llm", type=lambda text: tuple(int(x) for x in text.split(",")), default=LLAMA_7B,
-                        help="the llm case's LAYERS,HIDDEN,MLP,VOCAB [default: Llama-2-7B's, 32,4096,11008,32000]")
+                        help="the llm and gguf cases' LAYERS,HIDDEN,MLP,VOCAB [default: Llama-2-7B's, 32,4096,11008,32000]")
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: the child that writes the files
     args = parser.parse_args()
     cases = args.cases.split(",")
     if args.write:
         if cases == ["bn"]:
             make_checkpoint(args.write, args.params)
+        elif cases == ["gguf"]:
+            make_gguf(args.write, *args.llm)
         else:
             make_llm(args.write, *args.llm)
         return
@@ -225,6 +281,15 @@ def main() -> None:
             met = warm["seconds"] < 2 and warm["grew_kb"] < 100 * 1024
             print(f"probe (warm) / reading every tensor: {warm['seconds'] / every['seconds']:.3g}x the time; the "
                   f"targets (under 2 s warm, under 100 MiB above the imports): {'met' if met else 'MISSED'}")
+        if "gguf" in cases:
+            folder_gguf = Path(folder) / "gguf"
+            folder_gguf.mkdir()
+            print(f"\ngguf: {write(folder_gguf, 'gguf', args)}")
+            file = folder_gguf / "llama-2-7b.Q4_0.gguf"
+            base = base or measure("imports only", file, cold=False)
+            cold, warm = (measure("static", file, cold=state == "cold") for state in ("cold", "warm"))
+            show([("imports only (torch, bnprobe)", base), ("bnprobe probe FILE.gguf (cold)", cold),
+                  ("bnprobe probe FILE.gguf (warm)", warm)])
 
 
 if __name__ == "__main__":

@@ -233,9 +233,9 @@ def probe(
     config: LoadOptions,
     settings: ProbeOptions,
     checkpoints: list[Path] = typer.Argument(
-        ..., help="Checkpoint files (.pt .pth .th .bin .ckpt .safetensors), run directories, or Hugging Face "
-                  "model folders (or their .index.json files) with their shards; give several to compare them, e.g. "
-                  "BN-only vs full.",
+        ..., help="Checkpoint files (.pt .pth .th .bin .ckpt .safetensors .gguf), run directories, or Hugging "
+                  "Face model folders (or their .index.json files) with their shards; give several to compare them, "
+                  "e.g. BN-only vs full.",
         show_default=False),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Where to write probe.h5 [default: the run directory for one run, else ./probe.h5]."),

@@ -65,10 +65,14 @@ class NormStats:
     @classmethod
     def from_tensors(cls, layers: Sequence[tuple[str, Sequence[Optional[torch.Tensor]]]],
                      stats_only: Sequence[tuple[str, int]] = (), kinds: Sequence[str] = ()) -> "NormStats":
-        """layers: (name, (weight, bias, running_mean, running_var)) in depth order, any floating dtype (read as
-        stored, bf16 included), copied to float64; an absent tensor (None) is NaN."""
-        def get(t: Optional[torch.Tensor], size: int) -> np.ndarray:
-            return np.full(size, np.nan) if t is None else t.detach().cpu().double().numpy().ravel().copy()
+        """layers: (name, (weight, bias, running_mean, running_var)) in depth order, torch tensors or numpy arrays
+        of any floating dtype (read as stored, bf16 included), copied to float64; an absent tensor (None) is NaN."""
+        def get(t: Any, size: int) -> np.ndarray:
+            if t is None:
+                return np.full(size, np.nan)
+            if isinstance(t, torch.Tensor):
+                t = t.detach().cpu().double().numpy()
+            return np.array(t, dtype=np.float64).ravel()
 
         columns: list[list[np.ndarray]] = [[], [], [], []]
         for _, (weight, *others) in layers:

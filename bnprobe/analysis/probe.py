@@ -30,6 +30,7 @@ from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import BATCHNORM, PROBE_FILE, PROBE_FORMAT, SCALE_ONLY
 from bnprobe.core.options import MAX_BINS, LoadOptions, ProbeOptions
 from bnprobe.data.device import DeviceLoader
+from bnprobe.files.gguf import facts_line
 from bnprobe.files.runs import default_output
 from bnprobe.files.store import check_replaceable, provenance
 from bnprobe.training.evaluate import resolve_device
@@ -141,6 +142,8 @@ def run_probe(
                 f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
                 f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
                 f"{ORDER_NOTES[r.attrs['layer_order']].format(unordered)}.")), soft_wrap=True, highlight=False)
+            if r.attrs["file_format"] == "gguf":
+                console.print(escape(printable(f"{r.label}: {facts_line(r.attrs)}")), soft_wrap=True, highlight=False)
         betas = [b for b, kind in zip(r.bn.beta, r.bn.kinds) if kind != SCALE_ONLY]  # (none: NaN, not counted)
         infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *betas))
         if infinite:

@@ -16,6 +16,8 @@ Safetensors files and sharded checkpoints keep no order: their layers come in na
 (`layer2` before `layer10`), and where transformer blocks number them (`layers.N`, `h.N`, `blocks.N`,
 `encoder.layer.N`), block by block, with the layers outside the blocks before them (embeddings, stems) or after
 them (final norms): `block_order`.
+A GGUF file (bnprobe.files.gguf) has llama.cpp's names (`blk.N.attn_norm`, `output_norm`, ...) in its
+converter's order, often `blk.10` before `blk.2`: its blocks too come in numeric order of N ("file blocks").
 
 Files are read lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)), a safetensors file opened
 with safe_open, and of a sharded checkpoint only the shards holding a norm's tensor are opened, so only the
@@ -30,6 +32,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from bnprobe.analysis.measured import NormStats, ProbeResult
@@ -43,16 +46,19 @@ AFFINE_TENSORS = ("weight", "bias")
 # LayerNorm, input_layernorm, post_attention_layernorm, final_layer_norm, rmsnorm, group_norm), GPT-2's and
 # CLIP's ln_1, ln_f, ln_post, and GroupNorm's gn, gn1.
 NORM_NAME = re.compile(r"norm|^ln(_?[a-z0-9]+)?$|^gn_?\d*$", re.IGNORECASE)
-# A transformer block: `layers.N.`, `h.N.` (GPT-2), `blocks.N.` (timm), `layer.N.` (BERT's encoder.layer.N).
-BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+# A transformer block: `layers.N.`, `h.N.` (GPT-2), `blocks.N.` (timm), `layer.N.` (BERT's encoder.layer.N),
+# `blk.N.` (GGUF).
+BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|blk)\.(\d+)\.")
 # Outside the blocks, what comes before them: embeddings, stems, patch embeddings, pre-norms (norm_pre, ln_pre,
 # pre_layrnorm, embeddings.LayerNorm); every other layer outside the blocks is taken to follow them.
-INPUT_SIDE = re.compile(r"embed|stem|patch|(^|[._])pre([._]|$)|^pre_", re.IGNORECASE)
+INPUT_SIDE = re.compile(r"embed|embd|stem|patch|(^|[._])pre([._]|$)|^pre_", re.IGNORECASE)
 ORDER_NOTES = {
     "file": "the file's order (registration order: input to output for the usual architectures)",
     "names": "natural order of their names ({} keeps no registration order)",
     "blocks": "the transformer blocks' order (layers.N, h.N, blocks.N: numeric order of N), layers outside them "
               "before (embeddings, stems) or after (final norms), else natural order of the names",
+    "file blocks": "the blocks' order (blk.N: numeric order of N, which a GGUF converter may not keep), within a "
+                   "block the file's order, token_embd_norm before the blocks and output_norm after",
 }
 NORMS = ("all", "bn")  # --norms
 KIND_NOTE = ("BN = BatchNorm; LN/GN = LayerNorm/GroupNorm-like: a scale and a shift per channel, no running "
@@ -98,7 +104,9 @@ def _read(path: Path, name: str, parts: dict[str, Any]) -> list[Optional[torch.T
     """(weight, bias, running_mean, running_var) of one layer, read (None where absent), in their dtype."""
     read = {leaf: FileTensors.read(parts[leaf]) for leaf in BN_TENSORS[:4] if leaf in parts}
     for leaf, tensor in read.items():
-        if not tensor.is_floating_point():
+        floating = tensor.is_floating_point() if isinstance(tensor, torch.Tensor) else np.issubdtype(
+            tensor.dtype, np.floating)  # (GGUF tensors are numpy arrays)
+        if not floating:
             raise BnprobeError(f"{path}: {name}.{leaf} holds {str(tensor.dtype).removeprefix('torch.')}, not the "
                                f"floating-point numbers of a normalisation layer")
     return [read.get(leaf) for leaf in BN_TENSORS[:4]]
@@ -176,13 +184,15 @@ def static_probe(path: Path | str, norms: str = "all") -> Optional[ProbeResult]:
             raise BnprobeError(f"{file}: {len(names)} tensor{'s' if len(names) != 1 else ''} (state dict at "
                                f"{tensors.where}), none of them {what}: {shown}")
         order = tensors.order
-        if order == "names":  # no registration order: the blocks' numbers give it where there are blocks
+        # No registration order (names), or a GGUF converter's (it keeps its source's, often blk.10 before blk.2):
+        # the blocks' numbers give it where there are blocks.
+        if order == "names" or tensors.kind == "gguf":
             depth = block_order(stats.names)
             if depth != sorted(depth):
-                stats, order = stats.take(depth), "blocks"
+                stats, order = stats.take(depth), "blocks" if order == "names" else "file blocks"
         attrs = {"source": "file", "file_format": tensors.kind, "state_dict_key": tensors.where,
                  "stripped_prefixes": ",".join(tensors.stripped) or "none", "tensors": len(tensors.names),
-                 "layer_order": order,
+                 "layer_order": order, **tensors.about,
                  **({"shards": tensors.shards[1], "shards_read": tensors.shards[0]} if tensors.shards else {})}
     nan = float("nan")
     label = Path(os.path.abspath(path)).name if Path(path).is_dir() else checkpoint_label(file)

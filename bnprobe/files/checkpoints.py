@@ -8,6 +8,7 @@ exports (full or compact, bnprobe.files.compact). A state dict may sit at the to
 (`_orig_mod.`) or Lightning (`model.`) prefixes. A run directory stands for its checkpoint.pt, a Hugging Face
 model folder for its index or weights file; an index's shards are opened here too (the index itself is read
 and checked by bnprobe.files.shards).
+A GGUF file (llama.cpp's; a split model's parts together) is read by bnprobe.files.gguf, without torch.
 
 Lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)) and a safetensors file opened with
 safe_open, so only the bytes of the tensors used are read (the static probe of a 1 GB file reads its BN tensors
@@ -25,7 +26,7 @@ import warnings
 import zipfile
 from collections import deque
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -52,6 +53,7 @@ from bnprobe.files.compact import (
     stored_verified,
     unpack,
 )
+from bnprobe.files.gguf import gguf_in_folder, is_gguf, model_facts, read_model
 from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
 from bnprobe.files.shards import ShardIndex, is_index, model_folder_file, read_index
 from bnprobe.nets.check import check_model
@@ -72,10 +74,10 @@ def checkpoint_file(path: Path | str) -> Path:
     path = Path(path)
     if path.is_dir():
         inner = path / CHECKPOINT_FILE
-        inner = inner if inner.is_file() else model_folder_file(path)
+        inner = inner if inner.is_file() else model_folder_file(path) or gguf_in_folder(path)
         if inner is None:
-            raise BnprobeError(f"{path} is a directory without {CHECKPOINT_FILE} or a Hugging Face model's index or "
-                               f"weights; pass a checkpoint file, a run directory or a model folder")
+            raise BnprobeError(f"{path} is a directory without {CHECKPOINT_FILE}, a Hugging Face model's index or "
+                               f"weights, or a GGUF file; pass a checkpoint file, a run directory or a model folder")
         return inner
     if not path.exists():
         raise BnprobeError(f"no such checkpoint: {path}")
@@ -361,9 +363,10 @@ def _is_export(metadata: dict[str, str]) -> bool:
 def read_weights(path: Path) -> Any:
     """A checkpoint's whole content for building a model: a safetensors file as a dict of tensors (a run bnprobe
     exported as the run's checkpoint), any other file through read_checkpoint (weights_only=True)."""
-    if is_index(path):
-        raise BnprobeError(f"{path}: a sharded checkpoint is probed from its files alone (no --model, no "
-                           f"--dataset); bnprobe builds models from one file")
+    if is_index(path) or is_gguf(path):
+        what = "a GGUF file" if is_gguf(path) else "a sharded checkpoint"
+        raise BnprobeError(f"{path}: {what} is probed from its files alone (no --model, no --dataset); bnprobe "
+                           f"builds models from one torch or safetensors file")
     if not is_safetensors(path):
         return read_checkpoint(path)
     with _open_safetensors(path) as f:
@@ -380,13 +383,14 @@ Select = Callable[[list[str]], set[str]]  # a file's tensor names (prefixes stri
 class FileTensors:
     """A file's state dict, read lazily: names (prefixes stripped) to tensors whose bytes are not read yet."""
 
-    tensors: dict[str, Any]  # memory-mapped torch.Tensor, or a safetensors slice: those asked for
-    kind: str  # "torch zip", "torch legacy", "safetensors", "sharded safetensors", "sharded torch"
+    tensors: dict[str, Any]  # memory-mapped torch.Tensor, a safetensors slice or a GGUFTensor: those asked for
+    kind: str  # "torch zip", "torch legacy", "safetensors", "sharded safetensors", "sharded torch", "gguf"
     where: str  # where the state dict sat: "(top level)", "state_dict", ...
     stripped: list[str]
     order: str  # what the tensors' order follows: "file" (registration order) or "names" (natural order)
     names: Optional[list[str]] = None  # every tensor's name, in that order (default: those of `tensors`)
     shards: Optional[tuple[int, int]] = None  # a sharded checkpoint: (shards opened, shards in its index)
+    about: dict[str, Any] = field(default_factory=dict)  # what the file says of its model (GGUF: model_facts)
 
     def __post_init__(self) -> None:
         self.names = list(self.tensors) if self.names is None else self.names
@@ -413,6 +417,12 @@ def open_tensors(path: Path, select: Optional[Select] = None) -> Iterator[Option
     if is_index(path):
         with _open_shards(read_index(path), select) as tensors:
             yield tensors
+        return
+    if is_gguf(path):  # no prefixes, no nesting: GGUF's own names (blk.N.attn_norm.weight), in the file's order
+        gguf = read_model(path)  # (every part of a split model)
+        names = list(gguf.tensors)
+        yield FileTensors(_selected(names, gguf.tensors, select), "gguf", "(top level)", [], "file", names,
+                          about=model_facts(gguf))
         return
     if is_safetensors(path):
         with _open_safetensors(path) as f:
