@@ -145,14 +145,17 @@ def _named_norm(leaves: Mapping[str, str], shapes: Mapping[str, Shape]) -> Optio
     return SCALE_ONLY, leaves["weight"], None
 
 
-def candidate_names(names: Sequence[str], norms: str = "all") -> set[str]:
-    """The names of every tensor that may belong to a normalisation layer (or be an unnamed scale), by the names
-    alone: what a sharded checkpoint opens its shards for (find_norms decides once the shapes are known)."""
+def candidate_names(names: Sequence[str], norms: str = "all", unnamed: bool = True) -> set[str]:
+    """The names of every tensor that may belong to a normalisation layer (or, with `unnamed`, be an unnamed
+    scale), by the names alone: what a file is opened for (find_norms decides once the shapes are known). A
+    sharded checkpoint asks without `unnamed`: a list's lone weight (a Linear without bias as often as not) would
+    open its shard for a scale that is not counted."""
     chosen: set[str] = set()
     for prefix, leaves in groups(names).items():
         if _is_bn(leaves):
             chosen.update(name for leaf, name in leaves.items() if leaf in BN_TENSORS)
-        elif norms == "all" and (_pair(leaves) or _evonorm(leaves) or _lone_scale(prefix, leaves)):
+        elif norms == "all" and (_pair(leaves) or _evonorm(leaves) or (
+                _lone_scale(prefix, leaves) and (unnamed or named_like_a_norm(prefix)))):
             chosen.update(leaves.values())
         elif norms == "all" and named_like_a_norm(prefix) and "weight" in leaves:
             chosen.update(name for leaf, name in leaves.items() if leaf in ("weight", "bias"))
