@@ -32,18 +32,20 @@ pytest.importorskip("transformers")
 # GlobalResponseNorm, GroupNorm in a ResNet, EvoNorm B and S, an NFNet's absence of norms).
 TIMM_EXTRA = ("convnextv2_atto", "resnet50_gn", "regnetz_b16_evos", "efficientnet_b0_g16_evos", "dm_nfnet_f0")
 # Norm layers missed by design (docs/probes-and-ablations.md), in architectures of BNPROBE_RECALL=all only:
-# (library, architecture) -> module class -> why the names and shapes cannot tell.
+# (library, architecture) -> the module's own name (its last part) -> why the names and shapes cannot tell.
 BY_DESIGN = {
-    ("transformers", "ergo"): {"ErgoExpertNorm": "one RMSNorm per expert stacked in a 2-D weight (experts, width): "
-                                                 "the shape of a projection"},
+    ("transformers", "ergo"): {"post_expert_norm": "ErgoExpertNorm: one RMSNorm per expert stacked in a 2-D weight "
+                                                   "(experts, width), the shape of a projection"},
     ("transformers", "phi4_multimodal"): {
-        "Phi4MultimodalAudioMeanVarianceNormLayer": "a fixed input standardisation (global_mean, global_invstd): "
-                                                    "no scale, no running statistics of BatchNorm's names"},
-    ("transformers", "vibevoice"): {"VibeVoiceRMSNorm": "an RMSNorm registered as `act`: an activation's name"},
-    ("transformers", "zaya"): {"ZayaQKNorm": "a QK-norm's learned temperature (2 values), no per-channel scale"},
+        "encoder_embedding": "Phi4MultimodalAudioMeanVarianceNormLayer: a fixed input standardisation "
+                             "(global_mean, global_invstd), no scale"},
+    ("transformers", "vibevoice"): {"act": "VibeVoiceRMSNorm registered as `act`: an activation's name"},
+    ("transformers", "zaya"): {"qk_norm": "ZayaQKNorm: a QK-norm's learned temperature (2 values), no per-channel "
+                                          "scale"},
 }
 ARCHITECTURES = [*architectures(run_everything()), *(("timm", name) for name in TIMM_EXTRA)]
 MEASURED: dict[tuple[str, str], tuple[int, int, int]] = {}  # (library, name) -> (norm layers, found, by design)
+UNBUILT: set[tuple[str, str]] = set()  # model types whose default config does not build here (BNPROBE_RECALL=all)
 
 
 def build(library: str, name: str) -> torch.nn.Module:
@@ -51,6 +53,7 @@ def build(library: str, name: str) -> torch.nn.Module:
         return build_timm(name) if library == "timm" else build_transformers(name)
     except Exception as exc:  # noqa: BLE001 - a model type that needs a library or settings this machine lacks
         if library == "transformers" and run_everything():
+            UNBUILT.add((library, name))
             pytest.skip(f"{name} cannot be built from its default config here: {type(exc).__name__}")
         raise
 
@@ -61,7 +64,7 @@ def test_every_norm_layer_is_found_and_nothing_else(library, name):
     norms, shapes = truth(model)
     modules = dict(model.named_modules())
     expected_missed = {module: kind for module, kind in norms.items()
-                       if kind in BY_DESIGN.get((library, name), {})}
+                       if module.rpartition(".")[2] in BY_DESIGN.get((library, name), {})}
     # A file: its candidates picked by names alone, then decided by shapes; a sharded checkpoint picks its
     # candidates without the unnamed scales (they would open shards): both find the same layers.
     for unnamed in (True, False):
@@ -81,10 +84,11 @@ def test_every_norm_layer_is_found_and_nothing_else(library, name):
 def test_the_recall_figure():
     """Over every architecture above: all found (but the ones missed by design), none too many; the figure the
     README states."""
-    if len(MEASURED) < len(ARCHITECTURES):
+    if len(MEASURED) + len(UNBUILT) < len(ARCHITECTURES):
         pytest.skip("needs every architecture of this module measured first")
     layers, found, by_design = (sum(column) for column in zip(*MEASURED.values()))
-    print(f"\n{len(MEASURED)} architectures, {layers:,} norm layers, {found:,} found, {by_design} missed by design")
+    print(f"\n{len(MEASURED)} architectures ({len(UNBUILT)} more not built here), {layers:,} norm layers, "
+          f"{found:,} found, {by_design} missed by design")
     assert len(MEASURED) >= 60 and layers > 2_000 and found + by_design == layers
 
 
