@@ -7,6 +7,8 @@ of them go end to end through `bnprobe probe` as sparse safetensors files, one o
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,6 +27,7 @@ from norm_truth import (
 from bnprobe.analysis.norm_finder import candidate_names, find_norms
 from bnprobe.core.formats import BATCHNORM
 
+ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
@@ -90,6 +93,11 @@ def test_the_recall_figure():
     print(f"\n{len(MEASURED)} architectures ({len(UNBUILT)} more not built here), {layers:,} norm layers, "
           f"{found:,} found, {by_design} missed by design")
     assert len(MEASURED) >= 60 and layers > 2_000 and found + by_design == layers
+    if not run_everything():  # the figure the README and the docs state (timm and transformers are pinned)
+        for page in ("README.md", "docs/probes-and-ablations.md"):
+            text = " ".join((ROOT / page).read_text().split())
+            assert re.search(rf"\b{len(MEASURED)} (real )?architectures", text), page
+            assert f"all {layers:,} norm layers" in text, page
 
 
 def _sparse_model_file(model: torch.nn.Module, path, shards: int = 1) -> dict[str, torch.Tensor]:
