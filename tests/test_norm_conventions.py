@@ -5,6 +5,8 @@ against a direct computation on the tensors written."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -207,3 +209,38 @@ def test_a_lone_weight_in_sequential_is_an_unnamed_scale_and_an_nfnet_has_no_nor
                 "stem.conv.gain": torch.ones(8, 1, 1, 1), "head.fc.weight": torch.ones(10, 8)}, tmp_path / "nf.pt")
     code, _, err = run_cli(capsys, "probe", tmp_path / "nf.pt", "--out", tmp_path / "nf.h5")
     assert_one_line_error(code, err, "nf.pt: no normalisation layer: 4 tensors")
+
+
+@pytest.mark.parametrize("shapes, norms, unnamed", [
+    # a weight and a bias of one shape, whatever the name; a Linear's and a conv's never share it
+    ({"stem.0.weight": (8, 3, 4, 4), "stem.0.bias": (8,), "stem.1.weight": (8,), "stem.1.bias": (8,),
+      "head.weight": (10, 8), "head.bias": (10,)}, ["stem.1"], []),
+    ({"grn.weight": (1, 1, 1, 8), "grn.bias": (1, 1, 1, 8), "enc.ln.weight": (1, 264), "enc.ln.bias": (1, 264)},
+     ["grn", "enc.ln"], []),
+    ({"LayerNorm.gamma": (8,), "LayerNorm.beta": (8,), "blocks.0.gamma": (8,)}, ["LayerNorm"], []),  # TF-era names
+    # EvoNorm B (running_var alone) and S (v); a BatchNorm-named RMSNorm; a list of norms; I-BERT's extra shift
+    ({"e.weight": (8,), "e.bias": (8,), "e.running_var": (8,), "s.weight": (8,), "s.bias": (8,), "s.v": (8,),
+      "conv_stem.bn.weight": (8,), "q_layernorm.norms.0.weight": (4,), "LayerNorm.weight": (8,),
+      "LayerNorm.bias": (8,), "LayerNorm.shift": (1,)},
+     ["e", "s", "conv_stem.bn", "q_layernorm.norms.0", "LayerNorm"], []),
+    # a weight alone: a Linear without bias, a LayerScale, a PReLU named act: none; in nn.Sequential: unnamed
+    ({"mlp.fc1.weight": (16, 8), "ls1.gamma": (8,), "mlp.act.weight": (8,), "net.2.weight": (8,),
+      "net.3.weight": (8, 8), "acts.0.weight": (8,)}, [], ["net.2.weight"]),
+    # an NFNet's conv: weight, bias and gain; weight standardisation is not a norm
+    ({"stem.conv.weight": (8, 3, 3, 3), "stem.conv.bias": (8,), "stem.conv.gain": (8, 1, 1, 1)}, [], []),
+])
+def test_the_finder_rules_on_names_and_shapes(shapes, norms, unnamed):
+    from bnprobe.analysis.norm_finder import candidate_names, find_norms
+
+    found = find_norms(shapes)
+    assert [layer.name for layer in found.layers] == norms
+    assert [name for name, _ in found.unnamed] == unnamed
+    # by names alone, a superset of what is found (a sharded checkpoint's selection: without unnamed scales)
+    assert found.tensor_names <= candidate_names(list(shapes), unnamed=False)
+    assert set(unnamed) <= candidate_names(list(shapes))
+
+
+def test_the_finder_and_the_conventions_need_no_torch():
+    code = ("import sys, bnprobe.analysis.norm_finder, bnprobe.analysis.conventions; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # (PYTHONPATH passed on: this worktree's)

@@ -41,7 +41,6 @@ from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
 
 Shape = tuple[int, ...]
 
-STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # The names of a scale and its shift: PyTorch's, and TF-era files' (BERT's LayerNorm.gamma/beta, timm's first GRN).
 PAIRS = (("weight", "bias"), ("gamma", "beta"))
@@ -199,9 +198,7 @@ def find_norms(shapes: Mapping[str, Shape], norms: str = "all", source: str = "c
                                           running_var=leaves.get("running_var")))
         elif named_like_a_norm(prefix) and (scale := _named_norm(leaves, shapes)) is not None:
             found.layers.append(Layer(name, scale[0], *scale[1:]))
-        elif _lone_scale(prefix, leaves) and _vector_like(shapes[leaves["weight"]]):
-            if named_like_a_norm(prefix):
-                found.layers.append(Layer(name, SCALE_ONLY, leaves["weight"]))
-            elif not NOT_NORM_NAME.search(own_name(prefix)):
-                found.unnamed.append((leaves["weight"], shapes[leaves["weight"]]))
+        elif (_lone_scale(prefix, leaves) and _vector_like(shapes[leaves["weight"]])
+              and not NOT_NORM_NAME.search(own_name(prefix))):  # in a list, under a name that says nothing
+            found.unnamed.append((leaves["weight"], shapes[leaves["weight"]]))
     return found
