@@ -244,3 +244,15 @@ def test_the_finder_and_the_conventions_need_no_torch():
     code = ("import sys, bnprobe.analysis.norm_finder, bnprobe.analysis.conventions; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # (PYTHONPATH passed on: this worktree's)
+
+
+def test_gguf_is_read_as_stored_whatever_config_sits_beside_it(tmp_path):
+    """llama.cpp adds Gemma's 1 when it converts: a GGUF file's kind decides before any config.json."""
+    from bnprobe.analysis.conventions import scale_convention
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    weights = tmp_path / "model.gguf"
+    gguf = scale_convention(weights, "gguf")
+    assert gguf.offset == 0.0 and "GGUF stores the effective scale" in gguf.why
+    assert scale_convention(tmp_path / "model.safetensors", "safetensors").offset == 1.0
+    assert scale_convention(weights, "gguf", 1.0).offset == 1.0  # the user's word wins
