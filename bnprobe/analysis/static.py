@@ -37,7 +37,6 @@ from bnprobe.core.errors import BnprobeError, listing
 from bnprobe.files.checkpoints import FileTensors, checkpoint_file, checkpoint_label, open_tensors
 from bnprobe.files.shards import is_index
 
-# (The layers are found by bnprobe.analysis.norm_finder, from the tensors' names and shapes alone.)
 # A transformer block: `layers.N.`, `h.N.` (GPT-2), `blocks.N.` (timm), `layer.N.` (BERT's encoder.layer.N).
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # Outside the blocks, what comes before them: embeddings, stems, patch embeddings, pre-norms (norm_pre, ln_pre,
