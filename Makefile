@@ -7,7 +7,7 @@ DEMO   := --dataset digits --epochs 20 --milestones 15 --runs-dir runs --overwri
 # CIFAR-10 for `make study`: the shared copy next to the checkout if there is one, else downloaded into ./data.
 DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,data)
 
-.PHONY: install demo study test bench clean
+.PHONY: install demo study test bench clean recall
 
 install: $(VENV)/.installed
 
@@ -44,3 +44,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs runs-study *.egg-info
+
+# The norm finder's recall over every timm family and every transformers model type (tests/test_norm_recall.py;
+# the suite runs every timm family and 55 transformers families).
+recall: install
+	BNPROBE_RECALL=all $(BIN)/python -m pytest -q -s tests/test_norm_recall.py -k "every_norm or recall_figure"

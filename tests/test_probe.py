@@ -349,5 +349,5 @@ def test_probe_h5_records_its_options_and_versions(probed):
         assert f.attrs["bnprobe_version"] == bnprobe.__version__ and f.attrs["torch_version"] == torch.__version__
         options = json.loads(f.attrs["options_json"])
     assert options["probe"] == dict(taus=TAUS, off_threshold=0.05, bins=20, images=IMAGES, batch_size=64,
-                                    norms="all", outlier_factor=10.0)
+                                    norms="all", outlier_factor=10.0, scale_offset=None)
     assert options["load"]["device"] == "cpu" and options["load"]["model"] is None

@@ -20,6 +20,7 @@ import torch.nn as nn
 from rich.console import Console
 from rich.markup import escape
 
+from bnprobe.analysis.conventions import check_scale_offset
 from bnprobe.analysis.loading import check_forward, check_options, load_eval_data, load_model
 from bnprobe.analysis.measured import ProbeResult, bn_statistics
 from bnprobe.analysis.probe_file import write_probe_h5
@@ -80,6 +81,7 @@ def run_probe(
         raise BnprobeError(f"--norms must be one of {', '.join(NORMS)}; got {settings.norms!r}")
     if not (math.isfinite(settings.outlier_factor) and settings.outlier_factor > 0):
         raise BnprobeError(f"--outlier-factor must be a finite number > 0, got {settings.outlier_factor:g}")
+    check_scale_offset(settings.scale_offset)
     device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
     out = out if out is not None else default_output(paths, PROBE_FILE)
     check_replaceable(out, PROBE_FORMAT)
@@ -88,7 +90,7 @@ def run_probe(
     cache: dict = {}
     results = []
     for path in paths:
-        result = static_probe(path, settings.norms) if static else None
+        result = static_probe(path, settings.norms, settings.scale_offset) if static else None
         if result is not None:
             results.append(result)
             continue
@@ -141,7 +143,13 @@ def run_probe(
                 f"{r.label}: read from the file alone ({r.attrs['file_format']}{shards}, state dict at "
                 f"{r.attrs['state_dict_key']}{stripped}); no forward pass, so accuracy and ReLU sparsity are absent "
                 f"(--dataset, plus --model for a checkpoint bnprobe did not train, measures them). Depth = "
-                f"{ORDER_NOTES[r.attrs['layer_order']].format(unordered)}.")), soft_wrap=True, highlight=False)
+                f"{ORDER_NOTES[r.attrs['layer_order']].format(unordered)}. Scale: {r.attrs['scale_convention']}.")),
+                soft_wrap=True, highlight=False)
+            if r.attrs["unnamed_scales"]:
+                console.print(escape(printable(
+                    f"{r.label}: {r.attrs['unnamed_scales']} unnamed scale(s), not counted as norms (a weight alone "
+                    f"in a list or nn.Sequential: an RMSNorm, a PReLU or a per-channel scale store alike): "
+                    f"{r.attrs['unnamed_scale_names']}")), soft_wrap=True, highlight=False)
             if r.attrs["file_format"] == "gguf":
                 console.print(escape(printable(f"{r.label}: {facts_line(r.attrs)}")), soft_wrap=True, highlight=False)
         betas = [b for b, kind in zip(r.bn.beta, r.bn.kinds) if kind != SCALE_ONLY]  # (none: NaN, not counted)

@@ -2,14 +2,12 @@
 code and no data.
 
 Most checkpoints come from elsewhere (torchvision, timm, Lightning, the Hugging Face hub), and every number
-about γ and β is already in the file. A layer is found by its tensors alone:
-
-- BatchNorm: a prefix owning `running_mean` and `running_var` (+ `num_batches_tracked`), and `weight` (γ) and
-  `bias` (β) when it is affine, all 1-D of one length;
-- an affine norm without running statistics (`--norms all`, the default): a prefix named like a norm
-  (NORM_NAME: `norm`, `ln_1`, `LayerNorm`, `input_layernorm`, `gn`, ...) whose only tensors are a 1-D `weight`
-  and, optionally, a 1-D `bias` of the same length: "LayerNorm/GroupNorm-like" with a bias, "RMSNorm-like"
-  without (bnprobe.core.formats.NORM_KINDS; the tensors cannot tell LayerNorm from GroupNorm).
+about γ and β is already in the file. A layer is found by its tensors' names and shapes alone
+(bnprobe.analysis.norm_finder): BatchNorm by its running statistics; an affine norm by a `weight` and a `bias` of
+one shape under any name (`stem.1` in nn.Sequential, a LayerNorm over (1, 264)); an RMSNorm by a `weight` alone
+under a norm's name. "LayerNorm/GroupNorm-like" with a bias, "RMSNorm-like" without (bnprobe.core.formats.NORM_KINDS;
+the tensors cannot tell LayerNorm from GroupNorm). A weight alone in a list is listed as an unnamed scale, not
+counted. γ is the effective scale: + 1 for the Gemma family's RMSNorms (bnprobe.analysis.conventions).
 
 Depth is the file's order, which is registration order (input to output for the usual architectures).
 Safetensors files and sharded checkpoints keep no order: their layers come in natural order of their names
@@ -35,17 +33,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from bnprobe.analysis.conventions import check_scale_offset, effective, scale_convention
 from bnprobe.analysis.measured import NormStats, ProbeResult
-from bnprobe.core.errors import BnprobeError
-from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
+from bnprobe.analysis.norm_finder import BN_TENSORS, Found, candidate_names, find_norms
+from bnprobe.core.errors import BnprobeError, listing
 from bnprobe.files.checkpoints import FileTensors, checkpoint_file, checkpoint_label, open_tensors
+from bnprobe.files.shards import is_index
 
-BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-AFFINE_TENSORS = ("weight", "bias")
-# The last part of a norm's module name in the usual conventions, any case: *norm* (norm1, fc_norm, q_norm,
-# LayerNorm, input_layernorm, post_attention_layernorm, final_layer_norm, rmsnorm, group_norm), GPT-2's and
-# CLIP's ln_1, ln_f, ln_post, and GroupNorm's gn, gn1.
-NORM_NAME = re.compile(r"norm|^ln(_?[a-z0-9]+)?$|^gn_?\d*$", re.IGNORECASE)
 # A transformer block: `layers.N.`, `h.N.` (GPT-2), `blocks.N.` (timm), `layer.N.` (BERT's encoder.layer.N),
 # `blk.N.` (GGUF).
 BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|blk)\.(\d+)\.")
@@ -66,43 +60,9 @@ KIND_NOTE = ("BN = BatchNorm; LN/GN = LayerNorm/GroupNorm-like: a scale and a sh
              "scale alone (or a LayerNorm without bias)")
 
 
-def _shapes_text(parts: dict[str, Any]) -> str:
-    return ", ".join(f"{leaf} {FileTensors.shape(value)}" for leaf, value in parts.items())
-
-
-def _groups(names: list[str]) -> dict[str, dict[str, str]]:
-    """prefix -> leaf -> full name, in the names' order."""
-    groups: dict[str, dict[str, str]] = {}
-    for name in names:
-        prefix, _, leaf = name.rpartition(".")
-        groups.setdefault(prefix, {})[leaf] = name
-    return groups
-
-
-def _is_bn(leaves: dict[str, Any]) -> bool:
-    return "running_mean" in leaves or "running_var" in leaves
-
-
-def _is_affine_norm(prefix: str, leaves: dict[str, Any]) -> bool:
-    return "weight" in leaves and set(leaves) <= set(AFFINE_TENSORS) and bool(
-        NORM_NAME.search(prefix.rpartition(".")[2]))
-
-
-def norm_tensor_names(names: list[str], norms: str = "all") -> set[str]:
-    """The names of the tensors that may belong to a normalisation layer, by their names alone (the shapes are
-    checked once they are open): what a sharded checkpoint opens its shards for."""
-    chosen = set()
-    for prefix, leaves in _groups(names).items():
-        if _is_bn(leaves):
-            chosen.update(name for leaf, name in leaves.items() if leaf in BN_TENSORS)
-        elif norms == "all" and _is_affine_norm(prefix, leaves):
-            chosen.update(leaves.values())
-    return chosen
-
-
 def _read(path: Path, name: str, parts: dict[str, Any]) -> list[Optional[torch.Tensor]]:
     """(weight, bias, running_mean, running_var) of one layer, read (None where absent), in their dtype."""
-    read = {leaf: FileTensors.read(parts[leaf]) for leaf in BN_TENSORS[:4] if leaf in parts}
+    read = {leaf: FileTensors.read(value) for leaf, value in parts.items() if value is not None}
     for leaf, tensor in read.items():
         floating = tensor.is_floating_point() if isinstance(tensor, torch.Tensor) else np.issubdtype(
             tensor.dtype, np.floating)  # (GGUF tensors are numpy arrays)
@@ -112,35 +72,26 @@ def _read(path: Path, name: str, parts: dict[str, Any]) -> list[Optional[torch.T
     return [read.get(leaf) for leaf in BN_TENSORS[:4]]
 
 
-def norms_from_tensors(file: FileTensors, path: Path, norms: str = "all") -> NormStats:
+def find_in(file: FileTensors, path: Path, norms: str = "all") -> Found:
+    """The normalisation layers and unnamed scales among a file's (selected) tensors, by names and shapes."""
+    return find_norms({name: FileTensors.shape(value) for name, value in file.tensors.items()}, norms, str(path))
+
+
+def norms_from_tensors(file: FileTensors, path: Path, norms: str = "all", found: Optional[Found] = None) -> NormStats:
     """Every normalisation layer of a state dict (BatchNorm alone for norms="bn"), from its tensors alone, in
-    depth order (none: empty)."""
+    depth order (none: empty); each layer's γ, β, ... flat over its shape (a LayerNorm over (1, 264): 264)."""
+    found = found if found is not None else find_in(file, path, norms)
     layers: list[tuple[str, list[Optional[torch.Tensor]]]] = []
     kinds: list[str] = []
     stats_only: list[tuple[str, int]] = []
-    for prefix, leaves in _groups(list(file.tensors)).items():
-        name = prefix or "(top level)"
-        if _is_bn(leaves):
-            parts = {leaf: file.tensors[full] for leaf, full in leaves.items() if leaf in BN_TENSORS}
-            vectors = {leaf: FileTensors.shape(parts[leaf]) for leaf in BN_TENSORS[:4] if leaf in parts}
-            counter = parts.get("num_batches_tracked")
-            if ("running_mean" not in parts or "running_var" not in parts or ("weight" in parts) != ("bias" in parts)
-                    or len(set(vectors.values())) != 1 or len(next(iter(vectors.values()))) != 1
-                    or (counter is not None and len(FileTensors.shape(counter)) > 1)):
-                raise BnprobeError(
-                    f"{path}: inconsistent BatchNorm tensors at {name}: {_shapes_text(parts)} (a BatchNorm layer "
-                    f"has running_mean and running_var, and weight and bias when affine, all 1-D of one length)")
-            if "weight" in parts:
-                layers.append((name, _read(path, name, parts)))
-                kinds.append(BATCHNORM)
-            else:
-                stats_only.append((name, vectors["running_mean"][0]))
-        elif norms == "all" and _is_affine_norm(prefix, leaves):
-            shapes = {FileTensors.shape(file.tensors[full]) for full in leaves.values()}
-            if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-                continue  # a module named like a norm that is not one (a projection's 2-D weight)
-            layers.append((name, _read(path, name, {leaf: file.tensors[full] for leaf, full in leaves.items()})))
-            kinds.append(SCALE_SHIFT if "bias" in leaves else SCALE_ONLY)
+    for layer in found.layers:
+        if layer.scale is None:  # BatchNorm without affine: its running statistics alone
+            stats_only.append((layer.name, FileTensors.shape(file.tensors[layer.running_mean])[0]))
+            continue
+        parts = {leaf: None if full is None else file.tensors[full] for leaf, full in
+                 zip(BN_TENSORS[:4], (layer.scale, layer.shift, layer.running_mean, layer.running_var))}
+        layers.append((layer.name, _read(path, layer.name, parts)))
+        kinds.append(layer.kind)
     return NormStats.from_tensors(layers, stats_only, kinds)
 
 
@@ -165,24 +116,34 @@ def block_order(names: list[str]) -> list[int]:
     return sorted(range(len(names)), key=keys.__getitem__) if stacks else list(range(len(names)))
 
 
-def static_probe(path: Path | str, norms: str = "all") -> Optional[ProbeResult]:
+def static_probe(path: Path | str, norms: str = "all", scale_offset: Optional[float] = None) -> Optional[ProbeResult]:
     """Probe one checkpoint (a file, a run directory, a Hugging Face model folder or its index) from its tensors
-    alone; None for a bnprobe run's checkpoint."""
+    alone; None for a bnprobe run's checkpoint. γ is the effective scale (bnprobe.analysis.conventions): stored + 1
+    for the Gemma family's RMSNorms, or as `scale_offset` says."""
     file = checkpoint_file(path)
-    with open_tensors(file, lambda names: norm_tensor_names(names, norms)) as tensors:
+    check_scale_offset(scale_offset)
+    sharded = is_index(file)  # its shards are opened for the norms alone, not for unnamed scales
+    with open_tensors(file, lambda names: candidate_names(names, norms, unnamed=not sharded)) as tensors:
         if tensors is None:
             return None
-        stats = norms_from_tensors(tensors, file, norms)
+        found = find_in(tensors, file, norms)
+        stats = norms_from_tensors(tensors, file, norms, found)
+        unnamed = [f"{name.removesuffix('.weight')} {shape}" for name, shape in found.unnamed]
         if not stats.names and not stats.stats_only:
             names = tensors.names
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             what = ("a BatchNorm layer's (running_mean and running_var, with weight and bias, all 1-D of one length)"
                     if norms == "bn" else
                     "a normalisation layer's (BatchNorm: running_mean and running_var, with weight and bias, all "
-                    "1-D of one length; or a module named like a norm, such as norm, ln_1 or input_layernorm, "
-                    "whose only tensors are a 1-D weight and bias)")
-            raise BnprobeError(f"{file}: {len(names)} tensor{'s' if len(names) != 1 else ''} (state dict at "
-                               f"{tensors.where}), none of them {what}: {shown}")
+                    "1-D of one length; a weight and a bias of one shape; or a weight alone under a norm's name, "
+                    "such as norm, ln_1 or input_layernorm)")
+            scales = (f"; {len(unnamed)} unnamed scale{'s' if len(unnamed) != 1 else ''} (a weight alone in a list "
+                      f"or nn.Sequential: an RMSNorm, a PReLU or a per-channel scale, not counted): "
+                      f"{listing(unnamed, 3)}" if unnamed and norms == "all" else "")
+            raise BnprobeError(f"{file}: no normalisation layer: {len(names)} tensor{'s' if len(names) != 1 else ''} "
+                               f"(state dict at {tensors.where}), none of them {what}: {shown}{scales}")
+        convention = scale_convention(file, tensors.kind, scale_offset)
+        stats.gamma, shifted = effective(stats.gamma, stats.kinds, convention)
         order = tensors.order
         # No registration order (names), or a GGUF converter's (it keeps its source's, often blk.10 before blk.2):
         # the blocks' numbers give it where there are blocks.
@@ -192,7 +153,10 @@ def static_probe(path: Path | str, norms: str = "all") -> Optional[ProbeResult]:
                 stats, order = stats.take(depth), "blocks" if order == "names" else "file blocks"
         attrs = {"source": "file", "file_format": tensors.kind, "state_dict_key": tensors.where,
                  "stripped_prefixes": ",".join(tensors.stripped) or "none", "tensors": len(tensors.names),
-                 "layer_order": order, **tensors.about,
+                 "layer_order": order, **tensors.about, "scale_offset": convention.offset,
+                 "scale_convention": f"{convention.text}: {convention.why}"
+                                     + (f" ({shifted} layer{'s' if shifted != 1 else ''} shifted)" if shifted else ""),
+                 "unnamed_scales": len(unnamed), **({"unnamed_scale_names": listing(unnamed, 20)} if unnamed else {}),
                  **({"shards": tensors.shards[1], "shards_read": tensors.shards[0]} if tensors.shards else {})}
     nan = float("nan")
     label = Path(os.path.abspath(path)).name if Path(path).is_dir() else checkpoint_label(file)

@@ -88,6 +88,10 @@ class ProbeOptions:
     norms: str = field(default="all", metadata=_help(
         "Which normalisation layers: all (BatchNorm, and LayerNorm/GroupNorm/RMSNorm-like layers found by their "
         "names and tensors) or bn (BatchNorm alone)."))
+    scale_offset: Optional[float] = field(default=None, metadata=_help(
+        "The norms' effective scale is the stored w plus this: 1 for a model that computes x * (1 + w) (the Gemma "
+        "family), 0 for w as stored; applied to every norm layer but BatchNorm, in a static probe [default: 1 for "
+        "the RMSNorm-like layers of a Hugging Face file whose config.json names a Gemma-family model type, else 0]."))
     # 10x: far outside the bulk of a layer's |γ| (which spreads over a few times its median), so what is listed
     # stands apart from its layer, not merely at the top of its spread; a smaller factor lists milder ones.
     outlier_factor: float = field(default=10.0, metadata=_help(
