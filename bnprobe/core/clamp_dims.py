@@ -119,7 +119,7 @@ def dims_rows(specs: Sequence[str], widths: Sequence[int], recurring: Optional[d
             named_width = named_width or max(found, key=lambda w: (len(found[w]), w))
             label = "; ".join(f"{_short(found[w].tolist())} @{w}" for w in sorted(found))
             rows.append(DimsRow(f"recurring {label}", {w: np.sort(d) for w, d in found.items()}))
-    for index, (text, spec) in enumerate(parsed):
+    for text, spec in parsed:
         if spec.kind != "random":
             continue
         width = spec.width or named_width or choose_width(widths, (), text)
@@ -127,15 +127,16 @@ def dims_rows(specs: Sequence[str], widths: Sequence[int], recurring: Optional[d
         if spec.count > width:
             raise BnprobeError(f"--clamp-dims {text}: cannot draw {spec.count} distinct dimensions of width {width}")
         for repeat in range(repeats):
-            dims = random_dims(width, spec.count, seed, repeat, index)
+            dims = random_dims(width, spec.count, seed, repeat)
             rows.append(DimsRow(f"random:{spec.count} @{width} #{repeat + 1} (seed {seed}): {_short(dims.tolist())}",
                                 {width: dims}))
     return rows
 
 
-def random_dims(width: int, count: int, seed: int, repeat: int, spec_index: int = 0) -> np.ndarray:
-    """`count` distinct dimensions of `width`, sorted: the same (seed, repeat, spec) always draws the same."""
-    rng = np.random.default_rng([seed, repeat, spec_index])
+def random_dims(width: int, count: int, seed: int, repeat: int) -> np.ndarray:
+    """`count` distinct dimensions of `width`, sorted: the same (seed, repeat, count, width) always draws the same,
+    whatever other --clamp-dims values are given beside it."""
+    rng = np.random.default_rng([seed, repeat, count, width])
     return np.sort(rng.choice(width, size=count, replace=False)).astype(np.int64)
 
 
