@@ -335,3 +335,24 @@ def test_eval_needs_no_dataset_and_model_state_is_restored(audio):
     assert result.clamped[0] == 32  # every γ is below 10
     reference = copy.deepcopy(result.baseline)
     assert_same(reference, hand_edited(root, module, lambda name, g: torch.zeros_like(g, dtype=torch.bool)))
+
+
+def test_the_report_shows_eval_metrics_where_image_accuracy_is_absent(capsys, audio, tmp_path):
+    from bnprobe.reporting.collect import collect
+    from bnprobe.reporting.render import render_html
+
+    root, _ = audio
+    out = tmp_path / "results" / "ablation-dims.h5"
+    out.parent.mkdir()
+    code, _, err = run_cli(capsys, "ablate", root / "pitch.pt", "--model", f"{root / 'audio.py'}:pitch_net",
+                           "--eval", f"{root / 'audio_eval.py'}:evaluate", "--device", "cpu", "--out", out,
+                           "--clamp-dims", "1,3")
+    assert code == 0, err
+    [ablation] = collect([tmp_path / "results"]).ablations
+    assert ablation.test_acc is None and ablation.mode == "dims" and ablation.labels == ["dims 1,3 @8"]
+    with h5py.File(out) as f:
+        assert ablation.metrics["loss"][0] == f["eval/loss"][0]
+        assert ablation.baseline_metrics["loss"] == f["eval/loss"].attrs["baseline"]
+    html = render_html(collect([tmp_path / "results"]), [0.01])
+    assert "named dimensions" in html and "last row: dims 1,3 @8" in html
+    assert re.search(r"accuracy [0-9.]+ → [0-9.]+; loss [0-9.]+ → [0-9.]+; margin", html)
