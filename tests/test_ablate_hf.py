@@ -51,14 +51,18 @@ def tokenizer_in(folder):
 def train_and_save(model, ids, folder, masked, steps):
     """A few hundred Adam steps on the text's windows (masked: 15% of tokens masked, a new draw each step)."""
     torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = ids[: (len(ids) // 32) * 32].reshape(-1, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    size = 30 if masked else 32  # masked: [CLS] 30 tokens [SEP], as bnprobe's --context 32 feeds it
+    x = ids[: (len(ids) // size) * size].reshape(-1, size)
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()
         if masked:
             chosen = torch.rand(x.shape) < 0.15
-            out = model(input_ids=x.masked_fill(chosen, 4), labels=x.masked_fill(~chosen, -100))
+            wrap = lambda t, first, last: torch.cat(  # noqa: E731
+                [torch.full((len(t), 1), first), t, torch.full((len(t), 1), last)], 1)
+            out = model(input_ids=wrap(x.masked_fill(chosen, 4), 2, 3),
+                        labels=wrap(x.masked_fill(~chosen, -100), -100, -100))
         else:
             out = model(input_ids=x, labels=x)
         out.loss.backward()

@@ -281,6 +281,8 @@ def check_settings(settings: AblateOptions) -> None:
         raise BnprobeError("clamp values must be >= 0")
     if settings.mode == "dims" and not settings.dims:
         raise BnprobeError("--clamp-dims needs at least one value")
+    if settings.mode == "dims" and settings.per_layer:
+        raise BnprobeError("--per-layer applies to --clamp-gamma and --clamp-fraction, not --clamp-dims")
     if settings.mode != "dims" and settings.repeats != 1:
         raise BnprobeError("--repeats repeats the random draws of --clamp-dims random:K; pass --clamp-dims too")
     if not settings.outlier_factor > 0:
@@ -333,6 +335,9 @@ def run_ablation(
         torch.backends.cudnn.benchmark = True
     out = out if out is not None else default_output([path], ABLATION_FILES[settings.mode])
     check_replaceable(out, ABLATION_FORMAT)
+    if settings.eval and (options.dataset or options.mean):
+        raise BnprobeError("--eval measures the model with your function instead of images; drop --dataset, "
+                           "--mean and --std")
     evaluate_fn = load_eval(settings.eval) if settings.eval else None
     loaded = load_model(path, options, device, need_data=evaluate_fn is None)
     norms = norm_layers(loaded.model, with_gamma=True)

@@ -83,7 +83,7 @@ def build_model(folder: Path, config_json: dict[str, Any]) -> tuple[nn.Module, s
     name = type(model).__name__
     kind = ("causal" if name in _mapping_names(tf, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES")
             else "masked" if name in _mapping_names(tf, "MODEL_FOR_MASKED_LM_MAPPING_NAMES") else "other")
-    return model.float().eval(), kind
+    return model.float().eval().requires_grad_(False), kind
 
 
 def _mapping_names(tf: Any, mapping: str) -> set[str]:

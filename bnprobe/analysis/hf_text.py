@@ -68,6 +68,7 @@ def windows(ids: torch.Tensor, size: int) -> list[torch.Tensor]:
 def causal_measure(model: nn.Module, ids: torch.Tensor, context: int, device: torch.device) -> Callable:
     chunks = windows(ids, context)
 
+    @torch.no_grad()
     def measure() -> dict[str, float]:
         total, count = 0.0, 0
         for start in range(0, len(chunks), BATCH):
@@ -88,6 +89,8 @@ def masked_measure(model: nn.Module, ids: torch.Tensor, context: int, tokenizer:
         raise BnprobeError("--text on a masked language model needs a tokenizer with a mask token")
     ends = (tokenizer.cls_token_id, tokenizer.sep_token_id)  # [CLS] ... [SEP], as BERT saw its text
     inner = context - sum(t is not None for t in ends)
+    if inner < 2:
+        raise BnprobeError(f"--context {context} leaves no room for tokens between [CLS] and [SEP]; pass at least 4")
     generator = torch.Generator().manual_seed(0)
     prepared = []
     for chunk in windows(ids, inner):
@@ -99,6 +102,7 @@ def masked_measure(model: nn.Module, ids: torch.Tensor, context: int, tokenizer:
         specials = tuple(-100 if t is not None else None for t in ends)  # [CLS]/[SEP] predict nothing
         prepared.append((_wrap(x, ends), _wrap(labels, specials)))
 
+    @torch.no_grad()
     def measure() -> dict[str, float]:
         total, count = 0.0, 0
         for x, labels in prepared:
