@@ -249,3 +249,23 @@ def test_without_transformers_one_line_says_what_to_install(capsys, folders, mon
     code, _, err = run_cli(capsys, "ablate", made["masked"], "--text", root / "text.txt", "--clamp-gamma", "0.5",
                            "--device", "cpu", "--out", tmp_path / "x.h5")
     assert_one_line_error(code, err, "pip install 'bnprobe[hf]'")
+
+
+def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(capsys, folders, tmp_path, monkeypatch):
+    """A config.json asking for 10^12 parameters: checked against the file on the meta device, never allocated."""
+    import shutil
+
+    import bnprobe.analysis.hf_models as hf_models
+
+    root, made = folders
+    huge = tmp_path / "huge"
+    shutil.copytree(made["causal"], huge)
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "n_embd": 1 << 16, "n_layer": 200}))
+    built = []
+    real_build = hf_models.build_model
+    monkeypatch.setattr(hf_models, "build_model", lambda *a, **k: built.append(k.get("meta")) or real_build(*a, **k))
+    code, _, err = run_cli(capsys, "ablate", huge, "--text", root / "text.txt", "--clamp-gamma", "0.5",
+                           "--device", "cpu", "--out", tmp_path / "x.h5")
+    assert_one_line_error(code, err, "the weights do not match the model config.json builds")
+    assert built == [True]

@@ -9,6 +9,7 @@ model folder, and says in one line what to install when transformers is absent.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
@@ -61,9 +62,10 @@ def require_transformers() -> Any:
 
 # ---- the model --------------------------------------------------------------------------------------------
 
-def build_model(folder: Path, config_json: dict[str, Any]) -> tuple[nn.Module, str]:
+def build_model(folder: Path, config_json: dict[str, Any], meta: bool = False) -> tuple[nn.Module, str]:
     """The folder's model, built from its config.json with random weights (load_weights fills them), in eval
-    mode; and its kind: "causal", "masked" (language models --text can measure) or "other"."""
+    mode; and its kind: "causal", "masked" (language models --text can measure) or "other". `meta`: on the meta
+    device, no memory allocated (a config.json can ask for any size: it is checked against the weights first)."""
     tf = require_transformers()
     model_type = config_json["model_type"]
     if "auto_map" in config_json:
@@ -75,7 +77,8 @@ def build_model(folder: Path, config_json: dict[str, Any]) -> tuple[nn.Module, s
     try:
         config = tf.AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
         cls = _model_class(tf, config_json, config)
-        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
     except BnprobeError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers' own failure on this config: one line
@@ -117,12 +120,12 @@ def read_folder_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, check_only: bool = False) -> None:
     """Load strictly: every tensor of the model from the file (tied copies and the keys the model class itself
     declares optional aside), every tensor of the file into the model, every shape equal; one line naming the
     first differences otherwise. Old files' LayerNorm gamma/beta are read as weight/bias, as transformers reads
-    them."""
-    expected = model.state_dict()
+    them. `check_only`: the checks alone (on a model on the meta device)."""
+    expected = model.state_dict(keep_vars=True)  # a tied tensor is one object under two names
     renamed = {}
     for key, value in state.items():
         for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
@@ -136,13 +139,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path)
     unexpected = [k for k in renamed if k not in expected and not ignored(k, "_keys_to_ignore_on_load_unexpected")]
     shapes = [f"{k} {tuple(renamed[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
               if k in renamed and tuple(renamed[k].shape) != tuple(expected[k].shape)]
-    loaded_storage = {expected[k].data_ptr() for k in expected if k in renamed}
-    missing = [k for k in expected if k not in renamed and expected[k].data_ptr() not in loaded_storage
+    loaded = {id(expected[k]) for k in expected if k in renamed}
+    missing = [k for k in expected if k not in renamed and id(expected[k]) not in loaded
                and not ignored(k, "_keys_to_ignore_on_load_missing")]
     if missing or unexpected or shapes:
         parts = [f"{what} {listing([printable(k) for k in keys], 3)}" for what, keys in
                  (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
         raise BnprobeError(f"{folder}: the weights do not match the model config.json builds: {'; '.join(parts)}")
+    if check_only:
+        return
     model.load_state_dict({k: v for k, v in renamed.items() if k in expected}, strict=False)
 
 
@@ -214,8 +219,13 @@ def run_hf_ablation(path: Path, options: LoadOptions, settings: AblateOptions, *
     check_replaceable(out, ABLATION_FORMAT)
     evaluate_fn = load_eval(settings.eval) if settings.eval else None
     folder = Path(path).resolve()
+    state = read_folder_state(folder)
+    # The config checked against the weights on the meta device first: a config.json that asks for a model far
+    # larger than its file is one line, not an allocation that takes the machine's memory.
+    load_weights(build_model(folder, config_json, meta=True)[0], state, folder, check_only=True)
     model, kind = build_model(folder, config_json)
-    load_weights(model, read_folder_state(folder), folder)
+    load_weights(model, state, folder)
+    del state
     model.to(device).eval()
     model_type = config_json["model_type"]
     norms = hf_norms(model, model_type)
