@@ -262,7 +262,9 @@ def probe(
 def ablate(
     config: LoadOptions,
     settings: AblateOptions,
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run directory.", show_default=False),
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint file, run directory, or Hugging Face model folder (config.json and its weights).",
+        show_default=False),
     clamp_gamma: Optional[str] = typer.Option(
         None, "--clamp-gamma", metavar="TAUS",
         help=f"Set γ to 0 wherever |γ| < τ, and re-measure. {SWEEP_SYNTAX} Each τ must be >= 0."),
