@@ -269,3 +269,53 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(caps
                            "--device", "cpu", "--out", tmp_path / "x.h5")
     assert_one_line_error(code, err, "the weights do not match the model config.json builds")
     assert built == [True]
+
+
+def test_gemma_through_the_cli_clamps_the_effective_scale_as_a_hand_edit_of_w_to_minus_one(capsys, tmp_path):
+    """A tiny Gemma (random init, its RMSNorm weights spread so that thresholds pick some), --eval, threshold and
+    --clamp-dims rows against w := -1 by hand on the model transformers loads."""
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    model = transformers.GemmaForCausalLM(config)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module).__name__ == "GemmaRMSNorm":
+                module.weight.copy_(torch.randn(module.weight.shape) * 0.6)  # effective scales 1 + w around 1
+    model.save_pretrained(tmp_path / "gemma", safe_serialization=True)
+    (tmp_path / "g_eval.py").write_text(
+        "import torch\n"
+        "def evaluate(model):\n"
+        "    return {'logit_sum': model(input_ids=torch.arange(1, 9)[None]).logits.double().abs().sum()}\n")
+
+    def reference(edit):
+        loaded = transformers.GemmaForCausalLM.from_pretrained(tmp_path / "gemma").float().eval()
+        with torch.no_grad():
+            for name, module in loaded.named_modules():
+                if type(module).__name__ == "GemmaRMSNorm":
+                    edit(module)
+            return float(loaded(input_ids=torch.arange(1, 9)[None]).logits.double().abs().sum())
+
+    out = tmp_path / "g.h5"
+    code, stdout, err = run_cli(capsys, "ablate", tmp_path / "gemma", "--eval", f"{tmp_path / 'g_eval.py'}:evaluate",
+                                "--clamp-gamma", "0,0.5", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    assert "effective scale 1 + w (Gemma style): clamped by w := -1" in stdout.replace("\n", " ")
+    with h5py.File(out) as f:
+        rows, masks = f["eval/logit_sum"][:], f["masks"][:]
+        assert f.attrs["scale_offsets"] == "1"
+
+    def below(module, tau=0.5):
+        module.weight[(1 + module.weight).abs() < tau] = -1
+    assert masks[1].any() and rows[0] == pytest.approx(reference(lambda m: None), rel=1e-5)
+    assert rows[1] == pytest.approx(reference(below), rel=1e-5) and rows[1] != rows[0]
+    code, _, err = run_cli(capsys, "ablate", tmp_path / "gemma", "--eval", f"{tmp_path / 'g_eval.py'}:evaluate",
+                           "--clamp-dims", "2,5", "--device", "cpu", "--out", tmp_path / "d.h5")
+    assert code == 0, err
+    with h5py.File(tmp_path / "d.h5") as f:
+        row = f["eval/logit_sum"][0]
+
+    def dims(module):
+        if module.weight.numel() == 8:  # the hidden-width norms; the 4-wide q/k norms (if any) keep theirs
+            module.weight[[2, 5]] = -1
+    assert row == pytest.approx(reference(dims), rel=1e-5)
