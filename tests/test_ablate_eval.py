@@ -327,7 +327,7 @@ def test_clamp_dims_on_an_image_model_equals_the_hand_edit(tmp_path_factory, tmp
         assert f.attrs["mode"] == "dims" and f["test_acc"].shape == (3,)
 
 
-def test_eval_needs_no_dataset_and_model_state_is_restored(audio):
+def test_eval_needs_no_dataset(audio):
     root, module = audio
     settings = AblateOptions(mode="threshold", values=[10.0], eval=f"{root / 'audio_eval.py'}:evaluate")
     options = LoadOptions(model=f"{root / 'audio.py'}:pitch_net", device="cpu")
@@ -356,3 +356,23 @@ def test_the_report_shows_eval_metrics_where_image_accuracy_is_absent(capsys, au
     html = render_html(collect([tmp_path / "results"]), [0.01])
     assert "named dimensions" in html and "last row: dims 1,3 @8" in html
     assert re.search(r"accuracy [0-9.]+ → [0-9.]+; loss [0-9.]+ → [0-9.]+; margin", html)
+
+
+def test_in_place_clamps_write_minus_offset_and_restore_bit_for_bit():
+    from bnprobe.nets.clamp_inplace import InPlaceNorms
+
+    torch.manual_seed(0)
+    ln, bn = torch.nn.LayerNorm(6), torch.nn.BatchNorm1d(4)
+    with torch.no_grad():
+        for p in (ln.weight, ln.bias, bn.weight, bn.bias):
+            p.copy_(torch.randn(p.shape))
+    before = [t.detach().clone() for t in (ln.weight, ln.bias, bn.weight, bn.bias)]
+    norms = InPlaceNorms(torch.nn.Sequential(ln, bn), [("ln", ln, 1.0), ("bn", bn, 0.0)])
+    torch.testing.assert_close(norms.gammas[0], before[0] + 1, rtol=0, atol=0)  # the effective scale 1 + w
+    masks = [torch.tensor([True, False, False, True, False, False]), torch.tensor([False, True, False, False])]
+    norms.clamp(masks, zero_beta=True)
+    assert ln.weight[0] == -1 and ln.weight[3] == -1 and ln.bias[0] == 0 and bn.weight[1] == 0 and bn.bias[1] == 0
+    assert ln.weight[1] == before[0][1] and bn.bias[0] == before[3][0]
+    norms.clamp(None)
+    for tensor, original in zip((ln.weight, ln.bias, bn.weight, bn.bias), before):
+        assert torch.equal(tensor, original)
