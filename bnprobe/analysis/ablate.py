@@ -37,7 +37,7 @@ from bnprobe.analysis.measured import NormStats
 from bnprobe.analysis.user_eval import check_same_names, load_eval, run_eval
 from bnprobe.core.clamp_dims import dims_rows as spec_rows
 from bnprobe.core.clamp_dims import parse_clamp_dims
-from bnprobe.core.errors import BnprobeError, listing, printable
+from bnprobe.core.errors import BnprobeError, listing
 from bnprobe.core.formats import ABLATION_FILES, ABLATION_FORMAT, ABLATION_VERSION
 from bnprobe.core.options import AblateOptions, LoadOptions
 from bnprobe.data.device import DeviceLoader
