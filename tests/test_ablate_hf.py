@@ -199,7 +199,7 @@ def test_gemma_scale_is_one_plus_w_and_clamps_to_minus_one():
     config = transformers.GemmaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     model = transformers.GemmaForCausalLM(config)
-    norms = hf_norms(model, "gemma")
+    norms = hf_norms(model)
     assert norms and {offset for _, _, offset in norms} == {1.0} == {expected_offset("gemma")}
     _, module, _ = norms[0]
     with torch.no_grad():
@@ -209,7 +209,7 @@ def test_gemma_scale_is_one_plus_w_and_clamps_to_minus_one():
     assert torch.all(out[:, 2] == 0) and torch.all(out[:, [0, 1, 3]] != 0)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
-    assert {offset for _, _, offset in hf_norms(llama, "llama")} == {0.0} == {expected_offset("llama")}
+    assert {offset for _, _, offset in hf_norms(llama)} == {0.0} == {expected_offset("llama")}
     assert norm_offset(torch.nn.LayerNorm(4)) == 0.0
 
 

@@ -153,7 +153,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path,
 
 # ---- its norms and their convention ----------------------------------------------------------------------
 
-def hf_norms(model: nn.Module, model_type: str) -> list[tuple[str, nn.Module, float]]:
+def hf_norms(model: nn.Module) -> list[tuple[str, nn.Module, float]]:
     """Every norm layer with a scale (torch's BatchNorm, GroupNorm, LayerNorm, RMSNorm, and the model's own
     *LayerNorm/*RMSNorm classes) with what its forward adds to the weight, measured once per class."""
     offsets: dict[type, float] = {}
@@ -228,7 +228,7 @@ def run_hf_ablation(path: Path, options: LoadOptions, settings: AblateOptions, *
     del state
     model.to(device).eval()
     model_type = config_json["model_type"]
-    norms = hf_norms(model, model_type)
+    norms = hf_norms(model)
     if not norms:
         raise BnprobeError(f"{folder}: its model has no LayerNorm or RMSNorm with a scale to clamp")
     broken = [name for name, m, _ in norms if not torch.isfinite(m.weight).all()]
