@@ -376,3 +376,21 @@ def test_in_place_clamps_write_minus_offset_and_restore_bit_for_bit():
     norms.clamp(None)
     for tensor, original in zip((ln.weight, ln.bias, bn.weight, bn.bias), before):
         assert torch.equal(tensor, original)
+
+
+def test_a_damaged_eval_group_is_skipped_by_the_report_in_one_line(capsys, audio, tmp_path):
+    from bnprobe.reporting.collect import collect
+
+    root, _ = audio
+    out = tmp_path / "results" / "a.h5"
+    out.parent.mkdir()
+    code, _, err = run_cli(capsys, "ablate", root / "pitch.pt", "--model", f"{root / 'audio.py'}:pitch_net",
+                           "--eval", f"{root / 'audio_eval.py'}:evaluate", "--device", "cpu", "--out", out,
+                           "--clamp-gamma", "0.5,1")
+    assert code == 0, err
+    with h5py.File(out, "r+") as f:
+        del f["eval/loss"]
+        f["eval/loss"] = np.zeros(3)  # 3 rows where the file has 2
+    collection = collect([tmp_path / "results"])
+    assert not collection.ablations and len(collection.skipped) == 1
+    assert "/eval/loss has shape (3,), expected (2,)" in str(collection.skipped[0])

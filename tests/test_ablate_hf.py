@@ -319,3 +319,19 @@ def test_gemma_through_the_cli_clamps_the_effective_scale_as_a_hand_edit_of_w_to
         if module.weight.numel() == 8:  # the hidden-width norms; the 4-wide q/k norms (if any) keep theirs
             module.weight[[2, 5]] = -1
     assert row == pytest.approx(reference(dims), rel=1e-5)
+
+
+def test_a_sharded_folder_reads_every_shard(capsys, folders, tmp_path):
+    import shutil
+
+    root, made = folders
+    sharded = tmp_path / "sharded"
+    model = transformers.GPT2LMHeadModel.from_pretrained(made["causal"])
+    model.save_pretrained(sharded, safe_serialization=True, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(made["causal"] / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*.safetensors"))) > 1
+    whole = run_ablate(capsys, made["causal"], root, tmp_path / "a.h5", "--clamp-dims", "3")
+    parts = run_ablate(capsys, sharded, root, tmp_path / "b.h5", "--clamp-dims", "3")
+    assert whole[0]["text_loss"].tolist() == parts[0]["text_loss"].tolist()
+    assert whole[1] == parts[1]
