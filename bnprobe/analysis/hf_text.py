@@ -27,8 +27,8 @@ except ImportError:  # hf_models says what to install before anything here runs
     transformers = None
 
 MASK_RATE = 0.15  # BERT's
-MAX_TOKENS = 10_000_000
-BYTES_PER_TOKEN = 32  # read at most this many bytes per wanted token: far more than any tokenizer's average
+MAX_TOKENS = 2_000_000  # x BYTES_PER_TOKEN: at most 32 MB of text read and tokenised
+BYTES_PER_TOKEN = 16  # read at most this many bytes per wanted token: 3-4x what tokenizers average
 BATCH = 8  # windows per forward pass
 
 
@@ -102,13 +102,20 @@ def masked_measure(model: nn.Module, ids: torch.Tensor, context: int, tokenizer:
         specials = tuple(-100 if t is not None else None for t in ends)  # [CLS]/[SEP] predict nothing
         prepared.append((_wrap(x, ends), _wrap(labels, specials)))
 
+    inputs, targets = [], []  # BATCH windows of one length per forward pass
+    for start in range(0, len(prepared), BATCH):
+        group = prepared[start:start + BATCH]
+        inputs += _same_length([x for x, _ in group])
+        targets += _same_length([labels for _, labels in group])
+
     @torch.no_grad()
     def measure() -> dict[str, float]:
         total, count = 0.0, 0
-        for x, labels in prepared:
-            logits = model(input_ids=x[None].to(device)).logits.float()[0]
+        for x, labels in zip(inputs, targets):
+            logits = model(input_ids=x.to(device)).logits.float()
             target = labels.to(device)
-            total += float(F.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           ignore_index=-100, reduction="sum"))
             count += int((target != -100).sum())
         return _metrics(total, count)
     return measure
