@@ -394,3 +394,59 @@ def test_a_damaged_eval_group_is_skipped_by_the_report_in_one_line(capsys, audio
     collection = collect([tmp_path / "results"])
     assert not collection.ablations and len(collection.skipped) == 1
     assert "/eval/loss has shape (3,), expected (2,)" in str(collection.skipped[0])
+
+
+def test_eval_models_clamp_rmsnorm_and_their_own_norm_classes(capsys, tmp_path):
+    """A user's torch model with nn.RMSNorm and its own (1 + w) norm class: found, each convention measured, and
+    the --clamp-dims row equals writing w := 0 / w := -1 by hand."""
+    (tmp_path / "tiny_lm.py").write_text(textwrap.dedent('''
+        import torch
+        import torch.nn as nn
+
+        class OnePlusRMSNorm(nn.Module):
+            def __init__(self, width):
+                super().__init__()
+                self.weight = nn.Parameter(torch.zeros(width))
+            def forward(self, x):
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+        class Tiny(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Linear(4, 6)
+                self.norm1 = nn.RMSNorm(6)
+                self.b = nn.Linear(6, 6)
+                self.norm2 = OnePlusRMSNorm(6)
+                self.c = nn.Linear(6, 2)
+            def forward(self, x):
+                return self.c(self.norm2(self.b(self.norm1(self.a(x)))))
+
+        def tiny():
+            torch.manual_seed(0)
+            model = Tiny()
+            with torch.no_grad():
+                model.norm1.weight.copy_(torch.linspace(0.5, 2, 6))
+                model.norm2.weight.copy_(torch.linspace(-0.5, 0.5, 6))
+            return model
+
+        def evaluate(model):
+            x = torch.linspace(-1, 1, 40).reshape(10, 4)
+            return {"out": model(x).abs().sum()}
+    '''))
+    spec = importlib.util.spec_from_file_location("tiny_lm_ref", tmp_path / "tiny_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.tiny().state_dict(), tmp_path / "tiny.pt")
+    out = tmp_path / "t.h5"
+    code, _, err = run_cli(capsys, "ablate", tmp_path / "tiny.pt", "--model", f"{tmp_path / 'tiny_lm.py'}:tiny",
+                           "--eval", f"{tmp_path / 'tiny_lm.py'}:evaluate", "--clamp-dims", "1,4", "--device", "cpu",
+                           "--out", out)
+    assert code == 0, err
+    with h5py.File(out) as f:
+        assert list(f["layers/names"].asstr()[:]) == ["norm1", "norm2"]
+        row = float(f["eval/out"][0])
+    model = module.tiny().eval()
+    with torch.no_grad():
+        model.norm1.weight[[1, 4]] = 0
+        model.norm2.weight[[1, 4]] = -1
+        assert row == pytest.approx(float(module.evaluate(model)["out"]), rel=1e-6)

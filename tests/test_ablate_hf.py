@@ -20,7 +20,8 @@ from cli_helpers import assert_one_line_error, run_cli
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
-from bnprobe.analysis.hf_models import expected_offset, hf_norms, norm_offset  # noqa: E402
+from bnprobe.analysis.hf_models import expected_offset  # noqa: E402
+from bnprobe.nets.clamp_inplace import norm_offset, scale_norms  # noqa: E402
 
 TEXT = " ".join([
     "the cat sat on the mat and the dog sat on the rug .",
@@ -199,7 +200,7 @@ def test_gemma_scale_is_one_plus_w_and_clamps_to_minus_one():
     config = transformers.GemmaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     model = transformers.GemmaForCausalLM(config)
-    norms = hf_norms(model)
+    norms = scale_norms(model)
     assert norms and {offset for _, _, offset in norms} == {1.0} == {expected_offset("gemma")}
     _, module, _ = norms[0]
     with torch.no_grad():
@@ -209,7 +210,7 @@ def test_gemma_scale_is_one_plus_w_and_clamps_to_minus_one():
     assert torch.all(out[:, 2] == 0) and torch.all(out[:, [0, 1, 3]] != 0)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
-    assert {offset for _, _, offset in hf_norms(llama)} == {0.0} == {expected_offset("llama")}
+    assert {offset for _, _, offset in scale_norms(llama)} == {0.0} == {expected_offset("llama")}
     assert norm_offset(torch.nn.LayerNorm(4)) == 0.0
 
 

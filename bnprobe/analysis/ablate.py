@@ -43,7 +43,7 @@ from bnprobe.core.options import AblateOptions, LoadOptions
 from bnprobe.data.device import DeviceLoader
 from bnprobe.files.runs import default_output
 from bnprobe.files.store import atomic_h5, check_replaceable, provenance, set_attrs, write_array
-from bnprobe.nets.clamp_inplace import InPlaceNorms
+from bnprobe.nets.clamp_inplace import InPlaceNorms, scale_norms
 from bnprobe.nets.fold import ClampableModel, check_fold
 from bnprobe.nets.norms import norm_layers
 from bnprobe.training.evaluate import evaluate, resolve_device
@@ -340,7 +340,9 @@ def run_ablation(
                            "--mean and --std")
     evaluate_fn = load_eval(settings.eval) if settings.eval else None
     loaded = load_model(path, options, device, need_data=evaluate_fn is None)
-    norms = norm_layers(loaded.model, with_gamma=True)
+    # --eval: the model's RMSNorm and own *Norm classes too, each with the convention measured on it
+    scaled = scale_norms(loaded.model) if evaluate_fn is not None else []
+    norms = [(name, m) for name, m, _ in scaled] if evaluate_fn is not None else norm_layers(loaded.model, True)
     if not norms:
         raise BnprobeError(f"{loaded.path} has no norm layer (BatchNorm, GroupNorm, LayerNorm) with a γ to clamp")
     # |NaN| < τ is never true, and a NaN channel makes every later output NaN: no clamp can be measured.
@@ -351,7 +353,7 @@ def run_ablation(
                            f"its outputs are not numbers whatever is clamped, so there is nothing to ablate")
     if evaluate_fn is not None:
         # The user's code sees the model it built, its own modules, with γ clamped in place (nothing folded).
-        clampable = InPlaceNorms(loaded.model, [(name, norm, 0.0) for name, norm in norms])
+        clampable = InPlaceNorms(loaded.model, scaled)
         measure = eval_measure(evaluate_fn, loaded.model, settings.eval)
         attrs = {"eval": settings.eval, "dataset": "", "test_images": 0, "train_images": 0}
         note = f"{len(norms)} norm layers clamped in place on the model's own modules (nothing folded); " \

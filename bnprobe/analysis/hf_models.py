@@ -10,7 +10,6 @@ model folder, and says in one line what to install when transformers is absent.
 from __future__ import annotations
 
 import contextlib
-import copy
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,7 +17,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 from rich.console import Console
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.analysis.ablate import ablate, check_settings, eval_measure
 from bnprobe.analysis.hf_text import text_measure
@@ -31,7 +29,7 @@ from bnprobe.files.hf_folder import hf_config
 from bnprobe.files.runs import default_output
 from bnprobe.files.shards import is_index, read_index
 from bnprobe.files.store import check_replaceable, provenance
-from bnprobe.nets.clamp_inplace import InPlaceNorms
+from bnprobe.nets.clamp_inplace import InPlaceNorms, scale_norms
 from bnprobe.training.evaluate import resolve_device
 
 try:
@@ -41,12 +39,12 @@ except ImportError:  # the optional extra is not installed: said in one line whe
 
 INSTALL = "pip install 'bnprobe[hf]'"
 # Model types whose RMSNorm multiplies by (1 + w), so that w = 0 is the identity: clamping the effective scale to
-# 0 writes w = -1. Every norm's convention is also measured on the module itself (norm_offset), which decides.
+# 0 writes w = -1. Every norm's convention is also measured on the module itself
+# (bnprobe.nets.clamp_inplace.norm_offset), which decides.
 ONE_PLUS_W_TYPES = frozenset({
     "gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma", "t5gemma", "t5gemma2", "vaultgemma",
     "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
 })
-NORM_NAME = re.compile(r"(LayerNorm|RMSNorm|Norm)$")
 
 
 def expected_offset(model_type: str) -> float:
@@ -151,51 +149,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Path,
     model.load_state_dict({k: v for k, v in renamed.items() if k in expected}, strict=False)
 
 
-# ---- its norms and their convention ----------------------------------------------------------------------
-
-def hf_norms(model: nn.Module) -> list[tuple[str, nn.Module, float]]:
-    """Every norm layer with a scale (torch's BatchNorm, GroupNorm, LayerNorm, RMSNorm, and the model's own
-    *LayerNorm/*RMSNorm classes) with what its forward adds to the weight, measured once per class."""
-    offsets: dict[type, float] = {}
-    found = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 1:
-            continue
-        if not (isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm))
-                or NORM_NAME.search(type(module).__name__)):
-            continue
-        if type(module) not in offsets:
-            offsets[type(module)] = norm_offset(module)
-        found.append((name, module, offsets[type(module)]))
-    return found
-
-
-@torch.no_grad()
-def norm_offset(module: nn.Module) -> float:
-    """0 when weight = 0 silences the layer's output (γ·x̂ + β with β = 0), 1 when weight = -1 does (Gemma's
-    x̂·(1 + w)): measured on a copy with a random input, not assumed from the class or model type."""
-    if isinstance(module, (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)):
-        return 0.0
-    width = module.weight.numel()
-    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0))
-    for offset in (0.0, 1.0):
-        probe = copy.deepcopy(module).float().cpu().eval()
-        probe.weight.fill_(-offset)
-        if isinstance(getattr(probe, "bias", None), torch.Tensor):
-            probe.bias.zero_()
-        try:
-            out = probe(x)
-        except Exception as exc:  # noqa: BLE001 - a norm with another calling convention
-            raise BnprobeError(f"cannot tell how {type(module).__name__} scales its output (it fails on a (2, 3, "
-                               f"{width}) input: {first_line(exc, typed=True)}); bnprobe does not clamp it blindly")
-        out = out[0] if isinstance(out, tuple) else out
-        if isinstance(out, torch.Tensor) and torch.isfinite(out).all() and float(out.abs().max()) < 1e-6:
-            return offset
-    raise BnprobeError(f"{type(module).__name__}'s output is not silenced by weight = 0 nor by weight = -1; "
-                       f"bnprobe cannot clamp its scale to zero")
-
-
 # ---- the command -----------------------------------------------------------------------------------------
 
 def run_hf_ablation(path: Path, options: LoadOptions, settings: AblateOptions, *, out: Optional[Path] = None,
@@ -228,7 +181,7 @@ def run_hf_ablation(path: Path, options: LoadOptions, settings: AblateOptions, *
     del state
     model.to(device).eval()
     model_type = config_json["model_type"]
-    norms = hf_norms(model)
+    norms = scale_norms(model)
     if not norms:
         raise BnprobeError(f"{folder}: its model has no LayerNorm or RMSNorm with a scale to clamp")
     broken = [name for name, m, _ in norms if not torch.isfinite(m.weight).all()]

@@ -9,11 +9,64 @@ restores the model bit for bit.
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnprobe.core.errors import BnprobeError, first_line
+
+# A model's own norm classes, by name: LlamaRMSNorm, T5LayerNorm, GemmaRMSNorm, a user's RMSNorm, ...
+NORM_NAME = re.compile(r"(LayerNorm|RMSNorm|Norm)$")
+TORCH_NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)  # γ·x̂ (+ β): offset 0 by definition
+
+
+def scale_norms(model: nn.Module) -> list[tuple[str, nn.Module, float]]:
+    """Every norm layer with a scale (torch's BatchNorm, GroupNorm, LayerNorm, RMSNorm, and the model's own
+    *LayerNorm/*RMSNorm classes) with what its forward adds to the weight, measured once per class."""
+    offsets: dict[type, float] = {}
+    found = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        # torch's own norms with any shape of γ (a LayerNorm over (C, H, W): one entry per element); another
+        # class only when its name says norm and its weight is one scale per dimension
+        if not (isinstance(module, TORCH_NORMS) or (NORM_NAME.search(type(module).__name__) and weight.dim() == 1)):
+            continue
+        if type(module) not in offsets:
+            offsets[type(module)] = norm_offset(module)
+        found.append((name, module, offsets[type(module)]))
+    return found
+
+
+@torch.no_grad()
+def norm_offset(module: nn.Module) -> float:
+    """0 when weight = 0 silences the layer's output (γ·x̂ + β with β = 0), 1 when weight = -1 does (Gemma's
+    x̂·(1 + w)): measured on a copy with a random input, not assumed from the class or model type."""
+    if isinstance(module, TORCH_NORMS):
+        return 0.0
+    width = module.weight.numel()
+    x = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0))
+    for offset in (0.0, 1.0):
+        probe = copy.deepcopy(module).float().cpu().eval()
+        probe.weight.fill_(-offset)
+        if isinstance(getattr(probe, "bias", None), torch.Tensor):
+            probe.bias.zero_()
+        try:
+            out = probe(x)
+        except Exception as exc:  # noqa: BLE001 - a norm with another calling convention
+            raise BnprobeError(f"cannot tell how {type(module).__name__} scales its output (it fails on a (2, 3, "
+                               f"{width}) input: {first_line(exc, typed=True)}); bnprobe does not clamp it blindly")
+        out = out[0] if isinstance(out, tuple) else out
+        if isinstance(out, torch.Tensor) and torch.isfinite(out).all() and float(out.abs().max()) < 1e-6:
+            return offset
+    raise BnprobeError(f"{type(module).__name__}'s output is not silenced by weight = 0 nor by weight = -1; "
+                       f"bnprobe cannot clamp its scale to zero")
 
 
 @dataclass
