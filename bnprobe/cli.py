@@ -262,7 +262,9 @@ def probe(
 def ablate(
     config: LoadOptions,
     settings: AblateOptions,
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run directory.", show_default=False),
+    checkpoint: Path = typer.Argument(
+        ..., help="Checkpoint file, run directory, or Hugging Face model folder (config.json and its weights).",
+        show_default=False),
     clamp_gamma: Optional[str] = typer.Option(
         None, "--clamp-gamma", metavar="TAUS",
         help=f"Set γ to 0 wherever |γ| < τ, and re-measure. {SWEEP_SYNTAX} Each τ must be >= 0."),
@@ -270,25 +272,43 @@ def ablate(
         None, "--clamp-fraction", metavar="PS",
         help="Set γ to 0 for the globally smallest fraction p of |γ| (Network Slimming style); p in [0, 1], "
              "same list/range syntax as --clamp-gamma."),
+    clamp_dims: Optional[list[str]] = typer.Option(
+        None, "--clamp-dims", metavar="DIMS",
+        help="Set γ of these dimensions to 0 in every norm layer of their width, one row per value (repeatable): "
+             "308,381 (in the most common width that has them; 308,381@768 names the width), recurring (the "
+             "recurring outlier dimensions the static probe finds), random:K (K random dimensions: the control; "
+             "--seed, --repeats)."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Where to write the results [default: ablation.h5 (--clamp-gamma) or ablation-fraction.h5 "
-                            "(--clamp-fraction), in the run directory for a run, else in ./]."),
+        None, "--out", help="Where to write the results [default: ablation.h5 (--clamp-gamma), ablation-fraction.h5 "
+                            "(--clamp-fraction) or ablation-dims.h5 (--clamp-dims), in the run directory for a run, "
+                            "else in ./]."),
 ) -> None:
-    """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss."""
-    from bnprobe.analysis.ablate import run_ablation
+    """Clamp small BN γ to zero (one value or a sweep) and re-measure test and train accuracy and loss.
+
+    Any model with its own evaluation (--eval), and Hugging Face transformers model folders (CHECKPOINT a folder
+    with config.json; --eval or --text), clamp their norm scales too; --clamp-dims clamps named dimensions."""
     from bnprobe.core.formats import ABLATION_FILES
+    from bnprobe.files.hf_folder import hf_config
     from bnprobe.files.lock import locked
     from bnprobe.files.runs import default_output
 
-    if (clamp_gamma is None) == (clamp_fraction is None):
-        raise BnprobeError("pass exactly one of --clamp-gamma TAUS and --clamp-fraction PS")
+    if sum(x is not None for x in (clamp_gamma, clamp_fraction, clamp_dims)) != 1:
+        raise BnprobeError("pass exactly one of --clamp-gamma TAUS, --clamp-fraction PS and --clamp-dims DIMS")
     if clamp_gamma is not None:
         settings.mode, settings.values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
-    else:
+    elif clamp_fraction is not None:
         settings.mode, settings.values = "fraction", parse_sweep(clamp_fraction, "--clamp-fraction", upper=1.0)
+    else:
+        settings.mode, settings.dims = "dims", list(clamp_dims)
+    # A Hugging Face model folder (its config.json names a model_type) goes to the module that imports transformers.
+    hf = None if config.model else hf_config(checkpoint)
+    if hf is not None:
+        from bnprobe.analysis.hf_models import run_hf_ablation as run
+    else:
+        from bnprobe.analysis.ablate import run_ablation as run
     out = out if out is not None else default_output([checkpoint], ABLATION_FILES[settings.mode])
     with locked(out, str(out)):
-        run_ablation(checkpoint, config, settings, out=out, console=console)
+        run(checkpoint, config, settings, out=out, console=console)
 
 
 @app.command()

@@ -378,14 +378,16 @@ def test_ablation_h5_records_its_options_and_versions_and_the_report_shows_them(
                            "--no-train", "--test-subset", "50", "--device", "cpu", "--out", out)
     assert code == 0, err
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 2
+        assert f.attrs["version"] == 3 and f.attrs["evaluation"] == "images"
+        assert list(f["labels"].asstr()[:]) == ["p=0", "p=0.5"]
         assert f.attrs["bnprobe_version"] == bnprobe.__version__ and f.attrs["torch_version"] == torch.__version__
         options = json.loads(f.attrs["options_json"])
     assert options["load"] == {**{k: None for k in ("model", "model_arg", "dataset", "data_dir", "mean", "std",
                                                        "download", "verify")}, "norm_units": "auto", "device": "cpu"}
     assert options["ablate"] == dict(mode="fraction", values=[0.0, 0.5], per_layer=True, zero_beta=False,
                                      test_subset=50, train_subset=10000, measure_train=False, batch_size=None,
-                                     fold=True)
+                                     fold=True, dims=[], seed=0, repeats=1, outlier_factor=10.0, eval=None,
+                                     text=None, tokens=20000, context=256)
     # A version-1 file, from before provenance, still reads: it just does not say what wrote it.
     with h5py.File(out, "r+") as f:
         f.attrs["version"] = 1

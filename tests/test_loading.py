@@ -152,7 +152,8 @@ def test_an_exception_is_quoted_by_its_first_line_or_its_type(tmp_path):
     (tmp_path / "silent.py").write_text("def make():\n    raise RuntimeError()\n")
     with pytest.raises(BnprobeError) as caught:
         build_from_factory(f"{tmp_path}/silent.py:make", [])
-    assert str(caught.value) == f"--model: {tmp_path}/silent.py:make() raised RuntimeError"
+    # and where, in the user's file (as --eval's errors say it)
+    assert str(caught.value) == f"--model: {tmp_path}/silent.py:make() raised RuntimeError (at {tmp_path}/silent.py:2)"
 
 
 def test_wrong_architecture_lists_missing_unexpected_and_shapes(tmp_path, user_model):

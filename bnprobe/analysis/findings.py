@@ -508,7 +508,7 @@ def findings_of(runs: Sequence, ablations: Sequence = ()) -> Findings:
     sweeps: dict[int, Any] = {}
     for ablation in ablations:
         if (ablation.run is not None and ablation.mode == "threshold" and not ablation.per_layer
-                and not ablation.zero_beta):
+                and not ablation.zero_beta and ablation.test_acc is not None):  # not an --eval's metrics
             sweeps.setdefault(id(ablation.run), ablation)
     return Findings(groups, build_findings(groups, sweeps))
 

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -80,20 +81,21 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     return kwargs
 
 
-def load_factory(spec: str) -> Callable[..., Any]:
-    """`path/to/file.py:name` or `package.module:name` -> the callable. Imports the user's own code."""
+def load_factory(spec: str, flag: str = "--model", what: str = "factory") -> Callable[..., Any]:
+    """`path/to/file.py:name` or `package.module:name` -> the callable. Imports the user's own code; `flag` and
+    `what` name it in errors (--model's factory, --eval's evaluate)."""
     location, sep, name = spec.rpartition(":")
     if not sep or not location or not name:
-        raise BnprobeError(f"--model must be path/to/file.py:factory or package.module:factory, got {spec!r}")
+        raise BnprobeError(f"{flag} must be path/to/file.py:{what} or package.module:{what}, got {spec!r}")
     try:
         if location.endswith(".py") or "/" in location or "\\" in location:
             file = Path(location)
             if not file.is_file():
-                raise BnprobeError(f"--model: no such file {file}")
-            module_name = f"bnprobe_user_model_{abs(hash(str(file.resolve())))}"
+                raise BnprobeError(f"{flag}: no such file {file}")
+            module_name = f"bnprobe_user_{flag[2:]}_{abs(hash(str(file.resolve())))}"
             module_spec = importlib.util.spec_from_file_location(module_name, file)
             if module_spec is None or module_spec.loader is None:
-                raise BnprobeError(f"--model: cannot import {file}")
+                raise BnprobeError(f"{flag}: cannot import {file}")
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module  # dataclasses and pickling look modules up here
             sys.path.insert(0, str(file.resolve().parent))  # so the file can import its neighbours
@@ -106,11 +108,27 @@ def load_factory(spec: str) -> Callable[..., Any]:
     except BnprobeError:
         raise
     except USER_CODE_FAILURES as exc:  # the user's module failed to import: say so in one line
-        raise BnprobeError(f"--model: importing {location} failed: {first_line(exc, typed=True)}")
+        raise BnprobeError(f"{flag}: importing {location} failed: {first_line(exc, typed=True)}{user_line(exc)}")
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
-        raise BnprobeError(f"--model: {location} has no callable {name!r}")
+        raise BnprobeError(f"{flag}: {location} has no callable {name!r}")
     return factory
+
+
+def user_line(exc: BaseException, code: Optional[Callable[..., Any]] = None) -> str:
+    """" (at FILE:LINE)": where the user's code failed, the last frame of its traceback outside bnprobe (inside the
+    file of `code` when given: the user's own file, not a library it called); a SyntaxError's own place; "" when
+    no frame is the user's."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        return f" (at {exc.filename}:{exc.lineno})"
+    own = Path(__file__).resolve().parents[1]
+    home = getattr(getattr(code, "__code__", None), "co_filename", None)
+    found = ""
+    for frame, line in traceback.walk_tb(exc.__traceback__):
+        file = frame.f_code.co_filename
+        if (file == home) if home else not Path(file).resolve().is_relative_to(own):
+            found = f" (at {file}:{line})"
+    return found
 
 
 def build_from_factory(spec: str, model_args: Sequence[str]) -> nn.Module:
@@ -119,7 +137,8 @@ def build_from_factory(spec: str, model_args: Sequence[str]) -> nn.Module:
     try:
         model = factory(**kwargs)
     except USER_CODE_FAILURES as exc:  # the user's factory failed: one line, no traceback
-        raise BnprobeError(f"--model: {spec}({_kwargs_text(kwargs)}) raised {first_line(exc, typed=True)}")
+        raise BnprobeError(f"--model: {spec}({_kwargs_text(kwargs)}) raised {first_line(exc, typed=True)}"
+                           f"{user_line(exc, factory)}")
     if not isinstance(model, nn.Module):
         raise BnprobeError(f"--model: {spec} returned a {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -184,8 +203,10 @@ def check_options(options: LoadOptions) -> None:
         raise BnprobeError("--mean and --std go together; pass both")
 
 
-def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.device] = None) -> LoadedModel:
-    """Rebuild the model of one checkpoint, with its weights, in eval mode on `device`."""
+def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.device] = None,
+               need_data: bool = True) -> LoadedModel:
+    """Rebuild the model of one checkpoint, with its weights, in eval mode on `device`. `need_data=False`: the
+    model is evaluated by the user's own code (ablate --eval), so a foreign checkpoint needs no --dataset."""
     check_options(options)
     device = device or resolve_device(options.device)
     file = checkpoint_file(path)
@@ -216,7 +237,7 @@ def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.de
     else:
         raise BnprobeError(
             f"{file} is not a bnprobe checkpoint; say how to build its model with --model file.py:factory "
-            f"(plus --model-arg key=value) and which data to use with --dataset"
+            f"(plus --model-arg key=value) and which data to use with --dataset (or --eval)"
         )
 
     state, _ = extract_state_dict(obj["model"] if is_bnprobe else obj, file)
@@ -225,6 +246,9 @@ def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.de
     model.to(device).eval()
 
     dataset = options.dataset or (config.dataset if config else None)
+    if dataset is None and not need_data:
+        return LoadedModel(file.resolve(), label, model, source, "", None, False, False, None, None,
+                           "none (evaluated by --eval)", config, meta)
     if dataset is None:
         raise BnprobeError(f"{file} is not a bnprobe checkpoint: pass --dataset to say which data to evaluate it on")
     spec = get_dataset_spec(dataset)

@@ -16,7 +16,8 @@ RUN_FILES = (CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, TELEMETRY_FILE)
 PROBE_FILE = "probe.h5"  # `bnprobe probe`'s default output, beside the checkpoint (docs/probe-schema.md)
 # Written into a run that `train --overwrite` sets aside as .NAME.replaced: what bnprobe may move back or delete.
 SET_ASIDE_MARKER, SET_ASIDE_FORMAT = ".bnprobe-set-aside", "bnprobe-set-aside"
-ABLATION_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5"}  # `bnprobe ablate`, per --mode
+# `bnprobe ablate`, per mode (--clamp-gamma, --clamp-fraction, --clamp-dims)
+ABLATION_FILES = {"threshold": "ablation.h5", "fraction": "ablation-fraction.h5", "dims": "ablation-dims.h5"}
 
 # ---- format names and versions (the `format`/`version` attributes or keys of each file) --------------------------
 # Readers accept every earlier version: a version only adds what its comment says.
@@ -36,7 +37,9 @@ PROBE_VERSION = 4
 # probe.h5's bn/kind: what a normalisation layer is as far as its tensors tell (bnprobe.analysis.measured)
 NORM_KINDS = BATCHNORM, SCALE_SHIFT, SCALE_ONLY = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
 ABLATION_FORMAT = "bnprobe-ablation"
-ABLATION_VERSION = 2  # 2: provenance attributes (bnprobe_version, torch_version, options_json)
+# 2: provenance attributes (bnprobe_version, torch_version, options_json);
+# 3: mode "dims" (--clamp-dims), labels, evaluation ("images" or "eval": --eval's and --text's metrics in eval/)
+ABLATION_VERSION = 3
 # `bnprobe export`'s safetensors files (metadata values are text): every tensor, or the seed and what trained
 # 2: a compact file's tensors packed one flat tensor per dtype (1 was never released);
 # 3: stored_sha256, a hash of the tensors the file stores (version 2 files load, their tensors unverified)

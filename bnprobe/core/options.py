@@ -119,6 +119,24 @@ class AblateOptions:
         "Evaluation batch size [default: 4000 on CUDA, 256 on CPU]."))
     fold: bool = field(default=True, metadata=_help(
         "Fold BN into the preceding convs once (fast) or mask γ on the BN modules."))
+    # --clamp-dims, --eval, Hugging Face models (issue 34): docs/probes-and-ablations.md
+    dims: list[str] = field(default_factory=list, metadata=_help("The --clamp-dims values.", flag=False))
+    seed: int = field(default=0, metadata=_help("Seed of --clamp-dims random:K's draws."))
+    repeats: int = field(default=1, metadata=_help(
+        "Draws of --clamp-dims random:K (each a row), at most 1000."))
+    outlier_factor: float = field(default=10.0, metadata=_help(
+        "--clamp-dims recurring: a dimension is an outlier of a layer when its |γ| is above this many times the "
+        "layer's median |γ| (as probe's --outlier-factor)."))
+    eval: Optional[str] = field(default=None, metadata=_help(
+        "Measure with your own function instead of image accuracy: path/to/file.py:evaluate or "
+        "package.module:evaluate, called with the model (on the device, eval mode), returning a dict of named "
+        "numbers; no --dataset needed."))
+    text: Optional[Path] = field(default=None, metadata=_help(
+        "Hugging Face causal or masked language model: mean token loss and perplexity on this text file, "
+        "tokenised by the folder's tokenizer."))
+    tokens: int = field(default=20000, metadata=_help("--text: at most this many tokens of the file."))
+    context: int = field(default=256, metadata=_help(
+        "--text: tokens per sequence (at most the model's positions)."))
 
 
 def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[float]:

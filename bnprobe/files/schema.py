@@ -35,6 +35,7 @@ MAX_TENSORS = 1 << 16  # parameter tensors of a model; the deepest registry mode
 MAX_TRAIN_IMAGES = 1 << 22  # bounds steps per epoch when the run used a whole data set (ImageNet: 1.28M)
 # An ablation's rows (its clamp values) and a probe's τ come from a sweep: at most MAX_SWEEP_VALUES of them
 SWEEPS = "bnprobe's sweeps"
+MAX_METRICS = 64  # an ablation's named metrics (--eval): bnprobe.analysis.user_eval's cap
 NUMBERS, INTEGERS = "biuf", "biu"  # numpy dtype kinds
 
 
@@ -309,13 +310,21 @@ def check_telemetry(f, bn_fields: Optional[tuple[str, ...]] = None) -> Telemetry
 
 def check_ablation(f) -> int:
     """An ablation file's columns: all of one length T, 1 <= T <= the values of a sweep; its masks (T, channels),
-    channels as its total_channels says; returns T."""
+    channels as its total_channels says; (version 3) its labels, and the named metrics of eval/ where it was
+    measured by --eval or --text instead of image accuracy; returns T."""
     layout = Layout(f)
     t = layout.rows("values", MAX_SWEEP_VALUES, SWEEPS)
     if not t:
         layout.fail("holds no ablation values")
-    for name in ("values", "test_acc"):
-        layout.dataset(name, (t,))
+    layout.dataset("values", (t,))
+    layout.dataset("labels", (t,), "str", required=False)
+    metrics = layout.group("eval", required=False)
+    layout.dataset("test_acc", (t,), required=metrics is None)
+    if metrics is not None:
+        if len(metrics) > MAX_METRICS:
+            layout.fail(f"/eval holds {len(metrics):,} metrics, more than bnprobe writes ({MAX_METRICS})")
+        for name in metrics:
+            layout.dataset(f"eval/{name}", (t,))
     for name in ("clamped_fraction", "clamped", "train_acc"):
         layout.dataset(name, (t,), required=False)
     if "clamped_fraction" not in f and "clamped" not in f:

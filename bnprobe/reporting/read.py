@@ -187,13 +187,16 @@ class Ablation:
     zero_beta: bool
     values: np.ndarray
     clamped_fraction: np.ndarray
-    test_acc: np.ndarray
+    test_acc: Optional[np.ndarray]  # None: measured by --eval/--text (version 3), see metrics
     train_acc: Optional[np.ndarray]
     baseline_test_acc: Optional[float]
     checkpoint: str
     freeze: str  # of the ablated checkpoint, when it was a bnprobe run
     run: Optional[Run] = None
     written_by: str = ""  # "bnprobe X, torch Y" (files of earlier versions do not say)
+    labels: list[str] = field(default_factory=list)  # what each row clamped (version 3)
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)  # --eval/--text: name -> (T,)
+    baseline_metrics: dict[str, float] = field(default_factory=dict)  # the same, nothing clamped
 
 
 # What the report's figure of a checkpoint's norms shows of its dimensions recurring as outliers: the first ones
@@ -463,21 +466,29 @@ def read_result_file(path: Path, name: str) -> Optional[Ablation | list[ProbeRow
 
 
 def _read_ablation(f, name: str) -> Ablation:
-    # Format `bnprobe-ablation` v1 or v2 as written by bnprobe.analysis.ablate.write_ablation_h5 (docs/probe-schema.md).
+    # Format `bnprobe-ablation` v1 to v3 as written by bnprobe.analysis.ablate.write_ablation_h5
+    # (docs/probe-schema.md); schema.check_ablation checked every shape read here.
     values = f["values"][:].astype(np.float64)
     if "clamped_fraction" in f:
         fraction = f["clamped_fraction"][:].astype(np.float64)
     else:
         fraction = f["clamped"][:] / max(1, int(f.attrs["total_channels"]))
+    test = f["test_acc"][:].astype(np.float64) if "test_acc" in f else None
     train = f["train_acc"][:].astype(np.float64) if "train_acc" in f else None
     baseline = f.attrs.get("baseline_test_acc")
+    labels = [_text(label) for label in f["labels"][:]] if "labels" in f else []
+    metrics, baselines = {}, {}
+    for metric in f.get("eval", {}):
+        metrics[_text(metric)] = f["eval"][metric][:].astype(np.float64)
+        value = f["eval"][metric].attrs.get("baseline")
+        baselines[_text(metric)] = float(value) if value is not None else float("nan")
     return Ablation(
         name=name, label=_text(f.attrs.get("label", name)), mode=_text(f.attrs.get("mode", "threshold")),
         per_layer=bool(f.attrs.get("per_layer", False)), zero_beta=bool(f.attrs.get("zero_beta", False)),
-        values=values, clamped_fraction=fraction, test_acc=f["test_acc"][:].astype(np.float64), train_acc=train,
+        values=values, clamped_fraction=fraction, test_acc=test, train_acc=train,
         baseline_test_acc=float(baseline) if baseline is not None else None,
         checkpoint=_text(f.attrs.get("checkpoint", "")), freeze=_text(f.attrs.get("freeze", "?")),
-        written_by=_written_by(f),
+        written_by=_written_by(f), labels=labels, metrics=metrics, baseline_metrics=baselines,
     )
 
 

@@ -110,6 +110,8 @@ def depth_panels(runs: Sequence[Run]) -> list:
 def ablation_curves(ablations: Sequence[Ablation]) -> list:
     curves = []
     for a in ablations:
+        if a.test_acc is None or a.mode == "dims":  # named metrics, or sets of dimensions rather than a sweep:
+            continue  # in the table, not on the curves
         owner = a.run.name if a.run else a.label
         what = ("τ×layer max" if a.per_layer else "τ") if a.mode == "threshold" else (
             "p per layer" if a.per_layer else "p")
