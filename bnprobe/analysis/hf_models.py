@@ -19,6 +19,7 @@ import torch.nn as nn
 from rich.console import Console
 
 from bnprobe.analysis.ablate import ablate, check_settings, eval_measure
+from bnprobe.analysis.conventions import ONE_PLUS_W
 from bnprobe.analysis.hf_text import text_measure
 from bnprobe.analysis.user_eval import load_eval
 from bnprobe.core.errors import BnprobeError, first_line, listing, printable
@@ -38,18 +39,14 @@ except ImportError:  # the optional extra is not installed: said in one line whe
     transformers = None
 
 INSTALL = "pip install 'bnprobe[hf]'"
-# Model types whose RMSNorm multiplies by (1 + w), so that w = 0 is the identity: clamping the effective scale to
-# 0 writes w = -1. Every norm's convention is also measured on the module itself
-# (bnprobe.nets.clamp_inplace.norm_offset), which decides.
-ONE_PLUS_W_TYPES = frozenset({
-    "gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma", "t5gemma", "t5gemma2", "vaultgemma",
-    "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
-})
 
 
 def expected_offset(model_type: str) -> float:
-    """What a model type's RMSNorm adds to its weight: 1 for Gemma-style `(1 + w)`, else 0."""
-    return 1.0 if model_type in ONE_PLUS_W_TYPES else 0.0
+    """What a model type's RMSNorm adds to its weight: 1 for Gemma-style `(1 + w)` (the static probe's list,
+    bnprobe.analysis.conventions.ONE_PLUS_W), else 0. Clamping the effective scale to 0 then writes w = -1. The
+    convention measured on each module (bnprobe.nets.clamp_inplace.norm_offset) decides; this only names a
+    mismatch (Qwen3-Next's gated norms, say, store alike but differ)."""
+    return 1.0 if model_type in ONE_PLUS_W else 0.0
 
 
 def require_transformers() -> Any:
