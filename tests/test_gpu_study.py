@@ -1,0 +1,116 @@
+"""The GPU study (issue 35): its plan expands to the intended grid in the intended order, `sweep --time-budget`
+stops cleanly between runs, and bench/gpu_study.sh runs end to end on the CPU in its tiny mode."""
+
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_one_line_error, run_cli
+from rich.console import Console
+
+from bnprobe.sweep import budget as budget_module
+from bnprobe.sweep.budget import NOT_STARTED, TimeBudget, fitting_prefix
+from bnprobe.sweep.launch import run_sweep
+from bnprobe.sweep.plan import read_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPTHS = ["resnet14", "resnet32", "resnet56", "resnet110"]
+
+
+def test_gpu_study_plan_is_frankles_schedule_in_prefix_order(tmp_path):
+    """examples/gpu-study.toml: BN-only and full at four depths, three seeds, Frankle's schedule on the 10,000
+    training images and all 10,000 test images, graphed on CUDA, a clamp sweep per run; seed 0 of everything
+    first, BN-only's depth series before full training's, so that a sweep cut short is a prefix of whole
+    comparisons."""
+    from bnprobe.analysis.findings import CLAMP_TAUS
+
+    planned = read_plan(ROOT / "examples" / "gpu-study.toml", tmp_path)
+    order = [(p.config.seed, p.config.freeze, p.config.model) for p in planned]
+    assert order == [(seed, freeze, model) for seed in (0, 1, 2) for freeze in ("non-bn", "none") for model in DEPTHS]
+    for p in planned:
+        c = p.config
+        assert (c.dataset, c.subset, c.test_subset, c.train_eval_subset) == ("cifar10", 10_000, 0, 2_000)
+        assert (c.epochs, c.milestone_epochs, c.lr, c.lr_drop, c.batch_size) == (160, (80, 120), 0.1, 0.1, 128)
+        assert (c.momentum, c.weight_decay, c.flip, c.translate, c.normalize) == (0.9, 1e-4, True, 4, "per-pixel")
+        assert (c.gamma_init, c.shortcut, c.bn, c.norm) == ("uniform", "B", "full", "batch")
+        assert (c.device, c.graphs, c.amp, c.compile, c.verify, c.download) == ("cuda", True, False, False, False,
+                                                                                False)
+        assert c.telemetry_every > 0  # the γ/β gradient ratio over the whole schedule
+        assert p.ablation.mode == "threshold" and set(CLAMP_TAUS) <= set(p.ablation.values)
+        assert p.ablation.test_subset == 0  # all 10,000 test images, as training evaluates
+    assert len({p.run_dir for p in planned}) == 24
+
+
+def test_the_budget_learns_what_runs_take(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(budget_module.time, "monotonic", lambda: now[0])
+    budget = TimeBudget(60.0, started=100.0, prior=2.0)
+    assert budget.left() == 60 and budget.expected(10) == 20 and budget.fits(30) and not budget.fits(31)
+    now[0] += 30  # a run estimated at 10 s took 30 s: later estimates are tripled
+    budget.finished(10.0, 30.0)
+    assert budget.left() == 30 and budget.ratio() == 3 and budget.fits(10) and not budget.fits(10.1)
+    budget.finished(0.0, 5.0)  # only a clamp sweep was left: no estimate, nothing learnt
+    assert budget.ratio() == 3
+    now[0] += 31
+    assert not budget.fits(0.0)  # past the budget nothing starts, not even an ablation
+    assert fitting_prefix([10, 20, 30], 30) == 2 and fitting_prefix([10, 20], 30) == 2 and fitting_prefix([], 1) == 0
+    assert fitting_prefix([40], 30) == 0
+
+
+PLAN = """
+[defaults]
+dataset = "digits"
+epochs = 1
+subset = 150
+test_subset = 60
+train_eval_subset = 60
+device = "cpu"
+milestones = ""
+
+[[grid]]
+model = "resnet8"
+freeze = ["none", "non-bn", "all-but-output"]
+"""
+
+
+def test_a_budget_stops_between_runs_once_finished_runs_show_the_next_will_not_fit(tmp_path):
+    """The first run starts (its estimate fits); it takes far longer than estimated, so the second, estimated a
+    million times longer, is now expected to take days and is not started, nor anything after it (a sweep cut
+    short is a prefix of its plan, even where a later run would fit); a later sweep trains what was left."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+    quiet = Console(file=open(Path(tmp_path / "log"), "w"))
+    estimates = {p.run_dir: e for p, e in zip(planned, (1e-6, 1.0, 1e-6))}
+    outcome = run_sweep(planned, quiet, budget=TimeBudget(3600.0), estimates=estimates)
+    names = [p.run_dir.name for p in planned]
+    assert [outcome[n] for n in names] == ["done", NOT_STARTED, NOT_STARTED]
+    assert [p.status() for p in planned] == ["done", "new", "new"]
+    outcome = run_sweep(planned, quiet)  # no budget: the rest
+    assert [outcome[n] for n in names] == ["done"] * 3
+
+
+def test_time_budget_through_the_cli(tmp_path, capsys):
+    (tmp_path / "plan.toml").write_text(PLAN)
+    argv = ["sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs"]
+    code, out, err = run_cli(capsys, *argv, "--time-budget", "1e-9")  # spent before the first run
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "the first 0 of the 3 runs to do fit" in text
+    assert "stopped by --time-budget: 0 of 3 runs done or tried, 3 not started" in text
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    code, out, err = run_cli(capsys, *argv, "--time-budget", "1e6", "--dry-run", "--tflops", "1e-3")
+    assert code == 0 and "the first 3 of the 3 runs to do fit" in " ".join(out.split())
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--time-budget", "0"], "--time-budget must be > 0 seconds"),
+    (["--time-budget", "-5"], "--time-budget must be > 0 seconds"),
+    (["--time-budget", "nan"], "--time-budget must be > 0 seconds"),
+    (["--time-budget", "inf"], "--time-budget must be > 0 seconds"),
+    (["--time-budget", "60", "--launcher", "slurm"], "--time-budget is for --launcher local"),
+])
+def test_bad_time_budget_is_a_one_line_error(tmp_path, capsys, argv, message):
+    (tmp_path / "plan.toml").write_text(PLAN)
+    code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs", *argv)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "runs").exists()
