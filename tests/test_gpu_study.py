@@ -1,6 +1,7 @@
 """The GPU study (issue 35): its plan expands to the intended grid in the intended order, `sweep --time-budget`
 stops cleanly between runs, and bench/gpu_study.sh runs end to end on the CPU in its tiny mode."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,60 @@ def test_bad_time_budget_is_a_one_line_error(tmp_path, capsys, argv, message):
     code, _, err = run_cli(capsys, "sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs", *argv)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "runs").exists()
+
+
+def test_tiny_plan_keeps_the_plans_settings_and_order_cut_down(tmp_path):
+    """bench/tiny_plan.py (the CPU rehearsal's plan): the real plan's settings and order, 1 epoch of 256 images on
+    the CPU, seed 0 and the first two depths."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny.toml"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "tiny_plan.py"), str(ROOT / "examples" / "gpu-study.toml"),
+                    str(out)], check=True)
+    tiny, real = read_plan(out, tmp_path), read_plan(ROOT / "examples" / "gpu-study.toml", tmp_path)
+    assert [(p.config.freeze, p.config.model) for p in tiny] == [(f, m) for f in ("non-bn", "none") for m in DEPTHS[:2]]
+    shrunk = {"epochs", "milestones", "subset", "test_subset", "train_eval_subset", "device"}
+    for t in tiny:
+        r = next(r for r in real if (r.config.freeze, r.config.model, r.config.seed) == (t.config.freeze,
+                                                                                         t.config.model, 0))
+        assert (t.config.epochs, t.config.subset, t.config.device) == (1, 256, "cpu")
+        assert {k: v for k, v in t.config.to_dict().items() if k not in shrunk} == \
+            {k: v for k, v in r.config.to_dict().items() if k not in shrunk}
+        assert t.ablation.values == r.ablation.values
+
+
+def test_gpu_study_script_unpacks_the_data_and_packs_runs_without_checkpoints(tmp_path):
+    """bench/gpu_study.sh's data and pack stages (its sweep is rehearsed by `make gpu-study-tiny`, minutes on two
+    cores): the carried archive is unpacked where BNPROBE_DATA_DIR says; every run's files but its checkpoint go
+    into one archive under $OUT, next to each stage's log."""
+    import os
+    import subprocess
+    import tarfile
+
+    source = tmp_path / "src" / "cifar-10-batches-py"
+    source.mkdir(parents=True)
+    for name in ("batches.meta", "data_batch_1", "test_batch"):
+        (source / name).write_bytes(name.encode() * 100)
+    with tarfile.open(tmp_path / "cifar.tar.xz", "w:xz") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+    runs_dir = tmp_path / "runs"
+    for run in ("a", "b"):
+        for name in ("config.json", "metrics.json", "telemetry.h5", "ablation.h5", "checkpoint.pt"):
+            (runs_dir / run).mkdir(parents=True, exist_ok=True)
+            (runs_dir / run / name).write_text(f"{run}/{name}")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_STUDY_STAGES": "data pack",
+           "GPU_STUDY_RUNS": str(runs_dir), "GPU_STUDY_ARCHIVE": str(tmp_path / "cifar.tar.xz"),
+           "BNPROBE_DATA_DIR": str(tmp_path / "data"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_study.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("batches.meta", "data_batch_1", "test_batch"):
+        assert (tmp_path / "data" / "cifar-10-batches-py" / name).read_bytes() == (source / name).read_bytes()
+    with tarfile.open(tmp_path / "out" / "gpu-study-runs.tar.gz") as tar:
+        members = sorted(m.name.removeprefix("./") for m in tar.getmembers() if m.isfile())
+        assert tar.extractfile("./a/metrics.json").read() == b"a/metrics.json"
+    assert members == [f"{run}/{name}" for run in ("a", "b")
+                       for name in ("ablation.h5", "config.json", "metrics.json", "telemetry.h5")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu-study-runs.tar.gz", "pack.txt", "setup.txt"]
+    assert "== setup exit 0" in done.stdout and "== pack exit 0" in done.stdout
