@@ -172,3 +172,43 @@ def test_gpu_study_script_unpacks_the_data_and_packs_runs_without_checkpoints(tm
                        for name in ("ablation.h5", "config.json", "metrics.json", "telemetry.h5")]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu-study-runs.tar.gz", "pack.txt", "setup.txt"]
     assert "== setup exit 0" in done.stdout and "== pack exit 0" in done.stdout
+
+
+def test_runs_brought_back_without_checkpoints_are_reported_as_with_them(tmp_path, capsys):
+    """What bench/gpu_study.sh packs (every run file but checkpoint.pt) is what the report and findings read: a
+    finished run copied without its checkpoint is reported with a note, its numbers and γ the same as with it; an
+    unfinished one, or one without telemetry (γ would have to come from the checkpoint), is still skipped."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from bnprobe.analysis.findings import findings_of
+    from bnprobe.core.config import TrainConfig
+    from bnprobe.reporting.collect import collect
+    from bnprobe.training.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(model="resnet8", dataset="digits", epochs=2, batch_size=64, subset=200, test_subset=100,
+                          train_eval_subset=100, device="cpu", milestones="", freeze="non-bn"),
+              tmp_path / "with" / "run", console=Console(file=open(tmp_path / "log", "w")))
+    finally:
+        torch.set_num_threads(threads)
+    copied = tmp_path / "copied"
+    for name, drop in (("run", ()), ("unfinished", ()), ("no-telemetry", ("telemetry.h5",))):
+        shutil.copytree(tmp_path / "with" / "run", copied / name,
+                        ignore=shutil.ignore_patterns("checkpoint.pt", "*.lock", *drop))
+    config = copied / "unfinished" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "epochs": 5}))
+    with_it, without = collect([tmp_path / "with"]), collect([copied])
+    assert [r.name for r in without.runs] == ["run"]
+    assert "no checkpoint.pt (the run's files were copied without it)" in " ".join(without.runs[0].notes)
+    assert {s.name: s.reason for s in without.skipped} == {"unfinished": "no checkpoint.pt",
+                                                           "no-telemetry": "no checkpoint.pt"}
+    a, b = with_it.runs[0], without.runs[0]
+    assert a.test_acc == b.test_acc and a.gamma_epoch == b.gamma_epoch == 2
+    assert all(np.array_equal(x, y) for x, y in zip(a.gamma_final, b.gamma_final)) and len(a.gamma_final) > 0
+    assert findings_of(with_it.runs).to_json() == findings_of(without.runs).to_json()
