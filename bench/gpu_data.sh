@@ -17,7 +17,7 @@ for f in $FILES; do
 done
 if [ ! -f "$ARCHIVE" ] || [ -n "$(find "$SRC" -newer "$ARCHIVE" -type f)" ]; then
     mkdir -p data
-    # xz -9: about a minute, once; xz's own CRC checks the unpacked bytes
+    # xz -9: 1-2 minutes, once; xz's own CRC checks the unpacked bytes
     XZ_OPT=-9 tar -C "$SRC/.." -cJf "$ARCHIVE.tmp" $(for f in $FILES; do echo "cifar-10-batches-py/$f"; done)
     mv "$ARCHIVE.tmp" "$ARCHIVE"
 fi
