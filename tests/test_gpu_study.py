@@ -212,3 +212,20 @@ def test_runs_brought_back_without_checkpoints_are_reported_as_with_them(tmp_pat
     assert a.test_acc == b.test_acc and a.gamma_epoch == b.gamma_epoch == 2
     assert all(np.array_equal(x, y) for x, y in zip(a.gamma_final, b.gamma_final)) and len(a.gamma_final) > 0
     assert findings_of(with_it.runs).to_json() == findings_of(without.runs).to_json()
+
+
+def test_the_documented_device_call_matches_the_scripts():
+    """docs/gpu-study.md's device call carries the archive that `make gpu-data` writes and gpu_study.sh reads, and
+    gives the script more time than the script gives itself (its last stage's kill grace included)."""
+    import re
+
+    doc = (ROOT / "docs" / "gpu-study.md").read_text()
+    study = (ROOT / "bench" / "gpu_study.sh").read_text()
+    data = (ROOT / "bench" / "gpu_data.sh").read_text()
+    call = re.search(r'run\(command="OUT=\$OUT bash bench/gpu_study.sh", carry=\["([^"]+)"\], timeout_s=(\d+)\)', doc)
+    assert call, "the device call is not in docs/gpu-study.md"
+    archive, timeout_s = call.group(1), int(call.group(2))
+    assert f"ARCHIVE=${{GPU_STUDY_ARCHIVE:-{archive}}}" in study and f"\nARCHIVE={archive}\n" in data
+    seconds = int(re.search(r"echo 240 \|\| echo (\d+)\)\}", study).group(1))
+    assert seconds + 10 <= timeout_s <= 600  # `timeout -k 10`; the device tool's longest command
+    assert archive.startswith("data/") and "/data/*" in (ROOT / ".gitignore").read_text().splitlines()
