@@ -7,7 +7,7 @@ DEMO   := --dataset digits --epochs 20 --milestones 15 --runs-dir runs --overwri
 # CIFAR-10 for `make study`: the shared copy next to the checkout if there is one, else downloaded into ./data.
 DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,data)
 
-.PHONY: install demo study test bench clean recall
+.PHONY: install demo study gpu-data gpu-study-tiny test bench clean recall
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,15 @@ study: install
 	BNPROBE_DATA_DIR=$(DATA_DIR) $(BIN)/bnprobe sweep examples/cpu-study.toml --runs-dir runs-study
 	$(BIN)/bnprobe report runs-study -o docs/cpu-study/report.html
 
+# For the GPU study (docs/gpu-study.md): CIFAR-10 packed into data/cifar-10-gpu.tar.xz for the device call to carry,
+# and bench/gpu_study.sh rehearsed on this CPU (1 epoch, 256 images, two depths; ~1-2 minutes), its archive in
+# gpu-study-tiny/.
+gpu-data:
+	bash bench/gpu_data.sh $(DATA_DIR)
+
+gpu-study-tiny: install
+	GPU_STUDY_TINY=1 OUT=gpu-study-tiny BNPROBE_DATA_DIR=$(DATA_DIR) PYTHON=$(BIN)/python bash bench/gpu_study.sh
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -43,7 +52,7 @@ bench: install
 	$(BIN)/python bench/report_speed.py
 
 clean:
-	rm -rf $(VENV) runs runs-study *.egg-info
+	rm -rf $(VENV) runs runs-study runs-gpu runs-gpu-tiny gpu-study gpu-study-tiny *.egg-info
 
 # The norm finder's recall over every timm family and every transformers model type (tests/test_norm_recall.py;
 # the suite runs every timm family and 55 transformers families).

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import math
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -144,6 +145,9 @@ def sweep(
         False, "--calibrate", help="Time a few real training steps of each distinct model here instead of --tflops."),
     max_runs: Optional[int] = typer.Option(
         None, "--max-runs", help="Allow a plan of up to N runs [default: 10,000; a grid is a product, it grows fast]."),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", help="Seconds from now: start runs, in plan order, only while each is expected to "
+        "end within them (the time column, rescaled by what finished runs took); the rest wait for a later sweep."),
     launcher: str = typer.Option("local", "--launcher", help="local (this machine) or slurm (a submitit job array)."),
     slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition."),
     slurm_hours: float = typer.Option(24.0, "--slurm-hours", help="Time limit of each job, in hours."),
@@ -151,7 +155,9 @@ def sweep(
     slurm_parallel: int = typer.Option(32, "--slurm-parallel", help="At most this many jobs of the array run at once."),
 ) -> None:
     """Train a grid of runs from PLAN; finished runs are skipped, interrupted ones resumed."""
-    from bnprobe.sweep.cost import plan_table
+    started = time.monotonic()  # --time-budget counts from here: the plan's calibration is part of it
+    from bnprobe.sweep.budget import NOT_STARTED, TimeBudget, check_budget, fitting_prefix
+    from bnprobe.sweep.cost import estimated_seconds, plan_table
     from bnprobe.sweep.launch import check_per_device, run_sweep, submit_sweep
     from bnprobe.sweep.plan import read_plan
 
@@ -164,9 +170,24 @@ def sweep(
     check_per_device(per_device)
     if per_device != 1 and launcher == "slurm":
         raise BnprobeError("--per-device is for --launcher local (a Slurm job runs one run)")
+    if time_budget is not None:
+        check_budget(time_budget)
+        if launcher == "slurm":
+            raise BnprobeError("--time-budget is for --launcher local (Slurm's own limit is --slurm-hours)")
     planned = read_plan(plan, runs_dir, **({"max_runs": max_runs} if max_runs else {}))
     device_list = [d.strip() for d in devices.split(",") if d.strip()]
-    console.print(plan_table(planned, tflops, calibrate, device_list[0] if device_list else None))
+    device = device_list[0] if device_list else None
+    console.print(plan_table(planned, tflops, calibrate, device))
+    budget, estimates = None, {}
+    if time_budget is not None:
+        todo = [(run, run.epochs_done()) for run in planned if run.todo()]
+        estimates = {run.run_dir: estimated_seconds(run.config, tflops, calibrate, device)  # timed once per model
+                     * max(run.config.epochs - (done or 0), 0) / run.config.epochs for run, done in todo}
+        budget = TimeBudget(time_budget, started, prior=per_device)
+        fit = fitting_prefix(list(estimates.values()), budget.left())
+        console.print(f"--time-budget {time_budget:g} s ({max(budget.left(), 0):.0f} s left): by the time column, the "
+                      f"first {fit} of the {len(todo)} runs to do fit (evaluation, checkpoints and clamp sweeps not "
+                      f"counted; the sweep rescales each estimate by what its finished runs took)", soft_wrap=True)
     if dry_run:
         return
     if launcher == "slurm":
@@ -176,8 +197,12 @@ def sweep(
         )
         console.print(f"submitted {len(jobs)} jobs" + (f" (array {jobs[0].job_id.split('_')[0]})" if jobs else ""))
         return
-    outcome = run_sweep(planned, console, device_list or None, per_device)
-    failed = {name: why for name, why in outcome.items() if why != "done"}
+    outcome = run_sweep(planned, console, device_list or None, per_device, budget, estimates)
+    waiting = [name for name, why in outcome.items() if why == NOT_STARTED]
+    if waiting:
+        console.print(f"stopped by --time-budget: {len(outcome) - len(waiting)} of {len(outcome)} runs done or tried, "
+                      f"{len(waiting)} not started (the same command starts them later)", soft_wrap=True)
+    failed = {name: why for name, why in outcome.items() if why not in ("done", NOT_STARTED)}
     if failed:
         raise BnprobeError(f"{len(failed)} of {len(outcome)} runs failed: {', '.join(failed)}")
 

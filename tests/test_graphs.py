@@ -154,7 +154,7 @@ def test_a_capture_that_fails_falls_back_to_eager_without_losing_a_step(eager_an
 
 def test_graphs_only_where_they_apply():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert not uses_graphs(TrainConfig(), cuda)  # opt-in until verified on a GPU (issue 26)
+    assert not uses_graphs(TrainConfig(), cuda)  # opt-in until verified on a GPU: config.GRAPHS_BY_DEFAULT (issue 35)
     assert uses_graphs(TrainConfig(graphs=True), cuda)
     assert not uses_graphs(TrainConfig(graphs=True), cpu)
     assert not uses_graphs(TrainConfig(graphs=True, compile=True), cuda)  # torch.compile's reduce-overhead has its own

@@ -89,6 +89,7 @@ def runs_root(tmp_path_factory) -> Path:
 
     (broken_copy("garbage-telemetry") / "telemetry.h5").write_bytes(b"not an HDF5 file\n" * 64)
     (broken_copy("no-checkpoint") / "checkpoint.pt").unlink()
+    (root / "broken" / "no-checkpoint" / "telemetry.h5").unlink()  # with telemetry it is a run copied without it
     (broken_copy("bad-config") / "config.json").write_text("{ not json")
     unfinished = broken_copy("unfinished") / "config.json"
     unfinished.write_text(json.dumps({**json.loads(unfinished.read_text()), "epochs": 5}))

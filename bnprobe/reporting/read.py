@@ -298,8 +298,11 @@ def read_run(run_dir: Path, name: str, include_unfinished: bool = False) -> Run:
         raise RunSkipped("no finished epoch (neither metrics.json nor telemetry.h5 holds one)")
     if "test_acc" not in run.history:
         raise RunSkipped("metrics.json has no test_acc")
-    _check_checkpoint(run_dir)
     planned = run.epochs_planned
+    if left_behind(run_dir, history is not None, has_telemetry, planned is not None and run.epochs_done >= planned):
+        run.notes.append("no checkpoint.pt (the run's files were copied without it): γ from telemetry.h5")
+    else:
+        _check_checkpoint(run_dir)
     if planned is not None and run.epochs_done < planned:
         if not include_unfinished:
             raise RunSkipped(f"unfinished: {run.epochs_done} of {planned} epochs (--include-unfinished shows it)")
@@ -404,6 +407,13 @@ def _read_telemetry_data(run: Run, f, checked: dict[str, Any], use_epochs: bool)
             run.grad_steps = step[:0]
     else:
         run.notes.append("no gradient telemetry (--telemetry-every 0)")
+
+
+def left_behind(run_dir: Path, has_metrics: bool, has_telemetry: bool, finished: bool) -> bool:
+    """Whether a run's checkpoint was left out on purpose, so that the run is reported without it: a finished
+    run's metrics.json is written after its last checkpoint, so with both it and telemetry.h5 (which holds γ) and
+    no checkpoint.pt at all, the run's files were copied without it (bench/gpu_study.sh brings runs back so)."""
+    return has_metrics and has_telemetry and finished and not os.path.lexists(run_dir / CHECKPOINT_FILE)
 
 
 def _check_checkpoint(run_dir: Path) -> None:

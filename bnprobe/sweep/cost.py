@@ -146,6 +146,11 @@ def training_seconds(config: TrainConfig, device: Optional[str] = None) -> float
     return step_seconds(config, device) * steps * config.epochs
 
 
+def estimated_seconds(config: TrainConfig, tflops: float, calibrate: bool = False, device: Optional[str] = None) -> float:
+    """The plan table's time of a run: measured steps (`calibrate`, on `device`), else its FLOPs at `tflops`."""
+    return training_seconds(config, device) if calibrate else training_flops(config) / (tflops * 1e12)
+
+
 SHOWN = ("model", "dataset", "freeze", "bn", "bn_every", "seed", "epochs")
 
 
@@ -208,7 +213,7 @@ def plan_table(planned: list[PlannedRun], tflops: float, calibrate: bool = False
     for i, run in enumerate(planned, 1):
         c = run.config
         flops = training_flops(c)
-        seconds = training_seconds(c, device) if calibrate else flops / (tflops * 1e12)
+        seconds = estimated_seconds(c, tflops, calibrate, device)
         total, total_seconds = total + flops, total_seconds + seconds
         cells = {
             "#": str(i), "model": c.model, "data": c.dataset, "freeze": c.freeze,

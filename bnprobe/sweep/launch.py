@@ -21,6 +21,7 @@ from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError, first_line, printable
 from bnprobe.core.options import AblateOptions, LoadOptions
 from bnprobe.files.lock import locked
+from bnprobe.sweep.budget import NOT_STARTED, TimeBudget
 from bnprobe.sweep.plan import PlannedRun
 from bnprobe.training.train import train
 
@@ -33,24 +34,47 @@ def check_per_device(per_device: int) -> None:
 
 
 def run_sweep(
-    planned: list[PlannedRun], console: Console, devices: Optional[list[str]] = None, per_device: int = 1
+    planned: list[PlannedRun], console: Console, devices: Optional[list[str]] = None, per_device: int = 1,
+    budget: Optional[TimeBudget] = None, estimates: Optional[dict[Path, float]] = None,
 ) -> dict[str, str]:
     """Train every run that is not done: one at a time in this process, or in worker processes, `per_device`
-    at once on each device (default: each run's own), a new one starting as soon as one finishes."""
+    at once on each device (default: each run's own), a new one starting as soon as one finishes. With `budget`,
+    a run starts only while it is expected to end within it (`estimates`: each run's seconds still to train, by
+    run directory); the first that is not, and every run after it, is left NOT_STARTED."""
     check_per_device(per_device)
     todo = [run for run in planned if run.todo()]
     console.print(f"{len(planned) - len(todo)} of {len(planned)} runs already done; {len(todo)} to "
                   f"{'train or ablate' if any(run.ablation for run in planned) else 'train'}.")
     outcome = {run.run_dir.name: "done" for run in planned if run not in todo}
+    estimates = estimates or {}
+
+    def out_of_time(run: PlannedRun, queue: list[PlannedRun]) -> bool:
+        """Whether the budget stops the sweep before `run`; if so, `run` and `queue` (the runs after it) are
+        marked not started."""
+        estimate = estimates.get(run.run_dir, 0.0)
+        if budget is None or budget.fits(estimate):
+            return False
+        console.print(f"[yellow]time budget: {max(budget.left(), 0):.0f} s left, {escape(run.run_dir.name)} expected to "
+                      f"take {budget.expected(estimate):.0f} s; {1 + len(queue)} runs left for a later sweep",
+                      soft_wrap=True)
+        for left in (run, *queue):
+            outcome[left.run_dir.name] = NOT_STARTED
+        return True
+
     # A slot is one worker process at a time; None: the run's own device.
     slots: list[Optional[str]] = [device for device in (devices or [None]) for _ in range(per_device)]
     if len(slots) == 1:
         for i, run in enumerate(todo, 1):
+            if out_of_time(run, todo[i:]):
+                break
             config = dataclasses.replace(run.config, device=devices[0]) if devices else run.config
             console.rule(f"run {i}/{len(todo)}: {run.run_dir.name}")
+            started = time.monotonic()
             try:
                 run_job(config, run.run_dir, run.ablation, console)
                 outcome[run.run_dir.name] = "done"
+                if budget is not None:
+                    budget.finished(estimates.get(run.run_dir, 0.0), time.monotonic() - started)
             except BnprobeError as exc:  # one failed run does not stop the sweep
                 console.print(f"[red]{escape(run.run_dir.name)} failed: {escape(printable(str(exc)))}", soft_wrap=True)
                 outcome[run.run_dir.name] = f"failed: {exc}"
@@ -61,6 +85,9 @@ def run_sweep(
         for slot, device in enumerate(slots):
             if slot not in active and queue:
                 run = queue.pop(0)
+                if out_of_time(run, queue):
+                    queue = []
+                    break
                 env, config = dict(os.environ), run.config
                 if device is not None:
                     if device.startswith("cuda:"):
@@ -70,12 +97,15 @@ def run_sweep(
                 log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "w")
                 command = [sys.executable, "-m", "bnprobe.sweep.launch", json.dumps(config.to_dict()), str(run.run_dir),
                            json.dumps(dataclasses.asdict(run.ablation) if run.ablation else None)]
-                active[slot] = (run, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+                active[slot] = (run, process, log, time.monotonic())
                 console.print(f"started {escape(run.run_dir.name)} on {device or config.device}", soft_wrap=True)
-        for slot, (run, process, log) in list(active.items()):
+        for slot, (run, process, log, started) in list(active.items()):
             if process.poll() is not None:
                 log.close()
                 outcome[run.run_dir.name] = "done" if process.returncode == 0 else f"failed (exit {process.returncode})"
+                if budget is not None and process.returncode == 0:
+                    budget.finished(estimates.get(run.run_dir, 0.0), time.monotonic() - started)
                 where = slots[slot] or run.config.device
                 console.print(f"{escape(run.run_dir.name)} on {where}: {escape(str(outcome[run.run_dir.name]))}",
                               soft_wrap=True)

@@ -55,16 +55,25 @@ class PlannedRun:
 
     def status(self) -> str:
         """new, done, or `partial (k/N)` from what is on disk."""
+        epoch = self.epochs_done()
+        if epoch is None:
+            return "unreadable"
+        if epoch == 0 and not runs.checkpoint_path(self.run_dir).exists():
+            return "new"
+        return "done" if epoch >= self.config.epochs else f"partial ({epoch}/{self.config.epochs})"
+
+    def epochs_done(self) -> Optional[int]:
+        """The epochs its checkpoint holds (0 without one); None when the checkpoint cannot be read."""
         path = runs.checkpoint_path(self.run_dir)
         if not path.exists():
-            return "new"
+            return 0
         try:
             epoch = load_checkpoint(path).get("epoch")
         except BnprobeError:
-            return "unreadable"
+            return None
         if not isinstance(epoch, int) or isinstance(epoch, bool):
-            return "unreadable"
-        return "done" if epoch >= self.config.epochs else f"partial ({epoch}/{self.config.epochs})"
+            return None
+        return epoch
 
 
 # A grid is a product: two lists of 1,000 make a million runs, which takes hours to even plan. Beyond this
