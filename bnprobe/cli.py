@@ -388,6 +388,86 @@ def findings(
         console.print(f"Wrote [bold]{escape(str(json_out))}[/]", soft_wrap=True, highlight=False)
 
 
+# ---- check / rules / diff (issue 33): torch-free until a checkpoint is read ----
+@app.command()
+def check(
+    paths: Optional[list[Path]] = typer.Argument(
+        None, metavar="PATH...", show_default=False,
+        help="Checkpoint files, run directories, Hugging Face model folders (or their index), or folders of them "
+             "(searched recursively)."),
+    select: Optional[str] = typer.Option(
+        None, "--select", metavar="CODES", help="Run only these rules: codes or prefixes, comma-separated (BNP1,BNP301) "
+                                                "[default: all, or the config file's select]."),
+    ignore: Optional[str] = typer.Option(None, "--ignore", metavar="CODES", help="Skip these rules (codes or prefixes)."),
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", metavar="FILE", help="A TOML file with a [tool.bnprobe.check] table [default: the nearest "
+                                               "pyproject.toml upwards from here that has one]."),
+    output_format: str = typer.Option("text", "--format", help="text, json (docs/check-schema.md) or sarif (2.1.0)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the report to this file instead of "
+                                                                       "printing it (replaced atomically)."),
+    fail_on: Optional[str] = typer.Option(
+        None, "--fail-on", help="Exit 1 when a finding is this severe or more: error, warning, note, never "
+                                "[default: error, or the config file's fail-on]."),
+    sets: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="CODE.THRESHOLD=VALUE", help="Set one rule's threshold, e.g. BNP101.max_fraction=0.3 "
+                                                            "(repeat for more)."),
+    list_rules: bool = typer.Option(False, "--list-rules", help="Print every rule and exit."),
+) -> None:
+    """Check every normalisation layer of checkpoints against rules (channels off, outlier dimensions, non-finite
+    values, statistics at init, ...), from the files alone. Exit 0: no finding reaches --fail-on; 1: one does;
+    2: bad input. `bnprobe rules CODE` explains a rule."""
+    from bnprobe.reporting.check_output import rules_table
+
+    if list_rules:
+        console.print(rules_table())
+        return
+    from bnprobe.analysis.check import FORMATS, resolve_config, run_check
+
+    if output_format not in FORMATS:
+        raise BnprobeError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    if not paths:
+        raise BnprobeError("give at least one PATH to check (or --list-rules)")
+    config = resolve_config(config_file=config_file, select=select, ignore=ignore, sets=sets or (), fail_on=fail_on)
+    result = run_check(paths, config)
+    _present(result, output_format, output)
+    if result.failed():
+        raise typer.Exit(1)
+
+
+def _present(result: Any, output_format: str, output: Optional[Path]) -> None:
+    """The check's report in its format, printed or written atomically to `output`."""
+    import json
+
+    from bnprobe.files.atomic import atomic_write
+    from bnprobe.reporting.check_output import json_document, sarif_document, text_lines
+
+    if output_format == "text" and output is None:
+        for line in text_lines(result):
+            console.print(line, soft_wrap=True, highlight=False)
+        return
+    if output_format == "text":
+        text = "\n".join(text_lines(result, colour=False)) + "\n"
+    else:
+        document = json_document(result) if output_format == "json" else sarif_document(result)
+        text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if output is None:
+        print(text, end="")
+    else:
+        atomic_write(output, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+
+@app.command()
+def rules(code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g. BNP101.")) -> None:
+    """Explain one rule of `bnprobe check`: what it measures, why it matters, its thresholds and sources."""
+    from bnprobe.analysis.rules import RULES
+    from bnprobe.reporting.check_output import rule_text
+
+    rule = RULES.get(code.strip().upper())
+    if rule is None:
+        raise BnprobeError(f"no rule {code!r}; the rules: {', '.join(RULES)} (bnprobe check --list-rules)")
+    print(rule_text(rule))
+
+
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 

@@ -36,6 +36,9 @@ PROBE_FORMAT = "bnprobe-probe"
 PROBE_VERSION = 5
 # probe.h5's bn/kind: what a normalisation layer is as far as its tensors tell (bnprobe.analysis.measured)
 NORM_KINDS = BATCHNORM, SCALE_SHIFT, SCALE_ONLY = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
+# `bnprobe check --format json` and `bnprobe diff --format json` (docs/check-schema.md)
+CHECK_FORMAT, CHECK_VERSION = "bnprobe-check", 1
+DIFF_FORMAT, DIFF_VERSION = "bnprobe-diff", 1
 ABLATION_FORMAT = "bnprobe-ablation"
 ABLATION_VERSION = 2  # 2: provenance attributes (bnprobe_version, torch_version, options_json)
 # `bnprobe export`'s safetensors files (metadata values are text): every tensor, or the seed and what trained
