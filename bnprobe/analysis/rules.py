@@ -81,10 +81,14 @@ def _off(bn: "NormStats", threshold: float) -> list[np.ndarray]:
     return [np.abs(g) < threshold for g in bn.gamma]
 
 
+def _median_abs(g: np.ndarray) -> float:
+    finite = np.abs(g[np.isfinite(g)])
+    return float(np.median(finite)) if finite.size else 0.0
+
+
 def _layer_outliers(g: np.ndarray, factor: float) -> np.ndarray:
     """|γ| > factor x the median finite |γ| (none where that median is 0), as NormStats.outliers."""
-    finite = np.abs(g[np.isfinite(g)])
-    median = float(np.median(finite)) if finite.size else 0.0
+    median = _median_abs(g)
     return np.flatnonzero(np.abs(g) > factor * median) if median > 0 else np.zeros(0, dtype=np.int64)
 
 
@@ -153,14 +157,16 @@ def _layer_off(bn, attrs, p) -> list[Hit]:
 
 
 def _layer_outliers_rule(bn, attrs, p) -> list[Hit]:
-    outliers = [_layer_outliers(g, p["factor"]) for g in bn.gamma]
+    # Against a median that is itself an off channel, every live channel would be an "outlier": BNP101's layer.
+    outliers = [_layer_outliers(g, p["factor"]) if _median_abs(g) >= OFF_THRESHOLD
+                else np.zeros(0, dtype=np.int64) for g in bn.gamma]
     marks = [np.isin(np.arange(g.size), dims) for g, dims in zip(bn.gamma, outliers)]
     recurring = {key for key, layers in _by_width(bn, marks).items() if len(layers) >= 2}  # BNP202's
     hits = []
     for layer, (g, dims) in enumerate(zip(bn.gamma, outliers)):
         alone = [int(d) for d in dims if (g.size, int(d)) not in recurring]
         if alone:
-            median = float(np.median(np.abs(g[np.isfinite(g)])))
+            median = _median_abs(g)
             peak = max(alone, key=lambda d: abs(g[d]))
             hits.append(Hit(layer, float(abs(g[peak]) / median), p["factor"],
                             f"{len(alone)} dimension(s) with |γ| > {p['factor']:g}x the layer's median |γ| "
@@ -294,11 +300,11 @@ def _scale_convention(bn, attrs, p) -> list[Hit]:
 def _float16_range(bn, attrs, p) -> list[Hit]:
     hits = []
     for layer in range(len(bn.names)):
-        big = {name: np.abs(t) > p["limit"] for name, t in _present(bn, layer).items()}
+        big = {name: np.isfinite(t) & (np.abs(t) > p["limit"]) for name, t in _present(bn, layer).items()}
         where = [name for name, mask in big.items() if mask.any()]
         if where:
             dims = np.flatnonzero(np.logical_or.reduce([big[name] for name in where]))
-            largest = max(float(np.nanmax(np.abs(_present(bn, layer)[name]))) for name in where)
+            largest = max(float(np.abs(_present(bn, layer)[name][big[name]]).max()) for name in where)
             hits.append(Hit(layer, largest, p["limit"], f"values beyond float16's range ({', '.join(where)}; largest "
                                                         f"|x| {largest:.4g}): cast to half precision they are inf",
                             dims))
@@ -333,7 +339,8 @@ RULES: dict[str, Rule] = {rule.code: rule for rule in (
           _SLIMMING), {"off_threshold": _OFF}, _layer_off),
     Rule("BNP201", "layer-outliers", "note", "Outlier dimensions in one layer",
          "Dimensions whose |γ| is above a factor times the layer's median |γ|, found in this layer only (those in "
-         "several layers of one width are BNP202's). They dominate the layer's output and quantise badly.",
+         "several layers of one width are BNP202's; a layer whose median |γ| is below bnprobe's off threshold, "
+         "0.01, is BNP101's). They dominate the layer's output and quantise badly.",
          (_BERT, "Dettmers et al., LLM.int8() (NeurIPS 2022): outlier features break 8-bit quantisation"),
          {"factor": _FACTOR}, _layer_outliers_rule),
     Rule("BNP202", "recurring-outlier-dim", "warning", "A dimension is an outlier in many layers",
