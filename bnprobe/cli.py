@@ -468,6 +468,56 @@ def rules(code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g
     print(rule_text(rule))
 
 
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., metavar="A", show_default=False, help="The first checkpoint (before)."),
+    b: Path = typer.Argument(..., metavar="B", show_default=False, help="The second checkpoint (after), of the "
+                                                                         "same architecture."),
+    output_format: str = typer.Option("text", "--format", help="text or json (docs/check-schema.md)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSON (or text) to this file instead "
+                                                                       "of printing it (replaced atomically)."),
+    off_threshold: float = typer.Option(0.01, "--off-threshold", help="A channel is off when |γ| is below this."),
+    outlier_factor: float = typer.Option(
+        10.0, "--outlier-factor", help="An outlier dimension has |γ| above this many times its layer's median |γ|."),
+) -> None:
+    """What changed in every normalisation layer between two checkpoints of one architecture (any format `probe`
+    reads), from the files alone: relative change of γ and β, the largest change and where, the correlation of γ,
+    channels turned off or on, outlier dimensions that appeared or vanished, the layers that changed most."""
+    import json
+
+    from bnprobe.analysis.diff import run_diff
+    from bnprobe.files.atomic import atomic_write
+    from bnprobe.reporting.diff_output import diff_tables, json_document, summary_line
+
+    if output_format not in ("text", "json"):
+        raise BnprobeError(f"--format must be text or json, got {output_format!r}")
+    _check_number("--off-threshold", off_threshold, ">= 0", off_threshold >= 0)
+    _check_number("--outlier-factor", outlier_factor, "> 0", outlier_factor > 0)
+    result = run_diff(a, b, off_threshold, outlier_factor)
+    if output_format == "json":
+        text = json.dumps(json_document(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    elif output is not None:
+        from io import StringIO
+
+        from rich.console import Console as PlainConsole
+
+        buffer = StringIO()
+        plain = PlainConsole(file=buffer, width=160, no_color=True, highlight=False)
+        for table in diff_tables(result):
+            plain.print(table)
+        plain.print(summary_line(result), soft_wrap=True)
+        text = buffer.getvalue()
+    else:
+        for table in diff_tables(result):
+            console.print(table)
+        console.print(summary_line(result), soft_wrap=True, highlight=False)
+        return
+    if output is None:
+        print(text, end="")
+    else:
+        atomic_write(output, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 
