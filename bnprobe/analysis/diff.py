@@ -37,6 +37,8 @@ class LayerDiff:
     channels: int
     rel_gamma: float  # ‖γ_B − γ_A‖ / ‖γ_A‖
     rel_beta: float  # the same for β; NaN where the layer has none
+    delta_gamma: float  # ‖γ_B − γ_A‖ (what rel_gamma divides: β starts at 0, where only this says it moved)
+    delta_beta: float
     rel_running_mean: float  # BatchNorm's statistics; NaN elsewhere
     rel_running_var: float
     max_abs_delta: float  # the largest |Δ| over γ and β (NaN: none finite)
@@ -134,6 +136,7 @@ def diff_stats(a: Any, b: Any, off_threshold: float = OFF_THRESHOLD, outlier_fac
         found.append(LayerDiff(
             name, kind, int(ga.size), relative_change(ga, gb),
             relative_change(a.beta[k], b.beta[j]) if has_beta else nan,
+            float(np.linalg.norm(gb - ga)), float(np.linalg.norm(b.beta[j] - a.beta[k])) if has_beta else nan,
             relative_change(a.running_mean[k], b.running_mean[j]) if has_stats else nan,
             relative_change(a.running_var[k], b.running_var[j]) if has_stats else nan,
             *best, correlation(ga, gb),

@@ -44,7 +44,7 @@ def diff_tables(result: "DiffResult") -> list[Any]:
 
     table = Table(title=f"What changed in the norm layers — {_shown(result.a.label)} → {_shown(result.b.label)}",
                   box=box.SIMPLE_HEAD, collapse_padding=True, show_edge=False, pad_edge=False,
-                  caption=f"Δγ, Δβ: ‖B − A‖ / ‖A‖; max |Δ|: over γ and β, at that channel; r(γ): correlation of γ in "
+                  caption=f"Δγ, Δβ: ‖B − A‖ / ‖A‖ (‖B − A‖ alone, in ‖ ‖, where A is 0); max |Δ|: over γ and β, at that channel; r(γ): correlation of γ in "
                           f"A and B; off: channels whose |γ| fell below {result.off_threshold:g} (+) or rose above "
                           f"it (−); outliers: dimensions with |γ| > {result.outlier_factor:g}x the layer's median "
                           f"that appeared (+) or vanished (−)")
@@ -55,7 +55,7 @@ def diff_tables(result: "DiffResult") -> list[Any]:
     for k, d in enumerate(result.layers):
         at = "" if d.max_at_param is None else f" ({'γ' if d.max_at_param == 'gamma' else 'β'}{d.max_at_dim})"
         table.add_row(str(k), _shown(d.name), KIND_SHORT.get(d.kind, d.kind), str(d.channels), _num(d.rel_gamma),
-                      _num(d.rel_beta), _num(d.max_abs_delta) + at, _num(d.gamma_corr, ".4f"),
+                      _num(d.rel_beta) if d.rel_beta != math.inf else f"‖{_num(d.delta_beta)}‖", _num(d.max_abs_delta) + at, _num(d.gamma_corr, ".4f"),
                       _plus_minus(d.turned_off, d.turned_on), _plus_minus(d.outliers_appeared, d.outliers_vanished))
     tables: list[Any] = [table]
     most = result.changed_most()
@@ -88,7 +88,8 @@ def _side(side: "Side") -> dict[str, str]:
 
 def _layer(d: "LayerDiff") -> dict[str, Any]:
     return {"name": d.name, "kind": d.kind, "channels": d.channels, "rel_gamma": _number(d.rel_gamma),
-            "rel_beta": _number(d.rel_beta), "rel_running_mean": _number(d.rel_running_mean),
+            "rel_beta": _number(d.rel_beta), "delta_gamma": _number(d.delta_gamma),
+            "delta_beta": _number(d.delta_beta), "rel_running_mean": _number(d.rel_running_mean),
             "rel_running_var": _number(d.rel_running_var), "max_abs_delta": _number(d.max_abs_delta),
             "max_at_param": d.max_at_param, "max_at_dim": d.max_at_dim, "gamma_corr": _number(d.gamma_corr),
             "turned_off": d.turned_off, "turned_on": d.turned_on, "outliers_appeared": d.outliers_appeared,
