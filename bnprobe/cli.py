@@ -471,8 +471,11 @@ def rules(code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g
 @app.command()
 def diff(
     a: Path = typer.Argument(..., metavar="A", show_default=False, help="The first checkpoint (before)."),
-    b: Path = typer.Argument(..., metavar="B", show_default=False, help="The second checkpoint (after), of the "
-                                                                         "same architecture."),
+    b: Optional[Path] = typer.Argument(None, metavar="B", show_default=False,
+                                       help="The second checkpoint (after), of the same architecture."),
+    from_init: bool = typer.Option(
+        False, "--from-init", help="Compare the bnprobe run A with its own initial state (rebuilt from its config "
+                                   "and seed): what training changed. Takes A alone."),
     output_format: str = typer.Option("text", "--format", help="text or json (docs/check-schema.md)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSON (or text) to this file instead "
                                                                        "of printing it (replaced atomically)."),
@@ -493,7 +496,14 @@ def diff(
         raise BnprobeError(f"--format must be text or json, got {output_format!r}")
     _check_number("--off-threshold", off_threshold, ">= 0", off_threshold >= 0)
     _check_number("--outlier-factor", outlier_factor, "> 0", outlier_factor > 0)
-    result = run_diff(a, b, off_threshold, outlier_factor)
+    if from_init != (b is None):
+        raise BnprobeError("give two checkpoints A B, or one bnprobe run with --from-init")
+    if from_init:
+        from bnprobe.analysis.initial_state import initial_norms
+
+        result = run_diff(a, a, off_threshold, outlier_factor, initial=initial_norms(a))
+    else:
+        result = run_diff(a, b, off_threshold, outlier_factor)
     if output_format == "json":
         text = json.dumps(json_document(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     elif output is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import jsonschema
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_every_number_against_the_tensors(tmp_path, capsys):
     ranked = sorted(layers, key=lambda n: -layers[n]["rel_gamma"])
     assert document["changed_most"] == ranked
     code, out, _ = run_cli(capsys, "diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
-    assert code == 0 and "Changed most" in out and "blocks.0.rms_norm" in out
+    assert code == 0 and "γ changed most in blocks.0.rms_norm" in out  # 4 layers: no table of the top 10
 
 
 def test_identical_checkpoints_changed_nothing(tmp_path, capsys):
@@ -144,3 +145,33 @@ def test_a_run_before_and_after_training(tmp_path, capsys, freeze, moves):
         assert (layer["rel_gamma"] > 0) == moves and (layer["delta_beta"] > 0) == moves
         assert layer["rel_beta"] is None if moves else layer["rel_beta"] == 0  # β starts at 0: no relative change
         assert layer["rel_running_var"] > 0  # the statistics move either way: they are not parameters
+    # --from-init rebuilds the same initial state itself; checked against what training recorded at epoch 0
+    code, out, err = run_cli(capsys, "diff", run, "--from-init", "--format", "json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["a"]["file_format"] == "bnprobe run at initialisation"
+    with h5py.File(run / "telemetry.h5") as f:
+        assert f["bn/epoch"][0] == 0
+        for layer in document["layers"]:
+            g0, g1 = f[f"bn/{layer['name']}/gamma"][0].astype(np.float64), state[f"{layer['name']}.weight"].double()
+            b0, b1 = f[f"bn/{layer['name']}/beta"][0].astype(np.float64), state[f"{layer['name']}.bias"].double()
+            assert layer["rel_gamma"] == pytest.approx(np.linalg.norm(g1.numpy() - g0) / np.linalg.norm(g0), rel=1e-6)
+            assert layer["delta_beta"] == pytest.approx(np.linalg.norm(b1.numpy() - b0), rel=1e-6, abs=1e-12)
+    code, _, err = run_cli(capsys, "diff", tmp_path / "init.pt", "--from-init")
+    assert_one_line_error(code, err, "--from-init needs a bnprobe run")
+    code, _, err = run_cli(capsys, "diff", run, run, "--from-init")
+    assert_one_line_error(code, err, "give two checkpoints A B, or one bnprobe run with --from-init")
+
+
+def test_the_layers_that_changed_most_in_a_deep_model(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    a = {f"blocks.{k}.norm.weight": rng.uniform(0.5, 1.5, H).astype(np.float32) for k in range(14)}
+    b = {name: (g * (1 + 0.01 * k)).astype(np.float32) for k, (name, g) in enumerate(a.items())}  # grows with depth
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    code, out, _ = run_cli(capsys, "diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--format", "json")
+    expected = sorted(a, key=lambda n: -np.linalg.norm(b[n].astype(np.float64) - a[n]) / np.linalg.norm(a[n]))
+    assert json.loads(out)["changed_most"] == [n.removesuffix(".weight") for n in expected[:10]]
+    assert expected[0] == "blocks.13.norm.weight" and expected[-1] == "blocks.0.norm.weight"
+    code, out, _ = run_cli(capsys, "diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert code == 0 and "Changed most" in out and "13 of 14 norm layers changed" in out

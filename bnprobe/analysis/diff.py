@@ -145,13 +145,18 @@ def diff_stats(a: Any, b: Any, off_threshold: float = OFF_THRESHOLD, outlier_fac
     return found
 
 
-def run_diff(path_a: Path, path_b: Path, off_threshold: float = OFF_THRESHOLD,
-             outlier_factor: float = 10.0) -> DiffResult:
-    """Read both checkpoints' norm layers (from the files alone) and compare them layer by layer."""
+def run_diff(path_a: Path, path_b: Path, off_threshold: float = OFF_THRESHOLD, outlier_factor: float = 10.0,
+             initial: Optional[tuple[Any, str, Path]] = None) -> DiffResult:
+    """Read both checkpoints' norm layers (from the files alone) and compare them layer by layer; `initial`
+    (NormStats, label, file: bnprobe.analysis.initial_state) stands for A when given."""
     sides, stats = [], []
-    for path in (path_a, path_b):
-        bn, attrs, label, file = read_norms(path)
-        sides.append(Side(str(path), str(file), label, str(attrs.get("file_format", ""))))
+    for side, path in enumerate((path_a, path_b)):
+        if initial is not None and side == 0:
+            bn, label, file = initial
+            sides.append(Side(str(path), str(file), label, "bnprobe run at initialisation"))
+        else:
+            bn, attrs, label, file = read_norms(path)
+            sides.append(Side(str(path), str(file), label, str(attrs.get("file_format", ""))))
         stats.append(bn)
     label_a, label_b = sides[0].label, sides[1].label
     if label_a == label_b:

@@ -59,7 +59,7 @@ def diff_tables(result: "DiffResult") -> list[Any]:
                       _plus_minus(d.turned_off, d.turned_on), _plus_minus(d.outliers_appeared, d.outliers_vanished))
     tables: list[Any] = [table]
     most = result.changed_most()
-    if most:
+    if len(result.layers) > len(most) and most:  # a short model's table already shows them all
         ranked = Table(title="Changed most (relative change of γ)", box=box.SIMPLE_HEAD, show_edge=False,
                        pad_edge=False, collapse_padding=True)
         for header in ("layer", "Δγ", "turned off", "outliers appeared"):
@@ -74,8 +74,9 @@ def summary_line(result: "DiffResult") -> str:
     changed = sum(1 for d in result.layers if d.rel_gamma != 0 or (d.rel_beta == d.rel_beta and d.rel_beta != 0))
     off = sum(len(d.turned_off) for d in result.layers)
     on = sum(len(d.turned_on) for d in result.layers)
+    top = ", ".join(f"{d.name} ({_num(d.rel_gamma)})" for d in result.changed_most(3))
     return (f"{changed} of {len(result.layers)} norm layers changed their γ or β; {off:,} channels turned off, "
-            f"{on:,} turned on")
+            f"{on:,} turned on" + (f"; γ changed most in {top}" if top else ""))
 
 
 def _number(x: float) -> Optional[float]:
