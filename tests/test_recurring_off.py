@@ -71,3 +71,23 @@ def test_no_recurring_off_dimension_no_table(tmp_path, capsys):
     assert "Dimensions off in several" not in text
     with h5py.File(tmp_path / "p.h5") as f:
         assert len(f["checkpoints/000/recurring_off/dim"]) == 0 and f["checkpoints/000"].attrs["recurring_off_dims"] == 0
+
+
+def test_the_report_counts_them_and_reads_version_4_files(tmp_path, capsys):
+    from test_static import report_section
+
+    results = tmp_path / "results"
+    results.mkdir()
+    rms_file(tmp_path / "model.safetensors")
+    assert run_cli(capsys, "probe", tmp_path / "model.safetensors", "--out", results / "probe.h5")[0] == 0
+    rms_file(tmp_path / "older.safetensors", seed=1)
+    assert run_cli(capsys, "probe", tmp_path / "older.safetensors", "--out", results / "v4.h5")[0] == 0
+    with h5py.File(results / "v4.h5", "r+") as f:  # as version 4 wrote it
+        f.attrs["version"] = 4
+        del f["checkpoints/000/recurring_off"]
+        del f["checkpoints/000"].attrs["recurring_off_dims"]
+    out, _, section = report_section(capsys, results, tmp_path, '<section class="probes" id="norms">')
+    section = " ".join(section.split())
+    assert "2 probed checkpoints" in out and section.count("<svg") == 2
+    assert section.count("dimensions off (|γ| below the probe's off threshold) in several layers") == 1
+    assert "2 dimensions off" in section
