@@ -421,12 +421,14 @@ def check(
     if list_rules:
         console.print(rules_table())
         return
-    from bnprobe.analysis.check import FORMATS, resolve_config, run_check
+    from bnprobe.analysis.check import FORMATS, check_output_path, resolve_config, run_check
 
     if output_format not in FORMATS:
         raise BnprobeError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
     if not paths:
         raise BnprobeError("give at least one PATH to check (or --list-rules)")
+    if output is not None:
+        check_output_path(output, output_format)
     config = resolve_config(config_file=config_file, select=select, ignore=ignore, sets=sets or (), fail_on=fail_on)
     result = run_check(paths, config)
     _present(result, output_format, output)
@@ -496,6 +498,10 @@ def diff(
         raise BnprobeError(f"--format must be text or json, got {output_format!r}")
     _check_number("--off-threshold", off_threshold, ">= 0", off_threshold >= 0)
     _check_number("--outlier-factor", outlier_factor, "> 0", outlier_factor > 0)
+    if output is not None:
+        from bnprobe.analysis.check import check_output_path
+
+        check_output_path(output, output_format)
     if from_init != (b is None):
         raise BnprobeError("give two checkpoints A B, or one bnprobe run with --from-init")
     if from_init:

@@ -184,16 +184,31 @@ def test_sarif_validates_against_sarif_2_1_0(files, capsys):
 
 def test_output_is_replaced_atomically_and_kept_on_bad_input(files, capsys):
     out = files / "report.json"
-    out.write_text("old")
+    out.write_text('{"format": "someone-else"}')
+    code, _, err = run_cli(capsys, "check", "ok.safetensors", "--format", "json", "-o", out)
+    assert_one_line_error(code, err, "will not replace")
+    code, _, err = run_cli(capsys, "check", "ok.safetensors", "-o", "ok.safetensors")  # a checkpoint: never
+    assert_one_line_error(code, err, "will not replace")
+    out.unlink()
     assert run_cli(capsys, "check", "ok.safetensors", "--format", "json", "-o", out)[0] == 0
+    assert run_cli(capsys, "check", "ok.safetensors", "--format", "json", "-o", out)[0] == 0  # its own: replaced
+    assert run_cli(capsys, "check", "ok.safetensors", "--format", "sarif", "-o", "r.sarif")[0] == 0
+    assert run_cli(capsys, "check", "warn.safetensors", "--format", "sarif", "-o", "r.sarif")[0] == 0
     assert json.loads(out.read_text())["summary"]["findings"] == 0
     before = out.read_text()
     code, _, err = run_cli(capsys, "check", "missing.safetensors", "--format", "json", "-o", out)
     assert_one_line_error(code, err, "no such checkpoint")
     assert out.read_text() == before and not list(files.glob(".report.json.*"))
     assert run_cli(capsys, "check", "warn.safetensors", "-o", "report.txt")[0] == 0
+    assert run_cli(capsys, "check", "warn.safetensors", "-o", "report.txt")[0] == 0
     text = (files / "report.txt").read_text()
     assert "BNP202" in text and "[" not in text.split("BNP202")[0]  # plain: no rich markup
+    run = files / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": "resnet8", "dataset": "digits"}))
+    (run / "checkpoint.pt").write_bytes(b"")
+    code, _, err = run_cli(capsys, "check", "ok.safetensors", "-o", run / "check.txt")
+    assert_one_line_error(code, err, "inside run directory")
 
 
 def test_list_rules_and_rules_code(capsys):

@@ -175,3 +175,20 @@ def test_the_layers_that_changed_most_in_a_deep_model(tmp_path, capsys):
     assert expected[0] == "blocks.13.norm.weight" and expected[-1] == "blocks.0.norm.weight"
     code, out, _ = run_cli(capsys, "diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     assert code == 0 and "Changed most" in out and "13 of 14 norm layers changed" in out
+
+
+def test_output_replaces_only_a_report(tmp_path, capsys):
+    save_file(model(0), str(tmp_path / "a.safetensors"))
+    save_file(model(1), str(tmp_path / "b.safetensors"))
+    ab = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for output_format, name in (("json", "d.json"), ("text", "d.txt")):
+        assert run_cli(capsys, "diff", *ab, "--format", output_format, "-o", tmp_path / name)[0] == 0
+        first = (tmp_path / name).read_text()
+        assert run_cli(capsys, "diff", *ab, "--format", output_format, "-o", tmp_path / name)[0] == 0
+        assert (tmp_path / name).read_text() == first
+    assert json.loads((tmp_path / "d.json").read_text())["format"] == "bnprobe-diff"
+    assert "norm layers changed" in (tmp_path / "d.txt").read_text()
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    code, _, err = run_cli(capsys, "diff", *ab, "-o", tmp_path / "notes.txt")
+    assert_one_line_error(code, err, "will not replace")
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Any, Mapping, Optional, Sequence
 from bnprobe.analysis.rules import MAX_DIMS, RULES, SEVERITIES, Rule, check_param
 from bnprobe.analysis.static import norms_from_tensors, static_probe
 from bnprobe.core.errors import BnprobeError
-from bnprobe.core.formats import CHECKPOINT_FILE
+from bnprobe.core.formats import CHECK_FORMAT, CHECKPOINT_FILE, DIFF_FORMAT
 from bnprobe.files.checkpoints import FileTensors, checkpoint_file, checkpoint_label, read_weights
+from bnprobe.files.schema import MAX_JSON_BYTES, check_outside_runs, read_json, regular_file
 from bnprobe.files.shards import INDEX_SUFFIX, model_folder_file
 
 FAIL_ON = (*SEVERITIES, "never")  # --fail-on: the least severe finding that fails the check
@@ -167,6 +169,42 @@ def resolve_config(*, config_file: Optional[Path] = None, cwd: Optional[Path] = 
             raise BnprobeError(f"--fail-on must be one of {', '.join(FAIL_ON)}, got {fail_on!r}")
         config.fail_on = fail_on
     return config
+
+
+# ---- where the report goes -------------------------------------------------------------------------------------
+
+# The last line of a text report of check, and of diff: how a file is known as one (text has no format key).
+TEXT_REPORTS = re.compile(r"^[\d,]+ checkpoints?, [\d,]+ rules?: .*--fail-on \w+$"
+                          r"|^[\d,]+ of [\d,]+ norm layers changed")
+OUR_FORMATS = (CHECK_FORMAT, DIFF_FORMAT)
+
+
+def _is_our_report(path: Path, output_format: str) -> bool:
+    try:
+        if output_format == "text":
+            regular_file(path)
+            with open(path, "rb") as f:
+                data = f.read(MAX_JSON_BYTES + 1)
+            lines = data.decode("utf-8").strip().splitlines() if len(data) <= MAX_JSON_BYTES else []
+            return bool(lines) and bool(TEXT_REPORTS.match(lines[-1]))
+        stored = read_json(path)
+    except (BnprobeError, OSError, UnicodeDecodeError):
+        return False
+    if not isinstance(stored, dict):
+        return False
+    runs = stored.get("runs")
+    driver = runs[0].get("tool", {}).get("driver", {}) if isinstance(runs, list) and runs and isinstance(
+        runs[0], dict) and isinstance(runs[0].get("tool"), dict) else {}
+    return stored.get("format") in OUR_FORMATS or (isinstance(driver, dict) and driver.get("name") == "bnprobe")
+
+
+def check_output_path(path: Path, output_format: str) -> None:
+    """Replace only a report of check or diff (any of their formats), never another file, nor write one inside a
+    run directory; checked before any checkpoint is read."""
+    check_outside_runs(path)
+    if os.path.lexists(path) and not _is_our_report(path, output_format):
+        raise BnprobeError(f"will not replace {path}: it is not a report bnprobe check or diff wrote; move it away "
+                           f"or name another file")
 
 
 # ---- what to check ---------------------------------------------------------------------------------------------
