@@ -224,7 +224,15 @@ def models() -> None:
 
 # ---- probe / ablate (issue 4) ----
 # no torch: --help stays fast
-from bnprobe.core.options import REPORT_TAUS, SWEEP_SYNTAX, AblateOptions, LoadOptions, ProbeOptions, parse_sweep
+from bnprobe.core.options import (
+    OFF_THRESHOLD,
+    REPORT_TAUS,
+    SWEEP_SYNTAX,
+    AblateOptions,
+    LoadOptions,
+    ProbeOptions,
+    parse_sweep,
+)
 
 
 @app.command()
@@ -416,7 +424,7 @@ def check(
     """Check every normalisation layer of checkpoints against rules (channels off, outlier dimensions, non-finite
     values, statistics at init, ...), from the files alone. Exit 0: no finding reaches --fail-on; 1: one does;
     2: bad input. `bnprobe rules CODE` explains a rule."""
-    from bnprobe.reporting.check_output import rules_table
+    from bnprobe.reporting.check_output import rendered, rules_table, text_lines
 
     if list_rules:
         console.print(rules_table())
@@ -431,27 +439,19 @@ def check(
         check_output_path(output, output_format)
     config = resolve_config(config_file=config_file, select=select, ignore=ignore, sets=sets or (), fail_on=fail_on)
     result = run_check(paths, config)
-    _present(result, output_format, output)
+    if output_format == "text" and output is None:
+        for line in text_lines(result):
+            console.print(line, soft_wrap=True, highlight=False)
+    else:
+        _emit(rendered(result, output_format), output)
     if result.failed():
         raise typer.Exit(1)
 
 
-def _present(result: Any, output_format: str, output: Optional[Path]) -> None:
-    """The check's report in its format, printed or written atomically to `output`."""
-    import json
-
+def _emit(text: str, output: Optional[Path]) -> None:
+    """A rendered report: printed, or written atomically to `output`."""
     from bnprobe.files.atomic import atomic_write
-    from bnprobe.reporting.check_output import json_document, sarif_document, text_lines
 
-    if output_format == "text" and output is None:
-        for line in text_lines(result):
-            console.print(line, soft_wrap=True, highlight=False)
-        return
-    if output_format == "text":
-        text = "\n".join(text_lines(result, colour=False)) + "\n"
-    else:
-        document = json_document(result) if output_format == "json" else sarif_document(result)
-        text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     if output is None:
         print(text, end="")
     else:
@@ -481,18 +481,16 @@ def diff(
     output_format: str = typer.Option("text", "--format", help="text or json (docs/check-schema.md)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSON (or text) to this file instead "
                                                                        "of printing it (replaced atomically)."),
-    off_threshold: float = typer.Option(0.01, "--off-threshold", help="A channel is off when |γ| is below this."),
+    off_threshold: float = typer.Option(OFF_THRESHOLD, "--off-threshold",
+                                        help="A channel is off when |γ| is below this."),
     outlier_factor: float = typer.Option(
         10.0, "--outlier-factor", help="An outlier dimension has |γ| above this many times its layer's median |γ|."),
 ) -> None:
     """What changed in every normalisation layer between two checkpoints of one architecture (any format `probe`
     reads), from the files alone: relative change of γ and β, the largest change and where, the correlation of γ,
     channels turned off or on, outlier dimensions that appeared or vanished, the layers that changed most."""
-    import json
-
     from bnprobe.analysis.diff import run_diff
-    from bnprobe.files.atomic import atomic_write
-    from bnprobe.reporting.diff_output import diff_tables, json_document, summary_line
+    from bnprobe.reporting.diff_output import diff_tables, rendered, summary_line
 
     if output_format not in ("text", "json"):
         raise BnprobeError(f"--format must be text or json, got {output_format!r}")
@@ -510,28 +508,12 @@ def diff(
         result = run_diff(a, a, off_threshold, outlier_factor, initial=initial_norms(a))
     else:
         result = run_diff(a, b, off_threshold, outlier_factor)
-    if output_format == "json":
-        text = json.dumps(json_document(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    elif output is not None:
-        from io import StringIO
-
-        from rich.console import Console as PlainConsole
-
-        buffer = StringIO()
-        plain = PlainConsole(file=buffer, width=160, no_color=True, highlight=False)
-        for table in diff_tables(result):
-            plain.print(table)
-        plain.print(summary_line(result), soft_wrap=True)
-        text = buffer.getvalue()
-    else:
+    if output_format == "text" and output is None:
         for table in diff_tables(result):
             console.print(table)
         console.print(summary_line(result), soft_wrap=True, highlight=False)
-        return
-    if output is None:
-        print(text, end="")
     else:
-        atomic_write(output, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+        _emit(rendered(result, output_format), output)
 
 
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT

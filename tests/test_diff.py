@@ -157,6 +157,16 @@ def test_a_run_before_and_after_training(tmp_path, capsys, freeze, moves):
             b0, b1 = f[f"bn/{layer['name']}/beta"][0].astype(np.float64), state[f"{layer['name']}.bias"].double()
             assert layer["rel_gamma"] == pytest.approx(np.linalg.norm(g1.numpy() - g0) / np.linalg.norm(g0), rel=1e-6)
             assert layer["delta_beta"] == pytest.approx(np.linalg.norm(b1.numpy() - b0), rel=1e-6, abs=1e-12)
+    # check reads the run, its export and the rebuilt initial state alike (a fresh model: its BN statistics at
+    # init; its γ are drawn uniform, Frankle et al.'s init, so not the 1 of BNP402)
+    code, _, err = run_cli(capsys, "export", run, "-o", tmp_path / "run.safetensors", "--compact")
+    assert code == 0, err
+    for path in (run, tmp_path / "run.safetensors"):
+        code, out, err = run_cli(capsys, "check", path, "--format", "json", "--fail-on", "warning")
+        assert code == 0 and json.loads(out)["summary"]["findings"] == 0, (path, out, err)
+    code, out, _ = run_cli(capsys, "check", tmp_path / "init.pt", "--format", "json", "--fail-on", "warning")
+    codes = {x["code"] for x in json.loads(out)["files"][0]["findings"]}
+    assert code == 1 and codes == {"BNP401"}
     code, _, err = run_cli(capsys, "diff", tmp_path / "init.pt", "--from-init")
     assert_one_line_error(code, err, "--from-init needs a bnprobe run")
     code, _, err = run_cli(capsys, "diff", run, run, "--from-init")

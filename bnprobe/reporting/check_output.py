@@ -6,6 +6,7 @@ logical one). And the rules' own text: the list, and one rule explained. Nothing
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -159,3 +160,11 @@ def rules_table() -> Any:
 def rule_text(rule: Rule) -> str:
     """`bnprobe rules CODE`: one rule explained, plain text."""
     return f"{rule.code} {rule.name} (default severity: {rule.severity})\n\n{rule_help(rule)}"
+
+
+def rendered(result: "CheckResult", output_format: str) -> str:
+    """The whole report as text to write: plain text (no markup), JSON or SARIF."""
+    if output_format == "text":
+        return "\n".join(text_lines(result, colour=False)) + "\n"
+    document = json_document(result) if output_format == "json" else sarif_document(result)
+    return json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"

@@ -3,7 +3,9 @@ bnprobe-diff, docs/check-schema.md). Nothing here computes or writes."""
 
 from __future__ import annotations
 
+import json
 import math
+from io import StringIO
 from typing import TYPE_CHECKING, Any, Optional
 
 from bnprobe import __version__
@@ -103,3 +105,17 @@ def json_document(result: "DiffResult") -> dict[str, Any]:
             "a": _side(result.a), "b": _side(result.b), "off_threshold": result.off_threshold,
             "outlier_factor": result.outlier_factor, "layers": [_layer(d) for d in result.layers],
             "changed_most": [d.name for d in result.changed_most()]}
+
+
+def rendered(result: "DiffResult", output_format: str) -> str:
+    """The whole diff as text to write: the tables without colour (160 columns), or JSON."""
+    if output_format == "json":
+        return json.dumps(json_document(result), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    from rich.console import Console
+
+    buffer = StringIO()
+    plain = Console(file=buffer, width=160, no_color=True, highlight=False)
+    for table in diff_tables(result):
+        plain.print(table)
+    plain.print(summary_line(result), soft_wrap=True)
+    return buffer.getvalue()
