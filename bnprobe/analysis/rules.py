@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -103,6 +104,7 @@ def _by_width(bn: "NormStats", marks: Sequence[np.ndarray],
     return found
 
 
+@lru_cache(maxsize=4096)  # a width's dimensions share (n, p); k takes few values
 def binomial_tail(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p): how likely k or more of n layers mark a dimension by chance alone."""
     if k <= 0:
