@@ -224,8 +224,10 @@ def test_every_rule_is_documented_with_its_thresholds():
     text = (ROOT / "docs" / "check-rules.md").read_text()
     for code, rule in RULES.items():
         section = text.split(f"### {code} ")[1].split("\n### ")[0]
-        assert rule.name in section and rule.severity in section
-        assert all(f"`{name}`" in section for name in rule.params), code
+        flat = " ".join(section.split())
+        assert rule.name in section and f"Severity: **{rule.severity}**" in section and " ".join(rule.doc.split()) in flat
+        assert all(f"`{name}` = {p.default:g}" in section for name, p in rule.params.items()), code
+        assert all(" ".join(source.split()) in flat for source in rule.sources), code
 
 
 def test_nan_values_are_null_in_json(files, capsys):

@@ -230,3 +230,45 @@ def test_torch_files_and_bnprobe_runs_are_checked_too(tmp_path):
     state = {k: torch.from_numpy(v) for k, v in _401(False).items()}
     torch.save({"state_dict": state}, tmp_path / "m.pt")
     assert codes_of(tmp_path / "m.pt") == ["BNP401"]
+
+
+KINDS = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
+SPECIALS = [0.0, -0.0, 1.0, np.nan, np.inf, -np.inf, 1e-30, 7e4, -1.0]
+
+
+def test_no_layers_no_finding():
+    assert check_stats(NormStats([], [], [], [], []), {}, CheckConfig()) == []
+
+
+def test_rules_never_fail_on_any_values():
+    """Whatever a file holds (NaN, inf, zeros, empty layers, any kind, widths shared or not), every rule returns
+    findings of the documented shape and the JSON is valid."""
+    import json
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from bnprobe.analysis.check import CheckResult, FileResult
+    from bnprobe.reporting.check_output import json_document, sarif_document
+
+    value = st.one_of(st.sampled_from(SPECIALS), st.floats(-3, 3))
+    layer = st.tuples(st.sampled_from(KINDS), st.integers(0, 6)).flatmap(
+        lambda kc: st.tuples(st.just(kc[0]), *(st.lists(value, min_size=kc[1], max_size=kc[1]) for _ in range(4))))
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.lists(layer, max_size=6), st.sampled_from([{}, {"scale_offset": 1.0}, {"scale_offset": 0.0}]))
+    def check(layers, attrs):
+        arrays = [[np.array(column, dtype=np.float64) for column in columns] for _, *columns in layers]
+        stats = NormStats([f"l{k}" for k in range(len(layers))], *(list(c) for c in zip(*arrays)) if arrays else
+                          ([], [], [], []), kinds=[kind for kind, *_ in layers])
+        findings = check_stats(stats, attrs, CheckConfig())
+        for x in findings:
+            assert x.code in RULES and x.severity == RULES[x.code].severity
+            assert x.layer is None or x.layer == stats.names[x.depth]
+            assert len(x.dims) <= 64 and x.dims_total >= len(x.dims)
+            assert all(0 <= d < max(g.size for g in stats.gamma) for d in x.dims)
+        result = CheckResult(CheckConfig(), list(RULES.values()), [FileResult("f", "f", "f", len(layers), {}, findings)])
+        json.dumps(json_document(result), allow_nan=False)
+        json.dumps(sarif_document(result), allow_nan=False)
+
+    check()
