@@ -272,3 +272,13 @@ def test_rules_never_fail_on_any_values():
         json.dumps(sarif_document(result), allow_nan=False)
 
     check()
+
+
+def test_a_layer_mostly_off_is_not_full_of_outliers(tmp_path):
+    """Where most channels are off (0.001, not 0), the median |γ| is an off channel: the live ones would all be
+    "outliers" of 10x it, in both layers; they are BNP101's alone."""
+    state = bn_state(layers=6)
+    for k in (1, 2):
+        set_values(state, bn(k), range(10), 0.001)
+    save_file(state, str(tmp_path / "m.safetensors"))
+    assert codes_of(tmp_path / "m.safetensors") == ["BNP101", "BNP101"]

@@ -158,10 +158,15 @@ def _layer_off(bn, attrs, p) -> list[Hit]:
             for layer, g in enumerate(bn.gamma) if g.size and (np.abs(g) < p["off_threshold"]).all()]
 
 
+def _outliers_of(bn: "NormStats", factor: float) -> list[np.ndarray]:
+    """Each layer's outlier dimensions; none in a layer whose median |γ| is itself off (below OFF_THRESHOLD), where
+    every live channel would be one: that layer is BNP101's."""
+    return [_layer_outliers(g, factor) if _median_abs(g) >= OFF_THRESHOLD else np.zeros(0, dtype=np.int64)
+            for g in bn.gamma]
+
+
 def _layer_outliers_rule(bn, attrs, p) -> list[Hit]:
-    # Against a median that is itself an off channel, every live channel would be an "outlier": BNP101's layer.
-    outliers = [_layer_outliers(g, p["factor"]) if _median_abs(g) >= OFF_THRESHOLD
-                else np.zeros(0, dtype=np.int64) for g in bn.gamma]
+    outliers = _outliers_of(bn, p["factor"])
     marks = [np.isin(np.arange(g.size), dims) for g, dims in zip(bn.gamma, outliers)]
     recurring = {key for key, layers in _by_width(bn, marks).items() if len(layers) >= 2}  # BNP202's
     hits = []
@@ -178,7 +183,7 @@ def _layer_outliers_rule(bn, attrs, p) -> list[Hit]:
 
 
 def _recurring_outliers(bn, attrs, p) -> list[Hit]:
-    marks = [np.isin(np.arange(g.size), _layer_outliers(g, p["factor"])) for g in bn.gamma]
+    marks = [np.isin(np.arange(g.size), dims) for g, dims in zip(bn.gamma, _outliers_of(bn, p["factor"]))]
     widths = bn.channels
     hits = []
     for (width, dim), layers in sorted(_by_width(bn, marks).items(), key=lambda item: (-len(item[1]), item[0])):
@@ -342,11 +347,12 @@ RULES: dict[str, Rule] = {rule.code: rule for rule in (
     Rule("BNP201", "layer-outliers", "note", "Outlier dimensions in one layer",
          "Dimensions whose |γ| is above a factor times the layer's median |γ|, found in this layer only (those in "
          "several layers of one width are BNP202's; a layer whose median |γ| is below bnprobe's off threshold, "
-         "0.01, is BNP101's). They dominate the layer's output and quantise badly.",
+         "0.01, has none: it is BNP101's). They dominate the layer's output and quantise badly.",
          (_BERT, "Dettmers et al., LLM.int8() (NeurIPS 2022): outlier features break 8-bit quantisation"),
          {"factor": _FACTOR}, _layer_outliers_rule),
     Rule("BNP202", "recurring-outlier-dim", "warning", "A dimension is an outlier in many layers",
-         "A dimension that is an outlier in at least min_layers layers of one width: the static signature of "
+         "A dimension that is an outlier (as BNP201 counts them) in at least min_layers layers of one width: the "
+         "static signature of "
          "massive activations and of BERT's outlier dimensions, whose removal breaks the model. Expected in many "
          "pretrained transformers; a fine-tune or a quantiser should keep them.",
          (_MASSIVE, _BERT), {"factor": _FACTOR, "min_layers": Param(2, "in at least this many layers", 2, integer=True)},
