@@ -282,3 +282,16 @@ def test_a_layer_mostly_off_is_not_full_of_outliers(tmp_path):
         set_values(state, bn(k), range(10), 0.001)
     save_file(state, str(tmp_path / "m.safetensors"))
     assert codes_of(tmp_path / "m.safetensors") == ["BNP101", "BNP101"]
+
+
+def test_the_rules_and_presenters_import_no_torch():
+    """`bnprobe rules`, `check --list-rules` and the presenters start without torch; the check of a file waits for
+    it only through the static probe's reader (torch-free once issue 32's point 6 lands)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import bnprobe.analysis.rules, bnprobe.reporting.check_output, bnprobe.reporting.diff_output;"
+            " print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr)
