@@ -202,3 +202,28 @@ def test_output_replaces_only_a_report(tmp_path, capsys):
     code, _, err = run_cli(capsys, "diff", *ab, "-o", tmp_path / "notes.txt")
     assert_one_line_error(code, err, "will not replace")
     assert (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
+def test_the_report_shows_diff_files(tmp_path, capsys):
+    from test_static import report_section
+
+    results = tmp_path / "results"
+    results.mkdir()
+    a, b = model(0), model(0)
+    b["bn2.weight"] = (b["bn2.weight"] * 1.5).astype(np.float32)
+    b["bn1.weight"][[2, 3]] = 0.0
+    save_file(a, str(tmp_path / "before.safetensors"))
+    save_file(b, str(tmp_path / "after.safetensors"))
+    code, _, err = run_cli(capsys, "diff", tmp_path / "before.safetensors", tmp_path / "after.safetensors", "--format",
+                           "json", "-o", results / "tuned.diff.json")
+    assert code == 0, err
+    (results / "broken.diff.json").write_text('{"format": "bnprobe-diff", "version": 1, "layers": 3}')
+    out, _, section = report_section(capsys, results, tmp_path, '<section class="probes" id="diffs">')
+    section = " ".join(section.split())
+    assert "before → after" in section and "tuned.diff.json" in section
+    ga, gb = (x["bn2.weight"].astype(np.float64) for x in (a, b))
+    g1a, g1b = (x["bn1.weight"].astype(np.float64) for x in (a, b))
+    rel2, rel1 = np.linalg.norm(gb - ga) / np.linalg.norm(ga), np.linalg.norm(g1b - g1a) / np.linalg.norm(g1a)
+    assert f"bn2 ({rel2:.4g}), bn1 ({rel1:.4g})" in section  # the larger first
+    assert "<td>4</td><td>2</td><td>2</td> <td>0</td>" in section  # layers, changed, turned off, on
+    assert "broken.diff.json" in out and "layers must be a list" in out
