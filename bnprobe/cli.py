@@ -249,7 +249,15 @@ def models() -> None:
 
 # ---- probe / ablate (issue 4) ----
 # no torch: --help stays fast
-from bnprobe.core.options import REPORT_TAUS, SWEEP_SYNTAX, AblateOptions, LoadOptions, ProbeOptions, parse_sweep
+from bnprobe.core.options import (
+    OFF_THRESHOLD,
+    REPORT_TAUS,
+    SWEEP_SYNTAX,
+    AblateOptions,
+    LoadOptions,
+    ProbeOptions,
+    parse_sweep,
+)
 
 
 @app.command()
@@ -431,6 +439,108 @@ def findings(
     if json_out is not None:
         write_json(result, json_out)
         console.print(f"Wrote [bold]{escape(str(json_out))}[/]", soft_wrap=True, highlight=False)
+
+
+# check / rules / diff: torch-free until a checkpoint is read.
+@app.command()
+def check(
+    paths: Optional[list[Path]] = typer.Argument(
+        None, metavar="PATH...", show_default=False,
+        help="Checkpoint files, run directories, Hugging Face model folders (or their index), or folders of them "
+             "(searched recursively)."),
+    select: Optional[str] = typer.Option(
+        None, "--select", metavar="CODES", help="Run only these rules: codes or prefixes, comma-separated (BNP1,BNP301) "
+                                                "[default: all, or the config file's select]."),
+    ignore: Optional[str] = typer.Option(None, "--ignore", metavar="CODES", help="Skip these rules (codes or prefixes)."),
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", metavar="FILE", help="A TOML file with a [tool.bnprobe.check] table [default: the nearest "
+                                               "pyproject.toml upwards from here that has one]."),
+    output_format: str = typer.Option("text", "--format", help="text, json (docs/check-schema.md) or sarif (2.1.0)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the report to this file instead of "
+                                                                       "printing it (replaced atomically)."),
+    fail_on: Optional[str] = typer.Option(
+        None, "--fail-on", help="Exit 1 when a finding is this severe or more: error, warning, note, never "
+                                "[default: error, or the config file's fail-on]."),
+    sets: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="CODE.THRESHOLD=VALUE", help="Set one rule's threshold, e.g. BNP101.max_fraction=0.3 "
+                                                            "(repeat for more)."),
+    list_rules: bool = typer.Option(False, "--list-rules", help="Print every rule and exit."),
+) -> None:
+    """Check every normalisation layer of checkpoints against rules (channels off, outlier dimensions, non-finite
+    values, statistics at init, ...), from the files alone. Exit 0: no finding reaches --fail-on; 1: one does;
+    2: bad input. `bnprobe rules CODE` explains a rule."""
+    from bnprobe.reporting.check_output import emit, rendered, rules_table, text_lines
+
+    if list_rules:
+        console.print(rules_table())
+        return
+    from bnprobe.analysis.check import FORMATS, check_output_path, resolve_config, run_check
+
+    if output_format not in FORMATS:
+        raise BnprobeError(f"--format must be one of {', '.join(FORMATS)}, got {output_format!r}")
+    if not paths:
+        raise BnprobeError("give at least one PATH to check (or --list-rules)")
+    if output is not None:
+        check_output_path(output, output_format)
+    config = resolve_config(config_file=config_file, select=select, ignore=ignore, sets=sets or (), fail_on=fail_on)
+    result = run_check(paths, config)
+    if output_format == "text" and output is None:
+        for line in text_lines(result):
+            console.print(line, soft_wrap=True, highlight=False)
+    else:
+        emit(rendered(result, output_format), output)
+    if result.failed():
+        raise typer.Exit(1)
+
+
+@app.command()
+def rules(code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g. BNP101.")) -> None:
+    """Explain one rule of `bnprobe check`: what it measures, why it matters, its thresholds and sources."""
+    from bnprobe.analysis.rules import RULES
+    from bnprobe.reporting.check_output import rule_text
+
+    rule = RULES.get(code.strip().upper())
+    if rule is None:
+        raise BnprobeError(f"no rule {code!r}; the rules: {', '.join(RULES)} (bnprobe check --list-rules)")
+    print(rule_text(rule))
+
+
+@app.command()
+def diff(
+    a: Path = typer.Argument(..., metavar="A", show_default=False, help="The first checkpoint (before)."),
+    b: Optional[Path] = typer.Argument(None, metavar="B", show_default=False,
+                                       help="The second checkpoint (after), of the same architecture."),
+    from_init: bool = typer.Option(
+        False, "--from-init", help="Compare the bnprobe run A with its own initial state (rebuilt from its config "
+                                   "and seed): what training changed. Takes A alone."),
+    output_format: str = typer.Option("text", "--format", help="text or json (docs/check-schema.md)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the JSON (or text) to this file instead "
+                                                                       "of printing it (replaced atomically)."),
+    off_threshold: float = typer.Option(OFF_THRESHOLD, "--off-threshold",
+                                        help="A channel is off when |γ| is below this."),
+    outlier_factor: float = typer.Option(
+        10.0, "--outlier-factor", help="An outlier dimension has |γ| above this many times its layer's median |γ|."),
+) -> None:
+    """What changed in every normalisation layer between two checkpoints of one architecture (any format `probe`
+    reads), from the files alone: relative change of γ and β, the largest change and where, the correlation of γ,
+    channels turned off or on, outlier dimensions that appeared or vanished, the layers that changed most."""
+    from bnprobe.analysis.diff import check_diff_options, run_diff
+    from bnprobe.reporting.check_output import emit
+    from bnprobe.reporting.diff_output import diff_tables, rendered, summary_line
+
+    check_diff_options(output_format, off_threshold, outlier_factor, output, from_init, b is not None)
+    if from_init:
+        from bnprobe.analysis.initial_state import initial_norms
+
+        result = run_diff(a, a, off_threshold, outlier_factor, initial=initial_norms(a))
+    else:
+        result = run_diff(a, b, off_threshold, outlier_factor)
+    if output_format == "text" and output is None:
+        for table in diff_tables(result):
+            console.print(table)
+        console.print(summary_line(result), soft_wrap=True, highlight=False)
+    else:
+        emit(rendered(result, output_format), output)
 
 
 INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT

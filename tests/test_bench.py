@@ -19,6 +19,7 @@ BENCHMARKS = [
     ("ablate_sweep.py", ["--model", "resnet8", "--images", "64", "--thresholds", "0:0.2:2", "--workers", "0"],
      "naive / bnprobe"),
     ("report_speed.py", ["--runs", "2", "--html"], "report of 2 runs"),
+    ("check_speed.py", ["--cases", "small", "--files", "6", "--rounds", "1"], "check small: 6 checkpoint(s)"),
     ("gpu_speed.py", ["--models", "resnet8", "--batch-size", "16", "--steps", "1", "--epochs", "2", "--packed", "2",
                       "--pack-model", "resnet8", "--pack-steps", "1", "--pack-epochs", "2"], "(b) resnet8 BN-only runs at once"),
 ]
@@ -29,7 +30,7 @@ def test_benchmark_runs_offline_without_data(tmp_path, script, sizes, result_lin
     # An empty working directory: no ./data, as on a fresh clone (the scripts find the package themselves).
     env = {k: v for k, v in os.environ.items() if k != "BNPROBE_DATA_DIR"}
     env["COLUMNS"] = "200"  # rich would wrap the result table's rows on a narrow pipe
-    device = [] if script == "report_speed.py" else ["--device", "cpu"]
+    device = [] if script in ("report_speed.py", "check_speed.py") else ["--device", "cpu"]
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), *device, *sizes], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

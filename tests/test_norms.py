@@ -211,7 +211,7 @@ def check_norms(g: h5py.Group, f: h5py.File, state: dict[str, torch.Tensor], dep
     assert got == rows and g.attrs["recurring_dims"] == len(rows)
     for at, (w, d, n, of, m) in zip(g["recurring/at"][:], rows):
         assert abs(gammas[at][d]) == m
-    assert f.attrs["outlier_factor"] == FACTOR and f.attrs["version"] == 4
+    assert f.attrs["outlier_factor"] == FACTOR and f.attrs["version"] == 5
 
 
 # Each: the model, how it is saved (a function of state and folder returning the path to probe), the dtype, the

@@ -345,7 +345,7 @@ def test_probe_h5_records_its_options_and_versions(probed):
 
     _, path, _, _ = probed
     with h5py.File(path) as f:
-        assert f.attrs["version"] == 4
+        assert f.attrs["version"] == 5
         assert f.attrs["bnprobe_version"] == bnprobe.__version__ and f.attrs["torch_version"] == torch.__version__
         options = json.loads(f.attrs["options_json"])
     assert options["probe"] == dict(taus=TAUS, off_threshold=0.05, bins=20, images=IMAGES, batch_size=64,

@@ -108,7 +108,7 @@ def test_checkpoints_users_meet_are_probed_from_the_file_alone(capsys, tmp_path,
     torch.save(make(model), tmp_path / name, _use_new_zipfile_serialization=not legacy)
     out, stdout = probe(capsys, tmp_path, tmp_path / name)
     with h5py.File(out) as f:
-        assert f.attrs["version"] == 4 and f.attrs["device"] == "none"  # 4: every norm, outlier dimensions
+        assert f.attrs["version"] == 5 and f.attrs["device"] == "none"  # 5: recurring off dims
         assert "images" not in f.attrs  # no forward pass: --images applied to nothing
         g = f["checkpoints/000"]
         check_against(g, f, expected(model.state_dict()))

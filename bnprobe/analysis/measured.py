@@ -47,6 +47,18 @@ class Recurring:
 
 
 @dataclass
+class RecurringOff:
+    """Dimensions off (|γ| below the off threshold) in several layers of one width, most layers first (ties: the
+    smaller width, then the smaller index): where the same hidden dimension is switched off layer after layer."""
+
+    width: np.ndarray  # (R,) the layers' width
+    dim: np.ndarray  # (R,) the dimension's index in those layers
+    layers: np.ndarray  # (R,) layers of that width where it is off
+    of_layers: np.ndarray  # (R,) layers of that width
+    where: list[np.ndarray]  # per row, the depths of those layers, ascending
+
+
+@dataclass
 class NormStats:
     """Every normalisation layer with a γ, in depth order: γ, and β and the running statistics where the layer
     has them (NaN where it has none: an RMSNorm-like layer has no β, only BatchNorm keeps running statistics)."""
@@ -153,6 +165,20 @@ class NormStats:
         ints = lambda column: np.array(column, dtype=np.int64)  # noqa: E731
         return Recurring(ints(columns[0]), ints(columns[1]), ints(columns[2]), ints(columns[3]),
                          np.array(columns[4], dtype=np.float64), ints(columns[5]))
+
+    def recurring_off(self, threshold: float) -> RecurringOff:
+        """Dimensions off (|γ| < threshold) in at least RECURRING_MIN_LAYERS layers of one width (an index is one
+        hidden dimension only where layers share a width)."""
+        widths = self.channels
+        found: dict[tuple[int, int], list[int]] = {}
+        for layer, g in enumerate(self.gamma):
+            for dim in np.flatnonzero(np.abs(g) < threshold):
+                found.setdefault((int(widths[layer]), int(dim)), []).append(layer)
+        rows = sorted(((width, dim, layers) for (width, dim), layers in found.items()
+                       if len(layers) >= RECURRING_MIN_LAYERS), key=lambda row: (-len(row[2]), row[0], row[1]))
+        ints = lambda values: np.array(list(values), dtype=np.int64)  # noqa: E731
+        return RecurringOff(ints(r[0] for r in rows), ints(r[1] for r in rows), ints(len(r[2]) for r in rows),
+                            ints(int(np.sum(widths == r[0])) for r in rows), [ints(r[2]) for r in rows])
 
 
 BNStats = NormStats  # its name before it held every normalisation layer

@@ -42,10 +42,12 @@ def write_probe_h5(
             summary = result.summary(taus, off_threshold)
             outliers = result.bn.outliers(outlier_factor)
             recurring = result.bn.recurring(outliers)
+            recurring_off = result.bn.recurring_off(off_threshold)
             attrs = {"label": result.label, "path": result.path, "forward_pass": result.forward_pass,
                      "accuracy": result.accuracy, "loss": result.loss, "images": result.images,
                      "layer_order": "module", "bn_stats_only_layers": len(result.bn.stats_only),
                      "outliers": sum(len(dims) for dims in outliers), "recurring_dims": len(recurring.dim),
+                     "recurring_off_dims": len(recurring_off.dim),
                      **{k: v for k, v in summary.items() if k != "frac_below"}, **result.attrs}
             # What was not measured is absent, not a made-up 0 (forward_pass = False says why).
             set_attrs(g, {k: v for k, v in attrs.items() if result.forward_pass or k not in FORWARD_ATTRS})
@@ -78,6 +80,13 @@ def write_probe_h5(
             again = g.create_group("recurring")  # beside bn/, which readers take for per-layer datasets alone
             for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma", "at"):
                 write_array(again, name, getattr(recurring, name))
+            off_again = g.create_group("recurring_off")
+            for name in ("width", "dim", "layers", "of_layers"):
+                write_array(off_again, name, getattr(recurring_off, name))
+            write_array(off_again, "where_offsets", np.cumsum([0, *recurring_off.layers]).astype(np.int64),
+                        description="row r's layers (depths) are where[where_offsets[r]:where_offsets[r+1]]")
+            write_array(off_again, "where", np.concatenate([np.zeros(0, np.int64), *recurring_off.where]),
+                        description="depths of the layers where each row's dimension is off")
             if not result.forward_pass:
                 continue  # no forward pass: no relu/ group (forward_pass = False says why)
             relu = g.create_group("relu")

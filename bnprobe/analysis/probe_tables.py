@@ -166,6 +166,37 @@ def recurring_table(r: ProbeResult, outlier_factor: float) -> Optional[Any]:
     return t
 
 
+def _depths_cell(r: ProbeResult, depths: np.ndarray, shown_layers: int = 3) -> str:
+    """`4, 9, 17 +5` (depths), with the first layer's name when it is alone."""
+    if len(depths) == 1:
+        return f"{depths[0]} ({shown(r.bn.names[depths[0]])})"
+    more = f" +{len(depths) - shown_layers}" if len(depths) > shown_layers else ""
+    return ", ".join(str(d) for d in depths[:shown_layers]) + more
+
+
+def recurring_off_table(r: ProbeResult, off_threshold: float) -> Optional[Any]:
+    """The dimensions off in several layers of one width (none: None), most layers first."""
+    from rich import box
+    from rich.table import Table
+
+    off = r.bn.recurring_off(off_threshold)
+    if not len(off.dim):
+        return None
+    more = len(off.dim) - RECURRING_SHOWN
+    t = Table(title=f"Dimensions off in several layers — {shown(r.label)}", box=box.SIMPLE_HEAD,
+              caption=f"|γ| < {off_threshold:g} at the same index in {RECURRING_MIN_LAYERS} or more layers of one "
+                      f"width; where: the layers' depths (#)" + (
+                          f"; {more:,} more in probe.h5 (recurring_off/)" if more > 0 else ""),
+              collapse_padding=True, show_edge=False, pad_edge=False)
+    for header in ("width", "dim", "layers", "where"):
+        t.add_column(header, justify="left" if header == "where" else "right", no_wrap=header != "where",
+                     overflow="fold")
+    for k in range(min(len(off.dim), RECURRING_SHOWN)):
+        t.add_row(str(off.width[k]), str(off.dim[k]), f"{off.layers[k]} of {off.of_layers[k]}",
+                  _depths_cell(r, off.where[k]))
+    return t
+
+
 def _kinds_cell(r: ProbeResult) -> str:
     counts = {kind: r.bn.kinds.count(kind) for kind in NORM_KINDS}
     return ", ".join(f"{n} {KIND_SHORT[kind]}" for kind, n in counts.items() if n) or "-"
@@ -210,7 +241,8 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         *([] if only_bn else [
             (f"outliers: |γ| > {outlier_factor:g}x median", [_outliers_cell(r, outlier_factor) for r in results]),
             ("in several layers", [f"{len(r.bn.recurring(r.bn.outliers(outlier_factor)).dim):,} dims"
-                                   for r in results])]),
+                                   for r in results]),
+            ("off in several layers", [f"{len(r.bn.recurring_off(off_threshold).dim):,} dims" for r in results])]),
         ("ReLU outputs = 0", [_pct(s["zero_fraction"]) for s in stats]),
         ("dead ReLU channels", [f"{s['dead_channels']:,} of {s['relu_channels']:,}" if r.forward_pass else "-"
                                 for r, s in zip(results, stats)]),
@@ -240,8 +272,9 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
             table.add_row(str(i), shown(name), str(results[0].bn.gamma[i].size), *cells)
         tables.append(table)
     for r in results:
-        recurring = None if r.bn.only_batchnorm else recurring_table(r, outlier_factor)
-        tables.extend([recurring] if recurring is not None else [])
+        if not r.bn.only_batchnorm:
+            tables.extend(t for t in (recurring_table(r, outlier_factor), recurring_off_table(r, off_threshold))
+                          if t is not None)
 
     if len(measured) == 1 or (measured and not same_sites):
         for r in measured:

@@ -32,10 +32,14 @@ PARAMETER_GROUPS = (*NORM_GROUPS, "conv_weight", "linear_weight", "bias")
 PROBE_FORMAT = "bnprobe-probe"
 # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order;
 # 3: provenance attributes (bnprobe_version, torch_version, options_json);
-# 4: every normalisation layer (bn/kind), |γ| quantiles, outlier and recurring dimensions, sharded checkpoints
-PROBE_VERSION = 4
+# 4: every normalisation layer (bn/kind), |γ| quantiles, outlier and recurring dimensions, sharded checkpoints;
+# 5: dimensions off in several layers of one width (recurring_off/)
+PROBE_VERSION = 5
 # probe.h5's bn/kind: what a normalisation layer is as far as its tensors tell (bnprobe.analysis.measured)
 NORM_KINDS = BATCHNORM, SCALE_SHIFT, SCALE_ONLY = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
+# `bnprobe check --format json` and `bnprobe diff --format json` (docs/check-schema.md)
+CHECK_FORMAT, CHECK_VERSION = "bnprobe-check", 1
+DIFF_FORMAT, DIFF_VERSION = "bnprobe-diff", 1
 ABLATION_FORMAT = "bnprobe-ablation"
 # 2: provenance attributes (bnprobe_version, torch_version, options_json);
 # 3: mode "dims" (--clamp-dims), labels, evaluation ("images" or "eval": --eval's and --text's metrics in eval/)

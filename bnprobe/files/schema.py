@@ -355,4 +355,8 @@ def check_probe(f) -> int:
         r = layout.rows(f"{group}/recurring/dim", MAX_ELEMENTS, "the layers' channels")
         for name in ("width", "dim", "layers", "of_layers", "max_abs_gamma"):
             layout.dataset(f"{group}/recurring/{name}", (r,))
+        if f"{group}/recurring_off" in f:  # version 5
+            r = layout.rows(f"{group}/recurring_off/dim", MAX_ELEMENTS, "the layers' channels")
+            for name in ("width", "dim", "layers", "of_layers"):
+                layout.dataset(f"{group}/recurring_off/{name}", (r,))
     return len(checkpoints)

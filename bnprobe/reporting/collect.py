@@ -14,6 +14,7 @@ from bnprobe.core.errors import BnprobeError, first_line
 from bnprobe.core.formats import FREEZE_MODES, RUN_FILES, TELEMETRY_FILE
 from bnprobe.core.options import parse_sweep
 from bnprobe.files import schema
+from bnprobe.reporting.diff_read import DIFF_SUFFIX, DiffRow, read_diff
 from bnprobe.reporting.read import (
     EXPORT_SUFFIX,
     Ablation,
@@ -40,6 +41,7 @@ class Collection:
     ablations: list[Ablation]
     probes: list[ProbeRow]
     exports: list[Export] = field(default_factory=list)
+    diffs: list[DiffRow] = field(default_factory=list)  # `bnprobe diff --format json` files (NAME.diff.json)
 
 
 def parse_taus(text: str) -> list[float]:
@@ -101,7 +103,7 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
                 else:
                     run_dirs.setdefault(_real(here), display(here))
             for f in sorted(files):
-                if (f.endswith(".h5") and f != TELEMETRY_FILE) or f.endswith(EXPORT_SUFFIX):
+                if (f.endswith(".h5") and f != TELEMETRY_FILE) or f.endswith((EXPORT_SUFFIX, DIFF_SUFFIX)):
                     if printable_name(str(here / f)) != str(here / f):
                         passed_over.append(Skipped(display(here / f), "its name is not valid UTF-8 (rename it)"))
                     else:
@@ -131,7 +133,10 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         skipped_runs[owner].reason += f"; left out with it: {', '.join(sorted(files))}"
     for path, name in result_files.values():
         try:
-            result = read_result_file(path, name)
+            result = read_diff(path, name) if path.name.endswith(DIFF_SUFFIX) else read_result_file(path, name)
+        except BnprobeError as exc:  # a diff file's fault, in one line
+            collection.skipped.append(Skipped(name, str(exc)))
+            continue
         except RunSkipped as reason:
             collection.skipped.append(Skipped(name, str(reason)))
             continue
@@ -147,9 +152,12 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
             collection.probes += result
         elif isinstance(result, Export):
             collection.exports.append(result)
+        elif isinstance(result, DiffRow):
+            collection.diffs.append(result)
     collection.runs.sort(key=_run_order)
     collection.ablations.sort(key=lambda a: (_run_order(a.run) if a.run else (1,), a.name))
-    if not (collection.runs or collection.skipped or collection.ablations or collection.probes or collection.exports):
+    if not (collection.runs or collection.skipped or collection.ablations or collection.probes or collection.exports
+            or collection.diffs):
         where = ", ".join(str(r) for r in roots)
         raise BnprobeError(f"no runs under {where} (a run directory holds config.json, metrics.json, checkpoint.pt)")
     return collection

@@ -216,6 +216,7 @@ class NormDigest:
     outlier_factor: float
     recurring: dict[str, np.ndarray]  # width, dim, layers, of_layers, max_abs_gamma: the first RECURRING_PLOTTED
     recurring_total: int
+    recurring_off_total: Optional[int] = None  # dimensions off in several layers of one width (version 5)
 
 
 @dataclass
@@ -555,7 +556,8 @@ def _read_norms(f, g) -> dict[str, Any]:
         names=[printable(name) for name in g["bn/names"].asstr()[:]], kinds=kinds,
         levels=f["quantile_levels"][:].astype(np.float64), quantiles=g["bn/abs_gamma_quantiles"][:].astype(np.float64),
         outlier_factor=float(f.attrs.get("outlier_factor", math.nan)), recurring=recurring,
-        recurring_total=len(g["recurring/dim"]))
+        recurring_total=len(g["recurring/dim"]),
+        recurring_off_total=len(g["recurring_off/dim"]) if "recurring_off" in g else None)
     return found
 
 

@@ -242,6 +242,7 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
         ablations=collection.ablations,
         probes=collection.probes,
         exports=collection.exports,
+        diffs=collection.diffs,
         depth_figure=figures["depth"],
         depth_missing=[r.name for r in collection.runs if r.depth is None],
         depth_points=len(runs_with_depth),
