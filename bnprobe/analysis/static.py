@@ -17,25 +17,28 @@ Safetensors files and sharded checkpoints keep no order: their layers come in na
 `encoder.layer.N`), block by block, with the layers outside the blocks before them (embeddings, stems) or after
 them (final norms): `block_order`.
 
-Files are read lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)), a safetensors file opened
-with safe_open, and of a sharded checkpoint only the shards holding a norm's tensor are opened, so only the
-norm tensors' bytes are ever read (bench/static_probe.py). Torch files are read with weights_only=True: pickled
-code is refused.
+Files are read without torch and lazily (bnprobe.files.file_tensors): a safetensors file through its header, a
+torch.save file through bnprobe's inert unpickler (pickled objects are stood in for, never run), and of a
+sharded checkpoint only the shards holding a norm's tensor; only the norm tensors' bytes are ever read, with
+numpy (bench/static_probe.py). A norm layer wider than MAX_NORM_CHANNELS, or norms of more than
+MAX_NORM_TOTAL channels in all, are refused before a byte of them is read: the shapes come from the file, and a
+sparse file can declare a 1e12-element norm in 8 KB.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
+import numpy as np
 
 from bnprobe.analysis.measured import NormStats, ProbeResult
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
-from bnprobe.files.checkpoints import FileTensors, checkpoint_file, checkpoint_label, open_tensors
+from bnprobe.files.file_tensors import FLOATING, FileTensors, checkpoint_file, checkpoint_label, open_tensors
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 AFFINE_TENSORS = ("weight", "bias")
@@ -55,6 +58,13 @@ ORDER_NOTES = {
               "before (embeddings, stems) or after (final norms), else natural order of the names",
 }
 NORMS = ("all", "bn")  # --norms
+# The widest normalisation layer read: the widest of published models have tens of thousands of channels
+# (Llama 3.1 405B: 16,384; a LayerNorm over a 256x56x56 feature map: 802,816 elements); 2**20 leaves room and
+# keeps one layer's four float64 columns under 32 MiB.
+MAX_NORM_CHANNELS = 1 << 20
+# Every norm layer of one checkpoint together: Llama 3.1 405B's 253 norms hold 4.1M channels; 2**24 is four times
+# that (0.5 GiB of float64 columns at most).
+MAX_NORM_TOTAL = 1 << 24
 KIND_NOTE = ("BN = BatchNorm; LN/GN = LayerNorm/GroupNorm-like: a scale and a shift per channel, no running "
              "statistics (the names and the tensors cannot tell LayerNorm from GroupNorm); RMS = RMSNorm-like: a "
              "scale alone (or a LayerNorm without bias)")
@@ -94,22 +104,42 @@ def norm_tensor_names(names: list[str], norms: str = "all") -> set[str]:
     return chosen
 
 
-def _read(path: Path, name: str, parts: dict[str, Any]) -> list[Optional[torch.Tensor]]:
-    """(weight, bias, running_mean, running_var) of one layer, read (None where absent), in their dtype."""
-    read = {leaf: FileTensors.read(parts[leaf]) for leaf in BN_TENSORS[:4] if leaf in parts}
-    for leaf, tensor in read.items():
-        if not tensor.is_floating_point():
-            raise BnprobeError(f"{path}: {name}.{leaf} holds {str(tensor.dtype).removeprefix('torch.')}, not the "
+def _read(path: Path, name: str, parts: dict[str, Any]) -> list[Optional[np.ndarray]]:
+    """(weight, bias, running_mean, running_var) of one layer, read (None where absent) as numpy arrays, each
+    checked to hold floating-point numbers before a byte of it is read."""
+    for leaf in BN_TENSORS[:4]:
+        if leaf in parts and FileTensors.dtype(parts[leaf]) not in FLOATING:
+            raise BnprobeError(f"{path}: {name}.{leaf} holds {FileTensors.dtype(parts[leaf])}, not the "
                                f"floating-point numbers of a normalisation layer")
-    return [read.get(leaf) for leaf in BN_TENSORS[:4]]
+    return [FileTensors.read(parts[leaf]) if leaf in parts else None for leaf in BN_TENSORS[:4]]
+
+
+class _Budget:
+    """The channels read so far, against MAX_NORM_CHANNELS per layer and MAX_NORM_TOTAL in all."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.total = path, 0
+
+    def take(self, name: str, shape: tuple[int, ...]) -> None:
+        channels = math.prod(shape)
+        if channels > MAX_NORM_CHANNELS:
+            raise BnprobeError(f"{self.path}: norm layer {printable(name)} declares {channels:,} channels, more than "
+                               f"the {MAX_NORM_CHANNELS:,} bnprobe reads (no normalisation layer of a published "
+                               f"model is a tenth as wide); a damaged or forged file")
+        self.total += channels
+        if self.total > MAX_NORM_TOTAL:
+            raise BnprobeError(f"{self.path}: its norm layers declare more than {MAX_NORM_TOTAL:,} channels in all "
+                               f"(at {printable(name)}), more than bnprobe reads (the largest published models "
+                               f"have about 4 million)")
 
 
 def norms_from_tensors(file: FileTensors, path: Path, norms: str = "all") -> NormStats:
     """Every normalisation layer of a state dict (BatchNorm alone for norms="bn"), from its tensors alone, in
     depth order (none: empty)."""
-    layers: list[tuple[str, list[Optional[torch.Tensor]]]] = []
+    layers: list[tuple[str, list[Optional[np.ndarray]]]] = []
     kinds: list[str] = []
     stats_only: list[tuple[str, int]] = []
+    budget = _Budget(path)
     for prefix, leaves in _groups(list(file.tensors)).items():
         name = prefix or "(top level)"
         if _is_bn(leaves):
@@ -123,6 +153,7 @@ def norms_from_tensors(file: FileTensors, path: Path, norms: str = "all") -> Nor
                     f"{path}: inconsistent BatchNorm tensors at {name}: {_shapes_text(parts)} (a BatchNorm layer "
                     f"has running_mean and running_var, and weight and bias when affine, all 1-D of one length)")
             if "weight" in parts:
+                budget.take(name, vectors["weight"])
                 layers.append((name, _read(path, name, parts)))
                 kinds.append(BATCHNORM)
             else:
@@ -131,6 +162,7 @@ def norms_from_tensors(file: FileTensors, path: Path, norms: str = "all") -> Nor
             shapes = {FileTensors.shape(file.tensors[full]) for full in leaves.values()}
             if len(shapes) != 1 or len(next(iter(shapes))) != 1:
                 continue  # a module named like a norm that is not one (a projection's 2-D weight)
+            budget.take(name, next(iter(shapes)))
             layers.append((name, _read(path, name, {leaf: file.tensors[full] for leaf, full in leaves.items()})))
             kinds.append(SCALE_SHIFT if "bias" in leaves else SCALE_ONLY)
     return NormStats.from_tensors(layers, stats_only, kinds)
@@ -183,7 +215,8 @@ def static_probe(path: Path | str, norms: str = "all") -> Optional[ProbeResult]:
         attrs = {"source": "file", "file_format": tensors.kind, "state_dict_key": tensors.where,
                  "stripped_prefixes": ",".join(tensors.stripped) or "none", "tensors": len(tensors.names),
                  "layer_order": order,
-                 **({"shards": tensors.shards[1], "shards_read": tensors.shards[0]} if tensors.shards else {})}
+                 **({"shards": tensors.shards[1], "shards_read": tensors.shards[0]} if tensors.shards else {}),
+                 **({"stood_in": tensors.stood_in} if tensors.stood_in else {})}
     nan = float("nan")
     label = Path(os.path.abspath(path)).name if Path(path).is_dir() else checkpoint_label(file)
     return ProbeResult(label, str(file.resolve()), attrs, stats, sites=[], loss=nan, accuracy=nan, images=0,
