@@ -40,7 +40,8 @@ def read_archive(path: Path) -> Any:
             order = names.get(prefix + "byteorder")
             byteorder = archive.read(order).decode("ascii", "replace") if order and order.file_size < 16 else "little"
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
-        raise BnprobeError(f"{path} is truncated or damaged (not a complete zip archive: {first_line(exc)})") from None
+        raise BnprobeError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged: not a complete zip "
+                           f"archive, {first_line(exc)})") from None
     if byteorder not in ("little", "big"):
         raise BnprobeError(f"{path}: its byteorder record says {printable(byteorder)!r}, not little or big")
     size = os.stat(path).st_size
