@@ -104,17 +104,6 @@ def test_the_static_probe_never_imports_torch(tmp_path, form):
         np.testing.assert_array_equal(found[name], gamma)
 
 
-def test_a_bnprobe_run_still_gets_its_forward_pass_through_torch(tmp_path, tmp_path_factory):
-    """The routing is by file, not by flags alone: a checkpoint that needs a model is probed with one."""
-    from probe_helpers import trained_runs
-
-    run = trained_runs(tmp_path_factory)["full"]
-    done, imported = run_probe_process("probe", run, "--out", tmp_path / "probe.h5", "--device", "cpu",
-                                       "--images", "16")
-    assert done.returncode == 0, done.stderr
-    assert "torch" in imported
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_every_float_dtype_is_read_exactly_from_safetensors(tmp_path, dtype):
     state = llama_state(dtype)

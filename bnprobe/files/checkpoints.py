@@ -47,7 +47,14 @@ from bnprobe.files.compact import (
     stored_verified,
     unpack,
 )
-from bnprobe.files.file_tensors import find_state_dict, refuse_unreadable, walk_tensors
+from bnprobe.files.file_tensors import (
+    FileTensors,
+    find_state_dict,
+    is_stored,
+    refuse_unreadable,
+    torch_tensors,
+    walk_tensors,
+)
 from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
 from bnprobe.files.shards import is_index
 from bnprobe.nets.check import check_model
@@ -57,7 +64,11 @@ from bnprobe.nets.check import check_model
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: bool = False) -> Any:
-    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code.
+    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code. Where
+    weights_only refuses a torch.save file for the objects beside its tensors (a Lightning checkpoint's omegaconf
+    hyper_parameters, an argparse.Namespace, ...), bnprobe's inert unpickler reads it instead: those objects are
+    stood in for (bnprobe.files.inert_pickle), never imported or run, and the tensors read whole. A file it cannot
+    read either is refused as pickled code.
 
     lazy: memory-map a zip archive's tensors (torch.load(mmap=True)), so only the bytes of the tensors
     used are ever read; the legacy format cannot be mapped and is read whole."""
@@ -74,10 +85,14 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
             refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
             what = f"it references {refused.group(1)}" if refused else _weights_only_reason(message)
-            raise BnprobeError(
-                f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
-                f"bnprobe reads checkpoints with weights_only=True and never runs code from them"
-            )
+            try:
+                return _read_inertly(path)
+            except BnprobeError as inert:
+                raise BnprobeError(
+                    f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
+                    f"bnprobe reads checkpoints with weights_only=True and never runs code from them, and its "
+                    f"inert reader could not read it either ({str(inert).removeprefix(str(path)).lstrip(': ')})"
+                ) from None
         reason = _first_sentence(message) or {EOFError: "the file ends early"}.get(type(exc), type(exc).__name__)
         if is_zip and not zipfile.is_zipfile(path):  # no intact central directory: cut short or overwritten
             reason = f"truncated or damaged: {reason}"
@@ -87,6 +102,28 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
     refuse_unreadable(path, [
         f"{where or '(top level)'} ({'meta, no data' if value.is_meta else str(value.layout).removeprefix('torch.')})"
         for where, value in walk_tensors(obj, _is_tensor) if value.is_meta or value.layout != torch.strided])
+    return obj
+
+
+def _read_inertly(path: Path) -> Any:
+    """A torch.save file read by bnprobe's inert unpickler (nothing in it run), its tensors read into torch
+    tensors where they sit in dicts and lists (the containers of state dicts and optimizer states)."""
+    obj = torch_tensors(path)[0]
+    pending = [obj]
+    seen: set[int] = set()
+    while pending:
+        container = pending.pop()
+        if id(container) in seen:
+            continue
+        seen.add(id(container))
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, value in list(items):
+            if is_stored(value):
+                array = FileTensors.read(value)  # (np.ascontiguousarray would make a 0-d array 1-d)
+                tensor = torch.from_numpy(array if array.flags.c_contiguous and array.flags.writeable else array.copy())
+                container[key] = tensor.to(torch.bfloat16) if value.dtype == "bfloat16" else tensor
+            elif isinstance(value, (dict, list)):
+                pending.append(value)
     return obj
 
 

@@ -99,6 +99,10 @@ class Stand:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass  # __new__ recorded the arguments
 
+    def __call__(self, *args: Any, **kwargs: Any) -> "Stand":
+        """A stand-in called (getattr(x, "system")(...) in a pickle): another stand-in, the call recorded."""
+        return type(self).__new__(type(self), *args, **kwargs)
+
     def __setstate__(self, state: Any) -> None:  # BUILD: recorded, never a class's own __setstate__
         self.state = state
 
