@@ -151,3 +151,13 @@ def test_a_tensor_that_reaches_past_its_storage_is_one_line(tmp_path, capsys):
             archive.writestr(entry, data)
     code, _, err = run_cli(capsys, "probe", path, "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, "of shape (8,) reaches past its storage (4 elements of float32)")
+
+
+def test_the_whole_process_bench_runs_shrunk(tmp_path):
+    """bench/static_probe.py --cases process (the issue's end-to-end goals), at a tiny size, so that it keeps
+    working."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "static_probe.py"), "--cases", "process", "--llm",
+                           "2,256,512,1000", "--llm70", "3,256,512,1000,64", "--repeat", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bnprobe probe 70B-shaped folder" in done.stdout and "goals (each under 1 s" in done.stdout, done.stdout
