@@ -73,7 +73,9 @@ class NormStats:
         """layers: (name, (weight, bias, running_mean, running_var)) in depth order, numpy arrays of any floating
         dtype (bf16 read as float32), copied to float64; an absent one (None) is NaN."""
         def get(t: Optional[np.ndarray], size: int) -> np.ndarray:
-            return np.full(size, np.nan) if t is None else np.array(t, dtype=np.float64).ravel()
+            if t is None:  # a read-only view of one NaN: an RMSNorm's absent β and statistics take no memory
+                return np.broadcast_to(np.float64(np.nan), (size,))
+            return np.array(t, dtype=np.float64).ravel()
 
         columns: list[list[np.ndarray]] = [[], [], [], []]
         for _, (weight, *others) in layers:
