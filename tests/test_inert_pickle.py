@@ -264,3 +264,25 @@ def test_a_storage_larger_than_its_archive_entry_is_refused(capsys, tmp_path):
             archive.writestr(entry, data)
     code, _, err = run_cli(capsys, "probe", path, "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, "declares 4,000,000 bytes, the archive holds 16")
+
+
+def test_a_forged_bytearray_length_is_one_line(tmp_path):
+    """BYTEARRAY8 claiming 2**59 bytes: CPython's unpickler would fail to free it cleanly and print a second line
+    on stderr; its opcodes are walked first, and protocol 5's buffers refused (torch.save never writes them)."""
+    import zipfile
+
+    from conftest import REPO
+
+    path = tmp_path / "m.pt"
+    torch.save({"bn.weight": torch.ones(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    name = next(n for n in entries if n.endswith("data.pkl"))
+    entries[name] = entries[name][:-1] + b"\x96" + (1 << 59).to_bytes(8, "little") + b"ab."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+    done = subprocess.run([sys.executable, "-m", "bnprobe", "probe", str(path), "--out", str(tmp_path / "p.h5")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "not a readable pickle (expected 576460752303423488 bytes in a bytearray8" in done.stderr

@@ -24,6 +24,7 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -261,49 +262,41 @@ class StorageType:
         raise BnprobeError("the pickle builds a storage itself instead of naming one of the file's")
 
 
-def inert_load(file: Any, storage: Callable[[Storage], Storage], where: str) -> Any:
-    """The object a pickle holds (bytes, or a file positioned at it), read inertly (see the module); `where` names
-    the pickle in errors. A file is read no further than the pickle's end, and at most MAX_PICKLE_BYTES of it."""
-    if isinstance(file, bytes):
-        if len(file) > MAX_PICKLE_BYTES:
-            raise BnprobeError(f"{where}: its pickle is {len(file):,} bytes, more than the {MAX_PICKLE_BYTES >> 20} "
-                               f"MiB bnprobe reads (a state dict's takes ~200 bytes a tensor)")
-        file = io.BytesIO(file)
-    else:
-        file = _Bounded(file, where)
+# Protocol 5's out-of-band buffers and bytearrays: torch.save never writes them, and CPython's unpickler, given a
+# forged BYTEARRAY8 length, fails to free the bytearray cleanly and prints a second line on stderr.
+OUT_OF_BAND = {"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"}
+
+
+def pickle_end(data: bytes, start: int, where: str) -> int:
+    """Where the pickle that begins at `start` of `data` ends (after its STOP), its opcodes walked without running
+    any (pickletools.genops); one that is cut short, malformed or uses OUT_OF_BAND opcodes is one line."""
+    stream = io.BytesIO(data)
+    stream.seek(start)
     try:
-        return InertUnpickler(file, storage).load()
+        for opcode, _, _ in pickletools.genops(stream):
+            if opcode.name in OUT_OF_BAND:
+                raise BnprobeError(f"{where}: its pickle uses {opcode.name}, which torch.save never writes")
+    except (ValueError, EOFError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+        text = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise BnprobeError(f"{where}: not a readable pickle ({text})") from None
+    return stream.tell()
+
+
+def inert_load(data: bytes, storage: Callable[[Storage], Storage], where: str) -> Any:
+    """The object the pickle `data` holds, read inertly (see the module); `where` names the pickle in errors."""
+    if len(data) > MAX_PICKLE_BYTES:
+        raise BnprobeError(f"{where}: its pickle is {len(data):,} bytes, more than the {MAX_PICKLE_BYTES >> 20} "
+                           f"MiB bnprobe reads (a state dict's takes ~200 bytes a tensor)")
+    if b"\x96" in data or b"\x97" in data or b"\x98" in data:  # maybe OUT_OF_BAND: walk the opcodes to know
+        pickle_end(data, 0, where)
+    try:
+        return InertUnpickler(io.BytesIO(data), storage).load()
     except BnprobeError as exc:
         raise BnprobeError(f"{where}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
             RecursionError, MemoryError, OverflowError, UnicodeDecodeError, NotImplementedError) as exc:
         text = " ".join(str(exc).split())[:160] or "it ends early"
         raise BnprobeError(f"{where}: not a readable pickle ({type(exc).__name__}: {text})") from None
-
-
-class _Bounded:
-    """A file read by the unpickler, which fails past MAX_PICKLE_BYTES of it (a legacy torch file has no size for
-    its pickle: it ends where the pickle does)."""
-
-    def __init__(self, file: Any, where: str) -> None:
-        self._file, self._left, self._where = file, MAX_PICKLE_BYTES, where
-
-    def _take(self, data: bytes) -> bytes:
-        self._left -= len(data)
-        if self._left < 0:
-            raise BnprobeError(f"its pickle is more than the {MAX_PICKLE_BYTES >> 20} MiB bnprobe reads")
-        return data
-
-    def read(self, size: int = -1) -> bytes:
-        return self._take(self._file.read(min(size, self._left + 1) if size >= 0 else self._left + 1))
-
-    def readline(self) -> bytes:
-        return self._take(self._file.readline(self._left + 1))
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
 
 def stands_in(obj: Any) -> tuple[collections.Counter, collections.Counter]:

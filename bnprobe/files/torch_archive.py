@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bnprobe.core.errors import BnprobeError, first_line, printable
-from bnprobe.files.inert_pickle import ITEMSIZE, MAX_PICKLE_BYTES, Storage, inert_load
+from bnprobe.files.inert_pickle import ITEMSIZE, MAX_PICKLE_BYTES, Storage, inert_load, pickle_end
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy files begin with a pickle of this number
 LEGACY_PROTOCOL = 1001
@@ -76,33 +76,62 @@ def read_archive(path: Path) -> Any:
     return inert_load(data, storage, str(path))
 
 
+def _legacy_pickles(path: Path, head: bytes, storage: Any) -> tuple[Any, Any, int]:
+    """A legacy file's object and storage keys from its first bytes `head`, and where its storages begin."""
+    none = lambda wanted: wanted  # noqa: E731 - the file's other pickles name no storage
+    position = 0
+
+    def next_pickle(names_storages: bool) -> Any:
+        nonlocal position
+        end = pickle_end(head, position, str(path))
+        obj = inert_load(head[position:end], storage if names_storages else none, str(path))
+        position = end
+        return obj
+
+    if next_pickle(False) != LEGACY_MAGIC:
+        raise BnprobeError(f"{path} is a pickle, not a torch.save file (no torch magic number)")
+    if next_pickle(False) != LEGACY_PROTOCOL:
+        raise BnprobeError(f"{path}: a torch legacy file of another protocol version")
+    next_pickle(False)  # sys_info: byte order and sizes (little-endian assumed, as torch does)
+    obj = next_pickle(True)
+    keys = next_pickle(False)
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+        raise BnprobeError(f"{path}: damaged torch legacy file (no list of storage keys after the pickle)")
+    return obj, keys, position
+
+
 def read_legacy(path: Path) -> Any:
     """The object a legacy torch.save file holds (see the module), its tensors as StoredTensors."""
-    none = lambda wanted: wanted  # noqa: E731 - the file's first pickles name no storage
     size = os.stat(path).st_size
     storages: dict[str, Storage] = {}
 
     def storage(wanted: Storage) -> Storage:
         return storages.setdefault(wanted.key, wanted)
 
+    # The pickles come first, of unknown length: read 1 MiB of the file, more (to MAX_PICKLE_BYTES) if they need it.
+    wanted, limit = 1 << 20, MAX_PICKLE_BYTES + (1 << 16)
+    while True:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(wanted)
+        except OSError as exc:
+            raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})") from None
+        try:
+            obj, keys, position = _legacy_pickles(path, head, storage)
+            break
+        except BnprobeError:
+            if len(head) < wanted or wanted >= limit:
+                raise
+            storages.clear()
+            wanted = min(8 * wanted, limit)
     try:
         with open(path, "rb") as f:
-            if inert_load(f, none, str(path)) != LEGACY_MAGIC:
-                raise BnprobeError(f"{path} is a pickle, not a torch.save file (no torch magic number)")
-            if inert_load(f, none, str(path)) != LEGACY_PROTOCOL:
-                raise BnprobeError(f"{path}: a torch legacy file of another protocol version")
-            inert_load(f, none, str(path))  # sys_info: byte order and sizes (little-endian assumed, as torch does)
-            obj = inert_load(f, storage, str(path))
-            keys = inert_load(f, none, str(path))
-            if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
-                raise BnprobeError(f"{path}: damaged torch legacy file (no list of storage keys after the pickle)")
-            position = f.tell()
             for key in keys:
                 f.seek(position)
-                head = f.read(8)
-                if len(head) != 8:
+                count_bytes = f.read(8)
+                if len(count_bytes) != 8:
                     raise BnprobeError(f"{path} ends early (storage {printable(key[:40])} is missing)")
-                count = int.from_bytes(head, "little")
+                count = int.from_bytes(count_bytes, "little")
                 held = storages.get(key)
                 if held is None or count != held.numel:
                     declared = f"its tensors declare {held.numel:,}" if held else "no tensor names it"
