@@ -118,6 +118,11 @@ class GGUFTensor:
     def quantized(self) -> bool:
         return self.type not in PLAIN_TYPES
 
+    @property
+    def dtype(self) -> str:
+        """As torch names it (float32, ...; bfloat16 is read as float32), or the ggml type of a quantized one."""
+        return {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(self.type, self.type)
+
     def get_shape(self) -> list[int]:  # as a safetensors slice says it
         return list(self.shape)
 
