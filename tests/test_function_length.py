@@ -14,8 +14,6 @@ MAX_LINES = 80
 ALLOWED = {
     "analysis/probe.py:run_probe": (109, "the probe command: validates, loads, measures, writes and prints; to "
                                          "split into compute / write / present (issue 31, the static-path work)"),
-    "reporting/collect.py:collect": (105, "the walk over the reported folders and the pool of readers; to split "
-                                          "into finding the runs and reading them"),
     "analysis/probe_tables.py:probe_tables": (90, "the probe's presenter, every table in one; to split per table"),
     "analysis/probe_file.py:write_probe_h5": (84, "probe.h5's writer, one dataset after another; to split per "
                                                   "group of datasets"),
