@@ -61,10 +61,24 @@ def test_per_pixel_normalisation_standardises_every_pixel():
 
 
 def test_constant_pixels_do_not_divide_by_zero():
+    """A pixel that never varies gets a floor of a tenth of the mean std (+1e-6), the others their own sample
+    std: every number against numpy's, and the images standardised without an infinity."""
     images = torch.zeros(10, 1, 3, 3, dtype=torch.uint8)
     images[:, 0, 1, 1] = torch.arange(10, dtype=torch.uint8) * 20
-    _, std = normalization_stats(images, "per-pixel")
-    assert (std > 0).all()
+    mean, std = normalization_stats(images, "per-pixel")
+    varying = np.std(np.arange(10) * 20.0, ddof=1)  # 60.55...: the centre pixel's sample std
+    floor = 0.1 * varying / 9 + 1e-6  # a tenth of the mean over the 9 pixels, 8 of them 0
+    expected_std = np.full((1, 3, 3), floor)
+    expected_std[0, 1, 1] = varying
+    expected_mean = np.zeros((1, 3, 3))
+    expected_mean[0, 1, 1] = 90.0
+    np.testing.assert_allclose(std.numpy(), expected_std, rtol=1e-6)
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=1e-6)
+    z = (images.float() - mean) / std
+    assert torch.isfinite(z).all() and (z[:, 0][:, [0, 0, 2, 2], [0, 2, 0, 2]] == 0).all()
+    assert z[:, 0, 1, 1].mean().abs() < 1e-5 and abs(z[:, 0, 1, 1].std().item() - 1) < 1e-5
+    _, channel_std = normalization_stats(torch.zeros(4, 2, 3, 3, dtype=torch.uint8), "per-channel")
+    np.testing.assert_allclose(channel_std.numpy(), np.full((2, 1, 1), 1e-6), rtol=1e-6)  # all constant: the floor
 
 
 def test_mnist_from_official_files(shared_data):

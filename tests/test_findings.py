@@ -16,24 +16,16 @@ from probe_helpers import single_thread, tiny_config  # noqa: F401 - autouse: on
 from rich.console import Console
 from scipy import stats
 
-from bnprobe.analysis.findings import (
-    FRACTION,
-    NON_NEGATIVE,
-    SINGLE,
-    Estimate,
-    compare,
-    estimate,
-    findings_of,
-    json_path,
-    show,
-    write_json,
-)
+from bnprobe.analysis.findings import Finding, Findings, findings_of
+from bnprobe.analysis.findings_output import findings_json, json_path, sentence, show, write_json
+from bnprobe.analysis.seed_statistics import FRACTION, NON_NEGATIVE, SINGLE, Estimate, Row, compare, estimate
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.modelnames import model_depth
 from bnprobe.reporting.read import Ablation, Run
 
 DEFAULT = TrainConfig(dataset="digits").to_dict()
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_run(seed: int, test: list[float], train_eval: float = 0.9, grads: dict | None = None, trainable=None,
@@ -93,7 +85,7 @@ def test_intervals_of_bounded_quantities_are_clipped_and_say_so(tmp_path):
     assert estimate([0.1, 0.5], NON_NEGATIVE).low == 0 and estimate([0.4, 0.5, 0.6], FRACTION).clipped is False
     [finding] = result.findings
     accuracy = finding.rows[0]
-    assert accuracy.a.clipped and "clipped" in accuracy.sentence
+    assert accuracy.a.clipped and "clipped" in sentence(accuracy)
     d = [0.0 - 0.5, 0.02 - 0.9]  # a difference is not bounded by its sides' range: left as it is
     assert (accuracy.difference.low, accuracy.difference.high) == pytest.approx(hand_interval(d))
     assert accuracy.difference.low < -1 and not accuracy.difference.clipped
@@ -125,10 +117,10 @@ def test_welch_when_seeds_differ_paired_when_they_match():
     assert row.test == "paired t-test over seeds 0, 1, 2"
     assert row.p == pytest.approx(2 * stats.t.sf(abs(t), 2))
     assert (row.difference.low, row.difference.high) == pytest.approx(hand_interval(d))
-    assert f"p = {row.p:.2g}" in row.sentence and "difference -17.7 points [-28.0, -7.3]" in row.sentence
+    assert f"p = {row.p:.2g}" in sentence(row) and "difference -17.7 points [-28.0, -7.3]" in sentence(row)
 
     row = compare("test accuracy", "pct", {0: 0.6}, b, ("A", "B"))
-    assert row.test == "" and row.p is None and row.difference.low is None and SINGLE in row.sentence
+    assert row.test == "" and row.p is None and row.difference.low is None and SINGLE in sentence(row)
 
 
 def study() -> list[Run]:
@@ -189,7 +181,7 @@ def test_every_comparison_of_the_plan_with_its_numbers():
     t = rho * math.sqrt((len(chosen) - 2) / (1 - rho ** 2))
     assert trend.rows[0].a.mean == pytest.approx(rho) and trend.rows[0].a.n == 9
     assert trend.rows[0].p == pytest.approx(2 * stats.t.sf(abs(t), len(chosen) - 2))
-    assert "3 depths 8–20" in trend.rows[0].sentence
+    assert "3 depths 8–20" in sentence(trend.rows[0])
 
     [changed] = [f for f in result.findings if f.kind == "changed BN vs plain BN-only"]
     assert changed.title.startswith("resnet14") and changed.rows[0].labels == ("gamma_l1=0.0001", "plain")
@@ -262,7 +254,7 @@ def test_clamping_and_channels_off_with_their_numbers():
     assert acc01.p == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
     shares = [np.mean(np.abs(r.gamma_final[0]) < 0.01) for r in of("resnet14", "non-bn").values()]
     assert share01.a.mean == pytest.approx(np.mean(shares)) and share05.a.mean == pytest.approx(0.4)
-    assert acc1.difference.mean == pytest.approx(-0.3) and "|γ| < 0.1 set to 0" in acc1.sentence
+    assert acc1.difference.mean == pytest.approx(-0.3) and "|γ| < 0.1 set to 0" in sentence(acc1)
 
     versus = by[("BN-only vs full training", "resnet14 digits non-bn vs resnet14 digits none")]
     rows = {row.metric: row for row in versus.rows}
@@ -279,7 +271,7 @@ def test_clamping_and_channels_off_with_their_numbers():
     fractions = [np.mean(np.abs(r.gamma_final[0]) < 0.01) for r in chosen]
     rho = stats.spearmanr([model_depth(r.model) for r in chosen], fractions)
     assert off_trend.a.mean == pytest.approx(rho.statistic) and off_trend.p == pytest.approx(rho.pvalue)
-    assert "channels off" in off_trend.sentence and off_trend.a.n == 9
+    assert "channels off" in sentence(off_trend) and off_trend.a.n == 9
 
 
 def test_one_seed_claims_nothing(tmp_path):
@@ -289,7 +281,7 @@ def test_one_seed_claims_nothing(tmp_path):
     result = findings_of([*runs, copy])
     assert [g.repeats for g in result.groups] == [["a copy"], []]  # one seed, however many copies
     [finding] = result.findings
-    assert all(row.p is None and not row.test and SINGLE in row.sentence for row in finding.rows)
+    assert all(row.p is None and not row.test and SINGLE in sentence(row) for row in finding.rows)
     write_json(result, tmp_path / "f.json")
     stored = json.loads((tmp_path / "f.json").read_text())
     assert stored["format"] == "bnprobe-findings" and stored["findings"][0]["rows"][0]["p"] is None
@@ -338,8 +330,8 @@ def test_findings_command_and_report_on_real_runs(capsys, seeded_runs, tmp_path)
     assert code == 0, err
     html = (tmp_path / "r.html").read_text()
     assert html.index("<h2>Findings</h2>") < html.index('<h2 id="runs">Runs</h2>')
-    sentence = stored["findings"][0]["rows"][0]["sentence"]
-    assert sentence.replace("−", "&minus;") in html or sentence in html
+    first = stored["findings"][0]["rows"][0]["sentence"]
+    assert first.replace("−", "&minus;") in html or first in html
     assert json.loads(json_path(tmp_path / "r.html").read_text()) == stored
 
 
@@ -379,3 +371,42 @@ def test_findings_command_bad_input_is_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "findings", str(tmp_path / "missing"), "--json", str(tmp_path / "notes.json"))
     assert_one_line_error(code, err, "notes.json: it is not a findings file bnprobe wrote")
     assert (tmp_path / "notes.json").read_text() == "[1, 2]"
+
+
+def _estimate(stored: dict | None) -> Estimate | None:
+    """An Estimate as the JSON file holds it (a number that was not finite is null there)."""
+    if stored is None:
+        return None
+    return Estimate(**{k: math.nan if k == "mean" and v is None else v for k, v in stored.items()})
+
+
+def _row(stored: dict) -> Row:
+    """A finding's row as the JSON file holds it, without the sentence said from it."""
+    fields = {k: v for k, v in stored.items() if k != "sentence"}
+    estimates = {k: _estimate(stored[k]) for k in ("a", "b", "difference")}
+    return Row(**{**fields, **estimates, "labels": tuple(stored["labels"])})
+
+
+class _StoredGroup:
+    """A group as the findings file holds it: what findings_output reads of a bnprobe.analysis.findings.Group."""
+
+    def __init__(self, stored: dict):
+        self.label, self.seeds, self.repeats = stored["label"], stored["seeds"], stored["repeats"]
+        self.runs = [type("StoredRun", (), {"name": name}) for name in stored["runs"]]
+        self.key = tuple((name, json.dumps(value)) for name, value in stored["settings"].items())
+        self._summary = {name: _estimate(e) for name, e in stored["summary"].items()}
+
+    def summary(self) -> dict[str, Estimate]:
+        return self._summary
+
+
+@pytest.mark.parametrize("name", ["docs/cpu-study/report.findings.json", "docs/norms-cpu.findings.json"])
+def test_the_committed_findings_files_are_written_again_byte_for_byte_from_their_numbers(name):
+    """The study's findings files, read back into results and written again by findings_output: the same bytes,
+    every sentence said again from the numbers beside it (the presenter moved out of the computation unchanged)."""
+    text = (REPO / name).read_text(encoding="utf-8")
+    stored = json.loads(text)
+    findings = [Finding(f["kind"], f["title"], [_row(row) for row in f["rows"]]) for f in stored["findings"]]
+    result = Findings([_StoredGroup(g) for g in stored["groups"]], findings)
+    assert sum(len(f.rows) for f in findings) >= 8 and len(result.groups) >= 4  # not an empty file
+    assert json.dumps(findings_json(result), indent=1, allow_nan=False) == text

@@ -185,6 +185,7 @@ def test_runs_brought_back_without_checkpoints_are_reported_as_with_them(tmp_pat
     import torch
 
     from bnprobe.analysis.findings import findings_of
+    from bnprobe.analysis.findings_output import findings_json
     from bnprobe.core.config import TrainConfig
     from bnprobe.reporting.collect import collect
     from bnprobe.training.train import train
@@ -211,7 +212,7 @@ def test_runs_brought_back_without_checkpoints_are_reported_as_with_them(tmp_pat
     a, b = with_it.runs[0], without.runs[0]
     assert a.test_acc == b.test_acc and a.gamma_epoch == b.gamma_epoch == 2
     assert all(np.array_equal(x, y) for x, y in zip(a.gamma_final, b.gamma_final)) and len(a.gamma_final) > 0
-    assert findings_of(with_it.runs).to_json() == findings_of(without.runs).to_json()
+    assert findings_json(findings_of(with_it.runs)) == findings_json(findings_of(without.runs))
 
 
 def test_the_documented_device_call_matches_the_scripts():

@@ -439,7 +439,8 @@ def test_the_seed_plans_optional_norm_grid(tmp_path):
 
 def test_the_training_page_quotes_its_norm_comparison_from_the_findings_file(tmp_path):
     """docs/training.md's BN-only vs GN-only section, against docs/norms-cpu.findings.json (bnprobe findings' own)."""
-    from bnprobe.analysis.findings import Estimate, show
+    from bnprobe.analysis.findings_output import show
+    from bnprobe.analysis.seed_statistics import Estimate
 
     findings = json.loads((REPO / "docs" / "norms-cpu.findings.json").read_text())
     section = (REPO / "docs" / "training.md").read_text().split("## BN-only vs GN-only on two CPU cores\n", 1)[1]

@@ -133,11 +133,49 @@ def test_relu_sparsity_and_accuracy_match_a_hand_written_forward(probed):
 
 
 def test_terminal_tables_compare_bn_only_and_full(probed):
-    _, path, _, text = probed
-    for needle in ("BatchNorm probe — comparison", "full", "bn-only", "non-bn", "|γ| < 0.05", "off: |γ| < 0.05",
-                   "γ by depth", "layer3.0.downsample.1", "ReLU output sparsity per call", "layer2.0.relu#2",
-                   f"Wrote {path}"):
-        assert needle in text, needle
+    """Every number the tables print: γ and β ones against the checkpoints' tensors, accuracy and ReLU ones
+    against probe.h5 (which test_relu_sparsity_and_accuracy_match_a_hand_written_forward checks by hand)."""
+    import re
+
+    dirs, path, _, text = probed
+    lines = text.splitlines()
+    assert f"Wrote {path}" in text and "BatchNorm probe — comparison" in text
+
+    def row(label: str) -> list[float]:
+        """The numbers of the first table row that starts with `label`, left to right."""
+        line = next(line.strip() for line in lines if line.strip().startswith(label))
+        return [float(x) for x in re.findall(r"\d+(?:\.\d+)?", line[len(label):])]
+
+    tensors = [bn_tensors(dirs[name]) for name in ("full", "bn-only")]
+    gammas = [np.abs(np.concatenate(g)) for _, g, _ in tensors]
+    dead = [np.sum((np.abs(np.concatenate(g)) < 0.05) & (np.concatenate(b) <= 0)) for _, g, b in tensors]
+    assert row("BN layers / channels") == [9, 336, 9, 336] == [len(tensors[0][1]), gammas[0].size] * 2
+    assert row("mean |γ|  (median)") == pytest.approx([x for g in gammas for x in (g.mean(), np.median(g))],
+                                                      abs=5e-4)
+    for tau in TAUS:
+        assert row(f"|γ| < {tau:g} ") == pytest.approx([100 * np.mean(g < tau) for g in gammas], abs=0.05)
+    assert row("off: |γ| < 0.05") == [np.sum(g < 0.05) for g in gammas]
+    assert row("off and β ≤ 0") == dead
+    with h5py.File(path) as f:
+        relus = [f[f"checkpoints/{i:03d}/relu"] for i in range(2)]
+        assert row("accuracy (150 test images)") == pytest.approx(
+            [100 * f[f"checkpoints/{i:03d}"].attrs["accuracy"] for i in range(2)], abs=0.05)
+        assert row("ReLU outputs = 0") == pytest.approx(
+            [100 * r["zeros"][:].sum() / r["total"][:].sum() for r in relus], abs=0.05)
+        assert row("dead ReLU channels") == [x for r in relus for x in (r["dead_channels"][:].sum(),
+                                                                          r["channels"][:].sum())]
+        sites = [r["sites"].asstr()[:] for r in relus]
+        for site, name in enumerate(sites[0]):  # zeros % / dead channels per ReLU call, full then bn-only
+            line = next(line for line in lines if line.strip().startswith(name + " "))
+            shown = [float(x) for pair in re.findall(r"(\d+\.\d)% / (\d+)", line) for x in pair]
+            assert shown == pytest.approx(
+                [x for r in relus for x in (100 * r["zero_fraction"][site], r["dead_channels"][site])], abs=0.05)
+    names = tensors[0][0]
+    for layer, name in enumerate(names):  # γ by depth: mean |γ| / channels off, full then bn-only
+        numbers = row(f"{layer}   {name} ")
+        expected = [len(tensors[0][1][layer])] + [x for _, g, _ in tensors
+                                                  for x in (np.abs(g[layer]).mean(), np.sum(np.abs(g[layer]) < 0.05))]
+        assert numbers[0] == expected[0] and numbers[1:] == pytest.approx(expected[1:], abs=5e-4), name
 
 
 def test_one_checkpoint_gets_per_layer_tables_and_a_default_output_in_its_run(capsys, tmp_path_factory):

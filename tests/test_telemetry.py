@@ -14,6 +14,7 @@ from cli_helpers import assert_one_line_error, run_cli
 from rich.console import Console
 
 from bnprobe.analysis.inspect import inspect_run
+from bnprobe.analysis.run_summary import summarize_run
 from bnprobe.cli import main
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
@@ -146,6 +147,42 @@ def test_bn_parameters_get_larger_gradients_than_convs(full_run):
         mean = {g: np.mean(f[f"steps/groups/{g}/grad_abs_mean"][:]) for g in GROUPS}
     assert mean["bn_gamma"] > 2 * mean["conv_weight"]
     assert mean["bn_beta"] > 2 * mean["conv_weight"]
+
+
+def test_inspect_computes_its_summary_from_the_telemetry_file(full_run, bn_only_run):
+    """summarize_run (what `bnprobe inspect` prints, before any table): each number against /epochs and /steps
+    read with plain h5py."""
+    for run_dir in (full_run, bn_only_run):
+        summary = summarize_run(run_dir, top=2)
+        with h5py.File(run_dir / "telemetry.h5", "r") as f:
+            epochs = {k: f[f"epochs/{k}"][:].astype(float) for k in ("epoch", "test_acc", "gap", "train_eval_acc",
+                                                                     "train_acc", "train_eval_loss", "test_loss")}
+            r = summary.results
+            assert (r.epoch, r.test_acc, r.gap, r.train_eval_acc, r.train_acc, r.train_eval_loss, r.test_loss) == (
+                epochs["epoch"][-1], epochs["test_acc"][-1], epochs["gap"][-1], epochs["train_eval_acc"][-1],
+                epochs["train_acc"][-1], epochs["train_eval_loss"][-1], epochs["test_loss"][-1])
+            for value, epoch, column in ((r.best_test_acc, r.best_epoch, "test_acc"),
+                                         (r.largest_gap, r.largest_gap_epoch, "gap")):
+                values = list(epochs[column])
+                assert (value, epoch) == (max(values), epochs["epoch"][values.index(max(values))])  # the first
+            steps = f["steps/epoch"][:]
+            last = steps == steps[-1]
+            assert (summary.recorded_epoch, summary.recorded_steps) == (steps[-1], last.sum())
+            for g in summary.groups:
+                group = f[f"steps/groups/{g.name}"]
+                assert (g.tensors, g.elements, g.frozen) == (group.attrs["tensors"], group.attrs["numel"],
+                                                             bool(group.attrs["frozen"]))
+                if not g.frozen:
+                    assert g.grad_abs_mean == pytest.approx(group["grad_abs_mean"][:][last].astype(float).mean())
+                    assert g.grad_l2 == pytest.approx(group["grad_l2"][:][last].astype(float).mean())
+            trainable = f["params/trainable"][:].astype(bool)
+            per_tensor = dict(zip(f["params/name"].asstr()[:][trainable],
+                                  f["steps/grad_abs_mean"][:][last][:, trainable].astype(float).mean(0)))
+        ranked = sorted(per_tensor, key=per_tensor.get, reverse=True)
+        largest, smallest = summary.extremes
+        assert [name for name, _ in largest] == ranked[:2] and [name for name, _ in smallest] == ranked[::-1][:2]
+        assert all(value == pytest.approx(per_tensor[name]) for name, value in largest + smallest)
+        assert not summary.all_tensors and summary.note == ""
 
 
 def test_inspect_prints_a_summary(full_run, bn_only_run, capsys):

@@ -71,46 +71,12 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
             raise BnprobeError(f"no runs directory at {root}")
         if not root.is_dir():
             raise BnprobeError(f"{root} is not a directory")
-    run_dirs: dict[Path, str] = {}  # resolved path -> name: a run named twice (runs/ and runs/a) is read once
-    set_aside: list[Skipped] = []
-    result_files: dict[Path, tuple[Path, str]] = {}
-    passed_over: list[Skipped] = []  # what the walk itself cannot take: unreadable, hidden, not UTF-8
+    found = _Found()
     for root in roots:
-        prefix = f"{root.resolve().name}/" if len(roots) > 1 else ""
+        _walk(root, f"{root.resolve().name}/" if len(roots) > 1 else "", found)
 
-        def display(path: Path) -> str:
-            relative = path.relative_to(root).as_posix()
-            return printable_name(path.name if relative == "." else prefix + relative)
-
-        def unreadable(exc: OSError) -> None:
-            passed_over.append(Skipped(display(Path(exc.filename)), f"cannot be read ({exc.strerror or exc})"))
-
-        for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-            set_aside += [Skipped(display(Path(dirpath, d)), _set_aside_reason(d[1:-len(SET_ASIDE)]))
-                          for d in sorted(dirnames) if d.startswith(".") and d.endswith(SET_ASIDE)
-                          and schema.is_set_aside(Path(dirpath, d))]
-            here = Path(dirpath)
-            for d in sorted(dirnames):  # .foo: hidden; named when it holds a run (.NAME.replaced: see Replacement)
-                if d.startswith(".") and not schema.is_set_aside(here / d) and _holds_run_files(here / d):
-                    passed_over.append(Skipped(display(here / d), "hidden: its name starts with '.' (rename it to "
-                                                                  "include it)"))
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files = {f for f in filenames if not f.startswith(".")}
-            if files.intersection(RUN_FILES):
-                if printable_name(dirpath) != dirpath:
-                    passed_over.append(Skipped(display(here), "its name is not valid UTF-8 (rename it to include it)"))
-                    files = set()  # its result files go with it
-                else:
-                    run_dirs.setdefault(_real(here), display(here))
-            for f in sorted(files):
-                if (f.endswith(".h5") and f != TELEMETRY_FILE) or f.endswith((EXPORT_SUFFIX, DIFF_SUFFIX)):
-                    if printable_name(str(here / f)) != str(here / f):
-                        passed_over.append(Skipped(display(here / f), "its name is not valid UTF-8 (rename it)"))
-                    else:
-                        result_files.setdefault(_real(here / f), (here / f, display(here / f)))
-
-    collection = Collection(roots, [], passed_over, [], [])
-    tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in run_dirs.items()]
+    collection = Collection(roots, [], found.passed_over, [], [])
+    tasks = [(run_dir, name, include_unfinished, taus) for run_dir, name in found.run_dirs.items()]
     skipped_runs: dict[Path, Skipped] = {}
     with workers(jobs) if pool is None else nullcontext(pool) as readers:
         outcomes = readers.map(_read, tasks)
@@ -120,40 +86,10 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         else:
             collection.skipped.append(outcome)
             skipped_runs[run_dir] = outcome
-    collection.skipped += set_aside
-    left_out: dict[Path, list[str]] = {}
-    for resolved, (path, name) in list(result_files.items()):
-        # A result file inside a skipped run is left out with it (it would still label a curve and a table
-        # row with that run's name); the nearest run directory above the file is the one it belongs to.
-        owner = next((d for d in resolved.parents if d in run_dirs), None)
-        if owner in skipped_runs:
-            del result_files[resolved]
-            left_out.setdefault(owner, []).append(resolved.relative_to(owner).as_posix())
-    for owner, files in left_out.items():
-        skipped_runs[owner].reason += f"; left out with it: {', '.join(sorted(files))}"
-    for path, name in result_files.values():
-        try:
-            result = read_diff(path, name) if path.name.endswith(DIFF_SUFFIX) else read_result_file(path, name)
-        except BnprobeError as exc:  # a diff file's fault, in one line
-            collection.skipped.append(Skipped(name, str(exc)))
-            continue
-        except RunSkipped as reason:
-            collection.skipped.append(Skipped(name, str(reason)))
-            continue
-        except Exception as exc:  # noqa: BLE001 -- as in _read: one file, not the report
-            collection.skipped.append(Skipped(name, f"could not be read ({first_line(exc, typed=True)})"))
-            continue
-        if isinstance(result, Ablation):
-            result.run = _owner(path, result.checkpoint, collection.runs)
-            if result.run is not None and _real(path.parent) == _real(result.run.path):
-                result.name = path.name  # its run is named in the next column
-            collection.ablations.append(result)
-        elif isinstance(result, list):
-            collection.probes += result
-        elif isinstance(result, Export):
-            collection.exports.append(result)
-        elif isinstance(result, DiffRow):
-            collection.diffs.append(result)
+    collection.skipped += found.set_aside
+    _leave_out_with_their_runs(found, skipped_runs)
+    for path, name in found.result_files.values():
+        _add_result_file(collection, path, name)
     collection.runs.sort(key=_run_order)
     collection.ablations.sort(key=lambda a: (_run_order(a.run) if a.run else (1,), a.name))
     if not (collection.runs or collection.skipped or collection.ablations or collection.probes or collection.exports
@@ -161,6 +97,91 @@ def collect(roots: Sequence[Path], include_unfinished: bool = False, *, taus: Op
         where = ", ".join(str(r) for r in roots)
         raise BnprobeError(f"no runs under {where} (a run directory holds config.json, metrics.json, checkpoint.pt)")
     return collection
+
+
+@dataclass
+class _Found:
+    """What the walk found under the roots."""
+    run_dirs: dict[Path, str] = field(default_factory=dict)  # resolved path -> name: a run named twice is read once
+    result_files: dict[Path, tuple[Path, str]] = field(default_factory=dict)  # resolved path -> (path, name)
+    set_aside: list[Skipped] = field(default_factory=list)  # old runs an --overwrite killed midway left
+    # What the walk itself cannot take: unreadable, hidden, not UTF-8.
+    passed_over: list[Skipped] = field(default_factory=list)
+
+
+def _walk(root: Path, prefix: str, found: _Found) -> None:
+    """Every run directory and result file under `root` into `found`, named by their path from `root`."""
+
+    def display(path: Path) -> str:
+        relative = path.relative_to(root).as_posix()
+        return printable_name(path.name if relative == "." else prefix + relative)
+
+    def unreadable(exc: OSError) -> None:
+        found.passed_over.append(Skipped(display(Path(exc.filename)), f"cannot be read ({exc.strerror or exc})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        found.set_aside += [Skipped(display(Path(dirpath, d)), _set_aside_reason(d[1:-len(SET_ASIDE)]))
+                            for d in sorted(dirnames) if d.startswith(".") and d.endswith(SET_ASIDE)
+                            and schema.is_set_aside(Path(dirpath, d))]
+        here = Path(dirpath)
+        for d in sorted(dirnames):  # .foo: hidden; named when it holds a run (.NAME.replaced: see Replacement)
+            if d.startswith(".") and not schema.is_set_aside(here / d) and _holds_run_files(here / d):
+                found.passed_over.append(Skipped(display(here / d), "hidden: its name starts with '.' (rename it to "
+                                                                    "include it)"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files = {f for f in filenames if not f.startswith(".")}
+        if files.intersection(RUN_FILES):
+            if printable_name(dirpath) != dirpath:
+                found.passed_over.append(Skipped(display(here), "its name is not valid UTF-8 (rename it to include "
+                                                                "it)"))
+                files = set()  # its result files go with it
+            else:
+                found.run_dirs.setdefault(_real(here), display(here))
+        for f in sorted(files):
+            if (f.endswith(".h5") and f != TELEMETRY_FILE) or f.endswith((EXPORT_SUFFIX, DIFF_SUFFIX)):
+                if printable_name(str(here / f)) != str(here / f):
+                    found.passed_over.append(Skipped(display(here / f), "its name is not valid UTF-8 (rename it)"))
+                else:
+                    found.result_files.setdefault(_real(here / f), (here / f, display(here / f)))
+
+
+def _leave_out_with_their_runs(found: _Found, skipped_runs: dict[Path, Skipped]) -> None:
+    """A result file inside a skipped run is left out with it (it would still label a curve and a table row with
+    that run's name); the nearest run directory above the file is the one it belongs to."""
+    left_out: dict[Path, list[str]] = {}
+    for resolved in list(found.result_files):
+        owner = next((d for d in resolved.parents if d in found.run_dirs), None)
+        if owner in skipped_runs:
+            del found.result_files[resolved]
+            left_out.setdefault(owner, []).append(resolved.relative_to(owner).as_posix())
+    for owner, files in left_out.items():
+        skipped_runs[owner].reason += f"; left out with it: {', '.join(sorted(files))}"
+
+
+def _add_result_file(collection: Collection, path: Path, name: str) -> None:
+    """One probe, ablation, export or diff file, read into `collection` (or skipped there, in one line)."""
+    try:
+        result = read_diff(path, name) if path.name.endswith(DIFF_SUFFIX) else read_result_file(path, name)
+    except BnprobeError as exc:  # a diff file's fault, in one line
+        collection.skipped.append(Skipped(name, str(exc)))
+        return
+    except RunSkipped as reason:
+        collection.skipped.append(Skipped(name, str(reason)))
+        return
+    except Exception as exc:  # noqa: BLE001 -- as in _read: one file, not the report
+        collection.skipped.append(Skipped(name, f"could not be read ({first_line(exc, typed=True)})"))
+        return
+    if isinstance(result, Ablation):
+        result.run = _owner(path, result.checkpoint, collection.runs)
+        if result.run is not None and _real(path.parent) == _real(result.run.path):
+            result.name = path.name  # its run is named in the next column
+        collection.ablations.append(result)
+    elif isinstance(result, list):
+        collection.probes += result
+    elif isinstance(result, Export):
+        collection.exports.append(result)
+    elif isinstance(result, DiffRow):
+        collection.diffs.append(result)
 
 
 def _set_aside_reason(name: str) -> str:

@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import bnprobe
 from bnprobe.analysis import findings as statistics
+from bnprobe.analysis import findings_output
+from bnprobe.analysis.seed_statistics import CONFIDENCE
 from bnprobe.core.errors import BnprobeError, first_line
 from bnprobe.core.options import REPORT_TAUS
 from bnprobe.files import schema
@@ -249,7 +251,8 @@ def render_html(collection: Collection, taus: Sequence[float], *, embed: str = "
         ablation_figure=figures["ablation"],
         norm_figures=figures.get("norms", []),
         any_running_train_acc=any(r.train_acc_is_running for r in collection.runs),
-        findings=findings, show=statistics.show, confidence=statistics.CONFIDENCE,
+        findings=findings, show=findings_output.show, sentence=findings_output.sentence,
+        confidence=CONFIDENCE,
     )
 
 
@@ -329,8 +332,8 @@ def write_report(
     started = time.perf_counter()
     kind = check_output(output)  # a bad name or place is answered as such, before the lock beside it is taken
     with locked(output, str(output)):
-        findings_json = statistics.json_path(output)
-        statistics.check_json_output(findings_json)
+        findings_json = findings_output.json_path(output)
+        findings_output.check_json_output(findings_json)
         templates = find_templates(templates)
         template_environment(templates)  # fail on missing templates before reading anything
         say = on_progress or (lambda message: None)
@@ -359,7 +362,7 @@ def write_report(
                     atomic_write(output, lambda f: pdf.write(document, f, late=late))
             except OSError as exc:
                 raise BnprobeError(f"cannot write {output} ({exc.strerror or first_line(exc)})")
-        statistics.write_json(findings, findings_json)
+        findings_output.write_json(findings, findings_json)
         return ReportSummary(output, len(collection.runs), collection.skipped, len(collection.ablations),
                              len(collection.probes), pages, time.perf_counter() - started, len(collection.exports),
                              findings_json)
