@@ -18,10 +18,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.config import IDENTITY_DEFAULTS, norm_name, seed_group
+from bnprobe.core.config import IDENTITY_DEFAULTS, seed_group
 from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.options import OFF_THRESHOLD, REPORT_TAUS, parse_sweep
 from bnprobe.core.modelnames import model_depth, model_family
+from bnprobe.core.norm_names import norm_family, norm_name, norm_suffix
 from bnprobe.files import schema
 from bnprobe.files.atomic import atomic_write
 
@@ -243,7 +244,7 @@ def group_runs(runs: Sequence) -> list[Group]:
         # Settings that tell groups apart, where not at their default: at most one of two groups has that.
         others = "".join(f" {name}={c(name)}" for name in varying
                          if c(name) != IDENTITY_DEFAULTS[name] and not (name == "bn_every" and c("bn") != "every-k"))
-        norm = "" if c("norm") == "batch" else f" {norm_name(c('norm'), c('norm_groups'))}"
+        norm = norm_suffix(c("norm"), c("norm_groups"))
         group.label = f"{c('model')} {c('dataset')} {c('freeze')}{norm}{bn}{others}"
     return list(groups.values())
 
@@ -358,7 +359,7 @@ def other_norm_findings(groups: Sequence[Group], index: dict[tuple, Group], metr
     for g in groups:
         if g.setting("norm") == "batch":
             continue
-        kind = {"group": "GN", "layer": "LN"}.get(g.setting("norm"), str(g.setting("norm")))
+        kind = norm_family(g.setting("norm"))
         bn = _counterpart(g, index, norm="batch")  # seed_group spells the freeze mode as BN's
         if bn is not None:
             only = "-only" if g.setting("freeze") == "non-norm" else ""

@@ -13,9 +13,10 @@ from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from bnprobe.core.config import TrainConfig, norm_name
+from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import COMPACT_FORMAT, TELEMETRY_FILE, TELEMETRY_FORMAT
+from bnprobe.core.norm_names import norm_suffix
 from bnprobe.files import runs
 from bnprobe.files.checkpoints import read_weights
 from bnprobe.files.compact import stored_verified
@@ -126,7 +127,7 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
 
 def _norm(config: TrainConfig) -> str:
     """` (GN16)` or ` (LN)` after a model whose norm layers are not BatchNorm."""
-    return "" if config.norm == "batch" else f" ({norm_name(config.norm, config.norm_groups)})"
+    return norm_suffix(config.norm, config.norm_groups, " ({})")
 
 
 def inspect_export(path: Path) -> Table:
