@@ -23,11 +23,8 @@ from bnprobe.analysis.ablate import clamp_masks
 from bnprobe.analysis.findings import findings_of
 from bnprobe.analysis.loading import build_from_factory, load_eval_data, load_model
 from bnprobe.analysis.measured import bn_statistics
-from bnprobe.core import config as core_config
 from bnprobe.core.config import TrainConfig, seed_group
 from bnprobe.core.errors import BnprobeError
-from bnprobe.core.formats import NORMS
-from bnprobe.core.norm_names import norm_family, norm_name, norm_suffix
 from bnprobe.core.options import LoadOptions
 from bnprobe.data.device import DeviceLoader
 from bnprobe.files import checkpoints, runs
@@ -73,18 +70,6 @@ def test_old_configs_group_with_new_batchnorm_runs_and_gn_runs_say_what_they_are
     assert seed_group(gn.to_dict()) != seed_group(new)
     assert seed_group({**gn.to_dict(), "norm": "batch", "norm_groups": 4}) == seed_group(new)  # its BN counterpart
 
-
-def test_a_norm_is_shown_one_way_everywhere():
-    """BN, GN<groups>, LN, and nothing after a BatchNorm model's name: in run names, tables and findings alike."""
-    for norm in NORMS:
-        for groups in (1, 4, 16):
-            # core/config.py keeps its own norm_name until its branch is merged; the two must not drift meanwhile
-            assert norm_name(norm, groups) == core_config.norm_name(norm, groups)
-            config = TrainConfig(model="resnet8", dataset="digits", norm=norm, norm_groups=groups).resolved()
-            assert config.run_name().startswith(f"resnet8{norm_suffix(norm, groups, '-{}').lower()}-digits-")
-    assert [norm_name(norm, 16) for norm in NORMS] == ["BN", "GN16", "LN"]
-    assert [norm_family(norm) for norm in NORMS] == ["BN", "GN", "LN"]
-    assert [norm_suffix(norm, 8, " ({})") for norm in NORMS] == ["", " (GN8)", " (LN)"]
 
 def test_a_run_of_an_older_bnprobe_resumes(tmp_path):
     """A run written before --norm (its config and checkpoint lack norm and norm_groups) is the same run: resume
