@@ -19,9 +19,16 @@ Two synthetic checkpoints, in a temporary folder (`--cases`, both by default):
 Each probe is measured cold (the files' pages first dropped from the page cache with posix_fadvise(DONTNEED):
 read from the disk) and warm (read again, from the page cache: the CPU and memory cost alone).
 
-    .venv/bin/python bench/static_probe.py                      # both
+- process (`--cases process`): as a user runs it, the whole `bnprobe probe FOLDER` process from its start to its
+  exit (interpreter start, imports, probe, probe.h5, tables), time and peak memory of that process alone
+  (os.wait4's rusage), on the 7B folder above and a 70B-shaped one (Llama-2-70B: 80 layers of 8192, MLP 28672,
+  grouped keys and values of 1024; 69B bf16 numbers in 5 GB shards, sparse on disk like the 7B's). Median of
+  `--repeat` runs, page cache warm.
+
+    .venv/bin/python bench/static_probe.py                      # bn, llm and gguf
     .venv/bin/python bench/static_probe.py --cases llm          # the 7B shards alone
     .venv/bin/python bench/static_probe.py --cases gguf         # the 7B Q4_0 GGUF alone
+    .venv/bin/python bench/static_probe.py --cases process      # whole processes, 7B and 70B folders
     .venv/bin/python bench/static_probe.py --params 20e6 --cases bn
 """
 
@@ -32,6 +39,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,30 +114,34 @@ def make_checkpoint(folder: Path, params: float) -> None:
 
 # Llama-2-7B: layers, hidden size, MLP size, vocabulary; save_pretrained's default largest shard ("5GB").
 LLAMA_7B = (32, 4096, 11008, 32000)
+# Llama-2-70B: the same and the width of its keys and values (8 of 64 heads: grouped-query attention).
+LLAMA_70B = (80, 8192, 28672, 32000, 1024)
 SHARD_BYTES = 5 * 10**9
 BF16 = 2  # bytes
 
 
-def llm_tensors(layers: int, hidden: int, mlp: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
-    """A Llama model's tensors, (name, shape) in registration order."""
+def llm_tensors(layers: int, hidden: int, mlp: int, vocab: int, kv: int = 0) -> list[tuple[str, tuple[int, ...]]]:
+    """A Llama model's tensors, (name, shape) in registration order; kv: the keys' and values' width (default:
+    hidden, no grouped-query attention)."""
+    kv = kv or hidden
     tensors = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         block = f"model.layers.{i}"
-        tensors += [(f"{block}.self_attn.{p}_proj.weight", (hidden, hidden)) for p in "qkvo"]
+        tensors += [(f"{block}.self_attn.{p}_proj.weight", (kv if p in "kv" else hidden, hidden)) for p in "qkvo"]
         tensors += [(f"{block}.mlp.gate_proj.weight", (mlp, hidden)), (f"{block}.mlp.up_proj.weight", (mlp, hidden)),
                     (f"{block}.mlp.down_proj.weight", (hidden, mlp)),
                     (f"{block}.input_layernorm.weight", (hidden,)), (f"{block}.post_attention_layernorm.weight", (hidden,))]
     return tensors + [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
 
 
-def make_llm(folder: Path, layers: int, hidden: int, mlp: int, vocab: int) -> None:
+def make_llm(folder: Path, layers: int, hidden: int, mlp: int, vocab: int, kv: int = 0) -> None:
     """Sparse safetensors shards and their index: shards filled in registration order up to SHARD_BYTES, the data
     of each in name order (as safetensors writes one dtype), and real bytes for the norms' weights alone."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    for name, shape in llm_tensors(layers, hidden, mlp, vocab):
+    for name, shape in llm_tensors(layers, hidden, mlp, vocab, kv):
         if shards[-1] and sum(math.prod(s) * BF16 for _, s in shards[-1]) + math.prod(shape) * BF16 > SHARD_BYTES:
             shards.append([])
         shards[-1].append((name, shape))
@@ -219,10 +231,43 @@ def measure(how: str, path: Path, cold: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write(folder: Path, case: str, args: argparse.Namespace) -> str:
+def whole_process(path: Path, out: Path) -> dict:
+    """`bnprobe probe PATH` as a user runs it: a fresh interpreter from start to exit; its wall time and its own
+    peak resident memory (os.wait4 reports the rusage of that one child, not the largest of all children)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"}
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "bnprobe", "probe", str(path), "--out", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"bnprobe probe {path} failed: {child.stderr.read().decode()[-2000:]}")
+    child.stderr.close()
+    return {"seconds": seconds, "maxrss_kb": usage.ru_maxrss}
+
+
+def processes(folder: Path, args: argparse.Namespace) -> None:
+    """The whole `bnprobe probe FOLDER` process on the 7B- and 70B-shaped folders, against the issue's goals."""
+    rows = []
+    for name, sizes in (("7B", args.llm), ("70B", args.llm70)):
+        (folder / name).mkdir()
+        print(f"{name}: {write(folder / name, 'llm', args, sizes)}")
+        runs = [whole_process(folder / name, folder / f"{name}.h5") for _ in range(args.repeat)]
+        rows.append((name, {key: statistics.median(run[key] for run in runs) for key in runs[0]},
+                     [run["seconds"] for run in runs]))
+    print(f"\n{'whole process, warm page cache':38} {'seconds (median)':>16} {'peak RSS':>10}  every run's seconds")
+    for name, row, every in rows:
+        print(f"{'bnprobe probe ' + name + '-shaped folder':38} {row['seconds']:>16.2f} {row['maxrss_kb'] / 1024:>6.0f} MiB"
+              f"  {', '.join(f'{s:.2f}' for s in every)}")
+    met = all(row["seconds"] < 1 and row["maxrss_kb"] < 150 * 1024 for _, row, _ in rows)
+    print(f"goals (each under 1 s and 150 MB peak, the whole process): {'met' if met else 'MISSED'}")
+
+
+def write(folder: Path, case: str, args: argparse.Namespace, llm: tuple[int, ...] = ()) -> str:
     """The case's files, written by a child process (see main); what it says it wrote."""
     started = time.perf_counter()
-    sizes = ["--params", str(args.params), "--llm", ",".join(map(str, args.llm))]
+    sizes = ["--params", str(args.params), "--llm", ",".join(map(str, llm or args.llm))]
     wrote = subprocess.run([sys.executable, __file__, "--write", str(folder), "--cases", case, *sizes],
                            capture_output=True, text=True, check=True).stdout.strip()
     disk = sum(os.stat(file).st_blocks * 512 for file in folder.iterdir())
@@ -237,10 +282,13 @@ def show(rows: list[tuple[str, dict]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="bn,llm,gguf", help="bn, llm, gguf or several (comma-separated)")
+    parser.add_argument("--cases", default="bn,llm,gguf", help="bn, llm, gguf, process (comma-separated)")
     parser.add_argument("--params", type=float, default=100e6, help="parameters of the bn case's checkpoint")
     parser.add_argument("--llm", type=lambda text: tuple(int(x) for x in text.split(",")), default=LLAMA_7B,
-                        help="the llm and gguf cases' LAYERS,HIDDEN,MLP,VOCAB [default: Llama-2-7B's, 32,4096,11008,32000]")
+                        help="the llm and gguf cases' LAYERS,HIDDEN,MLP,VOCAB[,KV] [default: Llama-2-7B's, 32,4096,11008,32000]")
+    parser.add_argument("--llm70", type=lambda text: tuple(int(x) for x in text.split(",")), default=LLAMA_70B,
+                        help="the process case's second folder [default: Llama-2-70B's, 80,8192,28672,32000,1024]")
+    parser.add_argument("--repeat", type=int, default=3, help="whole processes timed per folder (--cases process)")
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)  # internal: the child that writes the files
     args = parser.parse_args()
     cases = args.cases.split(",")
@@ -290,6 +338,9 @@ def main() -> None:
             cold, warm = (measure("static", file, cold=state == "cold") for state in ("cold", "warm"))
             show([("imports only (torch, bnprobe)", base), ("bnprobe probe FILE.gguf (cold)", cold),
                   ("bnprobe probe FILE.gguf (warm)", warm)])
+        if "process" in cases:
+            (Path(folder) / "process").mkdir()
+            processes(Path(folder) / "process", args)
 
 
 if __name__ == "__main__":

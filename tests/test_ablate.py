@@ -459,7 +459,7 @@ def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
     from probe_helpers import tiny_config
     from rich.console import Console
 
-    from bnprobe.analysis.measured import bn_statistics
+    from bnprobe.analysis.forward_probe import bn_statistics
     from bnprobe.files import runs
     from bnprobe.nets.registry import from_config
 

@@ -238,3 +238,17 @@ def test_nan_values_are_null_in_json(files, capsys):
     document = json.loads(out)
     jsonschema.validate(document, schema("bnprobe-check"))
     assert code == 1 and [f["code"] for f in document["files"][0]["findings"]] == ["BNP301"]
+
+
+def test_the_rules_table_reads_at_80_columns():
+    """Every rule's name, summary and thresholds whole at a terminal's usual width: no cell cut to '…'."""
+    from rich.console import Console
+
+    from bnprobe.analysis.rules import RULES
+    from bnprobe.reporting.check_output import rules_table
+
+    console = Console(width=80, record=True, color_system=None)
+    console.print(rules_table())
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert all(rule.name in text for rule in RULES.values())

@@ -244,19 +244,25 @@ class MakesAFile:
         return (open, (self.path, "w"))
 
 
-def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
+def test_checkpoint_with_pickled_code_never_runs(tmp_path):
+    """weights_only refuses it; the inert reader then reads it with the call stood in for (never run), and a
+    bare pickle that is no torch.save file is refused as pickled code."""
+    from bnprobe.files.inert_pickle import Stand
+
     marker = tmp_path / "pwned"
     torch.save({"model": MakesAFile(marker), "epoch": 1}, tmp_path / "evil.pt")  # zip format
     with open(tmp_path / "evil.pkl", "wb") as f:  # a bare pickle, as the legacy format is
         pickle.dump({"state_dict": MakesAFile(marker)}, f, protocol=2)
-    for name in ("evil.pt", "evil.pkl"):
-        with pytest.raises(BnprobeError, match="refused to load .* pickled code") as info:
-            read_checkpoint(tmp_path / name)
-        assert "\n" not in str(info.value)
-        assert not marker.exists()
-        with pytest.raises(BnprobeError, match="refused"):
-            load_model(tmp_path / name, CPU)
-        assert not marker.exists()
+    obj = read_checkpoint(tmp_path / "evil.pt")
+    assert isinstance(obj["model"], Stand) and obj["epoch"] == 1 and not marker.exists()
+    with pytest.raises(BnprobeError, match="is not a bnprobe checkpoint"):  # no model to build it into
+        load_model(tmp_path / "evil.pt", CPU)
+    with pytest.raises(BnprobeError, match="refused to load .* pickled code") as info:
+        read_checkpoint(tmp_path / "evil.pkl")
+    assert "\n" not in str(info.value) and "no torch magic number" in str(info.value)
+    with pytest.raises(BnprobeError, match="refused"):
+        load_model(tmp_path / "evil.pkl", CPU)
+    assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
     with open(tmp_path / "evil.pkl", "rb") as f:
         pickle.load(f)
@@ -266,9 +272,11 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_runs(tmp_path):
 def test_cli_refuses_code_in_a_checkpoint(capsys, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": MakesAFile(marker)}, tmp_path / "evil.pt")
-    for command in (["probe", tmp_path / "evil.pt"], ["ablate", tmp_path / "evil.pt", "--clamp-gamma", "0.1"]):
+    # Both read it inertly (weights_only refuses it): the call is stood in for, never run.
+    for command, message in ((["probe", tmp_path / "evil.pt"], "1 io object in state_dict stood in for"),
+                             (["ablate", tmp_path / "evil.pt", "--clamp-gamma", "0.1"], "is not a bnprobe checkpoint")):
         code, _, err = run_cli(capsys, *command, "--device", "cpu")
-        assert_one_line_error(code, err, "pickled code")
+        assert_one_line_error(code, err, message)
         assert not marker.exists()
 
 

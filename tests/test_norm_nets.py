@@ -22,7 +22,7 @@ from test_findings import fake_run
 from bnprobe.analysis.ablate import clamp_masks
 from bnprobe.analysis.findings import findings_of
 from bnprobe.analysis.loading import build_from_factory, load_eval_data, load_model
-from bnprobe.analysis.measured import bn_statistics
+from bnprobe.analysis.forward_probe import bn_statistics
 from bnprobe.core.config import TrainConfig, seed_group
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.options import LoadOptions

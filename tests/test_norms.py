@@ -326,11 +326,11 @@ def test_the_forward_probe_takes_every_norm_module_of_a_model():
     """The measures of a forward probe (bn_statistics) for BatchNorm, GroupNorm and LayerNorm modules as
     bnprobe.nets.norms lists them: kinds, and NaN for the running statistics they do not keep; a LayerNorm
     without γ has nothing to measure and is left out."""
-    from bnprobe.analysis import measured
+    from bnprobe.analysis import forward_probe
 
     model = randomize(gn_resnet_timm())
     model.plain = nn.LayerNorm(5, elementwise_affine=False)
-    stats = measured.bn_statistics(model)
+    stats = forward_probe.bn_statistics(model)
     assert stats.names == DEPTH["gn"] and stats.kinds == ["BatchNorm"] + ["LayerNorm/GroupNorm-like"] * 5
     assert not stats.stats_only and not np.isnan(stats.running_var[0]).any() and np.isnan(stats.running_var[1]).all()
     np.testing.assert_array_equal(stats.gamma[1], model.stages[0].blocks[0].norm1.weight.detach().double().numpy())
@@ -420,7 +420,7 @@ HOSTILE = {
     "a huge index": (huge, f"larger than {MAX_INDEX_BYTES >> 20} MiB; not a checkpoint index"),
     "not JSON": (lambda d: (d / "model.safetensors.index.json").write_text("{"), "is not readable JSON"),
     "no weight_map": (lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
-                      "a weight_map of tensor names to shard files expected; its weight_map is null"),
+                      "a weight_map of tensor names to shard files expected; it has no weight_map"),
     "a list": (lambda d: (d / "model.safetensors.index.json").write_text("[1]"), "expected; a list"),
     "a number for a shard": (lambda d: rewrite_index(d, escape(3)), "tensor model.norm.weight maps to a number"),
     "too many shards": (many_shards, f"more than {MAX_SHARDS} shards"),
@@ -428,7 +428,7 @@ HOSTILE = {
                             "its shards mix safetensors and torch files"),
     "an integer γ": (wrong_dtype, "model.norm.weight holds int64, not the floating-point numbers"),
     "a tensor not in its shard": (not_held, "shard model-00001-of-00002.safetensors does not hold model.norm.weight"),
-    "pickled code in a .bin shard": (pickled_code, "refused to load"),
+    "pickled code in a .bin shard": (pickled_code, "holds no state dict"),  # read inertly: the payload never ran
 }
 
 

@@ -21,7 +21,8 @@ from bnprobe.analysis.rules import MAX_DIMS, RULES, SEVERITIES, Rule, check_para
 from bnprobe.analysis.static import norms_from_tensors, static_probe
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.formats import CHECK_FORMAT, CHECKPOINT_FILE, DIFF_FORMAT
-from bnprobe.files.checkpoints import FileTensors, checkpoint_file, checkpoint_label, read_weights
+from bnprobe.files.file_tensors import FileTensors, checkpoint_file, checkpoint_label, torch_tensors
+from bnprobe.files.headers import torch_file_kind
 from bnprobe.files.schema import MAX_JSON_BYTES, check_outside_runs, read_json, regular_file
 from bnprobe.files.shards import INDEX_SUFFIX, model_folder_file
 
@@ -308,7 +309,15 @@ def read_norms(path: Path) -> tuple[Any, dict[str, Any], str, Path]:
     if result is not None:
         return result.bn, result.attrs, result.label, Path(result.path)
     file = checkpoint_file(path)
-    weights = read_weights(file).get("model")
+    if torch_file_kind(file):  # a run's checkpoint.pt: read inertly, as any torch file, without torch
+        obj, _ = torch_tensors(file)
+        weights = obj.get("model") if isinstance(obj, dict) else None
+    else:
+        # An export: a compact one regenerates its frozen tensors from the model, which takes torch (imported
+        # here, for this case alone, so that checking any other file never waits for it).
+        from bnprobe.files.checkpoints import read_weights
+
+        weights = read_weights(file).get("model")
     if not isinstance(weights, dict):
         raise BnprobeError(f"{file}: a bnprobe checkpoint without model weights")
     bn = norms_from_tensors(FileTensors(weights, "bnprobe", "model", [], "file"), file, "all")

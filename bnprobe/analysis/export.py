@@ -18,13 +18,8 @@ from bnprobe.core.errors import BnprobeError
 from bnprobe.core.formats import COMPACT_FORMAT, EXPORT_FORMATS, EXPORT_VERSION, FULL_FORMAT
 from bnprobe.files import schema
 from bnprobe.files.atomic import atomic_write
-from bnprobe.files.checkpoints import (
-    check_checkpoint,
-    checkpoint_file,
-    is_bnprobe_checkpoint,
-    read_checkpoint,
-    read_metadata,
-)
+from bnprobe.files.checkpoints import check_checkpoint, read_checkpoint, read_metadata
+from bnprobe.files.file_tensors import checkpoint_file, is_bnprobe_checkpoint
 from bnprobe.files.compact import frozen_digest, layout_digest, pack, packed_layout, regenerate, stored_digest
 from bnprobe.files.headers import is_safetensors
 

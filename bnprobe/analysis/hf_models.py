@@ -25,7 +25,8 @@ from bnprobe.analysis.user_eval import load_eval
 from bnprobe.core.errors import BnprobeError, first_line, listing, printable
 from bnprobe.core.formats import ABLATION_FILES, ABLATION_FORMAT
 from bnprobe.core.options import AblateOptions, LoadOptions
-from bnprobe.files.checkpoints import checkpoint_file, extract_state_dict, read_weights
+from bnprobe.files.checkpoints import extract_state_dict, read_weights
+from bnprobe.files.file_tensors import checkpoint_file
 from bnprobe.files.hf_folder import hf_config
 from bnprobe.files.runs import default_output
 from bnprobe.files.shards import is_index, read_index

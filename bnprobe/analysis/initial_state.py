@@ -11,14 +11,8 @@ from typing import Any
 
 from bnprobe.analysis.static import norms_from_tensors
 from bnprobe.core.errors import BnprobeError
-from bnprobe.files.checkpoints import (
-    FileTensors,
-    check_checkpoint,
-    checkpoint_file,
-    checkpoint_label,
-    is_bnprobe_checkpoint,
-    read_weights,
-)
+from bnprobe.files.checkpoints import check_checkpoint, read_weights
+from bnprobe.files.file_tensors import FileTensors, checkpoint_file, checkpoint_label, is_bnprobe_checkpoint
 from bnprobe.files.compact import regenerate
 
 

@@ -22,21 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bnprobe.core.config import TrainConfig, check_device
+from bnprobe.core.config import TrainConfig, check_load_options
 from bnprobe.core.datasets import get_dataset_spec
 from bnprobe.core.errors import BnprobeError, first_line
 from bnprobe.core.options import NORM_UNITS, LoadOptions
 from bnprobe.data.device import DeviceDataset, fixed_subset, load_dataset
-from bnprobe.files.checkpoints import (
-    check_checkpoint,
-    checkpoint_file,
-    checkpoint_label,
-    extract_state_dict,
-    is_bnprobe_checkpoint,
-    load_state_strict,
-    read_weights,
-    strip_prefixes,
-)
+from bnprobe.files.checkpoints import check_checkpoint, extract_state_dict, load_state_strict, read_weights
+from bnprobe.files.file_tensors import checkpoint_file, checkpoint_label, is_bnprobe_checkpoint, strip_prefixes
 from bnprobe.nets.registry import from_config
 from bnprobe.training.evaluate import resolve_device
 
@@ -190,24 +182,11 @@ def resolve_normalization(
 # ---- the whole load --------------------------------------------------------------------------------
 
 
-def check_options(options: LoadOptions) -> None:
-    """Flags that only make sense together, checked before anything is loaded."""
-    check_device(options.device)  # also when no checkpoint needs a device (every one probed from its file)
-    if options.model_arg and not options.model:
-        raise BnprobeError("--model-arg passes arguments to a --model factory; pass --model too")
-    if options.norm_units not in NORM_UNITS:
-        raise BnprobeError(f"--norm-units must be one of {', '.join(NORM_UNITS)}; got {options.norm_units!r}")
-    if options.norm_units != "auto" and options.mean is None:
-        raise BnprobeError("--norm-units says how to read --mean/--std; pass them too")
-    if (options.mean is None) != (options.std is None):
-        raise BnprobeError("--mean and --std go together; pass both")
-
-
 def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.device] = None,
                need_data: bool = True) -> LoadedModel:
     """Rebuild the model of one checkpoint, with its weights, in eval mode on `device`. `need_data=False`: the
     model is evaluated by the user's own code (ablate --eval), so a foreign checkpoint needs no --dataset."""
-    check_options(options)
+    check_load_options(options)
     device = device or resolve_device(options.device)
     file = checkpoint_file(path)
     obj = read_weights(file)

@@ -1,6 +1,7 @@
 """What a probe measures of one checkpoint, whatever produced it: the γ/β of every normalisation layer with their
 running statistics where they have them (NormStats, from the model's modules or from the file's tensors alone),
-the ReLU sites of a forward pass, and the ProbeResult that holds both with its summary."""
+the ReLU sites of a forward pass, and the ProbeResult that holds both with its summary. numpy alone: the static
+probe never imports torch (the modules' side is bnprobe.analysis.forward_probe)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnprobe.analysis.relu import ReluSite
-from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
+from bnprobe.core.formats import BATCHNORM
 from bnprobe.core.measures import fraction_below
-from bnprobe.nets.norms import has_affine, norm_channels, norm_layers
 
 # What a layer is (NORM_KINDS), as far as its tensors tell: BatchNorm keeps running statistics; a scale and a
 # shift per channel with none is LayerNorm or GroupNorm (their tensors are alike, and so are their names: neither
@@ -27,11 +23,20 @@ QUANTILE_LEVELS = (0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0)
 RECURRING_MIN_LAYERS = 2
 
 
-def module_kind(module: nn.Module) -> str:
-    """A normalisation module's kind, by the same rule as a file's tensors (NORM_KINDS)."""
-    if isinstance(module, _BatchNorm):
-        return BATCHNORM
-    return SCALE_SHIFT if getattr(module, "bias", None) is not None else SCALE_ONLY
+@dataclass
+class ReluSite:
+    name: str  # "layer1.0.relu#2", or the module name when it runs once per forward
+    module: str
+    call: int  # 1-based invocation within one forward pass
+    input: str  # what feeds it, from torch.fx ("layer1.0.bn1", "add(layer1.0.bn2, layer1.0.downsample.1)"), or ""
+    channels: int
+    zeros: int  # zero outputs over every probed image, channel and position
+    total: int
+    dead: int  # channels that were zero for every probed image at every position
+
+    @property
+    def zero_fraction(self) -> float:
+        return self.zeros / self.total if self.total else float("nan")
 
 
 @dataclass
@@ -75,15 +80,13 @@ class NormStats:
         self.kinds = list(self.kinds) or [BATCHNORM] * len(self.names)
 
     @classmethod
-    def from_tensors(cls, layers: Sequence[tuple[str, Sequence[Optional[torch.Tensor]]]],
+    def from_tensors(cls, layers: Sequence[tuple[str, Sequence[Optional[np.ndarray]]]],
                      stats_only: Sequence[tuple[str, int]] = (), kinds: Sequence[str] = ()) -> "NormStats":
-        """layers: (name, (weight, bias, running_mean, running_var)) in depth order, torch tensors or numpy arrays
-        of any floating dtype (read as stored, bf16 included), copied to float64; an absent tensor (None) is NaN."""
-        def get(t: Any, size: int) -> np.ndarray:
-            if t is None:
-                return np.full(size, np.nan)
-            if isinstance(t, torch.Tensor):
-                t = t.detach().cpu().double().numpy()
+        """layers: (name, (weight, bias, running_mean, running_var)) in depth order, numpy arrays of any floating
+        dtype (bf16 read as float32), copied to float64; an absent one (None) is NaN."""
+        def get(t: Optional[np.ndarray], size: int) -> np.ndarray:
+            if t is None:  # a read-only view of one NaN: an RMSNorm's absent β and statistics take no memory
+                return np.broadcast_to(np.float64(np.nan), (size,))
             return np.array(t, dtype=np.float64).ravel()
 
         columns: list[list[np.ndarray]] = [[], [], [], []]
@@ -182,21 +185,6 @@ class NormStats:
 
 
 BNStats = NormStats  # its name before it held every normalisation layer
-
-
-def bn_statistics(model: nn.Module) -> NormStats:
-    """Every normalisation layer bnprobe.nets.norms lists (BatchNorm, GroupNorm, LayerNorm), in module order: γ/β
-    flat (one value per channel or, for a LayerNorm over (C, H, W), per element) and, where the module keeps them,
-    its running statistics; BatchNorm layers without γ as statistics-only."""
-    layers = norm_layers(model)
-    affine = [(name, m) for name, m in layers if has_affine(m)]
-    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    return NormStats.from_tensors(
-        [(name, (flat(m.weight), flat(getattr(m, "bias", None)), getattr(m, "running_mean", None),
-                 getattr(m, "running_var", None))) for name, m in affine],
-        [(name, norm_channels(m)) for name, m in layers  # nothing to measure without γ or statistics
-         if not has_affine(m) and getattr(m, "running_mean", None) is not None],
-        [module_kind(m) for _, m in affine])
 
 
 def layer_mean(values: np.ndarray) -> float:

@@ -4,7 +4,9 @@ output.
 
 γ/β come straight from the normalisation modules (affine ones, in module order = depth), or, for a checkpoint
 probed alone (no --model, no --dataset: a file, a Hugging Face model folder or its index), from its tensors
-(bnprobe.analysis.static), with no forward pass.
+(bnprobe.analysis.static), with no forward pass. This module needs no torch: a forward pass imports
+bnprobe.analysis.forward_probe (and torch with it) when a checkpoint needs one, so that `bnprobe probe FILE` of a
+checkpoint read from its file alone never waits for torch's import.
 """
 
 from __future__ import annotations
@@ -15,31 +17,21 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn as nn
 from rich.console import Console
 from rich.markup import escape
 
 from bnprobe.analysis.conventions import check_scale_offset
-from bnprobe.analysis.loading import check_forward, check_options, load_eval_data, load_model
-from bnprobe.analysis.measured import ProbeResult, bn_statistics
+from bnprobe.analysis.measured import ProbeResult
 from bnprobe.analysis.probe_file import write_probe_h5
 from bnprobe.analysis.probe_tables import probe_tables, shown
-from bnprobe.analysis.relu import relu_sparsity
 from bnprobe.analysis.static import KIND_NOTE, NORMS, ORDER_NOTES, static_probe
+from bnprobe.core.config import check_load_options
 from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import BATCHNORM, PROBE_FILE, PROBE_FORMAT, SCALE_ONLY
 from bnprobe.core.options import MAX_BINS, LoadOptions, ProbeOptions
-from bnprobe.data.device import DeviceLoader
 from bnprobe.files.gguf import facts_line
 from bnprobe.files.runs import default_output
 from bnprobe.files.store import check_replaceable, provenance
-from bnprobe.training.evaluate import resolve_device
-
-
-def probe_model(model: nn.Module, loader: DeviceLoader, label: str, path: str, attrs: dict[str, Any]) -> ProbeResult:
-    sites, loss, accuracy, images = relu_sparsity(model, loader)
-    return ProbeResult(label, path, attrs, bn_statistics(model), sites, loss, accuracy, images)
 
 
 def unique_labels(labels: Sequence[str]) -> list[str]:
@@ -82,10 +74,10 @@ def run_probe(
     if not (math.isfinite(settings.outlier_factor) and settings.outlier_factor > 0):
         raise BnprobeError(f"--outlier-factor must be a finite number > 0, got {settings.outlier_factor:g}")
     check_scale_offset(settings.scale_offset)
-    device: Optional[torch.device] = None  # resolved for the first forward pass (that import takes seconds)
+    device: Any = None  # a torch.device, resolved for the first forward pass (that import takes seconds)
     out = out if out is not None else default_output(paths, PROBE_FILE)
     check_replaceable(out, PROBE_FORMAT)
-    check_options(options)
+    check_load_options(options)
     static = options.model is None and options.dataset is None
     cache: dict = {}
     results = []
@@ -94,24 +86,17 @@ def run_probe(
         if result is not None:
             results.append(result)
             continue
-        device = device or resolve_device(options.device)
-        loaded = load_model(path, options, device)
-        data = load_eval_data(loaded, device, test_subset=images, cache=cache)
-        channels_last = device.type == "cuda"
-        if channels_last:
-            loaded.model.to(memory_format=torch.channels_last)
-        loader = DeviceLoader(data.test_x, data.test_y, data.mean, data.std, batch_size, channels_last=channels_last)
-        check_forward(loaded.model, next(iter(loader))[0], loaded.label, loaded.dataset)
-        attrs = {"source": loaded.source, "dataset": loaded.dataset, "normalization": loaded.norm_source,
-                 **{k: v for k, v in loaded.meta.items() if v is not None}}
-        result = probe_model(loaded.model, loader, loaded.label, str(loaded.path), attrs)
+        # torch, imported here and only here: a checkpoint read from its file alone never gets this far.
+        from bnprobe.analysis.forward_probe import device_for, probe_checkpoint
+
+        device = device or device_for(options)
+        result = probe_checkpoint(path, options, device, images, batch_size, cache)
         if settings.norms == "bn":
             result.bn = result.bn.of_kinds([BATCHNORM])
         if not result.bn.names:
-            console.print(f"[yellow]{shown(loaded.label)}: no BatchNorm layer with a γ; only ReLU sparsity is "
+            console.print(f"[yellow]{shown(result.label)}: no BatchNorm layer with a γ; only ReLU sparsity is "
                           f"reported")
         results.append(result)
-        del loaded
     for result, label in zip(results, unique_labels([r.label for r in results])):
         result.label = label
     # --images applies to forward passes only: without one, the file does not claim a count.
@@ -152,6 +137,8 @@ def run_probe(
                     f"{r.attrs['unnamed_scale_names']}")), soft_wrap=True, highlight=False)
             if r.attrs["file_format"] == "gguf":
                 console.print(escape(printable(f"{r.label}: {facts_line(r.attrs)}")), soft_wrap=True, highlight=False)
+            if r.attrs.get("stood_in"):
+                console.print(shown(f"{r.label}: {r.attrs['stood_in']}"), soft_wrap=True, highlight=False)
         betas = [b for b, kind in zip(r.bn.beta, r.bn.kinds) if kind != SCALE_ONLY]  # (none: NaN, not counted)
         infinite = sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*r.bn.gamma, *betas))
         if infinite:

@@ -11,30 +11,14 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from bnprobe.analysis.measured import ReluSite
 from bnprobe.data.device import DeviceLoader
 from bnprobe.training.evaluate import evaluate
-
-
-@dataclass
-class ReluSite:
-    name: str  # "layer1.0.relu#2", or the module name when it runs once per forward
-    module: str
-    call: int  # 1-based invocation within one forward pass
-    input: str  # what feeds it, from torch.fx ("layer1.0.bn1", "add(layer1.0.bn2, layer1.0.downsample.1)"), or ""
-    channels: int
-    zeros: int  # zero outputs over every probed image, channel and position
-    total: int
-    dead: int  # channels that were zero for every probed image at every position
-
-    @property
-    def zero_fraction(self) -> float:
-        return self.zeros / self.total if self.total else float("nan")
 
 
 def _describe(arg: Any) -> str:

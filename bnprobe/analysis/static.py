@@ -17,27 +17,29 @@ them (final norms): `block_order`.
 A GGUF file (bnprobe.files.gguf) has llama.cpp's names (`blk.N.attn_norm`, `output_norm`, ...) in its
 converter's order, often `blk.10` before `blk.2`: its blocks too come in numeric order of N ("file blocks").
 
-Files are read lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)), a safetensors file opened
-with safe_open, and of a sharded checkpoint only the shards holding a norm's tensor are opened, so only the
-norm tensors' bytes are ever read (bench/static_probe.py). Torch files are read with weights_only=True: pickled
-code is refused.
+Files are read without torch and lazily (bnprobe.files.file_tensors): a safetensors file through its header, a
+torch.save file through bnprobe's inert unpickler (pickled objects are stood in for, never run), a GGUF file
+through bnprobe.files.gguf, and of a sharded checkpoint only the shards holding a norm's tensor; only the norm
+tensors' bytes are ever read, with numpy (bench/static_probe.py). A norm layer wider than MAX_NORM_CHANNELS, or
+norms of more than MAX_NORM_TOTAL channels in all, are refused before a byte of them is read: the shapes come
+from the file, and a sparse file can declare a 1e12-element norm in 8 KB.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 
 from bnprobe.analysis.conventions import check_scale_offset, effective, scale_convention
 from bnprobe.analysis.measured import NormStats, ProbeResult
 from bnprobe.analysis.norm_finder import BN_TENSORS, Found, candidate_names, find_norms
-from bnprobe.core.errors import BnprobeError, listing
-from bnprobe.files.checkpoints import FileTensors, checkpoint_file, checkpoint_label, open_tensors
+from bnprobe.core.errors import BnprobeError, listing, printable
+from bnprobe.files.file_tensors import FLOATING, FileTensors, checkpoint_file, checkpoint_label, open_tensors
 from bnprobe.files.shards import is_index
 
 # A transformer block: `layers.N.`, `h.N.` (GPT-2), `blocks.N.` (timm), `layer.N.` (BERT's encoder.layer.N),
@@ -55,21 +57,45 @@ ORDER_NOTES = {
                    "block the file's order, token_embd_norm before the blocks and output_norm after",
 }
 NORMS = ("all", "bn")  # --norms
+# The widest normalisation layer read: the widest of published models have tens of thousands of channels
+# (Llama 3.1 405B: 16,384; a LayerNorm over a 256x56x56 feature map: 802,816 elements); 2**20 leaves room and
+# keeps one layer's four float64 columns under 32 MiB.
+MAX_NORM_CHANNELS = 1 << 20
+# Every norm layer of one checkpoint together: Llama 3.1 405B's 253 norms hold 4.1M channels; 2**24 is four times
+# that (0.5 GiB of float64 columns at most).
+MAX_NORM_TOTAL = 1 << 24
 KIND_NOTE = ("BN = BatchNorm; LN/GN = LayerNorm/GroupNorm-like: a scale and a shift per channel, no running "
              "statistics (the names and the tensors cannot tell LayerNorm from GroupNorm); RMS = RMSNorm-like: a "
              "scale alone (or a LayerNorm without bias)")
 
 
-def _read(path: Path, name: str, parts: dict[str, Any]) -> list[Optional[torch.Tensor]]:
-    """(weight, bias, running_mean, running_var) of one layer, read (None where absent), in their dtype."""
-    read = {leaf: FileTensors.read(value) for leaf, value in parts.items() if value is not None}
-    for leaf, tensor in read.items():
-        floating = tensor.is_floating_point() if isinstance(tensor, torch.Tensor) else np.issubdtype(
-            tensor.dtype, np.floating)  # (GGUF tensors are numpy arrays)
-        if not floating:
-            raise BnprobeError(f"{path}: {name}.{leaf} holds {str(tensor.dtype).removeprefix('torch.')}, not the "
+def _read(path: Path, name: str, parts: dict[str, Any]) -> list[Optional[np.ndarray]]:
+    """(weight, bias, running_mean, running_var) of one layer, read (None where absent) as numpy arrays, each
+    checked to hold floating-point numbers before a byte of it is read."""
+    for leaf, value in zip(BN_TENSORS[:4], parts.values()):
+        if value is not None and FileTensors.dtype(value) not in FLOATING:
+            raise BnprobeError(f"{path}: {name}.{leaf} holds {FileTensors.dtype(value)}, not the "
                                f"floating-point numbers of a normalisation layer")
-    return [read.get(leaf) for leaf in BN_TENSORS[:4]]
+    return [None if value is None else FileTensors.read(value) for value in parts.values()]
+
+
+class _Budget:
+    """The channels read so far, against MAX_NORM_CHANNELS per layer and MAX_NORM_TOTAL in all."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.total = path, 0
+
+    def take(self, name: str, shape: tuple[int, ...]) -> None:
+        channels = math.prod(shape)
+        if channels > MAX_NORM_CHANNELS:
+            raise BnprobeError(f"{self.path}: norm layer {printable(name)} declares {channels:,} channels, more than "
+                               f"the {MAX_NORM_CHANNELS:,} bnprobe reads (no normalisation layer of a published "
+                               f"model is a tenth as wide); a damaged or forged file")
+        self.total += channels
+        if self.total > MAX_NORM_TOTAL:
+            raise BnprobeError(f"{self.path}: its norm layers declare more than {MAX_NORM_TOTAL:,} channels in all "
+                               f"(at {printable(name)}), more than bnprobe reads (the largest published models "
+                               f"have about 4 million)")
 
 
 def find_in(file: FileTensors, path: Path, norms: str = "all") -> Found:
@@ -81,15 +107,17 @@ def norms_from_tensors(file: FileTensors, path: Path, norms: str = "all", found:
     """Every normalisation layer of a state dict (BatchNorm alone for norms="bn"), from its tensors alone, in
     depth order (none: empty); each layer's γ, β, ... flat over its shape (a LayerNorm over (1, 264): 264)."""
     found = found if found is not None else find_in(file, path, norms)
-    layers: list[tuple[str, list[Optional[torch.Tensor]]]] = []
+    layers: list[tuple[str, list[Optional[np.ndarray]]]] = []
     kinds: list[str] = []
     stats_only: list[tuple[str, int]] = []
+    budget = _Budget(path)
     for layer in found.layers:
         if layer.scale is None:  # BatchNorm without affine: its running statistics alone
             stats_only.append((layer.name, FileTensors.shape(file.tensors[layer.running_mean])[0]))
             continue
         parts = {leaf: None if full is None else file.tensors[full] for leaf, full in
                  zip(BN_TENSORS[:4], (layer.scale, layer.shift, layer.running_mean, layer.running_var))}
+        budget.take(layer.name, FileTensors.shape(parts["weight"]))
         layers.append((layer.name, _read(path, layer.name, parts)))
         kinds.append(layer.kind)
     return NormStats.from_tensors(layers, stats_only, kinds)
@@ -157,7 +185,8 @@ def static_probe(path: Path | str, norms: str = "all", scale_offset: Optional[fl
                  "scale_convention": f"{convention.text}: {convention.why}"
                                      + (f" ({shifted} layer{'s' if shifted != 1 else ''} shifted)" if shifted else ""),
                  "unnamed_scales": len(unnamed), **({"unnamed_scale_names": listing(unnamed, 20)} if unnamed else {}),
-                 **({"shards": tensors.shards[1], "shards_read": tensors.shards[0]} if tensors.shards else {})}
+                 **({"shards": tensors.shards[1], "shards_read": tensors.shards[0]} if tensors.shards else {}),
+                 **({"stood_in": tensors.stood_in} if tensors.stood_in else {})}
     nan = float("nan")
     label = Path(os.path.abspath(path)).name if Path(path).is_dir() else checkpoint_label(file)
     return ProbeResult(label, str(file.resolve()), attrs, stats, sites=[], loss=nan, accuracy=nan, images=0,

@@ -29,6 +29,7 @@ from bnprobe.core.formats import (
     NORMS,
     SHORTCUTS,
 )
+from bnprobe.core.options import NORM_UNITS, LoadOptions
 
 # The largest model bnprobe builds: 2e9 parameters are 8 GB of float32 weights, 24 GB with their gradients and
 # SGD momentum, before one activation (resnet200 has 62M). Counted on the meta device before anything is allocated.
@@ -319,6 +320,19 @@ def seed_group(config: dict[str, Any]) -> tuple:
 def _shown(value: Any, limit: int = 40) -> str:
     text = json.dumps(value, default=repr)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_load_options(options: LoadOptions) -> None:
+    """The probe's and ablation's flags that only make sense together, checked before anything is loaded."""
+    check_device(options.device)  # also when no checkpoint needs a device (every one probed from its file)
+    if options.model_arg and not options.model:
+        raise BnprobeError("--model-arg passes arguments to a --model factory; pass --model too")
+    if options.norm_units not in NORM_UNITS:
+        raise BnprobeError(f"--norm-units must be one of {', '.join(NORM_UNITS)}; got {options.norm_units!r}")
+    if options.norm_units != "auto" and options.mean is None:
+        raise BnprobeError("--norm-units says how to read --mean/--std; pass them too")
+    if (options.mean is None) != (options.std is None):
+        raise BnprobeError("--mean and --std go together; pass both")
 
 
 def check_device(name: str) -> None:

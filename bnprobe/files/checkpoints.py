@@ -10,25 +10,21 @@ model folder for its index or weights file; an index's shards are opened here to
 and checked by bnprobe.files.shards).
 A GGUF file (llama.cpp's; a split model's parts together) is read by bnprobe.files.gguf, without torch.
 
-Lazily: a torch zip archive is memory-mapped (torch.load(mmap=True)) and a safetensors file opened with
-safe_open, so only the bytes of the tensors used are read (the static probe of a 1 GB file reads its BN tensors
-alone; a sharded checkpoint opens only the shards that hold the tensors asked for). What needs no torch (the
-sniffing, safetensors headers, exports' metadata) is bnprobe.files.headers, which the report reads without loading
-torch.
+What needs no torch is elsewhere: the sniffing, safetensors headers and exports' metadata in
+bnprobe.files.headers (which the report reads without loading torch), and a file's tensors for the static probe
+in bnprobe.files.file_tensors (no torch, pickles read inertly). The state dict is found inside a file by the
+same rules in both (file_tensors.find_state_dict).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 import zipfile
-from collections import deque
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -37,7 +33,6 @@ from bnprobe.core.config import TrainConfig
 from bnprobe.core.datasets import get_dataset_spec
 from bnprobe.core.errors import BnprobeError, first_line, listing, printable
 from bnprobe.core.formats import (
-    CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     COMPACT_FORMAT,
@@ -53,52 +48,29 @@ from bnprobe.files.compact import (
     stored_verified,
     unpack,
 )
-from bnprobe.files.gguf import gguf_in_folder, is_gguf, model_facts, read_model
+from bnprobe.files.file_tensors import (
+    FileTensors,
+    find_state_dict,
+    is_stored,
+    refuse_unreadable,
+    torch_tensors,
+    walk_tensors,
+)
+from bnprobe.files.gguf import is_gguf
 from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
-from bnprobe.files.shards import ShardIndex, is_index, model_folder_file, read_index
+from bnprobe.files.shards import is_index
 from bnprobe.nets.check import check_model
-
-# In order of preference: a file with both a model and its EMA copy (timm's state_dict_ema) gives the model.
-STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module", "weights", "params",
-                   "ema", "model_ema", "state_dict_ema")
-STRIPPED_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile: stripped when every key has one
-# A file read for its tensors alone (no model to fit them to) also loses a LightningModule's `self.model`.
-STATIC_PREFIXES = STRIPPED_PREFIXES + ("model.",)
-
-
-# ---- what a file is ------------------------------------------------------------------------------------------
-
-
-def checkpoint_file(path: Path | str) -> Path:
-    """A checkpoint file, a run directory's checkpoint.pt, or a Hugging Face model folder's index (or weights)."""
-    path = Path(path)
-    if path.is_dir():
-        inner = path / CHECKPOINT_FILE
-        inner = inner if inner.is_file() else model_folder_file(path) or gguf_in_folder(path)
-        if inner is None:
-            raise BnprobeError(f"{path} is a directory without {CHECKPOINT_FILE}, a Hugging Face model's index or "
-                               f"weights, or a GGUF file; pass a checkpoint file, a run directory or a model folder")
-        return inner
-    if not path.exists():
-        raise BnprobeError(f"no such checkpoint: {path}")
-    if not path.is_file():
-        raise BnprobeError(f"{path} is not a regular file")
-    return path
-
-
-def checkpoint_label(file: Path) -> str:
-    """The short name tables use: a run's checkpoint.pt or a model's index by its folder's name, any other file by
-    its stem."""
-    if is_index(file):
-        return Path(os.path.abspath(file)).parent.name  # (not resolved: the hub's cache links it into blobs/)
-    return file.parent.name if file.name == CHECKPOINT_FILE else file.stem
 
 
 # ---- torch files -----------------------------------------------------------------------------------------------
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: bool = False) -> Any:
-    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code.
+    """torch.load(weights_only=True) with one-line errors: not a checkpoint, or refused pickled code. Where
+    weights_only refuses a torch.save file for the objects beside its tensors (a Lightning checkpoint's omegaconf
+    hyper_parameters, an argparse.Namespace, ...), bnprobe's inert unpickler reads it instead: those objects are
+    stood in for (bnprobe.files.inert_pickle), never imported or run, and the tensors read whole. A file it cannot
+    read either is refused as pickled code.
 
     lazy: memory-map a zip archive's tensors (torch.load(mmap=True)), so only the bytes of the tensors
     used are ever read; the legacy format cannot be mapped and is read whole."""
@@ -115,41 +87,50 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", lazy: 
         if "Weights only load failed" in message or "WeightsUnpickler" in message:
             refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
             what = f"it references {refused.group(1)}" if refused else _weights_only_reason(message)
-            raise BnprobeError(
-                f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
-                f"bnprobe reads checkpoints with weights_only=True and never runs code from them"
-            )
+            try:
+                return _read_inertly(path)
+            except BnprobeError as inert:
+                raise BnprobeError(
+                    f"refused to load {path}: it holds pickled code or objects, not only tensors ({what}); "
+                    f"bnprobe reads checkpoints with weights_only=True and never runs code from them, and its "
+                    f"inert reader could not read it either ({str(inert).removeprefix(str(path)).lstrip(': ')})"
+                ) from None
         reason = _first_sentence(message) or {EOFError: "the file ends early"}.get(type(exc), type(exc).__name__)
         if is_zip and not zipfile.is_zipfile(path):  # no intact central directory: cut short or overwritten
             reason = f"truncated or damaged: {reason}"
         raise BnprobeError(f"{path} is not a readable PyTorch checkpoint ({reason})")
-    unreadable = _unreadable_tensors(obj)
-    if unreadable:
-        shown = ", ".join(unreadable[:4]) + (f", ... ({len(unreadable) - 4} more)" if len(unreadable) > 4 else "")
-        raise BnprobeError(f"{path} holds tensors bnprobe cannot read: {shown}; it reads dense tensors that hold "
-                           f"their data (tensor.to_dense(); a model built on the meta device has none)")
+    # A tensor that is not strided (sparse, ...) or has no data (the meta device, whatever size it declares):
+    # numpy and every copy would fail on it, or allocate what it declares.
+    refuse_unreadable(path, [
+        f"{where or '(top level)'} ({'meta, no data' if value.is_meta else str(value.layout).removeprefix('torch.')})"
+        for where, value in walk_tensors(obj, _is_tensor) if value.is_meta or value.layout != torch.strided])
     return obj
 
 
-def _unreadable_tensors(obj: Any) -> list[str]:
-    """Where a loaded checkpoint holds a tensor that is not strided (sparse, ...) or has no data (the meta device,
-    whatever size it declares), as `key.key[i] (layout)`: numpy and every copy would fail on it, or allocate
-    what it declares. Walked without recursion, each container once (a file's nesting, even a list holding
-    itself, is the file's choice)."""
-    found, pending, seen = [], deque([("", obj)]), set()
+def _read_inertly(path: Path) -> Any:
+    """A torch.save file read by bnprobe's inert unpickler (nothing in it run), its tensors read into torch
+    tensors where they sit in dicts and lists (the containers of state dicts and optimizer states)."""
+    obj = torch_tensors(path)[0]
+    pending = [obj]
+    seen: set[int] = set()
     while pending:
-        where, value = pending.popleft()
-        if isinstance(value, torch.Tensor):
-            if value.is_meta or value.layout != torch.strided:
-                kind = "meta, no data" if value.is_meta else str(value.layout).removeprefix("torch.")
-                found.append(f"{where or '(top level)'} ({kind})")
-        elif isinstance(value, (dict, list, tuple)) and id(value) not in seen:
-            seen.add(id(value))
-            if isinstance(value, dict):
-                pending.extend((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
-            else:
-                pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
-    return found
+        container = pending.pop()
+        if id(container) in seen:
+            continue
+        seen.add(id(container))
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, value in list(items):
+            if is_stored(value):
+                array = FileTensors.read(value)  # (np.ascontiguousarray would make a 0-d array 1-d)
+                tensor = torch.from_numpy(array if array.flags.c_contiguous and array.flags.writeable else array.copy())
+                container[key] = tensor.to(torch.bfloat16) if value.dtype == "bfloat16" else tensor
+            elif isinstance(value, (dict, list)):
+                pending.append(value)
+    return obj
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _first_sentence(message: str, limit: int = 160) -> str:
@@ -189,10 +170,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 
 # ---- bnprobe checkpoints ---------------------------------------------------------------------------------------
-
-
-def is_bnprobe_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT and "config" in obj
 
 
 # What every row of a checkpoint's history holds since bnprobe's first version (later ones add eval-mode train
@@ -264,47 +241,9 @@ def _describe(value: Any) -> str:
 # ---- state dicts ---------------------------------------------------------------------------------------------
 
 
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
-
-
 def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict inside a checkpoint: bare, or under a common key (searched two levels deep)."""
-    if _is_tensor_dict(obj):
-        return dict(obj), "(top level)"
-    if isinstance(obj, dict):
-        for key in STATE_DICT_KEYS:
-            if _is_tensor_dict(obj.get(key)):
-                return dict(obj[key]), key
-        for key in STATE_DICT_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, dict):
-                for key2 in STATE_DICT_KEYS:
-                    if _is_tensor_dict(inner.get(key2)):
-                        return dict(inner[key2]), f"{key}.{key2}"
-        keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
-        raise BnprobeError(
-            f"{path} holds no state dict (looked at the top level and under {', '.join(STATE_DICT_KEYS)}; "
-            f"its keys: {keys})"
-        )
-    raise BnprobeError(f"{path} holds a {type(obj).__name__}, not a state dict")
-
-
-def strip_prefixes(state: dict[str, Any], prefixes: Sequence[str] = STRIPPED_PREFIXES) -> tuple[dict[str, Any], list[str]]:
-    """Remove `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile), or other `prefixes`, when every key
-    has one."""
-    stripped = []
-    changed = True
-    while changed:
-        changed = False
-        for prefix in prefixes:
-            if state and all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                stripped.append(prefix)
-                changed = True
-    return state, stripped
+    return find_state_dict(obj, path, _is_tensor)
 
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
@@ -331,10 +270,6 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
 
 
 # ---- the file as tensors ----------------------------------------------------------------------------------------
-
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 @contextmanager
@@ -374,102 +309,6 @@ def read_weights(path: Path) -> Any:
         if _is_export(metadata):
             return read_export(path, f, metadata)
         return {name: f.get_tensor(name) for name in f.keys()}
-
-
-Select = Callable[[list[str]], set[str]]  # a file's tensor names (prefixes stripped) -> the ones to open
-
-
-@dataclass
-class FileTensors:
-    """A file's state dict, read lazily: names (prefixes stripped) to tensors whose bytes are not read yet."""
-
-    tensors: dict[str, Any]  # memory-mapped torch.Tensor, a safetensors slice or a GGUFTensor: those asked for
-    kind: str  # "torch zip", "torch legacy", "safetensors", "sharded safetensors", "sharded torch", "gguf"
-    where: str  # where the state dict sat: "(top level)", "state_dict", ...
-    stripped: list[str]
-    order: str  # what the tensors' order follows: "file" (registration order) or "names" (natural order)
-    names: Optional[list[str]] = None  # every tensor's name, in that order (default: those of `tensors`)
-    shards: Optional[tuple[int, int]] = None  # a sharded checkpoint: (shards opened, shards in its index)
-    about: dict[str, Any] = field(default_factory=dict)  # what the file says of its model (GGUF: model_facts)
-
-    def __post_init__(self) -> None:
-        self.names = list(self.tensors) if self.names is None else self.names
-
-    @staticmethod
-    def shape(value: Any) -> tuple[int, ...]:
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value.get_shape())
-
-    @staticmethod
-    def read(value: Any) -> torch.Tensor:
-        return value if isinstance(value, torch.Tensor) else value[:]
-
-
-def _selected(names: list[str], tensors: dict[str, Any], select: Optional[Select]) -> dict[str, Any]:
-    chosen = set(names) if select is None else select(names)
-    return {name: tensors[name] for name in names if name in chosen}
-
-
-@contextmanager
-def open_tensors(path: Path, select: Optional[Select] = None) -> Iterator[Optional[FileTensors]]:
-    """The tensors of a checkpoint file (or a sharded checkpoint's index), open for reading: those `select` picks
-    from the names, all by default. None for a bnprobe run's checkpoint or export (it is probed with its model
-    and data as always)."""
-    if is_index(path):
-        with _open_shards(read_index(path), select) as tensors:
-            yield tensors
-        return
-    if is_gguf(path):  # no prefixes, no nesting: GGUF's own names (blk.N.attn_norm.weight), in the file's order
-        gguf = read_model(path)  # (every part of a split model)
-        names = list(gguf.tensors)
-        yield FileTensors(_selected(names, gguf.tensors, select), "gguf", "(top level)", [], "file", names,
-                          about=model_facts(gguf))
-        return
-    if is_safetensors(path):
-        with _open_safetensors(path) as f:
-            if _is_export(f.metadata() or {}):
-                yield None  # a run bnprobe exported: probed as the run
-                return
-            names = sorted(f.keys(), key=_natural_key)
-            tensors, stripped = strip_prefixes({name: f.get_slice(name) for name in names}, STATIC_PREFIXES)
-            yield FileTensors(_selected(list(tensors), tensors, select), "safetensors", "(top level)", stripped,
-                              "names", list(tensors))
-        return
-    kind = "torch zip" if torch_file_kind(path) == "zip" else "torch legacy"
-    obj = read_checkpoint(path, lazy=True)
-    if is_bnprobe_checkpoint(obj):
-        yield None
-        return
-    state, where = extract_state_dict(obj, path)
-    tensors, stripped = strip_prefixes(state, STATIC_PREFIXES)
-    yield FileTensors(_selected(list(tensors), tensors, select), kind, where, stripped, "file", list(tensors))
-
-
-@contextmanager
-def _open_shards(index: ShardIndex, select: Optional[Select]) -> Iterator[FileTensors]:
-    """A sharded checkpoint's tensors: the index says which shard holds each, and only the shards holding a
-    tensor `select` picks are opened (lazily, as one file is). The index keeps no registration order: names come
-    in natural order."""
-    original, stripped = strip_prefixes({name: name for name in index.where}, STATIC_PREFIXES)
-    names = sorted(original, key=_natural_key)
-    wanted = _selected(names, original, select)
-    needed = {index.where[wanted[name]] for name in wanted}
-    tensors: dict[str, Any] = {}
-    with ExitStack() as stack:
-        for shard in (shard for shard in index.shards if shard in needed):
-            if index.kind == "safetensors":
-                f = stack.enter_context(_open_safetensors(shard))
-                held, get = set(f.keys()), f.get_slice
-            else:
-                state = extract_state_dict(read_checkpoint(shard, lazy=True), shard)[0]
-                held, get = set(state), state.__getitem__
-            for name, key in wanted.items():
-                if index.where[key] == shard:
-                    if key not in held:
-                        raise BnprobeError(f"{index.path}: shard {printable(shard.name)} does not hold "
-                                           f"{printable(key)}, which the index places in it")
-                    tensors[name] = get(key)
-        yield FileTensors({name: tensors[name] for name in wanted}, f"sharded {index.kind}", "(top level)",
-                          stripped, "names", names, (len(needed), len(index.shards)))
 
 
 def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:

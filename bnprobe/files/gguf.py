@@ -102,6 +102,11 @@ class GGUFArray:
     items: Optional[list]
 
 
+# ggml's plain types as torch names them (quantized types keep their ggml names)
+GGML_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8",
+               "I16": "int16", "I32": "int32", "I64": "int64"}
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     """One tensor of a GGUF file, its bytes not read: tensor[:] (or .read()) reads them as numpy."""
@@ -117,6 +122,11 @@ class GGUFTensor:
     @property
     def quantized(self) -> bool:
         return self.type not in PLAIN_TYPES
+
+    @property
+    def dtype(self) -> str:
+        """As torch names it (float32, ...; bfloat16 is read as float32), or the ggml type of a quantized one."""
+        return GGML_DTYPES.get(self.type, self.type)
 
     def get_shape(self) -> list[int]:  # as a safetensors slice says it
         return list(self.shape)

@@ -12,8 +12,6 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.formats import (
@@ -28,7 +26,7 @@ from bnprobe.core.formats import (
 )
 from bnprobe.files import schema
 from bnprobe.files.atomic import atomic_write
-from bnprobe.files.checkpoints import checkpoint_file
+from bnprobe.files.file_tensors import checkpoint_file
 from bnprobe.files.store import h5_format
 
 
@@ -140,6 +138,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    import torch  # here alone: the probe command finds its output through this module and must not wait for torch
+
     from bnprobe import __version__
 
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "bnprobe_version": __version__}

@@ -10,6 +10,8 @@ that exists. Each fault is one line naming the index.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +59,12 @@ def read_index(path: Path) -> ShardIndex:
     index = read_json(path, "a checkpoint index (the largest published are a few MB)")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        found = json_type(index) if not isinstance(index, dict) else f"its weight_map is {json_type(weight_map)}"
+        if not isinstance(index, dict):
+            found = json_type(index)
+        elif "weight_map" not in index:
+            found = "it has no weight_map"
+        else:
+            found = f"its weight_map is {'empty' if isinstance(weight_map, dict) else json_type(weight_map)}"
         raise _broken(path, f"a JSON object with a weight_map of tensor names to shard files expected; {found}")
     shards: dict[str, Path] = {}
     where = {}
@@ -81,6 +88,14 @@ def _shard_path(index: Path, shard: str, weight_map: dict) -> Path:
     if not all(SAFE_PART.fullmatch(part) and part not in (".", "..") for part in parts):
         raise _broken(index, f"shard {printable(shard)!r} is not a relative path inside the index's folder")
     path = index.parent.joinpath(*parts)
+    if os.path.islink(path):  # a link that leads nowhere is not "missing": say which fault it is
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python 3.11 raises it for a loop
+            raise _broken(index, f"shard {printable(shard)} is a symbolic link in a loop") from None
+        except OSError as exc:
+            why = "in a loop" if exc.errno == errno.ELOOP else "to a file that does not exist"
+            raise _broken(index, f"shard {printable(shard)} is a symbolic link {why}") from None
     if not path.exists():
         tensors = sum(value == shard for value in weight_map.values())
         raise BnprobeError(f"{index}: shard {printable(shard)} is missing (the index places {tensors:,} "

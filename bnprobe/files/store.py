@@ -330,16 +330,22 @@ def check_replaceable(path: Path, kind: str) -> None:
 
 def provenance(**options: Any) -> dict[str, str]:
     """Attributes saying what wrote a result file: bnprobe's and torch's versions, and each options dataclass
-    given (e.g. load=LoadOptions, probe=ProbeOptions) as JSON in `options_json`."""
+    given (e.g. load=LoadOptions, probe=ProbeOptions) as JSON in `options_json`. torch's version is the loaded
+    torch's, or, where nothing needed torch (a static probe), the installed one's, read without importing it."""
     import dataclasses
+    import importlib.metadata
     import json
-
-    import torch
+    import sys
 
     from bnprobe import __version__
 
     settings = {name: dataclasses.asdict(value) for name, value in options.items()}
-    return {"bnprobe_version": __version__, "torch_version": str(torch.__version__),  # a str subclass h5py refuses
+    torch = sys.modules.get("torch")
+    try:
+        version = str(torch.__version__) if torch else importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    return {"bnprobe_version": __version__, "torch_version": version,  # a str subclass h5py refuses
             "options_json": json.dumps(settings, sort_keys=True, default=str)}
 
 

@@ -150,11 +150,14 @@ def rules_table() -> Any:
     from rich.table import Table
 
     table = Table(title="bnprobe check rules", box=box.SIMPLE_HEAD)
-    for column in ("code", "name", "severity", "what it flags", "thresholds"):
-        table.add_column(column, no_wrap=column != "what it flags")
+    table.add_column("code", no_wrap=True)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("rule: what it flags", ratio=1)  # the one column that wraps, so 80 columns stay readable
+    table.add_column("thresholds", no_wrap=True)
     for rule in RULES.values():
         thresholds = "\n".join(f"{name}={p.default:g}" for name, p in rule.params.items()) or "-"
-        table.add_row(rule.code, rule.name, f"[{COLOURS[rule.severity]}]{rule.severity}[/]", rule.summary, thresholds)
+        table.add_row(rule.code, f"[{COLOURS[rule.severity]}]{rule.severity}[/]",
+                      f"[bold]{rule.name}[/]\n{rule.summary}", thresholds)
     return table
 
 

@@ -432,7 +432,8 @@ def _read_checkpoint_fallback(run: Run) -> None:
     """γ and parameter counts of a run without telemetry.h5, from its checkpoint (weights only). The one place
     the report loads torch: only runs from before telemetry need it."""
     from bnprobe.analysis.static import bn_from_tensors
-    from bnprobe.files.checkpoints import FileTensors, load_checkpoint
+    from bnprobe.files.checkpoints import load_checkpoint
+    from bnprobe.files.file_tensors import FileTensors
 
     path = run.path / CHECKPOINT_FILE
     try:
