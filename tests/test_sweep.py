@@ -7,10 +7,12 @@ from rich.console import Console
 
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
-from bnprobe.core.formats import FREEZE_MODES
+from bnprobe.core.formats import ABLATION_FILES, FREEZE_MODES
+from bnprobe.core.options import AblateOptions
 from bnprobe.files import checkpoints, runs
 from bnprobe.sweep.cost import duration, forward_flops, gradient_tensors, plan_table, si_number, training_flops
-from bnprobe.sweep.plan import read_plan
+from bnprobe.sweep.ablation_job import ablation_file, ablation_from_job, ablation_to_job
+from bnprobe.sweep.plan import PlannedRun, read_plan
 
 PLAN = """
 [defaults]
@@ -85,6 +87,17 @@ def test_a_plan_with_ablate_clamps_every_run_once_as_ablate_would(tmp_path, caps
     checkpoint = runs.checkpoint_path(run_dirs[1]).read_bytes()
     assert run_cli(capsys, *argv)[0] == 0
     assert (run_dirs[1] / "ablation.h5").exists() and runs.checkpoint_path(run_dirs[1]).read_bytes() == checkpoint
+
+
+@pytest.mark.parametrize("mode", sorted(ABLATION_FILES))
+def test_a_jobs_ablation_is_the_plans(tmp_path, mode):
+    """What a worker or a Slurm job is given (JSON or a pickle) is the plan's [ablate] again, and the file it
+    writes is the one the plan checks for: a job never re-ablates, nor skips, what the plan sees otherwise."""
+    options = AblateOptions(mode=mode, values=[0.0, 0.25], zero_beta=True, test_subset=7, dims=["1", "random:2"])
+    planned = PlannedRun(TrainConfig(model="resnet8"), tmp_path / "run", options)
+    assert ablation_file(planned.run_dir, options) == planned.ablation_file == tmp_path / "run" / ABLATION_FILES[mode]
+    assert ablation_from_job(json.loads(json.dumps(ablation_to_job(options)))) == options
+    assert ablation_to_job(None) is None and ablation_from_job(None) is None and ablation_file(tmp_path, None) is None
 
 
 def test_sweep_in_parallel_worker_processes(tmp_path, capsys):

@@ -29,9 +29,10 @@ from bnprobe.analysis.seed_statistics import (
     estimate,
     finite,
 )
-from bnprobe.core.config import IDENTITY_DEFAULTS, norm_name, seed_group
+from bnprobe.core.config import IDENTITY_DEFAULTS, seed_group
 from bnprobe.core.options import OFF_THRESHOLD, REPORT_TAUS, parse_sweep
 from bnprobe.core.modelnames import model_depth, model_family
+from bnprobe.core.norm_names import norm_family, norm_name, norm_suffix
 
 # Settings that change BN itself (the "changed BN"): compared with plain BN-only, i.e. these at default.
 CHANGED_BN = ("gamma_init", "gamma_l1", "bn_l2", "bn_affine_off")
@@ -122,7 +123,7 @@ def group_runs(runs: Sequence) -> list[Group]:
         # Settings that tell groups apart, where not at their default: at most one of two groups has that.
         others = "".join(f" {name}={c(name)}" for name in varying
                          if c(name) != IDENTITY_DEFAULTS[name] and not (name == "bn_every" and c("bn") != "every-k"))
-        norm = "" if c("norm") == "batch" else f" {norm_name(c('norm'), c('norm_groups'))}"
+        norm = norm_suffix(c("norm"), c("norm_groups"))
         group.label = f"{c('model')} {c('dataset')} {c('freeze')}{norm}{bn}{others}"
     return list(groups.values())
 
@@ -266,7 +267,7 @@ def other_norm_findings(groups: Sequence[Group], index: dict[tuple, Group], metr
     for g in groups:
         if g.setting("norm") == "batch":
             continue
-        kind = {"group": "GN", "layer": "LN"}.get(g.setting("norm"), str(g.setting("norm")))
+        kind = norm_family(g.setting("norm"))
         bn = _counterpart(g, index, norm="batch")  # seed_group spells the freeze mode as BN's
         if bn is not None:
             only = "-only" if g.setting("freeze") == "non-norm" else ""

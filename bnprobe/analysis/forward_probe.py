@@ -22,7 +22,7 @@ from bnprobe.training.evaluate import resolve_device
 
 
 def module_kind(module: nn.Module) -> str:
-    """A normalisation module's kind, by the same rule as a file's tensors (NORM_KINDS)."""
+    """A normalisation module's kind, by the same rule as a file's tensors (PROBE_NORM_KINDS)."""
     if isinstance(module, _BatchNorm):
         return BATCHNORM
     return SCALE_SHIFT if getattr(module, "bias", None) is not None else SCALE_ONLY

@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from bnprobe.analysis.run_summary import ExportSummary, RunSummary, summarize_export, summarize_run
-from bnprobe.core.config import TrainConfig, norm_name
+from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import printable
+from bnprobe.core.norm_names import norm_suffix
 
 
 def _table(title: str, *columns: str, numbers: bool = True) -> Table:
@@ -89,7 +90,7 @@ def _extremes_table(summary: RunSummary) -> Table:
 
 def _norm(config: TrainConfig) -> str:
     """` (GN16)` or ` (LN)` after a model whose norm layers are not BatchNorm."""
-    return "" if config.norm == "batch" else f" ({norm_name(config.norm, config.norm_groups)})"
+    return norm_suffix(config.norm, config.norm_groups, " ({})")
 
 
 def inspect_export(path: Path) -> Table:

@@ -13,7 +13,7 @@ import numpy as np
 from bnprobe.core.formats import BATCHNORM
 from bnprobe.core.measures import fraction_below
 
-# What a layer is (NORM_KINDS), as far as its tensors tell: BatchNorm keeps running statistics; a scale and a
+# What a layer is (PROBE_NORM_KINDS), as far as its tensors tell: BatchNorm keeps running statistics; a scale and a
 # shift per channel with none is LayerNorm or GroupNorm (their tensors are alike, and so are their names: neither
 # can tell them apart), a scale alone is RMSNorm (or a LayerNorm without bias, which the tensors cannot tell).
 # The |γ| distribution of a layer, as quantiles: its extremes, the bulk, and the tails that outliers sit in.
@@ -74,7 +74,7 @@ class NormStats:
     running_mean: list[np.ndarray]
     running_var: list[np.ndarray]
     stats_only: list[tuple[str, int]] = field(default_factory=list)  # layers without affine: (name, channels)
-    kinds: list[str] = field(default_factory=list)  # NORM_KINDS, per layer (default: all BatchNorm)
+    kinds: list[str] = field(default_factory=list)  # PROBE_NORM_KINDS, per layer (default: all BatchNorm)
 
     def __post_init__(self) -> None:
         self.kinds = list(self.kinds) or [BATCHNORM] * len(self.names)

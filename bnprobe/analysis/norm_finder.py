@@ -56,7 +56,7 @@ NOT_NORM_NAME = re.compile(r"act|relu|lu$|scale|^ls_?\d*$|gamma|alpha|embed|toke
 
 @dataclass(frozen=True)
 class Layer:
-    """One normalisation layer: its module name (prefix), kind (NORM_KINDS) and its tensors by role."""
+    """One normalisation layer: its module name (prefix), kind (PROBE_NORM_KINDS) and its tensors by role."""
 
     name: str
     kind: str

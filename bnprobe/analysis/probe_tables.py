@@ -9,7 +9,7 @@ import numpy as np
 
 from bnprobe.analysis.measured import QUANTILE_LEVELS, RECURRING_MIN_LAYERS, ProbeResult, histograms, layer_mean
 from bnprobe.core.errors import printable
-from bnprobe.core.formats import BATCHNORM, NORM_KINDS, SCALE_ONLY, SCALE_SHIFT
+from bnprobe.core.formats import BATCHNORM, PROBE_NORM_KINDS, SCALE_ONLY, SCALE_SHIFT
 from bnprobe.core.measures import histogram_edges
 
 
@@ -223,7 +223,7 @@ def recurring_off_table(r: ProbeResult, off_threshold: float) -> Optional[Any]:
 
 
 def _kinds_cell(r: ProbeResult) -> str:
-    counts = {kind: r.bn.kinds.count(kind) for kind in NORM_KINDS}
+    counts = {kind: r.bn.kinds.count(kind) for kind in PROBE_NORM_KINDS}
     return ", ".join(f"{n} {KIND_SHORT[kind]}" for kind, n in counts.items() if n) or "-"
 
 

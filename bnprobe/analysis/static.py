@@ -5,7 +5,7 @@ Most checkpoints come from elsewhere (torchvision, timm, Lightning, the Hugging 
 about γ and β is already in the file. A layer is found by its tensors' names and shapes alone
 (bnprobe.analysis.norm_finder): BatchNorm by its running statistics; an affine norm by a `weight` and a `bias` of
 one shape under any name (`stem.1` in nn.Sequential, a LayerNorm over (1, 264)); an RMSNorm by a `weight` alone
-under a norm's name. "LayerNorm/GroupNorm-like" with a bias, "RMSNorm-like" without (bnprobe.core.formats.NORM_KINDS;
+under a norm's name. "LayerNorm/GroupNorm-like" with a bias, "RMSNorm-like" without (bnprobe.core.formats.PROBE_NORM_KINDS;
 the tensors cannot tell LayerNorm from GroupNorm). A weight alone in a list is listed as an unnamed scale, not
 counted. γ is the effective scale: + 1 for the Gemma family's RMSNorms (bnprobe.analysis.conventions).
 

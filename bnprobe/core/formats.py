@@ -26,8 +26,8 @@ CHECKPOINT_VERSION = 2  # 2: bnprobe_version, the bnprobe that wrote it
 TELEMETRY_FORMAT, TELEMETRY_VERSION = "bnprobe-telemetry", 1
 # telemetry.h5's parameter groups: a norm layer's γ and β named for its kind (bn_gamma, gn_beta, ...: BatchNorm,
 # GroupNorm, LayerNorm or GroupNorm of one group, bnprobe.nets.norms.norm_kind), then the rest.
-NORM_KINDS = ("bn", "gn", "ln")
-NORM_GROUPS = tuple(f"{kind}_{param}" for kind in NORM_KINDS for param in ("gamma", "beta"))
+TELEMETRY_NORM_KINDS = ("bn", "gn", "ln")
+NORM_GROUPS = tuple(f"{kind}_{param}" for kind in TELEMETRY_NORM_KINDS for param in ("gamma", "beta"))
 PARAMETER_GROUPS = (*NORM_GROUPS, "conv_weight", "linear_weight", "bias")
 PROBE_FORMAT = "bnprobe-probe"
 # 2: static probes (no forward pass, no relu/ group), layers without affine, layer_order;
@@ -36,7 +36,7 @@ PROBE_FORMAT = "bnprobe-probe"
 # 5: dimensions off in several layers of one width (recurring_off/)
 PROBE_VERSION = 5
 # probe.h5's bn/kind: what a normalisation layer is as far as its tensors tell (bnprobe.analysis.measured)
-NORM_KINDS = BATCHNORM, SCALE_SHIFT, SCALE_ONLY = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
+PROBE_NORM_KINDS = BATCHNORM, SCALE_SHIFT, SCALE_ONLY = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
 # `bnprobe check --format json` and `bnprobe diff --format json` (docs/check-schema.md)
 CHECK_FORMAT, CHECK_VERSION = "bnprobe-check", 1
 DIFF_FORMAT, DIFF_VERSION = "bnprobe-diff", 1

@@ -180,7 +180,7 @@ HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_a
 def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainConfig:
     """The one check of a bnprobe checkpoint's structure, before anything uses it: its keys, their types, and
     its config as TrainConfig.from_dict validates it (tensor shapes are checked against the model it builds,
-    by loading.load_state_strict). `resume` also asks for the optimizer and RNG states that training needs.
+    by load_state_strict). `resume` also asks for the optimizer and RNG states that training needs.
     Returns the config; a fault is one line naming the file and the key."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise BnprobeError(f"{path} is not a bnprobe checkpoint")
@@ -353,7 +353,7 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
     checkpoint: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                   "config": config_dict, "model": tensors, "epoch": epoch,
                                   "history": []}  # an export keeps the weights, not the training history
-    if "normalization" in metadata:  # its shapes and values are checked with the checkpoint (runs.check_checkpoint)
+    if "normalization" in metadata:  # its shapes and values are checked with the checkpoint (check_checkpoint)
         try:
             norm = json.loads(metadata["normalization"])
             checkpoint["normalization"] = {key: torch.tensor(norm[key], dtype=torch.float32) for key in ("mean", "std")}

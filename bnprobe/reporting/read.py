@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.config import IDENTITY_DEFAULTS, norm_name
+from bnprobe.core.config import IDENTITY_DEFAULTS
 from bnprobe.core.errors import BnprobeError, first_line, printable
 from bnprobe.core.formats import (
     ABLATION_FORMAT,
@@ -23,13 +23,14 @@ from bnprobe.core.formats import (
     COMPACT_FORMAT,
     CONFIG_FILE,
     METRICS_FILE,
-    NORM_KINDS,
     PROBE_FORMAT,
+    PROBE_NORM_KINDS,
     TELEMETRY_FILE,
     TELEMETRY_FORMAT,
 )
 from bnprobe.core.measures import MAX_CURVE_POINTS, GammaDigest, fraction_below, gamma_digest, window_means
 from bnprobe.core.modelnames import model_depth, model_family
+from bnprobe.core.norm_names import norm_name
 from bnprobe.core.options import OFF_THRESHOLD
 from bnprobe.files import schema
 from bnprobe.files.headers import check_complete, read_export_header
@@ -547,7 +548,7 @@ def _read_norms(f, g) -> dict[str, Any]:
     checked the shapes)."""
     if "kind" not in g["bn"]:
         return {}
-    kinds = [kind if kind in NORM_KINDS else "?" for kind in g["bn/kind"].asstr()[:]]
+    kinds = [kind if kind in PROBE_NORM_KINDS else "?" for kind in g["bn/kind"].asstr()[:]]
     found = {"kinds": ", ".join(f"{kinds.count(kind)} {kind}" for kind in dict.fromkeys(kinds))}
     if set(kinds) <= {BATCHNORM}:
         return found

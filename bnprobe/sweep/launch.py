@@ -21,6 +21,7 @@ from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError, first_line, printable
 from bnprobe.core.options import AblateOptions, LoadOptions
 from bnprobe.files.lock import locked
+from bnprobe.sweep.ablation_job import ablation_file, ablation_from_job, ablation_to_job
 from bnprobe.sweep.budget import NOT_STARTED, TimeBudget
 from bnprobe.sweep.plan import PlannedRun
 from bnprobe.training.train import train
@@ -96,7 +97,7 @@ def run_sweep(
                 run.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 log = open(run.run_dir.parent / f"{run.run_dir.name}.log", "w")
                 command = [sys.executable, "-m", "bnprobe.sweep.launch", json.dumps(config.to_dict()), str(run.run_dir),
-                           json.dumps(dataclasses.asdict(run.ablation) if run.ablation else None)]
+                           json.dumps(ablation_to_job(run.ablation))]
                 process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
                 active[slot] = (run, process, log, time.monotonic())
                 console.print(f"started {escape(run.run_dir.name)} on {device or config.device}", soft_wrap=True)
@@ -122,7 +123,7 @@ def run_job(config: TrainConfig, run_dir: Path, ablation: Optional[AblateOptions
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     train(config, run_dir, resume=True, console=console)
     if ablation is not None:
-        out = PlannedRun(config, run_dir, ablation).ablation_file
+        out = ablation_file(run_dir, ablation)
         with locked(out, str(out)):
             if not out.exists():  # checked under the lock: another worker may have written it meanwhile
                 run_ablation(run_dir, LoadOptions(device=config.device), ablation, out=out, console=console)
@@ -132,7 +133,7 @@ def train_job(config_dict: dict[str, Any], run_dir: str, ablation: Optional[dict
     """One run as a job of a cluster array or a local worker (pickled by submitit, or given as JSON): resumes
     what a previous job left."""
     run_job(TrainConfig.from_dict(config_dict, "the run's settings"), Path(run_dir),
-            AblateOptions(**ablation) if ablation else None)
+            ablation_from_job(ablation))
     return run_dir
 
 
@@ -151,7 +152,7 @@ def submit_sweep(
         executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         executor.update_parameters(**{k: v for k, v in parameters.items() if v is not None})
         return executor.map_array(train_job, [r.config.to_dict() for r in todo], [str(r.run_dir) for r in todo],
-                                  [dataclasses.asdict(r.ablation) if r.ablation else None for r in todo])
+                                  [ablation_to_job(r.ablation) for r in todo])
     except Exception as exc:  # sbatch missing or refusing: say it in one line
         raise BnprobeError(f"submitting {len(todo)} jobs failed: {first_line(exc)}")
 

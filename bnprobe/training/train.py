@@ -22,8 +22,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bnprobe.core.config import TrainConfig, norm_name
+from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError, first_line
+from bnprobe.core.norm_names import norm_suffix
 from bnprobe.data.device import DeviceDataset, DeviceLoader, fixed_subset, load_dataset
 from bnprobe.files import runs
 from bnprobe.files.checkpoints import check_checkpoint, load_checkpoint, load_state_strict
@@ -489,7 +490,7 @@ def summary_table(
     table.add_column()
     rows = [
         ("model", f"{config.model} (width {config.width}, shortcut {config.shortcut}"
-                  f"{'' if config.norm == 'batch' else ', ' + norm_name(config.norm, config.norm_groups)})"),
+                  f"{norm_suffix(config.norm, config.norm_groups, ', {}')})"),
         ("data set", config.dataset),
         ("freeze", config.freeze),
         ("trainable / total", f"{trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"),
