@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import sys
@@ -24,7 +25,7 @@ except ImportError:  # pragma: no cover
     NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
 from bnprobe.core.config import TrainConfig
-from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.core.errors import BnprobeError, check_int, check_path_length, printable
 
 app = typer.Typer(
     help="Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report.",
@@ -49,6 +50,24 @@ def _options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report."""
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+    """app.command, with every path argument's length checked first: a name over 255 bytes is one line, where
+    any call on it would raise OSError (File name too long)."""
+
+    def wrap(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def checked(*call_args: Any, **call_kwargs: Any) -> Any:
+            for value in [*call_args, *call_kwargs.values()]:
+                for path in value if isinstance(value, list) else [value]:
+                    if isinstance(path, Path):
+                        check_path_length(path)
+            return func(*call_args, **call_kwargs)
+
+        return app.command(*args, **kwargs)(checked)
+
+    return wrap
 
 
 def _flag_fields(cls: type) -> list[dataclasses.Field]:
@@ -103,7 +122,7 @@ def command_with_config(*classes: type, positional: tuple[str, ...] = ()) -> Cal
     return wrap
 
 
-@app.command()
+@command()
 @command_with_config(TrainConfig, positional=("model",))
 def train(
     config: TrainConfig,
@@ -129,7 +148,7 @@ def _check_number(flag: str, value: float, wanted: str, holds: bool) -> None:
         raise BnprobeError(f"{flag} must be {wanted} (a finite number), got {value:g}")
 
 
-@app.command()
+@command()
 def sweep(
     plan: Path = typer.Argument(..., help="A plan file (TOML): [defaults] and [[grid]] tables of train settings."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories live."),
@@ -159,8 +178,12 @@ def sweep(
         _check_number(flag, value, "> 0", value > 0)
     if launcher not in ("local", "slurm"):
         raise BnprobeError(f"--launcher must be local or slurm, got {launcher!r}")
-    if max_runs is not None and max_runs < 1:
-        raise BnprobeError(f"--max-runs must be >= 1, got {max_runs}")
+    from bnprobe.sweep.plan import MAX_RUNS_LIMIT
+
+    if max_runs is not None:
+        check_int("--max-runs", max_runs, 1, MAX_RUNS_LIMIT)
+    check_int("--slurm-gpus", slurm_gpus, 1, 1024)
+    check_int("--slurm-parallel", slurm_parallel, 1, MAX_RUNS_LIMIT)
     check_per_device(per_device)
     if per_device != 1 and launcher == "slurm":
         raise BnprobeError("--per-device is for --launcher local (a Slurm job runs one run)")
@@ -182,7 +205,7 @@ def sweep(
         raise BnprobeError(f"{len(failed)} of {len(outcome)} runs failed: {', '.join(failed)}")
 
 
-@app.command("inspect")
+@command("inspect")
 def inspect_command(
     run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>), or a run's `bnprobe export` file."),
     top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list (all, once each, when 2N covers them)."),
@@ -196,7 +219,7 @@ def inspect_command(
     console.print(inspect_run(run_dir, top))
 
 
-@app.command()
+@command()
 def models() -> None:
     """List the registered models with their parameter counts (CIFAR-10 shape)."""
     import torch
@@ -227,7 +250,7 @@ def models() -> None:
 from bnprobe.core.options import REPORT_TAUS, SWEEP_SYNTAX, AblateOptions, LoadOptions, ProbeOptions, parse_sweep
 
 
-@app.command()
+@command()
 @command_with_config(LoadOptions, ProbeOptions)
 def probe(
     config: LoadOptions,
@@ -252,12 +275,13 @@ def probe(
     from bnprobe.files.runs import default_output
 
     _check_number("--off-threshold", settings.off_threshold, ">= 0", settings.off_threshold >= 0)
+    settings.check_counts()
     out = out if out is not None else default_output(checkpoints, PROBE_FILE)
     with locked(out, str(out)):
         run_probe(checkpoints, config, settings, out=out, brief=brief, console=console)
 
 
-@app.command()
+@command()
 @command_with_config(LoadOptions, AblateOptions)
 def ablate(
     config: LoadOptions,
@@ -282,6 +306,7 @@ def ablate(
 
     if (clamp_gamma is None) == (clamp_fraction is None):
         raise BnprobeError("pass exactly one of --clamp-gamma TAUS and --clamp-fraction PS")
+    settings.check_counts()
     if clamp_gamma is not None:
         settings.mode, settings.values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
     else:
@@ -291,7 +316,7 @@ def ablate(
         run_ablation(checkpoint, config, settings, out=out, console=console)
 
 
-@app.command()
+@command()
 def export(
     run: Path = typer.Argument(..., help="Run directory (or its checkpoint.pt).", show_default=False),
     output: Path = typer.Option(..., "-o", "--output", help="The .safetensors file to write.", show_default=False),
@@ -312,7 +337,7 @@ def export(
 
 
 # ---- report (issue 5) ----
-@app.command()
+@command()
 def report(
     runs_dirs: list[Path] = typer.Argument(
         ..., metavar="RUNS_DIRS...", show_default=False,
@@ -359,7 +384,7 @@ def report(
                       soft_wrap=True, highlight=False)
 
 
-@app.command()
+@command()
 def findings(
     runs_dirs: list[Path] = typer.Argument(
         ..., metavar="RUNS_DIRS...", show_default=False, help="Directories of runs, or run directories."),
@@ -416,7 +441,7 @@ def _main(argv: Optional[list[str]]) -> None:
         print(f"bnprobe: error: {printable(exc.format_message())}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except BnprobeError as exc:  # names from files in it (a tensor's, a layer's) are printed escaped
-        print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
+        print(f"bnprobe: error: {printable(str(exc), limit=2000)}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort as exc:
         if not isinstance(exc.__cause__, EOFError):

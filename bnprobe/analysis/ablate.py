@@ -201,10 +201,9 @@ def run_ablation(
     batch_size, fold = settings.batch_size, settings.fold
     if any(v < 0 for v in values):
         raise BnprobeError("clamp values must be >= 0")
+    settings.check_counts()
     if batch_size is None:
         batch_size = default_batch_size(options.device)
-    if batch_size < 1 or test_subset < 0 or train_subset < 0:
-        raise BnprobeError("--batch-size must be >= 1, --test-subset and --train-subset >= 0")
     device = resolve_device(options.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

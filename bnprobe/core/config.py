@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bnprobe.core.datasets import default_data_dir, get_dataset_spec
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, check_int, int_text
 from bnprobe.core.formats import (
     BN_FREEZE_MODES,
     BN_PLACEMENTS,
@@ -40,6 +40,20 @@ MAX_WIDTH = 1024
 
 # More epochs than this is a typo (a month of 25 s CIFAR epochs); it also bounds a run file's per-epoch rows.
 MAX_EPOCHS = 100_000
+# Images and steps: far more than any data set bnprobe reads holds (60,000), far below 2**63, past which no file
+# (HDF5 attributes, a checkpoint's int64) can store a number.
+MAX_COUNT = 1_000_000_000
+# Groups per norm layer: more than any layer within MAX_WIDTH has channels (a larger value is one per channel).
+MAX_NORM_GROUPS = 65_536
+# Every integer setting's range, both ends included, checked by TrainConfig.check alike for the command line,
+# config.json, a checkpoint's config and a plan, before anything is written.
+INT_RANGES = {
+    "subset": (0, MAX_COUNT), "test_subset": (0, MAX_COUNT), "train_eval_subset": (0, MAX_COUNT),
+    "width": (1, MAX_WIDTH), "norm_groups": (1, MAX_NORM_GROUPS), "bn_every": (1, 10_000),
+    "random_features": (0, MAX_COUNT), "epochs": (1, MAX_EPOCHS), "batch_size": (1, MAX_COUNT),
+    "eval_batch_size": (1, MAX_COUNT), "translate": (0, 1024), "seed": (0, 2**32 - 1),
+    "telemetry_every": (0, MAX_COUNT),
+}
 
 
 def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
@@ -205,19 +219,16 @@ class TrainConfig:
         _choice("norm", self.norm, NORMS)
         if self.normalize is not None:
             _choice("normalize", self.normalize, NORMALIZATIONS)
-        for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every", "norm_groups"):
-            if getattr(self, name) < 1:
-                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features", "translate"):
-            if (getattr(self, name) or 0) < 0:
-                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.epochs > MAX_EPOCHS:
-            raise BnprobeError(f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
-        if self.width > MAX_WIDTH:
-            raise BnprobeError(f"--width must be at most {MAX_WIDTH:,} (every model is then past "
-                               f"{MAX_PARAMETERS:,} parameters), got {self.width:,}")
-        if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit; numpy's and most tools' are 32
-            raise BnprobeError(f"--seed must be in [0, 2**32), got {self.seed}")
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if value is None:  # translate: the data set's default
+                continue
+            if name == "seed" and not low <= value <= high:  # torch seeds are 64-bit; numpy's and most tools' are 32
+                raise BnprobeError(f"--seed must be in [0, 2**32), got {int_text(value, grouped=False)}")
+            if name == "width" and value > high:
+                raise BnprobeError(f"--width must be at most {MAX_WIDTH:,} (every model is then past "
+                                   f"{MAX_PARAMETERS:,} parameters), got {int_text(value)}")
+            check_int(f"--{name.replace('_', '-')}", value, low, high)
         for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):
             if not math.isfinite(getattr(self, name)):
                 raise BnprobeError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
@@ -310,7 +321,10 @@ def seed_group(config: dict[str, Any]) -> tuple:
 
 
 def _shown(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value, default=repr)
+    try:
+        text = json.dumps(value, default=repr)
+    except ValueError:  # an integer of more than 4,300 digits
+        return "a number too long to print"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from bnprobe.core.config import TrainConfig
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -44,6 +44,9 @@ def metrics_path(run_dir: Path) -> Path:
     return run_dir / METRICS_FILE
 
 
+MAX_RUN_NAME = 240
+
+
 def check_run_name(name: str) -> str:
     """A run name is one folder inside --runs-dir: never a path that could point at (and, with --overwrite,
     replace) some other folder, nor a hidden name (.NAME.replaced, .NAME.lock are bnprobe's bookkeeping)."""
@@ -51,6 +54,10 @@ def check_run_name(name: str) -> str:
         raise BnprobeError(f"--name must be a single folder name (no '/', not '.' or '..'), got {name!r}")
     if any(unicodedata.category(char) == "Cc" for char in name):  # a newline would split every later message
         raise BnprobeError(f"--name must not contain control characters (newline, tab, ...), got {name!r}")
+    if len(os.fsencode(name)) > MAX_RUN_NAME:  # the file system's 255, less what bnprobe's .NAME.replaced adds
+        raise BnprobeError(f"--name must be at most {MAX_RUN_NAME} bytes (a file name has at most 255, and bnprobe "
+                           f"keeps .NAME.replaced beside a run), got {len(os.fsencode(name)):,}: "
+                           f"{printable(name, limit=60)}")
     if name.startswith("."):
         raise BnprobeError(f"--name must not start with '.': hidden names are bnprobe's own bookkeeping "
                            f"(.NAME.replaced, .NAME.lock) and reports skip them; got {name!r}")

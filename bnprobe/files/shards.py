@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.core.errors import NAME_MAX, PATH_MAX, BnprobeError, printable
 from bnprobe.files.schema import json_type, read_json, regular_file
 
 # The names `save_pretrained` gives, safetensors first: both are often published side by side, and a
@@ -80,6 +80,11 @@ def _shard_path(index: Path, shard: str, weight_map: dict) -> Path:
     parts = shard.split("/")
     if not all(SAFE_PART.fullmatch(part) and part not in (".", "..") for part in parts):
         raise _broken(index, f"shard {printable(shard)!r} is not a relative path inside the index's folder")
+    # Any call on a longer name or path fails: OSError, File name too long.
+    if len(shard.encode("utf-8", "surrogatepass")) > PATH_MAX or any(
+            len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in parts):
+        raise _broken(index, f"shard {printable(shard, limit=100)!r} is longer than a file system allows "
+                             f"({NAME_MAX} bytes a name, {PATH_MAX:,} a path)")
     path = index.parent.joinpath(*parts)
     if not path.exists():
         tensors = sum(value == shard for value in weight_map.values())
