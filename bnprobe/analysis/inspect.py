@@ -56,7 +56,7 @@ def _inspect_run(run_dir: Path, top: int) -> Group:
         raise BnprobeError(f"{run_dir} is a file; inspect takes a run directory (runs/<name>)")
     if not run_dir.is_dir():
         raise BnprobeError(f"no run directory at {run_dir}")
-    config = runs.read_config(run_dir)
+    config = runs.check_run(run_dir)
     path = run_dir / TELEMETRY_FILE
     if not os.path.lexists(path):
         raise BnprobeError(f"{run_dir} has no telemetry.h5 (it did not finish an epoch)")

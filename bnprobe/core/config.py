@@ -29,6 +29,7 @@ from bnprobe.core.formats import (
     NORMS,
     SHORTCUTS,
 )
+from bnprobe.core.modelnames import norm_channels
 
 # The largest model bnprobe builds: 2e9 parameters are 8 GB of float32 weights, 24 GB with their gradients and
 # SGD momentum, before one activation (resnet200 has 62M). Counted on the meta device before anything is allocated.
@@ -246,6 +247,8 @@ class TrainConfig:
         if self.norm != "batch" and self.bn == "none":  # one model under two names would split its findings
             raise BnprobeError(f"--norm {self.norm} chooses the norm layers, but --bn none places none; "
                                f"leave --norm at batch for a net without normalisation")
+        if self.norm == "group":
+            check_groups(self.model, self.width, self.norm_groups)
         if self.norm != "batch" and self.sync_bn:
             raise BnprobeError(f"--sync-bn synchronises BatchNorm's batch statistics; --norm {self.norm} has none")
         if not self.lr_drop > 0:
@@ -326,6 +329,15 @@ def _shown(value: Any, limit: int = 40) -> str:
     except ValueError:  # an integer of more than 4,300 digits
         return "a number too long to print"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_groups(model: str, width: int, groups: int) -> None:
+    """--norm-groups as GroupNorm layers take it: dividing each layer's channels (a layer with fewer channels
+    than groups gets one per channel), checked without torch from the channel counts of the model's family."""
+    for channels in norm_channels(model, width) or ():
+        if channels % min(groups, channels):
+            raise BnprobeError(f"--norm-groups {groups} does not divide a layer's {channels} channels; pick a divisor "
+                               f"of every layer's width (16 and its divisors fit every bnprobe model)")
 
 
 def check_device(name: str) -> None:

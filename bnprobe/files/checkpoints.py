@@ -53,6 +53,7 @@ from bnprobe.files.compact import (
     unpack,
 )
 from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
+from bnprobe.files.schema import check_agrees
 from bnprobe.files.shards import ShardIndex, is_index, model_folder_file, read_index
 from bnprobe.nets.check import check_model
 
@@ -207,6 +208,7 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         raise BnprobeError(f"{path} is not a bnprobe checkpoint")
     config = TrainConfig.from_dict(state.get("config"), f"{path}: config")
     check_model(config, f"{path}: config")  # the bounds train applies, before anything builds it
+    check_agrees(config, path)  # a run's config.json says the same
 
     def need(key: str, kinds: Any, what: str, container: dict = state, where: str = "") -> Any:
         value = container.get(key)

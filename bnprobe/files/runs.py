@@ -28,8 +28,9 @@ from bnprobe.core.formats import (
 )
 from bnprobe.files import schema
 from bnprobe.files.atomic import atomic_write
-from bnprobe.files.checkpoints import checkpoint_file
+from bnprobe.files.checkpoints import check_checkpoint, checkpoint_file, load_checkpoint
 from bnprobe.files.store import h5_format
+from bnprobe.nets.check import check_model
 
 
 def config_path(run_dir: Path) -> Path:
@@ -158,6 +159,17 @@ def read_config(run_dir: Path) -> TrainConfig:
     if not os.path.lexists(path):
         raise BnprobeError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     return TrainConfig.from_dict(schema.read_config(path))
+
+
+def check_run(run_dir: Path) -> TrainConfig:
+    """The one check of a run directory that probe, ablate, export and inspect make: its config.json (settings
+    and the model they build) and, once it has one, its checkpoint (structure, and agreeing with config.json)."""
+    config = read_config(run_dir)
+    check_model(config, str(config_path(run_dir)))
+    path = checkpoint_path(run_dir)
+    if os.path.lexists(path):
+        check_checkpoint(load_checkpoint(path), path)
+    return config
 
 
 def default_output(paths: Sequence[Path], name: str) -> Path:
