@@ -78,3 +78,32 @@ def test_the_torch_free_group_check_agrees_with_the_models():
                 except BnprobeError:
                     built = False
                 assert torch_free == built, (model, width, groups)
+
+
+@pytest.mark.parametrize("key, value", [("test_acc", float("nan")), ("test_loss", float("inf")), ("gap", "text")])
+def test_a_history_with_nan_is_refused_before_resume_writes_anything(run, tmp_path, capsys, key, value):
+    # A checkpoint whose history held test_acc NaN was resumed, and metrics.json then held a bare NaN (no JSON).
+    import torch
+
+    edited = _edited(run, tmp_path)
+    state = torch.load(edited / "checkpoint.pt", weights_only=True)
+    state["history"][0][key] = value
+    torch.save(state, edited / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in edited.iterdir() if p.is_file()}
+    code, _, err = run_cli(capsys, "train", "resnet8", "--dataset", "digits", "--epochs", "2", "--batch-size", "64",
+                           "--subset", "300", "--test-subset", "200", "--milestones", "", "--device", "cpu",
+                           "--eval-batch-size", "200", "--lr", "0.05", "--runs-dir", edited.parent, "--name",
+                           edited.name, "--resume", "--no-download")
+    assert_one_line_error(code, err, f"'history' row 1 has {key} = ")
+    assert "not a finite number" in err
+    assert {p.name: p.read_bytes() for p in edited.iterdir() if p.is_file()} == before
+    code, _, err = run_cli(capsys, "probe", edited, "--out", tmp_path / "p.h5")
+    assert_one_line_error(code, err, f"'history' row 1 has {key} = ")
+
+
+def test_metrics_json_is_written_as_strict_json(tmp_path):
+    from bnprobe.files.runs import write_json
+
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "m.json", [{"test_acc": float("nan")}])
+    assert not (tmp_path / "m.json").exists()

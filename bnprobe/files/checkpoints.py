@@ -19,6 +19,7 @@ torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -229,6 +230,12 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         if not numbers or row["epoch"] != number:
             raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables numbered from 1, each with "
                                f"{', '.join(HISTORY_FIELDS)} as numbers; row {number} is {_describe(row)}")
+        # Training records finite numbers only, and metrics.json (strict JSON) holds the history again on resume.
+        odd = next((key for key, value in row.items() if not isinstance(key, str) or isinstance(value, bool)
+                    or not isinstance(value, (int, float)) or not math.isfinite(value)), None)
+        if odd is not None:
+            raise BnprobeError(f"{path}: 'history' row {number} has {printable(str(odd))} = "
+                               f"{_describe(row[odd])}, not a finite number")
     if resume and len(history) != epoch:  # (an export keeps no history)
         raise BnprobeError(f"{path}: 'history' has {len(history)} epochs, but the checkpoint is after epoch {epoch}")
     if "processes" in state and need("processes", int, "a whole number") < 1:

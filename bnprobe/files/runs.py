@@ -144,7 +144,8 @@ class Replacement:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True), mode="w")
+    """Strict JSON (allow_nan=False: a bare NaN is no JSON; the numbers written are checked finite before)."""
+    atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True, allow_nan=False), mode="w")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -382,6 +382,10 @@ def run_epochs(t: Training, callbacks: Sequence[EpochCallback], on_step: Optiona
             "test_loss": test_loss, "test_acc": test_acc, "gap": train_eval_acc - test_acc,
             "seconds": seconds, "images_per_s": t.train_loader.examples * t.process.world / seconds,
         }
+        infinite = [key for key, value in record.items() if not math.isfinite(value)]
+        if infinite:  # metrics.json (JSON) cannot hold it, and every reader refuses it
+            kept = f"the last good checkpoint (epoch {epoch}) is kept in {t.run_dir}" if epoch else "no checkpoint was written"
+            raise BnprobeError(f"{infinite[0]} became {record[infinite[0]]} in epoch {epoch + 1}; stopped, {kept}")
         t.history.append(record)
         for callback in callbacks:
             callback(t, record)
