@@ -135,6 +135,11 @@ def train(
     if resume and overwrite:
         raise BnprobeError("--resume and --overwrite contradict each other; pass one")
     config = config.resolved()
+    if config.norm != "group" and config.norm_groups != TrainConfig.norm_groups:
+        import warnings
+
+        warnings.warn(f"--norm-groups {config.norm_groups} has no effect with --norm {config.norm} (only GroupNorm, "
+                      f"--norm group, has groups)")
     from bnprobe.files.runs import check_run_name
     from bnprobe.training.train import train as run_training
 
@@ -422,12 +427,26 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"bnprobe: warning: {text}", file=file or sys.stderr)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import signal
+    import threading
     import warnings
 
-    with warnings.catch_warnings():  # restores the default display after an in-process call (tests)
-        warnings.showwarning = _one_line_warning
-        _main(argv)
+    # TERM (`kill`, a scheduler's time limit) ends every command as Ctrl-C does: by unwinding, so temporary files
+    # are removed and the one "interrupted" line is printed, exit 130 (the default would end it silently, 143).
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        with warnings.catch_warnings():  # restores the default display after an in-process call (tests)
+            warnings.showwarning = _one_line_warning
+            _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: Optional[list[str]]) -> None:

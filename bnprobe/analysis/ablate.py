@@ -260,10 +260,10 @@ def run_ablation(
             else "kept: each clamped channel outputs its constant β (pass --zero-beta to zero it)")
     console.print(
         f"β of clamped channels {beta}. "
-        f"{folded} of {layers} norm layers folded into their convs (BNs after a conv: pairs found by "
-        f"{clampable.pairing}; max relative logit difference {fold_error:.1e}), {layers - folded} masked on the "
-        f"layer. "
-        f"{len(values)} value(s): {result.evaluations} evaluation(s) with the baseline, in {result.seconds:.1f} s "
+        + (f"{folded} of {layers} norm layers folded into their convs (BNs after a conv: pairs found by "
+           f"{clampable.pairing}; max relative logit difference {fold_error:.1e}), {layers - folded} masked on the "
+           f"layer. " if fold else f"No layer folded (--no-fold): all {layers} norm layers masked on the layer. ")
+        + f"{len(values)} value(s): {result.evaluations} evaluation(s) with the baseline, in {result.seconds:.1f} s "
         f"(identical clamp sets are evaluated once).",
         soft_wrap=True,
     )

@@ -246,11 +246,13 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         shapes = ((spec.channels, 1, 1), (spec.channels, spec.size, spec.size))
         for key in ("mean", "std"):
             value = need(key, torch.Tensor, "a tensor", norm, "normalization.")
-            if (tuple(value.shape) not in shapes or not value.is_floating_point() or not torch.isfinite(value).all()
-                    or (key == "std" and not (value > 0).all())):
-                raise BnprobeError(f"{path}: 'normalization.{key}' must hold finite{' positive' * (key == 'std')} "
-                                   f"numbers of shape {shapes[0]} or {shapes[1]} for {spec.name}, not "
-                                   f"{_describe(value)} of shape {tuple(value.shape)}")
+            if tuple(value.shape) not in shapes or not value.is_floating_point():
+                raise BnprobeError(f"{path}: 'normalization.{key}' must hold numbers of shape {shapes[0]} or "
+                                   f"{shapes[1]} for {spec.name}, not {_describe(value)} of shape {tuple(value.shape)}")
+            bad = value[~torch.isfinite(value) | ((value <= 0) if key == "std" else False)]
+            if bad.numel():  # named by its value: a std of 0 or NaN would divide every image into NaN
+                raise BnprobeError(f"{path}: 'normalization.{key}' holds {bad[0].item():g}; it must hold finite"
+                                   f"{' positive' * (key == 'std')} numbers")
     if resume:
         optimizer = need("optimizer", dict, "an optimizer state")
         need("state", dict, "a table", optimizer, "optimizer.")

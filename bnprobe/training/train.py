@@ -117,7 +117,8 @@ def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite
         return None  # it died before its first checkpoint: start again
     state = load_checkpoint(runs.checkpoint_path(run_dir))
     stored = check_checkpoint(state, runs.checkpoint_path(run_dir), resume=True)
-    differing = [k for k, v in config.identity().items() if stored.identity()[k] != v]
+    differing = [k for k, v in config.identity().items() if stored.identity()[k] != v
+                 and (k != "norm_groups" or config.norm == stored.norm == "group")]  # groups: GroupNorm's alone
     if differing:
         diffs = ", ".join(f"{k}: stored {stored.identity()[k]!r} vs given {config.identity()[k]!r}" for k in differing)
         raise BnprobeError(f"cannot resume {run_dir}: settings differ ({diffs})")
