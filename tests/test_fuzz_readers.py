@@ -1,0 +1,79 @@
+"""The fuzz harness (tests/fuzz_readers.py) over every reader: a few derandomized examples per reader here,
+`make fuzz` (BNPROBE_FUZZ_EXAMPLES) for a long run. What it found is kept in test_fuzz_findings below."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from fuzz_readers import REGISTRY, Reader, check_outcome, run_in_child
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from probe_helpers import trained_runs
+
+EXAMPLES = int(os.environ.get("BNPROBE_FUZZ_EXAMPLES", "12"))
+
+
+@dataclass
+class Samples:
+    run: Path  # a trained run: config.json, checkpoint.pt, metrics.json, telemetry.h5
+    results: list[Path]  # a probe.h5 and an ablation.h5 of it
+    exports: dict[bool, Path]  # compact -> an export of it
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> Samples:
+    from rich.console import Console
+
+    from bnprobe.analysis.ablate import run_ablation
+    from bnprobe.analysis.export import export_run
+    from bnprobe.analysis.probe import run_probe
+    from bnprobe.core.options import AblateOptions, LoadOptions, ProbeOptions
+
+    run = trained_runs(tmp_path_factory)["full"]
+    folder = tmp_path_factory.mktemp("fuzz-samples")
+    quiet = Console(quiet=True)
+    torch.save({"bn.weight": torch.rand(8), "bn.bias": torch.zeros(8), "bn.running_mean": torch.zeros(8),
+                "bn.running_var": torch.ones(8)}, folder / "bn.pt")
+    run_probe([folder / "bn.pt"], LoadOptions(), ProbeOptions(), out=folder / "probe.h5", console=quiet)
+    run_ablation(run, LoadOptions(device="cpu"), AblateOptions(values=[0.0, 0.1], test_subset=20, measure_train=False),
+                 out=folder / "ablation.h5", console=quiet)
+    exports = {}
+    for compact in (False, True):
+        exports[compact] = folder / f"export-{'compact' if compact else 'full'}.safetensors"
+        export_run(run, exports[compact], compact)
+    return Samples(run, [folder / "probe.h5", folder / "ablation.h5"], exports)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Forked children of a process whose OpenMP pool ran can hang; one thread keeps the pool unused."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("reader", REGISTRY, ids=lambda reader: reader.kind)
+def test_fuzz_reader(reader: Reader, samples, tmp_path):
+    path = reader.build(tmp_path, samples)
+    original = path.read_bytes()
+    check_outcome(*run_in_child(reader, path))  # the valid sample reads
+
+    @settings(max_examples=reader.examples or EXAMPLES, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def fuzz(data):
+        mutated = data.draw(reader.mutate(original), label="file")
+        if path.is_symlink() or not path.exists():
+            path.unlink(missing_ok=True)
+        path.write_bytes(mutated)
+        try:
+            check_outcome(*run_in_child(reader, path))
+        finally:
+            path.write_bytes(original)
+
+    fuzz()
