@@ -105,6 +105,8 @@ def run_in_child(reader: Reader, path: Path, time_limit: float = TIME_LIMIT) -> 
     finally:
         os.close(readable)
     _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
+        return "timeout", f"still reading after {time_limit} s"
     if os.WIFSIGNALED(status):
         return "killed", f"signal {os.WTERMSIG(status)} (a crash, or the memory or time limit)"
     try:

@@ -77,3 +77,35 @@ def test_fuzz_reader(reader: Reader, samples, tmp_path):
             path.write_bytes(original)
 
     fuzz()
+
+
+def _allocate(path):
+    bytearray(3 << 30)
+
+
+def _hang(path):
+    import time
+
+    time.sleep(30)
+
+
+def _raise(path):
+    raise ValueError("not a one-line refusal")
+
+
+def _two_lines(path):
+    from bnprobe.core.errors import BnprobeError
+
+    raise BnprobeError("first\nsecond")
+
+
+@pytest.mark.parametrize("read, kind", [(_allocate, "exception"), (_hang, "timeout"), (_raise, "exception"),
+                                        (_two_lines, "refused")])
+def test_the_harness_catches_what_it_must(tmp_path, read, kind):
+    # Each limit and check bites: memory past the budget (MemoryError in the child), time, another exception, a
+    # message of two lines.
+    reader = Reader("test", lambda folder, samples: folder, lambda data: st.just(data), read)
+    outcome = run_in_child(reader, tmp_path, time_limit=2)
+    assert outcome[0] == kind, outcome
+    with pytest.raises(AssertionError):
+        check_outcome(*outcome)
