@@ -167,7 +167,8 @@ def sweep(
     calibrate: bool = typer.Option(
         False, "--calibrate", help="Time a few real training steps of each distinct model here instead of --tflops."),
     max_runs: Optional[int] = typer.Option(
-        None, "--max-runs", help="Allow a plan of up to N runs, at most 100,000 [default: 10,000; a grid is a product, it grows fast]."),
+        None, "--max-runs",
+        help="Allow a plan of up to N runs, at most 100,000 [default: 10,000; a grid is a product, it grows fast]."),
     launcher: str = typer.Option("local", "--launcher", help="local (this machine) or slurm (a submitit job array)."),
     slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Slurm partition."),
     slurm_hours: float = typer.Option(24.0, "--slurm-hours", help="Time limit of each job, in hours."),
