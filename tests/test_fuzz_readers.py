@@ -109,3 +109,43 @@ def test_the_harness_catches_what_it_must(tmp_path, read, kind):
     assert outcome[0] == kind, outcome
     with pytest.raises(AssertionError):
         check_outcome(*outcome)
+
+
+HUGE_INT = b"1" + b"0" * 5000  # past the 4,300 digits Python converts: json and tomllib raised a bare ValueError
+
+
+def _safetensors_with_huge_int(data: bytes) -> bytes:
+    import json
+    import struct
+
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header).replace('"pt"', HUGE_INT.decode()).encode()
+    return struct.pack("<Q", len(text)) + text + data[8 + size:]
+
+
+# What the fuzzer found (issue 30), kept: (reader kind, the mutation of its valid sample that broke it).
+FINDINGS = [
+    ("config.json", lambda data: b'{"seed": ' + HUGE_INT + b"}"),
+    ("config.json (report)", lambda data: data.replace(b'"seed": 0', b'"seed": ' + HUGE_INT)),
+    ("metrics.json (report)", lambda data: b'[{"epoch": ' + HUGE_INT + b"}]"),
+    ("index json", lambda data: b'{"weight_map": {"model.norm.weight": ' + HUGE_INT + b"}}"),
+    ("safetensors header json", _safetensors_with_huge_int),
+    ("export (full)", _safetensors_with_huge_int),
+    ("sweep plan", lambda data: data.replace(b"epochs = 2", b"epochs = " + HUGE_INT)),
+]
+
+
+@pytest.mark.parametrize("kind, mutate", FINDINGS, ids=[kind for kind, _ in FINDINGS])
+def test_fuzz_findings(kind, mutate, samples, tmp_path):
+    reader = next(r for r in REGISTRY if r.kind == kind)
+    path = reader.build(tmp_path, samples)
+    mutated = mutate(path.read_bytes())
+    assert HUGE_INT in mutated
+    if path.is_symlink():
+        path.unlink()
+    path.write_bytes(mutated)
+    outcome = run_in_child(reader, path)
+    check_outcome(*outcome)
+    assert outcome[0] == "refused", outcome  # it was a ValueError traceback

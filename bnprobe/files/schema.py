@@ -76,6 +76,8 @@ def read_json(path: Path, what: str = "a bnprobe file") -> Any:
         raise BnprobeError(f"{path} is not readable JSON (not UTF-8 text: byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise BnprobeError(f"{path} is not readable JSON ({exc})") from None
+    except ValueError:  # Python reads no integer of more than 4,300 digits
+        raise BnprobeError(f"{path} is not readable JSON (a number of more than 4,300 digits)") from None
     except RecursionError:
         raise BnprobeError(f"{path} is not readable JSON (nested too deeply)") from None
 

@@ -107,6 +107,8 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
         raise BnprobeError(f"{printable(str(path))} is not valid TOML ({exc})")
     except RecursionError:  # a = [[[[...]]]] nested past Python's stack
         raise BnprobeError(f"{printable(str(path))} is not valid TOML (nested too deeply)")
+    except ValueError:  # Python reads no integer of more than 4,300 digits
+        raise BnprobeError(f"{printable(str(path))} is not valid TOML (a number of more than 4,300 digits)")
     unknown_tables = sorted(set(plan) - {"defaults", "grid", "ablate"})
     if unknown_tables:
         raise BnprobeError(f"{path}: unknown tables {', '.join(unknown_tables)} (a plan has [defaults], [[grid]] "
