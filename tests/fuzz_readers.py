@@ -38,6 +38,9 @@ from bnprobe.core.errors import BnprobeError
 # seconds per call: a reader that needs more on a file of a few KB has no bound.
 MEMORY_BUDGET = 1 << 30
 TIME_LIMIT = 60
+# A refusal longer than this printed a name from the file whole (the CLI would cut it; the message should not
+# depend on that).
+MAX_MESSAGE = 4000
 
 
 @dataclass
@@ -81,7 +84,7 @@ def run_in_child(reader: Reader, path: Path, time_limit: float = TIME_LIMIT) -> 
                 reader.read(path)
                 outcome = ("ok", "")
             except reader.refusals as exc:
-                outcome = ("refused", str(exc))
+                outcome = ("refused", str(exc)[:MAX_MESSAGE + 100])
             except BaseException:  # noqa: B036 (MemoryError, RecursionError, SystemExit: all findings)
                 outcome = ("exception", traceback.format_exc(limit=-6)[-4000:])
         finally:
@@ -121,6 +124,7 @@ def check_outcome(kind: str, text: str) -> None:
     assert kind in ("ok", "refused"), f"{kind}: {text}"
     if kind == "refused":
         assert text.strip() and len(text.strip().splitlines()) == 1, f"not one line: {text[:2000]!r}"
+        assert len(text) <= MAX_MESSAGE, f"a message of {len(text):,} characters: {text[:300]!r}..."
         assert "Traceback" not in text
 
 

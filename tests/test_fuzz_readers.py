@@ -134,15 +134,19 @@ FINDINGS = [
     ("safetensors header json", _safetensors_with_huge_int),
     ("export (full)", _safetensors_with_huge_int),
     ("sweep plan", lambda data: data.replace(b"epochs = 2", b"epochs = " + HUGE_INT)),
+    # a model name of 100,000 characters was printed whole in the message
+    ("sweep plan", lambda data: data.replace(b'model = "resnet8"', b'model = "' + b"z" * 100_000 + b'"')),
+    ("sweep plan", lambda data: data.replace(b'dataset = "digits"', b'dataset = "' + b"z" * 100_000 + b'"')),
+    ("config.json", lambda data: data.replace(b'"norm": "batch"', b'"norm": "' + b"z" * 100_000 + b'"')),
 ]
 
 
-@pytest.mark.parametrize("kind, mutate", FINDINGS, ids=[kind for kind, _ in FINDINGS])
+@pytest.mark.parametrize("kind, mutate", FINDINGS, ids=[f"{kind}-{i}" for i, (kind, _) in enumerate(FINDINGS)])
 def test_fuzz_findings(kind, mutate, samples, tmp_path):
     reader = next(r for r in REGISTRY if r.kind == kind)
     path = reader.build(tmp_path, samples)
     mutated = mutate(path.read_bytes())
-    assert HUGE_INT in mutated
+    assert HUGE_INT in mutated or b"z" * 100_000 in mutated
     if path.is_symlink():
         path.unlink()
     path.write_bytes(mutated)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bnprobe.core.datasets import default_data_dir, get_dataset_spec
-from bnprobe.core.errors import BnprobeError, check_int, int_text
+from bnprobe.core.errors import BnprobeError, check_int, int_text, printable
 from bnprobe.core.formats import (
     BN_FREEZE_MODES,
     BN_PLACEMENTS,
@@ -348,7 +348,7 @@ def check_device(name: str) -> None:
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
+        raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {printable(str(value), limit=100)!r}")
 
 
 def check_types(data: dict[str, Any], where: Any) -> None:
