@@ -172,7 +172,7 @@ class TrainConfig:
         try:
             epochs = tuple(int(part) for part in text.split(","))
         except ValueError:
-            raise BnprobeError(f"--milestones must be comma-separated epochs like 80,120, got {self.milestones!r}")
+            raise BnprobeError(f"--milestones must be comma-separated epochs like 80,120, got {printable(self.milestones, limit=100)!r}")
         return epochs
 
     def lr_at(self, epoch: int) -> float:
@@ -255,7 +255,7 @@ class TrainConfig:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
         milestones = self.milestone_epochs
         if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
-            raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {self.milestones!r}")
+            raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {printable(self.milestones, limit=100)!r}")
 
     def resolved(self) -> "TrainConfig":
         """Validate every field and fill the per-data-set defaults, so config.json holds concrete values. The

@@ -485,7 +485,7 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
     check_model(config, f"{path}: config")
     version = metadata.get("version")
     if metadata["format"] == COMPACT_FORMAT and version not in EXPORT_VERSIONS:
-        raise BnprobeError(f"{path}: a compact file of format version {version}; this bnprobe reads versions "
+        raise BnprobeError(f"{path}: a compact file of format version {printable(str(version), limit=40)}; this bnprobe reads versions "
                            f"{' and '.join(EXPORT_VERSIONS)}")
     tensors = {name: f.get_tensor(name) for name in f.keys()}
     if stored_verified(metadata) and stored_digest(tensors) != metadata.get("stored_sha256"):
