@@ -140,6 +140,8 @@ FINDINGS = [
     ("config.json", lambda data: data.replace(b'"norm": "batch"', b'"norm": "' + b"z" * 100_000 + b'"')),
     ("sweep plan", lambda data: data.replace(b'milestones = "1"', b'milestones = "' + b"z" * 100_000 + b'"')),
     ("export (compact)", lambda data: _with_metadata(data, "version", "z" * 100_000)),
+    # seeds = [[1]] was a TypeError traceback (unhashable list)
+    ("sweep plan", lambda data: data.replace(b"seeds = [0, 1]", b"seeds = [[1]]")),
     # an infinite epoch in metrics.json was an OverflowError traceback in the report
     ("metrics.json (report)", lambda data: data.replace(b'"epoch": 1', b'"epoch": Infinity', 1)),
 ]

@@ -207,8 +207,8 @@ def _seeds(table: dict[str, Any], path: Path, name: str) -> Optional[list[int]]:
     seeds = table.pop("seeds")
     if "seed" in table:
         raise BnprobeError(f"{path} {name}: seed and seeds both set; keep one")
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    if (not isinstance(seeds, list) or not seeds  # integers first: a list of lists cannot be put in a set
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds)):
         raise BnprobeError(f"{path} {name}: seeds must be a list of distinct integers, e.g. seeds = [0, 1, 2]")
     return seeds
 
