@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
+import functools
 import math
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,7 +23,8 @@ except ImportError:  # pragma: no cover
     NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", type("NoArgsIsHelpError", (Exception,), {}))
 
 from bnprobe.core.config import TrainConfig
-from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.core.errors import BnprobeError, check_int, check_path_length, printable
+from bnprobe.flags import command_with_config
 
 app = typer.Typer(
     help="Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report.",
@@ -52,59 +51,25 @@ def _options(
     """Study what BatchNorm's gamma and beta can do on their own: train, probe, ablate, report."""
 
 
-def _flag_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of a dataclass that are flags (metadata flag=False: the command sets the field itself)."""
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag", True) is not False]
-
-
-def _config_parameters(cls: type, positional: tuple[str, ...]) -> list[inspect.Parameter]:
-    """Turn dataclass fields into typer parameters: `--snake-case` flags (or metadata `flag`), help text from
-    the field; a field with metadata `parse` is a flag of text, read when the command runs."""
-    hints = typing.get_type_hints(cls)
-    params = []
-    for f in _flag_fields(cls):
-        annotation = hints[f.name]
-        help_text = f.metadata.get("help", "")
-        if f.name in positional:
-            info = typer.Argument(..., help=help_text, show_default=False, metavar=f.name.upper())
-        else:
-            flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
-            if annotation in (bool, Optional[bool]):
-                flag = f"{flag}/--no-{flag[2:]}"
-            default = f.metadata["parse"][0] if "parse" in f.metadata else f.default
-            annotation = str if "parse" in f.metadata else annotation
-            info = typer.Option(default, flag, help=help_text, show_default=default is not None)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
-    return params
-
-
-def command_with_config(*classes: type, positional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Give `func(config, ..., **options)` the fields of each dataclass (one instance per class, in order) as
-    flags, in front of its own options."""
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+    """app.command, with every path argument's length checked first: a name over 255 bytes is one line, where
+    any call on it would raise OSError (File name too long)."""
 
     def wrap(func: Callable) -> Callable:
-        own = list(inspect.signature(func, eval_str=True).parameters.values())[len(classes):]
-        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        fields = {cls: _flag_fields(cls) for cls in classes}
-        names = {f.name for cls in classes for f in fields[cls]}
+        @functools.wraps(func)
+        def checked(*call_args: Any, **call_kwargs: Any) -> Any:
+            for value in [*call_args, *call_kwargs.values()]:
+                for path in value if isinstance(value, list) else [value]:
+                    if isinstance(path, Path):
+                        check_path_length(path)
+            return func(*call_args, **call_kwargs)
 
-        def command(**kwargs: Any) -> Any:
-            def value(f: dataclasses.Field) -> Any:
-                return f.metadata["parse"][1](kwargs[f.name]) if "parse" in f.metadata else kwargs[f.name]
-
-            configs = [cls(**{f.name: value(f) for f in fields[cls]}) for cls in classes]
-            return func(*configs, **{k: v for k, v in kwargs.items() if k not in names})
-
-        command.__signature__ = inspect.Signature(
-            [p for cls in classes for p in _config_parameters(cls, positional)] + own)
-        command.__doc__ = func.__doc__
-        command.__name__ = func.__name__
-        return command
+        return app.command(*args, **kwargs)(checked)
 
     return wrap
 
 
-@app.command()
+@command()
 @command_with_config(TrainConfig, positional=("model",))
 def train(
     config: TrainConfig,
@@ -117,6 +82,11 @@ def train(
     if resume and overwrite:
         raise BnprobeError("--resume and --overwrite contradict each other; pass one")
     config = config.resolved()
+    if config.norm != "group" and config.norm_groups != TrainConfig.norm_groups:
+        import warnings
+
+        warnings.warn(f"--norm-groups {config.norm_groups} has no effect with --norm {config.norm} (only GroupNorm, "
+                      f"--norm group, has groups)")
     from bnprobe.files.runs import check_run_name
     from bnprobe.training.train import train as run_training
 
@@ -130,7 +100,7 @@ def _check_number(flag: str, value: float, wanted: str, holds: bool) -> None:
         raise BnprobeError(f"{flag} must be {wanted} (a finite number), got {value:g}")
 
 
-@app.command()
+@command()
 def sweep(
     plan: Path = typer.Argument(..., help="A plan file (TOML): [defaults] and [[grid]] tables of train settings."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories live."),
@@ -144,7 +114,8 @@ def sweep(
     calibrate: bool = typer.Option(
         False, "--calibrate", help="Time a few real training steps of each distinct model here instead of --tflops."),
     max_runs: Optional[int] = typer.Option(
-        None, "--max-runs", help="Allow a plan of up to N runs [default: 10,000; a grid is a product, it grows fast]."),
+        None, "--max-runs",
+        help="Allow a plan of up to N runs, at most 100,000 [default: 10,000; a grid is a product, it grows fast]."),
     time_budget: Optional[float] = typer.Option(
         None, "--time-budget", help="Seconds from now: start runs, in plan order, only while each is expected to "
         "end within them (the time column, rescaled by what finished runs took); the rest wait for a later sweep."),
@@ -165,8 +136,12 @@ def sweep(
         _check_number(flag, value, "> 0", value > 0)
     if launcher not in ("local", "slurm"):
         raise BnprobeError(f"--launcher must be local or slurm, got {launcher!r}")
-    if max_runs is not None and max_runs < 1:
-        raise BnprobeError(f"--max-runs must be >= 1, got {max_runs}")
+    from bnprobe.sweep.plan import MAX_RUNS_LIMIT
+
+    if max_runs is not None:
+        check_int("--max-runs", max_runs, 1, MAX_RUNS_LIMIT)
+    check_int("--slurm-gpus", slurm_gpus, 1, 1024)
+    check_int("--slurm-parallel", slurm_parallel, 1, MAX_RUNS_LIMIT)
     check_per_device(per_device)
     if per_device != 1 and launcher == "slurm":
         raise BnprobeError("--per-device is for --launcher local (a Slurm job runs one run)")
@@ -207,7 +182,7 @@ def sweep(
         raise BnprobeError(f"{len(failed)} of {len(outcome)} runs failed: {', '.join(failed)}")
 
 
-@app.command("inspect")
+@command("inspect")
 def inspect_command(
     run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>), or a run's `bnprobe export` file."),
     top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list (all, once each, when 2N covers them)."),
@@ -221,7 +196,7 @@ def inspect_command(
     console.print(inspect_run(run_dir, top))
 
 
-@app.command()
+@command()
 def models() -> None:
     """List the registered models with their parameter counts (CIFAR-10 shape)."""
     import torch
@@ -260,7 +235,7 @@ from bnprobe.core.options import (
 )
 
 
-@app.command()
+@command()
 @command_with_config(LoadOptions, ProbeOptions)
 def probe(
     config: LoadOptions,
@@ -285,12 +260,13 @@ def probe(
     from bnprobe.files.runs import default_output
 
     _check_number("--off-threshold", settings.off_threshold, ">= 0", settings.off_threshold >= 0)
+    settings.check_counts()
     out = out if out is not None else default_output(checkpoints, PROBE_FILE)
     with locked(out, str(out)):
         run_probe(checkpoints, config, settings, out=out, brief=brief, console=console)
 
 
-@app.command()
+@command()
 @command_with_config(LoadOptions, AblateOptions)
 def ablate(
     config: LoadOptions,
@@ -327,6 +303,7 @@ def ablate(
 
     if sum(x is not None for x in (clamp_gamma, clamp_fraction, clamp_dims)) != 1:
         raise BnprobeError("pass exactly one of --clamp-gamma TAUS, --clamp-fraction PS and --clamp-dims DIMS")
+    settings.check_counts()
     if clamp_gamma is not None:
         settings.mode, settings.values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
     elif clamp_fraction is not None:
@@ -344,7 +321,7 @@ def ablate(
         run(checkpoint, config, settings, out=out, console=console)
 
 
-@app.command()
+@command()
 def export(
     run: Path = typer.Argument(..., help="Run directory (or its checkpoint.pt).", show_default=False),
     output: Path = typer.Option(..., "-o", "--output", help="The .safetensors file to write.", show_default=False),
@@ -365,7 +342,7 @@ def export(
 
 
 # ---- report (issue 5) ----
-@app.command()
+@command()
 def report(
     runs_dirs: list[Path] = typer.Argument(
         ..., metavar="RUNS_DIRS...", show_default=False,
@@ -412,7 +389,7 @@ def report(
                       soft_wrap=True, highlight=False)
 
 
-@app.command()
+@command()
 def findings(
     runs_dirs: list[Path] = typer.Argument(
         ..., metavar="RUNS_DIRS...", show_default=False, help="Directories of runs, or run directories."),
@@ -424,7 +401,8 @@ def findings(
     """Runs grouped by seed (mean, 95% interval, n) and every comparison whose runs exist, with its test."""
     from rich.markup import escape
 
-    from bnprobe.analysis.findings import check_json_output, findings_of, tables, write_json
+    from bnprobe.analysis.findings import findings_of
+    from bnprobe.analysis.findings_output import check_json_output, tables, write_json
     from bnprobe.reporting.collect import collect
 
     if json_out is not None:
@@ -442,7 +420,7 @@ def findings(
 
 
 # check / rules / diff: torch-free until a checkpoint is read.
-@app.command()
+@command()
 def check(
     paths: Optional[list[Path]] = typer.Argument(
         None, metavar="PATH...", show_default=False,
@@ -493,7 +471,7 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def rules(code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g. BNP101.")) -> None:
     """Explain one rule of `bnprobe check`: what it measures, why it matters, its thresholds and sources."""
     from bnprobe.analysis.rules import RULES
@@ -505,7 +483,7 @@ def rules(code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g
     print(rule_text(rule))
 
 
-@app.command()
+@command()
 def diff(
     a: Path = typer.Argument(..., metavar="A", show_default=False, help="The first checkpoint (before)."),
     b: Optional[Path] = typer.Argument(None, metavar="B", show_default=False,
@@ -552,12 +530,26 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"bnprobe: warning: {text}", file=file or sys.stderr)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import signal
+    import threading
     import warnings
 
-    with warnings.catch_warnings():  # restores the default display after an in-process call (tests)
-        warnings.showwarning = _one_line_warning
-        _main(argv)
+    # TERM (`kill`, a scheduler's time limit) ends every command as Ctrl-C does: by unwinding, so temporary files
+    # are removed and the one "interrupted" line is printed, exit 130 (the default would end it silently, 143).
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        with warnings.catch_warnings():  # restores the default display after an in-process call (tests)
+            warnings.showwarning = _one_line_warning
+            _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: Optional[list[str]]) -> None:
@@ -571,7 +563,7 @@ def _main(argv: Optional[list[str]]) -> None:
         print(f"bnprobe: error: {printable(exc.format_message())}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except BnprobeError as exc:  # names from files in it (a tensor's, a layer's) are printed escaped
-        print(f"bnprobe: error: {printable(str(exc))}", file=sys.stderr)
+        print(f"bnprobe: error: {printable(str(exc), limit=2000)}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort as exc:
         if not isinstance(exc.__cause__, EOFError):

@@ -213,9 +213,12 @@ def test_the_frozen_tensors_regenerate_the_same_whatever_the_thread_count():
     # a traceback (TypeError), then one from a normalisation that broadcasts to no image
     ("normalization", '{"mean": "x", "std": [1]}', "damaged bnprobe export metadata (normalization: TypeError"),
     ("normalization", '{"mean": [[[0.5, 0.5]]], "std": [[[1.0, 1.0]]]}',
-     "'normalization.mean' must hold finite numbers of shape (1, 1, 1) or (1, 8, 8) for digits, not a "
+     "'normalization.mean' must hold numbers of shape (1, 1, 1) or (1, 8, 8) for digits, not a "
      "torch.float32 tensor of shape (1, 1, 2)"),
-    ("normalization", '{"mean": [[[0.5]]], "std": [[[0.0]]]}', "'normalization.std' must hold finite positive"),
+    # refused for its value, not for a shape (issue 30, item 11)
+    ("normalization", '{"mean": [[[0.5]]], "std": [[[0.0]]]}', "'normalization.std' holds 0; it must hold finite positive"),
+    ("normalization", '{"mean": [[[0.5]]], "std": [[[NaN]]]}', "'normalization.std' holds nan; it must hold finite positive"),
+    ("normalization", '{"mean": [[[Infinity]]], "std": [[[1.0]]]}', "'normalization.mean' holds inf; it must hold finite"),
 ])
 def test_an_export_with_damaged_metadata_is_one_line(capsys, tmp_path, tmp_path_factory, key, value, pattern):
     bad = forge(capsys, tmp_path, tmp_path_factory, metadata=lambda m: {**m, key: value})

@@ -1,7 +1,6 @@
 """How a --norm is shown (bnprobe.core.norm_names): BN, GN<groups>, LN, and nothing after a BatchNorm model's name,
 in run names, tables and findings alike."""
 
-from bnprobe.core import config as core_config
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.formats import NORMS
 from bnprobe.core.norm_names import norm_family, norm_name, norm_suffix
@@ -11,8 +10,6 @@ def test_a_norm_is_shown_one_way_everywhere():
     """BN, GN<groups>, LN, and nothing after a BatchNorm model's name: in run names, tables and findings alike."""
     for norm in NORMS:
         for groups in (1, 4, 16):
-            # core/config.py keeps its own norm_name until its branch is merged; the two must not drift meanwhile
-            assert norm_name(norm, groups) == core_config.norm_name(norm, groups)
             config = TrainConfig(model="resnet8", dataset="digits", norm=norm, norm_groups=groups).resolved()
             assert config.run_name().startswith(f"resnet8{norm_suffix(norm, groups, '-{}').lower()}-digits-")
     assert [norm_name(norm, 16) for norm in NORMS] == ["BN", "GN16", "LN"]

@@ -107,6 +107,8 @@ def test_an_empty_telemetry_journal_says_how_to_read_the_run_again(good_run, tmp
     code, _, err = run_cli(capsys, "inspect", run_dir)
     assert_one_line_error(code, err, f"{journal} is damaged (it is empty)")
     assert advice in err
+    # issue 30 (13): it promised that --resume trains the epoch again, though this run is finished
+    assert "an unfinished run's train --resume trains its epoch again; a finished run keeps its checkpoint" in err
     assert "mv telemetry.h5.journal telemetry.h5.journal.damaged" in skipped(collect([run_dir]))["run"]
     journal.rename(f"{journal}.damaged")
     code, out, _ = run_cli(capsys, "inspect", run_dir)

@@ -322,11 +322,10 @@ def run_ablation(
     """Clamp on one checkpoint (a sweep of values or --clamp-dims sets), write ablation.h5 and print the table."""
     console = console or Console()
     check_settings(settings)
+    settings.check_counts()
     batch_size = settings.batch_size
     if batch_size is None:
         batch_size = default_batch_size(options.device)
-    if batch_size < 1 or settings.test_subset < 0 or settings.train_subset < 0:
-        raise BnprobeError("--batch-size must be >= 1, --test-subset and --train-subset >= 0")
     if settings.text is not None:
         raise BnprobeError("--text evaluates a Hugging Face language model (a folder with config.json); "
                            "for this model pass --eval file.py:evaluate")
@@ -386,9 +385,11 @@ def _image_setup(loaded: LoadedModel, settings: AblateOptions, device: torch.dev
     train_images = len(data.train_y) if settings.measure_train else 0
     attrs = {"dataset": loaded.dataset, "test_images": len(data.test_y), "train_images": train_images,
              "folded_layers": folded, "pairing": clampable.pairing, "fold_relative_error": fold_error}
-    note = (f"{folded} of {layers} norm layers folded into their convs (BNs after a conv: pairs found by "
-            f"{clampable.pairing}; max relative logit difference {fold_error:.1e}), {layers - folded} masked on the "
-            f"layer; {len(data.test_y):,} test" + (f" / {train_images:,} train" if train_images else "") +
+    folding = (f"{folded} of {layers} norm layers folded into their convs (BNs after a conv: pairs found by "
+               f"{clampable.pairing}; max relative logit difference {fold_error:.1e}), {layers - folded} masked on "
+               f"the layer" if settings.fold else f"No layer folded (--no-fold): all {layers} norm layers masked on "
+                                                   f"the layer")
+    note = (f"{folding}; {len(data.test_y):,} test" + (f" / {train_images:,} train" if train_images else "") +
             " images, eval mode.")
     return clampable, image_measure(clampable, loaders), attrs, note
 

@@ -22,6 +22,7 @@ from bnprobe.files.checkpoints import check_checkpoint, read_checkpoint, read_me
 from bnprobe.files.file_tensors import checkpoint_file, is_bnprobe_checkpoint
 from bnprobe.files.compact import frozen_digest, layout_digest, pack, packed_layout, regenerate, stored_digest
 from bnprobe.files.headers import is_safetensors
+from bnprobe.files.shards import not_a_run
 
 
 def _exported(path: Path) -> bool:
@@ -40,6 +41,9 @@ def export_run(run: Path, out: Path, compact: bool) -> tuple[int, int]:
     schema.check_outside_runs(out)  # a file bnprobe did not write would make train --overwrite refuse the run
     if out.exists() and not _exported(out):
         raise BnprobeError(f"will not replace {out}: it is not a model bnprobe exported")
+    model_folder = not_a_run(run, "export")
+    if model_folder is not None:
+        raise model_folder
     file = checkpoint_file(run)
     obj = read_checkpoint(file)
     if not is_bnprobe_checkpoint(obj):

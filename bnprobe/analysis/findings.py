@@ -17,8 +17,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-# cli.py's findings command imports these three from here; after it imports them from findings_output, this goes.
-from bnprobe.analysis.findings_output import check_json_output, tables, write_json  # noqa: F401
 from bnprobe.analysis.seed_statistics import (
     FRACTION,
     NON_NEGATIVE,

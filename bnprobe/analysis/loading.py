@@ -68,7 +68,7 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
             raise BnprobeError(f"--model-arg must be key=value with a Python identifier as key, got {item!r}")
         try:
             kwargs[key] = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or a number past Python's 4,300 digits): the text
             kwargs[key] = text
     return kwargs
 

@@ -28,7 +28,7 @@ from bnprobe.analysis.static import KIND_NOTE, NORMS, ORDER_NOTES, static_probe
 from bnprobe.core.config import check_load_options
 from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import BATCHNORM, PROBE_FILE, PROBE_FORMAT, SCALE_ONLY
-from bnprobe.core.options import MAX_BINS, LoadOptions, ProbeOptions
+from bnprobe.core.options import LoadOptions, ProbeOptions
 from bnprobe.files.gguf import facts_line
 from bnprobe.files.runs import default_output
 from bnprobe.files.store import check_replaceable, provenance
@@ -65,10 +65,7 @@ def run_probe(
     images, batch_size = settings.images, settings.batch_size
     if off_threshold < 0 or any(t < 0 for t in taus):
         raise BnprobeError("thresholds τ must be >= 0")
-    if not 1 <= bins <= MAX_BINS:
-        raise BnprobeError(f"--bins must be in [1, {MAX_BINS:,}], got {bins:,}")
-    if images < 0 or batch_size < 1:
-        raise BnprobeError("--batch-size must be >= 1 and --images >= 0")
+    settings.check_counts()
     if settings.norms not in NORMS:
         raise BnprobeError(f"--norms must be one of {', '.join(NORMS)}; got {settings.norms!r}")
     if not (math.isfinite(settings.outlier_factor) and settings.outlier_factor > 0):

@@ -17,10 +17,11 @@ from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.formats import COMPACT_FORMAT, TELEMETRY_FILE, TELEMETRY_FORMAT
 from bnprobe.files import runs
-from bnprobe.files.checkpoints import read_weights
+from bnprobe.files.checkpoints import check_run, read_weights
 from bnprobe.files.compact import stored_verified
 from bnprobe.files.headers import read_export_header
 from bnprobe.files.schema import check_telemetry, is_set_aside, open_h5
+from bnprobe.files.shards import not_a_run
 
 # The /epochs columns the results table shows (files from before eval-mode train accuracy lack two of them).
 SHOWN_EPOCH_FIELDS = ("epoch", "train_eval_acc", "train_acc", "test_acc", "gap", "train_eval_loss", "test_loss")
@@ -92,11 +93,14 @@ def summarize_run(run_dir: Path, top: int = 5) -> RunSummary:
 def _summarize_run(run_dir: Path, top: int) -> RunSummary:
     if top < 0:
         raise BnprobeError(f"--top must be >= 0 (how many of the largest and smallest gradients to list; 0: none), got {top}")
+    model_folder = not_a_run(run_dir, "inspect")
+    if model_folder is not None:
+        raise model_folder
     if run_dir.is_file():
         raise BnprobeError(f"{run_dir} is a file; inspect takes a run directory (runs/<name>)")
     if not run_dir.is_dir():
         raise BnprobeError(f"no run directory at {run_dir}")
-    config = runs.read_config(run_dir)
+    config = check_run(run_dir)
     path = run_dir / TELEMETRY_FILE
     if not os.path.lexists(path):
         raise BnprobeError(f"{run_dir} has no telemetry.h5 (it did not finish an epoch)")
@@ -165,6 +169,8 @@ class ExportSummary:
 def summarize_export(path: Path) -> ExportSummary:
     """`bnprobe inspect model.safetensors`: what an exported run holds, its frozen tensors regenerated and checked."""
     header = read_export_header(path)
+    if header is None and not_a_run(path, "inspect") is not None:
+        raise not_a_run(path, "inspect")
     if header is None:
         raise BnprobeError(f"{path} is not a model bnprobe exported; inspect takes a run directory or an export")
     metadata = header.metadata

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bnprobe.core.datasets import default_data_dir, get_dataset_spec
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, check_int, int_text, printable
 from bnprobe.core.formats import (
     BN_FREEZE_MODES,
     BN_PLACEMENTS,
@@ -29,6 +29,8 @@ from bnprobe.core.formats import (
     NORMS,
     SHORTCUTS,
 )
+from bnprobe.core.modelnames import norm_channels
+from bnprobe.core.norm_names import norm_suffix
 from bnprobe.core.options import NORM_UNITS, LoadOptions
 
 # The largest model bnprobe builds: 2e9 parameters are 8 GB of float32 weights, 24 GB with their gradients and
@@ -47,6 +49,20 @@ GRAPHS_BY_DEFAULT = False
 
 # More epochs than this is a typo (a month of 25 s CIFAR epochs); it also bounds a run file's per-epoch rows.
 MAX_EPOCHS = 100_000
+# Images and steps: far more than any data set bnprobe reads holds (60,000), far below 2**63, past which no file
+# (HDF5 attributes, a checkpoint's int64) can store a number.
+MAX_COUNT = 1_000_000_000
+# Groups per norm layer: more than any layer within MAX_WIDTH has channels (a larger value is one per channel).
+MAX_NORM_GROUPS = 65_536
+# Every integer setting's range, both ends included, checked by TrainConfig.check alike for the command line,
+# config.json, a checkpoint's config and a plan, before anything is written.
+INT_RANGES = {
+    "subset": (0, MAX_COUNT), "test_subset": (0, MAX_COUNT), "train_eval_subset": (0, MAX_COUNT),
+    "width": (1, MAX_WIDTH), "norm_groups": (1, MAX_NORM_GROUPS), "bn_every": (1, 10_000),
+    "random_features": (0, MAX_COUNT), "epochs": (1, MAX_EPOCHS), "batch_size": (1, MAX_COUNT),
+    "eval_batch_size": (1, MAX_COUNT), "translate": (0, 1024), "seed": (0, 2**32 - 1),
+    "telemetry_every": (0, MAX_COUNT),
+}
 
 
 def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
@@ -165,7 +181,7 @@ class TrainConfig:
         try:
             epochs = tuple(int(part) for part in text.split(","))
         except ValueError:
-            raise BnprobeError(f"--milestones must be comma-separated epochs like 80,120, got {self.milestones!r}")
+            raise BnprobeError(f"--milestones must be comma-separated epochs like 80,120, got {printable(self.milestones, limit=100)!r}")
         return epochs
 
     def lr_at(self, epoch: int) -> float:
@@ -183,7 +199,7 @@ class TrainConfig:
         identity = {name: value for name, value in every.items()
                     if name not in NEWER_SETTINGS or _in_effect(name, every)}
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-        norm = f"-{norm_name(self.norm, self.norm_groups).lower()}" if self.norm != "batch" else ""
+        norm = norm_suffix(self.norm, self.norm_groups, "-{}").lower()
         variant = {"full": "", "none": "-nobn", "every-k": f"-bn-every{self.bn_every}"}.get(self.bn, "")
         return f"{self.model}{norm}{variant}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
 
@@ -213,19 +229,16 @@ class TrainConfig:
         _choice("norm", self.norm, NORMS)
         if self.normalize is not None:
             _choice("normalize", self.normalize, NORMALIZATIONS)
-        for name in ("epochs", "batch_size", "width", "eval_batch_size", "bn_every", "norm_groups"):
-            if getattr(self, name) < 1:
-                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("subset", "test_subset", "telemetry_every", "train_eval_subset", "random_features", "translate"):
-            if (getattr(self, name) or 0) < 0:
-                raise BnprobeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.epochs > MAX_EPOCHS:
-            raise BnprobeError(f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
-        if self.width > MAX_WIDTH:
-            raise BnprobeError(f"--width must be at most {MAX_WIDTH:,} (every model is then past "
-                               f"{MAX_PARAMETERS:,} parameters), got {self.width:,}")
-        if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit; numpy's and most tools' are 32
-            raise BnprobeError(f"--seed must be in [0, 2**32), got {self.seed}")
+        for name, (low, high) in INT_RANGES.items():
+            value = getattr(self, name)
+            if value is None:  # translate: the data set's default
+                continue
+            if name == "seed" and not low <= value <= high:  # torch seeds are 64-bit; numpy's and most tools' are 32
+                raise BnprobeError(f"--seed must be in [0, 2**32), got {int_text(value, grouped=False)}")
+            if name == "width" and value > high:
+                raise BnprobeError(f"--width must be at most {MAX_WIDTH:,} (every model is then past "
+                                   f"{MAX_PARAMETERS:,} parameters), got {int_text(value)}")
+            check_int(f"--{name.replace('_', '-')}", value, low, high)
         for name in ("lr", "momentum", "weight_decay", "gamma_l1", "bn_l2", "lr_drop"):
             if not math.isfinite(getattr(self, name)):
                 raise BnprobeError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
@@ -243,17 +256,19 @@ class TrainConfig:
         if self.norm != "batch" and self.bn == "none":  # one model under two names would split its findings
             raise BnprobeError(f"--norm {self.norm} chooses the norm layers, but --bn none places none; "
                                f"leave --norm at batch for a net without normalisation")
+        if self.norm == "group":
+            check_groups(self.model, self.width, self.norm_groups)
         if self.norm != "batch" and self.sync_bn:
             raise BnprobeError(f"--sync-bn synchronises BatchNorm's batch statistics; --norm {self.norm} has none")
         if not self.lr_drop > 0:
             raise BnprobeError(f"--lr-drop must be > 0, got {self.lr_drop}")
         milestones = self.milestone_epochs
         if any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:])):
-            raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {self.milestones!r}")
+            raise BnprobeError(f"--milestones must be increasing positive epochs, e.g. 80,120; got {printable(self.milestones, limit=100)!r}")
 
     def resolved(self) -> "TrainConfig":
         """Validate every field and fill the per-data-set defaults, so config.json holds concrete values. The
-        model these settings build is checked by bnprobe.nets.check_model (it needs torch)."""
+        model these settings build is checked by bnprobe.nets.check.check_model (it needs torch)."""
         self.check()
         spec = get_dataset_spec(self.dataset)
         normalize = spec.normalize if self.normalize is None else self.normalize
@@ -285,11 +300,6 @@ def _in_effect(name: str, identity: dict[str, Any]) -> bool:
     return identity.get(name, IDENTITY_DEFAULTS[name]) != IDENTITY_DEFAULTS[name]
 
 
-def norm_name(norm: str, groups: int) -> str:
-    """How names and tables show a --norm: BN, GN<groups>, LN."""
-    return {"batch": "BN", "group": f"GN{groups}", "layer": "LN"}.get(norm, str(norm))
-
-
 def freeze_spelling(freeze: str, norm: str) -> str:
     """The one spelling of a freeze mode a config stores: BN's (non-bn, ...) for BatchNorm nets, so that their run
     names and findings groups stay those of the runs made before --norm; the general one (non-norm, ...) for
@@ -318,7 +328,10 @@ def seed_group(config: dict[str, Any]) -> tuple:
 
 
 def _shown(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value, default=repr)
+    try:
+        text = json.dumps(value, default=repr)
+    except ValueError:  # an integer of more than 4,300 digits
+        return "a number too long to print"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -335,6 +348,15 @@ def check_load_options(options: LoadOptions) -> None:
         raise BnprobeError("--mean and --std go together; pass both")
 
 
+def check_groups(model: str, width: int, groups: int) -> None:
+    """--norm-groups as GroupNorm layers take it: dividing each layer's channels (a layer with fewer channels
+    than groups gets one per channel), checked without torch from the channel counts of the model's family."""
+    for channels in norm_channels(model, width) or ():
+        if channels % min(groups, channels):
+            raise BnprobeError(f"--norm-groups {groups} does not divide a layer's {channels} channels; pick a divisor "
+                               f"of every layer's width (16 and its divisors fit every bnprobe model)")
+
+
 def check_device(name: str) -> None:
     """One of DEVICES, or cuda:N."""
     if not re.fullmatch(r"cuda:\d+", name):
@@ -343,7 +365,7 @@ def check_device(name: str) -> None:
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
+        raise BnprobeError(f"--{flag} must be one of {', '.join(choices)}; got {printable(str(value), limit=100)!r}")
 
 
 def check_types(data: dict[str, Any], where: Any) -> None:

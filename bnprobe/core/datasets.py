@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, printable
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def get_dataset_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise BnprobeError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+        raise BnprobeError(f"unknown data set {printable(str(name), limit=100)!r}; choose from {', '.join(DATASETS)}")
     return DATASETS[name]
 
 

@@ -29,3 +29,17 @@ def model_family(model: str) -> str:
     if prefix == "vgg":
         return "VGG"
     return prefix or model
+
+
+def norm_channels(model: str, width: int) -> Optional[tuple[int, ...]]:
+    """The channel counts of the norm layers the registry's `model` has at `width` (bnprobe.nets builds them:
+    tests/test_hostile_runs.py checks this against the models), so that torch-free readers (report, findings)
+    check --norm-groups as train does; None for a name of no known family."""
+    family = model_family(model)
+    if family == "CIFAR ResNet":
+        return (16 * width, 32 * width, 64 * width)
+    if family == "VGG":
+        return (64 * width, 128 * width, 256 * width, 512 * width)
+    if family.startswith("Bottleneck ResNet"):  # torchvision's: a stem of 64, inner widths 64w.., outputs 256..
+        return (64, 64 * width, 128 * width, 256 * width, 512 * width, 256, 512, 1024, 2048)
+    return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, check_int, int_text
 
 NORM_UNITS = ("auto", "unit", "pixel")
 DEFAULT_TAUS = "0.001,0.01,0.05,0.1"
@@ -24,6 +24,9 @@ OFF_THRESHOLD = 0.01
 # Each value is at least one evaluation (ablate) or a column (probe, report): more than this is a typo, and
 # would otherwise spend minutes and gigabytes before saying anything.
 MAX_SWEEP_VALUES = 10_000
+# Images and batch sizes of a probe or ablation: far more than any data set holds, far below 2**63 (HDF5's and
+# torch's integers), as TrainConfig's MAX_COUNT.
+MAX_IMAGES = 1_000_000_000
 # Each bin is a column of every layer's γ and β histogram (layers x bins int64): finer than a layer's channels
 # (a few thousand at most) can fill, where 10^8 bins took 7 GB before a line was written.
 MAX_BINS = 10_000
@@ -97,6 +100,13 @@ class ProbeOptions:
     outlier_factor: float = field(default=10.0, metadata=_help(
         "A dimension is an outlier of its layer when its |γ| is above this many times the layer's median |γ|."))
 
+    def check_counts(self) -> None:
+        """The integer options' ranges (answered before any file is opened or written)."""
+        if not 1 <= self.bins <= MAX_BINS:
+            raise BnprobeError(f"--bins must be in [1, {MAX_BINS:,}], got {int_text(self.bins)}")
+        check_int("--images", self.images, 0, MAX_IMAGES)
+        check_int("--batch-size", self.batch_size, 1, MAX_IMAGES)
+
 
 @dataclass
 class AblateOptions:
@@ -137,6 +147,13 @@ class AblateOptions:
     tokens: int = field(default=20000, metadata=_help("--text: at most this many tokens of the file."))
     context: int = field(default=256, metadata=_help(
         "--text: tokens per sequence (at most the model's positions)."))
+
+    def check_counts(self) -> None:
+        """The integer options' ranges (answered before any file is opened or written)."""
+        if self.batch_size is not None:
+            check_int("--batch-size", self.batch_size, 1, MAX_IMAGES)
+        check_int("--test-subset", self.test_subset, 0, MAX_IMAGES)
+        check_int("--train-subset", self.train_subset, 0, MAX_IMAGES)
 
 
 def parse_sweep(text: str, flag: str, upper: Optional[float] = None) -> list[float]:

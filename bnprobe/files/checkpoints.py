@@ -19,6 +19,8 @@ same rules in both (file_tensors.find_state_dict).
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import warnings
 import zipfile
@@ -58,6 +60,8 @@ from bnprobe.files.file_tensors import (
 )
 from bnprobe.files.gguf import is_gguf
 from bnprobe.files.headers import export_fields, is_safetensors, torch_file_kind
+from bnprobe.files.runs import checkpoint_path, config_path, read_config
+from bnprobe.files.schema import check_agrees
 from bnprobe.files.shards import is_index
 from bnprobe.nets.check import check_model
 
@@ -186,6 +190,7 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         raise BnprobeError(f"{path} is not a bnprobe checkpoint")
     config = TrainConfig.from_dict(state.get("config"), f"{path}: config")
     check_model(config, f"{path}: config")  # the bounds train applies, before anything builds it
+    check_agrees(config, path)  # a run's config.json says the same
 
     def need(key: str, kinds: Any, what: str, container: dict = state, where: str = "") -> Any:
         value = container.get(key)
@@ -206,6 +211,12 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         if not numbers or row["epoch"] != number:
             raise BnprobeError(f"{path}: 'history' must be a list of per-epoch tables numbered from 1, each with "
                                f"{', '.join(HISTORY_FIELDS)} as numbers; row {number} is {_describe(row)}")
+        # Training records finite numbers only, and metrics.json (strict JSON) holds the history again on resume.
+        odd = next((key for key, value in row.items() if not isinstance(key, str) or isinstance(value, bool)
+                    or not isinstance(value, (int, float)) or not math.isfinite(value)), None)
+        if odd is not None:
+            raise BnprobeError(f"{path}: 'history' row {number} has {printable(str(odd))} = "
+                               f"{_describe(row[odd])}, not a finite number")
     if resume and len(history) != epoch:  # (an export keeps no history)
         raise BnprobeError(f"{path}: 'history' has {len(history)} epochs, but the checkpoint is after epoch {epoch}")
     if "processes" in state and need("processes", int, "a whole number") < 1:
@@ -216,11 +227,13 @@ def check_checkpoint(state: Any, path: Path, *, resume: bool = False) -> TrainCo
         shapes = ((spec.channels, 1, 1), (spec.channels, spec.size, spec.size))
         for key in ("mean", "std"):
             value = need(key, torch.Tensor, "a tensor", norm, "normalization.")
-            if (tuple(value.shape) not in shapes or not value.is_floating_point() or not torch.isfinite(value).all()
-                    or (key == "std" and not (value > 0).all())):
-                raise BnprobeError(f"{path}: 'normalization.{key}' must hold finite{' positive' * (key == 'std')} "
-                                   f"numbers of shape {shapes[0]} or {shapes[1]} for {spec.name}, not "
-                                   f"{_describe(value)} of shape {tuple(value.shape)}")
+            if tuple(value.shape) not in shapes or not value.is_floating_point():
+                raise BnprobeError(f"{path}: 'normalization.{key}' must hold numbers of shape {shapes[0]} or "
+                                   f"{shapes[1]} for {spec.name}, not {_describe(value)} of shape {tuple(value.shape)}")
+            bad = value[~torch.isfinite(value) | ((value <= 0) if key == "std" else False)]
+            if bad.numel():  # named by its value: a std of 0 or NaN would divide every image into NaN
+                raise BnprobeError(f"{path}: 'normalization.{key}' holds {bad[0].item():g}; it must hold finite"
+                                   f"{' positive' * (key == 'std')} numbers")
     if resume:
         optimizer = need("optimizer", dict, "an optimizer state")
         need("state", dict, "a table", optimizer, "optimizer.")
@@ -323,7 +336,7 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
     check_model(config, f"{path}: config")
     version = metadata.get("version")
     if metadata["format"] == COMPACT_FORMAT and version not in EXPORT_VERSIONS:
-        raise BnprobeError(f"{path}: a compact file of format version {version}; this bnprobe reads versions "
+        raise BnprobeError(f"{path}: a compact file of format version {printable(str(version), limit=40)}; this bnprobe reads versions "
                            f"{' and '.join(EXPORT_VERSIONS)}")
     tensors = {name: f.get_tensor(name) for name in f.keys()}
     if stored_verified(metadata) and stored_digest(tensors) != metadata.get("stored_sha256"):
@@ -361,3 +374,14 @@ def read_export(path: Path, f: Any, metadata: dict[str, str]) -> dict[str, Any]:
             raise BnprobeError(f"{path}: damaged bnprobe export metadata (normalization: "
                                f"{first_line(exc, typed=True)})") from None
     return checkpoint
+
+
+def check_run(run_dir: Path) -> TrainConfig:
+    """The one check of a run directory that probe, ablate, export and inspect make: its config.json (settings
+    and the model they build) and, once it has one, its checkpoint (structure, and agreeing with config.json)."""
+    config = read_config(run_dir)
+    check_model(config, str(config_path(run_dir)))
+    path = checkpoint_path(run_dir)
+    if os.path.lexists(path):
+        check_checkpoint(load_checkpoint(path), path)
+    return config

@@ -23,7 +23,8 @@ def lock_path(target: Path) -> Path:
 @contextmanager
 def locked(target: Path, what: str) -> Iterator[None]:
     """Hold `target`'s lock for the body; `what` names the target in the one-line errors."""
-    path = lock_path(Path(target))
+    # Spelled without `..` (newdir/../x): making the lock's folder must not make a folder the path only passes.
+    path = lock_path(Path(os.path.normpath(target)))
     # Folders made only to hold the lock are removed again when still empty: a refused command leaves no trace.
     made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     while True:

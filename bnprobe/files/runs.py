@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bnprobe.core.config import TrainConfig
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.core.formats import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -42,6 +42,9 @@ def metrics_path(run_dir: Path) -> Path:
     return run_dir / METRICS_FILE
 
 
+MAX_RUN_NAME = 240
+
+
 def check_run_name(name: str) -> str:
     """A run name is one folder inside --runs-dir: never a path that could point at (and, with --overwrite,
     replace) some other folder, nor a hidden name (.NAME.replaced, .NAME.lock are bnprobe's bookkeeping)."""
@@ -49,6 +52,10 @@ def check_run_name(name: str) -> str:
         raise BnprobeError(f"--name must be a single folder name (no '/', not '.' or '..'), got {name!r}")
     if any(unicodedata.category(char) == "Cc" for char in name):  # a newline would split every later message
         raise BnprobeError(f"--name must not contain control characters (newline, tab, ...), got {name!r}")
+    if len(os.fsencode(name)) > MAX_RUN_NAME:  # the file system's 255, less what bnprobe's .NAME.replaced adds
+        raise BnprobeError(f"--name must be at most {MAX_RUN_NAME} bytes (a file name has at most 255, and bnprobe "
+                           f"keeps .NAME.replaced beside a run), got {len(os.fsencode(name)):,}: "
+                           f"{printable(name, limit=60)}")
     if name.startswith("."):
         raise BnprobeError(f"--name must not start with '.': hidden names are bnprobe's own bookkeeping "
                            f"(.NAME.replaced, .NAME.lock) and reports skip them; got {name!r}")
@@ -134,7 +141,8 @@ class Replacement:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True), mode="w")
+    """Strict JSON (allow_nan=False: a bare NaN is no JSON; the numbers written are checked finite before)."""
+    atomic_write(path, lambda f: json.dump(data, f, indent=2, sort_keys=True, allow_nan=False), mode="w")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from bnprobe.core.config import MAX_EPOCHS, TrainConfig, check_settings
 from bnprobe.core.errors import BnprobeError, first_line
-from bnprobe.core.formats import CONFIG_FILE, SET_ASIDE_FORMAT, SET_ASIDE_MARKER
+from bnprobe.core.formats import CHECKPOINT_FILE, CONFIG_FILE, SET_ASIDE_FORMAT, SET_ASIDE_MARKER
 from bnprobe.core.options import MAX_SWEEP_VALUES
 from bnprobe.files.store import file_format, read_view
 
@@ -77,6 +77,8 @@ def read_json(path: Path, what: str = "a bnprobe file") -> Any:
         raise BnprobeError(f"{path} is not readable JSON (not UTF-8 text: byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise BnprobeError(f"{path} is not readable JSON ({exc})") from None
+    except ValueError:  # Python reads no integer of more than 4,300 digits
+        raise BnprobeError(f"{path} is not readable JSON (a number of more than 4,300 digits)") from None
     except RecursionError:
         raise BnprobeError(f"{path} is not readable JSON (nested too deeply)") from None
 
@@ -90,6 +92,26 @@ def read_config(path: Path) -> dict[str, Any]:
         raise BnprobeError(f"{path} does not hold the run's settings (a JSON object), but {json_type(config)}")
     check_settings(config, path)
     return config
+
+
+def check_agrees(stored: TrainConfig, checkpoint: Path) -> None:
+    """A run's checkpoint.pt and its config.json (when `checkpoint` is a run's, with one beside it) agree on every
+    setting that decides what was computed, so that every reader of the run sees one run: the probe and ablation
+    (which build the checkpoint's copy), inspect, report and findings (which read config.json)."""
+    config_json = Path(checkpoint).parent / CONFIG_FILE
+    if Path(checkpoint).name != CHECKPOINT_FILE or not os.path.lexists(config_json):
+        return
+    written = TrainConfig.from_dict(read_config(config_json), config_json).identity()
+    differ = [name for name, value in stored.identity().items() if written.get(name) != value]
+    if differ:
+        shown = ", ".join(f"{name} ({_short(written[name])} vs {_short(stored.identity()[name])})" for name in differ[:3])
+        raise BnprobeError(f"{config_json} and {CHECKPOINT_FILE} disagree on {shown}{', ...' if len(differ) > 3 else ''}; "
+                           f"one of them was edited or replaced: restore it, or train the run again")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def is_run(folder: Path) -> bool:

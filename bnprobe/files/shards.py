@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.core.errors import NAME_MAX, PATH_MAX, BnprobeError, printable
+from bnprobe.core.formats import CHECKPOINT_FILE
 from bnprobe.files.schema import json_type, read_json, regular_file
 
 # The names `save_pretrained` gives, safetensors first: both are often published side by side, and a
@@ -43,6 +44,19 @@ class ShardIndex:
 def model_folder_file(folder: Path) -> Optional[Path]:
     """The index of a Hugging Face model folder (or, unsharded, its weights file); None when it has neither."""
     return next((folder / name for name in INDEX_FILES + SINGLE_FILES if (folder / name).is_file()), None)
+
+
+def not_a_run(path: Path, command: str) -> Optional[BnprobeError]:
+    """The one line for a Hugging Face model folder (or its index or weights file) given to a command that takes a
+    bnprobe run (`command`: inspect, export); None when `path` is no such thing."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CHECKPOINT_FILE).exists() or model_folder_file(path) is None:
+            return None
+    elif not (is_index(path) or path.name in SINGLE_FILES) or (path.parent / CHECKPOINT_FILE).exists():
+        return None
+    return BnprobeError(f"{path} is a Hugging Face model, not a bnprobe run: {command} takes a run directory "
+                        f"(runs/<name>); `bnprobe probe {path}` reads its normalisation layers from the files alone")
 
 
 def is_index(path: Path) -> bool:
@@ -87,6 +101,11 @@ def _shard_path(index: Path, shard: str, weight_map: dict) -> Path:
     parts = shard.split("/")
     if not all(SAFE_PART.fullmatch(part) and part not in (".", "..") for part in parts):
         raise _broken(index, f"shard {printable(shard)!r} is not a relative path inside the index's folder")
+    # Any call on a longer name or path fails: OSError, File name too long.
+    if len(shard.encode("utf-8", "surrogatepass")) > PATH_MAX or any(
+            len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in parts):
+        raise _broken(index, f"shard {printable(shard, limit=100)!r} is longer than a file system allows "
+                             f"({NAME_MAX} bytes a name, {PATH_MAX:,} a path)")
     path = index.parent.joinpath(*parts)
     if os.path.islink(path):  # a link that leads nowhere is not "missing": say which fault it is
         try:

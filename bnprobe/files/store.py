@@ -172,7 +172,8 @@ def _read_journal(journal: Path) -> tuple[int, dict[int, bytes]]:
         name = journal.with_suffix("").name
         raise BnprobeError(f"{journal} is damaged ({why}), so the update of {name} it holds cannot be completed; "
                            f"move it aside (mv {journal} {journal}.damaged) to read {name} as it was before that "
-                           f"update (only that update is lost; train --resume trains its epoch again)")
+                           f"update (only that update is lost: an unfinished run's train --resume trains its epoch "
+                           f"again; a finished run keeps its checkpoint and metrics, without that epoch's telemetry)")
 
     info, file_size = os.stat(journal), os.stat(journal.with_suffix("")).st_size
     if not stat.S_ISREG(info.st_mode) or info.st_size > 2 * file_size + (1 << 20):  # a FIFO would block

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 import torch.nn as nn
 
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, printable
 from bnprobe.nets.init import init_weights
 from bnprobe.nets.norms import norm_layer_for, remove_norm_affine
 
@@ -103,7 +103,7 @@ def _lookup(name: str) -> tuple[ModelBuilder, str]:
         if found := _from_pattern(pattern, name):
             return found
     patterns = "".join(f", and {label} names a {summary}" for label, summary in model_name_patterns())
-    raise BnprobeError(f"unknown model {name!r}; `bnprobe models` lists the {len(_REGISTRY)} registered ones{patterns}")
+    raise BnprobeError(f"unknown model {printable(name, limit=100)!r}; `bnprobe models` lists the {len(_REGISTRY)} registered ones{patterns}")
 
 
 def describe_model(name: str) -> str:

@@ -345,6 +345,11 @@ def _read_metrics(run_dir: Path) -> Optional[dict[str, np.ndarray]]:
         raise RunSkipped("metrics.json is not a list of per-epoch records")
     if not rows:
         return None
+    for number, row in enumerate(rows, 1):  # NaN, Infinity and 1e999 parse as floats: no epoch or accuracy is one
+        odd = next((key for key, value in row.items() if isinstance(value, float) and not math.isfinite(value)), None)
+        if odd is not None:
+            raise RunSkipped(f"metrics.json row {number} has {printable(str(odd), limit=60)} = {row[odd]}, not a "
+                             f"finite number")
     keys = [k for k in rows[0] if all(isinstance(r.get(k), (int, float)) for r in rows)]
     return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
 

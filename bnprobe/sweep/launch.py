@@ -82,6 +82,21 @@ def run_sweep(
         return outcome
     # Worker processes, each pinned with CUDA_VISIBLE_DEVICES to its slot's GPU, pulling runs as slots free up.
     queue, active = list(todo), {}
+    try:
+        _run_slots(queue, active, slots, outcome, console)
+    except BaseException:  # Ctrl-C or TERM (bnprobe.cli makes it one): the runs stop too, resumable as after a kill
+        for run, process, log in active.values():
+            process.terminate()
+            process.wait()
+            log.close()
+        raise
+    return outcome
+
+
+def _run_slots(queue: list[PlannedRun], active: dict, slots: list[Optional[str]], outcome: dict[str, str],
+               console: Console) -> None:
+    """Start the queued runs as slots free up, until every run has ended; `active` maps a slot to its
+    (run, process, log)."""
     while queue or active:
         for slot, device in enumerate(slots):
             if slot not in active and queue:
@@ -113,7 +128,6 @@ def run_sweep(
                 del active[slot]
         if active:
             time.sleep(0.5)
-    return outcome
 
 
 def run_job(config: TrainConfig, run_dir: Path, ablation: Optional[AblateOptions] = None,

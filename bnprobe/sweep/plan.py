@@ -24,7 +24,7 @@ from typing import Any, Optional
 import tomllib
 
 from bnprobe.core.config import TrainConfig
-from bnprobe.core.errors import BnprobeError
+from bnprobe.core.errors import BnprobeError, check_int, int_text, printable
 from bnprobe.core.formats import ABLATION_FILES
 from bnprobe.core.options import AblateOptions, parse_sweep
 from bnprobe.files import runs
@@ -77,19 +77,47 @@ class PlannedRun:
 
 
 # A grid is a product: two lists of 1,000 make a million runs, which takes hours to even plan. Beyond this
-# many, --max-runs must say that it is meant.
+# many, --max-runs must say that it is meant; beyond MAX_RUNS_LIMIT not even then (each run is checked and
+# listed before the first trains: 100,000 take about a minute to plan).
 MAX_RUNS = 10_000
+MAX_RUNS_LIMIT = 100_000
+# A plan lists settings: 10,000 runs' seeds fit in 60 KB. A larger file is not a plan (and parsing 7 MB of TOML
+# took seconds before a word was said).
+MAX_PLAN_BYTES = 1 << 20
+
+
+def read_plan_text(path: Path) -> str:
+    """The text of a plan file: a regular file of at most MAX_PLAN_BYTES, UTF-8."""
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise BnprobeError(f"no plan file at {printable(str(path))}")
+        if not path.is_file():
+            raise BnprobeError(f"{printable(str(path))} is not a plan file (not a regular file)")
+        with open(path, "rb") as file:
+            data = file.read(MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        raise BnprobeError(f"cannot read {printable(str(path))} ({exc.strerror or exc})")
+    if len(data) > MAX_PLAN_BYTES:
+        raise BnprobeError(f"{printable(str(path))} is larger than a plan's limit of {MAX_PLAN_BYTES:,} bytes "
+                           f"(a plan lists settings; a list of values is a range of a few lines)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BnprobeError(f"{printable(str(path))} is not valid TOML ({exc})")
 
 
 def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[PlannedRun]:
+    check_int("--max-runs", max_runs, 1, MAX_RUNS_LIMIT)
+    text = read_plan_text(path)
     try:
-        plan = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BnprobeError(f"no plan file at {path}")
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BnprobeError(f"{path} is not valid TOML ({exc})")
-    except OSError as exc:
-        raise BnprobeError(f"cannot read {path} ({exc.strerror or exc})")
+        plan = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BnprobeError(f"{printable(str(path))} is not valid TOML ({exc})")
+    except RecursionError:  # a = [[[[...]]]] nested past Python's stack
+        raise BnprobeError(f"{printable(str(path))} is not valid TOML (nested too deeply)")
+    except ValueError:  # Python reads no integer of more than 4,300 digits
+        raise BnprobeError(f"{printable(str(path))} is not valid TOML (a number of more than 4,300 digits)")
     unknown_tables = sorted(set(plan) - {"defaults", "grid", "ablate"})
     if unknown_tables:
         raise BnprobeError(f"{path}: unknown tables {', '.join(unknown_tables)} (a plan has [defaults], [[grid]] "
@@ -115,6 +143,13 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
             if bad:
                 raise BnprobeError(f"{path} {name}: unknown settings {', '.join(bad)}; see `bnprobe train --help`")
     axes = [{k: v if isinstance(v, list) else [v] for k, v in grid.items()} for grid in grids]
+    # Counted from the lists' lengths before any value is checked or any run built: a million seeds are
+    # refused at once.
+    combinations = sum(math.prod(len(values) for values in grid.values()) for grid in axes)
+    if combinations > max_runs:
+        hint = (f"pass --max-runs {combinations} if that many is meant" if combinations <= MAX_RUNS_LIMIT
+                else f"at most {MAX_RUNS_LIMIT:,} can be planned")
+        raise BnprobeError(f"{path} plans {int_text(combinations)} runs, more than the limit of {max_runs:,}; {hint}")
     for i, grid in enumerate(axes, 1):
         # Each value first, beside the first value of every other setting (a run the grid has): a bad one is
         # found at once, not after expanding the millions of runs --max-runs allows.
@@ -123,10 +158,6 @@ def read_plan(path: Path, runs_dir: Path, max_runs: int = MAX_RUNS) -> list[Plan
             for name, values in grid.items():
                 for value in values:
                     _checked({**defaults, **first, name: value}, f"{path} grid {i}")
-    combinations = sum(math.prod(len(values) for values in grid.values()) for grid in axes)
-    if combinations > max_runs:
-        raise BnprobeError(f"{path} plans {combinations:,} runs, more than the limit of {max_runs:,}; "
-                           f"pass --max-runs {combinations} if that many is meant")
     planned: dict[Path, PlannedRun] = {}
     for i, grid in enumerate(axes, 1):
         for values in itertools.product(*grid.values()):
@@ -185,8 +216,8 @@ def _seeds(table: dict[str, Any], path: Path, name: str) -> Optional[list[int]]:
     seeds = table.pop("seeds")
     if "seed" in table:
         raise BnprobeError(f"{path} {name}: seed and seeds both set; keep one")
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    if (not isinstance(seeds, list) or not seeds  # integers first: a list of lists cannot be put in a set
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds)):
         raise BnprobeError(f"{path} {name}: seeds must be a list of distinct integers, e.g. seeds = [0, 1, 2]")
     return seeds
 

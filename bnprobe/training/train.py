@@ -118,7 +118,8 @@ def _check_resumable(run_dir: Path, config: TrainConfig, resume: bool, overwrite
         return None  # it died before its first checkpoint: start again
     state = load_checkpoint(runs.checkpoint_path(run_dir))
     stored = check_checkpoint(state, runs.checkpoint_path(run_dir), resume=True)
-    differing = [k for k, v in config.identity().items() if stored.identity()[k] != v]
+    differing = [k for k, v in config.identity().items() if stored.identity()[k] != v
+                 and (k != "norm_groups" or config.norm == stored.norm == "group")]  # groups: GroupNorm's alone
     if differing:
         diffs = ", ".join(f"{k}: stored {stored.identity()[k]!r} vs given {config.identity()[k]!r}" for k in differing)
         raise BnprobeError(f"cannot resume {run_dir}: settings differ ({diffs})")
@@ -383,6 +384,10 @@ def run_epochs(t: Training, callbacks: Sequence[EpochCallback], on_step: Optiona
             "test_loss": test_loss, "test_acc": test_acc, "gap": train_eval_acc - test_acc,
             "seconds": seconds, "images_per_s": t.train_loader.examples * t.process.world / seconds,
         }
+        infinite = [key for key, value in record.items() if not math.isfinite(value)]
+        if infinite:  # metrics.json (JSON) cannot hold it, and every reader refuses it
+            kept = f"the last good checkpoint (epoch {epoch}) is kept in {t.run_dir}" if epoch else "no checkpoint was written"
+            raise BnprobeError(f"{infinite[0]} became {record[infinite[0]]} in epoch {epoch + 1}; stopped, {kept}")
         t.history.append(record)
         for callback in callbacks:
             callback(t, record)
