@@ -408,6 +408,27 @@ def _build_torch_pickle(folder: Path, samples: Any) -> Path:
     return path
 
 
+def _build_gguf(folder: Path, samples: Any) -> Path:
+    """A small llama-like GGUF file by llama.cpp's own writer: two blocks' F32 norms, an F16 weight, metadata."""
+    import gguf
+    import numpy as np
+
+    path = folder / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_embedding_length(16)
+    for block in range(2):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{block}.{norm}.weight", np.linspace(0.5, 1.5, 16, dtype=np.float32))
+        writer.add_tensor(f"blk.{block}.attn_q.weight", np.ones((16, 16), dtype=np.float16))
+    writer.add_tensor("output_norm.weight", np.ones(16, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _copy_from_run(name: str, target: str | None = None) -> Callable[[Path, Any], Path]:
     """A builder copying a trained run (samples.run) into the folder; the file `name` is the one mutated."""
 
@@ -424,9 +445,9 @@ def _copy_from_run(name: str, target: str | None = None) -> Callable[[Path, Any]
 
 
 def _read_config(path: Path) -> None:
-    from bnprobe.files import runs
+    from bnprobe.files.checkpoints import check_run
 
-    runs.check_run(path.parent)
+    check_run(path.parent)
 
 
 def _read_checkpoint(path: Path) -> None:
@@ -514,6 +535,7 @@ REGISTRY: list[Reader] = [
     Reader("probe.h5", _copy_from_run("probe.h5"), h5_mutations, _read_result, refusals=REPORT_REFUSALS),
     Reader("ablation.h5", _copy_from_run("ablation.h5"), h5_mutations, _read_result, refusals=REPORT_REFUSALS),
     Reader("sweep plan", _build_plan, toml_mutations, _read_plan),
+    Reader("gguf", _build_gguf, byte_mutations, _static_probe),
     Reader("safetensors header json", _build_safetensors, safetensors_header_mutations, _probe_and_read),
     Reader("export (full)", _build_export(False), safetensors_header_mutations, _read_export),
     Reader("export (compact)", _build_export(True), safetensors_header_mutations, _read_export),
