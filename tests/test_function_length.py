@@ -12,11 +12,6 @@ MAX_LINES = 80
 # Today's longer functions, each with its length when listed and why it still is. This list may only shrink: a
 # function split below the limit (or gone) must leave it, which the last test enforces; none may join it.
 ALLOWED = {
-    "analysis/probe.py:run_probe": (109, "the probe command: validates, loads, measures, writes and prints; to "
-                                         "split into compute / write / present (issue 31, the static-path work)"),
-    "analysis/probe_tables.py:probe_tables": (90, "the probe's presenter, every table in one; to split per table"),
-    "analysis/probe_file.py:write_probe_h5": (84, "probe.h5's writer, one dataset after another; to split per "
-                                                  "group of datasets"),
     "training/train.py:_setup": (83, "a run's start: model, data, optimizer, resume; to split per part"),
 }
 

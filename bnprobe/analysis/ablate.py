@@ -29,9 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bnprobe.analysis.ablate_table import ablation_table, clamped_layers_line
+from bnprobe.analysis.ablate_table import present_ablation, sweep_progress
 from bnprobe.analysis.loading import LoadedModel, check_forward, load_eval_data, load_model
 from bnprobe.analysis.measured import NormStats
 from bnprobe.analysis.user_eval import check_same_names, load_eval, run_eval
@@ -396,37 +395,22 @@ def _image_setup(loaded: LoadedModel, settings: AblateOptions, device: torch.dev
 
 def ablate(clampable: Any, measure: Callable[[], dict[str, float]], settings: AblateOptions, out: Path,
            console: Any, *, evaluation: str, attrs: dict[str, Any], label: str, note: str) -> SweepResult:
-    """The part every kind of model shares: the rows, the sweep with its progress bar, ablation.h5, the table."""
+    """The part every kind of model shares: the rows, the sweep (compute, under a progress bar), ablation.h5 (write),
+    the table and its notes (present)."""
     rows = clamp_rows(clampable.gammas, settings)
-    progress = Progress(
-        TextColumn("[bold blue]clamp sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console, transient=True,
-        disable=len(rows) < 2,
-    )
-    with progress:
-        task = progress.add_task("sweep", total=len(rows), status="")
-        result = sweep_rows(
-            clampable, rows, measure, mode=settings.mode, per_layer=settings.per_layer, zero_beta=settings.zero_beta,
-            evaluation=evaluation,
-            on_row=lambda i, row: progress.update(task, advance=1, status=f"{rows[i].label}: {_first_metric(row)}"),
-        )
-    result.extra = {k: attrs[k] for k in ("fold_relative_error", "folded_layers", "pairing") if k in attrs}
+    with sweep_progress([row.label for row in rows], console) as on_row:
+        result = sweep_clamps(clampable, rows, measure, settings, evaluation=evaluation, attrs=attrs, on_row=on_row)
     write_ablation_h5(out, result, attrs)
-    console.print(ablation_table(result, label))
-    beta = ("zeroed too (--zero-beta): each clamped channel outputs 0" if settings.zero_beta
-            else "kept: each clamped channel outputs its constant β (pass --zero-beta to zero it)")
-    console.print(
-        f"β of clamped channels {beta}. {note} "
-        f"{len(rows)} row(s): {result.evaluations} evaluation(s) with the baseline, in {result.seconds:.1f} s "
-        f"(identical clamp sets are evaluated once).",
-        soft_wrap=True,
-    )
-    if settings.mode == "dims":
-        console.print(clamped_layers_line(result), soft_wrap=True, markup=False)
-    console.print(f"Wrote [bold]{out}[/]")
+    present_ablation(result, label, note, out, console)
     return result
 
 
-def _first_metric(row: dict[str, float]) -> str:
-    name, value = next(iter(row.items()))
-    return f"{name} {value:.4g}"
+def sweep_clamps(clampable: Any, rows: Sequence[ClampRow], measure: Callable[[], dict[str, float]],
+                 settings: AblateOptions, *, evaluation: str, attrs: dict[str, Any],
+                 on_row: Optional[Callable[[int, dict[str, float]], None]] = None) -> SweepResult:
+    """The ablation's numbers: `rows` measured with the settings' β handling, and the fold's facts from `attrs`;
+    prints nothing, writes nothing."""
+    result = sweep_rows(clampable, rows, measure, mode=settings.mode, per_layer=settings.per_layer,
+                        zero_beta=settings.zero_beta, evaluation=evaluation, on_row=on_row)
+    result.extra = {k: attrs[k] for k in ("fold_relative_error", "folded_layers", "pairing") if k in attrs}
+    return result

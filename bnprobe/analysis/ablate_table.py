@@ -1,13 +1,17 @@
-"""The terminal table of `bnprobe ablate`: one row per clamp (a τ, a p, or a set of --clamp-dims dimensions) with
+"""The terminal output of `bnprobe ablate`: the sweep's progress bar, and the table of what it measured (a
+bnprobe.analysis.ablate.SweepResult): one row per clamp (a τ, a p, or a set of --clamp-dims dimensions) with
 bnprobe's image accuracy and loss, or the named metrics of --eval / --text, each with its change from nothing
-clamped."""
+clamped, and the notes below it. Computes nothing."""
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 from rich import box
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bnprobe.core.errors import printable
@@ -82,3 +86,39 @@ def clamped_layers_line(result: Any) -> str:
     shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
     return (f"--clamp-dims clamped {len(hit)} of {len(result.layer_names)} norm layers (width "
             f"{', '.join(map(str, widths))}): {shown}")
+
+
+def present_ablation(result: Any, label: str, note: str, out: Path, console: Any) -> None:
+    """Everything `bnprobe ablate` prints once the sweep is measured: the table, how β and the layers were handled
+    (`note`: folded or in place, images or --eval), the layers --clamp-dims hit, the file written."""
+    console.print(ablation_table(result, label))
+    beta = ("zeroed too (--zero-beta): each clamped channel outputs 0" if result.zero_beta
+            else "kept: each clamped channel outputs its constant β (pass --zero-beta to zero it)")
+    console.print(
+        f"β of clamped channels {beta}. {note} "
+        f"{len(result.values)} row(s): {result.evaluations} evaluation(s) with the baseline, in {result.seconds:.1f} s "
+        f"(identical clamp sets are evaluated once).",
+        soft_wrap=True,
+    )
+    if result.mode == "dims":
+        console.print(clamped_layers_line(result), soft_wrap=True, markup=False)
+    console.print(f"Wrote [bold]{out}[/]")
+
+
+@contextmanager
+def sweep_progress(labels: Sequence[str], console: Any) -> Iterator[Callable[[int, dict[str, float]], None]]:
+    """A transient progress bar over the rows (`labels`; none for a single row), and the callback that advances it
+    with the row's first metric."""
+    progress = Progress(
+        TextColumn("[bold blue]clamp sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), TextColumn("{task.fields[status]}"), console=console, transient=True,
+        disable=len(labels) < 2,
+    )
+    with progress:
+        task = progress.add_task("sweep", total=len(labels), status="")
+        yield lambda i, row: progress.update(task, advance=1, status=f"{labels[i]}: {_first_metric(row)}")
+
+
+def _first_metric(row: dict[str, float]) -> str:
+    name, value = next(iter(row.items()))
+    return f"{name} {value:.4g}"

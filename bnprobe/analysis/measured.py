@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.formats import BATCHNORM
+from bnprobe.core.formats import BATCHNORM, SCALE_ONLY
 from bnprobe.core.measures import fraction_below
 
 # What a layer is (PROBE_NORM_KINDS), as far as its tensors tell: BatchNorm keeps running statistics; a scale and a
@@ -183,6 +183,12 @@ class NormStats:
         return RecurringOff(ints(r[0] for r in rows), ints(r[1] for r in rows), ints(len(r[2]) for r in rows),
                             ints(int(np.sum(widths == r[0])) for r in rows), [ints(r[2]) for r in rows])
 
+    def non_finite(self) -> int:
+        """γ and β values that are inf or nan (left out of the histograms); an RMSNorm-like layer's β, NaN as it has
+        none, is not counted."""
+        betas = [b for b, kind in zip(self.beta, self.kinds) if kind != SCALE_ONLY]
+        return sum(int(np.count_nonzero(~np.isfinite(x))) for x in (*self.gamma, *betas))
+
 
 BNStats = NormStats  # its name before it held every normalisation layer
 
@@ -230,3 +236,13 @@ class ProbeResult:
         }
 
 
+@dataclass
+class ProbeRun:
+    """What `bnprobe probe` measured, before anything is written or printed: every checkpoint's result (labels made
+    unique), the device of the forward passes (None: every checkpoint was read from its file alone), the images
+    each forward pass was asked for, and the notes the measuring found (checkpoint label as probed, message)."""
+
+    results: list[ProbeResult]
+    device: Optional[str] = None
+    images: int = 0
+    notes: list[tuple[str, str]] = field(default_factory=list)

@@ -237,21 +237,48 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
                  width: Optional[int] = None, outlier_factor: float = 10.0) -> list:
     """The terminal tables; per-layer ones are laid out to fit `width` columns (None: no limit). Where a
     checkpoint has a norm other than BatchNorm: its kinds, |γ| distribution and outlier dimensions too."""
+    tables = [summary_table(results, taus, off_threshold, outlier_factor)]
+    if brief or not results:
+        return tables
+    same_layers = all(r.bn.names == results[0].bn.names for r in results)
+    edges = histogram_edges([g for r in results for g in r.bn.gamma], 12)
+    if len(results) == 1 or not same_layers:
+        for r in (r for r in results if r.bn.names):
+            tables.extend(layer_tables(r, taus, off_threshold, edges, width, outlier_factor))
+    else:
+        tables.append(depth_comparison_table(results, off_threshold))
+    for r in results:
+        if not r.bn.only_batchnorm:
+            tables.extend(t for t in (recurring_table(r, outlier_factor), recurring_off_table(r, off_threshold))
+                          if t is not None)
+    return tables + relu_tables(results)
+
+
+def summary_table(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float,
+                  outlier_factor: float) -> Any:
+    """One column per checkpoint, so BN-only and full models sit side by side."""
     from rich import box
     from rich.table import Table
 
-    tables = []
     only_bn = all(r.bn.only_batchnorm for r in results)
-    # Summary: one column per checkpoint, so BN-only and full models sit side by side.
     summary = Table(title=("BatchNorm probe" if only_bn else "Normalisation probe")
                     + (" — comparison" if len(results) > 1 else ""), box=box.SIMPLE_HEAD)
     summary.add_column("", style="bold", no_wrap=True)
     for r in results:
         summary.add_column(shown(r.label), justify="right", overflow="fold")
+    for name, cells in summary_rows(results, taus, off_threshold, outlier_factor):
+        summary.add_row(name, *cells)
+    return summary
+
+
+def summary_rows(results: Sequence[ProbeResult], taus: Sequence[float], off_threshold: float,
+                 outlier_factor: float) -> list[tuple[str, list[str]]]:
+    """The summary's rows: (heading, one cell per checkpoint)."""
+    only_bn = all(r.bn.only_batchnorm for r in results)
     stats = [r.summary(taus, off_threshold) for r in results]
     measured = [r for r in results if r.forward_pass]  # a file probed alone has no ReLU sparsity
     images = measured[0].images if measured else 0
-    rows = [
+    return [
         ("model", [shown(str(r.attrs.get("model", "" if r.forward_pass else "(file only)"))) for r in results]),
         ("freeze", [shown(str(r.attrs.get("freeze", "-"))) for r in results]),
         (f"accuracy ({images} test images)" if measured else "accuracy (no forward pass)",
@@ -272,35 +299,36 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
         ("dead ReLU channels", [f"{s['dead_channels']:,} of {s['relu_channels']:,}" if r.forward_pass else "-"
                                 for r, s in zip(results, stats)]),
     ]
-    for name, cells in rows:
-        summary.add_row(name, *cells)
-    tables.append(summary)
-    if brief or not results:
-        return tables
 
-    same_layers = all(r.bn.names == results[0].bn.names for r in results)
-    same_sites = all([s.name for s in r.sites] == [s.name for s in measured[0].sites] for r in measured)
-    edges = histogram_edges([g for r in results for g in r.bn.gamma], 12)
-    if len(results) == 1 or not same_layers:
-        for r in (r for r in results if r.bn.names):
-            tables.extend(layer_tables(r, taus, off_threshold, edges, width, outlier_factor))
-    else:
-        table = Table(title=f"γ by depth: mean |γ| / channels off (|γ| < {off_threshold:g})", box=box.SIMPLE_HEAD)
-        table.add_column("#", justify="right")
-        table.add_column("BN layer" if only_bn else "layer", no_wrap=True)
-        table.add_column("C", justify="right")
-        for r in results:
-            table.add_column(shown(r.label), justify="right", overflow="fold")
-        offs = [r.bn.off(off_threshold) for r in results]
-        for i, name in enumerate(results[0].bn.names):
-            cells = [f"{_num(layer_mean(np.abs(r.bn.gamma[i])))} / {off[i]}" for r, off in zip(results, offs)]
-            table.add_row(str(i), shown(name), str(results[0].bn.gamma[i].size), *cells)
-        tables.append(table)
+
+def depth_comparison_table(results: Sequence[ProbeResult], off_threshold: float) -> Any:
+    """Checkpoints with the same layers, side by side: per depth, each one's mean |γ| and channels off."""
+    from rich import box
+    from rich.table import Table
+
+    only_bn = all(r.bn.only_batchnorm for r in results)
+    table = Table(title=f"γ by depth: mean |γ| / channels off (|γ| < {off_threshold:g})", box=box.SIMPLE_HEAD)
+    table.add_column("#", justify="right")
+    table.add_column("BN layer" if only_bn else "layer", no_wrap=True)
+    table.add_column("C", justify="right")
     for r in results:
-        if not r.bn.only_batchnorm:
-            tables.extend(t for t in (recurring_table(r, outlier_factor), recurring_off_table(r, off_threshold))
-                          if t is not None)
+        table.add_column(shown(r.label), justify="right", overflow="fold")
+    offs = [r.bn.off(off_threshold) for r in results]
+    for i, name in enumerate(results[0].bn.names):
+        cells = [f"{_num(layer_mean(np.abs(r.bn.gamma[i])))} / {off[i]}" for r, off in zip(results, offs)]
+        table.add_row(str(i), shown(name), str(results[0].bn.gamma[i].size), *cells)
+    return table
 
+
+def relu_tables(results: Sequence[ProbeResult]) -> list:
+    """ReLU output sparsity per call site: a table per checkpoint, or one with a column per checkpoint when they
+    share their call sites (none without a forward pass)."""
+    from rich import box
+    from rich.table import Table
+
+    measured = [r for r in results if r.forward_pass]
+    same_sites = all([s.name for s in r.sites] == [s.name for s in measured[0].sites] for r in measured)
+    tables = []
     if len(measured) == 1 or (measured and not same_sites):
         for r in measured:
             table = Table(title=f"ReLU output sparsity — {shown(r.label)} ({r.images} test images)",
@@ -312,8 +340,8 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
                 table.add_row(shown(s.name), shown(s.input), str(s.channels), _pct(s.zero_fraction), str(s.dead))
             tables.append(table)
     elif measured:
-        table = Table(title=f"ReLU output sparsity per call ({images} test images): zeros / dead channels",
-                      box=box.SIMPLE_HEAD)
+        table = Table(title=f"ReLU output sparsity per call ({measured[0].images} test images): zeros / dead "
+                            f"channels", box=box.SIMPLE_HEAD)
         table.add_column("ReLU call", no_wrap=True)
         table.add_column("input")
         for r in measured:
@@ -323,5 +351,3 @@ def probe_tables(results: Sequence[ProbeResult], taus: Sequence[float], off_thre
                           *(f"{_pct(r.sites[i].zero_fraction)} / {r.sites[i].dead}" for r in measured))
         tables.append(table)
     return tables
-
-
