@@ -7,7 +7,7 @@ DEMO   := --dataset digits --epochs 20 --milestones 15 --runs-dir runs --overwri
 # CIFAR-10 for `make study`: the shared copy next to the checkout if there is one, else downloaded into ./data.
 DATA_DIR ?= $(if $(wildcard ../shared/data),../shared/data,data)
 
-.PHONY: install demo study gpu-data gpu-study-tiny test fuzz bench clean recall
+.PHONY: install demo study gpu-data gpu-study-tiny test lint fuzz bench clean recall
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,9 @@ gpu-study-tiny: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check bnprobe tests bench
 
 # The fuzz harness of tests/fuzz_readers.py, long: FUZZ_EXAMPLES mutated files per reader (the suite runs 12).
 FUZZ_EXAMPLES ?= 2000

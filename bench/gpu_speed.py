@@ -47,12 +47,12 @@ sys.path.insert(0, str(REPO))  # runnable without installing the package
 from common import device_name, device_or_exit, sync, verdict  # noqa: E402
 
 from bnprobe.core.config import TrainConfig  # noqa: E402
-from bnprobe.core.datasets import get_dataset_spec
+from bnprobe.core.datasets import get_dataset_spec  # noqa: E402
 from bnprobe.core.errors import first_line  # noqa: E402
 from bnprobe.data.device import DeviceDataset, normalization_stats  # noqa: E402
 from bnprobe.files import runs  # noqa: E402
 from bnprobe.files.schema import read_json  # noqa: E402
-from bnprobe.sweep.launch import run_sweep
+from bnprobe.sweep.launch import run_sweep  # noqa: E402
 from bnprobe.sweep.plan import PlannedRun  # noqa: E402
 from bnprobe.training.evaluate import resolve_device  # noqa: E402
 from bnprobe.training.train import train  # noqa: E402

@@ -24,6 +24,15 @@ except ImportError:  # pragma: no cover
 
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError, check_int, check_path_length, printable
+from bnprobe.core.options import (
+    OFF_THRESHOLD,
+    REPORT_TAUS,
+    SWEEP_SYNTAX,
+    AblateOptions,
+    LoadOptions,
+    ProbeOptions,
+    parse_sweep,
+)  # no torch: --help stays fast
 from bnprobe.flags import command_with_config
 
 app = typer.Typer(
@@ -86,7 +95,7 @@ def train(
         import warnings
 
         warnings.warn(f"--norm-groups {config.norm_groups} has no effect with --norm {config.norm} (only GroupNorm, "
-                      f"--norm group, has groups)")
+                      f"--norm group, has groups)", stacklevel=2)
     from bnprobe.files.runs import check_run_name
     from bnprobe.training.train import train as run_training
 
@@ -222,17 +231,7 @@ def models() -> None:
     console.print(model_name_patterns_note(), soft_wrap=True, markup=False)
 
 
-# ---- probe / ablate (issue 4) ----
-# no torch: --help stays fast
-from bnprobe.core.options import (
-    OFF_THRESHOLD,
-    REPORT_TAUS,
-    SWEEP_SYNTAX,
-    AblateOptions,
-    LoadOptions,
-    ProbeOptions,
-    parse_sweep,
-)
+# ---- probe / ablate ----
 
 
 @command()

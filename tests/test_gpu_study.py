@@ -89,6 +89,18 @@ def test_a_budget_stops_between_runs_once_finished_runs_show_the_next_will_not_f
     assert [outcome[n] for n in names] == ["done"] * 3
 
 
+def test_a_budget_stops_worker_processes_between_runs_too(tmp_path):
+    """The same with worker processes (--per-device 2): the two runs that fit the budget start side by side; the
+    third, estimated at a million times the budget, is not started, and the sweep returns at once after them."""
+    (tmp_path / "plan.toml").write_text(PLAN)
+    planned = read_plan(tmp_path / "plan.toml", tmp_path / "runs")
+    quiet = Console(file=open(Path(tmp_path / "log"), "w"))
+    estimates = {p.run_dir: e for p, e in zip(planned, (1e-6, 1e-6, 3.6e9))}
+    outcome = run_sweep(planned, quiet, per_device=2, budget=TimeBudget(3600.0), estimates=estimates)
+    assert [outcome[p.run_dir.name] for p in planned] == ["done", "done", NOT_STARTED]
+    assert [p.status() for p in planned] == ["done", "done", "new"]
+
+
 def test_time_budget_through_the_cli(tmp_path, capsys):
     (tmp_path / "plan.toml").write_text(PLAN)
     argv = ["sweep", tmp_path / "plan.toml", "--runs-dir", tmp_path / "runs"]

@@ -56,8 +56,7 @@ def run_probe(
     options checked, then measure_checkpoints (compute), write_probe (probe.h5), present_probe (the terminal)."""
     console = console or Console()
     settings = settings or ProbeOptions()
-    taus, off_threshold, bins = settings.taus, settings.off_threshold, settings.bins
-    images, batch_size = settings.images, settings.batch_size
+    taus, off_threshold = settings.taus, settings.off_threshold
     if off_threshold < 0 or any(t < 0 for t in taus):
         raise BnprobeError("thresholds τ must be >= 0")
     settings.check_counts()

@@ -143,7 +143,7 @@ def _apply(path: Path, size: int, extents: Mapping[int, bytes]) -> None:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # a reader (a notebook's h5py.File, say) has it open: say why we stall
             warnings.warn(f"{path} is open in another process; waiting for it to close the file to finish "
-                          f"this update (the data is safe in {journal_path(path).name} meanwhile)")
+                          f"this update (the data is safe in {journal_path(path).name} meanwhile)", stacklevel=2)
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         for offset, data in extents.items():
             os.pwrite(f.fileno(), data, offset)

@@ -535,7 +535,7 @@ def _read_probe(f, name: str) -> list[ProbeRow]:
     rows = []
     for key in sorted(f["checkpoints"]):
         g = f["checkpoints"][key]
-        get = lambda attr, kind: kind(g.attrs[attr]) if attr in g.attrs else None  # noqa: E731
+        get = lambda attr, kind, g=g: kind(g.attrs[attr]) if attr in g.attrs else None  # noqa: E731
         below = g["frac_below_all"][:].tolist() if "frac_below_all" in g else []
         rows.append(ProbeRow(
             name=name, label=_text(g.attrs.get("label", key)), accuracy=get("accuracy", float),

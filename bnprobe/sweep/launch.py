@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from rich.console import Console
 from rich.markup import escape
@@ -83,9 +83,9 @@ def run_sweep(
     # Worker processes, each pinned with CUDA_VISIBLE_DEVICES to its slot's GPU, pulling runs as slots free up.
     queue, active = list(todo), {}
     try:
-        _run_slots(queue, active, slots, outcome, console)
+        _run_slots(queue, active, slots, outcome, console, out_of_time, budget, estimates)
     except BaseException:  # Ctrl-C or TERM (bnprobe.cli makes it one): the runs stop too, resumable as after a kill
-        for run, process, log in active.values():
+        for _, process, log, _ in active.values():
             process.terminate()
             process.wait()
             log.close()
@@ -94,9 +94,10 @@ def run_sweep(
 
 
 def _run_slots(queue: list[PlannedRun], active: dict, slots: list[Optional[str]], outcome: dict[str, str],
-               console: Console) -> None:
-    """Start the queued runs as slots free up, until every run has ended; `active` maps a slot to its
-    (run, process, log)."""
+               console: Console, out_of_time: Callable[[PlannedRun, list[PlannedRun]], bool],
+               budget: Optional[TimeBudget], estimates: dict[Path, float]) -> None:
+    """Start the queued runs as slots free up (while `out_of_time` lets the next one start), until every run has
+    ended; `active` maps a slot to its (run, process, log, start time)."""
     while queue or active:
         for slot, device in enumerate(slots):
             if slot not in active and queue:
