@@ -54,6 +54,16 @@ def test_every_reader_refuses_a_run_whose_config_was_edited(run, tmp_path, capsy
 
 
 @pytest.mark.parametrize("command", ["report", "findings"])
+def test_report_and_findings_skip_a_run_whose_config_and_checkpoint_disagree(run, tmp_path, capsys, command):
+    """A config.json edited to a valid other setting: the report and the findings read the checkpoint's copy too
+    (inertly, no torch) and skip the run with the line every other reader gives, not report it as another run."""
+    edited = _edited(run, tmp_path, lr=0.5)
+    argv = [command, edited.parent] + (["-o", tmp_path / "r.html"] if command == "report" else [])
+    code, out, err = run_cli(capsys, *argv)
+    assert "disagree on lr (0.5 vs 0.05)" in " ".join((out + err).split())
+
+
+@pytest.mark.parametrize("command", ["report", "findings"])
 def test_report_and_findings_skip_a_run_with_groups_that_do_not_divide(run, tmp_path, capsys, command):
     edited = _edited(run, tmp_path, norm="group", norm_groups=7)
     argv = [command, edited.parent] + (["-o", tmp_path / "r.html"] if command == "report" else [])

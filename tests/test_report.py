@@ -91,8 +91,13 @@ def runs_root(tmp_path_factory) -> Path:
     (broken_copy("no-checkpoint") / "checkpoint.pt").unlink()
     (root / "broken" / "no-checkpoint" / "telemetry.h5").unlink()  # with telemetry it is a run copied without it
     (broken_copy("bad-config") / "config.json").write_text("{ not json")
-    unfinished = broken_copy("unfinished") / "config.json"
-    unfinished.write_text(json.dumps({**json.loads(unfinished.read_text()), "epochs": 5}))
+    # A run of 5 epochs stopped after 2: both copies of its config say 5 (one edited alone is refused as such).
+    unfinished = broken_copy("unfinished")
+    (unfinished / "config.json").write_text(json.dumps({**json.loads((unfinished / "config.json").read_text()),
+                                                        "epochs": 5}))
+    state = torch.load(unfinished / "checkpoint.pt", weights_only=True)
+    state["config"]["epochs"] = 5
+    torch.save(state, unfinished / "checkpoint.pt")
     died = root / "broken" / "died-before-epoch-1"
     died.mkdir()
     shutil.copy(root / "full" / "config.json", died)

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.config import IDENTITY_DEFAULTS
+from bnprobe.core.config import IDENTITY_DEFAULTS, TrainConfig
 from bnprobe.core.errors import BnprobeError, first_line, printable
 from bnprobe.core.formats import (
     ABLATION_FORMAT,
@@ -33,6 +33,7 @@ from bnprobe.core.modelnames import model_depth, model_family
 from bnprobe.core.norm_names import norm_name
 from bnprobe.core.options import OFF_THRESHOLD
 from bnprobe.files import schema
+from bnprobe.files.file_tensors import torch_tensors
 from bnprobe.files.headers import check_complete, read_export_header
 from bnprobe.files.store import file_format
 
@@ -429,8 +430,20 @@ def _check_checkpoint(run_dir: Path) -> None:
         raise RunSkipped("no checkpoint.pt")
     try:
         check_complete(path)
+        _check_agrees(path)
     except BnprobeError as exc:
         raise RunSkipped.from_error(exc, path)
+
+
+def _check_agrees(path: Path) -> None:
+    """The run's checkpoint.pt and config.json agree on what was computed (schema.check_agrees), as probe,
+    ablate, export and inspect check it: the checkpoint's pickle read inertly, without torch and without its
+    tensors' bytes."""
+    state, _ = torch_tensors(path)
+    stored = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        raise BnprobeError(f"{path} holds no run config: not a checkpoint bnprobe wrote")
+    schema.check_agrees(TrainConfig.from_dict(stored, path), path)
 
 
 def _read_checkpoint_fallback(run: Run) -> None:
