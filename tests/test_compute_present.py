@@ -15,7 +15,7 @@ from torch import nn
 
 from bnprobe.analysis.ablate import SweepResult, sweep_clamps, value_rows, write_ablation_h5
 from bnprobe.analysis.ablate_table import present_ablation
-from bnprobe.analysis.measured import NormStats, ProbeResult, ProbeRun
+from bnprobe.analysis.probe_results import NormStats, ProbeResult, ProbeRun
 from bnprobe.analysis.probe import measure_checkpoints, write_probe
 from bnprobe.analysis.probe_output import present_probe
 from bnprobe.core.options import AblateOptions, LoadOptions, ProbeOptions
