@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from bnprobe.analysis.ablate_table import present_ablation, sweep_progress
+from bnprobe.analysis.ablate_output import present_ablation, sweep_progress
 from bnprobe.analysis.loading import LoadedModel, check_forward, load_eval_data, load_model
 from bnprobe.analysis.probe_results import NormStats
 from bnprobe.analysis.user_eval import check_same_names, load_eval, run_eval
