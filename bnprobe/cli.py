@@ -191,18 +191,19 @@ def sweep(
         raise BnprobeError(f"{len(failed)} of {len(outcome)} runs failed: {', '.join(failed)}")
 
 
-@command("inspect")
-def inspect_command(
+@command()
+def inspect(
     run_dir: Path = typer.Argument(..., help="A run directory (runs/<name>), or a run's `bnprobe export` file."),
     top: int = typer.Option(5, "--top", help="How many of the largest/smallest gradients to list (all, once each, when 2N covers them)."),
 ) -> None:
     """Summarise a run: config, final accuracies, generalisation gap, gradient magnitudes."""
-    from bnprobe.analysis.inspect import inspect_export, inspect_run
+    from bnprobe.analysis.run_summary import summarize_export, summarize_run
+    from bnprobe.analysis.run_summary_tables import export_table, run_tables
 
     if run_dir.is_file() and run_dir.suffix == ".safetensors":
-        console.print(inspect_export(run_dir))
+        console.print(export_table(summarize_export(run_dir)))
         return
-    console.print(inspect_run(run_dir, top))
+    console.print(run_tables(summarize_run(run_dir, top)))
 
 
 @command()

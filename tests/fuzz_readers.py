@@ -469,9 +469,10 @@ def _read_result(path: Path) -> None:
 
 
 def _inspect(path: Path) -> None:
-    from bnprobe.analysis.inspect import inspect_run
+    from bnprobe.analysis.run_summary import summarize_run
+    from bnprobe.analysis.run_summary_tables import run_tables
 
-    inspect_run(path.parent)
+    run_tables(summarize_run(path.parent))
 
 
 def _read_h5_for_report_and_inspect(path: Path) -> None:
@@ -501,11 +502,12 @@ def _build_export(compact: bool) -> Callable[[Path, Any], Path]:
 
 
 def _read_export(path: Path) -> None:
-    from bnprobe.analysis.inspect import inspect_export
+    from bnprobe.analysis.run_summary import summarize_export
+    from bnprobe.analysis.run_summary_tables import export_table
     from bnprobe.files.headers import read_export_header
 
     read_export_header(path)
-    inspect_export(path)
+    export_table(summarize_export(path))
     _read_weights(path)
 
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from bnprobe.analysis.check import CheckConfig, check_stats, run_check
-from bnprobe.analysis.measured import NormStats
+from bnprobe.analysis.probe_results import NormStats
 from bnprobe.analysis.rules import RULES, binomial_tail
 from bnprobe.core.formats import SCALE_ONLY
 

@@ -1,6 +1,6 @@
 """`bnprobe probe` and `bnprobe ablate` compute apart from what they print (issue 31): the compute functions
 (probe.measure_checkpoints, ablate.sweep_clamps) print nothing and return the numbers that the writer puts in the
-file and the presenter (probe_output.present_probe, ablate_table.present_ablation) shows; a presenter fed a
+file and the presenter (probe_output.present_probe, ablate_output.present_ablation) shows; a presenter fed a
 hand-built result prints the rows those numbers give, each checked against numpy on the tensors."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from rich.console import Console
 from torch import nn
 
 from bnprobe.analysis.ablate import SweepResult, sweep_clamps, value_rows, write_ablation_h5
-from bnprobe.analysis.ablate_table import present_ablation
-from bnprobe.analysis.measured import NormStats, ProbeResult, ProbeRun
+from bnprobe.analysis.ablate_output import present_ablation
+from bnprobe.analysis.probe_results import NormStats, ProbeResult, ProbeRun
 from bnprobe.analysis.probe import measure_checkpoints, write_probe
 from bnprobe.analysis.probe_output import present_probe
 from bnprobe.core.options import AblateOptions, LoadOptions, ProbeOptions

@@ -23,7 +23,7 @@ from gguf.quants import quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bnprobe.analysis.measured import QUANTILE_LEVELS
+from bnprobe.analysis.probe_results import QUANTILE_LEVELS
 from bnprobe.analysis.static import static_probe
 from bnprobe.core.errors import BnprobeError
 from bnprobe.files.gguf import GGUFTensor, read_gguf

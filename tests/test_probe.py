@@ -286,7 +286,7 @@ def test_probe_refuses_bad_numbers_in_the_library(tmp_path_factory):
 
 
 def _synthetic_result(label="resnet8-bn-only"):
-    from bnprobe.analysis.measured import BNStats, ProbeResult
+    from bnprobe.analysis.probe_results import BNStats, ProbeResult
 
     rng = np.random.default_rng(0)
     names = ["bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn1", "layer2.0.bn2", "layer2.0.downsample.1",

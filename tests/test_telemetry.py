@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from cli_helpers import assert_one_line_error, run_cli
 from rich.console import Console
 
-from bnprobe.analysis.inspect import inspect_run
 from bnprobe.analysis.run_summary import summarize_run
+from bnprobe.analysis.run_summary_tables import run_tables
 from bnprobe.cli import main
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import BnprobeError
@@ -217,7 +217,7 @@ def test_inspect_top_covering_every_tensor_lists_each_once_sorted(bn_only_run):
 
     def rows(top: int) -> tuple[str, list[tuple[str, str]]]:
         out = io.StringIO()
-        Console(width=200, file=out, force_terminal=False).print(inspect_run(bn_only_run, top=top))
+        Console(width=200, file=out, force_terminal=False).print(run_tables(summarize_run(bn_only_run, top=top)))
         cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.getvalue().splitlines()]
         return " ".join(out.getvalue().split()), [(c[0], c[1]) for c in cells if len(c) == 2 and c[0] in shown]
 
@@ -241,7 +241,7 @@ def _inspect_copy(full_run, run_dir, data_dir, width, **kwargs) -> str:
     config["data_dir"] = data_dir
     runs.config_path(run_dir).write_text(json.dumps(config))
     out = io.StringIO()
-    Console(width=width, file=out, force_terminal=False).print(inspect_run(run_dir, **kwargs))
+    Console(width=width, file=out, force_terminal=False).print(run_tables(summarize_run(run_dir, **kwargs)))
     return out.getvalue()
 
 
@@ -272,7 +272,7 @@ def test_inspect_prints_names_from_the_files_escaped(full_run, tmp_path):
         del f["params/name"]
         f.create_dataset("params/name", data=["w\x1b[2J\nx" + name for name in names], dtype=h5py.string_dtype())
     out = io.StringIO()
-    Console(width=200, file=out, force_terminal=False).print(inspect_run(run_dir, top=100))
+    Console(width=200, file=out, force_terminal=False).print(run_tables(summarize_run(run_dir, top=100)))
     text = out.getvalue()
     assert "\x1b" not in text and "Run r\\x1b[31m" in text and "w\\x1b[2J\\nx" + names[0] in text
 
@@ -280,7 +280,7 @@ def test_inspect_prints_names_from_the_files_escaped(full_run, tmp_path):
 def test_inspect_top(full_run, capsys):
     def tensor_rows(top):
         out = io.StringIO()
-        Console(width=120, file=out, force_terminal=False).print(inspect_run(full_run, top=top))
+        Console(width=120, file=out, force_terminal=False).print(run_tables(summarize_run(full_run, top=top)))
         return [line for line in out.getvalue().splitlines() if re.match(r"│ \S+\.(weight|bias) ", line)], out.getvalue()
 
     assert len(tensor_rows(2)[0]) == 4  # the 2 largest and the 2 smallest
@@ -288,7 +288,7 @@ def test_inspect_top(full_run, capsys):
     assert rows == [] and "per tensor" not in text  # 0 lists none: no table at all
     for top in (-1, -5):  # -1 used to list every tensor but one, twice
         with pytest.raises(BnprobeError, match=f"--top must be >= 0 .*got {top}"):
-            inspect_run(full_run, top=top)
+            summarize_run(full_run, top=top)
     code, _, err = run_cli(capsys, "inspect", full_run, "--top", "-1")
     assert_one_line_error(code, err, "--top must be >= 0")
 

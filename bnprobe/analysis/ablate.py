@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from bnprobe.analysis.ablate_table import present_ablation, sweep_progress
+from bnprobe.analysis.ablate_output import present_ablation, sweep_progress
 from bnprobe.analysis.loading import LoadedModel, check_forward, load_eval_data, load_model
-from bnprobe.analysis.measured import NormStats
+from bnprobe.analysis.probe_results import NormStats
 from bnprobe.analysis.user_eval import check_same_names, load_eval, run_eval
 from bnprobe.core.clamp_dims import dims_rows as spec_rows
 from bnprobe.core.clamp_dims import parse_clamp_dims
@@ -94,7 +94,7 @@ def value_rows(gammas: Sequence[torch.Tensor], values: Sequence[float], mode: st
 
 def recurring_dims(gammas: Sequence[torch.Tensor], outlier_factor: float) -> dict[int, np.ndarray]:
     """width -> the dimensions that are outliers (|γ| > factor x the layer's median) in >= 2 layers of that width:
-    the static probe's recurring outliers (bnprobe.analysis.measured), of the scales the ablation clamps."""
+    the static probe's recurring outliers (bnprobe.analysis.probe_results), of the scales the ablation clamps."""
     stats = NormStats.from_tensors([(str(i), (g, None, None, None)) for i, g in enumerate(gammas)])
     found = stats.recurring(stats.outliers(outlier_factor))
     dims: dict[int, list[int]] = {}

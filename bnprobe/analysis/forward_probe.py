@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.analysis.loading import check_forward, load_eval_data, load_model
-from bnprobe.analysis.measured import NormStats, ProbeResult
+from bnprobe.analysis.probe_results import NormStats, ProbeResult
 from bnprobe.analysis.relu import relu_sparsity
 from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
 from bnprobe.core.options import LoadOptions

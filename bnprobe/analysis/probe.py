@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 from rich.console import Console
 
 from bnprobe.analysis.conventions import check_scale_offset
-from bnprobe.analysis.measured import ProbeResult, ProbeRun
-from bnprobe.analysis.probe_file import write_probe_h5
+from bnprobe.analysis.probe_results import ProbeResult, ProbeRun
+from bnprobe.analysis.probe_h5 import write_probe_h5
 from bnprobe.analysis.probe_output import present_probe
 from bnprobe.analysis.static import NORMS, static_probe
 from bnprobe.core.config import check_load_options

@@ -1,4 +1,4 @@
-"""`bnprobe probe`'s terminal output, from what it measured (a bnprobe.analysis.measured.ProbeRun): the notes the
+"""`bnprobe probe`'s terminal output, from what it measured (a bnprobe.analysis.probe_results.ProbeRun): the notes the
 measuring found, the tables (bnprobe.analysis.probe_tables), the legend below them and each checkpoint's notes.
 Computes nothing and writes no file."""
 
@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from rich.markup import escape
 
-from bnprobe.analysis.measured import ProbeResult, ProbeRun
+from bnprobe.analysis.probe_results import ProbeResult, ProbeRun
 from bnprobe.analysis.probe_tables import probe_tables, shown
 from bnprobe.analysis.static import KIND_NOTE, ORDER_NOTES
 from bnprobe.core.errors import printable

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.analysis.measured import QUANTILE_LEVELS, RECURRING_MIN_LAYERS, ProbeResult, histograms, layer_mean
+from bnprobe.analysis.probe_results import QUANTILE_LEVELS, RECURRING_MIN_LAYERS, ProbeResult, histograms, layer_mean
 from bnprobe.core.errors import printable
 from bnprobe.core.formats import BATCHNORM, PROBE_NORM_KINDS, SCALE_ONLY, SCALE_SHIFT
 from bnprobe.core.measures import histogram_edges

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from bnprobe.analysis.measured import ReluSite
+from bnprobe.analysis.probe_results import ReluSite
 from bnprobe.data.device import DeviceLoader
 from bnprobe.training.evaluate import evaluate
 

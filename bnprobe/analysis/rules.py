@@ -11,16 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from bnprobe.analysis.probe_results import NormStats
 from bnprobe.core.errors import BnprobeError
 from bnprobe.core.formats import BATCHNORM, SCALE_ONLY
 from bnprobe.core.options import OFF_THRESHOLD
-
-if TYPE_CHECKING:  # no import at run time: measured.py still imports torch, the rules only read its arrays
-    from bnprobe.analysis.measured import NormStats
 
 SEVERITIES = ("error", "warning", "note")  # most severe first; SARIF's levels of the same names
 FLOAT16_MAX = 65504.0  # the largest finite float16

@@ -1,6 +1,6 @@
 """What `bnprobe inspect` reports, computed: a run's settings, accuracies, gap and gradient magnitudes read from
 its telemetry (`summarize_run`), and what an exported run holds, every hash checked (`summarize_export`).
-bnprobe.analysis.inspect draws them as tables."""
+bnprobe.analysis.run_summary_tables draws them as tables."""
 
 from __future__ import annotations
 

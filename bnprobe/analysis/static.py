@@ -36,7 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from bnprobe.analysis.conventions import check_scale_offset, effective, scale_convention
-from bnprobe.analysis.measured import NormStats, ProbeResult
+from bnprobe.analysis.probe_results import NormStats, ProbeResult
 from bnprobe.analysis.norm_finder import BN_TENSORS, Found, candidate_names, find_norms
 from bnprobe.core.errors import BnprobeError, listing, printable
 from bnprobe.files.file_tensors import FLOATING, FileTensors, checkpoint_file, checkpoint_label, open_tensors

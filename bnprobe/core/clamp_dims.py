@@ -6,7 +6,7 @@ net's stage), so every clamp here is a set of dimensions of one width, applied t
     308,381        those dimensions, in the layers of the most common width that has them all (index < width);
     308,381@768    in the layers of width 768
     recurring      the dimensions the static probe lists as recurring outliers (an outlier of >= 2 layers of one
-                   width, bnprobe.analysis.measured), each in the layers of its width
+                   width, bnprobe.analysis.probe_results), each in the layers of its width
     random:K       K distinct dimensions drawn at random (numpy's PCG64 seeded by --seed and the repeat), in the
                    layers of the width of the named dimensions given beside it (else the most common width): the
                    control that says how much of a drop chance alone gives; --repeats draws it that many times

@@ -35,7 +35,7 @@ PROBE_FORMAT = "bnprobe-probe"
 # 4: every normalisation layer (bn/kind), |γ| quantiles, outlier and recurring dimensions, sharded checkpoints;
 # 5: dimensions off in several layers of one width (recurring_off/)
 PROBE_VERSION = 5
-# probe.h5's bn/kind: what a normalisation layer is as far as its tensors tell (bnprobe.analysis.measured)
+# probe.h5's bn/kind: what a normalisation layer is as far as its tensors tell (bnprobe.analysis.probe_results)
 PROBE_NORM_KINDS = BATCHNORM, SCALE_SHIFT, SCALE_ONLY = ("BatchNorm", "LayerNorm/GroupNorm-like", "RMSNorm-like")
 # `bnprobe check --format json` and `bnprobe diff --format json` (docs/check-schema.md)
 CHECK_FORMAT, CHECK_VERSION = "bnprobe-check", 1

@@ -543,7 +543,7 @@ def _written_by(f) -> str:
 
 
 def _read_probe(f, name: str) -> list[ProbeRow]:
-    # Format `bnprobe-probe` v1 to v4 as written by bnprobe.analysis.probe.write_probe_h5 (docs/probe-schema.md).
+    # Format `bnprobe-probe` v1 to v4 as written by bnprobe.analysis.probe_h5.write_probe_h5 (docs/probe-schema.md).
     taus = f["taus"][:].tolist() if "taus" in f else []
     rows = []
     for key in sorted(f["checkpoints"]):

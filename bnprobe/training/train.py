@@ -1,7 +1,7 @@
 """Training: SGD with momentum and step decay on a device-resident data set, checkpointed each epoch.
 
 Per-step statistics stay on the device (running sums), so the only host syncs are once per epoch.
-`_setup` builds a `Training` (data, model, optimizer, loaders; restored when resuming), `run_epochs` trains
+`_setup` builds a `Training` in steps (data, model, generators, run files, resume, loaders), `run_epochs` trains
 it, and what an epoch leaves behind (telemetry.h5, checkpoint.pt, metrics.json, the console) are epoch
 callbacks, as in open_lth's training/train.py and standard_callbacks.py.
 """
@@ -286,68 +286,20 @@ def _setup(
     replacement: runs.Replacement,
 ) -> Training:
     """Data, model, optimizer and loaders, restored from `state` when resuming; the run directory prepared."""
-    channels_last = config.channels_last
-    if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        console.print("[yellow]warning: this CPU has no native bfloat16; --amp will be several times slower here")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if dataset is None:
-        dataset = load_dataset(
-            config.dataset,
-            Path(config.data_dir) if config.data_dir else None,
-            device=device,
-            normalize=config.normalize,
-            subset=config.subset,
-            test_subset=config.test_subset,
-            download=config.download,
-            verify=config.verify,
-        )
-    spec = dataset.spec
-
-    model, optimizer, masks, trainable, total = trainable_model(config, spec.channels, spec.num_classes, device)
-    # The wrapped modules share their parameters with `model`, whose plain state_dict is saved.
-    step_model = model
-    if process.world > 1:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        step_model = compile_model(step_model, device)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(config.seed)
-    # One process draws order and augmentation from one stream, whose state the checkpoint keeps. Under DDP
-    # that stream draws the order alone, so it stays the same on every rank (rank 0's saved state is every
-    # rank's), and each rank augments from its own stream, reseeded each epoch from (seed, epoch, rank).
-    augment_generator = torch.Generator(device=device) if process.world > 1 else generator
+    dataset = _data(config, device, console, dataset)
+    model, optimizer, masks, trainable, total = trainable_model(config, dataset.spec.channels,
+                                                                dataset.spec.num_classes, device)
+    step_model = _step_model(model, config, process, device)
+    generator, augment_generator = _generators(config, process, device)
+    if process.main:
+        _prepare_files(run_dir, overwrite and state is None, replacement)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-
-    if process.main:
-        if overwrite and state is None and run_dir.exists():
-            replacement.set_aside()  # only now: every check above passed and the data loaded
-        prepare_run_dir(run_dir)
-        for leftover in run_dir.glob(".*.tmp"):  # the run's half-written files of a killed process (not a probe's)
-            if leftover.name.startswith(tuple(f".{name}." for name in runs.RUN_FILES)):
-                leftover.unlink()
     if state is not None:
-        _restore(state, runs.checkpoint_path(run_dir), model, optimizer, generator, device)
-        history, start_epoch = list(state["history"]), int(state["epoch"])
-        console.print(f"Resuming {escape(str(run_dir))} after epoch {start_epoch}.", soft_wrap=True)
+        history, start_epoch = _resume(state, run_dir, model, optimizer, generator, device, console)
     if process.main:
         runs.write_json(runs.config_path(run_dir), config.to_dict())
-
-    train_loader = DeviceLoader(
-        dataset.train_x, dataset.train_y, dataset.mean, dataset.std, config.batch_size // process.world,
-        shuffle=True, flip=config.flip, translate=config.translate, generator=generator,
-        augment_generator=augment_generator, shard=(process.rank, process.world), channels_last=channels_last,
-    )
-    test_loader = DeviceLoader(
-        dataset.test_x, dataset.test_y, dataset.mean, dataset.std, config.eval_batch_size, channels_last=channels_last
-    )
-    # Eval-mode accuracy on a fixed set of training images: the honest side of the generalisation gap.
-    train_eval_index = fixed_subset(len(dataset.train_y), config.train_eval_subset, dataset.train_y.device)
-    train_eval_loader = DeviceLoader(
-        dataset.train_x[train_eval_index], dataset.train_y[train_eval_index], dataset.mean, dataset.std,
-        config.eval_batch_size, channels_last=channels_last,
-    )
+    train_loader, test_loader, train_eval_loader = _loaders(config, dataset, process, generator, augment_generator)
     recorder = GradientRecorder(model, config.telemetry_every, len(train_loader), masks)
     recorder.step = start_epoch * len(train_loader)
     step = TrainStep(step_model, optimizer, config.amp, after_backward_steps(model, config, masks),
@@ -357,6 +309,89 @@ def _setup(
         augment_generator, masks, trainable, total, train_loader, test_loader, train_eval_loader, recorder,
         step, history, start_epoch,
     )
+
+
+def _data(config: TrainConfig, device: torch.device, console: Console,
+          dataset: Optional[DeviceDataset]) -> DeviceDataset:
+    """The device settings the run wants, then its data set on the device (`dataset` when the caller has it)."""
+    if config.amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        console.print("[yellow]warning: this CPU has no native bfloat16; --amp will be several times slower here")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if dataset is not None:
+        return dataset
+    return load_dataset(
+        config.dataset,
+        Path(config.data_dir) if config.data_dir else None,
+        device=device,
+        normalize=config.normalize,
+        subset=config.subset,
+        test_subset=config.test_subset,
+        download=config.download,
+        verify=config.verify,
+    )
+
+
+def _step_model(model: nn.Module, config: TrainConfig, process: Process, device: torch.device) -> nn.Module:
+    """What trains: `model`, or a DDP / compiled wrapper sharing its parameters (`model`'s plain state_dict is
+    what is saved)."""
+    step_model = model
+    if process.world > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        step_model = compile_model(step_model, device)
+    return step_model
+
+
+def _generators(config: TrainConfig, process: Process, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """The order's stream and the augmentation's. One process draws order and augmentation from one stream, whose
+    state the checkpoint keeps. Under DDP that stream draws the order alone, so it stays the same on every rank
+    (rank 0's saved state is every rank's), and each rank augments from its own stream, reseeded each epoch from
+    (seed, epoch, rank)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    return generator, torch.Generator(device=device) if process.world > 1 else generator
+
+
+def _prepare_files(run_dir: Path, replace: bool, replacement: runs.Replacement) -> None:
+    """Rank 0's run directory: an old run set aside when `replace` (only now: every check passed and the data
+    loaded), the directory made, and the half-written run files of a killed process removed (not a probe's)."""
+    if replace and run_dir.exists():
+        replacement.set_aside()
+    prepare_run_dir(run_dir)
+    for leftover in run_dir.glob(".*.tmp"):
+        if leftover.name.startswith(tuple(f".{name}." for name in runs.RUN_FILES)):
+            leftover.unlink()
+
+
+def _resume(state: dict[str, Any], run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator, device: torch.device, console: Console) -> tuple[list[dict[str, Any]], int]:
+    """Model, optimizer and order stream restored from the checkpoint; its history and the epochs it trained."""
+    _restore(state, runs.checkpoint_path(run_dir), model, optimizer, generator, device)
+    history, start_epoch = list(state["history"]), int(state["epoch"])
+    console.print(f"Resuming {escape(str(run_dir))} after epoch {start_epoch}.", soft_wrap=True)
+    return history, start_epoch
+
+
+def _loaders(config: TrainConfig, dataset: DeviceDataset, process: Process, generator: torch.Generator,
+             augment_generator: torch.Generator) -> tuple[DeviceLoader, DeviceLoader, DeviceLoader]:
+    """The training loader (this rank's shard, augmented), the test loader, and the train-eval loader: eval-mode
+    accuracy on a fixed set of training images, the honest side of the generalisation gap."""
+    channels_last = config.channels_last
+    train_loader = DeviceLoader(
+        dataset.train_x, dataset.train_y, dataset.mean, dataset.std, config.batch_size // process.world,
+        shuffle=True, flip=config.flip, translate=config.translate, generator=generator,
+        augment_generator=augment_generator, shard=(process.rank, process.world), channels_last=channels_last,
+    )
+    test_loader = DeviceLoader(
+        dataset.test_x, dataset.test_y, dataset.mean, dataset.std, config.eval_batch_size, channels_last=channels_last
+    )
+    train_eval_index = fixed_subset(len(dataset.train_y), config.train_eval_subset, dataset.train_y.device)
+    train_eval_loader = DeviceLoader(
+        dataset.train_x[train_eval_index], dataset.train_y[train_eval_index], dataset.mean, dataset.std,
+        config.eval_batch_size, channels_last=channels_last,
+    )
+    return train_loader, test_loader, train_eval_loader
 
 
 def run_epochs(t: Training, callbacks: Sequence[EpochCallback], on_step: Optional[Callable[[], None]] = None) -> None:

@@ -1,17 +1,14 @@
-"""`bnprobe inspect RUN` (a run's config, accuracies, gap and gradient magnitudes) and `bnprobe inspect
-model.safetensors` (what an exported run holds, every hash checked), as rich tables drawn from what
-bnprobe.analysis.run_summary computes."""
+"""`bnprobe inspect`'s tables: a run's (config, accuracies, gap and gradient magnitudes) and an export's (what it
+holds, every hash checked), drawn from what bnprobe.analysis.run_summary computes; nothing computed here."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from rich import box
 from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
 
-from bnprobe.analysis.run_summary import ExportSummary, RunSummary, summarize_export, summarize_run
+from bnprobe.analysis.run_summary import ExportSummary, RunSummary
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.errors import printable
 from bnprobe.core.norm_names import norm_suffix
@@ -26,15 +23,9 @@ def _table(title: str, *columns: str, numbers: bool = True) -> Table:
     return table
 
 
-def inspect_run(run_dir: Path, top: int = 5) -> Group:
-    """The summary tables of a run; `top` largest and smallest per-tensor gradients (0: no such table).
-    An old run that an interrupted --overwrite set aside beside it is mentioned, with or without the run."""
-    return run_tables(summarize_run(run_dir, top))
-
-
 def run_tables(summary: RunSummary) -> Group:
-    """A run's summary as tables: settings, results, gradients per group, extremes per tensor; then the note on
-    an old run set aside beside it."""
+    """A run's summary as tables: settings, results, gradients per group, extremes per tensor (as many as the
+    summary's `top` kept); then the note on an old run that an interrupted --overwrite set aside beside it."""
     parts = [_settings_table(summary), _results_table(summary)]
     if summary.recorded_epoch is not None:
         parts.append(_groups_table(summary))
@@ -91,11 +82,6 @@ def _extremes_table(summary: RunSummary) -> Table:
 def _norm(config: TrainConfig) -> str:
     """` (GN16)` or ` (LN)` after a model whose norm layers are not BatchNorm."""
     return norm_suffix(config.norm, config.norm_groups, " ({})")
-
-
-def inspect_export(path: Path) -> Table:
-    """`bnprobe inspect model.safetensors`: what an exported run holds, its frozen tensors regenerated and checked."""
-    return export_table(summarize_export(path))
 
 
 def export_table(summary: ExportSummary) -> Table:

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.analysis.measured import (QUANTILE_LEVELS, NormStats, ProbeResult, Recurring, RecurringOff, ReluSite,
+from bnprobe.analysis.probe_results import (QUANTILE_LEVELS, NormStats, ProbeResult, Recurring, RecurringOff, ReluSite,
                                        histograms, layer_mean)
 from bnprobe.core.formats import PROBE_FORMAT, PROBE_VERSION
 from bnprobe.core.measures import histogram_edges
