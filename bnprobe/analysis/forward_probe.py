@@ -12,9 +12,9 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnprobe.analysis.loading import check_forward, load_eval_data, load_model
+from bnprobe.analysis.norm_finder import layer_kind
 from bnprobe.analysis.probe_results import NormStats, ProbeResult
 from bnprobe.analysis.relu import relu_sparsity
-from bnprobe.core.formats import BATCHNORM, SCALE_ONLY, SCALE_SHIFT
 from bnprobe.core.options import LoadOptions
 from bnprobe.data.device import DeviceLoader
 from bnprobe.nets.norms import has_affine, norm_channels, norm_layers
@@ -22,10 +22,8 @@ from bnprobe.training.evaluate import resolve_device
 
 
 def module_kind(module: nn.Module) -> str:
-    """A normalisation module's kind, by the same rule as a file's tensors (PROBE_NORM_KINDS)."""
-    if isinstance(module, _BatchNorm):
-        return BATCHNORM
-    return SCALE_SHIFT if getattr(module, "bias", None) is not None else SCALE_ONLY
+    """A normalisation module's kind, by the rule that decides a file's tensors' (norm_finder.layer_kind)."""
+    return layer_kind(isinstance(module, _BatchNorm), getattr(module, "bias", None) is not None)
 
 
 def _numpy(tensor: Any) -> Any:

@@ -132,16 +132,24 @@ def _lone_scale(prefix: str, leaves: Mapping[str, str]) -> bool:
     return set(leaves) == {"weight"} and (named_like_a_norm(prefix) or indexed(prefix))
 
 
+def layer_kind(batchnorm: bool, shift: bool) -> str:
+    """What a normalisation layer is, as far as what it holds tells (PROBE_NORM_KINDS): BatchNorm (running
+    statistics of its own); a scale and a shift per channel and no BatchNorm statistics, LayerNorm/GroupNorm-like
+    (neither tensors nor names tell the two apart); a scale alone, RMSNorm-like (or a LayerNorm without bias). The
+    one rule for a file's tensors (find_norms) and a model's modules (forward_probe.module_kind)."""
+    if batchnorm:
+        return BATCHNORM
+    return SCALE_SHIFT if shift else SCALE_ONLY
+
+
 def _named_norm(leaves: Mapping[str, str], shapes: Mapping[str, Shape]) -> Optional[tuple[str, str, Optional[str]]]:
     """A module named like a norm that holds a vector `weight` (and a `bias` of its shape) besides other tensors
     (I-BERT's IntLayerNorm keeps a `shift`, quantised norms their scales): (kind, scale, shift); None if not."""
     if "weight" not in leaves or not _vector_like(shapes[leaves["weight"]]):
         return None
-    if "bias" in leaves:
-        if shapes[leaves["bias"]] != shapes[leaves["weight"]]:
-            return None
-        return SCALE_SHIFT, leaves["weight"], leaves["bias"]
-    return SCALE_ONLY, leaves["weight"], None
+    if "bias" in leaves and shapes[leaves["bias"]] != shapes[leaves["weight"]]:
+        return None
+    return layer_kind(False, "bias" in leaves), leaves["weight"], leaves.get("bias")
 
 
 def candidate_names(names: Sequence[str], norms: str = "all", unnamed: bool = True) -> set[str]:
@@ -173,7 +181,7 @@ def _bn_layer(prefix: str, leaves: Mapping[str, str], shapes: Mapping[str, Shape
         raise BnprobeError(
             f"{source}: inconsistent BatchNorm tensors at {name}: {shown} (a BatchNorm layer has running_mean and "
             f"running_var, and weight and bias when affine, all 1-D of one length)")
-    return Layer(name, BATCHNORM, parts.get("weight"), parts.get("bias"), parts["running_mean"],
+    return Layer(name, layer_kind(True, "bias" in parts), parts.get("weight"), parts.get("bias"), parts["running_mean"],
                  parts["running_var"], counter)
 
 
@@ -191,10 +199,10 @@ def find_norms(shapes: Mapping[str, Shape], norms: str = "all", source: str = "c
         elif (pair := _pair(leaves)) is not None:
             scale, shift = (shapes[leaves[leaf]] for leaf in pair)
             if scale == shift and len(scale) >= 1:
-                found.layers.append(Layer(name, SCALE_SHIFT, leaves[pair[0]], leaves[pair[1]]))
+                found.layers.append(Layer(name, layer_kind(False, True), leaves[pair[0]], leaves[pair[1]]))
         elif _evonorm(leaves):
             if len({shapes[full] for full in leaves.values()}) == 1 and len(shapes[leaves["weight"]]) == 1:
-                found.layers.append(Layer(name, SCALE_SHIFT, leaves["weight"], leaves["bias"],
+                found.layers.append(Layer(name, layer_kind(False, True), leaves["weight"], leaves["bias"],
                                           running_var=leaves.get("running_var")))
         elif named_like_a_norm(prefix) and (scale := _named_norm(leaves, shapes)) is not None:
             found.layers.append(Layer(name, scale[0], *scale[1:]))
