@@ -40,11 +40,11 @@ from bnprobe.training.telemetry import GradientRecorder, TelemetryWriter
 
 
 def trainable_model(
-    config: TrainConfig, in_channels: int, num_classes: int, device: torch.device
+    config: TrainConfig, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor], int, int]:
     """The model on `device`, frozen as `config` says, and its optimizer; also the random-feature masks and
     the trainable and total parameter counts. Shared by training and `sweep --calibrate`."""
-    model = from_config(config, in_channels, num_classes)
+    model = from_config(config)
     if config.sync_bn:  # BN statistics over the global batch; the parameters stay the same objects
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     trainable, total = apply_freeze(model, config.freeze)
@@ -302,9 +302,8 @@ def _setup(
             download=config.download,
             verify=config.verify,
         )
-    spec = dataset.spec
 
-    model, optimizer, masks, trainable, total = trainable_model(config, spec.channels, spec.num_classes, device)
+    model, optimizer, masks, trainable, total = trainable_model(config, device)
     # The wrapped modules share their parameters with `model`, whose plain state_dict is saved.
     step_model = model
     if process.world > 1:
