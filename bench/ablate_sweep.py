@@ -80,7 +80,7 @@ def make_checkpoint(path: Path, model_name: str, train_x: torch.Tensor, mean: to
                     seed: int) -> None:
     """A bnprobe checkpoint with Frankle's init and BN running statistics estimated on `train_x`."""
     config = TrainConfig(model=model_name, dataset="cifar10", seed=seed, device="cpu", normalize="per-channel").resolved()
-    model = from_config(config, 3, 10)
+    model = from_config(config)
     for _, bn in bn_layers(model, with_gamma=True):
         bn.momentum = None  # a cumulative average over the batches below
     model.train()
@@ -132,7 +132,7 @@ def naive_sweep(checkpoint: Path, taus: list[float], device: torch.device, image
     accuracies = []
     for tau in taus:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model = from_config(TrainConfig.from_dict(state["config"]), 3, 10)
+        model = from_config(TrainConfig.from_dict(state["config"]))
         model.load_state_dict(state["model"])
         model.to(device).eval()
         with torch.no_grad():

@@ -54,7 +54,7 @@ def main() -> None:
     loader = DeviceLoader(images, labels, mean, std, args.batch_size, shuffle=True, flip=True, translate=4,
                           generator=generator, channels_last=channels_last)
 
-    model = from_config(TrainConfig(model=args.model), 3, 10)
+    model = from_config(TrainConfig(model=args.model))
     apply_freeze(model, args.freeze)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,

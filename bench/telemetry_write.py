@@ -72,7 +72,7 @@ class Writer:
 
     def __init__(self, name: str, run_dir: Path, epochs: int, steps: int, old: bool):
         config = TrainConfig(model="resnet152", epochs=epochs, subset=steps * 128, batch_size=128, telemetry_every=1)
-        self.name, self.old, self.model = name, old, from_config(config, 3, 10)
+        self.name, self.old, self.model = name, old, from_config(config)
         recorder = telemetry.GradientRecorder(self.model, 1, steps)
         rng = np.random.default_rng(0)
 

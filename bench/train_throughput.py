@@ -287,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         raise SystemExit(2)
 
     def fresh_model(freeze: str) -> nn.Module:
-        model = from_config(config, spec.channels, spec.num_classes)  # seeds itself: the same tensors each time
+        model = from_config(config)  # seeds itself: the same tensors each time
         apply_freeze(model, freeze)
         return model.to(device, memory_format=memory_format)
 

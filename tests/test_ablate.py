@@ -464,7 +464,7 @@ def test_bn_variant_checkpoints_rebuild_probe_and_fold(tmp_path):
     from bnprobe.nets.registry import from_config
 
     config = tiny_config(bn="every-k", bn_every=2, bn_affine_off="layer1.*").resolved()
-    model = randomize_bn(from_config(config, 1, 10))
+    model = randomize_bn(from_config(config))
     run = tmp_path / "variant"
     runs.save_checkpoint(runs.checkpoint_path(run), {
         "config": config.to_dict(), "epoch": 0, "model": model.state_dict(), "history": [],
@@ -494,7 +494,7 @@ def test_a_model_without_batchnorm_is_probed_but_not_ablated(capsys, tmp_path):
     config = tiny_config(bn="none").resolved()
     run = tmp_path / "nobn"
     runs.save_checkpoint(runs.checkpoint_path(run), {
-        "config": config.to_dict(), "epoch": 0, "model": from_config(config, 1, 10).state_dict(), "history": [],
+        "config": config.to_dict(), "epoch": 0, "model": from_config(config).state_dict(), "history": [],
         "normalization": {"mean": torch.full((1, 1, 1), 80.0), "std": torch.full((1, 1, 1), 90.0)},
     })
     code, _, err = run_cli(capsys, "ablate", run, "--clamp-gamma", "0.1", "--device", "cpu")

@@ -80,11 +80,11 @@ def test_bn_l2_decays_bn_tensors_more():
 def test_random_features_train_only_the_masked_elements(tmp_path):
     config = TrainConfig(model="resnet8", dataset="digits", freeze="all-but-output", random_features=2, epochs=1,
                          subset=200, test_subset=100, device="cpu", milestones="").resolved()
-    initial = from_config(config, 1, 10).state_dict()
+    initial = from_config(config).state_dict()
     train(config, tmp_path / "run")
     state = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "run"))
     masks = state["random_feature_masks"]
-    model = from_config(config, 1, 10)
+    model = from_config(config)
     convs = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert set(masks) == set(convs)
     for name, mask in masks.items():

@@ -125,9 +125,9 @@ def test_graphed_bn_only_training_leaves_every_frozen_tensor_bit_identical(tmp_p
     fake = FakeGraphs()
     run(tmp_path, "run", config, monkeypatch, fake)
     assert fake.replays > 0
-    initial = from_config(config, 1, 10).state_dict()
+    initial = from_config(config).state_dict()
     trained = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "run"))["model"]
-    model = from_config(config, 1, 10)
+    model = from_config(config)
     bn = trainable_parameter_names(model, "non-bn")
     for name, _ in model.named_parameters():
         if name in bn:
@@ -219,10 +219,10 @@ def test_real_cuda_graphs_bn_only_keep_every_frozen_tensor_on_cuda(tmp_path, mon
     config = tiny(device="cuda", amp=amp, graphs=True, freeze="non-bn").resolved()
     _, output = run(tmp_path, "graphed", config, monkeypatch)
     assert "warning" not in output and "CUDA graphs" in output
-    initial = from_config(config, 1, 10).state_dict()
+    initial = from_config(config).state_dict()
     trained = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "graphed"))["model"]
-    norm = trainable_parameter_names(from_config(config, 1, 10), "non-bn")
-    for name, _ in from_config(config, 1, 10).named_parameters():
+    norm = trainable_parameter_names(from_config(config), "non-bn")
+    for name, _ in from_config(config).named_parameters():
         assert torch.equal(trained[name], initial[name]) != (name in norm), name
 
 
@@ -252,7 +252,7 @@ def test_graphed_random_features_training_equals_eager(tmp_path, monkeypatch):
     assert_same_run(tmp_path / "eager", tmp_path / "graphed", eager, graphed)
     e, g = telemetry_steps(tmp_path / "eager"), telemetry_steps(tmp_path / "graphed")
     np.testing.assert_allclose(g["grad_abs_mean"], e["grad_abs_mean"], rtol=1e-5, atol=1e-8)
-    initial = from_config(config, 1, 10).state_dict()  # the same seed: the initial weights
+    initial = from_config(config).state_dict()  # the same seed: the initial weights
     final = checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / "graphed"))["model"]
     conv = next(k for k in initial if k.endswith("conv1.weight"))
     changed = final[conv] != initial[conv]

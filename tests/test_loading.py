@@ -61,7 +61,7 @@ def test_bnprobe_checkpoint_from_run_dir_or_file(runs_dirs):
     run = runs_dirs["full"]
     state = checkpoints.load_checkpoint(runs.checkpoint_path(run))
     config = TrainConfig.from_dict(state["config"])
-    reference = from_config(config, 1, 10)
+    reference = from_config(config)
     reference.load_state_dict(state["model"])
     for given in (run, runs.checkpoint_path(run)):
         loaded = load_model(given, CPU)

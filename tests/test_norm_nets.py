@@ -112,13 +112,13 @@ def test_norm_chooses_the_layers_and_the_bn_variants_place_them(name):
 
 
 def test_gn_takes_the_init_draws_of_bn_gamma_uniform_beta_zero():
-    bn = from_config(TrainConfig(model="resnet8", dataset="digits", seed=3), 1, 10).state_dict()
-    gn = from_config(TrainConfig(model="resnet8", dataset="digits", seed=3, norm="group"), 1, 10).state_dict()
+    bn = from_config(TrainConfig(model="resnet8", dataset="digits", seed=3)).state_dict()
+    gn = from_config(TrainConfig(model="resnet8", dataset="digits", seed=3, norm="group")).state_dict()
     assert set(gn) < set(bn)  # BN has running statistics besides
     for name, tensor in gn.items():
         assert torch.equal(tensor, bn[name]), name
     gammas = torch.cat([m.weight for _, m in norm_layers(from_config(
-        TrainConfig(model="resnet8", dataset="digits", norm="layer"), 1, 10))])
+        TrainConfig(model="resnet8", dataset="digits", norm="layer")))])
     assert 0 <= gammas.min() and gammas.max() <= 1 and gammas.std() > 0.2  # U[0, 1]
 
 
@@ -330,7 +330,7 @@ def test_train_gn_only_from_the_cli_leaves_every_frozen_tensor_bit_identical(cap
     [run] = list(tmp_path.iterdir())
     assert re.fullmatch(r"resnet20-gn16-digits-non-norm-s0-[0-9a-f]{8}", run.name) and "GN16" in out
     config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    initial = from_config(config, 1, 10)
+    initial = from_config(config)
     gn = {f"{n}.{p}" for n, m in initial.named_modules() if isinstance(m, nn.GroupNorm) for p in ("weight", "bias")}
     trained = checkpoints.load_checkpoint(runs.checkpoint_path(run))["model"]
     assert trained["bn1.weight"].shape == (16,) and "bn1.running_mean" not in trained

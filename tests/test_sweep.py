@@ -241,7 +241,7 @@ def test_the_estimate_computes_the_gradients_training_computes(freeze, random_fe
 
     config = TrainConfig(model="resnet8", dataset="digits", freeze=freeze, random_features=random_features,
                          bn_affine_off="layer1.*", device="cpu").resolved()
-    model = trainable_model(config, 1, 10, torch.device("cpu"))[0]
+    model = trainable_model(config, torch.device("cpu"))[0]
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert gradient_tensors(config) == trained and trained
 

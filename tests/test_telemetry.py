@@ -53,7 +53,7 @@ def test_schema_as_documented(full_run):
         assert TrainConfig.from_dict(__import__("json").loads(f.attrs["config_json"])) == tiny()
         assert f.attrs["config.model"] == "resnet8"
         names = list(f["params/name"].asstr()[:])
-        model = from_config(tiny(), 1, 10)
+        model = from_config(tiny())
         assert names == [n for n, _ in model.named_parameters()]
         assert set(f["params/group"].asstr()[:]) == GROUPS
         assert f["params/numel"][:].sum() == sum(p.numel() for p in model.parameters())
@@ -76,7 +76,7 @@ def test_schema_as_documented(full_run):
 def test_grad_norms_equal_an_independent_backward_pass(full_run):
     """Step 0 recomputed by hand: same init, same first batch, one backward."""
     config = tiny()
-    model = from_config(config, 1, 10)
+    model = from_config(config)
     data = load_dataset("digits", subset=300, test_subset=150, normalize=config.normalize)
     generator = torch.Generator().manual_seed(config.seed)
     loader = DeviceLoader(data.train_x, data.train_y, data.mean, data.std, 64, shuffle=True,
@@ -98,7 +98,7 @@ def test_grad_norms_equal_an_independent_backward_pass(full_run):
 
 
 def test_bn_snapshots_match_init_and_final_checkpoint(full_run):
-    initial = from_config(tiny(), 1, 10).state_dict()
+    initial = from_config(tiny()).state_dict()
     final = checkpoints.load_checkpoint(runs.checkpoint_path(full_run))["model"]
     with h5py.File(full_run / "telemetry.h5", "r") as f:
         for layer, key in (("bn1", "weight"), ("layer3.0.bn2", "bias"), ("layer1.0.bn1", "running_var")):
@@ -109,7 +109,7 @@ def test_bn_snapshots_match_init_and_final_checkpoint(full_run):
 
 def test_train_accuracy_in_eval_mode_is_recomputable(full_run):
     config = tiny()
-    model = from_config(config, 1, 10)
+    model = from_config(config)
     model.load_state_dict(checkpoints.load_checkpoint(runs.checkpoint_path(full_run))["model"])
     data = load_dataset("digits", subset=300, test_subset=150, normalize=config.normalize)
     index = fixed_subset(300, 200, torch.device("cpu"))
@@ -319,8 +319,8 @@ def test_random_features_mean_grad_is_over_the_trained_elements():
 
     config = TrainConfig(model="resnet8", dataset="digits", freeze="all-but-output", random_features=2,
                          weight_decay=0.05, device="cpu").resolved()
-    model, optimizer, masks, _, _ = trainable_model(config, 1, 10, torch.device("cpu"))
-    reference = from_config(config, 1, 10)
+    model, optimizer, masks, _, _ = trainable_model(config, torch.device("cpu"))
+    reference = from_config(config)
     reference.load_state_dict(model.state_dict())  # every tensor trains, no hook: the plain loss gradient
     recorder = GradientRecorder(model, 1, 1, masks)
     step = TrainStep(model, optimizer, after_backward=after_backward_steps(model, config, masks), recorder=recorder)
@@ -364,7 +364,7 @@ def test_random_features_training_is_the_step_it_always_was(tmp_path, monkeypatc
     monkeypatch.setattr(bnprobe.training.train, "after_backward_steps", lambda *_: [], raising=False)
     train(config, tmp_path / "before", console=Console(quiet=True))
     now, before = (checkpoints.load_checkpoint(runs.checkpoint_path(tmp_path / d))["model"] for d in ("now", "before"))
-    initial = from_config(config, 1, 10).state_dict()
+    initial = from_config(config).state_dict()
     assert now.keys() == before.keys()
     for name in now:
         assert torch.equal(now[name], before[name]), name

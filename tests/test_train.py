@@ -41,11 +41,11 @@ def test_same_seed_gives_identical_runs(tmp_path):
 
 def test_bn_only_training_leaves_every_frozen_tensor_bit_identical(tmp_path):
     config = tiny(freeze="non-bn").resolved()
-    initial = from_config(config, 1, 10).state_dict()
+    initial = from_config(config).state_dict()
     train(config, tmp_path / "run")
     trained = final_state(tmp_path / "run")["model"]
-    bn = trainable_parameter_names(from_config(config, 1, 10), "non-bn")
-    params = {n for n, _ in from_config(config, 1, 10).named_parameters()}
+    bn = trainable_parameter_names(from_config(config), "non-bn")
+    params = {n for n, _ in from_config(config).named_parameters()}
     for name in params:
         if name in bn:
             assert not torch.equal(trained[name], initial[name]), name
@@ -60,7 +60,7 @@ def test_run_directory_holds_config_checkpoint_and_metrics(tmp_path):
     assert config == tiny().resolved()
     state = final_state(run_dir)  # loads with weights_only=True
     assert state["format"] == "bnprobe-checkpoint" and state["finished"] and state["epoch"] == 2
-    model = from_config(TrainConfig.from_dict(state["config"]), 1, 10)
+    model = from_config(TrainConfig.from_dict(state["config"]))
     model.load_state_dict(state["model"])  # the config alone rebuilds the architecture
     assert json.loads(runs.metrics_path(run_dir).read_text()) == history
     assert [r["lr"] for r in history] == [0.1, pytest.approx(0.01)]

@@ -207,11 +207,10 @@ def load_model(path: Path | str, options: LoadOptions, device: Optional[torch.de
         source, what = "factory", f"the model built by {options.model}"
         meta.setdefault("model", options.model)
     elif is_bnprobe:
-        spec = get_dataset_spec(config.dataset)
         # The trainer's own builder (BN placement, affine-off layers, ...), so the two never drift apart;
         # it seeds torch's global RNG for its init, which the checkpoint's weights then replace.
         with torch.random.fork_rng(devices=[]):
-            model = from_config(config, spec.channels, spec.num_classes)
+            model = from_config(config)
         source, what = "bnprobe", f"{config.model} as its config describes it"
     else:
         raise BnprobeError(

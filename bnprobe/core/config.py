@@ -2,7 +2,8 @@
 
 Each field is a command-line flag of `bnprobe train` (the help text sits next to the field, as in
 open_lth). Fields marked `identity=False` only say *how* to run (device, paths); the others decide
-*what* is computed, and a hash of them names the run directory.
+*what* is computed, and a hash of them names the run directory (TrainConfig.hashed_identity says which are
+hashed: a setting added with a default changes no earlier run's name).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bnprobe.core.formats import (
     NORMS,
     SHORTCUTS,
 )
+from bnprobe.core.model_spec import ModelSpec
 from bnprobe.core.modelnames import norm_channels
 from bnprobe.core.norm_names import norm_suffix
 from bnprobe.core.options import NORM_UNITS, LoadOptions
@@ -65,8 +67,10 @@ INT_RANGES = {
 }
 
 
-def _flag(help: str, identity: bool = True, **extra: Any) -> Any:
-    return {"help": help, "identity": identity, **extra}
+def _flag(help: str, identity: bool = True, applies_when: Optional[tuple[str, str]] = None, **extra: Any) -> Any:
+    """A field's metadata: its help text; whether it is part of a run's identity (else it only says how to run);
+    and, for a setting that acts only under another one's value, that (setting, value) pair."""
+    return {"help": help, "identity": identity, "applies_when": applies_when, **extra}
 
 
 @dataclass
@@ -95,13 +99,16 @@ class TrainConfig:
     )
     norm_groups: int = field(
         default=16,
-        metadata=_flag("With --norm group: groups per layer (a layer with fewer channels: one per channel)."),
+        metadata=_flag("With --norm group: groups per layer (a layer with fewer channels: one per channel).",
+                       applies_when=("norm", "group")),
     )
     bn: str = field(
         default="full",
         metadata=_flag("Norm layer placement: full (after every conv), none, every-k (after every --bn-every convs)."),
     )
-    bn_every: int = field(default=2, metadata=_flag("With --bn every-k: a norm layer after every K-th conv."))
+    bn_every: int = field(
+        default=2, metadata=_flag("With --bn every-k: a norm layer after every K-th conv.", applies_when=("bn", "every-k"))
+    )
     bn_affine_off: str = field(
         default="",
         metadata=_flag("Norm layers without gamma/beta: comma-separated names or globs, e.g. 'layer3.*'."),
@@ -188,17 +195,34 @@ class TrainConfig:
         """Learning rate for 0-based `epoch`: multiplied by lr_drop at every milestone reached."""
         return self.lr * self.lr_drop ** sum(epoch >= m for m in self.milestone_epochs)
 
+    def model_spec(self) -> ModelSpec:
+        """The model these settings build (bnprobe.core.model_spec), with the data set's channels and classes."""
+        spec = get_dataset_spec(self.dataset)
+        return ModelSpec(model=self.model, in_channels=spec.channels, num_classes=spec.num_classes,
+                         width=self.width, shortcut=self.shortcut, norm=self.norm, norm_groups=self.norm_groups,
+                         bn=self.bn, bn_every=self.bn_every, bn_affine_off=self.bn_affine_off)
+
     def identity(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
 
+    def hashed_identity(self) -> dict[str, Any]:
+        """What the run name's hash covers: the FIRST_IDENTITY settings always, as the first stored runs hashed
+        them; every identity setting added since only where it is in effect (away from its default, and where
+        its `applies_when` holds). So a setting added with a default leaves every stored run's name as it was,
+        and a sweep started before it still finds its runs."""
+        fields = {f.name: f for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
+        return {name: getattr(self, name) for name, f in fields.items()
+                if name in FIRST_IDENTITY or (getattr(self, name) != f.default and self._applies(f))}
+
+    def _applies(self, f: dataclasses.Field) -> bool:
+        """Whether the setting of field `f` acts in this config: unless its `applies_when` says otherwise."""
+        applies_when = f.metadata.get("applies_when")
+        return applies_when is None or getattr(self, applies_when[0]) == applies_when[1]
+
     def run_name(self) -> str:
-        """Readable prefix plus a hash of every identity field, so equal configs share a directory. Settings
-        newer than stored runs are hashed only where they are in effect (NEWER_SETTINGS): every earlier run keeps
-        its name, and a sweep started before them still finds its runs."""
-        every = self.identity()
-        identity = {name: value for name, value in every.items()
-                    if name not in NEWER_SETTINGS or _in_effect(name, every)}
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        """Readable prefix plus a hash of the identity settings (hashed_identity), so equal configs share a
+        directory."""
+        digest = hashlib.sha256(json.dumps(self.hashed_identity(), sort_keys=True).encode()).hexdigest()[:8]
         norm = norm_suffix(self.norm, self.norm_groups, "-{}").lower()
         variant = {"full": "", "none": "-nobn", "every-k": f"-bn-every{self.bn_every}"}.get(self.bn, "")
         return f"{self.model}{norm}{variant}-{self.dataset}-{self.freeze}-s{self.seed}-{digest}"
@@ -289,15 +313,12 @@ class TrainConfig:
 
 
 IDENTITY_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.metadata.get("identity", True)}
-# Identity settings added after runs were stored: those runs lack them and were made at their defaults.
-NEWER_SETTINGS = ("norm", "norm_groups")
-
-
-def _in_effect(name: str, identity: dict[str, Any]) -> bool:
-    """Whether a NEWER_SETTINGS setting changes the model: away from its default (norm_groups: with --norm group)."""
-    if name == "norm_groups" and identity.get("norm") != "group":
-        return False
-    return identity.get(name, IDENTITY_DEFAULTS[name]) != IDENTITY_DEFAULTS[name]
+# The identity settings of the first stored runs, hashed always (TrainConfig.hashed_identity). Never add a name
+# here: a setting outside it is hashed only where it is in effect, which keeps every earlier run's name.
+FIRST_IDENTITY = frozenset(IDENTITY_DEFAULTS) - {"norm", "norm_groups"}
+# (setting, value) under which a setting acts, for those that act only under another one's (bn_every, norm_groups)
+APPLIES_WHEN = {f.name: f.metadata["applies_when"] for f in dataclasses.fields(TrainConfig)
+                if f.metadata.get("applies_when")}
 
 
 def freeze_spelling(freeze: str, norm: str) -> str:
@@ -311,14 +332,14 @@ def freeze_spelling(freeze: str, norm: str) -> str:
 
 def seed_group(config: dict[str, Any]) -> tuple:
     """What runs that differ only by seed share: the identity settings of a stored config.json but the seed.
-    A setting the config lacks (a run from an older bnprobe) counts as its default; bn_every counts only where
-    it places BN (--bn every-k), so a full-BN run groups the same whatever --bn-every said; norm_groups only with
-    --norm group; the freeze mode in its norm's spelling (freeze_spelling)."""
+    A setting the config lacks (a run from an older bnprobe) counts as its default; one that acts only under
+    another's value (APPLIES_WHEN: bn_every with --bn every-k, norm_groups with --norm group) counts only there,
+    so a full-BN run groups the same whatever --bn-every said; the freeze mode in its norm's spelling
+    (freeze_spelling)."""
     identity = {name: config.get(name, default) for name, default in IDENTITY_DEFAULTS.items() if name != "seed"}
-    if identity["bn"] != "every-k":
-        identity["bn_every"] = IDENTITY_DEFAULTS["bn_every"]
-    if identity["norm"] != "group":
-        identity["norm_groups"] = IDENTITY_DEFAULTS["norm_groups"]
+    for name, (setting, value) in APPLIES_WHEN.items():
+        if identity[setting] != value:
+            identity[name] = IDENTITY_DEFAULTS[name]
     if isinstance(identity["freeze"], str):
         identity["freeze"] = freeze_spelling(identity["freeze"], identity["norm"])
     for name, value in identity.items():  # 0 and 0.0 are one setting (a plan's TOML may write either)

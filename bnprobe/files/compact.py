@@ -18,7 +18,6 @@ from typing import Any, Iterable
 
 import torch
 
-from bnprobe.core.datasets import get_dataset_spec
 from bnprobe.core.errors import BnprobeError
 from bnprobe.nets.freeze import random_feature_masks, trainable_parameter_names
 from bnprobe.nets.registry import from_config
@@ -27,9 +26,8 @@ from bnprobe.nets.registry import from_config
 def regenerate(config: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
     """(initial state dict, random-feature masks, names a compact file stores whole: the trainable parameters
     and the buffers) as `config` draws them."""
-    spec = get_dataset_spec(config.dataset)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was
-        model = from_config(config, spec.channels, spec.num_classes)
+        model = from_config(config)
     masks = {}
     if config.random_features:  # the trainer's own draw (bnprobe.training.train), on the CPU
         masks = random_feature_masks(model, config.random_features, torch.Generator().manual_seed(config.seed + 1))

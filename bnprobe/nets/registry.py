@@ -5,21 +5,22 @@ CIFAR ResNet depth 6n+2 is `resnet<6n+2>`. A registered name always wins over a 
 bottleneck ResNet-50, although 50 = 6*8+2); `list_models()` lists registered names only, and
 `model_name_patterns()` the patterns.
 
-Every builder takes the same keywords, so `from_config` builds any of them from a TrainConfig:
-`in_channels`, `num_classes`, `width` (multiplier), `shortcut` (A or B, CIFAR ResNets only) and `norm_layer`
-(channels -> the norm layer or nn.Identity: bnprobe.nets.norms).
+Every builder takes the same keywords, so `build_model` builds any of them from a ModelSpec
+(bnprobe.core.model_spec): `in_channels`, `num_classes`, `width` (multiplier), `shortcut` (A or B, CIFAR ResNets
+only) and `norm_layer` (channels -> the norm layer or nn.Identity: bnprobe.nets.norms).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from bnprobe.core.errors import BnprobeError, printable
+from bnprobe.core.model_spec import ModelSpec
 from bnprobe.nets.init import init_weights
 from bnprobe.nets.norms import norm_layer_for, remove_norm_affine
 
@@ -114,38 +115,29 @@ def check_model_name(name: str) -> None:
     _lookup(name)
 
 
-def create_model(
-    name: str,
-    *,
-    in_channels: int = 3,
-    num_classes: int = 10,
-    width: int = 1,
-    shortcut: str = "B",
-    bn: str = "full",
-    bn_every: int = 1,
-    norm: str = "batch",
-    norm_groups: int = 16,
-) -> nn.Module:
-    """Build a registered model with PyTorch's default init; `init_weights` applies Frankle's.
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The model `spec` describes, with PyTorch's default init (drawn from torch's global generator);
+    `init_weights` applies Frankle's.
 
-    `norm` chooses the norm layers (batch, group with `norm_groups` groups, layer) and `bn` places them: `full`
-    after every conv, `none` nowhere, `every-k` after every `bn_every`-th conv (counted in construction order);
-    the others become nn.Identity.
+    `spec.norm` chooses the norm layers (batch, group with `norm_groups` groups, layer) and `spec.bn` places them:
+    `full` after every conv, `none` nowhere, `every-k` after every `bn_every`-th conv (counted in construction
+    order); the others become nn.Identity. The layers `bn_affine_off` names lose their gamma/beta.
     """
-    return _lookup(name)[0](
-        in_channels=in_channels, num_classes=num_classes, width=width, shortcut=shortcut,
-        norm_layer=norm_layer_for(bn, bn_every, norm, norm_groups),
+    model = _lookup(spec.model)[0](
+        in_channels=spec.in_channels, num_classes=spec.num_classes, width=spec.width, shortcut=spec.shortcut,
+        norm_layer=norm_layer_for(spec.bn, spec.bn_every, spec.norm, spec.norm_groups),
     )
+    remove_norm_affine(model, spec.bn_affine_off)
+    return model
 
 
-def from_config(config: "TrainConfig", in_channels: int, num_classes: int) -> nn.Module:
+def create_model(name: str, **settings: Any) -> nn.Module:
+    """`build_model` by name, the other ModelSpec fields as keywords (their defaults where left out)."""
+    return build_model(ModelSpec(name, **settings))
+
+
+def from_config(config: "TrainConfig") -> nn.Module:
     """The model exactly as a run's `config` initialises it: the same seed gives the same tensors (open_lth's
     registry idea: training, loading a checkpoint and exporting all build through here)."""
     torch.manual_seed(config.seed)
-    model = create_model(
-        config.model, in_channels=in_channels, num_classes=num_classes, width=config.width,
-        shortcut=config.shortcut, bn=config.bn, bn_every=config.bn_every, norm=config.norm,
-        norm_groups=config.norm_groups,
-    )
-    remove_norm_affine(model, config.bn_affine_off)
-    return init_weights(model, config.gamma_init)
+    return init_weights(build_model(config.model_spec()), config.gamma_init)

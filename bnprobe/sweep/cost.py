@@ -17,10 +17,10 @@ from rich.text import Text
 
 from bnprobe.core.config import TrainConfig
 from bnprobe.core.datasets import get_dataset_spec
+from bnprobe.core.model_spec import ModelSpec
 from bnprobe.data.device import DeviceLoader, normalization_stats
 from bnprobe.nets.freeze import gradient_tensor_names
-from bnprobe.nets.norms import remove_norm_affine
-from bnprobe.nets.registry import create_model
+from bnprobe.nets.registry import build_model
 from bnprobe.sweep.plan import PlannedRun
 from bnprobe.training.evaluate import resolve_device
 from bnprobe.training.graphs import WARMUP_STEPS, TrainStep, graph_backend
@@ -30,32 +30,21 @@ from bnprobe.training.train import compile_model, train_one_epoch, trainable_mod
 
 def forward_flops(config: TrainConfig) -> float:
     """Multiply-adds x 2 of one forward pass of one image, counted on the meta device (no memory, no data)."""
-    return sum(_layer_flops(*_shape(config)).values())
+    return sum(_layer_flops(config.model_spec(), config.dataset).values())
 
 
-def _shape(config: TrainConfig) -> tuple[Any, ...]:
-    """The settings that make a model's tensors: a grid over seeds, learning rates or epochs has only a few."""
-    return (config.model, config.dataset, config.width, config.shortcut, config.bn, config.bn_every, config.norm,
-            config.norm_groups, config.bn_affine_off)
-
-
-def _meta_model(model_name: str, dataset: str, width: int, shortcut: str, bn: str, bn_every: int, norm: str,
-                norm_groups: int, bn_affine_off: str) -> nn.Module:
+def _meta_model(spec: ModelSpec) -> nn.Module:
     """The run's model on the meta device: its tensors' names and shapes, no memory (from_config would also
     reseed torch's global generator)."""
-    spec = get_dataset_spec(dataset)
     with torch.device("meta"):
-        model = create_model(model_name, in_channels=spec.channels, num_classes=spec.num_classes,
-                             width=width, shortcut=shortcut, bn=bn, bn_every=bn_every, norm=norm,
-                             norm_groups=norm_groups)
-    remove_norm_affine(model, bn_affine_off)
-    return model
+        return build_model(spec)
 
 
 @functools.lru_cache(maxsize=None)
-def _layer_flops(*shape: Any) -> dict[str, float]:
-    """Forward flops of one image per conv and linear layer, by module name; counted once per model shape."""
-    spec = get_dataset_spec(shape[1])
+def _layer_flops(spec: ModelSpec, dataset: str) -> dict[str, float]:
+    """Forward flops of one image per conv and linear layer, by module name; counted once per model (a grid over
+    seeds, learning rates or epochs has only a few) and data set (its image size)."""
+    size = get_dataset_spec(dataset).size
     flops: dict[str, float] = {}
 
     def count(name: str, module: nn.Module, output: torch.Tensor) -> None:
@@ -67,23 +56,22 @@ def _layer_flops(*shape: Any) -> dict[str, float]:
             return
         flops[name] = flops.get(name, 0.0) + 2.0 * output.numel() * per_output
 
-    model = _meta_model(*shape)
+    model = _meta_model(spec)
     for name, module in model.named_modules():
         module.register_forward_hook(lambda m, _, output, name=name: count(name, m, output))
     with torch.device("meta"):
-        model(torch.zeros(1, spec.channels, spec.size, spec.size))
+        model(torch.zeros(1, spec.in_channels, size, size))
     return flops
 
 
 def gradient_tensors(config: TrainConfig) -> frozenset[str]:
     """The tensors whose gradient training `config` computes, as bnprobe.nets.freeze decides (on the meta device)."""
-    return _gradient_tensors(_shape(config), config.freeze, config.random_features)
+    return _gradient_tensors(config.model_spec(), config.freeze, config.random_features)
 
 
 @functools.lru_cache(maxsize=None)
-def _gradient_tensors(shape: tuple[Any, ...], freeze: str, random_features: int) -> frozenset[str]:
-
-    return frozenset(gradient_tensor_names(_meta_model(*shape), freeze, random_features))
+def _gradient_tensors(spec: ModelSpec, freeze: str, random_features: int) -> frozenset[str]:
+    return frozenset(gradient_tensor_names(_meta_model(spec), freeze, random_features))
 
 
 TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000, "digits": 1_437}
@@ -94,7 +82,7 @@ def training_flops(config: TrainConfig) -> float:
     linear layer's forward again where its weight gradient is computed (a first-order estimate, not a
     measurement): ~2x forward when everything trains, ~1x when conv weights are frozen."""
     images = config.subset or TRAIN_IMAGES[config.dataset]
-    layers, weights = _layer_flops(*_shape(config)), gradient_tensors(config)
+    layers, weights = _layer_flops(config.model_spec(), config.dataset), gradient_tensors(config)
     weight_gradients = sum(flops for name, flops in layers.items() if f"{name}.weight" in weights)
     return (2 * sum(layers.values()) + weight_gradients) * images * config.epochs
 
@@ -124,7 +112,7 @@ def _step_seconds(settings: tuple[tuple[str, Any], ...]) -> float:
     images = torch.randint(0, 256, (config.batch_size, spec.channels, spec.size, spec.size), dtype=torch.uint8,
                            generator=generator, device=device)
     labels = torch.randint(0, spec.num_classes, (config.batch_size,), generator=generator, device=device)
-    model, optimizer, masks, _, _ = trainable_model(config, spec.channels, spec.num_classes, device)
+    model, optimizer, masks, _, _ = trainable_model(config, device)
     step_model = compile_model(model, device) if config.compile else model
     loader = DeviceLoader(images, labels, *normalization_stats(images, "per-channel"), config.batch_size,
                           shuffle=True, flip=config.flip, translate=config.translate, generator=generator,

@@ -40,11 +40,11 @@ from bnprobe.training.telemetry import GradientRecorder, TelemetryWriter
 
 
 def trainable_model(
-    config: TrainConfig, in_channels: int, num_classes: int, device: torch.device
+    config: TrainConfig, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, torch.Tensor], int, int]:
     """The model on `device`, frozen as `config` says, and its optimizer; also the random-feature masks and
     the trainable and total parameter counts. Shared by training and `sweep --calibrate`."""
-    model = from_config(config, in_channels, num_classes)
+    model = from_config(config)
     if config.sync_bn:  # BN statistics over the global batch; the parameters stay the same objects
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     trainable, total = apply_freeze(model, config.freeze)
@@ -287,8 +287,7 @@ def _setup(
 ) -> Training:
     """Data, model, optimizer and loaders, restored from `state` when resuming; the run directory prepared."""
     dataset = _data(config, device, console, dataset)
-    model, optimizer, masks, trainable, total = trainable_model(config, dataset.spec.channels,
-                                                                dataset.spec.num_classes, device)
+    model, optimizer, masks, trainable, total = trainable_model(config, device)
     step_model = _step_model(model, config, process, device)
     generator, augment_generator = _generators(config, process, device)
     if process.main:
