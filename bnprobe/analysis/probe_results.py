@@ -75,9 +75,19 @@ class NormStats:
     running_var: list[np.ndarray]
     stats_only: list[tuple[str, int]] = field(default_factory=list)  # layers without affine: (name, channels)
     kinds: list[str] = field(default_factory=list)  # PROBE_NORM_KINDS, per layer (default: all BatchNorm)
+    # Measures asked for again (the tables and probe.h5 each want the outliers): key -> (the γ arrays they were
+    # computed from, the value). γ arrays are values here, replaced and never written in place, so the same
+    # arrays mean the same numbers.
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.kinds = list(self.kinds) or [BATCHNORM] * len(self.names)
+
+    def _remembered(self, key: Any, compute: Any) -> Any:
+        held = self._memo.get(key)
+        if held is None or len(held[0]) != len(self.gamma) or any(a is not b for a, b in zip(held[0], self.gamma)):
+            held = self._memo[key] = (tuple(self.gamma), compute())
+        return held[1]
 
     @classmethod
     def from_tensors(cls, layers: Sequence[tuple[str, Sequence[Optional[np.ndarray]]]],
@@ -134,6 +144,9 @@ class NormStats:
 
     def abs_quantiles(self) -> np.ndarray:
         """(L, Q): quantiles QUANTILE_LEVELS of each layer's finite |γ| (NaN for a layer with none)."""
+        return self._remembered("abs_quantiles", self._abs_quantiles)
+
+    def _abs_quantiles(self) -> np.ndarray:
         rows = [np.quantile(a, QUANTILE_LEVELS) if a.size else np.full(len(QUANTILE_LEVELS), np.nan)
                 for a in (np.abs(g[np.isfinite(g)]) for g in self.gamma)]
         return np.array(rows, dtype=np.float64).reshape(len(self.gamma), len(QUANTILE_LEVELS))
@@ -141,6 +154,9 @@ class NormStats:
     def outliers(self, factor: float) -> list[np.ndarray]:
         """Per layer, the dimensions with |γ| > factor x the layer's median |γ| (over its finite values), in
         index order. A layer whose median is 0 has none: every non-zero γ would be one."""
+        return self._remembered(("outliers", factor), lambda: self._outliers(factor))
+
+    def _outliers(self, factor: float) -> list[np.ndarray]:
         found = []
         for g in self.gamma:
             finite = np.abs(g[np.isfinite(g)])
