@@ -168,23 +168,31 @@ def layer_tables(r: ProbeResult, taus: Sequence[float], off_threshold: float, ed
     return [tables[0]] + [table(f"|γ| < τ by depth — {shown(r.label)}", c, main=False) for c in tables[1:]]
 
 
-def recurring_table(r: ProbeResult, outlier_factor: float) -> Optional[Any]:
-    """The dimensions that are outliers in several layers of one width (none: None), most layers first."""
+def _dims_table(title: str, caption: str, headers: Sequence[str]) -> Any:
+    """A table of dimensions recurring over layers: numbers right-aligned, the last column (layer names or
+    depths) left-aligned and folded."""
     from rich import box
     from rich.table import Table
 
+    t = Table(title=title, box=box.SIMPLE_HEAD, caption=caption, collapse_padding=True, show_edge=False,
+              pad_edge=False)
+    for header in headers:
+        last = header == headers[-1]
+        t.add_column(header, justify="left" if last else "right", no_wrap=not last, overflow="fold")
+    return t
+
+
+def recurring_table(r: ProbeResult, outlier_factor: float) -> Optional[Any]:
+    """The dimensions that are outliers in several layers of one width (none: None), most layers first."""
     recurring = r.bn.recurring(r.bn.outliers(outlier_factor))
     if not len(recurring.dim):
         return None
     more = len(recurring.dim) - RECURRING_SHOWN
-    t = Table(title=f"Outlier dimensions in several layers — {shown(r.label)}", box=box.SIMPLE_HEAD,
-              caption=f"|γ| > {outlier_factor:g}x the layer's median |γ| in {RECURRING_MIN_LAYERS} or more layers of "
-                      f"one width; largest |γ| over them, at that layer" + (
-                          f"; {more:,} more in probe.h5 (recurring/)" if more > 0 else ""),
-              collapse_padding=True, show_edge=False, pad_edge=False)
-    for header in ("width", "dim", "layers", "largest |γ|", "at"):
-        t.add_column(header, justify="left" if header == "at" else "right", no_wrap=header != "at",
-                     overflow="fold")
+    t = _dims_table(f"Outlier dimensions in several layers — {shown(r.label)}",
+                    f"|γ| > {outlier_factor:g}x the layer's median |γ| in {RECURRING_MIN_LAYERS} or more layers of "
+                    f"one width; largest |γ| over them, at that layer" + (
+                        f"; {more:,} more in probe.h5 (recurring/)" if more > 0 else ""),
+                    ("width", "dim", "layers", "largest |γ|", "at"))
     for k in range(min(len(recurring.dim), RECURRING_SHOWN)):
         t.add_row(str(recurring.width[k]), str(recurring.dim[k]), f"{recurring.layers[k]} of {recurring.of_layers[k]}",
                   _num(recurring.max_abs_gamma[k], ".3g"), shown(r.bn.names[recurring.at[k]]))
@@ -201,21 +209,15 @@ def _depths_cell(r: ProbeResult, depths: np.ndarray, shown_layers: int = 3) -> s
 
 def recurring_off_table(r: ProbeResult, off_threshold: float) -> Optional[Any]:
     """The dimensions off in several layers of one width (none: None), most layers first."""
-    from rich import box
-    from rich.table import Table
-
     off = r.bn.recurring_off(off_threshold)
     if not len(off.dim):
         return None
     more = len(off.dim) - RECURRING_SHOWN
-    t = Table(title=f"Dimensions off in several layers — {shown(r.label)}", box=box.SIMPLE_HEAD,
-              caption=f"|γ| < {off_threshold:g} at the same index in {RECURRING_MIN_LAYERS} or more layers of one "
-                      f"width; where: the layers' depths (#)" + (
-                          f"; {more:,} more in probe.h5 (recurring_off/)" if more > 0 else ""),
-              collapse_padding=True, show_edge=False, pad_edge=False)
-    for header in ("width", "dim", "layers", "where"):
-        t.add_column(header, justify="left" if header == "where" else "right", no_wrap=header != "where",
-                     overflow="fold")
+    t = _dims_table(f"Dimensions off in several layers — {shown(r.label)}",
+                    f"|γ| < {off_threshold:g} at the same index in {RECURRING_MIN_LAYERS} or more layers of one "
+                    f"width; where: the layers' depths (#)" + (
+                        f"; {more:,} more in probe.h5 (recurring_off/)" if more > 0 else ""),
+                    ("width", "dim", "layers", "where"))
     for k in range(min(len(off.dim), RECURRING_SHOWN)):
         t.add_row(str(off.width[k]), str(off.dim[k]), f"{off.layers[k]} of {off.of_layers[k]}",
                   _depths_cell(r, off.where[k]))
