@@ -259,8 +259,7 @@ def probe(
     from bnprobe.files.lock import locked
     from bnprobe.files.runs import default_output
 
-    _check_number("--off-threshold", settings.off_threshold, ">= 0", settings.off_threshold >= 0)
-    settings.check_counts()
+    settings.check()
     out = out if out is not None else default_output(checkpoints, PROBE_FILE)
     with locked(out, str(out)):
         run_probe(checkpoints, config, settings, out=out, brief=brief, console=console)

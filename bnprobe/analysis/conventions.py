@@ -22,8 +22,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from bnprobe.core.errors import BnprobeError, first_line, printable
+from bnprobe.core.errors import first_line, printable
 from bnprobe.core.formats import SCALE_ONLY, SCALE_SHIFT
+from bnprobe.core.options import check_scale_offset
 
 CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 16 << 20  # a model's config.json is kilobytes; this bounds a hostile one
@@ -33,7 +34,6 @@ ONE_PLUS_W = frozenset({
     "gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma", "vaultgemma", "t5gemma", "t5_gemma_module",
     "t5gemma2", "t5gemma2_text", "t5gemma2_encoder", "t5gemma2_decoder", "paligemma", "shieldgemma2",
 })
-SCALE_OFFSETS = (0.0, 1.0)  # --scale-offset
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,6 @@ class ScaleConvention:
     @property
     def text(self) -> str:
         return "1 + w" if self.offset else "w as stored"
-
-
-def check_scale_offset(value: Optional[float]) -> None:
-    if value is not None and value not in SCALE_OFFSETS:
-        raise BnprobeError(f"--scale-offset must be 0 (the scale is w as stored) or 1 (the model computes 1 + w); "
-                           f"got {value:g}")
 
 
 def read_model_type(config: Path) -> tuple[Optional[str], Optional[str]]:

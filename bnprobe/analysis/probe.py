@@ -11,20 +11,17 @@ checkpoint read from its file alone never waits for torch's import.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from rich.console import Console
 
-from bnprobe.analysis.conventions import check_scale_offset
 from bnprobe.analysis.probe_results import ProbeResult, ProbeRun
 from bnprobe.analysis.probe_h5 import write_probe_h5
 from bnprobe.analysis.probe_output import present_probe
-from bnprobe.analysis.static import NORMS, static_probe
+from bnprobe.analysis.static import static_probe
 from bnprobe.core.config import check_load_options
-from bnprobe.core.errors import BnprobeError
 from bnprobe.core.formats import BATCHNORM, PROBE_FILE, PROBE_FORMAT
 from bnprobe.core.options import LoadOptions, ProbeOptions
 from bnprobe.files.runs import default_output
@@ -56,15 +53,7 @@ def run_probe(
     options checked, then measure_checkpoints (compute), write_probe (probe.h5), present_probe (the terminal)."""
     console = console or Console()
     settings = settings or ProbeOptions()
-    taus, off_threshold = settings.taus, settings.off_threshold
-    if off_threshold < 0 or any(t < 0 for t in taus):
-        raise BnprobeError("thresholds τ must be >= 0")
-    settings.check_counts()
-    if settings.norms not in NORMS:
-        raise BnprobeError(f"--norms must be one of {', '.join(NORMS)}; got {settings.norms!r}")
-    if not (math.isfinite(settings.outlier_factor) and settings.outlier_factor > 0):
-        raise BnprobeError(f"--outlier-factor must be a finite number > 0, got {settings.outlier_factor:g}")
-    check_scale_offset(settings.scale_offset)
+    settings.check()
     out = out if out is not None else default_output(paths, PROBE_FILE)
     check_replaceable(out, PROBE_FORMAT)
     check_load_options(options)

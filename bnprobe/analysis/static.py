@@ -35,10 +35,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from bnprobe.analysis.conventions import check_scale_offset, effective, scale_convention
+from bnprobe.analysis.conventions import effective, scale_convention
 from bnprobe.analysis.probe_results import NormStats, ProbeResult
 from bnprobe.analysis.norm_finder import BN_TENSORS, Found, candidate_names, find_norms
 from bnprobe.core.errors import BnprobeError, listing, printable
+from bnprobe.core.options import check_scale_offset
 from bnprobe.files.file_tensors import FLOATING, FileTensors, checkpoint_file, checkpoint_label, open_tensors
 from bnprobe.files.shards import is_index
 
@@ -56,7 +57,6 @@ ORDER_NOTES = {
     "file blocks": "the blocks' order (blk.N: numeric order of N, which a GGUF converter may not keep), within a "
                    "block the file's order, token_embd_norm before the blocks and output_norm after",
 }
-NORMS = ("all", "bn")  # --norms
 # The widest normalisation layer read: the widest of published models have tens of thousands of channels
 # (Llama 3.1 405B: 16,384; a LayerNorm over a 256x56x56 feature map: 802,816 elements); 2**20 leaves room and
 # keeps one layer's four float64 columns under 32 MiB.

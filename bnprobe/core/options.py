@@ -78,6 +78,16 @@ class LoadOptions:
     device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N."))
 
 
+PROBED_NORMS = ("all", "bn")  # probe --norms: every normalisation layer, or BatchNorm alone
+SCALE_OFFSETS = (0.0, 1.0)  # probe --scale-offset: w as stored, or 1 + w (the Gemma family)
+
+
+def check_scale_offset(value: Optional[float]) -> None:
+    if value is not None and value not in SCALE_OFFSETS:
+        raise BnprobeError(f"--scale-offset must be 0 (the scale is w as stored) or 1 (the model computes 1 + w); "
+                           f"got {value:g}")
+
+
 @dataclass
 class ProbeOptions:
     """What `bnprobe probe` measures, besides how it loads (LoadOptions)."""
@@ -99,6 +109,19 @@ class ProbeOptions:
     # stands apart from its layer, not merely at the top of its spread; a smaller factor lists milder ones.
     outlier_factor: float = field(default=10.0, metadata=_help(
         "A dimension is an outlier of its layer when its |γ| is above this many times the layer's median |γ|."))
+
+    def check(self) -> None:
+        """Every option, once, before any file is opened or written (the CLI and run_probe both ask)."""
+        if not (math.isfinite(self.off_threshold) and self.off_threshold >= 0):
+            raise BnprobeError(f"--off-threshold must be >= 0 (a finite number), got {self.off_threshold:g}")
+        if any(not (math.isfinite(t) and t >= 0) for t in self.taus):
+            raise BnprobeError("thresholds τ must be >= 0")
+        self.check_counts()
+        if self.norms not in PROBED_NORMS:
+            raise BnprobeError(f"--norms must be one of {', '.join(PROBED_NORMS)}; got {self.norms!r}")
+        if not (math.isfinite(self.outlier_factor) and self.outlier_factor > 0):
+            raise BnprobeError(f"--outlier-factor must be a finite number > 0, got {self.outlier_factor:g}")
+        check_scale_offset(self.scale_offset)
 
     def check_counts(self) -> None:
         """The integer options' ranges (answered before any file is opened or written)."""
