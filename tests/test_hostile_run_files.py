@@ -215,6 +215,17 @@ def with_config(run_dir: Path, **changes) -> Path:
     return run_dir
 
 
+def with_run_config(run_dir: Path, **changes) -> Path:
+    """The run's settings changed in both copies, config.json and checkpoint.pt (one edited alone is a run whose
+    copies disagree, which every reader refuses)."""
+    import torch
+
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["config"].update(changes)
+    torch.save(state, run_dir / "checkpoint.pt")
+    return with_config(run_dir, **changes)
+
+
 def test_one_bad_run_never_aborts_the_report(good_run, tmp_path):
     root = tmp_path / "runs"
     copy_run(good_run, root / "good")
@@ -462,8 +473,8 @@ def test_settings_out_of_range_are_refused_by_every_reader(good_run, tmp_path, c
 def test_run_names_and_settings_reach_the_terminal_escaped(good_run, tmp_path, capsys):
     # issue 21 (13): a run folder or a config.json setting with an escape sequence and a newline was printed raw
     root = tmp_path / "runs"
-    with_config(copy_run(good_run, root / "a\x1b[31m\nb"), epochs=2)  # unfinished: a skipped line names it
-    with_config(copy_run(good_run, root / "c"), model="resnet8\x1b[2J")  # a group's label shows it
+    with_run_config(copy_run(good_run, root / "a\x1b[31m\nb"), epochs=2)  # unfinished: a skipped line names it
+    with_run_config(copy_run(good_run, root / "c"), model="resnet8\x1b[2J")  # a group's label shows it
     code, out, _ = run_cli(capsys, "findings", root)
     assert code == 0 and "\x1b" not in out
     assert "skipped a\\x1b[31m\\nb: unfinished: 1 of 2 epochs" in out and "resnet8\\x1b[2J digits" in out
