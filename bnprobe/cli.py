@@ -302,13 +302,13 @@ def ablate(
 
     if sum(x is not None for x in (clamp_gamma, clamp_fraction, clamp_dims)) != 1:
         raise BnprobeError("pass exactly one of --clamp-gamma TAUS, --clamp-fraction PS and --clamp-dims DIMS")
-    settings.check_counts()
     if clamp_gamma is not None:
         settings.mode, settings.values = "threshold", parse_sweep(clamp_gamma, "--clamp-gamma")
     elif clamp_fraction is not None:
         settings.mode, settings.values = "fraction", parse_sweep(clamp_fraction, "--clamp-fraction", upper=1.0)
     else:
         settings.mode, settings.dims = "dims", list(clamp_dims)
+    settings.check()
     # A Hugging Face model folder (its config.json names a model_type) goes to the module that imports transformers.
     hf = None if config.model else hf_config(checkpoint)
     if hf is not None:

@@ -275,19 +275,6 @@ def write_ablation_h5(path: Path, result: SweepResult, attrs: dict[str, Any]) ->
 
 # ---- the command: load once, fold once, sweep, write, show -----------------------------------------
 
-def check_settings(settings: AblateOptions) -> None:
-    if any(v < 0 for v in settings.values):
-        raise BnprobeError("clamp values must be >= 0")
-    if settings.mode == "dims" and not settings.dims:
-        raise BnprobeError("--clamp-dims needs at least one value")
-    if settings.mode == "dims" and settings.per_layer:
-        raise BnprobeError("--per-layer applies to --clamp-gamma and --clamp-fraction, not --clamp-dims")
-    if settings.mode != "dims" and settings.repeats != 1:
-        raise BnprobeError("--repeats repeats the random draws of --clamp-dims random:K; pass --clamp-dims too")
-    if not settings.outlier_factor > 0:
-        raise BnprobeError(f"--outlier-factor must be > 0, got {settings.outlier_factor}")
-
-
 def clamp_rows(gammas: Sequence[torch.Tensor], settings: AblateOptions) -> list[ClampRow]:
     """The rows the settings ask for: a --clamp-gamma/--clamp-fraction sweep or the --clamp-dims sets."""
     if settings.mode == "dims":
@@ -320,8 +307,7 @@ def run_ablation(
 ) -> tuple[SweepResult, Path]:
     """Clamp on one checkpoint (a sweep of values or --clamp-dims sets), write ablation.h5 and print the table."""
     console = console or Console()
-    check_settings(settings)
-    settings.check_counts()
+    settings.check()
     batch_size = settings.batch_size
     if batch_size is None:
         batch_size = default_batch_size(options.device)

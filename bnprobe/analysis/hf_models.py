@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from rich.console import Console
 
-from bnprobe.analysis.ablate import ablate, check_settings, eval_measure
+from bnprobe.analysis.ablate import ablate, eval_measure
 from bnprobe.analysis.conventions import ONE_PLUS_W
 from bnprobe.analysis.hf_text import text_measure
 from bnprobe.analysis.user_eval import load_eval
@@ -153,7 +153,7 @@ def run_hf_ablation(path: Path, options: LoadOptions, settings: AblateOptions, *
                     console: Optional[Any] = None) -> tuple[Any, Path]:
     """`bnprobe ablate MODEL_FOLDER (--eval F | --text FILE) --clamp-...`."""
     console = console or Console()
-    check_settings(settings)
+    settings.check()
     config_json = hf_config(path)
     if config_json is None:
         raise BnprobeError(f"{path} is not a Hugging Face model folder (a config.json with a model_type)")

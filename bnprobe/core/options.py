@@ -171,6 +171,21 @@ class AblateOptions:
     context: int = field(default=256, metadata=_help(
         "--text: tokens per sequence (at most the model's positions)."))
 
+    def check(self) -> None:
+        """Every option, once, before any file is opened or written (the CLI, run_ablation and the Hugging Face
+        path all ask), once the command has set what is clamped (mode, values, dims)."""
+        if any(v < 0 for v in self.values):
+            raise BnprobeError("clamp values must be >= 0")
+        if self.mode == "dims" and not self.dims:
+            raise BnprobeError("--clamp-dims needs at least one value")
+        if self.mode == "dims" and self.per_layer:
+            raise BnprobeError("--per-layer applies to --clamp-gamma and --clamp-fraction, not --clamp-dims")
+        if self.mode != "dims" and self.repeats != 1:
+            raise BnprobeError("--repeats repeats the random draws of --clamp-dims random:K; pass --clamp-dims too")
+        if not self.outlier_factor > 0:
+            raise BnprobeError(f"--outlier-factor must be > 0, got {self.outlier_factor}")
+        self.check_counts()
+
     def check_counts(self) -> None:
         """The integer options' ranges (answered before any file is opened or written)."""
         if self.batch_size is not None:
