@@ -321,7 +321,7 @@ def read_norms(path: Path) -> tuple[Any, dict[str, Any], str, Path]:
     if not isinstance(weights, dict):
         raise BnprobeError(f"{file}: a bnprobe checkpoint without model weights")
     bn = norms_from_tensors(FileTensors(weights, "bnprobe", "model", [], "file"), file, "all")
-    label = Path(os.path.abspath(path)).name if Path(path).is_dir() else checkpoint_label(file)
+    label = checkpoint_label(file, path)
     return bn, {"source": "file", "file_format": "bnprobe", "state_dict_key": "model"}, label, file.resolve()
 
 

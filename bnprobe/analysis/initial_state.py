@@ -5,7 +5,6 @@ does not."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,5 +25,5 @@ def initial_norms(path: Path) -> tuple[Any, str, Path]:
     config = check_checkpoint(state, file)
     initial, _, _ = regenerate(config)
     bn = norms_from_tensors(FileTensors(initial, "bnprobe", "model", [], "file"), file, "all")
-    label = Path(os.path.abspath(path)).name if Path(path).is_dir() else checkpoint_label(file)
+    label = checkpoint_label(file, path)
     return bn, f"{label} at init", file.resolve()

@@ -28,7 +28,6 @@ from the file, and a sparse file can declare a 1e12-element norm in 8 KB.
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -188,6 +187,6 @@ def static_probe(path: Path | str, norms: str = "all", scale_offset: Optional[fl
                  **({"shards": tensors.shards[1], "shards_read": tensors.shards[0]} if tensors.shards else {}),
                  **({"stood_in": tensors.stood_in} if tensors.stood_in else {})}
     nan = float("nan")
-    label = Path(os.path.abspath(path)).name if Path(path).is_dir() else checkpoint_label(file)
+    label = checkpoint_label(file, path)
     return ProbeResult(label, str(file.resolve()), attrs, stats, sites=[], loss=nan, accuracy=nan, images=0,
                        forward_pass=False)

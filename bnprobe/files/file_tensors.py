@@ -67,9 +67,11 @@ def checkpoint_file(path: Path | str) -> Path:
     return path
 
 
-def checkpoint_label(file: Path) -> str:
-    """The short name tables use: a run's checkpoint.pt or a model's index by its folder's name, any other file by
-    its stem."""
+def checkpoint_label(file: Path, given: Optional[Path | str] = None) -> str:
+    """The short name tables use: a folder given as such (`given`, what checkpoint_file resolved to `file`), a run's
+    checkpoint.pt and a model's index by their folder's name, any other file by its stem."""
+    if given is not None and Path(given).is_dir():
+        return Path(os.path.abspath(given)).name
     if is_index(file):
         return Path(os.path.abspath(file)).parent.name  # (not resolved: the hub's cache links it into blobs/)
     return file.parent.name if file.name == CHECKPOINT_FILE else file.stem
