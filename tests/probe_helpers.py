@@ -94,3 +94,18 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def forged_bn_archive(path: Path, edit) -> Path:
+    """A torch.save zip archive of one BatchNorm's four 4-element tensors whose data.pkl is rewritten by `edit`
+    (bytes -> bytes): a file torch wrote, forged, stored uncompressed as torch stores it."""
+    import zipfile
+
+    torch.save({"bn.weight": torch.ones(4), "bn.bias": torch.ones(4), "bn.running_mean": torch.ones(4),
+                "bn.running_var": torch.ones(4)}, path)
+    with zipfile.ZipFile(path) as archive:
+        entries = {info.filename: archive.read(info) for info in archive.infolist()}
+    name = next(n for n in entries if n.endswith("data.pkl"))
+    entries[name] = edit(entries[name])
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for entry, data in entries.items():
+            archive.writestr(entry, data)
+    return path

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_line_error, run_cli
+from probe_helpers import forged_bn_archive
 
 from bnprobe.core.errors import BnprobeError
 from bnprobe.files.checkpoints import read_checkpoint
@@ -247,21 +248,14 @@ def test_a_deeply_nested_pickle_is_read_and_walked_without_recursion():
 
 
 def test_a_storage_larger_than_its_archive_entry_is_refused(capsys, tmp_path):
-    import zipfile
+    def forge(pickle: bytes) -> bytes:
+        # The first storage's element count (BININT1 4 after its location 'cpu', later ones a memo's) made 10**6.
+        forged, changed = re.subn(rb"cpuq(.)K\x04t", lambda m: b"cpuq" + m.group(1) + b"J@B\x0f\x00t", pickle,
+                                  flags=re.S)
+        assert changed == 1
+        return forged
 
-    path = tmp_path / "m.pt"
-    torch.save({"bn.weight": torch.ones(4), "bn.bias": torch.ones(4), "bn.running_mean": torch.ones(4),
-                "bn.running_var": torch.ones(4)}, path)
-    with zipfile.ZipFile(path) as archive:
-        entries = {info.filename: archive.read(info) for info in archive.infolist()}
-    name = next(n for n in entries if n.endswith("data.pkl"))
-    # The first storage's element count (BININT1 4 after its location 'cpu', later ones a memo's) made 10**6.
-    entries[name], changed = re.subn(rb"cpuq(.)K\x04t", lambda m: b"cpuq" + m.group(1) + b"J@B\x0f\x00t",
-                                     entries[name], flags=re.S)
-    assert changed == 1
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for entry, data in entries.items():
-            archive.writestr(entry, data)
+    path = forged_bn_archive(tmp_path / "m.pt", forge)
     code, _, err = run_cli(capsys, "probe", path, "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, "declares 4,000,000 bytes, the archive holds 16")
 

@@ -132,23 +132,15 @@ def test_a_view_into_a_larger_storage_reads_its_own_elements(tmp_path):
 
 def test_a_tensor_that_reaches_past_its_storage_is_one_line(tmp_path, capsys):
     """A forged archive: a 4-element storage under a tensor of 8 elements."""
-    import zipfile
-
     from cli_helpers import assert_one_line_error, run_cli
+    from probe_helpers import forged_bn_archive
 
-    path = tmp_path / "m.pt"
-    torch.save({"bn.weight": torch.ones(4), "bn.bias": torch.ones(4), "bn.running_mean": torch.ones(4),
-                "bn.running_var": torch.ones(4)}, path)
-    with zipfile.ZipFile(path) as archive:
-        entries = {info.filename: archive.read(info) for info in archive.infolist()}
-    name = next(n for n in entries if n.endswith("data.pkl"))
-    pickle = entries[name]
-    # Each tensor's size is pickled as a one-element tuple (K 4 = BININT1 4 before TUPLE1): make it 8.
-    assert pickle.count(b"K\x04\x85") >= 4
-    entries[name] = pickle.replace(b"K\x04\x85", b"K\x08\x85")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        for entry, data in entries.items():
-            archive.writestr(entry, data)
+    def forge(pickle: bytes) -> bytes:
+        # Each tensor's size is pickled as a one-element tuple (K 4 = BININT1 4 before TUPLE1): make it 8.
+        assert pickle.count(b"K\x04\x85") >= 4
+        return pickle.replace(b"K\x04\x85", b"K\x08\x85")
+
+    path = forged_bn_archive(tmp_path / "m.pt", forge)
     code, _, err = run_cli(capsys, "probe", path, "--out", tmp_path / "probe.h5")
     assert_one_line_error(code, err, "of shape (8,) reaches past its storage (4 elements of float32)")
 
